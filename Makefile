@@ -1,0 +1,38 @@
+# cxr-dwml: `make demo` runs the whole pipeline on the embedded demo data; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# DVC and Airflow spawn `python`/`dvc`/`airflow` subprocesses: the venv must come first on PATH
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test venv repro summary paper dag-test lint clean help
+
+help:
+	@echo "make demo      run the whole pipeline on the demo data (creates .venv first if missing)"
+	@echo "make test      run the test suite"
+	@echo "make paper     run the paper profile (NIH data, ConvNeXt-T, BioBERT; needs data and a GPU)"
+	@echo "make dag-test  run the Airflow DAG once with 'airflow dags test' in a throwaway AIRFLOW_HOME"
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/dvc repro
+	$(BIN)/python -m components.summary
+
+paper: venv
+	$(BIN)/dvc exp run -S profile=paper
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+dag-test: venv
+	$(BIN)/python -m pytest -q tests/test_dag.py -k dags_test
+
+clean:
+	rm -rf data artifacts reports mlflow.db mlartifacts

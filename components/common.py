@@ -1,0 +1,73 @@
+"""What every component shares: the command line, params loading, MLflow runs, error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from pipeline.config import ConfigError, build, load_params, section, to_dict
+from pipeline.io import write_json
+from pipeline import tracking
+
+T = TypeVar("T")
+RESOLVED = "resolved_config.json"
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--profile", default=None, help="override params.yaml's `profile` (demo | paper)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    return p
+
+
+def stage_config(args: argparse.Namespace, step: str, cls: type[T]) -> tuple[T, dict[str, Any]]:
+    """The typed config of `step` and the whole resolved params (profile applied)."""
+    params = load_params(args.params, args.profile)
+    return build(cls, section(params, step), step), params
+
+
+def save_resolved(out: str | Path, step: str, cfg: Any, params: dict[str, Any]) -> None:
+    """Keep the exact settings an output was made with beside it."""
+    write_json(Path(out), {"step": step, "profile": params.get("profile"), step: to_dict(cfg)})
+
+
+def fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def mlflow_run(args, params: dict[str, Any], step: str, run_id: str | None = None,
+               run_name: str | None = None) -> Iterator[Any]:
+    """A run of this step (or the existing `run_id`, to add to it); yields None with --no-mlflow."""
+    if args.no_mlflow:
+        yield None
+        return
+    import mlflow
+
+    tracking.setup(params.get("mlflow", {}).get("experiment", "cxr-dwml"))
+    tags = tracking.context_tags(step, params.get("profile", "demo"))
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or step), tags=tags) as run:
+        yield run
+
+
+def run_main(step: str, fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a component; user errors print one actionable line instead of a traceback."""
+    try:
+        return fn(argv) or 0
+    except (ConfigError, ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("CXR_DEBUG"):
+            raise
+        print(f"cxr-dwml {step}: error: {e}", file=sys.stderr)
+        print(f"cxr-dwml {step}: (set CXR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2

@@ -1,0 +1,55 @@
+"""Evaluate step: per-class and mean test AUC with bootstrap CIs, thresholds, plots, comparison.
+
+Run:
+    python -m components.evaluate --prepared data/prepared --model artifacts/model --out reports
+Writes reports/metrics.json (DVC metric), per_class_auc.csv, thresholds.json, comparison.md,
+predictions/{val,test}.parquet and plots/*.png|csv, and logs them all to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.common import mlflow_run, parser, run_main, save_resolved, stage_config
+from pipeline import tracking
+from pipeline.classes import CLASSES
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.evaluation import EvaluateConfig, comparison_markdown, evaluate
+
+    p = parser(__doc__)
+    p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
+    p.add_argument("--model", default="artifacts/model", help="train step output (default: %(default)s)")
+    p.add_argument("--out", default="reports", help="reports folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    cfg, params = stage_config(args, "evaluate", EvaluateConfig)
+    model_dir, out = Path(args.model), Path(args.out)
+    ref = tracking.load_run_ref(model_dir)
+    with mlflow_run(args, params, "evaluate", run_id=ref and ref["run_id"]) as run:
+        metrics = evaluate(model_dir / "best.pt", Path(args.prepared), out, cfg, progress=not args.no_progress)
+        save_resolved(out / "evaluate_config.json", "evaluate", cfg, params)
+        if run is not None:
+            _log(out, metrics)
+    print(comparison_markdown(metrics))
+    return 0
+
+
+def _log(out: Path, metrics: dict) -> None:
+    import mlflow
+
+    values = {"test_mean_auc": metrics["mean_auc"], "test_mean_auc_ci_low": metrics["mean_auc_ci"][0],
+              "test_mean_auc_ci_high": metrics["mean_auc_ci"][1], "test_mean_ap": metrics["mean_average_precision"],
+              "test_mean_f1": metrics["mean_f1"], "test_mean_sensitivity": metrics["mean_sensitivity"],
+              "test_mean_specificity": metrics["mean_specificity"]}
+    values.update({f"test_auc_{c}": metrics["per_class_auc"][c] for c in CLASSES})
+    mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
+    for name in ("metrics.json", "per_class_auc.csv", "thresholds.json", "comparison.md", "evaluate_config.json"):
+        mlflow.log_artifact(str(out / name), artifact_path="evaluation")
+    mlflow.log_artifacts(str(out / "plots"), artifact_path="evaluation/plots")
+    mlflow.log_artifacts(str(out / "predictions"), artifact_path="evaluation/predictions")
+    mlflow.set_tag("cxr.test_mean_auc", f"{metrics['mean_auc']:.4f}" if metrics["mean_auc"] is not None else "nan")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main("evaluate", main))

@@ -1,0 +1,62 @@
+"""Prepare step: labels -> manifest, patient-level splits, class counts, uint8 image cache.
+
+Run:
+    python -m components.prepare --raw data/raw --out data/prepared
+Writes manifest.csv, split_stats.json, class_counts.json, split_class_counts.csv, quarantine.csv
+and cache/ into --out; settings from the `prepare` section of params.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.common import mlflow_run, parser, run_main, save_resolved, stage_config
+from pipeline import tracking
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.data.prepare import PrepareConfig, prepare
+
+    p = parser(__doc__)
+    p.add_argument("--raw", default="data/raw", help="raw NIH-layout folder (default: %(default)s)")
+    p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    cfg, params = stage_config(args, "prepare", PrepareConfig)
+    raw, out = Path(args.raw), Path(args.out)
+    if not raw.is_dir():
+        raise FileNotFoundError(f"{raw} does not exist: run the download step first (dvc repro download)")
+    with mlflow_run(args, params, "prepare") as run:
+        stats = prepare(raw, out, cfg, progress=not args.no_progress)
+        if run is not None:
+            import mlflow
+
+            tracking.log_params(tracking.flatten({"prepare": vars(cfg)}))
+            mlflow.log_metrics(_split_metrics(stats))
+            for name in ("split_stats.json", "class_counts.json", "split_class_counts.csv", "quarantine.csv"):
+                if (out / name).exists():
+                    mlflow.log_artifact(str(out / name))
+            tracking.save_run_ref(out, run)
+    save_resolved(out / "prepare_config.json", "prepare", cfg, params)
+    _print_summary(stats)
+    return 0
+
+
+def _split_metrics(stats: dict) -> dict[str, float]:
+    metrics = {}
+    for split, info in stats.get("splits", {}).items():
+        for key in ("images", "patients"):
+            if key in info:
+                metrics[f"{split}_{key}"] = float(info[key])
+    for reason, n in stats.get("quarantine", {}).get("by_reason", {}).items():
+        metrics[f"quarantined_{reason}"] = float(n)
+    return metrics
+
+
+def _print_summary(stats: dict) -> None:
+    parts = [f"{s}: {i.get('images', '?')} images / {i.get('patients', '?')} patients"
+             for s, i in stats.get("splits", {}).items()]
+    print("[prepare] " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main("prepare", main))

@@ -1,0 +1,45 @@
+"""Manual promotion or rollback: point a registry alias at a chosen model version.
+
+Run:
+    python -m components.promote --version 3                     # make v3 the champion
+    python -m components.promote --version 2 --alias champion    # roll back to v2
+    python -m components.promote --list                          # versions, aliases, test AUC
+The MLflow UI does the same: Models -> cxr-dwml -> a version -> Aliases.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from components.common import run_main
+from pipeline import tracking
+from pipeline.config import load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlflow import MlflowClient
+
+    from pipeline.registry import set_alias
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--name", default=None, help="registered model (default: register.model_name)")
+    p.add_argument("--version", help="model version to point the alias at")
+    p.add_argument("--alias", default="champion", help="alias to move (default: %(default)s)")
+    p.add_argument("--list", action="store_true", help="list versions with their aliases and test AUC")
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    name = args.name or params.get("register", {}).get("model_name", "cxr-dwml")
+    tracking.setup(params.get("mlflow", {}).get("experiment", "cxr-dwml"))
+    if args.list or not args.version:
+        for v in sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+            print(f"v{v.version:>3}  aliases={','.join(v.aliases) or '-':<22} test_mean_auc={v.tags.get('test_mean_auc')}"
+                  f"  promoted={v.tags.get('gate.promoted')}")
+        return 0
+    set_alias(name, args.alias, args.version)
+    print(f"[promote] {name}@{args.alias} -> v{args.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main("promote", main))

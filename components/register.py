@@ -1,0 +1,113 @@
+"""Register step: log the pyfunc model, register a version, and gate the `champion` alias.
+
+Run:
+    python -m components.register --model artifacts/model --reports reports --out reports/registration.json
+The version (registered model `register.model_name`, default cxr-dwml) always gets the alias
+`challenger`; `champion` moves to it only when it clears `register.min_auc` and beats the current
+champion on the same test set (paired bootstrap, `register.margin`, `register.max_p_value`).
+Manual promotion or rollback: python -m components.promote --version N
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
+from pipeline import tracking
+from pipeline.classes import CLASSES
+from pipeline.io import read_json, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipeline import registry
+    from pipeline.registry import RegisterConfig
+
+    p = parser(__doc__)
+    p.add_argument("--model", default="artifacts/model", help="train step output (default: %(default)s)")
+    p.add_argument("--reports", default="reports", help="evaluate step output (default: %(default)s)")
+    p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
+    p.add_argument("--out", default="reports/registration.json", help="decision file (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.no_mlflow:
+        raise ValueError("register needs MLflow: drop --no-mlflow")
+    cfg, params = stage_config(args, "register", RegisterConfig)
+    model_dir, reports = Path(args.model), Path(args.reports)
+    ref = tracking.load_run_ref(model_dir)
+    if ref is None:
+        raise FileNotFoundError(f"{model_dir}/{tracking.RUN_FILE} not found: run the train step with MLflow first")
+    metrics = read_json(reports / "metrics.json")
+    ours = pd.read_parquet(reports / "predictions" / "test.parquet")
+    y = _test_labels(Path(args.prepared), ours)
+
+    with mlflow_run(args, params, "register", run_id=ref["run_id"]) as run:
+        info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
+        tags = _version_tags(params, metrics, run.info.run_id)
+        version = registry.register(info.model_uri, cfg, tags)
+        client = MlflowClient()
+        champ = registry.champion(client, cfg.model_name)
+        champ = champ if champ is None or champ.version != version.version else None
+        champ_preds = registry.champion_predictions(client, champ) if champ is not None else None
+        decision = registry.decide(cfg, y, ours, metrics.get("mean_auc"), champ_preds,
+                                   champ.version if champ is not None else None)
+        registry.apply_decision(client, cfg.model_name, version.version, decision)
+        record = {"model_name": cfg.model_name, "version": version.version, "model_uri": info.model_uri,
+                  "run_id": run.info.run_id, "aliases": _aliases(client, cfg.model_name, version.version),
+                  "tracking_uri": tracking._redacted_uri(), **decision}
+        write_json(args.out, record)
+        import mlflow
+
+        mlflow.log_artifact(args.out, artifact_path="registration")
+    _report(record)
+    return 0
+
+
+def _test_labels(prepared: Path, ours) -> np.ndarray:
+    import pandas as pd
+
+    manifest = pd.read_csv(prepared / "manifest.csv").set_index("image")
+    missing = set(ours["image"]) - set(manifest.index)
+    if missing:
+        raise ValueError(f"{len(missing)} predicted images are not in {prepared}/manifest.csv: rerun evaluate")
+    return manifest.loc[ours["image"], list(CLASSES)].to_numpy()
+
+
+def _example(prepared: Path) -> bytes:
+    from pipeline.data.cache import open_cache
+    from pipeline.registry import example_png
+
+    return example_png(np.asarray(open_cache(prepared / "cache")[0]))
+
+
+def _version_tags(params: dict, metrics: dict, run_id: str) -> dict[str, str]:
+    from pipeline.registry import dvc_data_hash, git_commit
+
+    tags = {
+        "git_commit": git_commit(),
+        "dvc_data_hash": dvc_data_hash(),
+        "params_hash": fingerprint(params),
+        "profile": str(params.get("profile")),
+        "training_run_id": run_id,
+        "test_mean_auc": str(metrics.get("mean_auc")),
+        "test_mean_auc_ci": json.dumps(metrics.get("mean_auc_ci")),
+    }
+    tags.update({f"test_auc.{c}": str(v) for c, v in metrics.get("per_class_auc", {}).items()})
+    return tags
+
+
+def _aliases(client, name: str, version: str) -> list[str]:
+    return sorted(client.get_model_version(name, version).aliases)
+
+
+def _report(record: dict) -> None:
+    verdict = "promoted to champion" if record["promote"] else "kept as challenger"
+    print(f"[register] {record['model_name']} v{record['version']} {verdict}: {record['reason']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main("register", main))

@@ -1,0 +1,144 @@
+"""Train step: ConvNeXt + metric head (or the linear baseline) with the dual-weighted metric loss.
+
+Run:
+    python -m components.train --prepared data/prepared --prototypes artifacts/prototypes --out artifacts/model
+    torchrun --nproc_per_node 4 -m components.train ...        # DDP on 4 GPUs (rank 0 logs and saves)
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m components.train ...
+Writes best.pt (inference bundle), last.pt (full state for resume), train_summary.json and
+resolved_config.json into --out, and history.csv and training_curves.png into --reports. A `last.pt` written with the same
+settings and inputs is resumed (an interrupted run continues; a finished one does nothing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
+from pipeline import tracking
+from pipeline.io import file_digest, save_dataframe, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.training import TrainConfig, train
+
+    p = parser(__doc__)
+    p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
+    p.add_argument("--prototypes", default="artifacts/prototypes", help="prototypes step output")
+    p.add_argument("--out", default="artifacts/model", help="checkpoint folder (default: %(default)s)")
+    p.add_argument("--reports", default="reports/train", help="history and curves (default: %(default)s)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
+    args = p.parse_args(argv)
+    cfg, params = stage_config(args, "train", TrainConfig)
+    if args.no_resume:
+        cfg.resume = False
+    prepared, protos_dir, out = Path(args.prepared), Path(args.prototypes), Path(args.out)
+    text_vectors = _load_prototypes(protos_dir)
+    fp = fingerprint(asdict(cfg), _input_digests(prepared, protos_dir))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    previous = tracking.load_run_ref(out) if (cfg.resume and _resumable(out, fp)) else None
+    run_args = args if is_main else _without_mlflow(args)
+    with mlflow_run(run_args, params, "train", run_id=previous and previous["run_id"], run_name="train") as run:
+        if run is not None:
+            _log_start(params, cfg, prepared, protos_dir, out, run)
+        result = train(cfg, prepared, text_vectors, out, fingerprint=fp,
+                       log=_mlflow_logger() if run is not None else None, progress=not args.no_progress)
+        if is_main:
+            summary = _write_outputs(out, Path(args.reports), result, cfg, params, fp)
+            if run is not None:
+                _log_end(out, Path(args.reports), summary)
+    if is_main:
+        print(f"[train] best validation mean AUC {result.best_auc:.4f} at epoch {result.best_epoch} "
+              f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''})")
+    return 0
+
+
+def _load_prototypes(folder: Path) -> np.ndarray:
+    path = folder / "prototypes.npy"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the prototypes step first (dvc repro prototypes)")
+    vectors = np.load(path)
+    if vectors.ndim != 2 or vectors.shape[0] != 14:
+        raise ValueError(f"{path} has shape {vectors.shape}; expected (14, E): rerun the prototypes step")
+    return vectors
+
+
+def _input_digests(prepared: Path, protos: Path) -> dict[str, str]:
+    names = [prepared / "manifest.csv", prepared / "class_counts.json", prepared / "cache" / "index.json",
+             protos / "prototypes.npy"]
+    return {str(p): file_digest(p) for p in names if p.exists()}
+
+
+def _resumable(out: Path, fp: str) -> bool:
+    import torch
+
+    last = out / "last.pt"
+    if not last.exists():
+        return False
+    try:
+        return torch.load(last, map_location="cpu", weights_only=False).get("fingerprint") == fp
+    except Exception:
+        return False
+
+
+def _without_mlflow(args):
+    args = type(args)(**vars(args))
+    args.no_mlflow = True
+    return args
+
+
+def _mlflow_logger():
+    import mlflow
+
+    def log(metrics: dict, step: int) -> None:
+        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
+
+    return log
+
+
+def _log_start(params, cfg, prepared: Path, protos: Path, out: Path, run) -> None:
+    import mlflow
+
+    tracking.log_params(tracking.flatten({"train": asdict(cfg)}))
+    mlflow.log_param("profile", params["profile"])
+    # link this run to the data steps that produced its inputs
+    for step, folder in (("download", prepared.parent / "raw"), ("prepare", prepared), ("prototypes", protos)):
+        ref = tracking.load_run_ref(folder)
+        if ref:
+            mlflow.set_tag(f"cxr.run.{step}", ref["run_id"])
+    tracking.save_run_ref(out, run)
+
+
+def _write_outputs(out: Path, reports: Path, result, cfg, params, fp: str) -> dict:
+    import pandas as pd
+
+    from pipeline.plots import training_curves
+
+    history = pd.DataFrame(result.history)
+    save_dataframe(reports / "history.csv", history)
+    if len(history):
+        training_curves(history, reports / "training_curves.png")
+    summary = {
+        "best_val_mean_auc": result.best_auc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "fingerprint": fp,
+    }
+    write_json(out / "train_summary.json", summary)
+    write_json(out / "resolved_config.json", {"profile": params["profile"], "train": asdict(cfg)})
+    return summary
+
+
+def _log_end(out: Path, reports: Path, summary: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics({"best_val_mean_auc": summary["best_val_mean_auc"], "best_epoch": summary["best_epoch"]})
+    for path in (out / "resolved_config.json", out / "train_summary.json", reports / "history.csv",
+                 reports / "training_curves.png"):
+        if path.exists():
+            mlflow.log_artifact(str(path), artifact_path="train")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main("train", main))

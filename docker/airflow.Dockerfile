@@ -1,0 +1,71 @@
+# syntax=docker/dockerfile:1
+# Airflow image for the cxr-dwml DAG: the official Airflow image plus the project, with the
+# project's own venv at /opt/cxr-dwml/.venv built from the lock file.
+#
+#   docker build -f docker/airflow.Dockerfile -t cxr-dwml-airflow:latest .
+#
+# Airflow runs in its own interpreter; the DAG's tasks run the component commands (through DVC)
+# in the project venv, so the ML stack (torch, timm, DVC, ...) never shares Airflow's process or
+# has to agree with Airflow's constraints. The venv is deliberately NOT on PATH: it holds an
+# `airflow` too (the project depends on apache-airflow), and Airflow's own must stay first.
+
+ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11
+
+# ---------------------------------------------------------------------------------------------
+# builder: the project venv, built by the same Python the runtime stage has.
+FROM ${AIRFLOW_IMAGE} AS builder
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+USER 0
+RUN mkdir -p /opt/cxr-dwml && chown 50000:0 /opt/cxr-dwml
+USER 50000:0
+
+# The base image sets PIP_USER=true for its own installs; a venv must not get --user installs.
+ENV PIP_USER=false \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+ARG PIP_EXTRA_INDEX_URL
+
+WORKDIR /opt/cxr-dwml
+COPY --chown=50000:0 pyproject.toml requirements.lock ./
+# The venv is made by the system interpreter, not by Airflow's (which has Airflow's packages
+# in its user site): the project's dependencies are resolved against the lock file alone.
+RUN /usr/local/bin/python -m venv .venv \
+    && .venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && .venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt -c requirements.lock \
+    && rm /tmp/requirements.txt
+
+COPY --chown=50000:0 . .
+RUN .venv/bin/pip install --no-cache-dir --no-deps . \
+    && .venv/bin/pip check
+
+# ---------------------------------------------------------------------------------------------
+# runtime: Airflow + the DAG + the project venv.
+FROM ${AIRFLOW_IMAGE} AS runtime
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+USER 0
+RUN mkdir -p /opt/cxr-dwml && chown 50000:0 /opt/cxr-dwml && chmod g+rwx /opt/cxr-dwml
+
+WORKDIR /opt/cxr-dwml
+COPY --from=builder --chown=50000:0 /opt/cxr-dwml/.venv /opt/cxr-dwml/.venv
+COPY --chown=50000:0 . .
+# No git history in the image: DVC runs without an SCM. The output and cache folders exist so
+# that the named volumes mounted on them start owned by the airflow user (UID 50000, GID 0).
+RUN mkdir -p data artifacts reports .dvc/cache .dvc/tmp .cache/huggingface \
+    && touch .dvc/config \
+    && printf '[core]\n    no_scm = true\n' > .dvc/config.local \
+    && chown -R 50000:0 data artifacts reports .dvc .cache \
+    && chmod -R g+rwX data artifacts reports .dvc .cache
+
+ENV CXR_PROJECT_DIR=/opt/cxr-dwml \
+    HF_HOME=/opt/cxr-dwml/.cache/huggingface \
+    AIRFLOW__CORE__DAGS_FOLDER=/opt/cxr-dwml/dags \
+    AIRFLOW__CORE__LOAD_EXAMPLES=False \
+    PYTHONDONTWRITEBYTECODE=1
+
+USER 50000:0
+WORKDIR /opt/airflow
+# The entrypoint and the per-service commands (api-server, scheduler, dag-processor, triggerer)
+# are the base image's; health checks are per service in docker/compose.yaml.

@@ -1,0 +1,72 @@
+"""ChestX-ray14 label facts shared by every step."""
+
+from __future__ import annotations
+
+# The canonical order every ChestX-ray14 paper reports; all (.., C) arrays use it.
+CLASSES: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+NUM_CLASSES = len(CLASSES)
+NO_FINDING = "No Finding"
+LABEL_SEPARATOR = "|"
+
+# Image counts over all 112,120 images of the real dataset (NIH, Data_Entry_2017).
+TOTAL_IMAGES = 112_120
+NO_FINDING_COUNT = 60_361
+CLASS_COUNTS: dict[str, int] = {
+    "Atelectasis": 11_559,
+    "Cardiomegaly": 2_776,
+    "Effusion": 13_317,
+    "Infiltration": 19_894,
+    "Mass": 5_782,
+    "Nodule": 6_331,
+    "Pneumonia": 1_431,
+    "Pneumothorax": 5_302,
+    "Consolidation": 4_667,
+    "Edema": 2_303,
+    "Emphysema": 2_516,
+    "Fibrosis": 1_686,
+    "Pleural_Thickening": 3_385,
+    "Hernia": 227,
+}
+
+# Both label files NIH publishes; the second column names differ only in the v2020 file's spacing.
+LABEL_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+LABEL_CSV_HEADER = (
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width",
+    "Height]",
+    "OriginalImagePixelSpacing[x",
+    "y]",
+)
+TRAIN_VAL_LIST = "train_val_list.txt"
+TEST_LIST = "test_list.txt"
+
+
+def readable_name(cls: str) -> str:
+    """'Pleural_Thickening' -> 'pleural thickening' (the default text for a prototype)."""
+    return cls.replace("_", " ").lower()
+
+
+def image_name(patient: int, followup: int) -> str:
+    """NIH file name of one image: `<patient:08d>_<followup:03d>.png`."""
+    return f"{patient:08d}_{followup:03d}.png"

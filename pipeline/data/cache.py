@@ -1,0 +1,328 @@
+"""The resized uint8 image cache: every PNG decoded once, then read by memory map every epoch.
+
+Layout under `cache_dir`:
+    images_<size>.u8     raw uint8 array (N, size, size), row i = `index.json["images"][i]`
+    index.json           size, count, dtype, shape, file order, fingerprint, complete, failures
+    chunks_<size>/<k>.json  done-marker of chunk k (rows k*chunk_size ...), with its failures
+
+Decoding a 1024 px PNG costs tens of milliseconds, far more than a GPU step needs per image, so
+training reads this cache instead. A build is skipped when the fingerprint (file names, sizes and
+modification times, the target size and the conversion version) matches a complete cache, and an
+interrupted build resumes: chunks with a done-marker are kept, the rest are decoded again. A chunk's
+marker is written only after its rows are flushed, so a crash never marks unwritten rows done.
+
+Conversion to 8-bit single channel:
+    RGBA/RGB/LA/P -> luminance ("L"; NIH's 519 RGBA images have an opaque alpha channel).
+    16/32-bit (I;16, I, F) -> linearly scaled from the image's own [min, max] to [0, 255]. Many
+    16-bit X-ray PNGs use 10-14 bits of the range, so a fixed `>> 8` would leave them nearly
+    black; scaling the actual range keeps their contrast.
+    Any size -> size x size with an antialiasing bicubic filter (Pillow first reduces by an integer
+    factor with `Image.reduce`, which is fast and exact for 1024 -> 256). Non-square images are
+    stretched, as the NIH images are all square.
+Unreadable or truncated files are quarantined with their reason (never raise); their rows stay zero.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from pipeline.io import read_json, write_json
+
+# Bump when the conversion changes, so existing caches are rebuilt.
+CONVERSION_VERSION = 1
+INDEX_NAME = "index.json"
+DTYPE = "uint8"
+
+
+@dataclass
+class CacheResult:
+    """What `build_cache` did: the rows it failed on and whether it decoded anything."""
+
+    path: Path
+    size: int
+    count: int
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (reason, detail)
+    skipped: bool = False
+    complete: bool = True
+    chunks_built: int = 0
+
+
+def cache_file(cache_dir: Path, size: int) -> Path:
+    return Path(cache_dir) / f"images_{size}.u8"
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Decode one image to a (size, size) uint8 array; raises on unreadable files."""
+    with Image.open(path) as img:
+        img.load()  # decode now so truncation is raised here, not on first use
+        img = to_uint8_gray(img)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def to_uint8_gray(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> mode "L" (see the module docstring for 16-bit scaling)."""
+    if img.mode == "L":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    if img.mode in ("1", "P", "PA"):
+        img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
+    return img.convert("L")  # ITU-R 601 luminance; alpha is dropped
+
+
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """(reason, detail) for a decode failure: missing, empty, unreadable, truncated or corrupt."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return "missing", detail
+    if isinstance(exc, UnidentifiedImageError):
+        return "unreadable", detail
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too_large", detail
+    if isinstance(exc, OSError) and "truncated" in str(exc):
+        return "truncated", detail
+    return "corrupt", detail
+
+
+def decode_or_reason(path: Path, size: int) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    try:
+        if path.stat().st_size == 0:
+            return None, ("empty", "file has 0 bytes")
+        return load_image(path, size), None
+    except Exception as e:  # any decoder error quarantines one file instead of failing the run
+        return None, classify_error(e)
+
+
+def fingerprint(paths: list[Path], size: int) -> str:
+    """Hash of the target size, conversion version and each file's name, size and mtime."""
+    h = hashlib.sha256(f"v{CONVERSION_VERSION}|size={size}|n={len(paths)}".encode())
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except FileNotFoundError:
+            h.update(f"|{p.name}:missing".encode())
+    return h.hexdigest()
+
+
+def build_cache(
+    paths: list[Path],
+    cache_dir: Path,
+    size: int,
+    workers: int = 2,
+    chunk_size: int = 256,
+    progress: bool = True,
+    max_chunks: int | None = None,
+) -> CacheResult:
+    """Decode `paths` once into `cache_dir/images_<size>.u8`, in order.
+
+    Args:
+        paths: image files; row i of the cache is paths[i].
+        cache_dir: folder of the cache (created).
+        size: output side length in pixels.
+        workers: processes decoding chunks in parallel (1 decodes in this process).
+        chunk_size: images per task and per done-marker.
+        progress: show a tqdm bar.
+        max_chunks: stop after building this many chunks, leaving the cache incomplete but
+            resumable (to bound a run's time, and to test resumption).
+
+    Returns:
+        A CacheResult; `failures` maps a row to its (reason, detail).
+    """
+    cache_dir = Path(cache_dir)
+    paths = [Path(p) for p in paths]
+    fp = fingerprint(paths, size)
+    data_path = cache_file(cache_dir, size)
+    marker_dir = cache_dir / f"chunks_{size}"
+    index = _read_index(cache_dir)
+    expected_bytes = len(paths) * size * size
+    if not (index and index.get("fingerprint") == fp and _size_of(data_path) == expected_bytes):
+        _start_fresh(cache_dir, data_path, marker_dir, paths, size, fp, chunk_size)
+        index = _read_index(cache_dir)
+    chunk_size = int(index["chunk_size"])  # resume with the chunking the build began with
+    num_chunks = -(-len(paths) // chunk_size)
+    all_marked = all(_marker_path(marker_dir, k).exists() for k in range(num_chunks))
+    if index.get("complete") and all_marked:
+        failures = _failures_from_json(index["failures"])
+        return CacheResult(data_path, size, len(paths), failures, skipped=True)
+    if index.get("complete"):  # markers were removed: say so before rebuilding those chunks
+        _write_index(cache_dir, paths, size, fp, chunk_size, False, _failures_from_json(index["failures"]))
+    return _fill(paths, data_path, marker_dir, size, fp, chunk_size, workers, progress, max_chunks)
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def _start_fresh(
+    cache_dir: Path, data_path: Path, marker_dir: Path, paths: list[Path], size: int, fp: str, chunk_size: int
+) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # a cache of another size or input set is stale; at full scale each one is gigabytes
+    for old in cache_dir.glob("images_*.u8"):
+        old.unlink()
+    for old in cache_dir.glob("chunks_*"):
+        shutil.rmtree(old, ignore_errors=True)
+    with open(data_path, "wb") as f:
+        f.truncate(len(paths) * size * size)  # sparse zeros; rows are filled in place
+    marker_dir.mkdir(parents=True)
+    _write_index(cache_dir, paths, size, fp, chunk_size, complete=False, failures={})
+
+
+def _fill(
+    paths: list[Path],
+    data_path: Path,
+    marker_dir: Path,
+    size: int,
+    fp: str,
+    chunk_size: int,
+    workers: int,
+    progress: bool,
+    max_chunks: int | None,
+) -> CacheResult:
+    n = len(paths)
+    starts = list(range(0, n, chunk_size))
+    failures: dict[int, tuple[str, str]] = {}
+    todo = []
+    for k, start in enumerate(starts):
+        done = _read_marker(marker_dir, k)
+        if done is None:
+            todo.append((k, start))
+        else:
+            failures.update(done)
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - s) for _, s in todo), unit="img",
+               desc=f"cache {size}px", disable=not progress)
+    jobs = [(str(data_path), n, size, start, [str(p) for p in paths[start : start + chunk_size]]) for _, start in todo]
+    for (k, start), chunk_failures in zip(todo, _run(jobs, workers)):
+        failures.update(chunk_failures)
+        _write_marker(marker_dir, k, chunk_failures)
+        bar.update(min(chunk_size, n - start))
+    bar.close()
+    complete = all(_read_marker(marker_dir, k) is not None for k in range(len(starts)))
+    _write_index(data_path.parent, paths, size, fp, chunk_size, complete, failures)
+    return CacheResult(data_path, size, n, dict(sorted(failures.items())), False, complete, len(todo))
+
+
+def _run(jobs: list[tuple], workers: int):
+    """Yield each job's failures in job order, decoding in `workers` processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _decode_chunk(*job)
+        return
+    with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_decode_chunk, *job) for job in jobs]
+        try:
+            for fut in futures:
+                yield fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def _decode_chunk(data_path: str, n: int, size: int, start: int, paths: list[str]) -> dict[int, tuple[str, str]]:
+    """Decode one chunk straight into the shared memory map; returns {row: (reason, detail)}."""
+    images = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(n, size, size))
+    failures = {}
+    for i, p in enumerate(paths):
+        arr, reason = decode_or_reason(Path(p), size)
+        if arr is None:
+            images[start + i] = 0
+            failures[start + i] = reason
+        else:
+            images[start + i] = arr
+    images.flush()  # rows reach the file before the caller writes this chunk's done-marker
+    del images
+    return failures
+
+
+def _read_index(cache_dir: Path) -> dict | None:
+    path = Path(cache_dir) / INDEX_NAME
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except ValueError:
+        return None  # a damaged index only means a rebuild
+
+
+def _write_index(
+    cache_dir: Path, paths: list[Path], size: int, fp: str, chunk_size: int, complete: bool, failures: dict
+) -> None:
+    write_json(
+        Path(cache_dir) / INDEX_NAME,
+        {
+            "file": cache_file(cache_dir, size).name,
+            "size": size,
+            "count": len(paths),
+            "dtype": DTYPE,
+            "shape": [len(paths), size, size],
+            "conversion_version": CONVERSION_VERSION,
+            "fingerprint": fp,
+            "chunk_size": chunk_size,
+            "complete": complete,
+            "failures": [{"row": r, "image": paths[r].name, "reason": rs, "detail": d}
+                         for r, (rs, d) in sorted(failures.items())],
+            "images": [p.name for p in paths],
+        },
+    )
+
+
+def _failures_from_json(items: list[dict]) -> dict[int, tuple[str, str]]:
+    return {int(f["row"]): (f["reason"], f["detail"]) for f in items}
+
+
+def _marker_path(marker_dir: Path, k: int) -> Path:
+    return marker_dir / f"{k:06d}.json"
+
+
+def _read_marker(marker_dir: Path, k: int) -> dict[int, tuple[str, str]] | None:
+    path = _marker_path(marker_dir, k)
+    if not path.exists():
+        return None
+    try:
+        return {int(r): tuple(v) for r, v in json.loads(path.read_text()).items()}
+    except (ValueError, OSError):
+        return None
+
+
+def _write_marker(marker_dir: Path, k: int, failures: dict[int, tuple[str, str]]) -> None:
+    write_json(_marker_path(marker_dir, k), {str(r): list(v) for r, v in failures.items()})
+
+
+def open_cache(cache_dir: str | Path, mode: str = "r") -> np.memmap:
+    """Memory-map a complete cache as (N, size, size) uint8.
+
+    Raises:
+        RuntimeError: the cache is missing or incomplete (rerun the prepare step).
+    """
+    cache_dir = Path(cache_dir)
+    index = _read_index(cache_dir)
+    if index is None or not index.get("complete"):
+        raise RuntimeError(f"{cache_dir}: image cache missing or incomplete; run the prepare step")
+    path = cache_dir / index["file"]
+    return np.memmap(path, dtype=index["dtype"], mode=mode, shape=tuple(index["shape"]))
+
+
+def remove_marker(cache_dir: str | Path, size: int, k: int) -> None:
+    """Forget that chunk k was built, so the next build decodes it again."""
+    os.unlink(_marker_path(Path(cache_dir) / f"chunks_{size}", k))

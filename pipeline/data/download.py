@@ -1,0 +1,527 @@
+"""Fetch ChestX-ray14 (or a synthetic stand-in) into the NIH layout.
+
+Every source ends in the same folder::
+
+    out_dir/
+      images/*.png
+      Data_Entry_2017_v2020.csv      (or Data_Entry_2017.csv)
+      train_val_list.txt, test_list.txt
+      archives/                      the verified tar.gz files, only with keep_archives
+      checksums.json                 every file's relative path -> md5 and size, written last
+      .fetch/                        resume state: extraction markers, S3 ETags, hash cache
+
+`DownloadConfig.source` picks where the files come from:
+
+- `synthetic`: `pipeline.data.synthetic.generate` draws a small dataset (no network).
+- `nih`: the 12 archives from NIH Box, verified against the published MD5s, plus the label CSV
+  and split lists from `nih.metadata_url` (NIH serves those from a folder page, not links).
+- `s3://bucket/prefix`: a mirror holding the archives, or `images/*.png`, plus the metadata files.
+- `http(s)://host/path`: a mirror laid out like NIH (archives and metadata files side by side).
+- a local folder laid out like NIH: hard-linked into `out_dir` (copied across file systems).
+
+A rerun skips what is complete and verified; an interrupted transfer resumes where it stopped.
+
+Example::
+
+    summary = fetch(DownloadConfig(source="s3://my-bucket/chestxray14"), Path("data/raw"))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from pipeline.classes import LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.data.archives import safe_extract
+from pipeline.data.sources import (DownloadError, HttpRemote, NotFound, S3Object, S3Remote,
+                                   Transfer, check_md5, file_md5, link_or_copy)
+from pipeline.data.synthetic import SyntheticConfig, generate
+from pipeline.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "checksums.json"
+STATE_DIR = ".fetch"
+ARCHIVE_DIR = "archives"
+IMAGE_DIR = "images"
+LIST_FILES = (TRAIN_VAL_LIST, TEST_LIST)
+NIH_METADATA_PAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
+# NIH Box ids and published MD5s of images_001.tar.gz .. images_012.tar.gz, in order.
+NIH_BOX_IDS = (
+    "vfk49d74nhbxq3nqjg0900w5nvkorp5c", "i28rlmbvmfjbl8p2n3ril0pptcmcu9d1",
+    "f1t00wrtdk94satdfb9olcolqx20z2jp", "0aowwzs5lhjrceb3qp67ahp0rd1l1etg",
+    "v5e3goj22zr6h8tzualxfsqlqaygfbsn", "asi7ikud9jwnkrnkj99jnpfkjdes7l6l",
+    "jn1b4mw4n6lnh74ovmcjb8y48h8xj07n", "tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j",
+    "upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj", "l6nilvfa9cg3s28tqv1qc1olm3gnz54p",
+    "hhq8fkdgvcari67vfhs7ppg2w6ni4jze", "ioqwiy20ihqwyr8pf4c24eazhh281pbu",
+)
+NIH_MD5 = (
+    "fe8ed0a6961412fddcbb3603c11b3698", "ab07a2d7cbe6f65ddd97b4ed7bde10bf",
+    "2301d03bde4c246388bad3876965d574", "9f1b7f5aae01b13f4bc8e2c44a4b8ef6",
+    "1861f3cd0ef7734df8104f2b0309023b", "456b53a8b351afd92a35bc41444c58c8",
+    "1075121ea20a137b87f290d6a4a5965e", "b61f34cec3aa69f295fbb593cbd9d443",
+    "442a3caa61ae9b64e61c561294d1e183", "09ec81c4c31e32858ad8cf965c494b74",
+    "499aefc67207a5a97692424cf5dbeed5", "dc9fda1757c2de0032b63347a7d2895c",
+)
+
+
+def archive_name(number: int) -> str:
+    """1 -> 'images_001.tar.gz'."""
+    return f"images_{number:03d}.tar.gz"
+
+
+@dataclass
+class NIHConfig:
+    """The NIH archives, and where their metadata files are.
+
+    Attributes:
+        box_ids: Box id of archive i at index i-1; the URL is `base_url` with `{id}` filled in.
+        md5: published MD5 of archive i at index i-1; mirrors are checked against it too, and
+            its length is the number of archives a mirror is expected to hold.
+        base_url: URL template of one NIH archive.
+        metadata_url: URL prefix (http(s):// or s3://) or local folder holding the label CSV and
+            the two list files. Required for `source: nih`; for mirrors it overrides the mirror.
+        archives: 1-based numbers of the archives to fetch (e.g. [1] for a 5k-image subset);
+            empty means all.
+    """
+
+    box_ids: list[str] = field(default_factory=lambda: list(NIH_BOX_IDS))
+    md5: list[str] = field(default_factory=lambda: list(NIH_MD5))
+    base_url: str = "https://nihcc.box.com/shared/static/{id}.gz"
+    metadata_url: str = ""
+    archives: list[int] = field(default_factory=list)
+
+    def selected(self) -> list[tuple[int, str, str]]:
+        """(number, file name, md5) of each archive to fetch."""
+        numbers = self.archives or range(1, len(self.md5) + 1)
+        return [(i, archive_name(i), self.md5[i - 1].lower()) for i in numbers]
+
+    def validate(self) -> None:
+        bad = [m for m in self.md5 if not re.fullmatch(r"[0-9a-fA-F]{32}", m)]
+        if bad:
+            raise ValueError(f"md5 holds {bad[0]!r}, not a 32-digit hex MD5")
+        wrong = [i for i in self.archives if not 1 <= i <= len(self.md5)]
+        if wrong:
+            raise ValueError(f"archives {wrong} outside 1..{len(self.md5)} (one per md5 entry)")
+
+
+@dataclass
+class S3Config:
+    """How to reach an S3(-compatible) bucket; credentials come from boto3's default chain."""
+
+    endpoint_url: str | None = None  # e.g. http://minio:9000; None for AWS
+    anonymous: bool = False  # unsigned requests, for public buckets
+    region: str | None = None
+    profile: str | None = None  # a profile of ~/.aws/config
+
+
+@dataclass
+class DownloadConfig:
+    """The `download` section of params.yaml."""
+
+    source: str = "synthetic"  # synthetic | nih | s3://bucket/prefix | http(s)://... | a folder
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    nih: NIHConfig = field(default_factory=NIHConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    workers: int = 4  # files transferred at once
+    retries: int = 5  # retries of a transfer that makes no progress
+    backoff_s: float = 1.0  # first retry delay, doubled on each retry
+    timeout_s: float = 60.0  # connect and read timeout of one request
+    keep_archives: bool = False  # keep the verified archives under out_dir/archives
+
+    def validate(self) -> None:
+        if self.workers < 1 or self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
+            raise ValueError("workers must be >= 1, retries and backoff_s >= 0, timeout_s > 0")
+        if self.source == "nih" and not self.nih.metadata_url:
+            raise ValueError(
+                "nih.metadata_url is empty. NIH serves Data_Entry_2017_v2020.csv, "
+                f"{TRAIN_VAL_LIST} and {TEST_LIST} from the folder page {NIH_METADATA_PAGE}, "
+                "not from direct links: download them into a folder (or to a URL prefix) and "
+                "set download.nih.metadata_url to it"
+            )
+        if source_kind(self.source) == "dir" and not Path(self.source).is_dir():
+            raise ValueError(
+                f"source {self.source!r} is not 'synthetic', 'nih', an s3:// or http(s):// URL, "
+                "or an existing folder"
+            )
+
+
+def source_kind(source: str) -> str:
+    """'synthetic', 'nih', 's3', 'http' or 'dir'."""
+    if source in ("synthetic", "nih"):
+        return source
+    if source.startswith("s3://"):
+        return "s3"
+    if source.startswith(("http://", "https://")):
+        return "http"
+    return "dir"
+
+
+def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Bring the dataset from `cfg.source` into `out_dir` (NIH layout) and write its manifest.
+
+    Args:
+        cfg: the download config.
+        out_dir: the output folder; what a previous run completed there is verified and kept.
+        progress: show a tqdm bar (bytes and rate) and print the summary line.
+
+    Returns:
+        A summary: source, files, bytes, transferred bytes, seconds, MB/s, archives fetched and
+        skipped, and the summary line.
+
+    Raises:
+        DownloadError: naming the file, URL or key that failed and what to do.
+        UnsafeArchiveError: naming the archive member that was refused.
+    """
+    cfg.validate()
+    cfg.nih.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # present only when the folder is complete
+    start = time.perf_counter()
+    kind = source_kind(cfg.source)
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"fetch {kind}",
+               disable=not progress, dynamic_ncols=True)
+    xfer = Transfer(cfg.retries, cfg.backoff_s, cfg.timeout_s, bar.update, lambda n: _grow(bar, n))
+    try:
+        if kind == "synthetic":
+            report = {"synthetic": generate(out_dir, cfg.synthetic, progress=progress)}
+        else:
+            report = _fetch_source(kind, cfg, out_dir, xfer)
+    finally:
+        bar.close()
+    _check_layout(out_dir, cfg.source)
+    manifest = write_manifest(out_dir, cfg.workers, report.pop("hashes", {}))
+    return _summary(cfg.source, manifest, xfer.bytes, time.perf_counter() - start, report, progress)
+
+
+def _grow(bar: tqdm, n: int) -> None:
+    bar.total += n
+    bar.refresh()
+
+
+def _fetch_source(kind: str, cfg: DownloadConfig, out_dir: Path, xfer: Transfer) -> dict:
+    if kind == "nih":
+        remote = HttpRemote(cfg.nih.base_url, xfer)
+        get_meta = _getter(cfg.nih.metadata_url, cfg, xfer)
+        jobs = [_Archive(name, md5, lambda dest, i=i, md5=md5: remote.fetch_url(
+            cfg.nih.base_url.format(id=cfg.nih.box_ids[i - 1]), dest, md5))
+            for i, name, md5 in cfg.nih.selected()]
+    elif kind == "http":
+        remote = HttpRemote(cfg.source, xfer)
+        get_meta = _getter(cfg.nih.metadata_url or cfg.source, cfg, xfer)
+        jobs = [_Archive(name, md5, lambda dest, name=name, md5=md5: remote.fetch(name, dest, md5))
+                for _, name, md5 in cfg.nih.selected()]
+    elif kind == "s3":
+        return _fetch_s3(cfg, out_dir, xfer)
+    else:
+        return _fetch_dir(cfg, out_dir, xfer)
+    fetch_metadata(get_meta, out_dir)
+    return fetch_archives(jobs, out_dir, cfg)
+
+
+# --- archives ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Archive:
+    name: str
+    md5: str
+    download: Callable[[Path], None] | None = None  # fills a path with the verified archive
+    local: Path | None = None  # or: the archive is already on disk here (never moved or deleted)
+
+
+def fetch_archives(jobs: list[_Archive], out_dir: Path, cfg: DownloadConfig) -> dict:
+    """Download (or take), verify and extract each archive, `cfg.workers` at a time."""
+    results = _parallel(lambda job: _archive(job, out_dir, cfg.keep_archives), jobs, cfg.workers)
+    hashes = {rel: v for r in results for rel, v in r["files"].items()}
+    archive_dir = out_dir / ARCHIVE_DIR
+    if archive_dir.is_dir() and not any(archive_dir.iterdir()):
+        archive_dir.rmdir()
+    return {
+        "archives_fetched": sorted(r["name"] for r in results if not r["skipped"]),
+        "archives_skipped": sorted(r["name"] for r in results if r["skipped"]),
+        "hashes": hashes,
+    }
+
+
+def _archive(job: _Archive, out_dir: Path, keep: bool) -> dict:
+    marker = out_dir / STATE_DIR / f"{job.name}.json"
+    if _extracted(marker, job.md5, out_dir):
+        log.info("%s: already extracted and verified, skipping", job.name)
+        return {"name": job.name, "skipped": True, "files": {}}
+    if job.local is not None:
+        path = job.local
+        check_md5(path, job.md5, path, str(path), move_aside=False)
+    else:
+        path = out_dir / ARCHIVE_DIR / job.name
+        if path.exists() and file_md5(path) != job.md5:
+            path.unlink()  # a kept archive that no longer verifies: fetch it again
+        if not path.exists():
+            job.download(path)
+    files = safe_extract(path, out_dir, out_dir / STATE_DIR / f"extract-{job.name}")
+    write_json(marker, {"md5": job.md5, "files": {rel: size for rel, (size, _) in files.items()}})
+    if job.local is None and not keep:
+        path.unlink()
+    log.info("%s: verified and extracted %d files", job.name, len(files))
+    return {"name": job.name, "skipped": False, "files": files}
+
+
+def _extracted(marker: Path, md5: str, out_dir: Path) -> bool:
+    """Whether `marker` says this very archive was extracted and its files are all still there."""
+    if not marker.exists():
+        return False
+    state = read_json(marker)
+    if state.get("md5") != md5:
+        return False
+    return all(_size(out_dir / rel) == size for rel, size in state["files"].items())
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def _parallel(fn: Callable, items: Iterable, workers: int) -> list:
+    """fn over items on `workers` threads; the first error cancels what has not started."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in as_completed(futures)]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+Getter = Callable[[str, Path], None]  # copies one named file to a path, or raises NotFound
+
+
+def fetch_metadata(get: Getter, out_dir: Path) -> list[str]:
+    """Fetch the label CSV (v2020, else 2017) and both list files unless already present."""
+    fetched = []
+    if not any((out_dir / name).exists() for name in LABEL_CSV_NAMES):
+        for name in LABEL_CSV_NAMES:
+            try:
+                get(name, out_dir / name)
+                fetched.append(name)
+                break
+            except NotFound as e:
+                missing = e
+        else:
+            raise DownloadError(f"no label CSV ({' or '.join(LABEL_CSV_NAMES)}): {missing}")
+    for name in LIST_FILES:
+        if not (out_dir / name).exists():
+            get(name, out_dir / name)
+            fetched.append(name)
+    return fetched
+
+
+def _getter(location: str, cfg: DownloadConfig, xfer: Transfer) -> Getter:
+    kind = source_kind(location)
+    if kind == "http":
+        return HttpRemote(location, xfer).fetch
+    if kind == "s3":
+        remote = _s3_remote(location, cfg, xfer)
+        return _s3_getter(remote, remote.list())
+    folder = Path(location)
+    if not folder.is_dir():
+        raise DownloadError(f"metadata location {location!r} is not a URL or an existing folder; "
+                            "set download.nih.metadata_url")
+
+    def get(name: str, dest: Path) -> None:
+        if not (folder / name).is_file():
+            raise NotFound(f"{folder / name} does not exist")
+        link_or_copy(folder / name, dest)
+
+    return get
+
+
+# --- S3 ---------------------------------------------------------------------------------------
+
+
+def _s3_remote(url: str, cfg: DownloadConfig, xfer: Transfer) -> S3Remote:
+    s3 = cfg.s3
+    return S3Remote(url, xfer, s3.endpoint_url, s3.anonymous, s3.region, s3.profile)
+
+
+def _s3_getter(remote: S3Remote, objects: dict[str, S3Object]) -> Getter:
+    def get(name: str, dest: Path) -> None:
+        if name not in objects:
+            raise NotFound(f"{remote.where(name)} does not exist")
+        remote.fetch(objects[name], dest)
+
+    return get
+
+
+def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer) -> dict:
+    remote = _s3_remote(cfg.source, cfg, xfer)
+    objects = remote.list()
+    if cfg.nih.metadata_url:
+        fetch_metadata(_getter(cfg.nih.metadata_url, cfg, xfer), out_dir)
+    else:
+        fetch_metadata(_s3_getter(remote, objects), out_dir)
+    wanted = cfg.nih.selected()
+    if any(name in objects for _, name, _ in wanted):
+        missing = [name for _, name, _ in wanted if name not in objects]
+        if missing:
+            raise DownloadError(
+                f"{cfg.source}: missing {', '.join(missing)}; upload them or list the archives "
+                "the bucket holds in download.nih.archives"
+            )
+        jobs = [_Archive(name, md5, lambda dest, o=objects[name], m=md5: remote.fetch(o, dest, m))
+                for _, name, md5 in wanted]
+        return fetch_archives(jobs, out_dir, cfg)
+    images = {rel: o for rel, o in objects.items()
+              if rel.startswith(f"{IMAGE_DIR}/") and rel.endswith(".png")}
+    if not images:
+        raise DownloadError(
+            f"{cfg.source}: holds neither NIH archives ({wanted[0][1]} ...) nor "
+            f"{IMAGE_DIR}/*.png; check download.source"
+        )
+    return _fetch_s3_images(remote, images, out_dir, cfg)
+
+
+def _fetch_s3_images(remote: S3Remote, images: dict[str, S3Object], out_dir: Path,
+                     cfg: DownloadConfig) -> dict:
+    """Copy extracted images object by object; one whose size and ETag match is skipped."""
+    etag_file = out_dir / STATE_DIR / "s3_etags.json"
+    etags: dict[str, str] = read_json(etag_file) if etag_file.exists() else {}
+
+    def one(item: tuple[str, S3Object]) -> bool:
+        rel, obj = item
+        dest = out_dir / rel
+        if _size(dest) == obj.size and etags.get(rel) == obj.etag:
+            return False
+        remote.fetch(obj, dest)
+        etags[rel] = obj.etag  # dict item assignment is atomic under the GIL
+        return True
+
+    try:
+        done = _parallel(one, images.items(), cfg.workers)
+    finally:
+        write_json(etag_file, etags)
+    return {"objects_fetched": sum(done), "objects_skipped": len(done) - sum(done)}
+
+
+# --- local folder -----------------------------------------------------------------------------
+
+
+def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer) -> dict:
+    src = Path(cfg.source)
+    fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
+    # NIH's extracted layout, and Kaggle's images_001/images/*.png.
+    images = [*src.glob(f"{IMAGE_DIR}/*.png"), *src.glob(f"images_*/{IMAGE_DIR}/*.png")]
+    if images:
+        return _link_images(images, out_dir, cfg.workers, xfer)
+    jobs = [_Archive(name, md5, local=src / name) for _, name, md5 in cfg.nih.selected()
+            if (src / name).exists()]
+    if not jobs:
+        raise DownloadError(f"{src}: holds neither {IMAGE_DIR}/*.png nor NIH archives "
+                            f"({archive_name(1)} ...); check download.source")
+    return fetch_archives(jobs, out_dir, cfg)
+
+
+def _link_images(images: list[Path], out_dir: Path, workers: int, xfer: Transfer) -> dict:
+    def one(src: Path) -> str:
+        dest = out_dir / IMAGE_DIR / src.name
+        if dest.exists() and (os.path.samefile(src, dest) or _same_copy(src, dest)):
+            return "skipped"
+        linked = link_or_copy(src, dest)
+        xfer.count(src.stat().st_size)
+        return "linked" if linked else "copied"
+
+    xfer.add_total(sum(p.stat().st_size for p in images))
+    done = _parallel(one, images, workers)
+    return {f"images_{k}": done.count(k) for k in ("linked", "copied", "skipped")}
+
+
+def _same_copy(a: Path, b: Path) -> bool:
+    sa, sb = a.stat(), b.stat()
+    return sa.st_size == sb.st_size and sa.st_mtime_ns == sb.st_mtime_ns  # copy2 keeps mtime
+
+
+# --- layout check, manifest, summary ----------------------------------------------------------
+
+
+def _check_layout(out_dir: Path, source: str) -> None:
+    missing = [name for name in LIST_FILES if not (out_dir / name).is_file()]
+    if not any((out_dir / name).is_file() for name in LABEL_CSV_NAMES):
+        missing.append(" or ".join(LABEL_CSV_NAMES))
+    if not any((out_dir / IMAGE_DIR).glob("*.png")):
+        missing.append(f"{IMAGE_DIR}/*.png")
+    if missing:
+        raise DownloadError(f"{out_dir}: after fetching from {source!r}, missing "
+                            f"{', '.join(missing)}; check that the source is laid out like NIH")
+
+
+def write_manifest(out_dir: Path, workers: int = 4,
+                   known: dict[str, tuple[int, str]] | None = None) -> dict[str, dict]:
+    """Write `checksums.json`: every file's relative path -> {md5, size}.
+
+    Args:
+        out_dir: the dataset folder.
+        workers: threads hashing files (hashlib releases the GIL on large reads).
+        known: (size, md5) of files hashed while they were written, e.g. during extraction.
+
+    A cache in `.fetch/hashes.json` keyed on size and mtime spares a rerun from hashing 45 GB
+    again; state, partial and corrupt files are left out.
+    """
+    known = known or {}
+    cache_file = out_dir / STATE_DIR / "hashes.json"
+    cache: dict[str, list] = read_json(cache_file) if cache_file.exists() else {}
+    entries: dict[str, list] = {}
+    todo = []
+    for path in _dataset_files(out_dir):
+        rel = path.relative_to(out_dir).as_posix()
+        st = path.stat()
+        if rel in known and known[rel][0] == st.st_size:
+            entries[rel] = [st.st_size, st.st_mtime_ns, known[rel][1]]
+        elif cache.get(rel, [None, None])[:2] == [st.st_size, st.st_mtime_ns]:
+            entries[rel] = cache[rel]
+        else:
+            todo.append((rel, path, st))
+    for rel, md5, st in _parallel(lambda t: (t[0], file_md5(t[1]), t[2]), todo, workers):
+        entries[rel] = [st.st_size, st.st_mtime_ns, md5]
+    write_json(cache_file, entries)
+    manifest = {rel: {"md5": e[2], "size": e[0]} for rel, e in sorted(entries.items())}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _dataset_files(out_dir: Path) -> Iterable[Path]:
+    for root, dirs, files in os.walk(out_dir):
+        if Path(root) == out_dir:
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+        for name in files:
+            if name == MANIFEST and Path(root) == out_dir:
+                continue
+            if name.endswith((".part", ".corrupt", ".tmp")):
+                continue
+            yield Path(root) / name
+
+
+def _summary(source: str, manifest: dict, transferred: int, seconds: float, report: dict,
+             progress: bool) -> dict[str, Any]:
+    total = sum(e["size"] for e in manifest.values())
+    rate = transferred / 1e6 / max(seconds, 1e-9)
+    line = (f"fetch {source}: {len(manifest)} files, {total / 1e6:.1f} MB; transferred "
+            f"{transferred / 1e6:.1f} MB in {seconds:.1f} s ({rate:.1f} MB/s)")
+    log.info(line)
+    if progress:
+        print(line, flush=True)
+    return {"source": source, "files": len(manifest), "bytes": total, "transferred_bytes": transferred,
+            "seconds": round(seconds, 3), "mb_per_s": round(rate, 3), **report, "line": line}

@@ -1,0 +1,222 @@
+"""Prepare step: labels + official lists + images -> manifest, split statistics and image cache.
+
+Outputs in `out_dir`:
+    manifest.csv            image, patient, followup, view, split, the 14 classes (0/1), cache_index
+    split_stats.json        images/patients/positives per split, quarantine and inventory counts
+    class_counts.json       training-split positives per class (the loss's category weights)
+    split_class_counts.csv  split, class, count, prevalence (long format, for a bar plot)
+    quarantine.csv          image, reason, detail for every file that would not decode
+    cache/                  images_<size>.u8 + index.json (see `pipeline.data.cache`)
+
+Only images that are labelled, in an official list, present on disk and decodable reach the
+manifest. The cache is ordered by file name and does not depend on the split, so changing
+`val_fraction` or `seed` re-splits without decoding anything again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.classes import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.data import labels as L
+from pipeline.data.cache import CacheResult, build_cache
+from pipeline.data.splits import SPLITS, assert_patient_disjoint, assign_splits, patient_overlap
+from pipeline.io import save_dataframe, write_json
+
+IMAGES_DIR = "images"
+CACHE_DIR = "cache"
+MANIFEST = "manifest.csv"
+SPLIT_STATS = "split_stats.json"
+CLASS_COUNTS = "class_counts.json"
+SPLIT_CLASS_COUNTS = "split_class_counts.csv"
+QUARANTINE = "quarantine.csv"
+EXAMPLES = 10  # names listed per inventory problem in split_stats.json
+
+
+@dataclass
+class PrepareConfig:
+    """The `prepare` section of params.yaml.
+
+    Attributes:
+        val_fraction: share of train_val images moved to validation (whole patients).
+        image_size: side of the cached images in pixels.
+        seed: seed of the validation split.
+        workers: processes decoding images for the cache.
+        stratify: keep validation's label distribution close to training's.
+        chunk_size: images per cache task and done-marker.
+    """
+
+    val_fraction: float = 0.15
+    image_size: int = 64
+    seed: int = 42
+    workers: int = 2
+    stratify: bool = True
+    chunk_size: int = 256
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 8 <= self.image_size <= 4096:
+            raise ValueError(f"image_size must be in [8, 4096] pixels, got {self.image_size}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the prepare step; returns the statistics written to split_stats.json."""
+    cfg.validate()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    table, train_val, test = read_inputs(raw_dir)
+    present = list_images(raw_dir / IMAGES_DIR)
+    inventory = take_inventory(table, train_val, test, present)
+    table = table[table["image"].isin(inventory.pop("usable"))].sort_values("image", ignore_index=True)
+
+    paths = [raw_dir / IMAGES_DIR / name for name in table["image"]]
+    cache = build_cache(paths, out_dir / CACHE_DIR, cfg.image_size, cfg.workers, cfg.chunk_size, progress)
+    if not cache.complete:
+        raise RuntimeError(f"{out_dir / CACHE_DIR}: the image cache is incomplete; rerun to resume it")
+    table["cache_index"] = np.arange(len(table))
+    quarantine = quarantine_table(table, cache)
+    table = table[~table["cache_index"].isin(list(cache.failures))].reset_index(drop=True)
+
+    labels = table[list(CLASSES)].to_numpy()
+    table["split"] = assign_splits(
+        table["image"], table["patient"], labels, train_val, test, cfg.val_fraction, cfg.seed, cfg.stratify
+    )
+    assert_patient_disjoint(table)
+    stats = split_statistics(table, cfg, quarantine, inventory, cache)
+    write_outputs(out_dir, table, stats, quarantine)
+    return stats
+
+
+def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The label table (image, patient, followup, view, 14 classes) and the two official lists."""
+    csv_path = L.find_label_csv(raw_dir)
+    raw = L.read_label_csv(csv_path)
+    onehot = L.parse_findings(raw[L.FINDINGS_COL], csv_path)  # (N, C)
+    table = pd.DataFrame(
+        {
+            "image": raw[L.IMAGE_COL],
+            "patient": raw[L.PATIENT_COL],
+            "followup": raw[L.FOLLOWUP_COL],
+            "view": raw[L.VIEW_COL].fillna("").str.strip(),
+        }
+    )
+    table[list(CLASSES)] = onehot
+    train_val = L.read_split_list(raw_dir / TRAIN_VAL_LIST)
+    test = L.read_split_list(raw_dir / TEST_LIST)
+    return table, train_val, test
+
+
+def list_images(images_dir: Path) -> set[str]:
+    """PNG file names in the images folder (one directory scan; 112k stats would be slower)."""
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir} does not exist: run the download step first")
+    with os.scandir(images_dir) as it:
+        return {e.name for e in it if e.name.lower().endswith(".png") and e.is_file()}
+
+
+def take_inventory(table: pd.DataFrame, train_val: list[str], test: list[str], present: set[str]) -> dict:
+    """Which names are usable, and which are listed but missing, present but unlisted, and so on."""
+    labelled = set(table["image"])
+    listed = set(train_val) | set(test)
+    return {
+        "usable": labelled & listed & present,
+        "listed_missing": _examples(listed - present),
+        "present_unlisted": _examples(present - listed),
+        "listed_unlabelled": _examples((listed & present) - labelled),
+        "labelled_unlisted": _examples((labelled & present) - listed),
+    }
+
+
+def _examples(names: set[str]) -> dict[str, Any]:
+    return {"count": len(names), "first": sorted(names)[:EXAMPLES]}
+
+
+def quarantine_table(table: pd.DataFrame, cache: CacheResult) -> pd.DataFrame:
+    rows = [(table["image"].iat[r], reason, detail) for r, (reason, detail) in cache.failures.items()]
+    return pd.DataFrame(rows, columns=["image", "reason", "detail"])
+
+
+def split_statistics(
+    table: pd.DataFrame, cfg: PrepareConfig, quarantine: pd.DataFrame, inventory: dict, cache: CacheResult
+) -> dict[str, Any]:
+    per_split = {}
+    for split in SPLITS:
+        part = table[table["split"] == split]
+        positives = part[list(CLASSES)].sum(axis=0)
+        per_split[split] = {
+            "images": len(part),
+            "patients": int(part["patient"].nunique()),
+            "positives": {c: int(positives[c]) for c in CLASSES},
+            NO_FINDING: int((part[list(CLASSES)].sum(axis=1) == 0).sum()),
+        }
+    train_val_images = per_split["train"]["images"] + per_split["val"]["images"]
+    return {
+        "num_images": len(table),
+        "num_patients": int(table["patient"].nunique()),
+        "splits": per_split,
+        "val_fraction_requested": cfg.val_fraction,
+        "val_fraction_images": per_split["val"]["images"] / max(1, train_val_images),
+        "val_train_prevalence_max_abs_diff": prevalence_gap(table),
+        "patient_overlap": patient_overlap(table),
+        "quarantine": {
+            "count": len(quarantine),
+            "by_reason": {str(k): int(v) for k, v in quarantine["reason"].value_counts().sort_index().items()},
+            "first": quarantine["image"].head(EXAMPLES).tolist(),
+        },
+        **inventory,
+        "cache": {"file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped},
+        "config": asdict(cfg),
+    }
+
+
+def prevalence_gap(table: pd.DataFrame) -> float:
+    """Largest |prevalence(val) - prevalence(train)| over classes; 0 when either split is empty."""
+    train = table.loc[table["split"] == "train", list(CLASSES)]
+    val = table.loc[table["split"] == "val", list(CLASSES)]
+    if len(train) == 0 or len(val) == 0:
+        return 0.0
+    return float(np.abs(val.mean(axis=0).to_numpy() - train.mean(axis=0).to_numpy()).max())
+
+
+def class_counts(table: pd.DataFrame) -> dict[str, Any]:
+    train = table[table["split"] == "train"]
+    positives = [int(train[c].sum()) for c in CLASSES]
+    return {
+        "split": "train",
+        "num_images": len(train),
+        "classes": list(CLASSES),
+        "positives": dict(zip(CLASSES, positives)),
+        "positives_list": positives,
+        "no_finding": int((train[list(CLASSES)].sum(axis=1) == 0).sum()),
+    }
+
+
+def split_class_table(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for split in SPLITS:
+        part = table[table["split"] == split]
+        counts = {c: int(part[c].sum()) for c in CLASSES}
+        counts[NO_FINDING] = int((part[list(CLASSES)].sum(axis=1) == 0).sum())
+        for cls, n in counts.items():
+            rows.append((split, cls, n, round(n / len(part), 6) if len(part) else 0.0))
+    return pd.DataFrame(rows, columns=["split", "class", "count", "prevalence"])
+
+
+def write_outputs(out_dir: Path, table: pd.DataFrame, stats: dict, quarantine: pd.DataFrame) -> None:
+    columns = ["image", "patient", "followup", "view", "split", *CLASSES, "cache_index"]
+    manifest = table.loc[table["split"] != "", columns]
+    save_dataframe(out_dir / MANIFEST, manifest)
+    save_dataframe(out_dir / QUARANTINE, quarantine)
+    save_dataframe(out_dir / SPLIT_CLASS_COUNTS, split_class_table(table))
+    write_json(out_dir / CLASS_COUNTS, class_counts(table))
+    write_json(out_dir / SPLIT_STATS, stats)

@@ -1,0 +1,628 @@
+"""A synthetic chest X-ray dataset in the exact NIH ChestX-ray14 layout, for demos and tests.
+
+`generate(out_dir, cfg)` writes what the download step would fetch from NIH:
+
+    out_dir/images/<patient:08d>_<followup:03d>.png    8-bit grayscale, cfg.image_size square
+    out_dir/Data_Entry_2017_v2020.csv                  the real header and columns
+    out_dir/train_val_list.txt, out_dir/test_list.txt  disjoint by patient, no trailing newline
+
+so every later step runs unchanged on it. Everything is deterministic for a seed.
+
+Labels follow the real class prevalences and their co-occurrence through a Gaussian copula: each
+image has a latent normal vector (C,) with a shared "illness" factor plus a few clinically known
+pairs (effusion with atelectasis, mass with nodule, ...), thresholded per class at the normal
+quantile of the real prevalence. The shared loading is tuned so that about 54% of the images are
+"No Finding" and an abnormal image carries about 1.57 labels, as in the real 112,120 images.
+
+Images are drawn with numpy: a chest-like background (body, two lung fields, heart, spine, ribs,
+per-patient size/position/brightness/rotation, noise) plus one localised pattern per disease with
+random position and strength, some subtle and a few positives with no visible sign at all (the
+real labels are text-mined and noisy), so a small CNN learns them without reaching AUC 1.0.
+Patterns are at least a few pixels wide at 64 px, the demo cache size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.stats import norm
+from tqdm.auto import tqdm
+
+from pipeline import io
+from pipeline.classes import (
+    CLASS_COUNTS,
+    CLASSES,
+    LABEL_CSV_HEADER,
+    LABEL_CSV_NAMES,
+    LABEL_SEPARATOR,
+    NO_FINDING,
+    NUM_CLASSES,
+    TEST_LIST,
+    TOTAL_IMAGES,
+    TRAIN_VAL_LIST,
+    image_name,
+)
+
+# Loading of every class on the shared latent "illness" factor. With the pairs below, 0.37 gives
+# 53.8% all-negative images and 1.57 labels per abnormal image (real: 53.8% and 1.57).
+ILLNESS_LOADING = 0.37
+
+# Extra latent correlation for pairs that co-occur clinically (fluid, collapse and airspace
+# disease travel together; masses and nodules are both "lumps").
+LABEL_PAIRS: dict[tuple[str, str], float] = {
+    ("Effusion", "Atelectasis"): 0.15,
+    ("Effusion", "Infiltration"): 0.10,
+    ("Edema", "Effusion"): 0.12,
+    ("Pneumonia", "Infiltration"): 0.20,
+    ("Consolidation", "Infiltration"): 0.10,
+    ("Mass", "Nodule"): 0.20,
+    ("Effusion", "Consolidation"): 0.10,
+}
+
+# Real pixel spacing of the 1024 px NIH images, in mm; a smaller image has coarser pixels.
+NIH_PIXEL_SPACING = 0.143
+NIH_IMAGE_SIZE = 1024
+
+_IDX = {c: i for i, c in enumerate(CLASSES)}
+
+
+@dataclass
+class SyntheticConfig:
+    """How big a synthetic dataset to write, and how it looks.
+
+    Attributes:
+        num_images: total images; every patient has at least one.
+        num_patients: distinct patients; follow-ups per patient are skewed like NIH's.
+        image_size: side of the square PNGs in pixels.
+        seed: one seed for labels, metadata, split and pixels.
+        test_fraction: share of images (chosen by whole patients) in test_list.txt.
+        persistence: correlation of a patient's latent labels across follow-ups (0 = independent).
+        invisible_fraction: share of positive labels drawn with no visible pattern (label noise).
+        noise: standard deviation of the pixel noise, in intensity units of [0, 1].
+    """
+
+    num_images: int = 2000
+    num_patients: int = 800
+    image_size: int = 128
+    seed: int = 42
+    test_fraction: float = 0.23
+    persistence: float = 0.6
+    invisible_fraction: float = 0.1
+    noise: float = 0.03
+
+    def validate(self) -> None:
+        if self.num_patients < 2:
+            raise ValueError(f"num_patients is {self.num_patients}; need at least 2 (train and test)")
+        if self.num_images < self.num_patients:
+            raise ValueError(
+                f"num_images ({self.num_images}) < num_patients ({self.num_patients}); "
+                "every patient needs at least one image"
+            )
+        if not 32 <= self.image_size <= 4096:
+            raise ValueError(f"image_size is {self.image_size}; choose 32..4096 pixels")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction is {self.test_fraction}; choose a value in (0, 1)")
+        if not 0.0 <= self.persistence < 1.0:
+            raise ValueError(f"persistence is {self.persistence}; choose a value in [0, 1)")
+        if not 0.0 <= self.invisible_fraction < 1.0:
+            raise ValueError(f"invisible_fraction is {self.invisible_fraction}; choose [0, 1)")
+        if not 0.0 <= self.noise <= 0.5:
+            raise ValueError(f"noise is {self.noise}; choose a value in [0, 0.5]")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def real_prevalence() -> np.ndarray:
+    """Share of the real images positive for each class, (C,) in CLASSES order."""
+    return np.array([CLASS_COUNTS[c] / TOTAL_IMAGES for c in CLASSES])
+
+
+def latent_correlation(loading: float = ILLNESS_LOADING) -> np.ndarray:
+    """Correlation matrix (C, C) of the latent normal behind the labels."""
+    corr = np.full((NUM_CLASSES, NUM_CLASSES), loading**2)
+    for (a, b), rho in LABEL_PAIRS.items():
+        corr[_IDX[a], _IDX[b]] += rho
+        corr[_IDX[b], _IDX[a]] += rho
+    np.fill_diagonal(corr, 1.0)
+    return corr
+
+
+@functools.lru_cache(maxsize=8)
+def _copula(loading: float) -> tuple[np.ndarray, np.ndarray]:
+    chol = np.linalg.cholesky(latent_correlation(loading))  # fails loudly if not positive definite
+    thresholds = norm.ppf(1.0 - real_prevalence())  # (C,) each latent is N(0, 1)
+    return chol, thresholds
+
+
+def sample_labels(
+    n: int,
+    rng: np.random.Generator,
+    groups: np.ndarray | None = None,
+    persistence: float = 0.0,
+    loading: float = ILLNESS_LOADING,
+) -> np.ndarray:
+    """Draw multi-hot labels with the real prevalences and co-occurrence.
+
+    Args:
+        n: number of images.
+        rng: numpy generator.
+        groups: optional (n,) patient index per image; images of one patient share part of
+            their latent vector, so findings persist across follow-ups.
+        persistence: share of latent variance shared within a group, in [0, 1).
+        loading: shared illness factor loading (sets how often an image is "No Finding").
+
+    Returns:
+        (n, C) uint8 multi-hot labels in CLASSES order.
+    """
+    chol, thresholds = _copula(float(loading))
+    latent = rng.standard_normal((n, NUM_CLASSES)) @ chol.T  # (n, C) ~ N(0, corr)
+    if groups is not None and persistence > 0:
+        groups = np.asarray(groups)
+        shared = rng.standard_normal((int(groups.max()) + 1, NUM_CLASSES)) @ chol.T  # (P, C)
+        # A mix of two independent N(0, corr) draws with weights whose squares sum to 1 is again
+        # N(0, corr): the marginal prevalences do not move.
+        latent = math.sqrt(persistence) * shared[groups] + math.sqrt(1 - persistence) * latent
+    return (latent > thresholds).astype(np.uint8)
+
+
+def finding_labels(labels: np.ndarray) -> str:
+    """One row of multi-hot labels (C,) as NIH writes it: 'Effusion|Mass' or 'No Finding'."""
+    names = [c for c, y in zip(CLASSES, labels) if y]
+    return LABEL_SEPARATOR.join(names) if names else NO_FINDING
+
+
+# ----------------------------------------------------------------------------- patients
+
+
+def followup_counts(num_images: int, num_patients: int, rng: np.random.Generator) -> np.ndarray:
+    """Images per patient (P,), each >= 1, summing exactly to num_images; skewed like NIH."""
+    # Gamma(0.4) weights: most patients get one or two images, a few get many.
+    weights = rng.gamma(0.4, size=num_patients)
+    extra = rng.multinomial(num_images - num_patients, weights / weights.sum())
+    return 1 + extra
+
+
+def split_patients(counts: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Pick whole patients for the test list; (P,) bool, True = test.
+
+    Takes patients in random order until their images come closest to test_fraction of all,
+    keeping at least one patient on each side.
+    """
+    order = rng.permutation(len(counts))
+    cum = np.cumsum(counts[order])[:-1]  # images in test if the first k+1 patients go there
+    k = int(np.argmin(np.abs(cum - test_fraction * counts.sum()))) + 1
+    is_test = np.zeros(len(counts), dtype=bool)
+    is_test[order[:k]] = True
+    return is_test
+
+
+@dataclass
+class Anatomy:
+    """One patient's body as drawn: pose, proportions and exposure (image units: [-1, 1])."""
+
+    cx: float = 0.0  # body centre offset
+    cy: float = 0.0
+    scale: float = 1.0  # > 1 means a bigger patient on the detector
+    angle: float = 0.0  # rotation in radians
+    lung_w: float = 1.0  # relative lung width
+    lung_h: float = 1.0  # relative lung height
+    heart_w: float = 0.27  # heart half-width
+    body_w: float = 0.92  # body half-width
+    brightness: float = 0.0
+    contrast: float = 1.0
+    rib_period: float = 0.18
+    rib_phase: float = 0.0
+
+
+def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+    """A random patient body."""
+    return Anatomy(
+        cx=rng.normal(0, 0.03),
+        cy=rng.normal(0, 0.03),
+        scale=rng.uniform(0.9, 1.04),
+        angle=rng.normal(0, 0.04),
+        lung_w=rng.uniform(0.9, 1.08),
+        lung_h=rng.uniform(0.9, 1.06),
+        heart_w=rng.uniform(0.24, 0.29),
+        body_w=rng.uniform(0.86, 0.98),
+        brightness=rng.normal(0, 0.04),
+        contrast=rng.uniform(0.85, 1.1),
+        rib_period=rng.uniform(0.16, 0.2),
+        rib_phase=rng.uniform(0, 2 * np.pi),
+    )
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * x)  # no overflow warnings, unlike 1 / (1 + exp(-x))
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres in [-1, 1]: x across (1, S), y down (S, 1)."""
+    t = ((np.arange(size, dtype=np.float32) + 0.5) / size) * 2 - 1
+    return t[None, :], t[:, None]
+
+
+@functools.lru_cache(maxsize=32)
+def _upsampler(size: int, cells: int) -> np.ndarray:
+    """Bilinear interpolation matrix (S, cells): field = A @ G @ A.T for a (cells, cells) grid G."""
+    pos = (np.arange(size) + 0.5) / size * (cells - 1)
+    return np.stack([np.interp(pos, np.arange(cells), np.eye(cells)[j]) for j in range(cells)], 1).astype(
+        np.float32
+    )
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth N(0, ~1) noise (S, S) with `cells` control points per side."""
+    a = _upsampler(size, cells)
+    return a @ rng.standard_normal((cells, cells)).astype(np.float32) @ a.T
+
+
+def _ellipse(u, v, cx, cy, ax, ay, edge=0.12):
+    """Soft filled ellipse mask and its normalised radius^2 q (1 on the rim)."""
+    q = ((u - cx) / ax) ** 2 + ((v - cy) / ay) ** 2
+    return _sigmoid((1 - q) / edge * 4), q
+
+
+def _blob(u, v, cx, cy, r, edge=0.25):
+    """Soft disk of radius r; `edge` is the blur as a share of r."""
+    d = np.sqrt((u - cx) ** 2 + (v - cy) ** 2)
+    return _sigmoid((r - d) / (edge * r) * 4)
+
+
+def _gauss(u, v, cx, cy, sx, sy):
+    return np.exp(-0.5 * (((u - cx) / sx) ** 2 + ((v - cy) / sy) ** 2))
+
+
+def _rotated(u, v, cx, cy, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return c * (u - cx) + s * (v - cy), -s * (u - cx) + c * (v - cy)
+
+
+class _Scene:
+    """The pieces of one image under construction; diseases read and change them."""
+
+    def __init__(self, size: int, anatomy: Anatomy, view: str, rng: np.random.Generator):
+        x, y = _grid(size)
+        jitter = rng.normal(0, 0.012, size=3)  # repositioning between follow-ups
+        a = anatomy
+        u, v = _rotated(x, y, a.cx + jitter[0], a.cy + jitter[1], a.angle + jitter[2])
+        self.u, self.v = u / a.scale, v / a.scale  # (S, S) body coordinates, y down
+        self.size, self.rng, self.anatomy = size, rng, a
+        self.lung_w, self.lung_h = a.lung_w, a.lung_h
+        # AP films magnify the heart a little: a real confounder for cardiomegaly.
+        self.heart_w, self.heart_h = a.heart_w * (1.08 if view == "AP" else 1.0), 0.26
+        self.lung_dark = 0.34
+        self.add = np.zeros((size, size), np.float32)  # densities added anywhere (brighter)
+        self.opacity = np.zeros((size, size), np.float32)  # 1 = lung air replaced by fluid/tissue
+        self.pneumothorax = np.zeros((size, size), np.float32)  # air without lung markings
+        self._lungs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def lung_geometry(self, side: int) -> tuple[float, float, float, float]:
+        """Centre and half-axes of one lung; side -1 = image left, +1 = image right."""
+        ax, ay = 0.31 * self.lung_w, 0.68 * self.lung_h
+        return side * (0.1 + ax), -0.78 + ay, ax, ay  # apex fixed; bigger lungs reach lower
+
+    def lung(self, side: int) -> tuple[np.ndarray, np.ndarray]:
+        """Soft mask (S, S) of one lung and its normalised radius^2 (1 on the pleura)."""
+        if side not in self._lungs:  # anatomy changes run before anything reads a lung
+            cx, cy, ax, ay = self.lung_geometry(side)
+            # Lungs widen towards the base: scale the half-width with height.
+            taper = 0.78 + 0.22 * np.clip((self.v - cy + ay) / (1.4 * ay), 0, 1)
+            self._lungs[side] = _ellipse(self.u, self.v, cx, cy, ax * taper, ay)
+        return self._lungs[side]
+
+    def both_lungs(self) -> np.ndarray:
+        return np.maximum(self.lung(-1)[0], self.lung(1)[0])
+
+    def random_lung_point(self, v_lo: float = -0.6, v_hi: float = 0.6) -> tuple[float, float, int]:
+        """A point well inside a random lung; v_lo..v_hi is the height range in half-axes."""
+        side = int(self.rng.choice((-1, 1)))
+        cx, cy, ax, ay = self.lung_geometry(side)
+        t = self.rng.uniform(v_lo, v_hi)
+        half = ax * 0.7 * math.sqrt(max(0.0, 1 - t * t))
+        return cx + self.rng.uniform(-half, half), cy + t * ay, side
+
+    def compose(self, noise: float) -> np.ndarray:
+        """Background anatomy plus disease densities, exposure and noise, as uint8 (S, S)."""
+        u, v, a, rng, size = self.u, self.v, self.anatomy, self.rng, self.size
+        au = np.abs(u)
+        body = _sigmoid((1 - np.abs(u / a.body_w) ** 3 - np.abs((v - 0.2) / 1.4) ** 3) * 25)
+        heart, _ = _ellipse(u, v, 0.1, 0.34, self.heart_w, self.heart_h, edge=0.25)
+        spine = _sigmoid((0.07 - au) * 60)
+        lungs = self.both_lungs() * (1 - heart) * (1 - 0.7 * spine)  # heart and spine hide lung
+        lungs = lungs * (1 - 0.25 * _sigmoid((v - 0.2) * 6))  # soft tissue over the bases
+        lungs = lungs * (1 - np.clip(self.opacity, 0, 1))  # airspace disease: air -> tissue
+        # Posterior ribs: curved bands sloping down laterally; clavicles: bands rising laterally.
+        ribs = 0.5 + 0.5 * np.cos(2 * np.pi * (v - 0.15 * au + 0.3 * u * u) / a.rib_period + a.rib_phase)
+        t = np.clip((au - 0.08) / 0.6, 0, 1)
+        clavicles = _sigmoid((0.035 - np.abs(v + 0.74 + 0.12 * t)) * 60) * _sigmoid((0.72 - au) * 30)
+        # Vessels: smooth texture, strongest at the hila, fading to the periphery.
+        hila = _gauss(au, v, 0.2, -0.05, 0.08, 0.14)
+        markings = _smooth_field(rng, size, 14) * (0.3 + _gauss(au, v, 0.2, -0.05, 0.3, 0.45))
+        texture = (0.07 * ribs + 0.05 * markings + 0.12 * hila) * (1 - self.pneumothorax)
+        img = 0.05 + 0.55 * body + 0.1 * spine * body + 0.12 * clavicles
+        img = img - self.lung_dark * lungs + texture * lungs - 0.12 * self.pneumothorax * lungs
+        img = img + self.add + 0.03 * _smooth_field(rng, size, 4)  # + uneven exposure
+        img = a.contrast * img + a.brightness + noise * rng.standard_normal((size, size), np.float32)
+        return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+# One function per disease: it adds a density to scene.add or changes the anatomy; `s` in (0, 1]
+# is the strength. Anatomy changes (cardiomegaly, emphysema) run before the density patterns.
+
+
+def _cardiomegaly(sc: _Scene, s: float) -> None:
+    sc.heart_w *= 1 + 0.55 * s
+    sc.heart_h *= 1 + 0.15 * s
+
+
+def _emphysema(sc: _Scene, s: float) -> None:
+    sc.lung_w *= 1 + 0.1 * s
+    sc.lung_h *= 1 + 0.12 * s  # flattened, lower diaphragm
+    sc.lung_dark += 0.12 * s  # hyperlucent
+
+
+def _atelectasis(sc: _Scene, s: float) -> None:
+    cx, cy, side = sc.random_lung_point(0.2, 0.65)
+    du, dv = _rotated(sc.u, sc.v, cx, cy, sc.rng.uniform(-0.4, 0.4))
+    band, _ = _ellipse(du, dv, 0.0, 0.0, 0.2, 0.055, edge=0.3)
+    sc.opacity += 0.9 * s * band * sc.lung(side)[0]
+
+
+def _effusion(sc: _Scene, s: float) -> None:
+    sides = (-1, 1) if sc.rng.random() < 0.3 else (int(sc.rng.choice((-1, 1))),)
+    for side in sides:
+        cx, cy, ax, ay = sc.lung_geometry(side)
+        level = cy + ay * (0.55 - 0.45 * s * sc.rng.uniform(0.7, 1.0))
+        # Meniscus: the fluid climbs the lateral chest wall.
+        lateral = np.clip(side * (sc.u - cx) / ax, 0, 1.2)
+        fluid = _sigmoid((sc.v - level + 0.25 * ay * lateral**2) * 40)
+        sc.opacity += s * fluid * sc.lung(side)[0]
+
+
+def _infiltration(sc: _Scene, s: float) -> None:
+    cx, cy, side = sc.random_lung_point(-0.4, 0.5)
+    patches = np.maximum(_smooth_field(sc.rng, sc.size, 9), 0)
+    window = _gauss(sc.u, sc.v, cx, cy, 0.2, 0.28)
+    sc.opacity += 0.65 * s * np.minimum(patches, 1.5) * window * sc.lung(side)[0]
+
+
+def _mass(sc: _Scene, s: float) -> None:
+    cx, cy, side = sc.random_lung_point(-0.6, 0.5)
+    r = sc.rng.uniform(0.1, 0.16)
+    sc.add += 0.32 * s * _blob(sc.u, sc.v, cx, cy, r, edge=0.3)
+
+
+def _nodule(sc: _Scene, s: float) -> None:
+    for _ in range(int(sc.rng.integers(1, 4))):
+        cx, cy, _side = sc.random_lung_point(-0.7, 0.6)
+        sc.add += 0.34 * s * _blob(sc.u, sc.v, cx, cy, sc.rng.uniform(0.045, 0.065), edge=0.4)
+
+
+def _pneumonia(sc: _Scene, s: float) -> None:
+    side = int(sc.rng.choice((-1, 1)))
+    cx, cy, ax, ay = sc.lung_geometry(side)
+    lower = sc.rng.random() < 0.7
+    # A lobe: the part of the lung beyond an oblique fissure, lower or upper.
+    edge_v = cy + sc.rng.uniform(-0.1, 0.2) * ay + 0.4 * side * (sc.u - cx) * (1 if lower else -1)
+    lobe = _sigmoid((sc.v - edge_v) * 25 * (1 if lower else -1))
+    texture = 0.75 + 0.25 * np.tanh(_smooth_field(sc.rng, sc.size, 8))
+    sc.opacity += 0.8 * s * lobe * texture * sc.lung(side)[0]
+
+
+def _pneumothorax(sc: _Scene, s: float) -> None:
+    side = int(sc.rng.choice((-1, 1)))
+    cx, cy, ax, ay = sc.lung_geometry(side)
+    # The collapsed lung pulls away from the apex and lateral wall towards the hilum.
+    shrink = 1 - 0.3 * s * sc.rng.uniform(0.7, 1.0)
+    collapsed, _ = _ellipse(sc.u, sc.v, cx - side * ax * (1 - shrink), cy + ay * (1 - shrink), ax * shrink, ay * shrink)
+    upper = _sigmoid((cy + 0.2 * ay - sc.v) * 20)
+    sc.pneumothorax = np.maximum(sc.pneumothorax, sc.lung(side)[0] * (1 - collapsed) * upper)
+
+
+def _consolidation(sc: _Scene, s: float) -> None:
+    cx, cy, side = sc.random_lung_point(-0.3, 0.6)
+    irregular = _sigmoid(_smooth_field(sc.rng, sc.size, 10) * 4 + 2)
+    core = _gauss(sc.u, sc.v, cx, cy, 0.14, 0.16)
+    sc.opacity += 1.1 * s * np.minimum(core * 1.6, 1) * irregular * sc.lung(side)[0]
+
+
+def _edema(sc: _Scene, s: float) -> None:
+    lungs = sc.both_lungs()
+    hila = _gauss(sc.u, sc.v, -0.3, 0.02, 0.2, 0.28) + _gauss(sc.u, sc.v, 0.3, 0.02, 0.2, 0.28)
+    sc.opacity += 0.7 * s * hila * lungs  # bilateral "bat wing" haze
+
+
+def _fibrosis(sc: _Scene, s: float) -> None:
+    warp = 0.07 * _smooth_field(sc.rng, sc.size, 8)
+    period = 0.14
+    lines_u = np.exp(-(np.sin(np.pi * (sc.u + warp) / period) ** 2) / 0.08)
+    lines_v = np.exp(-(np.sin(np.pi * (sc.v - warp) / period) ** 2) / 0.08)
+    mesh = np.maximum(lines_u, lines_v)
+    lungs = sc.both_lungs()
+    periphery = _sigmoid((np.abs(sc.u) - 0.35) * 15)  # fibrosis is peripheral and basal
+    sc.add += 0.25 * s * mesh * lungs * periphery * (0.6 + 0.4 * _sigmoid(sc.v * 6))
+
+
+def _pleural_thickening(sc: _Scene, s: float) -> None:
+    side = int(sc.rng.choice((-1, 1)))
+    cx, cy, ax, ay = sc.lung_geometry(side)
+    _, q = sc.lung(side)
+    r = np.sqrt(q)
+    rim = _sigmoid((r - 0.8) * 40) * _sigmoid((1.06 - r) * 40)
+    lateral = _sigmoid(side * (sc.u - cx) * 12) * _sigmoid((cy + 0.6 * ay - sc.v) * 10)
+    sc.add += 0.36 * s * rim * lateral
+
+
+def _hernia(sc: _Scene, s: float) -> None:
+    cx, cy = sc.rng.normal(0, 0.05), 0.48 + sc.rng.normal(0, 0.04)
+    r = sc.rng.uniform(0.1, 0.14)
+    sac = _blob(sc.u, sc.v, cx, cy, r, edge=0.2)
+    gas = _sigmoid((cy - 0.01 - sc.v) * 40)  # air-fluid level inside the herniated stomach
+    sc.add += s * sac * (0.15 - 0.4 * gas)
+
+
+_ANATOMY_CHANGES = {"Cardiomegaly": _cardiomegaly, "Emphysema": _emphysema}
+_DENSITIES = {
+    "Atelectasis": _atelectasis,
+    "Effusion": _effusion,
+    "Infiltration": _infiltration,
+    "Mass": _mass,
+    "Nodule": _nodule,
+    "Pneumonia": _pneumonia,
+    "Pneumothorax": _pneumothorax,
+    "Consolidation": _consolidation,
+    "Edema": _edema,
+    "Fibrosis": _fibrosis,
+    "Pleural_Thickening": _pleural_thickening,
+    "Hernia": _hernia,
+}
+assert set(_ANATOMY_CHANGES) | set(_DENSITIES) == set(CLASSES)
+
+
+def render_image(
+    labels: np.ndarray,
+    anatomy: Anatomy,
+    rng: np.random.Generator,
+    size: int = 128,
+    view: str = "PA",
+    invisible_fraction: float = 0.1,
+    noise: float = 0.03,
+) -> np.ndarray:
+    """Draw one chest X-ray showing the positive labels.
+
+    Args:
+        labels: (C,) multi-hot in CLASSES order.
+        anatomy: the patient's body.
+        rng: numpy generator (positions, strengths and noise come from it).
+        size: side in pixels.
+        view: "PA" or "AP" (AP magnifies the heart a little, as in real films).
+        invisible_fraction: chance that a positive label leaves no visible trace.
+        noise: pixel noise standard deviation in [0, 1] intensity units.
+
+    Returns:
+        (size, size) uint8 image.
+    """
+    sc = _Scene(size, anatomy, view, rng)
+    strengths = rng.uniform(0.3, 1.0, NUM_CLASSES) * (rng.random(NUM_CLASSES) >= invisible_fraction)
+    for table in (_ANATOMY_CHANGES, _DENSITIES):
+        for cls, draw in table.items():
+            i = _IDX[cls]
+            if labels[i] and strengths[i] > 0:
+                draw(sc, float(strengths[i]))
+    return sc.compose(noise)
+
+
+def render_images(labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs) -> np.ndarray:
+    """Draw (N, S, S) uint8 images for (N, C) labels, each with a fresh random patient."""
+    return np.stack([render_image(y, sample_anatomy(rng), rng, size, **kwargs) for y in labels])
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class _Metadata:
+    patient: np.ndarray  # (N,) patient id, 1-based like NIH
+    followup: np.ndarray  # (N,) 0-based follow-up number
+    labels: np.ndarray  # (N, C) uint8
+    age: np.ndarray  # (N,) years
+    gender: np.ndarray  # (N,) "M" / "F"
+    view: np.ndarray  # (N,) "PA" / "AP"
+    is_test: np.ndarray  # (N,) bool
+
+
+def sample_metadata(cfg: SyntheticConfig, rng: np.random.Generator) -> _Metadata:
+    """Patients, follow-ups, labels, demographics and split for every image."""
+    counts = followup_counts(cfg.num_images, cfg.num_patients, rng)  # (P,)
+    pidx = np.repeat(np.arange(cfg.num_patients), counts)  # (N,) 0-based patient index
+    followup = np.concatenate([np.arange(k) for k in counts])
+    labels = sample_labels(cfg.num_images, rng, groups=pidx, persistence=cfg.persistence)
+    base_age = np.clip(rng.normal(47, 17, cfg.num_patients), 1, 92)  # (P,)
+    years_per_visit = rng.uniform(0, 0.6, cfg.num_patients)
+    age = np.floor(base_age[pidx] + followup * years_per_visit[pidx]).astype(int)
+    gender = np.where(rng.random(cfg.num_patients) < 0.565, "M", "F")[pidx]
+    # Sick patients are more often filmed supine at the bedside (AP): ~40% AP overall, as in NIH.
+    p_ap = 0.32 + 0.18 * (labels.sum(1) > 0)
+    view = np.where(rng.random(cfg.num_images) < p_ap, "AP", "PA")
+    is_test = split_patients(counts, cfg.test_fraction, rng)[pidx]
+    return _Metadata(pidx + 1, followup, labels, age, gender, view, is_test)
+
+
+def _label_csv(meta: _Metadata, size: int) -> str:
+    spacing = f"{NIH_PIXEL_SPACING * NIH_IMAGE_SIZE / size:.3f}"
+    rows = [",".join(LABEL_CSV_HEADER)]
+    for i in range(len(meta.patient)):
+        rows.append(
+            f"{image_name(meta.patient[i], meta.followup[i])},{finding_labels(meta.labels[i])},"
+            f"{meta.followup[i]},{meta.patient[i]},{meta.age[i]},{meta.gender[i]},{meta.view[i]},"
+            f"{size},{size},{spacing},{spacing}"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    # Temp name + rename so a killed run never leaves a truncated PNG; no fsync per file, which
+    # would dominate the cost of thousands of small images.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
+    """Write a synthetic dataset in the NIH ChestX-ray14 layout under `out_dir`.
+
+    Args:
+        out_dir: destination; created if missing. Existing files of the same names are replaced.
+        cfg: sizes, seed and look.
+        progress: show a progress bar while drawing images.
+
+    Returns:
+        Summary: images, patients, per-split counts, "No Finding" and per-class image counts.
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    meta = sample_metadata(cfg, np.random.default_rng([cfg.seed, 0]))
+    patients = meta.patient - 1
+    anatomies = [sample_anatomy(r) for r in np.random.default_rng([cfg.seed, 1]).spawn(cfg.num_patients)]
+    names = [image_name(p, f) for p, f in zip(meta.patient, meta.followup)]
+    for i in tqdm(range(cfg.num_images), desc="synthetic images", unit="img", disable=not progress):
+        rng = np.random.default_rng([cfg.seed, 2, i])  # one stream per image: reproducible alone
+        img = render_image(
+            meta.labels[i], anatomies[patients[i]], rng, cfg.image_size, meta.view[i],
+            cfg.invisible_fraction, cfg.noise,
+        )
+        _save_png(images_dir / names[i], img)
+    # Lists and CSV last: a dataset whose label file exists is complete.
+    io.write_text(out_dir / TRAIN_VAL_LIST, "\n".join(n for n, t in zip(names, meta.is_test) if not t))
+    io.write_text(out_dir / TEST_LIST, "\n".join(n for n, t in zip(names, meta.is_test) if t))
+    io.write_text(out_dir / LABEL_CSV_NAMES[0], _label_csv(meta, cfg.image_size))
+    return {
+        "images": cfg.num_images,
+        "patients": cfg.num_patients,
+        "train_val_images": int((~meta.is_test).sum()),
+        "test_images": int(meta.is_test.sum()),
+        "test_patients": int(len(np.unique(patients[meta.is_test]))),
+        "image_size": cfg.image_size,
+        "no_finding": int((meta.labels.sum(1) == 0).sum()),
+        "class_counts": {c: int(n) for c, n in zip(CLASSES, meta.labels.sum(0))},
+    }

@@ -1,0 +1,197 @@
+"""Evaluation: score val/test with the best checkpoint, compute AUC with bootstrap CIs, thresholds,
+plots and the comparison with published ChestX-ray14 results."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import plots
+from .classes import CLASSES
+from .data.dataset import AugmentConfig, CachedImageDataset, build_loader
+from .io import save_dataframe, write_json, write_text
+from .metrics import (
+    average_precision, bootstrap_auc, mean_auc, pr_curve_points, roc_auc, roc_curve_points, select_thresholds, threshold_metrics,
+)
+from .models import load_bundle
+
+# Mean AUC on the official test split (DESIGN.md); CheXNet's random-split 0.841 is not comparable.
+PUBLISHED = (
+    ("Wang et al. 2017 (ResNet-50)", 0.745),
+    ("Yao et al. 2018", 0.761),
+    ("Baltruschat et al. 2019", 0.806),
+    ("Guendel et al. 2018", 0.807),
+    ("SwinCheX 2022", 0.810),
+    ("Guan & Huang 2020", 0.816),
+    ("Ma et al. 2019", 0.817),
+    ("XProtoNet 2021", 0.822),
+    ("Jin et al. 2023, dual-weighted metric loss (seed paper)", 0.826),
+    ("Xiao et al. 2023 (MAE ViT-B/16)", 0.830),
+)
+SEED_PAPER_AUC = 0.826
+
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate` in params.yaml."""
+
+    bootstrap_resamples: int = 1000
+    ci: float = 0.95
+    threshold_method: Literal["youden", "f1"] = "youden"
+    seed: int = 0
+    batch_size: int = 256
+    workers: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.bootstrap_resamples < 1:
+            raise ValueError("bootstrap_resamples must be >= 1")
+        if not 0 < self.ci < 1:
+            raise ValueError("ci must lie strictly between 0 and 1")
+
+
+@dataclass
+class SplitScores:
+    images: list[str]
+    y: np.ndarray  # (N, C) labels
+    probs: np.ndarray  # (N, C) sigmoid scores
+
+
+def score_split(model, prepared_dir: Path, split: str, crop_size: int, cfg: EvaluateConfig,
+                device: torch.device, progress: bool = True) -> SplitScores:
+    from .training.loop import predict
+
+    ds = CachedImageDataset(prepared_dir, split, AugmentConfig(crop_size=crop_size), train=False)
+    if len(ds) == 0:
+        raise ValueError(f"{prepared_dir}: the {split} split is empty; check the prepare step's split_stats.json")
+    loader = build_loader(ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed)
+    index, probs = predict(model, loader, device, progress=progress, desc=f"score {split}")
+    return SplitScores([ds.image_names[i] for i in index], ds.targets[index].astype(np.int8), probs)
+
+
+def predictions_frame(scores: SplitScores) -> pd.DataFrame:
+    df = pd.DataFrame(scores.probs, columns=list(CLASSES))
+    df.insert(0, "image", scores.images)
+    return df
+
+
+def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig,
+             progress: bool = True) -> dict:
+    """Write reports/metrics.json, per_class_auc.csv, thresholds.json, predictions and plots.
+
+    Thresholds are chosen on the validation split and applied unchanged to the test split.
+    """
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    model, bundle = load_bundle(model_path, device)
+    crop = int(bundle.get("crop_size", 224))
+    val = score_split(model, prepared_dir, "val", crop, cfg, device, progress)
+    test = score_split(model, prepared_dir, "test", crop, cfg, device, progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        boot = bootstrap_auc(test.y, test.probs, cfg.bootstrap_resamples, cfg.ci, cfg.seed)
+        val_mean = mean_auc(roc_auc(val.y, val.probs))
+        ap = average_precision(test.y, test.probs)
+        thresholds = select_thresholds(val.y, val.probs, cfg.threshold_method)
+        at_thr = threshold_metrics(test.y, test.probs, thresholds)
+    for w in caught:
+        print(f"[evaluate] warning: {w.message}")
+    metrics = _metrics_json(boot, ap, at_thr, test, val_mean, cfg, bundle)
+    table = _per_class_table(boot, ap, at_thr, test)
+    _write_reports(out_dir, metrics, table, thresholds, val, test, boot, ap, cfg)
+    return metrics
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle) -> dict:
+    return {
+        "mean_auc": _finite(boot["mean_auc"]),
+        "mean_auc_ci": [_finite(boot["mean_low"]), _finite(boot["mean_high"])],
+        "ci_level": cfg.ci,
+        "bootstrap_resamples": cfg.bootstrap_resamples,
+        "per_class_auc": {c: _finite(v) for c, v in zip(CLASSES, boot["auc"])},
+        "per_class_auc_ci": {c: [_finite(lo), _finite(hi)] for c, lo, hi in zip(CLASSES, boot["low"], boot["high"])},
+        "undefined_classes": [c for c, v in zip(CLASSES, boot["auc"]) if not np.isfinite(v)],
+        "mean_average_precision": _finite(np.nanmean(ap)) if np.isfinite(ap).any() else None,
+        "per_class_average_precision": {c: _finite(v) for c, v in zip(CLASSES, ap)},
+        "threshold_method": cfg.threshold_method,
+        "mean_sensitivity": _finite(np.nanmean(at_thr["sensitivity"])),
+        "mean_specificity": _finite(np.nanmean(at_thr["specificity"])),
+        "mean_f1": _finite(np.nanmean(at_thr["f1"])),
+        "val_mean_auc": _finite(val_mean_auc),
+        "test_images": len(test.images),
+        "checkpoint_epoch": bundle.get("epoch"),
+    }
+
+
+def _per_class_table(boot, ap, at_thr, test: SplitScores) -> pd.DataFrame:
+    return pd.DataFrame({
+        "class": list(CLASSES),
+        "auc": boot["auc"], "auc_low": boot["low"], "auc_high": boot["high"],
+        "average_precision": ap,
+        "threshold": at_thr["threshold"], "sensitivity": at_thr["sensitivity"],
+        "specificity": at_thr["specificity"], "precision": at_thr["precision"], "f1": at_thr["f1"],
+        "test_positives": test.y.sum(0).astype(int),
+    }).round(6)
+
+
+def comparison_markdown(metrics: dict) -> str:
+    """This run beside the published official-split results, the seed paper marked."""
+    ours = metrics["mean_auc"]
+    lo, hi = metrics["mean_auc_ci"]
+    rows = [(name, auc) for name, auc in PUBLISHED]
+    lines = ["| Method | Mean AUC |", "|---|---|"]
+    for name, auc in sorted(rows + [("**this run**", ours if ours is not None else float("nan"))], key=lambda r: r[1]):
+        mark = " **(seed paper)**" if auc == SEED_PAPER_AUC and "seed" in name else ""
+        value = f"{auc:.3f}" if name != "**this run**" else (
+            f"**{ours:.3f}** [{lo:.3f}, {hi:.3f}]" if ours is not None else "undefined")
+        lines.append(f"| {name}{mark} | {value} |")
+    lines += ["", "| Class | AUC (this run) | 95% CI |", "|---|---|---|"]
+    for c in CLASSES:
+        auc = metrics["per_class_auc"][c]
+        ci = metrics["per_class_auc_ci"][c]
+        lines.append(f"| {c} | {auc:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] |" if auc is not None else f"| {c} | undefined | |")
+    lines.append("")
+    lines.append("Published figures are mean AUC on the official ChestX-ray14 test split; the demo profile's "
+                 "synthetic data is not comparable to them.")
+    return "\n".join(lines) + "\n"
+
+
+def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, ap, cfg) -> None:
+    out_dir = Path(out_dir)
+    plot_dir = out_dir / "plots"
+    write_json(out_dir / "metrics.json", metrics)
+    save_dataframe(out_dir / "per_class_auc.csv", table)
+    write_json(out_dir / "thresholds.json", {
+        "method": cfg.threshold_method, "chosen_on": "val",
+        "thresholds": {c: float(t) for c, t in zip(CLASSES, thresholds)},
+    })
+    save_dataframe(out_dir / "predictions" / "test.parquet", predictions_frame(test))
+    save_dataframe(out_dir / "predictions" / "val.parquet", predictions_frame(val))
+    write_text(out_dir / "comparison.md", comparison_markdown(metrics))
+    plots.curve_grid(roc_curve_points(test.y, test.probs), boot["auc"], CLASSES, plot_dir / "roc.png", "roc")
+    plots.curve_grid(pr_curve_points(test.y, test.probs), ap, CLASSES, plot_dir / "pr.png", "pr")
+    calib = plots.calibration(test.y, test.probs, plot_dir / "calibration.png")
+    save_dataframe(plot_dir / "calibration.csv", pd.DataFrame(calib))
+    plots.per_class_bars(list(CLASSES), boot["auc"], boot["low"], boot["high"], plot_dir / "per_class_auc.png",
+                         reference=SEED_PAPER_AUC)
+    save_dataframe(plot_dir / "roc.csv", _roc_long(test))
+
+
+def _roc_long(test: SplitScores, points: int = 101) -> pd.DataFrame:
+    """ROC curves resampled at fixed FPRs, long format (class, fpr, tpr), for `dvc plots diff`."""
+    grid = np.linspace(0, 1, points)
+    rows = []
+    for c, (fpr, tpr) in zip(CLASSES, roc_curve_points(test.y, test.probs)):
+        if len(fpr):
+            rows.append(pd.DataFrame({"class": c, "fpr": grid, "tpr": np.interp(grid, fpr, tpr)}))
+    return pd.concat(rows, ignore_index=True).round(5) if rows else pd.DataFrame(columns=["class", "fpr", "tpr"])

@@ -1,0 +1,132 @@
+"""Models: a timm ConvNeXt backbone with the metric (prototype) head or a plain linear head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbone import BackboneConfig, create_backbone
+from .heads import LinearHead, MetricHead, ModelOutput
+
+
+@dataclass
+class ModelConfig:
+    """`train.model` in params.yaml."""
+
+    head: Literal["metric", "linear"] = "metric"
+    backbone: BackboneConfig = None  # type: ignore[assignment]  # filled in __post_init__
+    embed_dim: int = 128
+    hidden_dim: int = 512
+    init_scale: float = 8.0
+    learn_scale: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backbone is None:
+            self.backbone = BackboneConfig()
+
+    def validate(self) -> None:
+        if self.embed_dim < 2 or self.hidden_dim < 1:
+            raise ValueError("embed_dim must be >= 2 and hidden_dim >= 1")
+        if self.init_scale <= 0:
+            raise ValueError("init_scale must be > 0")
+
+
+class CxrNet(nn.Module):
+    """Backbone + head behind one interface: `forward(x) -> logits (B, C)`.
+
+    Input is the raw grayscale image, (B, 1, H, W) uint8 or float in [0, 1]; normalisation lives in
+    the model so that training, evaluation and the served pyfunc cannot disagree about it.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 1, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(self.normalize(x))  # (B, F, h, w)
+
+    def forward_head(self, feats: torch.Tensor, return_embeddings: bool = False):
+        pooled = self.backbone.forward_head(feats, pre_logits=True)  # (B, F)
+        out = self.head(pooled)
+        return out if return_embeddings else out.logits
+
+    def forward(self, x: torch.Tensor, return_embeddings: bool = False):
+        """Logits (B, C); with `return_embeddings` a ModelOutput (logits, embeddings, prototypes)."""
+        return self.forward_head(self.forward_features(x), return_embeddings)
+
+
+def build_model(cfg: ModelConfig, text_vectors: np.ndarray, prevalence: np.ndarray | None = None) -> CxrNet:
+    """Create the network.
+
+    Args:
+        cfg: model settings.
+        text_vectors: (C, E) frozen label vectors from the prototypes step (the metric head maps them
+            into the shared space; the linear head ignores them apart from C).
+        prevalence: (C,) training-split positive rates; starts each class's logit at its prior
+            so the first steps are not spent learning the imbalance.
+    """
+    backbone = create_backbone(cfg.backbone)
+    features = backbone.num_features
+    num_classes = text_vectors.shape[0]
+    if cfg.head == "metric":
+        head: nn.Module = MetricHead(
+            features, torch.as_tensor(text_vectors, dtype=torch.float32), cfg.embed_dim,
+            cfg.hidden_dim, cfg.init_scale, cfg.learn_scale,
+        )
+    else:
+        head = LinearHead(features, num_classes)
+    if prevalence is not None:
+        head.init_prior(torch.as_tensor(prevalence, dtype=torch.float32))
+    mean, std = backbone_norm(backbone)
+    return CxrNet(backbone, head, mean, std)
+
+
+def backbone_norm(backbone: nn.Module) -> tuple[float, float]:
+    """Single-channel mean/std: the average of the pretrained RGB statistics, as the stem sums RGB."""
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    return float(np.mean(mean)), float(np.mean(std))
+
+
+
+
+def model_from_bundle(bundle: dict, device: str | torch.device = "cpu") -> CxrNet:
+    """Rebuild the network saved by training (`best.pt`) in eval mode, without any download."""
+    from ..config import build
+
+    cfg = build(ModelConfig, bundle["model_config"], "model_config")
+    # the weights come from the bundle: never fetch pretrained ones for the skeleton
+    cfg.backbone.pretrained = False
+    cfg.backbone.checkpoint_path = None
+    model = build_model(cfg, np.asarray(bundle["text_vectors"]))
+    model.load_state_dict(bundle["model_state"])
+    return model.to(device).eval()
+
+
+def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]:
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the train step first (dvc repro train)")
+    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    return model_from_bundle(bundle, device), bundle
+
+
+__all__ = [
+    "BackboneConfig", "CxrNet", "LinearHead", "MetricHead", "ModelConfig", "ModelOutput", "build_model",
+    "load_bundle", "model_from_bundle",
+]

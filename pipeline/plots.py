@@ -1,0 +1,110 @@
+"""PNG figures for MLflow and DVC: training curves, ROC/PR grids, calibration, per-class AUC.
+
+Figures are drawn on an Agg canvas without pyplot's global state and saved atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .classes import readable_name
+from .io import atomic_open
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def training_curves(history, path: str | Path) -> None:
+    """Train loss and validation mean AUC per epoch (history: DataFrame with those columns)."""
+    fig = _figure(10, 3.6)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(history["epoch"], history["train_loss"], marker="o")
+    ax1.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    ax2.plot(history["epoch"], history["val_mean_auc"], marker="o", color="tab:green")
+    ax2.set(xlabel="epoch", ylabel="mean AUC", title="Validation mean AUC")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def curve_grid(curves: Sequence[tuple[np.ndarray, np.ndarray]], values: Sequence[float], classes: Sequence[str],
+               path: str | Path, kind: str) -> None:
+    """One small panel per class: ROC (kind='roc', FPR/TPR) or PR (kind='pr', recall/precision)."""
+    cols = 5
+    rows = math.ceil(len(classes) / cols)
+    fig = _figure(3.0 * cols, 2.8 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    label = "AUC" if kind == "roc" else "AP"
+    for ax, (x, y), value, name in zip(axes, curves, values, classes):
+        ax.plot(x, y, lw=1.5)
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+        ax.set_title(f"{readable_name(name)}\n{label} {value:.3f}" if np.isfinite(value) else
+                     f"{readable_name(name)}\n{label} undefined", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(classes):]:
+        ax.axis("off")
+    xlabel, ylabel = ("false positive rate", "true positive rate") if kind == "roc" else ("recall", "precision")
+    fig.supxlabel(xlabel)
+    fig.supylabel(ylabel)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def calibration(y: np.ndarray, scores: np.ndarray, path: str | Path, bins: int = 10) -> list[dict]:
+    """Reliability diagram pooled over classes; returns the bin table (for a DVC plot)."""
+    y, s = y.ravel(), scores.ravel()
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            rows.append({"bin": b, "mean_predicted": float(s[mask].mean()),
+                         "fraction_positive": float(y[mask].mean()), "count": int(mask.sum())})
+    fig = _figure(4.5, 4.5)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.plot([r["mean_predicted"] for r in rows], [r["fraction_positive"] for r in rows], marker="o")
+    ax.set(xlabel="mean predicted probability", ylabel="fraction positive",
+           title="Calibration (all classes pooled)", xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return rows
+
+
+def per_class_bars(names: Sequence[str], values: np.ndarray, low: np.ndarray, high: np.ndarray,
+                   path: str | Path, reference: float | None = None) -> None:
+    """Per-class AUC with its confidence interval; a dashed line at `reference` (e.g. the paper's mean)."""
+    fig = _figure(9, 4.2)
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    err = np.vstack([values - low, high - values])
+    ax.bar(x, values, yerr=np.nan_to_num(err), capsize=3, color="tab:blue", alpha=0.8)
+    if reference is not None:
+        ax.axhline(reference, ls="--", color="tab:red", lw=1, label=f"paper mean {reference:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_xticks(x, [readable_name(n) for n in names], rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="ROC AUC", ylim=(0.4, 1.0), title="Test AUC per class (95% bootstrap CI)")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,114 @@
+"""The MLflow pyfunc: images in, 14 probabilities and thresholded labels out.
+
+Preprocessing (8-bit grayscale, resize to the training cache size, centre crop), the network, the
+label prototypes, the class names and the validation thresholds all travel inside the logged model:
+    model = mlflow.pyfunc.load_model("models:/cxr-dwml@champion")
+    model.predict(pd.DataFrame({"image": [png_bytes, ...]}))
+Accepted inputs: a DataFrame with an `image` column of PNG/JPEG bytes (base64 text when served over
+JSON) or uint8 arrays (H, W); a list of those; or a uint8 ndarray (N, H, W) / (H, W).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+BUNDLE, THRESHOLDS = "bundle", "thresholds"
+LABELS_COLUMN = "labels"
+
+
+def decode_image(value: Any, size: int) -> np.ndarray:
+    """PNG/JPEG bytes, base64 text or a uint8 array -> (size, size) uint8, as the cache does it."""
+    from PIL import Image
+
+    from pipeline.data.cache import load_image, to_uint8_gray
+
+    if isinstance(value, str):
+        value = base64.b64decode(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return load_image(io.BytesIO(bytes(value)), size)
+    array = np.asarray(value)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        image = Image.fromarray(array.astype(np.uint8))
+    elif array.ndim == 2:
+        image = Image.fromarray(array)
+    else:
+        raise ValueError(f"an image array must be (H, W) or (H, W, 3|4), got shape {array.shape}")
+    image = to_uint8_gray(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def as_image_list(model_input: Any) -> list[Any]:
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input.columns:
+            raise ValueError(f"input DataFrame needs an 'image' column; got {list(model_input.columns)}")
+        return list(model_input["image"])
+    if isinstance(model_input, np.ndarray):
+        return [model_input] if model_input.ndim == 2 else list(model_input)
+    if isinstance(model_input, dict) and "image" in model_input:
+        return list(np.atleast_1d(model_input["image"]))
+    return list(model_input)
+
+
+class Predictor:
+    """The network and its preprocessing, usable with or without MLflow."""
+
+    def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu") -> None:
+        import torch
+
+        from pipeline.data.dataset import AugmentConfig, eval_transform
+        from pipeline.models import model_from_bundle
+
+        self.classes = list(bundle["classes"])
+        self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
+        self.crop = eval_transform(AugmentConfig(crop_size=int(bundle.get("crop_size", self.image_size))))
+        self.model = model_from_bundle(bundle, device)
+        self.device = device
+        self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])
+        self._torch = torch
+
+    def probabilities(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
+        torch = self._torch
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = [self.crop(torch.from_numpy(decode_image(v, self.image_size)).unsqueeze(0))
+                     for v in images[i:i + batch_size]]
+            with torch.inference_mode():
+                logits = self.model(torch.stack(batch).to(self.device))  # (B, C)
+            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
+
+    def frame(self, probs: np.ndarray) -> pd.DataFrame:
+        df = pd.DataFrame(probs, columns=self.classes)
+        positive = probs >= self.thresholds
+        df[LABELS_COLUMN] = ["|".join(c for c, p in zip(self.classes, row) if p) or "No Finding" for row in positive]
+        return df
+
+
+try:
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # serving without MLflow installed still has Predictor
+    PythonModel = object  # type: ignore[misc,assignment]
+
+
+class CxrDwmlModel(PythonModel):
+    """MLflow pyfunc wrapper around Predictor."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        bundle = torch.load(context.artifacts[BUNDLE], map_location="cpu", weights_only=False)
+        with open(context.artifacts[THRESHOLDS], encoding="utf-8") as f:
+            thresholds = json.load(f)["thresholds"]
+        self.predictor = Predictor(bundle, thresholds, "cuda" if torch.cuda.is_available() else "cpu")
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        images = as_image_list(model_input)
+        return self.predictor.frame(self.predictor.probabilities(images))

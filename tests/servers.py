@@ -1,0 +1,185 @@
+"""Real servers on 127.0.0.1 for tests: a static file server with byte ranges, and moto's S3.
+
+    with FileServer(folder) as server:
+        server.cut_once("images_001.tar.gz", after=1000)  # the next GET dies after 1000 bytes
+        requests.get(f"{server.url}/images_001.tar.gz")
+
+    with moto_s3() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import socket
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # relative to the served folder, e.g. "images_001.tar.gz"
+    range: str | None  # the Range header, e.g. "bytes=1000-"
+    status: int
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serve a folder over HTTP/1.1 with `Range: bytes=a-b` (206/416) and injectable failures.
+
+    Every request is recorded in `requests`. `cut_once` makes the next GET of a file send its
+    headers, then only the first bytes, then drop the connection (an interrupted transfer);
+    `fail_once` answers the next GETs of a file with an error status.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0):
+        super().__init__((host, port), _Handler)
+        self.root = Path(root).resolve()
+        self.requests: list[Request] = []
+        self._cuts: dict[str, int] = {}
+        self._failures: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+    def cut_once(self, path: str, after: int) -> None:
+        with self._lock:
+            self._cuts[path] = after
+
+    def fail_once(self, path: str, status: int = 503, times: int = 1) -> None:
+        with self._lock:
+            self._failures[path] = [status] * times
+
+    def gets(self, path: str) -> list[Request]:
+        """The GET requests of one file so far."""
+        with self._lock:
+            return [r for r in self.requests if r.method == "GET" and r.path == path]
+
+    def start(self) -> FileServer:
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> FileServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _record(self, request: Request) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _take_failure(self, path: str) -> int | None:
+        with self._lock:
+            pending = self._failures.get(path)
+            return pending.pop() if pending else None
+
+    def _take_cut(self, path: str) -> int | None:
+        with self._lock:
+            return self._cuts.pop(path, None)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like real servers; a cut must drop the socket
+    server: FileServer
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def log_message(self, format: str, *args) -> None:  # keep test output quiet
+        pass
+
+    def _serve(self, body: bool) -> None:
+        rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+        header = self.headers.get("Range")
+        status = self.server._take_failure(rel) if body else None
+        path = (self.server.root / rel).resolve()
+        if status is None and (not path.is_file() or self.server.root not in path.parents):
+            status = 404
+        if status is not None:
+            self.server._record(Request(self.command, rel, header, status))
+            self._send_empty(status)
+            return
+        size = path.stat().st_size
+        first, last = _parse_range(header, size)
+        if first >= size and header:
+            self.server._record(Request(self.command, rel, header, 416))
+            self._send_empty(416, {"Content-Range": f"bytes */{size}"})
+            return
+        status = 206 if header else 200
+        self.server._record(Request(self.command, rel, header, status))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(last - first + 1))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self.end_headers()
+        if body:
+            self._send_body(path, first, last - first + 1, self.server._take_cut(rel))
+
+    def _send_body(self, path: Path, first: int, length: int, cut: int | None) -> None:
+        with open(path, "rb") as f:
+            f.seek(first)
+            if cut is None:
+                shutil.copyfileobj(f, self.wfile, length=length)
+                return
+            self.wfile.write(f.read(min(cut, length)))
+            self.wfile.flush()
+        # Drop the connection mid-body, as a reset link or a killed proxy would.
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send_empty(self, status: int, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int]:
+    """(first, last) byte of `Range: bytes=a-b`, `bytes=a-` or `bytes=-n`; the whole file if none."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header or "")
+    if not match or match.groups() == ("", ""):
+        return 0, size - 1
+    a, b = match.groups()
+    if a == "":  # the last b bytes
+        return max(size - int(b), 0), size - 1
+    return int(a), min(int(b), size - 1) if b else size - 1
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on a free loopback port; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

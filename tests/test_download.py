@@ -1,0 +1,439 @@
+"""The download step against real loopback servers: an HTTP file server and moto's S3 server.
+
+The dataset is a miniature NIH release: a few small PNGs packed into `images_00N.tar.gz` archives
+(members `images/<name>.png`), a label CSV and the two split lists, with the archives' real MD5s
+passed in the config as the published ones would be.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.classes import LABEL_CSV_HEADER, TEST_LIST, TRAIN_VAL_LIST, image_name
+from pipeline.config import ConfigError, build
+from pipeline.data import sources
+from pipeline.data.archives import UnsafeArchiveError
+from pipeline.data.download import (MANIFEST, DownloadConfig, NIHConfig, S3Config, archive_name,
+                                    fetch)
+from pipeline.data.sources import DownloadError
+from tests.servers import FileServer, moto_s3
+
+LABEL_CSV = "Data_Entry_2017_v2020.csv"
+IMAGES_PER_ARCHIVE = 3
+ARCHIVES = 2
+
+
+@dataclass
+class Release:
+    """A miniature NIH release on disk."""
+
+    root: Path  # archives + metadata side by side, as the HTTP mirror serves them
+    images: dict[str, bytes]  # image name -> PNG bytes
+    members: dict[str, list[str]]  # archive name -> image names it holds
+    md5: list[str]  # the archives' MD5s, archive 1 first
+
+    def expected_manifest(self) -> dict[str, dict]:
+        files = {f"images/{n}": data for n, data in self.images.items()}
+        for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+            files[name] = (self.root / name).read_bytes()
+        return {k: {"md5": hashlib.md5(v).hexdigest(), "size": len(v)} for k, v in sorted(files.items())}
+
+
+def _png(rng: np.random.Generator) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8), mode="L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_archive(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            _add(tar, name, data)
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _write_metadata(folder: Path, names: list[str]) -> None:
+    rows = [",".join(LABEL_CSV_HEADER)]
+    rows += [f"{n},No Finding,0,{int(n[:8])},50,M,PA,1024,1024,0.143,0.143" for n in names]
+    (folder / LABEL_CSV).write_text("\n".join(rows) + "\n")
+    # NIH's list files have no trailing newline.
+    (folder / TRAIN_VAL_LIST).write_text("\n".join(names[:-2]))
+    (folder / TEST_LIST).write_text("\n".join(names[-2:]))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Release:
+    root = tmp_path_factory.mktemp("release")
+    rng = np.random.default_rng(0)
+    images, members, md5 = {}, {}, []
+    for a in range(1, ARCHIVES + 1):
+        names = [image_name(a * 10 + i, 0) for i in range(IMAGES_PER_ARCHIVE)]
+        data = {n: _png(rng) for n in names}
+        images.update(data)
+        members[archive_name(a)] = names
+        md5.append(_write_archive(root / archive_name(a), {f"images/{n}": d for n, d in data.items()}))
+    _write_metadata(root, list(images))
+    return Release(root, images, members, md5)
+
+
+@pytest.fixture
+def server(release):
+    with FileServer(release.root) as s:
+        yield s
+
+
+def _cfg(source: str, release: Release, **kwargs) -> DownloadConfig:
+    defaults = dict(nih=NIHConfig(md5=list(release.md5)), workers=2, retries=2, backoff_s=0.01,
+                    timeout_s=5)
+    return DownloadConfig(source=source, **{**defaults, **kwargs})
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / MANIFEST).read_text())
+
+
+def _assert_complete(out: Path, release: Release) -> None:
+    """The folder holds exactly the release, byte for byte, and its manifest says so."""
+    for name, data in release.images.items():
+        assert (out / "images" / name).read_bytes() == data, name
+    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+        assert (out / name).read_bytes() == (release.root / name).read_bytes(), name
+    assert _manifest(out) == release.expected_manifest()
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+def test_http_download_verifies_and_extracts(server, release, tmp_path):
+    out = tmp_path / "raw"
+    summary = fetch(_cfg(server.url, release), out, progress=False)
+    _assert_complete(out, release)
+    assert summary["files"] == len(release.images) + 3
+    assert summary["archives_fetched"] == [archive_name(1), archive_name(2)]
+    assert summary["transferred_bytes"] >= sum((release.root / archive_name(a)).stat().st_size
+                                               for a in (1, 2))
+    assert "MB/s" in summary["line"]
+    assert not (out / "archives").exists()  # verified, extracted, deleted
+
+
+def test_http_keep_archives(server, release, tmp_path):
+    out = tmp_path / "raw"
+    fetch(_cfg(server.url, release, keep_archives=True), out, progress=False)
+    kept = _manifest(out)[f"archives/{archive_name(1)}"]
+    assert kept["md5"] == release.md5[0]
+
+
+def test_interrupted_transfer_resumes_with_range(server, release, tmp_path):
+    name = archive_name(1)
+    cut = (release.root / name).stat().st_size // 2
+    server.cut_once(name, after=cut)
+    out = tmp_path / "raw"
+    fetch(_cfg(server.url, release), out, progress=False)
+    gets = server.gets(name)
+    assert [g.range for g in gets] == [None, f"bytes={cut}-"]
+    assert [g.status for g in gets] == [200, 206]
+    _assert_complete(out, release)
+
+
+def test_partial_file_from_a_killed_run_resumes(server, release, tmp_path):
+    name = archive_name(2)
+    data = (release.root / name).read_bytes()
+    out = tmp_path / "raw"
+    (out / "archives").mkdir(parents=True)
+    (out / "archives" / f"{name}.part").write_bytes(data[:1000])
+    fetch(_cfg(server.url, release), out, progress=False)
+    assert [g.range for g in server.gets(name)] == ["bytes=1000-"]
+    _assert_complete(out, release)
+
+
+def test_transient_errors_are_retried(server, release, tmp_path):
+    name = archive_name(2)
+    server.fail_once(name, status=503, times=2)
+    fetch(_cfg(server.url, release), tmp_path / "raw", progress=False)
+    assert [g.status for g in server.gets(name)] == [503, 503, 200]
+
+
+def test_retries_give_up_naming_the_url(server, release, tmp_path):
+    name = archive_name(1)
+    server.fail_once(name, status=502, times=10)
+    with pytest.raises(DownloadError, match=rf"{server.url}/{name}: giving up after 2 retries"):
+        fetch(_cfg(server.url, release, workers=1), tmp_path / "raw", progress=False)
+    assert len(server.gets(name)) == 3
+
+
+def test_client_errors_are_not_retried(server, release, tmp_path):
+    cfg = _cfg(server.url, release, nih=NIHConfig(md5=[*release.md5, "0" * 32]))
+    with pytest.raises(DownloadError, match=rf"{archive_name(3)}: HTTP 404"):
+        fetch(cfg, tmp_path / "raw", progress=False)
+    assert [g.status for g in server.gets(archive_name(3))] == [404]
+
+
+def test_corrupt_archive_is_rejected_and_not_extracted(server, release, tmp_path):
+    bad = "0123456789abcdef0123456789abcdef"
+    cfg = _cfg(server.url, release, nih=NIHConfig(md5=[release.md5[0], bad]), workers=1)
+    out = tmp_path / "raw"
+    with pytest.raises(DownloadError, match=rf"{archive_name(2)}: MD5 {release.md5[1]} does not "
+                                            rf"match the published {bad}"):
+        fetch(cfg, out, progress=False)
+    for image in release.members[archive_name(2)]:
+        assert not (out / "images" / image).exists()
+    assert not (out / "archives" / archive_name(2)).exists()
+    assert (out / "archives" / f"{archive_name(2)}.corrupt").exists()  # kept aside to inspect
+    assert not (out / MANIFEST).exists()
+
+
+def _unsafe_member(kind: str, outside: Path) -> tarfile.TarInfo:
+    if kind == "dotdot":
+        info = tarfile.TarInfo("images/../../../escaped.txt")
+    elif kind == "absolute":
+        info = tarfile.TarInfo(str(outside / "absolute.txt"))
+    elif kind == "symlink":
+        info = tarfile.TarInfo("images/link.png")
+        info.type, info.linkname = tarfile.SYMTYPE, str(outside / "target.txt")
+    elif kind == "hardlink":
+        info = tarfile.TarInfo("images/hard.png")
+        info.type, info.linkname = tarfile.LNKTYPE, "images/00000010_000.png"
+    elif kind == "device":
+        info = tarfile.TarInfo("images/dev.png")
+        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    else:
+        info = tarfile.TarInfo("images/fifo.png")
+        info.type = tarfile.FIFOTYPE
+    info.size = 5 if info.isfile() else 0
+    return info
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device", "fifo"])
+def test_unsafe_archive_members_are_refused(release, tmp_path, kind):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+        (root / name).write_bytes((release.root / name).read_bytes())
+    good = {f"images/{n}": release.images[n] for n in release.members[archive_name(1)]}
+    member = _unsafe_member(kind, outside)
+    md5 = _write_archive(root / archive_name(1), good, [member])
+    out = tmp_path / "a" / "b" / "raw"
+
+    def outside_target() -> list[Path]:
+        return sorted(p for p in tmp_path.rglob("*")
+                      if p != out and out not in p.parents and p not in out.parents)
+
+    before = outside_target()
+    with FileServer(root) as server:
+        cfg = _cfg(server.url, release, nih=NIHConfig(md5=[md5]))
+        with pytest.raises(UnsafeArchiveError, match=f"member '{member.name}'"):
+            fetch(cfg, out, progress=False)
+    assert outside_target() == before  # nothing written outside the target
+    assert not list((out / "images").glob("*")) if (out / "images").exists() else True
+    assert not [p for p in out.rglob("*") if "escaped" in p.name or "absolute" in p.name]
+    assert not list((out / ".fetch").glob("extract-*"))  # the scratch folder is gone
+
+
+def test_rerun_skips_completed_and_refetches_what_is_missing(server, release, tmp_path):
+    out = tmp_path / "raw"
+    cfg = _cfg(server.url, release)
+    fetch(cfg, out, progress=False)
+    first = (out / MANIFEST).read_bytes()
+    n = len(server.requests)
+
+    summary = fetch(cfg, out, progress=False)
+    assert server.requests[n:] == []  # nothing asked of the server
+    assert summary["archives_skipped"] == [archive_name(1), archive_name(2)]
+    assert summary["transferred_bytes"] == 0
+    assert (out / MANIFEST).read_bytes() == first
+
+    # A file gone since: its archive is fetched and extracted again, the other one is not.
+    (out / "images" / release.members[archive_name(2)][0]).unlink()
+    summary = fetch(cfg, out, progress=False)
+    assert summary["archives_fetched"] == [archive_name(2)]
+    assert [g.path for g in server.requests[n:]] == [archive_name(2)]
+    _assert_complete(out, release)
+
+
+def test_nih_source_needs_metadata_url():
+    with pytest.raises(ConfigError, match=r"download.*metadata_url is empty.*set "
+                                          r"download.nih.metadata_url"):
+        build(DownloadConfig, {"source": "nih"}, "download")
+
+
+def test_nih_source_fetches_box_urls_and_local_metadata(server, release, tmp_path):
+    """NIH's archives come from a URL template with ids; here the template points at loopback."""
+    for a in (1, 2):  # serve each archive under an id, as Box does
+        os.link(release.root / archive_name(a), server.root / f"id{a}.gz")
+    try:
+        nih = NIHConfig(box_ids=["id1", "id2"], md5=list(release.md5),
+                        base_url=f"{server.url}/{{id}}.gz", metadata_url=str(release.root))
+        out = tmp_path / "raw"
+        fetch(_cfg("nih", release, nih=nih), out, progress=False)
+        _assert_complete(out, release)
+        assert {g.path for g in server.requests} == {"id1.gz", "id2.gz"}
+    finally:
+        for a in (1, 2):
+            (server.root / f"id{a}.gz").unlink()
+
+
+def test_config_from_params_mapping(tmp_path):
+    cfg = build(DownloadConfig, {"source": "s3://bucket/prefix", "workers": 8,
+                                 "s3": {"endpoint_url": "http://127.0.0.1:9000", "anonymous": True},
+                                 "nih": {"archives": [1, 2]}}, "download")
+    assert cfg.s3 == S3Config(endpoint_url="http://127.0.0.1:9000", anonymous=True)
+    assert [name for _, name, _ in cfg.nih.selected()] == [archive_name(1), archive_name(2)]
+    with pytest.raises(ConfigError, match=r"download.nih.*archives \[13\] outside 1..12"):
+        build(DownloadConfig, {"nih": {"archives": [13]}}, "download")
+    with pytest.raises(ConfigError, match="is not 'synthetic'"):
+        build(DownloadConfig, {"source": str(tmp_path / "nowhere")}, "download")
+
+
+# --- S3 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _bucket(endpoint: str, name: str, files: dict[str, bytes], public: bool = False) -> None:
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=name)
+    if public:
+        s3.put_bucket_policy(Bucket=name, Policy=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": "*",
+                           "Action": ["s3:GetObject", "s3:ListBucket"],
+                           "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]}],
+        }))
+    for key, data in files.items():
+        s3.put_object(Bucket=name, Key=key, Body=data)
+
+
+def _metadata(release: Release) -> dict[str, bytes]:
+    return {n: (release.root / n).read_bytes() for n in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST)}
+
+
+def test_s3_archives_with_credentials(s3_endpoint, aws_credentials, release, tmp_path):
+    files = {f"mirrors/nih/{n}": d for n, d in _metadata(release).items()}
+    for a in (1, 2):
+        files[f"mirrors/nih/{archive_name(a)}"] = (release.root / archive_name(a)).read_bytes()
+    _bucket(s3_endpoint, "archive-mirror", files)
+    out = tmp_path / "raw"
+    cfg = _cfg("s3://archive-mirror/mirrors/nih", release, s3=S3Config(endpoint_url=s3_endpoint))
+    summary = fetch(cfg, out, progress=False)
+    _assert_complete(out, release)
+    assert summary["archives_fetched"] == [archive_name(1), archive_name(2)]
+
+
+def test_s3_partial_archive_resumes_with_range(s3_endpoint, aws_credentials, release, tmp_path):
+    files = {f"nih/{n}": d for n, d in _metadata(release).items()}
+    for a in (1, 2):
+        files[f"nih/{archive_name(a)}"] = (release.root / archive_name(a)).read_bytes()
+    _bucket(s3_endpoint, "resume-mirror", files)
+    out = tmp_path / "raw"
+    (out / "archives").mkdir(parents=True)
+    data = (release.root / archive_name(1)).read_bytes()
+    (out / "archives" / f"{archive_name(1)}.part").write_bytes(data[:1000])
+    summary = fetch(_cfg("s3://resume-mirror/nih", release, s3=S3Config(endpoint_url=s3_endpoint)),
+                    out, progress=False)
+    _assert_complete(out, release)
+    metadata_bytes = sum(len(d) for d in _metadata(release).values())
+    archive_bytes = sum((release.root / archive_name(a)).stat().st_size for a in (1, 2))
+    assert summary["transferred_bytes"] == metadata_bytes + archive_bytes - 1000
+
+
+def test_s3_anonymous_extracted_images(s3_endpoint, aws_credentials, monkeypatch, release,
+                                       tmp_path):
+    files = {f"public/{n}": d for n, d in _metadata(release).items()}
+    files.update({f"public/images/{n}": d for n, d in release.images.items()})
+    _bucket(s3_endpoint, "public-mirror", files, public=True)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    out = tmp_path / "raw"
+    signed = _cfg("s3://public-mirror/public", release, s3=S3Config(endpoint_url=s3_endpoint))
+    with pytest.raises(DownloadError, match="set download.s3.anonymous: true"):
+        fetch(signed, out, progress=False)
+
+    cfg = _cfg("s3://public-mirror/public", release,
+               s3=S3Config(endpoint_url=s3_endpoint, anonymous=True))
+    summary = fetch(cfg, out, progress=False)
+    _assert_complete(out, release)
+    assert summary["objects_fetched"] == len(release.images)
+    again = fetch(cfg, out, progress=False)  # size and ETag match: nothing is fetched
+    assert (again["objects_fetched"], again["objects_skipped"]) == (0, len(release.images))
+
+
+def test_s3_missing_bucket_is_a_clear_error(s3_endpoint, aws_credentials, release, tmp_path):
+    cfg = _cfg("s3://no-such-bucket/nih", release, s3=S3Config(endpoint_url=s3_endpoint))
+    with pytest.raises(DownloadError, match=r"bucket 'no-such-bucket' does not exist"):
+        fetch(cfg, tmp_path / "raw", progress=False)
+
+
+# --- local folder and synthetic ---------------------------------------------------------------
+
+
+def test_local_folder_is_hard_linked(release, tmp_path):
+    src = tmp_path / "nih"
+    (src / "images").mkdir(parents=True)
+    for name, data in release.images.items():
+        (src / "images" / name).write_bytes(data)
+    _write_metadata(src, list(release.images))
+    out = tmp_path / "raw"
+    summary = fetch(_cfg(str(src), release), out, progress=False)
+    _assert_complete(out, release)
+    assert summary["images_linked"] == len(release.images)
+    for name in release.images:
+        assert (out / "images" / name).stat().st_ino == (src / "images" / name).stat().st_ino
+    assert fetch(_cfg(str(src), release), out, progress=False)["images_skipped"] == len(release.images)
+
+
+def test_local_folder_of_archives_is_verified_and_extracted(release, tmp_path):
+    out = tmp_path / "raw"
+    summary = fetch(_cfg(str(release.root), release), out, progress=False)
+    _assert_complete(out, release)
+    assert summary["archives_fetched"] == [archive_name(1), archive_name(2)]
+    assert (release.root / archive_name(1)).exists()  # the source is never moved or deleted
+
+
+def test_copy_when_hard_links_fail(monkeypatch, tmp_path):
+    src = tmp_path / "a.png"
+    src.write_bytes(b"png")
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    assert sources.link_or_copy(src, tmp_path / "out" / "a.png") is False
+    assert (tmp_path / "out" / "a.png").read_bytes() == b"png"
+    assert (tmp_path / "out" / "a.png").stat().st_ino != src.stat().st_ino

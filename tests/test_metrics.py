@@ -1,0 +1,292 @@
+"""Metrics against scikit-learn, bootstrap coverage on a distribution with known AUC, thresholds."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from pipeline.classes import CLASSES
+from pipeline.config import ConfigError, build
+from pipeline.metrics import (
+    BootstrapConfig,
+    UndefinedMetricWarning,
+    average_precision,
+    bootstrap_auc,
+    mean_auc,
+    paired_bootstrap_delta,
+    pr_curve_points,
+    resample_counts,
+    roc_auc,
+    roc_curve_points,
+    select_thresholds,
+    threshold_metrics,
+    validation_threshold_metrics,
+    weighted_roc_auc,
+)
+
+
+def _predictions(seed: int, n: int = 400, c: int = 5, tied: bool = False):
+    """Labels with prevalences 5..40% and scores that carry some signal; (N, C) each."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, c)) < np.linspace(0.05, 0.4, c)).astype(np.int64)
+    scores = rng.normal(size=(n, c)) + 0.8 * y
+    if tied:  # a handful of distinct values: large tie groups across both labels
+        scores = np.round(scores)
+    return y, scores
+
+
+def _sklearn_per_class(metric, y, scores, **kwargs) -> np.ndarray:
+    return np.array([metric(y[:, c], scores[:, c], **kwargs) for c in range(y.shape[1])])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roc_auc_matches_sklearn(seed, tied):
+    y, scores = _predictions(seed, tied=tied)
+    ours = roc_auc(y, scores)
+    assert ours.shape == (y.shape[1],)
+    np.testing.assert_allclose(ours, _sklearn_per_class(roc_auc_score, y, scores), rtol=0, atol=1e-9)
+
+
+def test_roc_auc_all_tied_is_one_half():
+    y = np.array([[0], [1], [0], [1]])
+    assert roc_auc(y, np.full((4, 1), 0.3))[0] == 0.5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_average_precision_matches_sklearn(tied):
+    y, scores = _predictions(2, tied=tied)
+    expected = _sklearn_per_class(average_precision_score, y, scores)
+    np.testing.assert_allclose(average_precision(y, scores), expected, rtol=0, atol=1e-9)
+
+
+def test_average_precision_nan_without_positives():
+    y, scores = _predictions(3, c=3)
+    y[:, 1] = 0
+    ap = average_precision(y, scores)
+    assert np.isnan(ap[1]) and np.isfinite(ap[[0, 2]]).all()
+
+
+def test_undefined_class_is_nan_and_left_out_of_the_mean_with_a_warning():
+    y, scores = _predictions(4, c=len(CLASSES))
+    y[:, CLASSES.index("Hernia")] = 0  # no positives
+    y[:, CLASSES.index("Pneumonia")] = 1  # no negatives
+    per_class = roc_auc(y, scores)
+    undefined = [CLASSES.index("Pneumonia"), CLASSES.index("Hernia")]
+    assert np.isnan(per_class[undefined]).all()
+    assert np.isfinite(np.delete(per_class, undefined)).all()
+    with pytest.warns(UndefinedMetricWarning, match="Pneumonia, Hernia") as record:
+        mean = mean_auc(per_class)
+    assert "12 of 14" in str(record[0].message)
+    assert mean == pytest.approx(np.delete(per_class, undefined).mean(), abs=1e-12)
+
+
+def test_mean_auc_names_classes_by_index_when_not_the_canonical_fourteen():
+    with pytest.warns(UndefinedMetricWarning, match="class 1"):
+        assert mean_auc(np.array([0.6, np.nan, 0.8])) == pytest.approx(0.7)
+    with pytest.warns(UndefinedMetricWarning):
+        assert math.isnan(mean_auc(np.array([np.nan, np.nan])))
+
+
+def test_mean_auc_is_silent_when_every_class_is_defined():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mean_auc(np.array([0.5, 1.0])) == 0.75
+
+
+def test_bad_inputs_are_rejected_with_a_reason():
+    y, scores = _predictions(5, c=2)
+    with pytest.raises(ValueError, match="one shape"):
+        roc_auc(y, scores[:, :1])
+    with pytest.raises(ValueError, match="0 or 1"):
+        roc_auc(y * 2, scores)
+    scores[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc(y, scores)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weighted_auc_with_all_ones_equals_plain_auc(tied):
+    y, scores = _predictions(6, tied=tied)
+    weighted = weighted_roc_auc(y, scores, np.ones(y.shape[0], dtype=np.uint8))
+    np.testing.assert_allclose(weighted, roc_auc(y, scores), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weighted_auc_with_counts_equals_auc_of_the_repeated_rows(tied):
+    y, scores = _predictions(7, tied=tied)
+    counts = resample_counts(np.random.default_rng(0), y.shape[0], 1)[0]
+    rows = np.repeat(np.arange(y.shape[0]), counts)  # the resample, materialised
+    expected = _sklearn_per_class(roc_auc_score, y[rows], scores[rows])
+    np.testing.assert_allclose(weighted_roc_auc(y, scores, counts), expected, rtol=0, atol=1e-9)
+
+
+def test_resample_counts_are_draws_with_replacement():
+    counts = resample_counts(np.random.default_rng(0), 500, 40)
+    assert counts.shape == (40, 500) and counts.dtype == np.uint8
+    assert (counts.sum(axis=1) == 500).all()
+    # About 1 - 1/e of the rows appear in a bootstrap resample.
+    assert (counts > 0).mean() == pytest.approx(1 - math.exp(-1), abs=0.02)
+
+
+def test_bootstrap_resamples_match_sklearn_on_the_same_rows():
+    y, scores = _predictions(8, n=300, c=3, tied=True)
+    result = bootstrap_auc(y, scores, n_resamples=20, seed=3)
+    counts = resample_counts(np.random.default_rng(3), y.shape[0], 20)
+    for r in range(20):
+        rows = np.repeat(np.arange(y.shape[0]), counts[r])
+        expected = _sklearn_per_class(roc_auc_score, y[rows], scores[rows])
+        np.testing.assert_allclose(result["samples"][r], expected, rtol=0, atol=1e-9)
+    assert (result["low"] <= result["auc"]).all() and (result["auc"] <= result["high"]).all()
+    assert result["mean_low"] <= result["mean_auc"] <= result["mean_high"]
+
+
+def test_bootstrap_is_reproducible_by_seed():
+    y, scores = _predictions(9)
+    first = bootstrap_auc(y, scores, n_resamples=100, seed=1)
+    again = bootstrap_auc(y, scores, n_resamples=100, seed=1)
+    other = bootstrap_auc(y, scores, n_resamples=100, seed=2)
+    np.testing.assert_array_equal(first["samples"], again["samples"])
+    assert not np.array_equal(first["samples"], other["samples"])
+
+
+def test_bootstrap_ignores_resamples_without_positives():
+    y, scores = _predictions(10, n=40, c=2)
+    y[:, 0] = 0
+    y[0, 0] = 1  # one positive: about (1 - 1/40)^40 = 36% of resamples miss it
+    result = bootstrap_auc(y, scores, n_resamples=300, seed=0)
+    n_valid = result["n_valid"][0]
+    assert 150 < n_valid < 240
+    assert np.isnan(result["samples"][:, 0]).sum() == 300 - n_valid
+    assert np.isfinite([result["low"][0], result["high"][0]]).all()
+    assert np.isfinite(result["mean_samples"]).all()  # class 1 keeps every resample defined
+
+
+def test_bootstrap_leaves_a_class_undefined_on_the_full_data_out_of_the_mean():
+    y, scores = _predictions(11, c=3)
+    y[:, 2] = 0
+    with pytest.warns(UndefinedMetricWarning, match="class 2"):
+        result = bootstrap_auc(y, scores, n_resamples=50)
+    assert np.isnan([result["low"][2], result["high"][2]]).all() and result["n_valid"][2] == 0
+    expected = result["samples"][:, :2].mean(axis=1)
+    np.testing.assert_allclose(result["mean_samples"], expected, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_interval_covers_the_true_auc_of_a_binormal_model():
+    """Positives ~ N(d, 1), negatives ~ N(0, 1): the true AUC is Phi(d / sqrt(2))."""
+    d, n_pos, n_neg, trials = 1.0, 60, 60, 200
+    true_auc = 0.5 * (1.0 + math.erf(d / 2.0))  # Phi(d / sqrt 2)
+    y = np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(np.int64)[:, None]
+    rng = np.random.default_rng(12)
+    covered = 0
+    for trial in range(trials):
+        scores = rng.normal(size=(n_pos + n_neg, 1)) + d * y
+        result = bootstrap_auc(y, scores, n_resamples=200, seed=trial)
+        covered += result["low"][0] <= true_auc <= result["high"][0]
+    # Binomial(200, 0.95) lies in 180..198 with probability > 0.999.
+    assert 0.88 <= covered / trials <= 0.99, covered
+
+
+def test_paired_delta_of_identical_models_is_zero():
+    y, scores = _predictions(13)
+    result = paired_bootstrap_delta(y, scores, scores.copy(), n_resamples=200)
+    assert result["delta"] == 0.0 and result["low"] == 0.0 and result["high"] == 0.0
+    assert result["low"] <= 0.0 <= result["high"]
+    assert result["p_value"] == 1.0  # every resample has delta <= 0: no evidence b is better
+
+
+def test_paired_delta_detects_a_better_model_on_the_same_rows():
+    y, _ = _predictions(14, n=600)
+    rng = np.random.default_rng(14)
+    noise = rng.normal(size=y.shape)
+    weak, strong = y + 2.0 * noise, y + 0.7 * noise  # same noise: strong is a better model
+    result = paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=5)
+    assert result["delta"] > 0.05 and result["low"] > 0.0
+    assert result["p_value"] < 0.01
+    assert paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=5, margin=0.9)["p_value"] == 1.0
+    # Paired: each delta is the difference of the two models' mean AUCs on one resample.
+    a = bootstrap_auc(y, weak, n_resamples=300, seed=5)["mean_samples"]
+    b = bootstrap_auc(y, strong, n_resamples=300, seed=5)["mean_samples"]
+    np.testing.assert_allclose(result["samples"], b - a, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_settings_are_validated():
+    with pytest.raises(ValueError, match="ci"):
+        bootstrap_auc(*_predictions(15), ci=1.5)
+    with pytest.raises(ConfigError, match="evaluate.bootstrap"):
+        build(BootstrapConfig, {"n_resamples": 0}, "evaluate.bootstrap")
+    assert build(BootstrapConfig, {"ci": 0.9}, "evaluate.bootstrap").ci == 0.9
+
+
+def _brute_force_objective(y, s, t, method):
+    pred = s >= t
+    tp, fp = (pred & (y == 1)).sum(), (pred & (y == 0)).sum()
+    n_pos, n_neg = (y == 1).sum(), (y == 0).sum()
+    if method == "youden":
+        return tp / n_pos - fp / n_neg
+    return 2 * tp / (tp + fp + n_pos)
+
+
+@pytest.mark.parametrize("method", ["youden", "f1"])
+def test_select_thresholds_maximises_the_objective(method):
+    y, scores = _predictions(16, n=80, c=4)
+    scores = np.round(scores, 1)  # ties between candidates
+    thresholds = select_thresholds(y, scores, method)
+    for c in range(y.shape[1]):
+        values = {t: _brute_force_objective(y[:, c], scores[:, c], t, method) for t in np.unique(scores[:, c])}
+        best = max(values.values())
+        assert values[thresholds[c]] == pytest.approx(best, abs=1e-12)
+        assert thresholds[c] == max(t for t, v in values.items() if v >= best - 1e-12)
+
+
+def test_select_thresholds_rejects_unknown_method_and_marks_undefined_classes():
+    y, scores = _predictions(17, c=2)
+    with pytest.raises(ValueError, match="youden"):
+        select_thresholds(y, scores, "accuracy")
+    y[:, 1] = 0
+    assert np.isnan(select_thresholds(y, scores)[1]) and np.isfinite(select_thresholds(y, scores)[0])
+
+
+def test_threshold_metrics_counts():
+    y = np.array([[1], [1], [0], [0], [0]])
+    scores = np.array([[0.9], [0.4], [0.6], [0.2], [0.1]])
+    m = threshold_metrics(y, scores, np.array([0.5]))
+    assert (m["tp"][0], m["fp"][0], m["fn"][0], m["tn"][0]) == (1, 1, 1, 2)
+    assert m["sensitivity"][0] == 0.5 and m["specificity"][0] == pytest.approx(2 / 3)
+    assert m["precision"][0] == 0.5 and m["f1"][0] == 0.5
+    assert np.isnan(threshold_metrics(y, scores, np.array([np.nan]))["sensitivity"][0])
+
+
+def test_thresholds_chosen_on_validation_are_applied_unchanged_to_test():
+    rng = np.random.default_rng(18)
+    n = 200
+    y = (np.arange(n) % 2)[:, None].repeat(2, axis=1)  # (N, 2), half positive
+    # Validation separates perfectly at 0.5; test scores are shifted up by 0.25.
+    s_val = np.where(y == 1, rng.uniform(0.5, 1.0, (n, 2)), rng.uniform(0.0, 0.5, (n, 2)))
+    s_test = s_val + 0.25
+    t_val = select_thresholds(y, s_val)
+    result = validation_threshold_metrics(y, s_val, y, s_test)
+    np.testing.assert_array_equal(result["threshold"], t_val)
+    predicted = s_test >= t_val
+    expected_specificity = (~predicted & (y == 0)).sum(axis=0) / (y == 0).sum(axis=0)
+    np.testing.assert_allclose(result["specificity"], expected_specificity)
+    assert (result["sensitivity"] == 1.0).all() and (result["specificity"] < 0.7).all()
+    # Thresholds re-chosen on test would separate it perfectly again.
+    rechosen = threshold_metrics(y, s_test, select_thresholds(y, s_test))
+    assert (rechosen["specificity"] == 1.0).all()
+
+
+def test_curve_points_for_plotting():
+    y, scores = _predictions(19, c=3)
+    y[:, 2] = 0
+    roc, pr = roc_curve_points(y, scores), pr_curve_points(y, scores)
+    assert len(roc) == len(pr) == 3
+    fpr, tpr = roc[0]
+    assert fpr[0] == 0.0 and tpr[-1] == 1.0 and np.all(np.diff(fpr) >= 0)
+    recall, precision = pr[0]
+    assert recall[0] == 1.0 and recall[-1] == 0.0 and precision.shape == recall.shape
+    assert roc[2][0].size == 0 and pr[2][0].size == 0

@@ -1,0 +1,392 @@
+"""Prepare step: label parsing, splits, the image cache and the cached Dataset, on tiny fixtures."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.classes import CLASS_COUNTS, CLASSES, LABEL_CSV_HEADER, NO_FINDING, TOTAL_IMAGES, image_name
+from pipeline.data import cache as C
+from pipeline.data import labels as L
+from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.splits import assert_patient_disjoint, official_split, split_by_patient
+
+SIZE = 32  # cached side in the fixtures: small enough to keep every test well under a second
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def chest_like(side: int, seed: int) -> np.ndarray:
+    """(side, side) uint8: a bright body, two darker lungs and some noise; never constant."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    img = 170 - 60 * np.exp(-(((x - 0.3) / 0.12) ** 2 + ((y - 0.5) / 0.25) ** 2))
+    img -= 60 * np.exp(-(((x - 0.7) / 0.12) ** 2 + ((y - 0.5) / 0.25) ** 2))
+    img += rng.normal(0, 8, (side, side))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def label_rows(num_patients: int, per_patient: int, seed: int) -> pd.DataFrame:
+    """NIH-style label rows with findings drawn at the real dataset's prevalences."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.array([CLASS_COUNTS[c] for c in CLASSES]) / TOTAL_IMAGES
+    rows = []
+    for patient in range(1, num_patients + 1):
+        for followup in range(per_patient):
+            found = [c for c, p in zip(CLASSES, prevalence) if rng.random() < p]
+            rows.append(
+                {
+                    "Image Index": image_name(patient, followup),
+                    "Finding Labels": "|".join(found) or NO_FINDING,
+                    "Follow-up #": followup,
+                    "Patient ID": patient,
+                    "Patient Age": 50,
+                    "Patient Gender": "M",
+                    "View Position": "PA" if followup % 2 else "AP",
+                    "OriginalImage[Width": 1024,
+                    "Height]": 1024,
+                    "OriginalImagePixelSpacing[x": 0.143,
+                    "y]": 0.143,
+                }
+            )
+    return pd.DataFrame(rows, columns=list(LABEL_CSV_HEADER))
+
+
+def write_label_csv(path: Path, rows: pd.DataFrame, trailing_comma: bool = False) -> None:
+    text = rows.to_csv(index=False, lineterminator="\n")
+    if trailing_comma:  # the 2017 file ends every line with a comma (an empty 12th column)
+        text = "".join(line + ",\n" for line in text.splitlines())
+    path.write_text(text)
+
+
+def write_list(path: Path, names: list[str]) -> None:
+    path.write_text("\n".join(names))  # NIH lists have no final newline
+
+
+def make_raw(root: Path, num_patients: int = 12, per_patient: int = 3, csv_name: str = "Data_Entry_2017_v2020.csv") -> Path:
+    """A raw folder: test = the last third of patients, train_val = the rest; SIZE*2 px images."""
+    rows = label_rows(num_patients, per_patient, seed=0)
+    (root / "images").mkdir(parents=True)
+    for i, name in enumerate(rows["Image Index"]):
+        Image.fromarray(chest_like(SIZE * 2, i)).save(root / "images" / name)
+    write_label_csv(root / csv_name, rows, trailing_comma=csv_name == "Data_Entry_2017.csv")
+    is_test = rows["Patient ID"] > num_patients * 2 // 3
+    write_list(root / "train_val_list.txt", rows.loc[~is_test, "Image Index"].tolist())
+    write_list(root / "test_list.txt", rows.loc[is_test, "Image Index"].tolist())
+    return root
+
+
+@pytest.fixture()
+def raw(tmp_path: Path) -> Path:
+    return make_raw(tmp_path / "raw")
+
+
+def cfg(**kw) -> PrepareConfig:
+    return PrepareConfig(**{"image_size": SIZE, "workers": 1, "chunk_size": 8, "val_fraction": 0.25, **kw})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    raw = make_raw(root / "raw", num_patients=20, per_patient=3)
+    prepare(raw, root / "out", cfg(), progress=False)
+    return root / "out"
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_both_label_csv_headers_parse(tmp_path: Path):
+    rows = label_rows(3, 2, seed=1)
+    write_label_csv(tmp_path / "Data_Entry_2017_v2020.csv", rows)
+    write_label_csv(tmp_path / "Data_Entry_2017.csv", rows, trailing_comma=True)
+    new = L.read_label_csv(tmp_path / "Data_Entry_2017_v2020.csv")
+    old = L.read_label_csv(tmp_path / "Data_Entry_2017.csv")
+    assert list(old.columns) == list(new.columns) == list(LABEL_CSV_HEADER)
+    pd.testing.assert_frame_equal(old, new)
+    assert L.find_label_csv(tmp_path).name == "Data_Entry_2017_v2020.csv"
+    (tmp_path / "Data_Entry_2017_v2020.csv").unlink()
+    assert L.find_label_csv(tmp_path).name == "Data_Entry_2017.csv"
+
+
+def test_label_csv_missing_column_names_file_and_column(tmp_path: Path):
+    path = tmp_path / "Data_Entry_2017.csv"
+    write_label_csv(path, label_rows(2, 1, seed=1).drop(columns=["Patient ID"]))
+    with pytest.raises(ValueError, match=r"Data_Entry_2017\.csv.*'Patient ID'"):
+        L.read_label_csv(path)
+    with pytest.raises(FileNotFoundError, match="no label file"):
+        L.find_label_csv(tmp_path / "elsewhere")
+
+
+def test_parse_findings_multi_hot_and_no_finding():
+    out = L.parse_findings(pd.Series(["No Finding", "Effusion|Hernia", "Atelectasis"]))
+    assert out.dtype == np.uint8 and out.shape == (3, 14)
+    assert out[0].sum() == 0
+    assert out[1, CLASSES.index("Effusion")] == 1 and out[1, CLASSES.index("Hernia")] == 1 and out[1].sum() == 2
+    assert out[2, 0] == 1 and out[2].sum() == 1
+
+
+def test_misspelt_label_fails_naming_label_and_file(raw: Path):
+    path = raw / "Data_Entry_2017_v2020.csv"
+    text = path.read_text()
+    first_row = text.splitlines()[1]
+    path.write_text(text.replace(first_row, first_row.replace(first_row.split(",")[1], "Efusion|Mass"), 1))
+    with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020\.csv.*'Efusion'"):
+        prepare(raw, raw.parent / "out", cfg(), progress=False)
+
+
+def test_split_list_without_final_newline(tmp_path: Path):
+    write_list(tmp_path / "test_list.txt", ["a.png", "b.png"])
+    assert not (tmp_path / "test_list.txt").read_text().endswith("\n")
+    assert L.read_split_list(tmp_path / "test_list.txt") == ["a.png", "b.png"]
+
+
+# ----------------------------------------------------------------------------- prepare end to end
+
+
+def add_odd_images(raw: Path) -> dict[str, str]:
+    """Replace four listed images with awkward files; returns {role: image name}."""
+    names = sorted(p.name for p in (raw / "images").iterdir())
+    roles = dict(zip(["rgba", "u16", "large", "truncated"], names[:4]))
+    rgba = np.zeros((SIZE * 2, SIZE * 2, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 200, 100, 50, 255
+    Image.fromarray(rgba, "RGBA").save(raw / "images" / roles["rgba"])
+    ramp = np.tile(np.linspace(1000, 4000, SIZE * 2), (SIZE * 2, 1)).astype(np.uint16)  # a 12-bit range
+    Image.fromarray(ramp).save(raw / "images" / roles["u16"])
+    Image.fromarray(chest_like(512, 7)).save(raw / "images" / roles["large"])
+    data = png_bytes(Image.fromarray(chest_like(256, 8)))
+    (raw / "images" / roles["truncated"]).write_bytes(data[: len(data) // 2])
+    return roles
+
+
+def test_prepare_normalises_odd_images_and_quarantines_truncated(raw: Path):
+    roles = add_odd_images(raw)
+    out = raw.parent / "out"
+    stats = prepare(raw, out, cfg(), progress=False)
+
+    with Image.open(raw / "images" / roles["rgba"]) as im:
+        assert im.mode == "RGBA"
+    with Image.open(raw / "images" / roles["u16"]) as im:
+        assert im.mode.startswith("I")
+    quarantine = pd.read_csv(out / "quarantine.csv")
+    assert quarantine[["image", "reason"]].values.tolist() == [[roles["truncated"], "truncated"]]
+    assert stats["quarantine"]["by_reason"] == {"truncated": 1}
+
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert roles["truncated"] not in set(manifest["image"])
+    images = C.open_cache(out / "cache")
+    assert images.shape == (36, SIZE, SIZE) and images.dtype == np.uint8
+    row = dict(zip(manifest["image"], manifest["cache_index"]))
+    rgba = images[row[roles["rgba"]]]
+    assert abs(int(rgba.mean()) - round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)) <= 1  # luminance
+    ramp = images[row[roles["u16"]]].astype(int)
+    assert ramp[:, 0].max() <= 5 and ramp[:, -1].min() >= 250  # the 12-bit range spread over 0..255
+    assert np.all(np.diff(ramp[0]) >= 0)
+    large = images[row[roles["large"]]].astype(float)
+    assert 60 < large.mean() < 200 and large.std() > 5  # resized, not blank
+    assert large[:, SIZE // 2 - 4 : SIZE // 2 + 4].mean() > large[:, : SIZE // 2 - 4].mean()  # body between lungs
+
+
+def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
+    (raw / "images" / image_name(1, 0)).unlink()  # listed but missing
+    Image.fromarray(chest_like(SIZE, 0)).save(raw / "images" / "00099999_000.png")  # present, unlisted
+    out = raw.parent / "out"
+    stats = prepare(raw, out, cfg(), progress=False)
+
+    assert stats["listed_missing"] == {"count": 1, "first": [image_name(1, 0)]}
+    assert stats["present_unlisted"] == {"count": 1, "first": ["00099999_000.png"]}
+    assert stats["patient_overlap"] == 0
+    saved = json.loads((out / "split_stats.json").read_text())
+    assert saved["listed_missing"]["count"] == 1 and saved["num_images"] == 35
+
+    manifest = pd.read_csv(out / "manifest.csv")
+    expected = ["image", "patient", "followup", "view", "split", *CLASSES, "cache_index"]
+    assert list(manifest.columns) == expected
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert_patient_disjoint(manifest)
+    assert set(manifest[list(CLASSES)].values.ravel()) <= {0, 1}
+
+    counts = json.loads((out / "class_counts.json").read_text())
+    train = manifest[manifest["split"] == "train"]
+    assert counts["num_images"] == len(train)
+    assert counts["positives_list"] == [int(train[c].sum()) for c in CLASSES]
+    assert list(counts["positives"]) == list(CLASSES)
+
+    long = pd.read_csv(out / "split_class_counts.csv")
+    assert list(long.columns) == ["split", "class", "count", "prevalence"]
+    assert len(long) == 3 * 15
+    got = long[(long["split"] == "test") & (long["class"] == "Effusion")]["count"].item()
+    assert got == manifest.loc[manifest["split"] == "test", "Effusion"].sum()
+
+
+def test_patient_in_both_official_lists_is_an_error(raw: Path):
+    test_names = (raw / "test_list.txt").read_text().split("\n")
+    moved = test_names[0]
+    write_list(raw / "test_list.txt", test_names[1:])
+    write_list(raw / "train_val_list.txt", (raw / "train_val_list.txt").read_text().split("\n") + [moved])
+    write_list(raw / "test_list.txt", test_names[1:])
+    patient = int(moved[:8])
+    with pytest.raises(ValueError, match=rf"both train_val_list.txt and test_list.txt.*{patient}"):
+        prepare(raw, raw.parent / "out", cfg(), progress=False)
+
+
+def test_assert_patient_disjoint_names_the_patients():
+    df = pd.DataFrame({"patient": [1, 1, 2, 3, 3], "split": ["train", "val", "train", "test", "test"]})
+    with pytest.raises(AssertionError, match=r"ids 1\b"):
+        assert_patient_disjoint(df)
+    assert_patient_disjoint(df[df["patient"] != 1])
+
+
+def test_image_in_both_lists_is_an_error():
+    images = pd.Series(["a.png", "b.png"])
+    with pytest.raises(ValueError, match="a.png"):
+        official_split(images, pd.Series([1, 2]), ["a.png"], ["a.png", "b.png"])
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def synthetic_patients(num_patients: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 8, num_patients)
+    patients = np.repeat(np.arange(num_patients) + 100, sizes)
+    prevalence = np.array([CLASS_COUNTS[c] for c in CLASSES]) / TOTAL_IMAGES
+    # patients differ in how sick they are, so labels cluster by patient as in the real data
+    sick = np.repeat(rng.gamma(2.0, 0.5, num_patients), sizes)[:, None]
+    labels = (rng.random((len(patients), 14)) < np.minimum(1, prevalence * sick)).astype(np.uint8)
+    return patients, labels
+
+
+@pytest.mark.parametrize("stratify", [True, False])
+def test_val_split_by_patient_fraction_and_distribution(stratify: bool):
+    patients, labels = synthetic_patients(3000, seed=3)
+    in_val = split_by_patient(patients, labels, 0.2, seed=42, stratify=stratify)
+    assert abs(in_val.mean() - 0.2) < 0.01
+    assert not set(patients[in_val]) & set(patients[~in_val])
+    gap = np.abs(labels[in_val].mean(0) - labels[~in_val].mean(0))
+    if stratify:
+        assert gap.max() < 0.006, gap
+        # positives per class within a few images of the requested share, even for the rare ones
+        share = labels[in_val].sum(0) / np.maximum(1, labels.sum(0))
+        assert np.all(np.abs(share - 0.2) < 0.05), share
+    assert np.array_equal(in_val, split_by_patient(patients, labels, 0.2, seed=42, stratify=stratify))
+    assert not np.array_equal(in_val, split_by_patient(patients, labels, 0.2, seed=7, stratify=stratify))
+
+
+def test_stratified_split_beats_random_on_label_balance():
+    patients, labels = synthetic_patients(3000, seed=5)
+    gaps = {}
+    for stratify in (True, False):
+        per_seed = []
+        for seed in range(3):
+            in_val = split_by_patient(patients, labels, 0.15, seed=seed, stratify=stratify)
+            share = labels[in_val].sum(0) / labels.sum(0)
+            per_seed.append(np.abs(share - 0.15).max())
+        gaps[stratify] = np.mean(per_seed)
+    assert gaps[True] < gaps[False] / 2, gaps
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_skipped_on_rerun_and_rebuilt_when_inputs_or_size_change(raw: Path):
+    out = raw.parent / "out"
+    first = prepare(raw, out, cfg(), progress=False)
+    assert first["cache"]["skipped"] is False
+    data = out / "cache" / f"images_{SIZE}.u8"
+    stamp = data.stat().st_mtime_ns
+    assert prepare(raw, out, cfg(val_fraction=0.3, seed=1), progress=False)["cache"]["skipped"] is True
+    assert data.stat().st_mtime_ns == stamp  # not rewritten
+
+    some = raw / "images" / image_name(2, 1)
+    os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns + 10**9))  # touched
+    assert prepare(raw, out, cfg(), progress=False)["cache"]["skipped"] is False
+
+    stats = prepare(raw, out, cfg(image_size=24), progress=False)
+    assert stats["cache"]["skipped"] is False
+    assert C.open_cache(out / "cache").shape == (36, 24, 24)
+    assert not data.exists()  # the stale size is removed
+    assert json.loads((out / "cache" / "index.json").read_text())["size"] == 24
+
+
+def test_interrupted_cache_build_resumes_to_identical_bytes(raw: Path, tmp_path: Path):
+    add_odd_images(raw)
+    paths = sorted((raw / "images").iterdir())
+    full = C.build_cache(paths, tmp_path / "full", SIZE, workers=2, chunk_size=8, progress=False)
+    assert full.complete and not full.skipped and full.chunks_built == 5
+    reference = (tmp_path / "full" / f"images_{SIZE}.u8").read_bytes()
+
+    part = C.build_cache(paths, tmp_path / "part", SIZE, workers=1, chunk_size=8, progress=False, max_chunks=2)
+    assert not part.complete and part.chunks_built == 2
+    with pytest.raises(RuntimeError, match="incomplete"):
+        C.open_cache(tmp_path / "part")
+    rest = C.build_cache(paths, tmp_path / "part", SIZE, workers=1, chunk_size=8, progress=False)
+    assert rest.complete and rest.chunks_built == 3
+    assert (tmp_path / "part" / f"images_{SIZE}.u8").read_bytes() == reference
+    assert rest.failures == full.failures and [r for r, _ in rest.failures.values()] == ["truncated"]
+
+    # a chunk whose marker is lost is decoded again, even though the index said complete
+    images = np.memmap(tmp_path / "part" / f"images_{SIZE}.u8", np.uint8, "r+", shape=(36, SIZE, SIZE))
+    images[8:16] = 7
+    images.flush()
+    del images
+    C.remove_marker(tmp_path / "part", SIZE, 1)
+    again = C.build_cache(paths, tmp_path / "part", SIZE, workers=1, chunk_size=8, progress=False)
+    assert again.chunks_built == 1 and not again.skipped
+    assert (tmp_path / "part" / f"images_{SIZE}.u8").read_bytes() == reference
+    assert C.build_cache(paths, tmp_path / "part", SIZE, progress=False).skipped
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def test_dataset_shapes_dtypes_and_deterministic_eval(prepared: Path):
+    aug = AugmentConfig(crop_size=24)
+    val = CachedImageDataset(prepared, "val", aug, train=False)
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    assert val.image_names == manifest.loc[manifest["split"] == "val", "image"].tolist()
+    assert val.targets.shape == (len(val), 14)
+    image, target = val[0]
+    assert image.shape == (1, 24, 24) and image.dtype == torch.uint8
+    assert target.shape == (14,) and target.dtype == torch.float32
+    assert torch.equal(target, torch.from_numpy(val.targets[0]))
+    assert torch.equal(val[0][0], image)
+    full = C.open_cache(prepared / "cache")[val.cache_index[0]]
+    assert np.array_equal(image[0].numpy(), full[4:28, 4:28])  # the center crop of the cached row
+
+    raw_item = CachedImageDataset(prepared, "test", None)[0][0]
+    assert raw_item.shape == (1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="crop_size 40 exceeds the cached image_size 32"):
+        CachedImageDataset(prepared, "train", AugmentConfig(crop_size=40), train=True)
+
+
+def test_train_loader_reproducible_with_seed(prepared: Path):
+    train = CachedImageDataset(prepared, "train", AugmentConfig(crop_size=24, hflip=True), train=True)
+
+    def batches(seed: int, workers: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)  # the workers=0 path draws augmentations from the global RNG
+        loader = build_loader(train, batch_size=8, shuffle=True, workers=workers, seed=seed)
+        return [x for x, _ in loader]
+
+    a, b = batches(1, 2), batches(1, 2)
+    assert len(a) == -(-len(train) // 8)
+    assert a[0].shape == (8, 1, 24, 24) and a[0].dtype == torch.uint8
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, batches(2, 2)))
+    assert all(torch.equal(x, y) for x, y in zip(batches(3, 0), batches(3, 0)))
