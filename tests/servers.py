@@ -67,7 +67,7 @@ class FileServer(ThreadingHTTPServer):
             return [r for r in self.requests if r.method == "GET" and r.path == path]
 
     def start(self) -> FileServer:
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 
@@ -161,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int]:
-    """(first, last) byte of `Range: bytes=a-b`, `bytes=a-` or `bytes=-n`; the whole file if none."""
+    """(first, last) byte of `Range: bytes=a-b`, `bytes=a-` or `bytes=-n`; all when absent."""
     match = re.fullmatch(r"bytes=(\d*)-(\d*)", header or "")
     if not match or match.groups() == ("", ""):
         return 0, size - 1

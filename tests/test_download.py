@@ -28,6 +28,7 @@ from pipeline.data.archives import UnsafeArchiveError
 from pipeline.data.download import (MANIFEST, DownloadConfig, NIHConfig, S3Config, archive_name,
                                     fetch)
 from pipeline.data.sources import DownloadError
+from pipeline.data.synthetic import SyntheticConfig
 from tests.servers import FileServer, moto_s3
 
 LABEL_CSV = "Data_Entry_2017_v2020.csv"
@@ -48,7 +49,8 @@ class Release:
         files = {f"images/{n}": data for n, data in self.images.items()}
         for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
             files[name] = (self.root / name).read_bytes()
-        return {k: {"md5": hashlib.md5(v).hexdigest(), "size": len(v)} for k, v in sorted(files.items())}
+        return {k: {"md5": hashlib.md5(v).hexdigest(), "size": len(v)}
+                for k, v in sorted(files.items())}
 
 
 def _png(rng: np.random.Generator) -> bytes:
@@ -91,7 +93,8 @@ def release(tmp_path_factory) -> Release:
         data = {n: _png(rng) for n in names}
         images.update(data)
         members[archive_name(a)] = names
-        md5.append(_write_archive(root / archive_name(a), {f"images/{n}": d for n, d in data.items()}))
+        md5.append(_write_archive(root / archive_name(a),
+                                  {f"images/{n}": d for n, d in data.items()}))
     _write_metadata(root, list(images))
     return Release(root, images, members, md5)
 
@@ -246,7 +249,7 @@ def test_unsafe_archive_members_are_refused(release, tmp_path, kind):
         with pytest.raises(UnsafeArchiveError, match=f"member '{member.name}'"):
             fetch(cfg, out, progress=False)
     assert outside_target() == before  # nothing written outside the target
-    assert not list((out / "images").glob("*")) if (out / "images").exists() else True
+    assert not (out / "images").exists() or not any((out / "images").iterdir())
     assert not [p for p in out.rglob("*") if "escaped" in p.name or "absolute" in p.name]
     assert not list((out / ".fetch").glob("extract-*"))  # the scratch folder is gone
 
@@ -415,7 +418,8 @@ def test_local_folder_is_hard_linked(release, tmp_path):
     assert summary["images_linked"] == len(release.images)
     for name in release.images:
         assert (out / "images" / name).stat().st_ino == (src / "images" / name).stat().st_ino
-    assert fetch(_cfg(str(src), release), out, progress=False)["images_skipped"] == len(release.images)
+    again = fetch(_cfg(str(src), release), out, progress=False)
+    assert again["images_skipped"] == len(release.images)
 
 
 def test_local_folder_of_archives_is_verified_and_extracted(release, tmp_path):
@@ -437,3 +441,17 @@ def test_copy_when_hard_links_fail(monkeypatch, tmp_path):
     assert sources.link_or_copy(src, tmp_path / "out" / "a.png") is False
     assert (tmp_path / "out" / "a.png").read_bytes() == b"png"
     assert (tmp_path / "out" / "a.png").stat().st_ino != src.stat().st_ino
+
+
+def test_synthetic_source_calls_the_generator(tmp_path, capsys):
+    cfg = DownloadConfig(synthetic=SyntheticConfig(num_images=12, num_patients=6, image_size=32))
+    out = tmp_path / "raw"
+    summary = fetch(cfg, out, progress=True)
+    pngs = sorted(p.name for p in (out / "images").glob("*.png"))
+    assert len(pngs) == 12 and summary["synthetic"]["images"] == 12
+    manifest = _manifest(out)
+    assert set(manifest) == {f"images/{n}" for n in pngs} | {LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST}
+    for rel, entry in manifest.items():
+        assert entry == {"md5": hashlib.md5((out / rel).read_bytes()).hexdigest(),
+                         "size": (out / rel).stat().st_size}, rel
+    assert "fetch synthetic: 15 files (12 images" in capsys.readouterr().out

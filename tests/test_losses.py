@@ -156,11 +156,17 @@ def test_category_weights_zero_beta_is_uniform():
 @pytest.mark.parametrize("gamma,beta,normalize_image", [(1.0, 0.5, True), (2.0, 1.0, False)])
 def test_dwml_matches_reference_with_detached_weights(gamma, beta, normalize_image):
     z, y = _batch(seed=5)
-    p = F.normalize(torch.randn(C, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=1)
+    g = torch.Generator().manual_seed(0)
+    p = F.normalize(torch.randn(C, 8, dtype=torch.float64, generator=g), dim=1)  # (C, D)
     p[1] = p[0]  # one coincident pair so the separation term is active
     loss_fn = DualWeightedMetricLoss(
-        POS_COUNTS, N, gamma=gamma, beta=beta, normalize_image=normalize_image,
-        separation_weight=0.3, separation_margin=1.5,
+        POS_COUNTS,
+        N,
+        gamma=gamma,
+        beta=beta,
+        normalize_image=normalize_image,
+        separation_weight=0.3,
+        separation_margin=1.5,
     )
     value, grad = _grad(loss_fn, z, y, prototypes=p)
 
@@ -186,7 +192,8 @@ def test_separation_zero_when_apart_positive_when_coincident():
     same = p[:1].repeat(C, 1).requires_grad_()
     sep = prototype_separation(same, margin=1.0)
     assert sep.item() == pytest.approx(1.0)
-    torch.testing.assert_close(sep, torch.tensor(ref_separation(same.detach(), 1.0), dtype=sep.dtype))
+    expected = torch.tensor(ref_separation(same.detach(), 1.0), dtype=sep.dtype)
+    torch.testing.assert_close(sep, expected)
     assert prototype_separation(p[:1], margin=1.0).item() == 0.0  # one class: no pairs
 
 
@@ -237,7 +244,9 @@ def test_neutral_baselines_equal_bce(loss_fn):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("gamma_neg,gamma_pos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.0), (0.5, 0.0, 0.2)])
+@pytest.mark.parametrize(
+    "gamma_neg,gamma_pos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.0), (0.5, 0.0, 0.2)]
+)
 def test_asl_matches_reference(gamma_neg, gamma_pos, clip):
     z, y = _batch(seed=8, scale=2.0)
 
@@ -397,7 +406,9 @@ def test_build_loss_each_ablation(variant):
     assert head in ("linear", "metric")
     loss_fn = build_loss(cfg, POS_COUNTS, N)
     z, y = _batch(seed=15)
-    protos = F.normalize(torch.randn(C, 8, dtype=torch.float64), dim=1) if head == "metric" else None
+    protos = None
+    if head == "metric":
+        protos = F.normalize(torch.randn(C, 8, dtype=torch.float64), dim=1)  # (C, D)
     assert torch.isfinite(loss_fn(z, y, prototypes=protos))
 
 

@@ -125,6 +125,14 @@ def test_weighted_auc_with_counts_equals_auc_of_the_repeated_rows(tied):
     np.testing.assert_allclose(weighted_roc_auc(y, scores, counts), expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("high", [4, 40_000])  # row totals below and above 2^16
+def test_weighted_auc_matches_sklearn_sample_weight(high):
+    y, scores = _predictions(20, tied=True)
+    weights = np.random.default_rng(20).integers(0, high, y.shape[0])
+    expected = _sklearn_per_class(roc_auc_score, y, scores, sample_weight=weights)
+    np.testing.assert_allclose(weighted_roc_auc(y, scores, weights), expected, rtol=0, atol=1e-9)
+
+
 def test_resample_counts_are_draws_with_replacement():
     counts = resample_counts(np.random.default_rng(0), 500, 40)
     assert counts.shape == (40, 500) and counts.dtype == np.uint8

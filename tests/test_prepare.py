@@ -12,11 +12,20 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from pipeline.classes import CLASS_COUNTS, CLASSES, LABEL_CSV_HEADER, NO_FINDING, TOTAL_IMAGES, image_name
 from pipeline.data import cache as C
 from pipeline.data import labels as L
-from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader
+from pipeline.data.dataset import (
+    AugmentConfig,
+    CachedImageDataset,
+    RandomResizedCropRotate,
+    build_loader,
+    resized_crop_rotate,
+    rotate_bilinear,
+    train_transform,
+)
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.splits import assert_patient_disjoint, official_split, split_by_patient
 
@@ -79,7 +88,9 @@ def write_list(path: Path, names: list[str]) -> None:
     path.write_text("\n".join(names))  # NIH lists have no final newline
 
 
-def make_raw(root: Path, num_patients: int = 12, per_patient: int = 3, csv_name: str = "Data_Entry_2017_v2020.csv") -> Path:
+def make_raw(
+    root: Path, num_patients: int = 12, per_patient: int = 3, csv_name: str = "Data_Entry_2017_v2020.csv"
+) -> Path:
     """A raw folder: test = the last third of patients, train_val = the rest; SIZE*2 px images."""
     rows = label_rows(num_patients, per_patient, seed=0)
     (root / "images").mkdir(parents=True)
@@ -200,7 +211,8 @@ def test_prepare_normalises_odd_images_and_quarantines_truncated(raw: Path):
     assert np.all(np.diff(ramp[0]) >= 0)
     large = images[row[roles["large"]]].astype(float)
     assert 60 < large.mean() < 200 and large.std() > 5  # resized, not blank
-    assert large[:, SIZE // 2 - 4 : SIZE // 2 + 4].mean() > large[:, : SIZE // 2 - 4].mean()  # body between lungs
+    # the body between the lungs is brighter than the left lung field
+    assert large[:, SIZE // 2 - 4 : SIZE // 2 + 4].mean() > large[:, : SIZE // 2 - 4].mean()
 
 
 def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
@@ -390,3 +402,57 @@ def test_train_loader_reproducible_with_seed(prepared: Path):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, batches(2, 2)))
     assert all(torch.equal(x, y) for x, y in zip(batches(3, 0), batches(3, 0)))
+
+
+@pytest.mark.parametrize("angle", [-5.0, 3.3, 30.0])
+def test_fast_rotation_matches_torchvision(angle: float):
+    image = torch.from_numpy(chest_like(40, 1)[:, :36].copy()).unsqueeze(0)  # (1, 40, 36) non-square
+    ours = rotate_bilinear(image, angle)
+    ref = v2.functional.rotate(image, angle, interpolation=v2.InterpolationMode.BILINEAR, fill=None)
+    assert ours.dtype == torch.uint8 and ours.shape == image.shape
+    assert (ours.int() - ref.int()).abs().max() <= 1
+    assert not torch.equal(ours, image)
+
+
+def test_fused_crop_rotate_matches_torchvision_crop_then_rotate():
+    image = torch.from_numpy(chest_like(64, 2)).unsqueeze(0)  # (1, 64, 64)
+    box = dict(top=5, left=9, height=50, width=44)
+    ours = resized_crop_rotate(image, **box, angle=0.0, size=(56, 56))
+    ref = v2.functional.resized_crop(image, **box, size=[56, 56], antialias=False)
+    # the border row/column reads the pixels just outside the box, torchvision repeats the box's edge
+    assert ours.shape == (1, 56, 56) and (ours.int() - ref.int())[:, 1:-1, 1:-1].abs().max() <= 1
+    # with an angle: the centre agrees with crop-then-rotate (two resamplings blur a little)
+    ours = resized_crop_rotate(image, **box, angle=5.0, size=(56, 56)).float()
+    ref = v2.functional.rotate(ref, 5.0, interpolation=v2.InterpolationMode.BILINEAR).float()
+    assert (ours - ref)[:, 8:48, 8:48].abs().mean() < 3
+    unrotated = (ours[:, 8:48, 8:48] - image[:, 8:48, 8:48]).abs().mean()
+    assert (ours - ref)[:, 8:48, 8:48].abs().mean() < unrotated
+
+
+def test_train_transform_fuses_only_near_crop_size():
+    fused = train_transform(AugmentConfig(crop_size=56), image_size=64).transforms
+    assert isinstance(fused[0], RandomResizedCropRotate) and len(fused) == 2  # + ColorJitter
+    apart = train_transform(AugmentConfig(crop_size=56), image_size=256).transforms
+    assert [type(t).__name__ for t in apart] == ["RandomResizedCrop", "RandomRotation", "ColorJitter"]
+    for transform in (fused, apart):
+        out = v2.Compose(transform)(torch.from_numpy(chest_like(64, 3)).unsqueeze(0))
+        assert out.shape == (1, 56, 56) and out.dtype == torch.uint8 and out.float().std() > 5
+
+
+def test_prepare_on_synthetic_dataset(tmp_path: Path):
+    from pipeline.data.synthetic import SyntheticConfig, generate
+
+    synthetic = SyntheticConfig(num_images=240, num_patients=80, image_size=64, seed=3)
+    generate(tmp_path / "raw", synthetic, progress=False)
+    settings = cfg(image_size=64, workers=2, chunk_size=64, val_fraction=0.2)
+    stats = prepare(tmp_path / "raw", tmp_path / "out", settings, progress=False)
+    splits = stats["splits"]
+    assert sum(s["images"] for s in splits.values()) == stats["num_images"] == 240
+    assert stats["quarantine"]["count"] == 0 and stats["listed_missing"]["count"] == 0
+    assert stats["patient_overlap"] == 0
+    assert abs(stats["val_fraction_images"] - 0.2) < 0.05
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert_patient_disjoint(manifest)
+    train = CachedImageDataset(tmp_path / "out", "train", AugmentConfig(crop_size=56), train=True)
+    image, _ = train[0]
+    assert image.shape == (1, 56, 56) and image.float().std() > 1

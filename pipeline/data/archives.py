@@ -10,13 +10,23 @@ nothing behind, inside the target or outside it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from pipeline.data.sources import check_md5, file_md5, parallel
+from pipeline.io import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+STATE_DIR = ".fetch"  # extraction markers and scratch folders, under the output folder
+ARCHIVE_DIR = "archives"  # downloaded archives, under the output folder
 
 
 class UnsafeArchiveError(ValueError):
@@ -100,3 +110,74 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> 
             out.write(block)
             size += len(block)
     return size, h.hexdigest()
+
+
+@dataclass
+class ArchiveJob:
+    """One archive to bring in: downloaded by `download`, or read in place from `local`."""
+
+    name: str
+    md5: str
+    download: Callable[[Path], None] | None = None  # fills a path with the verified archive
+    local: Path | None = None  # an archive already on disk (never moved or deleted)
+
+
+def fetch_archives(jobs: list[ArchiveJob], out_dir: Path, workers: int, keep: bool) -> dict:
+    """Download (or take), verify and extract each archive into `out_dir`, `workers` at a time.
+
+    An archive whose marker in `.fetch/` shows it was extracted, with every file still there at
+    its size, is skipped. Downloads land in `archives/` and are deleted after extraction unless
+    `keep`.
+
+    Returns:
+        archives_fetched and archives_skipped (names), and hashes: (size, md5) of each file
+        extracted in this run, by path relative to `out_dir`.
+    """
+    results = parallel(lambda job: _bring_in(job, out_dir, keep), jobs, workers)
+    archive_dir = out_dir / ARCHIVE_DIR
+    if archive_dir.is_dir() and not any(archive_dir.iterdir()):
+        archive_dir.rmdir()
+    return {
+        "archives_fetched": sorted(r["name"] for r in results if not r["skipped"]),
+        "archives_skipped": sorted(r["name"] for r in results if r["skipped"]),
+        "hashes": {rel: v for r in results for rel, v in r["files"].items()},
+    }
+
+
+def _bring_in(job: ArchiveJob, out_dir: Path, keep: bool) -> dict:
+    marker = out_dir / STATE_DIR / f"{job.name}.json"
+    if _extracted(marker, job.md5, out_dir):
+        log.info("%s: already extracted and verified, skipping", job.name)
+        return {"name": job.name, "skipped": True, "files": {}}
+    if job.local is not None:
+        path = job.local
+        check_md5(path, job.md5, path, str(path), move_aside=False)
+    else:
+        path = out_dir / ARCHIVE_DIR / job.name
+        if path.exists() and file_md5(path) != job.md5:
+            path.unlink()  # a kept archive that no longer verifies: fetch it again
+        if not path.exists():
+            job.download(path)
+    files = safe_extract(path, out_dir, out_dir / STATE_DIR / f"extract-{job.name}")
+    write_json(marker, {"md5": job.md5, "files": {rel: size for rel, (size, _) in files.items()}})
+    if job.local is None and not keep:
+        path.unlink()
+    log.info("%s: verified and extracted %d files", job.name, len(files))
+    return {"name": job.name, "skipped": False, "files": files}
+
+
+def _extracted(marker: Path, md5: str, out_dir: Path) -> bool:
+    """Whether `marker` says this very archive was extracted and its files are all still there."""
+    if not marker.exists():
+        return False
+    state = read_json(marker)
+    if state.get("md5") != md5:
+        return False
+    return all(_size(out_dir / rel) == size for rel, size in state["files"].items())
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1

@@ -68,7 +68,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         img = to_uint8_gray(img)
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # a writable copy, independent of the file
 
 
 def to_uint8_gray(img: Image.Image) -> Image.Image:
@@ -212,7 +212,10 @@ def _fill(
         todo = todo[:max_chunks]
     bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - s) for _, s in todo), unit="img",
                desc=f"cache {size}px", disable=not progress)
-    jobs = [(str(data_path), n, size, start, [str(p) for p in paths[start : start + chunk_size]]) for _, start in todo]
+    jobs = [
+        (str(data_path), n, size, start, [str(p) for p in paths[start : start + chunk_size]])
+        for _, start in todo
+    ]
     for (k, start), chunk_failures in zip(todo, _run(jobs, workers)):
         failures.update(chunk_failures)
         _write_marker(marker_dir, k, chunk_failures)
@@ -239,7 +242,9 @@ def _run(jobs: list[tuple], workers: int):
                 fut.cancel()
 
 
-def _decode_chunk(data_path: str, n: int, size: int, start: int, paths: list[str]) -> dict[int, tuple[str, str]]:
+def _decode_chunk(
+    data_path: str, n: int, size: int, start: int, paths: list[str]
+) -> dict[int, tuple[str, str]]:
     """Decode one chunk straight into the shared memory map; returns {row: (reason, detail)}."""
     images = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(n, size, size))
     failures = {}

@@ -6,6 +6,7 @@ size through worker queues and pinned memory, and normalisation runs on the acce
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
@@ -48,21 +50,113 @@ class AugmentConfig:
             raise ValueError(f"crop_size must be >= 1, got {self.crop_size}")
         scale = tuple(self.random_resized_crop_scale)
         if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"random_resized_crop_scale must be (min, max) with 0 < min <= max <= 1, got {scale}")
+            raise ValueError(
+                f"random_resized_crop_scale must be (min, max) with 0 < min <= max <= 1, got {scale}"
+            )
         for name in ("rotation_deg", "brightness", "contrast"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def train_transform(cfg: AugmentConfig) -> v2.Transform:
-    """Random crop/flip/rotation/intensity jitter on a (1, H, W) uint8 tensor."""
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.random_resized_crop_scale), antialias=True)
-    ]
+# Above this ratio of cached side to crop side a crop is shrunk enough to alias without
+# antialiasing, so the fused one-pass crop+rotation gives way to torchvision's antialiased resize.
+MAX_FUSED_DOWNSCALE = 1.5
+
+
+class RandomResizedCropRotate(v2.RandomResizedCrop):
+    """`v2.RandomResizedCrop` then a random rotation, sampled in one bilinear pass.
+
+    Crop boxes come from torchvision's own sampler and angles are uniform in [-degrees, degrees],
+    as `v2.RandomRotation` draws them. Sampling once instead of twice (resize, then rotate) about
+    halves the cost of the geometric augmentations, which decide the cached loader's speed. Without
+    antialiasing this is meant for crops within `MAX_FUSED_DOWNSCALE` of the output size. Corners
+    that rotate out of the crop show the image around it, or black beyond the image's edge.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], degrees: float):
+        super().__init__(size, scale=scale, antialias=False)
+        self.degrees = float(degrees)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params = super().make_params(flat_inputs)
+        params["angle"] = torch.empty(1).uniform_(-self.degrees, self.degrees).item()
+        return params
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if type(inpt) is torch.Tensor:
+            return resized_crop_rotate(inpt, **params, size=tuple(self.size))
+        # tv_tensors (boxes, masks) and PIL images: torchvision's kernels, one after the other
+        box = {k: v for k, v in params.items() if k != "angle"}
+        cropped = super().transform(inpt, box)
+        return v2.functional.rotate(cropped, params["angle"], interpolation=v2.InterpolationMode.BILINEAR)
+
+
+class RandomRotation(v2.RandomRotation):
+    """`v2.RandomRotation` (bilinear, black corners) with the one-pass kernel for plain tensors."""
+
+    def __init__(self, degrees: float):
+        super().__init__(degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=None)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if type(inpt) is torch.Tensor:
+            return rotate_bilinear(inpt, params["angle"])
+        return super().transform(inpt, params)
+
+
+def resized_crop_rotate(
+    image: torch.Tensor, top: int, left: int, height: int, width: int, angle: float, size: tuple[int, int]
+) -> torch.Tensor:
+    """Crop a box of `image` (..., H, W), resize it to `size` and rotate it by `angle` degrees.
+
+    Equals `v2.functional.resized_crop(antialias=False)` followed by `v2.functional.rotate`
+    (counter-clockwise, about the centre) up to rounding, except that the border pixels and the
+    rotated corners sample the image around the box. Points outside the image are 0.
+    """
+    in_h, in_w = image.shape[-2:]
+    out_h, out_w = size
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    x = torch.arange(out_w, dtype=torch.float32) + (0.5 - out_w / 2)  # (W',) output pixel centres
+    y = (torch.arange(out_h, dtype=torch.float32) + (0.5 - out_h / 2))[:, None]  # (H', 1)
+    # output pixel -> rotate back -> scale to the box -> box centre, in grid_sample's [-1, 1] units
+    ax, ay = 2 * width / (out_w * in_w), 2 * height / (out_h * in_h)
+    cx, cy = (2 * left + width) / in_w - 1, (2 * top + height) / in_h - 1
+    grid = torch.empty(1, out_h, out_w, 2)  # (1, H', W', 2); filled in place, cheaper than stacking
+    grid[..., 0] = (ax * cos) * x - (ax * sin) * y + cx
+    grid[..., 1] = (ay * sin) * x + (ay * cos) * y + cy
+    flat = image.reshape(-1, 1, in_h, in_w)  # (B*C, 1, H, W): one grid serves every channel
+    src = flat if flat.is_floating_point() else flat.float()
+    grid = grid.expand(len(flat), -1, -1, -1)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if not image.is_floating_point():
+        out = out.round_().to(image.dtype)
+    return out.reshape(*image.shape[:-2], out_h, out_w)
+
+
+def rotate_bilinear(image: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate (..., H, W) counter-clockwise by `angle` degrees about the centre; corners are 0."""
+    h, w = image.shape[-2:]
+    return resized_crop_rotate(image, 0, 0, h, w, angle, (h, w))
+
+
+def train_transform(cfg: AugmentConfig, image_size: int | None = None) -> v2.Transform:
+    """Random crop/rotation/flip/intensity jitter on a (1, H, W) uint8 tensor.
+
+    Args:
+        cfg: the augmentations.
+        image_size: side of the input images; when the crop is within `MAX_FUSED_DOWNSCALE` of it,
+            crop and rotation run as one resampling (`RandomResizedCropRotate`).
+    """
+    scale = tuple(cfg.random_resized_crop_scale)
+    near = image_size is not None and image_size <= MAX_FUSED_DOWNSCALE * cfg.crop_size
+    fuse = cfg.rotation_deg > 0 and near
+    if fuse:
+        steps: list[v2.Transform] = [RandomResizedCropRotate(cfg.crop_size, scale, cfg.rotation_deg)]
+    else:
+        steps = [v2.RandomResizedCrop(cfg.crop_size, scale=scale, antialias=True)]
+        if cfg.rotation_deg > 0:
+            steps.append(RandomRotation(cfg.rotation_deg))
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
-    if cfg.rotation_deg > 0:
-        steps.append(v2.RandomRotation(cfg.rotation_deg, interpolation=v2.InterpolationMode.BILINEAR))
     if cfg.brightness > 0 or cfg.contrast > 0:
         steps.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))
     return v2.Compose(steps)
@@ -84,7 +178,13 @@ class CachedImageDataset(Dataset):
     Items are `(image, target)`: image (1, crop, crop) uint8, target (C,) float32.
     """
 
-    def __init__(self, prepared_dir: str | Path, split: str, augment: AugmentConfig | None = None, train: bool = False):
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        split: str,
+        augment: AugmentConfig | None = None,
+        train: bool = False,
+    ):
         if split not in (*SPLITS, "all"):
             raise ValueError(f"split must be one of {', '.join((*SPLITS, 'all'))}, got {split!r}")
         self.prepared_dir = Path(prepared_dir)
@@ -111,7 +211,7 @@ class CachedImageDataset(Dataset):
                 f"crop_size {augment.crop_size} exceeds the cached image_size {cache_size}; "
                 "lower the crop or rerun prepare with a larger image_size"
             )
-        return train_transform(augment) if train else eval_transform(augment)
+        return train_transform(augment, cache_size) if train else eval_transform(augment)
 
     def _open(self) -> np.ndarray:
         if self._images is None:

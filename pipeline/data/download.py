@@ -28,12 +28,11 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -41,17 +40,15 @@ from typing import Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from pipeline.classes import LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
-from pipeline.data.archives import safe_extract
+from pipeline.data.archives import STATE_DIR, ArchiveJob, fetch_archives
 from pipeline.data.sources import (DownloadError, HttpRemote, NotFound, S3Object, S3Remote,
-                                   Transfer, check_md5, file_md5, link_or_copy)
+                                   Transfer, file_md5, link_or_copy, parallel)
 from pipeline.data.synthetic import SyntheticConfig, generate
 from pipeline.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
-STATE_DIR = ".fetch"
-ARCHIVE_DIR = "archives"
 IMAGE_DIR = "images"
 LIST_FILES = (TRAIN_VAL_LIST, TEST_LIST)
 NIH_METADATA_PAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
@@ -141,6 +138,8 @@ class DownloadConfig:
     def validate(self) -> None:
         if self.workers < 1 or self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
             raise ValueError("workers must be >= 1, retries and backoff_s >= 0, timeout_s > 0")
+        if self.source == "nih" and len(self.nih.box_ids) != len(self.nih.md5):
+            raise ValueError("nih.box_ids and nih.md5 must list the same archives, in order")
         if self.source == "nih" and not self.nih.metadata_url:
             raise ValueError(
                 "nih.metadata_url is empty. NIH serves Data_Entry_2017_v2020.csv, "
@@ -189,14 +188,13 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
     (out_dir / MANIFEST).unlink(missing_ok=True)  # present only when the folder is complete
     start = time.perf_counter()
     kind = source_kind(cfg.source)
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"fetch {kind}",
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=f"fetch {kind}",
                disable=not progress, dynamic_ncols=True)
     xfer = Transfer(cfg.retries, cfg.backoff_s, cfg.timeout_s, bar.update, lambda n: _grow(bar, n))
+    fetchers = {"synthetic": _fetch_synthetic, "nih": _fetch_http, "http": _fetch_http,
+                "s3": _fetch_s3, "dir": _fetch_dir}
     try:
-        if kind == "synthetic":
-            report = {"synthetic": generate(out_dir, cfg.synthetic, progress=progress)}
-        else:
-            report = _fetch_source(kind, cfg, out_dir, xfer)
+        report = fetchers[kind](cfg, out_dir, xfer, progress)
     finally:
         bar.close()
     _check_layout(out_dir, cfg.source)
@@ -209,100 +207,21 @@ def _grow(bar: tqdm, n: int) -> None:
     bar.refresh()
 
 
-def _fetch_source(kind: str, cfg: DownloadConfig, out_dir: Path, xfer: Transfer) -> dict:
-    if kind == "nih":
-        remote = HttpRemote(cfg.nih.base_url, xfer)
-        get_meta = _getter(cfg.nih.metadata_url, cfg, xfer)
-        jobs = [_Archive(name, md5, lambda dest, i=i, md5=md5: remote.fetch_url(
-            cfg.nih.base_url.format(id=cfg.nih.box_ids[i - 1]), dest, md5))
-            for i, name, md5 in cfg.nih.selected()]
-    elif kind == "http":
-        remote = HttpRemote(cfg.source, xfer)
-        get_meta = _getter(cfg.nih.metadata_url or cfg.source, cfg, xfer)
-        jobs = [_Archive(name, md5, lambda dest, name=name, md5=md5: remote.fetch(name, dest, md5))
-                for _, name, md5 in cfg.nih.selected()]
-    elif kind == "s3":
-        return _fetch_s3(cfg, out_dir, xfer)
-    else:
-        return _fetch_dir(cfg, out_dir, xfer)
-    fetch_metadata(get_meta, out_dir)
-    return fetch_archives(jobs, out_dir, cfg)
+def _fetch_synthetic(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool) -> dict:
+    return {"synthetic": generate(out_dir, cfg.synthetic, progress=progress)}
 
 
-# --- archives ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Archive:
-    name: str
-    md5: str
-    download: Callable[[Path], None] | None = None  # fills a path with the verified archive
-    local: Path | None = None  # or: the archive is already on disk here (never moved or deleted)
-
-
-def fetch_archives(jobs: list[_Archive], out_dir: Path, cfg: DownloadConfig) -> dict:
-    """Download (or take), verify and extract each archive, `cfg.workers` at a time."""
-    results = _parallel(lambda job: _archive(job, out_dir, cfg.keep_archives), jobs, cfg.workers)
-    hashes = {rel: v for r in results for rel, v in r["files"].items()}
-    archive_dir = out_dir / ARCHIVE_DIR
-    if archive_dir.is_dir() and not any(archive_dir.iterdir()):
-        archive_dir.rmdir()
-    return {
-        "archives_fetched": sorted(r["name"] for r in results if not r["skipped"]),
-        "archives_skipped": sorted(r["name"] for r in results if r["skipped"]),
-        "hashes": hashes,
-    }
-
-
-def _archive(job: _Archive, out_dir: Path, keep: bool) -> dict:
-    marker = out_dir / STATE_DIR / f"{job.name}.json"
-    if _extracted(marker, job.md5, out_dir):
-        log.info("%s: already extracted and verified, skipping", job.name)
-        return {"name": job.name, "skipped": True, "files": {}}
-    if job.local is not None:
-        path = job.local
-        check_md5(path, job.md5, path, str(path), move_aside=False)
-    else:
-        path = out_dir / ARCHIVE_DIR / job.name
-        if path.exists() and file_md5(path) != job.md5:
-            path.unlink()  # a kept archive that no longer verifies: fetch it again
-        if not path.exists():
-            job.download(path)
-    files = safe_extract(path, out_dir, out_dir / STATE_DIR / f"extract-{job.name}")
-    write_json(marker, {"md5": job.md5, "files": {rel: size for rel, (size, _) in files.items()}})
-    if job.local is None and not keep:
-        path.unlink()
-    log.info("%s: verified and extracted %d files", job.name, len(files))
-    return {"name": job.name, "skipped": False, "files": files}
-
-
-def _extracted(marker: Path, md5: str, out_dir: Path) -> bool:
-    """Whether `marker` says this very archive was extracted and its files are all still there."""
-    if not marker.exists():
-        return False
-    state = read_json(marker)
-    if state.get("md5") != md5:
-        return False
-    return all(_size(out_dir / rel) == size for rel, size in state["files"].items())
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
-
-
-def _parallel(fn: Callable, items: Iterable, workers: int) -> list:
-    """fn over items on `workers` threads; the first error cancels what has not started."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        try:
-            return [f.result() for f in as_completed(futures)]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+def _fetch_http(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool) -> dict:
+    """NIH's own Box links (source 'nih') or a mirror's base URL, plus the metadata files."""
+    nih = cfg.nih
+    remote = HttpRemote(nih.base_url if cfg.source == "nih" else cfg.source, xfer)
+    fetch_metadata(_getter(nih.metadata_url or cfg.source, cfg, xfer), out_dir)
+    jobs = []
+    for i, name, md5 in nih.selected():
+        box = cfg.source == "nih"
+        url = nih.base_url.format(id=nih.box_ids[i - 1]) if box else remote.url(name)
+        jobs.append(ArchiveJob(name, md5, functools.partial(remote.fetch_url, url, md5=md5)))
+    return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
 
 
 # --- metadata ---------------------------------------------------------------------------------
@@ -367,7 +286,8 @@ def _s3_getter(remote: S3Remote, objects: dict[str, S3Object]) -> Getter:
     return get
 
 
-def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer) -> dict:
+def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool) -> dict:
+    """A bucket prefix holding the NIH archives, or the images already extracted."""
     remote = _s3_remote(cfg.source, cfg, xfer)
     objects = remote.list()
     if cfg.nih.metadata_url:
@@ -382,9 +302,9 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer) -> dict:
                 f"{cfg.source}: missing {', '.join(missing)}; upload them or list the archives "
                 "the bucket holds in download.nih.archives"
             )
-        jobs = [_Archive(name, md5, lambda dest, o=objects[name], m=md5: remote.fetch(o, dest, m))
+        jobs = [ArchiveJob(name, md5, functools.partial(remote.fetch, objects[name], md5=md5))
                 for _, name, md5 in wanted]
-        return fetch_archives(jobs, out_dir, cfg)
+        return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
     images = {rel: o for rel, o in objects.items()
               if rel.startswith(f"{IMAGE_DIR}/") and rel.endswith(".png")}
     if not images:
@@ -411,7 +331,7 @@ def _fetch_s3_images(remote: S3Remote, images: dict[str, S3Object], out_dir: Pat
         return True
 
     try:
-        done = _parallel(one, images.items(), cfg.workers)
+        done = parallel(one, images.items(), cfg.workers)
     finally:
         write_json(etag_file, etags)
     return {"objects_fetched": sum(done), "objects_skipped": len(done) - sum(done)}
@@ -420,19 +340,20 @@ def _fetch_s3_images(remote: S3Remote, images: dict[str, S3Object], out_dir: Pat
 # --- local folder -----------------------------------------------------------------------------
 
 
-def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer) -> dict:
+def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool) -> dict:
+    """A local folder laid out like NIH: images hard-linked, or archives extracted in place."""
     src = Path(cfg.source)
     fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
     # NIH's extracted layout, and Kaggle's images_001/images/*.png.
     images = [*src.glob(f"{IMAGE_DIR}/*.png"), *src.glob(f"images_*/{IMAGE_DIR}/*.png")]
     if images:
         return _link_images(images, out_dir, cfg.workers, xfer)
-    jobs = [_Archive(name, md5, local=src / name) for _, name, md5 in cfg.nih.selected()
+    jobs = [ArchiveJob(name, md5, local=src / name) for _, name, md5 in cfg.nih.selected()
             if (src / name).exists()]
     if not jobs:
         raise DownloadError(f"{src}: holds neither {IMAGE_DIR}/*.png nor NIH archives "
                             f"({archive_name(1)} ...); check download.source")
-    return fetch_archives(jobs, out_dir, cfg)
+    return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
 
 
 def _link_images(images: list[Path], out_dir: Path, workers: int, xfer: Transfer) -> dict:
@@ -445,8 +366,15 @@ def _link_images(images: list[Path], out_dir: Path, workers: int, xfer: Transfer
         return "linked" if linked else "copied"
 
     xfer.add_total(sum(p.stat().st_size for p in images))
-    done = _parallel(one, images, workers)
+    done = parallel(one, images, workers)
     return {f"images_{k}": done.count(k) for k in ("linked", "copied", "skipped")}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def _same_copy(a: Path, b: Path) -> bool:
@@ -494,7 +422,7 @@ def write_manifest(out_dir: Path, workers: int = 4,
             entries[rel] = cache[rel]
         else:
             todo.append((rel, path, st))
-    for rel, md5, st in _parallel(lambda t: (t[0], file_md5(t[1]), t[2]), todo, workers):
+    for rel, md5, st in parallel(lambda t: (t[0], file_md5(t[1]), t[2]), todo, workers):
         entries[rel] = [st.st_size, st.st_mtime_ns, md5]
     write_json(cache_file, entries)
     manifest = {rel: {"md5": e[2], "size": e[0]} for rel, e in sorted(entries.items())}
@@ -502,12 +430,16 @@ def write_manifest(out_dir: Path, workers: int = 4,
     return manifest
 
 
+# written beside the data by the download component (its settings and MLflow run), not data
+STEP_RECORDS = ("download_config.json", "mlflow_run.json")
+
+
 def _dataset_files(out_dir: Path) -> Iterable[Path]:
     for root, dirs, files in os.walk(out_dir):
         if Path(root) == out_dir:
             dirs[:] = [d for d in dirs if d != STATE_DIR]
         for name in files:
-            if name == MANIFEST and Path(root) == out_dir:
+            if Path(root) == out_dir and name in (MANIFEST, *STEP_RECORDS):
                 continue
             if name.endswith((".part", ".corrupt", ".tmp")):
                 continue
@@ -517,11 +449,14 @@ def _dataset_files(out_dir: Path) -> Iterable[Path]:
 def _summary(source: str, manifest: dict, transferred: int, seconds: float, report: dict,
              progress: bool) -> dict[str, Any]:
     total = sum(e["size"] for e in manifest.values())
+    images = sum(rel.startswith(f"{IMAGE_DIR}/") for rel in manifest)
     rate = transferred / 1e6 / max(seconds, 1e-9)
-    line = (f"fetch {source}: {len(manifest)} files, {total / 1e6:.1f} MB; transferred "
-            f"{transferred / 1e6:.1f} MB in {seconds:.1f} s ({rate:.1f} MB/s)")
+    size = functools.partial(tqdm.format_sizeof, suffix="B")
+    line = (f"fetch {source}: {len(manifest)} files ({images} images, {size(total)}); "
+            f"transferred {size(transferred)} in {seconds:.1f} s ({rate:.2f} MB/s)")
     log.info(line)
     if progress:
         print(line, flush=True)
-    return {"source": source, "files": len(manifest), "bytes": total, "transferred_bytes": transferred,
-            "seconds": round(seconds, 3), "mb_per_s": round(rate, 3), **report, "line": line}
+    return {"source": source, "files": len(manifest), "images": images, "bytes": total,
+            "transferred_bytes": transferred, "seconds": round(seconds, 3),
+            "mb_per_s": round(rate, 3), **report, "line": line}

@@ -160,6 +160,7 @@ def split_statistics(
             NO_FINDING: int((part[list(CLASSES)].sum(axis=1) == 0).sum()),
         }
     train_val_images = per_split["train"]["images"] + per_split["val"]["images"]
+    reasons = quarantine["reason"].value_counts().sort_index()
     return {
         "num_images": len(table),
         "num_patients": int(table["patient"].nunique()),
@@ -170,11 +171,13 @@ def split_statistics(
         "patient_overlap": patient_overlap(table),
         "quarantine": {
             "count": len(quarantine),
-            "by_reason": {str(k): int(v) for k, v in quarantine["reason"].value_counts().sort_index().items()},
+            "by_reason": {str(k): int(v) for k, v in reasons.items()},
             "first": quarantine["image"].head(EXAMPLES).tolist(),
         },
         **inventory,
-        "cache": {"file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped},
+        "cache": {
+            "file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped
+        },
         "config": asdict(cfg),
     }
 

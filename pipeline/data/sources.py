@@ -14,9 +14,10 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import requests
 from urllib3.exceptions import HTTPError
@@ -351,7 +352,6 @@ class S3Remote:
 
 def _iter_s3(body) -> Iterator[bytes]:
     from botocore.exceptions import BotoCoreError
-    from urllib3.exceptions import HTTPError
 
     try:
         yield from body.iter_chunks(CHUNK)
@@ -359,6 +359,21 @@ def _iter_s3(body) -> Iterator[bytes]:
         raise TransientError(f"transfer interrupted: {e}") from None
     finally:
         body.close()
+
+
+def parallel(fn: Callable, items: Iterable, workers: int) -> list:
+    """`fn` over `items` on `workers` threads, results in completion order.
+
+    The first error is raised once running calls finish; calls not yet started are cancelled.
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in as_completed(futures)]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 # --- local folders ----------------------------------------------------------------------------

@@ -26,13 +26,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.stats import norm
 from tqdm.auto import tqdm
 
 from pipeline import io
@@ -99,7 +99,7 @@ class SyntheticConfig:
 
     def validate(self) -> None:
         if self.num_patients < 2:
-            raise ValueError(f"num_patients is {self.num_patients}; need at least 2 (train and test)")
+            raise ValueError(f"num_patients is {self.num_patients}; need 2 or more (train, test)")
         if self.num_images < self.num_patients:
             raise ValueError(
                 f"num_images ({self.num_images}) < num_patients ({self.num_patients}); "
@@ -113,6 +113,8 @@ class SyntheticConfig:
             raise ValueError(f"persistence is {self.persistence}; choose a value in [0, 1)")
         if not 0.0 <= self.invisible_fraction < 1.0:
             raise ValueError(f"invisible_fraction is {self.invisible_fraction}; choose [0, 1)")
+        if self.seed < 0:
+            raise ValueError(f"seed is {self.seed}; choose a non-negative integer")
         if not 0.0 <= self.noise <= 0.5:
             raise ValueError(f"noise is {self.noise}; choose a value in [0, 0.5]")
 
@@ -138,7 +140,9 @@ def latent_correlation(loading: float = ILLNESS_LOADING) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _copula(loading: float) -> tuple[np.ndarray, np.ndarray]:
     chol = np.linalg.cholesky(latent_correlation(loading))  # fails loudly if not positive definite
-    thresholds = norm.ppf(1.0 - real_prevalence())  # (C,) each latent is N(0, 1)
+    quantile = statistics.NormalDist().inv_cdf
+    # Each latent is N(0, 1), so the (1 - prevalence) quantile gives the real positive rate.
+    thresholds = np.array([quantile(1.0 - p) for p in real_prevalence()])  # (C,)
     return chol, thresholds
 
 
@@ -190,7 +194,9 @@ def followup_counts(num_images: int, num_patients: int, rng: np.random.Generator
     return 1 + extra
 
 
-def split_patients(counts: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
+def split_patients(
+    counts: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """Pick whole patients for the test list; (P,) bool, True = test.
 
     Takes patients in random order until their images come closest to test_fraction of all,
@@ -258,34 +264,39 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _upsampler(size: int, cells: int) -> np.ndarray:
     """Bilinear interpolation matrix (S, cells): field = A @ G @ A.T for a (cells, cells) grid G."""
     pos = (np.arange(size) + 0.5) / size * (cells - 1)
-    return np.stack([np.interp(pos, np.arange(cells), np.eye(cells)[j]) for j in range(cells)], 1).astype(
-        np.float32
-    )
+    columns = [np.interp(pos, np.arange(cells), np.eye(cells)[j]) for j in range(cells)]
+    return np.stack(columns, 1).astype(np.float32)
 
 
 def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Smooth N(0, ~1) noise (S, S) with `cells` control points per side."""
+    """Smooth zero-mean noise (S, S), std 0.6..1, with `cells` control points per side."""
     a = _upsampler(size, cells)
     return a @ rng.standard_normal((cells, cells)).astype(np.float32) @ a.T
 
 
-def _ellipse(u, v, cx, cy, ax, ay, edge=0.12):
+Array = np.ndarray
+
+
+def _ellipse(
+    u: Array, v: Array, cx: float, cy: float, ax: float | Array, ay: float, edge: float = 0.12
+) -> tuple[Array, Array]:
     """Soft filled ellipse mask and its normalised radius^2 q (1 on the rim)."""
     q = ((u - cx) / ax) ** 2 + ((v - cy) / ay) ** 2
     return _sigmoid((1 - q) / edge * 4), q
 
 
-def _blob(u, v, cx, cy, r, edge=0.25):
+def _blob(u: Array, v: Array, cx: float, cy: float, r: float, edge: float = 0.25) -> Array:
     """Soft disk of radius r; `edge` is the blur as a share of r."""
     d = np.sqrt((u - cx) ** 2 + (v - cy) ** 2)
     return _sigmoid((r - d) / (edge * r) * 4)
 
 
-def _gauss(u, v, cx, cy, sx, sy):
+def _gauss(u: Array, v: Array, cx: float, cy: float, sx: float, sy: float) -> Array:
     return np.exp(-0.5 * (((u - cx) / sx) ** 2 + ((v - cy) / sy) ** 2))
 
 
-def _rotated(u, v, cx, cy, angle):
+def _rotated(u: Array, v: Array, cx: float, cy: float, angle: float) -> tuple[Array, Array]:
+    """Coordinates relative to (cx, cy), turned by `angle` radians."""
     c, s = math.cos(angle), math.sin(angle)
     return c * (u - cx) + s * (v - cy), -s * (u - cx) + c * (v - cy)
 
@@ -295,7 +306,7 @@ class _Scene:
 
     def __init__(self, size: int, anatomy: Anatomy, view: str, rng: np.random.Generator):
         x, y = _grid(size)
-        jitter = rng.normal(0, 0.012, size=3)  # repositioning between follow-ups
+        jitter = rng.normal(0, 0.012, size=3).tolist()  # repositioning between follow-ups
         a = anatomy
         u, v = _rotated(x, y, a.cx + jitter[0], a.cy + jitter[1], a.angle + jitter[2])
         self.u, self.v = u / a.scale, v / a.scale  # (S, S) body coordinates, y down
@@ -338,16 +349,19 @@ class _Scene:
         """Background anatomy plus disease densities, exposure and noise, as uint8 (S, S)."""
         u, v, a, rng, size = self.u, self.v, self.anatomy, self.rng, self.size
         au = np.abs(u)
-        body = _sigmoid((1 - np.abs(u / a.body_w) ** 3 - np.abs((v - 0.2) / 1.4) ** 3) * 25)
+        bu, bv = np.abs(u / a.body_w), np.abs((v - 0.2) / 1.4)
+        body = _sigmoid((1 - bu * bu * bu - bv * bv * bv) * 25)  # a rounded box
         heart, _ = _ellipse(u, v, 0.1, 0.34, self.heart_w, self.heart_h, edge=0.25)
         spine = _sigmoid((0.07 - au) * 60)
         lungs = self.both_lungs() * (1 - heart) * (1 - 0.7 * spine)  # heart and spine hide lung
         lungs = lungs * (1 - 0.25 * _sigmoid((v - 0.2) * 6))  # soft tissue over the bases
         lungs = lungs * (1 - np.clip(self.opacity, 0, 1))  # airspace disease: air -> tissue
         # Posterior ribs: curved bands sloping down laterally; clavicles: bands rising laterally.
-        ribs = 0.5 + 0.5 * np.cos(2 * np.pi * (v - 0.15 * au + 0.3 * u * u) / a.rib_period + a.rib_phase)
+        rib_v = v - 0.15 * au + 0.3 * u * u
+        ribs = 0.5 + 0.5 * np.cos(2 * np.pi * rib_v / a.rib_period + a.rib_phase)
         t = np.clip((au - 0.08) / 0.6, 0, 1)
-        clavicles = _sigmoid((0.035 - np.abs(v + 0.74 + 0.12 * t)) * 60) * _sigmoid((0.72 - au) * 30)
+        clavicles = _sigmoid((0.035 - np.abs(v + 0.74 + 0.12 * t)) * 60)
+        clavicles = clavicles * _sigmoid((0.72 - au) * 30)
         # Vessels: smooth texture, strongest at the hila, fading to the periphery.
         hila = _gauss(au, v, 0.2, -0.05, 0.08, 0.14)
         markings = _smooth_field(rng, size, 14) * (0.3 + _gauss(au, v, 0.2, -0.05, 0.3, 0.45))
@@ -355,12 +369,14 @@ class _Scene:
         img = 0.05 + 0.55 * body + 0.1 * spine * body + 0.12 * clavicles
         img = img - self.lung_dark * lungs + texture * lungs - 0.12 * self.pneumothorax * lungs
         img = img + self.add + 0.03 * _smooth_field(rng, size, 4)  # + uneven exposure
-        img = a.contrast * img + a.brightness + noise * rng.standard_normal((size, size), np.float32)
+        img = a.contrast * img + a.brightness
+        img = img + noise * rng.standard_normal((size, size), np.float32)
         return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-# One function per disease: it adds a density to scene.add or changes the anatomy; `s` in (0, 1]
-# is the strength. Anatomy changes (cardiomegaly, emphysema) run before the density patterns.
+# One function per disease, `s` in (0, 1] its strength. Airspace disease and fluid fill the lung
+# (scene.opacity: the air turns to soft tissue, so it never outshines the heart); lumps, lines and
+# rims add density (scene.add); cardiomegaly and emphysema change the anatomy and run first.
 
 
 def _cardiomegaly(sc: _Scene, s: float) -> None:
@@ -387,8 +403,8 @@ def _effusion(sc: _Scene, s: float) -> None:
         cx, cy, ax, ay = sc.lung_geometry(side)
         level = cy + ay * (0.55 - 0.45 * s * sc.rng.uniform(0.7, 1.0))
         # Meniscus: the fluid climbs the lateral chest wall.
-        lateral = np.clip(side * (sc.u - cx) / ax, 0, 1.2)
-        fluid = _sigmoid((sc.v - level + 0.25 * ay * lateral**2) * 40)
+        lateral = np.clip((side * (sc.u - cx) / ax + 1) / 2, 0, 1.2)  # 0 medial .. 1 lateral
+        fluid = _sigmoid((sc.v - level + 0.4 * ay * lateral**2) * 40)
         sc.opacity += s * fluid * sc.lung(side)[0]
 
 
@@ -427,7 +443,8 @@ def _pneumothorax(sc: _Scene, s: float) -> None:
     cx, cy, ax, ay = sc.lung_geometry(side)
     # The collapsed lung pulls away from the apex and lateral wall towards the hilum.
     shrink = 1 - 0.3 * s * sc.rng.uniform(0.7, 1.0)
-    collapsed, _ = _ellipse(sc.u, sc.v, cx - side * ax * (1 - shrink), cy + ay * (1 - shrink), ax * shrink, ay * shrink)
+    ccx, ccy = cx - side * ax * (1 - shrink), cy + ay * (1 - shrink)
+    collapsed, _ = _ellipse(sc.u, sc.v, ccx, ccy, ax * shrink, ay * shrink)
     upper = _sigmoid((cy + 0.2 * ay - sc.v) * 20)
     sc.pneumothorax = np.maximum(sc.pneumothorax, sc.lung(side)[0] * (1 - collapsed) * upper)
 
@@ -461,7 +478,7 @@ def _pleural_thickening(sc: _Scene, s: float) -> None:
     cx, cy, ax, ay = sc.lung_geometry(side)
     _, q = sc.lung(side)
     r = np.sqrt(q)
-    rim = _sigmoid((r - 0.8) * 40) * _sigmoid((1.06 - r) * 40)
+    rim = _sigmoid((r - 0.74) * 40) * _sigmoid((1.02 - r) * 40)
     lateral = _sigmoid(side * (sc.u - cx) * 12) * _sigmoid((cy + 0.6 * ay - sc.v) * 10)
     sc.add += 0.36 * s * rim * lateral
 
@@ -525,7 +542,9 @@ def render_image(
     return sc.compose(noise)
 
 
-def render_images(labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs) -> np.ndarray:
+def render_images(
+    labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs
+) -> np.ndarray:
     """Draw (N, S, S) uint8 images for (N, C) labels, each with a fresh random patient."""
     return np.stack([render_image(y, sample_anatomy(rng), rng, size, **kwargs) for y in labels])
 
@@ -535,6 +554,8 @@ def render_images(labels: np.ndarray, rng: np.random.Generator, size: int = 128,
 
 @dataclass
 class _Metadata:
+    """Per-image facts that go into the label file and the split lists."""
+
     patient: np.ndarray  # (N,) patient id, 1-based like NIH
     followup: np.ndarray  # (N,) 0-based follow-up number
     labels: np.ndarray  # (N, C) uint8
@@ -544,7 +565,7 @@ class _Metadata:
     is_test: np.ndarray  # (N,) bool
 
 
-def sample_metadata(cfg: SyntheticConfig, rng: np.random.Generator) -> _Metadata:
+def _sample_metadata(cfg: SyntheticConfig, rng: np.random.Generator) -> _Metadata:
     """Patients, follow-ups, labels, demographics and split for every image."""
     counts = followup_counts(cfg.num_images, cfg.num_patients, rng)  # (P,)
     pidx = np.repeat(np.arange(cfg.num_patients), counts)  # (N,) 0-based patient index
@@ -552,7 +573,7 @@ def sample_metadata(cfg: SyntheticConfig, rng: np.random.Generator) -> _Metadata
     labels = sample_labels(cfg.num_images, rng, groups=pidx, persistence=cfg.persistence)
     base_age = np.clip(rng.normal(47, 17, cfg.num_patients), 1, 92)  # (P,)
     years_per_visit = rng.uniform(0, 0.6, cfg.num_patients)
-    age = np.floor(base_age[pidx] + followup * years_per_visit[pidx]).astype(int)
+    age = np.floor(np.clip(base_age[pidx] + followup * years_per_visit[pidx], 1, 100)).astype(int)
     gender = np.where(rng.random(cfg.num_patients) < 0.565, "M", "F")[pidx]
     # Sick patients are more often filmed supine at the bedside (AP): ~40% AP overall, as in NIH.
     p_ap = 0.32 + 0.18 * (labels.sum(1) > 0)
@@ -601,9 +622,12 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    meta = sample_metadata(cfg, np.random.default_rng([cfg.seed, 0]))
+    # The label file is written last, so its presence means the dataset is complete.
+    (out_dir / LABEL_CSV_NAMES[0]).unlink(missing_ok=True)
+    meta = _sample_metadata(cfg, np.random.default_rng([cfg.seed, 0]))
     patients = meta.patient - 1
-    anatomies = [sample_anatomy(r) for r in np.random.default_rng([cfg.seed, 1]).spawn(cfg.num_patients)]
+    patient_rngs = np.random.default_rng([cfg.seed, 1]).spawn(cfg.num_patients)
+    anatomies = [sample_anatomy(r) for r in patient_rngs]
     names = [image_name(p, f) for p, f in zip(meta.patient, meta.followup)]
     for i in tqdm(range(cfg.num_images), desc="synthetic images", unit="img", disable=not progress):
         rng = np.random.default_rng([cfg.seed, 2, i])  # one stream per image: reproducible alone
@@ -612,9 +636,10 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
             cfg.invisible_fraction, cfg.noise,
         )
         _save_png(images_dir / names[i], img)
-    # Lists and CSV last: a dataset whose label file exists is complete.
-    io.write_text(out_dir / TRAIN_VAL_LIST, "\n".join(n for n, t in zip(names, meta.is_test) if not t))
-    io.write_text(out_dir / TEST_LIST, "\n".join(n for n, t in zip(names, meta.is_test) if t))
+    train_val = [n for n, t in zip(names, meta.is_test) if not t]
+    test = [n for n, t in zip(names, meta.is_test) if t]
+    io.write_text(out_dir / TRAIN_VAL_LIST, "\n".join(train_val))  # NIH: no trailing newline
+    io.write_text(out_dir / TEST_LIST, "\n".join(test))
     io.write_text(out_dir / LABEL_CSV_NAMES[0], _label_csv(meta, cfg.image_size))
     return {
         "images": cfg.num_images,

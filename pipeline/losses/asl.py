@@ -6,11 +6,13 @@ With p = sigmoid(z) and the shifted probability p_m = max(p - m, 0) for negative
     L-_ic = -p_m^gamma_neg * log(1 - p_m)         for a negative.
 
 Easy negatives are down-weighted by the focusing term and those with p < m are discarded by the
-shift. The focusing weights keep their gradient, as in the paper. Unlike timm's `AsymmetricLossMultiLabel`,
-which returns the sum, this reduces by the mean over all B x C pairs, so gamma_pos = gamma_neg = 0
-with clip = 0 is exactly `F.binary_cross_entropy_with_logits(z, y)` (mean reduction). Logs are taken
-in log space (logsigmoid, log1p) instead of clamping p at an eps, so the value and gradient stay
-exact and finite for any finite logit.
+shift. The focusing weights keep their gradient, as in the paper.
+
+Reduction: unlike timm's `AsymmetricLossMultiLabel`, which returns the sum, this takes the mean
+over all B x C pairs, so gamma_pos = gamma_neg = 0 with clip = 0 is exactly
+`F.binary_cross_entropy_with_logits(z, y)` (mean reduction). Logs are taken in log space
+(logsigmoid, log1p) instead of clamping p at an eps, so value and gradient stay exact and finite
+for any finite logit.
 """
 
 from __future__ import annotations

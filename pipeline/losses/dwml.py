@@ -92,7 +92,7 @@ def image_weights(
         w = w / torch.where(pos, n_pos, n_neg).to(w.dtype)
     # dividing by the mean (not multiplying by numel / sum) keeps ones exactly ones; clamping the
     # mean at `tiny` bounds every weight by B * C
-    return w * (w.numel() / w.sum())
+    return w / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
 
 
 def category_weights(
@@ -248,9 +248,9 @@ class DualWeightedMetricLoss(nn.Module):
                     f"DualWeightedMetricLoss: logits have {z.shape[1]} classes but pos_counts "
                     f"has {self.pos_counts.numel()}; build the loss from the same class list"
                 )
-            l = pair_terms(z, y)  # (B, C)
+            per_pair = pair_terms(z, y)  # (B, C)
             a, b = self.get_weights(z, y)  # (B, C) each, detached
-            pair = (b * a * l).mean()
+            pair = (b * a * per_pair).mean()
             loss = pair
             separation = z.new_zeros(())
             if prototypes is not None:
@@ -263,7 +263,7 @@ class DualWeightedMetricLoss(nn.Module):
                 "loss": loss,
                 "pair": pair.detach(),
                 "separation": separation.detach(),
-                "bce": l.detach().mean(),
+                "bce": per_pair.detach().mean(),
                 "image_weight_pos": _masked_mean(a, pos),
                 "image_weight_neg": _masked_mean(a, ~pos),
                 "category_weight_pos": _masked_mean(b, pos),

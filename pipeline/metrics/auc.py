@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.classes import CLASSES
 
-# Resamples processed together: bounds the (R, N * C) work arrays to ~100 MB at 25,596 x 14.
+# Resamples processed together: bounds the (R, N * C) work arrays to ~70 MB per model at 25,596 x 14.
 _CHUNK = 64
 
 
@@ -180,14 +180,17 @@ class _RankPlan:
         weight of class-c negatives below s_i    = E[lower_i] - E[start_c]
         weight of class-c negatives at or below  = E[upper_i] - E[start_c]
     so its Mann-Whitney credit, ties counting one half, is
-        w_i * ((E[lower_i] + E[upper_i]) / 2 - E[start_c]).
+        w_i * ((E[lower_i] - E[start_c]) + (E[upper_i] - E[start_c])) / 2.
+    Integer weights are summed in unsigned integers that may wrap around: each difference is at
+    most a resample's total weight, so it comes out exact modulo 2^bits as long as that total
+    fits, and 16 bits (any N < 65,536) halve the memory traffic of the cumulative sum.
     """
 
     neg_rows: np.ndarray  # (M,) row of each negative, class blocks sorted by score
     pos_rows: np.ndarray  # (P,) row of each positive, class after class
     lower: np.ndarray  # (P,) index into E: class-c negatives strictly below the positive
     upper: np.ndarray  # (P,) index into E: class-c negatives at or below the positive
-    start: np.ndarray  # (C,) index into E where each class's block starts
+    start: np.ndarray  # (P,) index into E where the positive's class block starts
     pos_class: np.ndarray  # (P, C) one-hot class of each positive, float64 for a matmul
     y: np.ndarray  # (N, C) labels as float64
     # Work arrays kept between calls: fresh (R, M) arrays per chunk cost more in page faults
@@ -208,7 +211,7 @@ class _RankPlan:
             pos_blocks.append(pos)
             lower.append(offset + np.searchsorted(neg_scores, scores[pos, c], side="left"))
             upper.append(offset + np.searchsorted(neg_scores, scores[pos, c], side="right"))
-            start.append(offset)
+            start.append(np.full(pos.size, offset))
             offset += neg.size
         pos_class = np.repeat(np.eye(y.shape[1]), [p.size for p in pos_blocks], axis=0)
         return cls(
@@ -216,7 +219,7 @@ class _RankPlan:
             pos_rows=np.concatenate(pos_blocks),
             lower=np.concatenate(lower),
             upper=np.concatenate(upper),
-            start=np.array(start),
+            start=np.concatenate(start),
             pos_class=pos_class,
             y=y.astype(np.float64),
         )
@@ -231,9 +234,8 @@ class _RankPlan:
         """E (R, M + 1): prefix sums of each weighting over the presorted negatives."""
         r, m = weights.shape[0], self.neg_rows.size
         if np.issubdtype(weights.dtype, np.integer):
-            # E never exceeds the sum over all class blocks; int32 halves the memory traffic.
-            bound = weights.sum(axis=1, dtype=np.float64).max(initial=0) * self.y.shape[1]
-            acc = np.int32 if bound < 2**30 else np.int64
+            total = weights.sum(axis=1, dtype=np.float64).max(initial=0)
+            acc = next(t for t in (np.uint16, np.uint32, np.uint64) if total < np.iinfo(t).max)
         else:
             acc = np.float64
         gathered = np.take(weights, self.neg_rows, axis=1, out=self._buffer((r, m), weights.dtype))
@@ -253,12 +255,13 @@ class _RankPlan:
             (R, C) AUCs; NaN where a weighting leaves a class without positive or negative weight.
         """
         prefix = self._prefix_sums(weights)  # (R, M + 1)
-        below_twice = np.take(prefix, self.lower, axis=1).astype(np.float64)  # (R, P)
-        below_twice += np.take(prefix, self.upper, axis=1)
+        start = np.take(prefix, self.start, axis=1)  # (R, P)
+        # Subtract in the prefix dtype first: wrapped unsigned sums are exact only as differences.
+        below_twice = (np.take(prefix, self.lower, axis=1) - start).astype(np.float64)  # (R, P)
+        below_twice += np.take(prefix, self.upper, axis=1) - start
         w_pos_rows = np.take(weights, self.pos_rows, axis=1).astype(np.float64)  # (R, P)
         w_pos = w_pos_rows @ self.pos_class  # (R, C)
-        u = (w_pos_rows * below_twice) @ self.pos_class / 2.0  # (R, C), still counting E[start]
-        u -= w_pos * np.take(prefix, self.start, axis=1)
+        u = (w_pos_rows * below_twice) @ self.pos_class / 2.0  # (R, C)
         w_neg = weights.sum(axis=1, dtype=np.float64)[:, None] - w_pos
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where((w_pos > 0) & (w_neg > 0), u / (w_pos * w_neg), np.nan)
@@ -299,6 +302,8 @@ def _bootstrap_samples(
     y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int, seed: int
 ) -> list[np.ndarray]:
     """Per-resample AUCs of several score sets on the same resampled rows; each (R, C)."""
+    if y.shape[0] == 0:
+        raise ValueError("cannot bootstrap zero predictions: the evaluated split is empty")
     plans = [_RankPlan.build(y, s) for s in score_sets]
     rng = np.random.default_rng(seed)
     out = [np.empty((n_resamples, y.shape[1])) for _ in plans]

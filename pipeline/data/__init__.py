@@ -1,0 +1,1 @@
+"""Datasets: the synthetic ChestX-ray14 generator and the loaders built on the NIH layout."""

@@ -1,0 +1,80 @@
+"""The whole pipeline through the real `dvc repro`, on a tiny synthetic demo, in a copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.classes import CLASSES
+from tests.conftest import run_env
+
+pytestmark = pytest.mark.slow
+
+
+def dvc(repo: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=repo, env=run_env(repo), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
+    first = dvc(demo_repo, "repro")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    for stage in ("download", "prepare", "prototypes", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout
+
+    raw = demo_repo / "data" / "raw"
+    assert (raw / "train_val_list.txt").exists() and (raw / "test_list.txt").exists()
+    assert len(list((raw / "images").glob("*.png"))) == 360
+    manifest = pd.read_csv(demo_repo / "data/prepared/manifest.csv")
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    by_split = manifest.groupby("split")["patient"].apply(set)
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["val"] & by_split["test"])
+    assert not (by_split["train"] & by_split["val"])
+    stats = json.loads((demo_repo / "data/prepared/split_stats.json").read_text())
+    assert stats["patient_overlap"] == 0
+
+    protos = np.load(demo_repo / "artifacts/prototypes/prototypes.npy")
+    assert protos.shape == (14, 384) and np.isfinite(protos).all()
+    meta = json.loads((demo_repo / "artifacts/prototypes/prototypes.json").read_text())
+    assert meta["classes"] == list(CLASSES)
+
+    assert (demo_repo / "artifacts/model/best.pt").exists() and (demo_repo / "artifacts/model/last.pt").exists()
+    history = pd.read_csv(demo_repo / "reports/train/history.csv")
+    assert list(history["epoch"]) == [1, 2]
+
+    metrics = json.loads((demo_repo / "reports/metrics.json").read_text())
+    assert set(metrics["per_class_auc"]) == set(CLASSES)
+    assert 0.0 < metrics["mean_auc"] < 1.0
+    lo, hi = metrics["mean_auc_ci"]
+    assert lo <= metrics["mean_auc"] <= hi
+    assert (demo_repo / "reports/plots/roc.png").stat().st_size > 10_000
+    per_class = pd.read_csv(demo_repo / "reports/per_class_auc.csv")
+    assert list(per_class["class"]) == list(CLASSES)
+    predictions = pd.read_parquet(demo_repo / "reports/predictions/test.parquet")
+    assert len(predictions) == (manifest["split"] == "test").sum()
+
+    registration = json.loads((demo_repo / "reports/registration.json").read_text())
+    assert registration["version"] == "1" and registration["promote"] is True
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{demo_repo / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("cxr-dwml", "champion")
+    challenger = client.get_model_version_by_alias("cxr-dwml", "challenger")
+    assert champion.version == challenger.version == "1"
+    assert float(champion.tags["test_mean_auc"]) == pytest.approx(metrics["mean_auc"])
+    train_run = client.get_run(champion.run_id)
+    assert train_run.data.tags["cxr.step"] == "train"
+    assert "test_mean_auc" in train_run.data.metrics and "val_mean_auc" in train_run.data.metrics
+    assert {"cxr.run.download", "cxr.run.prepare", "cxr.run.prototypes"} <= set(train_run.data.tags)
+
+    # a second run has nothing to do and says so
+    second = dvc(demo_repo, "repro")
+    assert second.returncode == 0, second.stderr
+    assert "Running stage" not in second.stdout
+    assert "up to date" in second.stdout.lower()
