@@ -4,11 +4,13 @@ Run:
     python -m components.download --out data/raw
     python -m components.download --out data/raw --source s3://my-bucket/chestxray14
 The source comes from `download.source` in params.yaml: synthetic | nih | s3://bucket/prefix |
-http(s)://mirror | a local folder.
+http(s)://mirror | a local folder; the environment variable CXR_DATA_SOURCE (and CXR_S3_ENDPOINT_URL
+for `download.s3.endpoint_url`) overrides it, --source overrides both.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,8 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=None, help="override download.source")
     args = p.parse_args(argv)
     cfg, params = stage_config(args, "download", DownloadConfig)
+    # deployments (docker/compose.yaml) name their data store in the environment
+    if os.environ.get("CXR_DATA_SOURCE") and not args.source:
+        print(f"[download] source from CXR_DATA_SOURCE: {os.environ['CXR_DATA_SOURCE']}")
+        cfg.source = os.environ["CXR_DATA_SOURCE"]
+    if os.environ.get("CXR_S3_ENDPOINT_URL") and not cfg.s3.endpoint_url:
+        cfg.s3.endpoint_url = os.environ["CXR_S3_ENDPOINT_URL"]
     if args.source:
         cfg.source = args.source
+    cfg.validate()
     out = Path(args.out)
     with mlflow_run(args, params, "download") as run:
         t0 = time.perf_counter()

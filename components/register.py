@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         decision = registry.decide(cfg, y, ours, metrics.get("mean_auc"), champ_preds,
                                    champ.version if champ is not None else None)
         registry.apply_decision(client, cfg.model_name, version.version, decision)
-        record = {"model_name": cfg.model_name, "version": version.version, "model_uri": info.model_uri,
+        record = {"model_name": cfg.model_name, "version": str(version.version), "model_uri": info.model_uri,
                   "run_id": run.info.run_id, "aliases": _aliases(client, cfg.model_name, version.version),
-                  "tracking_uri": tracking._redacted_uri(), **decision}
+                  "tracking_uri": tracking._redacted_uri(), "mean_auc_ci": metrics.get("mean_auc_ci"),
+                  **decision, "tags": tags}
         write_json(args.out, record)
         import mlflow
 

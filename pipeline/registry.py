@@ -9,6 +9,7 @@ gate is a decision, not an error: it is recorded in tags and in registration.jso
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,12 @@ def decide(cfg: RegisterConfig, y: np.ndarray, ours: pd.DataFrame, mean_auc: flo
                                 "mean_auc": mean_auc, "champion_version": champ_version}
     if mean_auc is None or not mean_auc >= cfg.min_auc:
         return {**decision, "promote": False, "reason": f"mean AUC {mean_auc} is below the floor {cfg.min_auc}"}
-    if champ_predictions is None:
+    if champ_version is None:
         return {**decision, "promote": True, "reason": "no champion yet and the floor is met"}
+    if champ_predictions is None:  # never replace a champion without comparing against it
+        return {**decision, "promote": False,
+                "reason": f"champion v{champ_version} has no {PREDICTIONS_ARTIFACT} in its run to compare "
+                          f"against; promote manually if intended (python -m components.promote)"}
     merged = ours.merge(champ_predictions, on="image", suffixes=("", "_champion"))
     if len(merged) != len(ours):
         return {**decision, "promote": False,
@@ -139,13 +144,19 @@ def decide(cfg: RegisterConfig, y: np.ndarray, ours: pd.DataFrame, mean_auc: flo
 
 def champion_predictions(client, version) -> pd.DataFrame | None:
     """The champion's test predictions, logged by its evaluate step into its training run."""
+    import tempfile
+
     import mlflow
 
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=PREDICTIONS_ARTIFACT)
-    except Exception:
+    if not version.run_id:
         return None
-    return pd.read_parquet(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=PREDICTIONS_ARTIFACT,
+                                                       dst_path=tmp)
+        except Exception:  # MlflowException or OSError: the run has no such artifact
+            return None
+        return pd.read_parquet(path)
 
 
 def apply_decision(client, name: str, version: str, decision: dict[str, Any]) -> None:
@@ -153,9 +164,12 @@ def apply_decision(client, name: str, version: str, decision: dict[str, Any]) ->
         client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "gate.promoted", str(decision["promote"]).lower())
     client.set_model_version_tag(name, version, "gate.reason", decision["reason"][:5000])
-    for key in ("delta", "p_value", "champion_version"):
+    for key in ("delta", "delta_ci", "p_value", "champion_version", "champion_mean_auc", "floor", "margin",
+                "max_p_value"):
         if decision.get(key) is not None:
-            client.set_model_version_tag(name, version, f"gate.{key}", str(decision[key]))
+            value = decision[key]
+            client.set_model_version_tag(name, version, f"gate.{key}",
+                                         json.dumps(value) if isinstance(value, list) else str(value))
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
@@ -174,8 +188,6 @@ def _torch_load(path: Path) -> dict:
 
 
 def _read_thresholds(path: Path) -> dict[str, float]:
-    import json
-
     return json.loads(Path(path).read_text())["thresholds"]
 
 

@@ -4,8 +4,10 @@ Preprocessing (8-bit grayscale, resize to the training cache size, centre crop),
 label prototypes, the class names and the validation thresholds all travel inside the logged model:
     model = mlflow.pyfunc.load_model("models:/cxr-dwml@champion")
     model.predict(pd.DataFrame({"image": [png_bytes, ...]}))
-Accepted inputs: a DataFrame with an `image` column of PNG/JPEG bytes (base64 text when served over
-JSON) or uint8 arrays (H, W); a list of those; or a uint8 ndarray (N, H, W) / (H, W).
+The pyfunc's signature is one binary column `image`: pass a DataFrame whose `image` column holds
+PNG/JPEG bytes or uint8 arrays (H, W) / (H, W, 3|4) (base64 text in JSON for `mlflow models serve`).
+`Predictor` and `CxrDwmlModel.predict` themselves also take a plain list of those or a uint8 ndarray
+(N, H, W) / (H, W); MLflow's schema check rejects those before they reach the pyfunc.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def decode_image(value: Any, size: int) -> np.ndarray:
     image = to_uint8_gray(image)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only memory
 
 
 def as_image_list(model_input: Any) -> list[Any]:

@@ -66,7 +66,7 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{demo_repo / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("cxr-dwml", "champion")
     challenger = client.get_model_version_by_alias("cxr-dwml", "challenger")
-    assert champion.version == challenger.version == "1"
+    assert str(champion.version) == str(challenger.version) == "1"
     assert float(champion.tags["test_mean_auc"]) == pytest.approx(metrics["mean_auc"])
     train_run = client.get_run(champion.run_id)
     assert train_run.data.tags["cxr.step"] == "train"

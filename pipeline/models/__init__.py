@@ -67,7 +67,12 @@ class CxrNet(nn.Module):
         return self.forward_head(self.forward_features(x), return_embeddings)
 
 
-def build_model(cfg: ModelConfig, text_vectors: np.ndarray, prevalence: np.ndarray | None = None) -> CxrNet:
+def build_model(
+    cfg: ModelConfig,
+    text_vectors: np.ndarray,
+    prevalence: np.ndarray | None = None,
+    calibration_images: torch.Tensor | None = None,
+) -> CxrNet:
     """Create the network.
 
     Args:
@@ -76,6 +81,8 @@ def build_model(cfg: ModelConfig, text_vectors: np.ndarray, prevalence: np.ndarr
             into the shared space; the linear head ignores them apart from C).
         prevalence: (C,) training-split positive rates; starts each class's logit at its prior
             so the first steps are not spent learning the imbalance.
+        calibration_images: (N, 1, H, W) training images (uint8 or [0, 1] float); with `prevalence`,
+            the prior is matched on their features instead of assuming a feature-free offset.
     """
     backbone = create_backbone(cfg.backbone)
     features = backbone.num_features
@@ -87,10 +94,17 @@ def build_model(cfg: ModelConfig, text_vectors: np.ndarray, prevalence: np.ndarr
         )
     else:
         head = LinearHead(features, num_classes)
-    if prevalence is not None:
-        head.init_prior(torch.as_tensor(prevalence, dtype=torch.float32))
     mean, std = backbone_norm(backbone)
-    return CxrNet(backbone, head, mean, std)
+    model = CxrNet(backbone, head, mean, std)
+    if prevalence is not None:
+        pooled = None
+        if calibration_images is not None:
+            with torch.no_grad():
+                model.eval()
+                pooled = backbone.forward_head(model.forward_features(calibration_images), pre_logits=True)  # (N, F)
+                model.train()
+        head.init_prior(torch.as_tensor(prevalence, dtype=torch.float32), pooled)
+    return model
 
 
 def backbone_norm(backbone: nn.Module) -> tuple[float, float]:
@@ -101,16 +115,15 @@ def backbone_norm(backbone: nn.Module) -> tuple[float, float]:
     return float(np.mean(mean)), float(np.mean(std))
 
 
-
-
 def model_from_bundle(bundle: dict, device: str | torch.device = "cpu") -> CxrNet:
     """Rebuild the network saved by training (`best.pt`) in eval mode, without any download."""
     from ..config import build
 
-    cfg = build(ModelConfig, bundle["model_config"], "model_config")
-    # the weights come from the bundle: never fetch pretrained ones for the skeleton
-    cfg.backbone.pretrained = False
-    cfg.backbone.checkpoint_path = None
+    values = dict(bundle["model_config"])
+    # the weights come from the bundle: never fetch pretrained ones for the skeleton, nor require
+    # the training host's checkpoint file to exist here
+    values["backbone"] = {**values.get("backbone", {}), "pretrained": False, "checkpoint_path": None}
+    cfg = build(ModelConfig, values, "model_config")
     model = build_model(cfg, np.asarray(bundle["text_vectors"]))
     model.load_state_dict(bundle["model_state"])
     return model.to(device).eval()

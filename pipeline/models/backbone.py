@@ -21,7 +21,8 @@ class BackboneConfig:
     grad_checkpointing: bool = False
 
     def validate(self) -> None:
-        if self.name not in timm.list_models():
+        # is_model accepts pretrained tags ("convnext_atto.d2_in1k"), which list_models() omits
+        if not timm.is_model(self.name):
             close = timm.list_models(f"*{self.name.split('_')[0]}*")[:8]
             raise ValueError(f"unknown timm model name '{self.name}'; similar: {', '.join(close)}")
         if self.checkpoint_path and not Path(self.checkpoint_path).is_file():

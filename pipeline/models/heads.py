@@ -26,6 +26,27 @@ def squared_distance(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * v @ p.t()).clamp_(0.0, 4.0)
 
 
+@torch.no_grad()
+def prior_offset(logits: torch.Tensor, prevalence: torch.Tensor, iters: int = 50) -> torch.Tensor:
+    """Per-class shift o with mean_i sigmoid(logits_ic + o_c) = prevalence_c, by bisection.
+
+    Args:
+        logits: (N, C) logits of some training images.
+        prevalence: (C,) target mean scores in (0, 1).
+
+    Returns:
+        (C,) offsets. Matching the mean score, not the mean logit, matters when the logits of a
+        class spread over several units: sigmoid is far from linear there.
+    """
+    target = torch.logit(prevalence)  # (C,)
+    lo, hi = target - logits.max(0).values, target - logits.min(0).values  # bracket the root
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        above = torch.sigmoid(logits + mid).mean(0) > prevalence  # (C,)
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+    return (lo + hi) / 2
+
+
 class MetricHead(nn.Module):
     """Images and label texts in one metric space; the label vectors are the class prototypes.
 
@@ -59,10 +80,22 @@ class MetricHead(nn.Module):
         return F.normalize(self.text_proj(self.text_vectors), dim=-1)  # (C, D)
 
     @torch.no_grad()
-    def init_prior(self, prevalence: torch.Tensor) -> None:
-        # at start d ~ 2 (random directions): choose r so that sigmoid(z) equals the class prior
+    def init_prior(self, prevalence: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+        """Choose r so that the initial logit of class c is logit(prevalence_c).
+
+        Args:
+            prevalence: (C,) positive rates.
+            pooled: (N, F) features of some training images: the radius is then set so that their
+                mean score is the prior. Without them d is taken as 2 (random directions), which a
+                small embed_dim misses by up to +-0.5 per class (several logits), as at init a
+                class's distances to all image vectors share one offset.
+        """
         p = prevalence.clamp(1e-4, 1 - 1e-4)
-        self.radius.copy_(2.0 + torch.logit(p) / self.scale)
+        if pooled is None:
+            self.radius.copy_(2.0 + torch.logit(p) / self.scale)
+            return
+        self.radius.zero_()
+        self.radius.copy_(prior_offset(self(pooled).logits, p) / self.scale)  # z = k * (r - d)
 
     def forward(self, pooled: torch.Tensor) -> ModelOutput:
         v = F.normalize(self.visual_proj(pooled), dim=-1)  # (B, D)
@@ -80,8 +113,14 @@ class LinearHead(nn.Module):
         self.fc = nn.Linear(in_features, num_classes)
 
     @torch.no_grad()
-    def init_prior(self, prevalence: torch.Tensor) -> None:
-        self.fc.bias.copy_(torch.logit(prevalence.clamp(1e-4, 1 - 1e-4)))
+    def init_prior(self, prevalence: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+        """Bias so that the initial scores average `prevalence` (C,) over `pooled` (N, F) if given."""
+        p = prevalence.clamp(1e-4, 1 - 1e-4)
+        if pooled is None:
+            self.fc.bias.copy_(torch.logit(p))
+            return
+        self.fc.bias.zero_()
+        self.fc.bias.copy_(prior_offset(self.fc(pooled), p))
 
     def forward(self, pooled: torch.Tensor) -> ModelOutput:
         return ModelOutput(logits=self.fc(pooled))  # (B, C)

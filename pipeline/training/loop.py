@@ -15,7 +15,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from ..classes import CLASSES
@@ -74,6 +74,7 @@ class TrainResult:
     best_path: Path
     last_path: Path
     resumed_from: int | None = None
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the last weights, on every rank
 
 
 class TrainingInterrupted(RuntimeError):
@@ -156,6 +157,8 @@ def train(
     val_sampler = DistributedSampler(val_ds, dist.world_size, dist.rank, shuffle=False) if dist.enabled else None
     val_loader = build_loader(val_ds, cfg.eval_batch_size, shuffle=False, workers=cfg.workers,
                               seed=cfg.seed, sampler=val_sampler, pin_memory=pin)
+    if len(val_ds) == 0:
+        raise ValueError(f"{prepared_dir}: the val split is empty; raise prepare.val_fraction and rerun prepare")
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -166,7 +169,8 @@ def train(
         )
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, text_vectors, prevalence=pos_counts / max(1, num_images)).to(device)
+    model = build_model(cfg.model, text_vectors, prevalence=pos_counts / max(1, num_images),
+                        calibration_images=_calibration_images(prepared_dir, cfg)).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     criterion = build_loss(cfg.loss, pos_counts.tolist(), num_images).to(device)
@@ -177,7 +181,8 @@ def train(
     ema = _build_ema(model, cfg.ema_decay, device)
 
     state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
-    resumed_from = _maybe_resume(cfg, out_dir / LAST, fingerprint, model, optimizer, scheduler, scaler, ema, state)
+    resumed_from = _maybe_resume(cfg, out_dir / LAST, fingerprint, model, optimizer, scheduler, scaler, ema,
+                                 state, dist)
 
     net = model
     if dist.enabled:
@@ -187,7 +192,6 @@ def train(
     if cfg.compile:
         net = torch.compile(net)
 
-    stopped_early = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state.get("finished"):
             break
@@ -200,6 +204,7 @@ def train(
         train_metrics = _train_epoch(
             net, criterion, optimizer, scheduler, scaler, ema, train_loader, steps_per_epoch,
             device, amp_dtype, cfg, epoch, state, log, progress and dist.is_main, interrupt_after_steps,
+            dist.world_size,
         )
         eval_model = ema.module if ema is not None else model
         val = _validate(eval_model, val_loader, device, amp_dtype, dist, progress and dist.is_main)
@@ -215,6 +220,7 @@ def train(
         stop = cfg.early_stopping_patience > 0 and state["bad_epochs"] >= cfg.early_stopping_patience
         stop = D.broadcast_flag(dist, stop)
         state["finished"] = stop or epoch == cfg.epochs
+        state["stopped_early"] = stop
         if dist.is_main:
             if improved:
                 save_checkpoint(out_dir / BEST, model_bundle(
@@ -223,20 +229,19 @@ def train(
             save_checkpoint(out_dir / LAST, _full_state(model, optimizer, scheduler, scaler, ema, state, cfg, fingerprint))
         D.barrier(dist)
         if stop:
-            stopped_early = True
             break
 
     D.cleanup(dist)
     return TrainResult(
         best_auc=float(state["best_auc"]), best_epoch=state["best_epoch"], epochs_run=state["epoch"],
-        stopped_early=stopped_early, history=state["history"], best_path=out_dir / BEST,
-        last_path=out_dir / LAST, resumed_from=resumed_from,
+        stopped_early=bool(state.get("stopped_early")), history=state["history"], best_path=out_dir / BEST,
+        last_path=out_dir / LAST, resumed_from=resumed_from, model=model,
     )
 
 
 def _train_epoch(net, criterion, optimizer, scheduler, scaler, ema, loader, steps, device, amp_dtype,
                  cfg: TrainConfig, epoch: int, state: dict, log: Logger, progress: bool,
-                 interrupt_after_steps: int | None) -> dict:
+                 interrupt_after_steps: int | None, world_size: int = 1) -> dict:
     net.train()
     seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
@@ -267,7 +272,7 @@ def _train_epoch(net, criterion, optimizer, scheduler, scaler, ema, loader, step
         seen += images.shape[0]
         loss = float(terms["loss"].detach())
         loss_sum += loss * images.shape[0]
-        rate = seen / max(1e-9, time.perf_counter() - t0)
+        rate = world_size * seen / max(1e-9, time.perf_counter() - t0)  # all ranks together
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
         bar.update(1)
         if state["step"] % cfg.log_every == 0:
@@ -276,7 +281,7 @@ def _train_epoch(net, criterion, optimizer, scheduler, scaler, ema, loader, step
             raise TrainingInterrupted(f"interrupted after {state['step']} steps")
     bar.close()
     elapsed = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(1, seen), "train_images_per_s": seen / max(1e-9, elapsed),
+    return {"train_loss": loss_sum / max(1, seen), "train_images_per_s": world_size * seen / max(1e-9, elapsed),
             "lr_head": optimizer.param_groups[-1]["lr"]}
 
 
@@ -294,19 +299,26 @@ def _step_metrics(terms: dict, optimizer, grad_norm: float, rate: float, device)
 
 @torch.no_grad()
 def predict(model, loader, device, amp_dtype=None, progress: bool = False, desc: str = "predict"):
-    """Sigmoid scores (N, C) and the dataset indices they belong to, in loader order."""
+    """Sigmoid scores (N, C) and the dataset indices they belong to, in loader order.
+
+    The indices are read off the loader's sampler, so the sampler must give the same order each
+    time it is iterated: sequential, or a DistributedSampler (its order is fixed by seed and epoch).
+    """
+    if isinstance(loader.sampler, RandomSampler):
+        raise ValueError("predict() needs a loader with shuffle=False: a RandomSampler's order "
+                         "cannot be replayed to tell which image each score belongs to")
     model.eval()
-    probs, index = [], []
-    offset = 0
-    sampler_indices = list(iter(loader.sampler)) if loader.sampler is not None else None
+    order = np.fromiter(iter(loader.sampler), dtype=np.int64)  # (N,) dataset index of each row
+    probs = []
     for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         with _autocast(device, amp_dtype):
-            logits = model(images.to(device, non_blocking=True))
+            logits = model(images.to(device, non_blocking=True))  # (B, C)
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        n = images.shape[0]
-        index.append(np.asarray(sampler_indices[offset:offset + n]) if sampler_indices else np.arange(offset, offset + n))
-        offset += n
-    return np.concatenate(index), np.concatenate(probs).astype(np.float64)
+    num_classes = len(CLASSES)
+    probs = np.concatenate(probs).astype(np.float64) if probs else np.zeros((0, num_classes))  # (N, C)
+    if len(probs) != len(order):
+        raise RuntimeError(f"predict: {len(probs)} scores for {len(order)} sampled images; use drop_last=False")
+    return order, probs
 
 
 def _validate(model, loader, device, amp_dtype, dist, progress: bool) -> dict:
@@ -335,12 +347,17 @@ def _full_state(model, optimizer, scheduler, scaler, ema, state, cfg, fingerprin
     }
 
 
-def _maybe_resume(cfg, path: Path, fingerprint: str, model, optimizer, scheduler, scaler, ema, state) -> int | None:
-    if not (cfg.resume and path.exists()):
+def _maybe_resume(cfg, path: Path, fingerprint: str, model, optimizer, scheduler, scaler, ema, state,
+                  dist: D.DistInfo) -> int | None:
+    # rank 0 decides and shares the checkpoint: other nodes may not see rank 0's disk, and ranks
+    # that disagreed about the starting epoch would wait on each other forever
+    ckpt = load_checkpoint(path) if (dist.is_main and cfg.resume and path.exists()) else None
+    ckpt = D.broadcast_object(dist, ckpt)
+    if ckpt is None:
         return None
-    ckpt = load_checkpoint(path)
     if ckpt.get("fingerprint") != fingerprint:
-        print(f"[train] {path} was written with other settings or data; starting from scratch")
+        if dist.is_main:
+            print(f"[train] {path} was written with other settings or data; starting from scratch")
         return None
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -351,8 +368,15 @@ def _maybe_resume(cfg, path: Path, fingerprint: str, model, optimizer, scheduler
     set_rng_state(ckpt["rng"])
     state.update(ckpt["state"])
     done = "finished" if state.get("finished") else "continuing"
-    print(f"[train] resumed {path} at epoch {state['epoch']} ({done})")
+    if dist.is_main:
+        print(f"[train] resumed {path} at epoch {state['epoch']} ({done})")
     return int(state["epoch"])
+
+
+def _calibration_images(prepared_dir: Path, cfg: TrainConfig, count: int = 64) -> torch.Tensor:
+    """The first `count` training images, center-cropped: fixed, and no random draw is spent."""
+    ds = CachedImageDataset(prepared_dir, "train", cfg.augment, train=False)
+    return torch.stack([ds[i][0] for i in range(min(count, len(ds)))])  # (N, 1, crop, crop) uint8
 
 
 def _build_ema(model, decay: float, device):

@@ -1,0 +1,189 @@
+"""Predict: score chest X-ray files with a registered model; writes a CSV of probabilities and labels.
+
+Run:
+    python -m components.predict --model models:/cxr-dwml@champion scans/ --out predictions.csv
+    python -m components.predict --model models:/cxr-dwml@3 a.png b.jpg c.dcm
+The model is any MLflow model URI (`models:/<name>@<alias>`, `models:/<name>/<version>`, `runs:/...`,
+a local folder); `models:/` URIs are looked up in MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db).
+Folders are searched recursively for .png, .jpg, .jpeg, .dcm and .dicom files. DICOM needs pydicom
+(`pip install pydicom`); without it DICOM files are skipped with that reason.
+Files that cannot be read are skipped, never fatal: each is printed with its reason and listed in
+<out>.skipped.csv (file, reason, detail). The exit status is 1 when no file could be scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from components.common import run_main
+from pipeline.classes import CLASSES
+from pipeline.io import save_dataframe
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+SKIPPED_COLUMNS = ["file", "reason", "detail"]
+PYDICOM_MISSING = "pydicom is not installed: pip install pydicom to read DICOM files"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    files, skipped = collect_files(args.inputs)
+    model = load_model(args.model)
+    scored, unreadable = predict_files(model, files, args.batch_size, progress=not args.no_progress)
+    skipped += unreadable
+    out = Path(args.out)
+    save_dataframe(out, scored)
+    side = skipped_path(out)
+    _write_skipped(side, skipped)
+    for row in skipped:
+        print(f"[predict] skipped {row['file']}: {row['reason']} ({row['detail']})")
+    print(f"[predict] {len(scored)} image(s) scored -> {out}; {len(skipped)} skipped"
+          + (f" -> {side}" if skipped else ""))
+    return 0 if len(scored) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("--model", default="models:/cxr-dwml@champion", help="MLflow model URI (default: %(default)s)")
+    p.add_argument("--out", default="predictions.csv", help="output CSV (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def skipped_path(out: Path) -> Path:
+    """Where the list of skipped files goes: predictions.csv -> predictions.skipped.csv."""
+    return out.with_name(f"{out.stem}.skipped.csv")
+
+
+def collect_files(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files to score, in a stable order, and the inputs that do not exist (as skipped rows).
+
+    A file named on the command line is taken whatever its suffix (a decoder error then skips it);
+    a folder contributes its image and DICOM files, recursively.
+    """
+    files: list[Path] = []
+    missing: list[dict[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file()
+                            and p.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append({"file": str(path), "reason": "missing", "detail": "no such file or folder"})
+    return list(dict.fromkeys(files)), missing  # a file named twice is scored once
+
+
+def load_model(uri: str):
+    import mlflow
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri(tracking.default_tracking_uri())
+    return mlflow.pyfunc.load_model(uri)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One file -> (H, W) uint8 grayscale at its own size; the model does the resizing.
+
+    The conversion is the training cache's (`to_uint8_gray`: RGBA/RGB to luminance, 16-bit scaled
+    from its own range), so a file scores as it would have after the prepare step.
+    """
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return read_dicom(path)
+    from PIL import Image
+
+    from pipeline.data.cache import to_uint8_gray
+
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated file raises here, not inside the batch
+        return np.array(to_uint8_gray(img), dtype=np.uint8)
+
+
+def read_dicom(path: Path) -> np.ndarray:
+    """A DICOM image -> (H, W) uint8, scaled from its own range; MONOCHROME1 inverted."""
+    try:
+        import pydicom
+    except ImportError as e:
+        raise ImportError(PYDICOM_MISSING) from e
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array.astype(np.float64)
+    if pixels.ndim == 3:  # colour or multi-frame: keep the first plane
+        pixels = pixels[..., 0] if pixels.shape[-1] in (3, 4) else pixels[0]
+    pixels = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+    lo, hi = float(pixels.min()), float(pixels.max())
+    scaled = (pixels - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # 0 is white there
+        scaled = 255.0 - scaled
+    return np.rint(scaled).astype(np.uint8)
+
+
+def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool = True):
+    """Score `files` with a loaded pyfunc.
+
+    Returns:
+        (scored, skipped): a DataFrame with `file`, the 14 class probabilities and `labels`, one row
+        per readable file; and a list of {file, reason, detail} for the others.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    frames, skipped = [], []
+    bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
+    for names, images, failures in _batches(files, batch_size):
+        skipped += failures
+        if images:
+            out = model.predict(pd.DataFrame({"image": images}))
+            frames.append(pd.concat([pd.DataFrame({"file": names}), out.reset_index(drop=True)], axis=1))
+        bar.update(len(names) + len(failures))
+    bar.close()
+    columns = ["file", *CLASSES, "labels"]
+    scored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    return scored, skipped
+
+
+def _batches(files: list[Path], size: int) -> Iterator[tuple[list[str], list[np.ndarray], list[dict[str, Any]]]]:
+    """Decoded images in batches of `size` readable files, with the failures met on the way."""
+    names: list[str] = []
+    images: list[np.ndarray] = []
+    failures: list[dict[str, Any]] = []
+    for path in files:
+        try:
+            images.append(read_image(path))
+            names.append(str(path))
+        except Exception as e:  # one bad file must not stop the others
+            failures.append({"file": str(path), **_reason(e)})
+        if len(images) == size:
+            yield names, images, failures
+            names, images, failures = [], [], []
+    if images or failures:
+        yield names, images, failures
+
+
+def _reason(exc: BaseException) -> dict[str, str]:
+    from pipeline.data.cache import classify_error
+
+    if isinstance(exc, ImportError):
+        return {"reason": "unsupported", "detail": str(exc)}
+    reason, detail = classify_error(exc)
+    return {"reason": reason, "detail": detail}
+
+
+def _write_skipped(path: Path, rows: list[dict[str, str]]) -> None:
+    import pandas as pd
+
+    if rows:
+        save_dataframe(path, pd.DataFrame(rows, columns=SKIPPED_COLUMNS))
+    else:
+        path.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main("predict", main))
