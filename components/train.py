@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     text_vectors = _load_prototypes(protos_dir)
     fp = fingerprint(asdict(cfg), _input_digests(prepared, protos_dir))
     is_main = int(os.environ.get("RANK", "0")) == 0
-    previous = tracking.load_run_ref(out) if (cfg.resume and _resumable(out, fp)) else None
+    previous = tracking.load_run_ref(out) if (is_main and cfg.resume and _resumable(out, fp)) else None
     run_args = args if is_main else _without_mlflow(args)
     with mlflow_run(run_args, params, "train", run_id=previous and previous["run_id"], run_name="train") as run:
         if run is not None:

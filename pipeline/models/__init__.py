@@ -97,14 +97,21 @@ def build_model(
     mean, std = backbone_norm(backbone)
     model = CxrNet(backbone, head, mean, std)
     if prevalence is not None:
-        pooled = None
-        if calibration_images is not None:
-            with torch.no_grad():
-                model.eval()
-                pooled = backbone.forward_head(model.forward_features(calibration_images), pre_logits=True)  # (N, F)
-                model.train()
-        head.init_prior(torch.as_tensor(prevalence, dtype=torch.float32), pooled)
+        init_prior(model, prevalence, calibration_images)
     return model
+
+
+@torch.no_grad()
+def init_prior(model: CxrNet, prevalence: np.ndarray, images: torch.Tensor | None = None) -> None:
+    """Start each class's score at its prior: on `images` (N, 1, H, W) when given, on the model's device."""
+    pooled = None
+    if images is not None:
+        was_training = model.training
+        model.eval()
+        pooled = model.backbone.forward_head(model.forward_features(images), pre_logits=True).float()  # (N, F)
+        model.train(was_training)
+    prior = torch.as_tensor(prevalence, dtype=torch.float32, device=model.mean.device)
+    model.head.init_prior(prior, pooled)
 
 
 def backbone_norm(backbone: nn.Module) -> tuple[float, float]:
@@ -140,6 +147,6 @@ def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]
 
 
 __all__ = [
-    "BackboneConfig", "CxrNet", "LinearHead", "MetricHead", "ModelConfig", "ModelOutput", "build_model",
+    "BackboneConfig", "CxrNet", "LinearHead", "MetricHead", "ModelConfig", "ModelOutput", "build_model", "init_prior",
     "load_bundle", "model_from_bundle",
 ]

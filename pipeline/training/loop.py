@@ -23,7 +23,7 @@ from ..data.dataset import AugmentConfig, CachedImageDataset, build_loader
 from ..io import read_json, write_json
 from ..losses import LossConfig, build_loss
 from ..metrics import mean_auc, roc_auc
-from ..models import CxrNet, ModelConfig, build_model
+from ..models import CxrNet, ModelConfig, build_model, init_prior
 from . import distributed as D
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
 from .optim import OptimConfig, build_optimizer, build_scheduler
@@ -169,8 +169,8 @@ def train(
         )
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, text_vectors, prevalence=pos_counts / max(1, num_images),
-                        calibration_images=_calibration_images(prepared_dir, cfg)).to(device)
+    model = build_model(cfg.model, text_vectors).to(device)
+    init_prior(model, pos_counts / max(1, num_images), _calibration_images(prepared_dir, cfg).to(device))
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     criterion = build_loss(cfg.loss, pos_counts.tolist(), num_images).to(device)
@@ -282,7 +282,8 @@ def _train_epoch(net, criterion, optimizer, scheduler, scaler, ema, loader, step
     bar.close()
     elapsed = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(1, seen), "train_images_per_s": world_size * seen / max(1e-9, elapsed),
-            "lr_head": optimizer.param_groups[-1]["lr"]}
+            # per-epoch keys differ from the per-step ones (lr/head): MLflow keeps one step axis per key
+            "train_lr_head": optimizer.param_groups[-1]["lr"]}
 
 
 def _step_metrics(terms: dict, optimizer, grad_norm: float, rate: float, device) -> dict:
@@ -373,7 +374,7 @@ def _maybe_resume(cfg, path: Path, fingerprint: str, model, optimizer, scheduler
     return int(state["epoch"])
 
 
-def _calibration_images(prepared_dir: Path, cfg: TrainConfig, count: int = 64) -> torch.Tensor:
+def _calibration_images(prepared_dir: Path, cfg: TrainConfig, count: int = 32) -> torch.Tensor:
     """The first `count` training images, center-cropped: fixed, and no random draw is spent."""
     ds = CachedImageDataset(prepared_dir, "train", cfg.augment, train=False)
     return torch.stack([ds[i][0] for i in range(min(count, len(ds)))])  # (N, 1, crop, crop) uint8

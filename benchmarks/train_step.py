@@ -1,0 +1,153 @@
+"""Images/s of one training step: BCE linear head against the metric head + dual-weighted metric loss.
+
+The demo model (params.yaml: convnext_atto, embed_dim 128, hidden_dim 256, crop 56, batch 64) runs
+the training loop's step (autocast where CUDA, forward, float32 loss with its logged terms,
+backward, gradient clipping, AdamW) in three set-ups:
+    bce:         linear head + BCE                             (the baseline)
+    metric_bce:  metric head + plain BCE on distance logits    (what the head costs)
+    metric_dwml: metric head + dual-weighted metric loss       (the method)
+Repetitions interleave the set-ups, in a rotating order, so that machine noise hits each alike;
+warm-up steps are excluded and each set-up's figure is the median over repetitions. The last line
+is `dwml_step_cost_ratio <r>`: metric_dwml step time over bce step time (goal: < 1.05).
+With CUDA it also reports ConvNeXt-T at 224 px with AMP (bf16) and channels_last.
+
+    python benchmarks/train_step.py                    # CPU or the first GPU
+    python benchmarks/train_step.py --threads 1      # steadier on a busy, shared CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import build  # noqa: E402
+from pipeline.data.synthetic import real_prevalence  # noqa: E402
+from pipeline.losses import LossConfig, build_loss  # noqa: E402
+from pipeline.models import ModelConfig, build_model  # noqa: E402
+from pipeline.training.loop import autocast_dtype  # noqa: E402
+from pipeline.training.optim import OptimConfig, build_optimizer  # noqa: E402
+
+C, E = 14, 384  # classes; text vector width of the demo encoder (MiniLM-L6)
+SETUPS = {
+    "bce": ("linear", {"name": "bce"}),
+    "metric_bce": ("metric", {"name": "bce"}),
+    "metric_dwml": ("metric", {"name": "dwml"}),  # the demo's train.loss (LossConfig defaults)
+}
+
+
+class Step:
+    """One set-up: model, loss, optimiser and a fixed batch, stepping like the training loop."""
+
+    def __init__(self, head: str, loss: dict, backbone: str, batch: int, crop: int, device: torch.device,
+                 amp: str = "auto", channels_last: bool = True, embed_dim: int = 128, hidden_dim: int = 256):
+        rng = np.random.default_rng(0)
+        prevalence = real_prevalence()  # (C,) ChestX-ray14 rates, so the loss weights are realistic
+        counts = (prevalence * 86_524).astype(int)
+        cfg = build(ModelConfig, {"head": head, "embed_dim": embed_dim, "hidden_dim": hidden_dim,
+                                  "backbone": {"name": backbone}}, "model")
+        torch.manual_seed(0)
+        self.model = build_model(cfg, rng.normal(size=(C, E)).astype(np.float32), prevalence).to(device)
+        self.channels_last = channels_last and device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss = build_loss(build(LossConfig, loss, "loss"), counts.tolist(), 86_524).to(device)
+        self.optimizer = build_optimizer(self.model, OptimConfig())
+        self.amp = autocast_dtype(amp, device)
+        self.device = device
+        images = torch.from_numpy(rng.integers(0, 256, (batch, 1, crop, crop), dtype=np.uint8))  # (B, 1, H, W)
+        self.images = images.to(device)
+        if self.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.targets = torch.from_numpy((rng.random((batch, C)) < prevalence).astype(np.float32)).to(device)
+
+    def __call__(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.model(self.images, return_embeddings=True)
+        terms = self.loss(out.logits.float(), self.targets, prototypes=out.prototypes, return_terms=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        float(terms["loss"].detach())  # the loop reads the loss every step: keep its sync
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Step, n: int) -> float:
+    """Seconds per step over `n` steps."""
+    sync(step.device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(step.device)
+    return (time.perf_counter() - t0) / n
+
+
+def interleaved(steps: dict[str, Step], reps: int, n: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each set-up, repetitions interleaved in rotating order."""
+    for step in steps.values():
+        time_steps(step, warmup)
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(time_steps(steps[name], n))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def convnext_t_cuda(device: torch.device, batch: int, steps: int, warmup: int) -> float:
+    """Images/s of ConvNeXt-T at 224 px, metric head + DWML, AMP bf16 and channels_last."""
+    step = Step("metric", {"name": "dwml"}, "convnext_tiny", batch, 224, device, amp="bf16")
+    time_steps(step, warmup)
+    return batch / time_steps(step, steps)
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop", type=int, default=56)
+    p.add_argument("--backbone", default="convnext_atto")
+    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions per set-up")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per repetition")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per set-up first")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cuda-batch", type=int, default=128, help="batch of the ConvNeXt-T 224 px run")
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__} on {name}; {args.backbone}, batch {args.batch_size}, crop {args.crop}, "
+          f"{args.reps} reps x {args.steps} steps (+{args.warmup} warm-up)")
+    steps = {name: Step(head, loss, args.backbone, args.batch_size, args.crop, device)
+             for name, (head, loss) in SETUPS.items()}
+    seconds = interleaved(steps, args.reps, args.steps, args.warmup)
+    for name, s in seconds.items():
+        print(f"{name:>12}: {args.batch_size / s:9.1f} images/s   {1000 * s:8.2f} ms/step   "
+              f"x{s / seconds['bce']:.3f} of bce")
+    if device.type == "cuda":
+        rate = convnext_t_cuda(device, args.cuda_batch, steps=10, warmup=5)
+        print(f"convnext_tiny 224px bf16 channels_last, batch {args.cuda_batch}: {rate:.0f} images/s")
+    ratio = seconds["metric_dwml"] / seconds["bce"]
+    print(f"dwml_step_cost_ratio {ratio:.3f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Models: timm backbones (by name, from a local checkpoint), the metric and linear heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, build
+from pipeline.models import (
+    BackboneConfig, CxrNet, LinearHead, MetricHead, ModelConfig, ModelOutput, build_model, model_from_bundle,
+)
+from pipeline.models.backbone import create_backbone
+
+C, E = 14, 16
+
+
+@pytest.fixture(scope="module")
+def text_vectors() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(C, E)).astype(np.float32)  # (C, E)
+
+
+def tiny_config(name: str = "convnext_atto", head: str = "metric") -> ModelConfig:
+    return build(ModelConfig, {"head": head, "embed_dim": 16, "hidden_dim": 32, "backbone": {"name": name}}, "model")
+
+
+def images(dtype: torch.dtype, batch: int = 3, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8, generator=g)  # (B, 1, H, W)
+    return x if dtype == torch.uint8 else x.float() / 255.0
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnext_zepto_rms"])
+@pytest.mark.parametrize("head", ["metric", "linear"])
+def test_forward_shapes_and_finite(name, head, text_vectors):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(name, head), text_vectors).eval()
+    assert isinstance(model.head, MetricHead if head == "metric" else LinearHead)
+    with torch.no_grad():
+        logits_u8 = model(images(torch.uint8))
+        logits_f = model(images(torch.float32))
+        out = model(images(torch.uint8), return_embeddings=True)
+    assert logits_u8.shape == (3, C) and torch.isfinite(logits_u8).all()
+    # uint8 and [0, 1] float input are the same image: the model normalises both alike
+    torch.testing.assert_close(logits_u8, logits_f, rtol=1e-4, atol=1e-4)
+    assert isinstance(out, ModelOutput)
+    torch.testing.assert_close(out.logits, logits_u8)
+    if head == "metric":
+        assert out.embeddings.shape == (3, 16) and out.prototypes.shape == (C, 16)
+        torch.testing.assert_close(out.embeddings.norm(dim=-1), torch.ones(3))
+        torch.testing.assert_close(out.prototypes.norm(dim=-1), torch.ones(C))
+    else:
+        assert out.embeddings is None and out.prototypes is None
+
+
+def test_grayscale_stem_takes_one_channel(text_vectors):
+    model = build_model(tiny_config(), text_vectors)
+    assert model.backbone.stem[0].in_channels == 1
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_metric_logits_equal_scale_times_radius_minus_distance(text_vectors):
+    torch.manual_seed(0)
+    head = MetricHead(40, torch.as_tensor(text_vectors), embed_dim=8, hidden_dim=24, init_scale=5.0)
+    with torch.no_grad():
+        head.radius.copy_(torch.linspace(0.5, 3.5, C))
+    pooled = torch.randn(6, 40)  # (B, F)
+    out = head(pooled)
+    v = F.normalize(head.visual_proj(pooled), dim=-1)  # (B, D)
+    p = F.normalize(head.text_proj(torch.as_tensor(text_vectors)), dim=-1)  # (C, D)
+    d = ((v[:, None, :] - p[None, :, :]) ** 2).sum(-1)  # (B, C)
+    expected = 5.0 * (head.radius[None, :] - d)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.scale, torch.tensor(5.0))
+    # the scale is learnable and the radius per class: both receive gradients
+    out.logits.sum().backward()
+    assert head.log_scale.grad is not None and head.radius.grad.shape == (C,)
+
+
+def test_fixed_scale_is_not_trained(text_vectors):
+    head = MetricHead(40, torch.as_tensor(text_vectors), learn_scale=False)
+    assert not head.log_scale.requires_grad
+
+
+@pytest.mark.parametrize("head", ["metric", "linear"])
+def test_init_prior_starts_scores_at_the_prevalence(head, text_vectors):
+    prior = np.linspace(0.01, 0.4, C)
+    x = images(torch.uint8, batch=16)
+    torch.manual_seed(0)
+    model = build_model(tiny_config(head=head), text_vectors, prevalence=prior, calibration_images=x).eval()
+    torch.manual_seed(0)
+    plain = build_model(tiny_config(head=head), text_vectors).eval()
+    with torch.no_grad():
+        scores = torch.sigmoid(model(x)).mean(0).numpy()  # (C,)
+        plain_scores = torch.sigmoid(plain(x)).mean(0).numpy()
+    assert np.abs(scores - prior).mean() < 0.03
+    assert np.corrcoef(scores, prior)[0, 1] > 0.95
+    assert np.abs(plain_scores - prior).mean() > 0.1  # without the prior they start elsewhere
+    assert model.training is False and plain.training is False
+
+
+def test_init_prior_without_images_assumes_orthogonal_directions(text_vectors):
+    prior = np.full(C, 0.2)
+    model = build_model(tiny_config(), text_vectors, prevalence=prior)
+    assert model.training  # calibration must not leave the model in eval mode
+    expected = 2.0 + np.log(0.2 / 0.8) / 8.0
+    np.testing.assert_allclose(model.head.radius.detach().numpy(), expected, rtol=1e-6)
+
+
+def test_backbone_from_local_checkpoint_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(123)
+    source = timm.create_model("convnext_atto")  # RGB stem, 1000-class classifier, as published
+    path = tmp_path / "convnext_atto.pth"
+    torch.save(source.state_dict(), path)
+    cfg = build(BackboneConfig, {"name": "convnext_atto", "checkpoint_path": str(path)}, "model.backbone")
+    loaded = create_backbone(cfg).state_dict()
+    src = source.state_dict()
+    # in_chans=1: the RGB stem kernel summed over its input channels
+    torch.testing.assert_close(loaded["stem.0.weight"], src["stem.0.weight"].sum(1, keepdim=True))
+    shared = [k for k in loaded if k != "stem.0.weight"]
+    assert shared and all(k in src for k in shared)
+    for k in shared:
+        torch.testing.assert_close(loaded[k], src[k], msg=k)
+    assert not any(k.startswith("head.fc") for k in loaded)  # num_classes=0: no classifier
+    fresh = create_backbone(build(BackboneConfig, {"name": "convnext_atto"}, "b")).state_dict()
+    assert not torch.equal(fresh["stages.0.blocks.0.conv_dw.weight"], src["stages.0.blocks.0.conv_dw.weight"])
+
+
+def test_backbone_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown timm model name 'convnext_nope'"):
+        build(BackboneConfig, {"name": "convnext_nope"}, "train.model.backbone")
+    with pytest.raises(ConfigError, match="does_not_exist.pth"):
+        build(BackboneConfig, {"checkpoint_path": str(tmp_path / "does_not_exist.pth")}, "train.model.backbone")
+    assert build(BackboneConfig, {"name": "convnext_atto.d2_in1k"}, "b").name == "convnext_atto.d2_in1k"
+
+
+def test_bundle_round_trip_ignores_a_missing_checkpoint_file(tmp_path, text_vectors):
+    path = tmp_path / "weights.pth"
+    torch.save(timm.create_model("convnext_atto").state_dict(), path)
+    cfg = tiny_config()
+    cfg.backbone.checkpoint_path = str(path)
+    model = build_model(cfg, text_vectors).eval()
+    from dataclasses import asdict
+
+    bundle = {"model_config": asdict(cfg), "model_state": model.state_dict(), "text_vectors": text_vectors}
+    path.unlink()  # the serving host has only the bundle
+    rebuilt = model_from_bundle(bundle)
+    assert isinstance(rebuilt, CxrNet) and not rebuilt.training
+    x = images(torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))

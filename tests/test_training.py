@@ -1,0 +1,313 @@
+"""Training: optimiser groups, schedule, the loop (resume, early stopping, EMA), DDP, the component."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline.classes import CLASSES
+from pipeline.config import build
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.synthetic import SyntheticConfig, generate
+from pipeline.models import build_model
+from pipeline.training import TrainConfig, train
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.loop import TrainingInterrupted, predict
+from pipeline.training.optim import OptimConfig, build_optimizer, build_scheduler, param_groups, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+# timm's own test-sized ConvNeXt (0.2 M parameters) keeps every loop test to seconds on a CPU
+TINY = {
+    "epochs": 2, "batch_size": 16, "eval_batch_size": 64, "workers": 0, "seed": 3, "deterministic": True,
+    "max_steps_per_epoch": 2, "log_every": 1,
+    "model": {"embed_dim": 16, "hidden_dim": 32, "backbone": {"name": "test_convnext"}},
+    "augment": {"crop_size": 32},
+}
+TIMING_KEYS = {"train_images_per_s"}
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = {**TINY, **overrides}
+    return build(TrainConfig, values, "train")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "raw", SyntheticConfig(num_images=240, num_patients=100, image_size=64, seed=3), progress=False)
+    prepare(root / "raw", root / "prepared", PrepareConfig(image_size=32, workers=1), progress=False)
+    vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)  # (C, E)
+    (root / "prototypes").mkdir()
+    np.save(root / "prototypes" / "prototypes.npy", vectors)
+    return root / "prepared", vectors
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    """History without wall-clock figures; NaN (a class without positives in val) made comparable."""
+    return [{k: None if v != v else v for k, v in rec.items() if k not in TIMING_KEYS} for rec in history]
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def test_param_groups_split_backbone_head_and_decay():
+    model = build_model(tiny_config().model, np.zeros((len(CLASSES), 16), np.float32))
+    cfg = OptimConfig(lr_backbone=1e-4, lr_head=1e-3, weight_decay=0.05)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for name, group in groups.items():
+        assert group["lr"] == (1e-4 if name.startswith("backbone") else 1e-3)
+        for p in group["params"]:
+            assert names[id(p)].startswith("backbone.") == name.startswith("backbone")
+            # norms, biases, the scale and the radii (ndim <= 1) are never decayed
+            assert (p.ndim <= 1) == name.endswith("no_decay")
+        assert group["weight_decay"] == (0.0 if name.endswith("no_decay") else 0.05)
+    grouped = [names[id(p)] for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert "head.radius" in [names[id(p)] for p in groups["head_no_decay"]["params"]]
+    assert "head.log_scale" in [names[id(p)] for p in groups["head_no_decay"]["params"]]
+
+
+def test_warmup_cosine_values():
+    f = warmup_cosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_scheduler_drives_both_learning_rates():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    cfg = OptimConfig(lr_backbone=0.0, lr_head=0.2, warmup_epochs=1.0, min_lr_ratio=0.0)
+    opt = build_optimizer(net, cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=4, epochs=3)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[-1]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    assert lrs[4] == pytest.approx(0.2) and lrs[8] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi / 2)))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path):
+    prepared, vectors = data
+    cfg = tiny_config()
+    straight = train(cfg, prepared, vectors, tmp_path / "a", fingerprint="fp", progress=False)
+    assert straight.epochs_run == 2 and straight.resumed_from is None and len(straight.history) == 2
+
+    logged: list[tuple[dict, int]] = []
+    with pytest.raises(TrainingInterrupted):  # a kill in the middle of epoch 2
+        train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False, interrupt_after_steps=3)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["state"]["epoch"] == 1
+    resumed = train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False,
+                    log=lambda m, s: logged.append((m, s)))
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 2
+    assert comparable(resumed.history) == comparable(straight.history)
+    assert resumed.best_auc == straight.best_auc and resumed.best_epoch == straight.best_epoch
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model_state"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s for m, s in logged if "loss/loss" in m] == [3, 4]  # only the replayed epoch's steps
+
+    # a finished run with the same settings does nothing
+    mtime = (tmp_path / "b" / "last.pt").stat().st_mtime_ns
+    again = train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False)
+    assert again.resumed_from == 2 and comparable(again.history) == comparable(straight.history)
+    assert (tmp_path / "b" / "last.pt").stat().st_mtime_ns == mtime
+
+    # other settings or inputs (another fingerprint): the old state is ignored
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    fresh = train(tiny_config(epochs=1, max_steps_per_epoch=1), prepared, vectors, tmp_path / "c",
+                  fingerprint="other", progress=False)
+    assert fresh.resumed_from is None and len(fresh.history) == 1
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["fingerprint"] == "other"
+
+
+def test_early_stopping_with_patience(data, tmp_path):
+    prepared, vectors = data
+    # a learning rate below float32 resolution: weights, hence the validation AUC, never change
+    cfg = tiny_config(epochs=5, max_steps_per_epoch=1, early_stopping_patience=2,
+                      optim={"lr_backbone": 0.0, "lr_head": 1e-30})
+    result = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False)
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
+    assert len({rec["val_mean_auc"] for rec in result.history}) == 1
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    again = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False)
+    assert again.stopped_early and again.epochs_run == 3 and again.resumed_from == 3
+
+
+def test_ema_weights_are_validated_and_saved(data, tmp_path):
+    prepared, vectors = data
+    cfg = tiny_config(epochs=1, ema_decay=0.5)
+    result = train(cfg, prepared, vectors, tmp_path, fingerprint="ema", progress=False)
+    last = load_checkpoint(tmp_path / "last.pt")
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert last["ema"] is not None and result.history[0]["val_mean_auc"] > 0
+    ema_state = {k.removeprefix("module."): v for k, v in last["ema"].items()}
+    key = "head.radius"
+    torch.testing.assert_close(best["model_state"][key], ema_state[key])  # best.pt holds the EMA
+    assert not torch.equal(best["model_state"][key], last["model_state"][key])
+
+
+def test_predict_refuses_a_shuffled_loader(data):
+    from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader
+
+    prepared, vectors = data
+    ds = CachedImageDataset(prepared, "val", AugmentConfig(crop_size=32))
+    model = build_model(tiny_config().model, vectors)
+    index, probs = predict(model, build_loader(ds, 64, shuffle=False, workers=0, seed=0), torch.device("cpu"))
+    assert np.array_equal(index, np.arange(len(ds))) and probs.shape == (len(ds), len(CLASSES))
+    with pytest.raises(ValueError, match="shuffle=False"):
+        predict(model, build_loader(ds, 64, shuffle=True, workers=0, seed=0), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- DDP
+
+DDP_WORKER = """
+import os, sys, numpy as np, torch
+from pathlib import Path
+from pipeline.config import build
+from pipeline.training import TrainConfig, train
+cfg = build(TrainConfig, {config!r}, "train")
+rank = int(os.environ["RANK"])
+out = Path(sys.argv[1])
+result = train(cfg, Path({prepared!r}), np.load({vectors!r}), out / f"rank{{rank}}", fingerprint="ddp",
+               progress=False)
+torch.save(result.model.state_dict(), out / f"weights{{rank}}.pt")
+torch.save(result.history, out / f"history{{rank}}.pt")
+"""
+
+
+def test_ddp_two_processes_on_cpu(data, tmp_path):
+    prepared, vectors = data
+    vectors_path = prepared.parent / "prototypes" / "prototypes.npy"
+    config = {**TINY, "epochs": 1, "max_steps_per_epoch": 2}
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_WORKER.format(config=config, prepared=str(prepared), vectors=str(vectors_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, str(script), str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # gradients were averaged across ranks
+    init = build_model(build(TrainConfig, config, "train").model, vectors).state_dict()
+    assert not torch.equal(w0["head.radius"], init["head.radius"])  # and they did train
+    # rank 0 alone writes checkpoints; both ranks saw the same (gathered) validation metrics
+    assert (tmp_path / "rank0" / "last.pt").exists() and (tmp_path / "rank0" / "best.pt").exists()
+    assert list((tmp_path / "rank1").iterdir()) == []
+    h0, h1 = (torch.load(tmp_path / f"history{r}.pt") for r in (0, 1))
+    assert h0[0]["val_mean_auc"] == h1[0]["val_mean_auc"]
+
+
+# ----------------------------------------------------------------------------- component
+
+
+def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from components.train import main
+
+    prepared, _ = data
+    params = {"profile": "demo", "mlflow": {"experiment": "train-test"},
+              "train": {**TINY, "epochs": 2, "max_steps_per_epoch": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared),
+            "--prototypes", str(prepared.parent / "prototypes"), "--out", "model", "--reports", "reports",
+            "--no-progress"]
+    assert main(argv) == 0
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("train-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["train.model.embed_dim"] == "16" and run.data.params["profile"] == "demo"
+    assert run.data.tags["cxr.step"] == "train"
+    loss = client.get_metric_history(run.info.run_id, "loss_loss")
+    assert sorted(m.step for m in loss) == [1, 2, 3, 4] and all(math.isfinite(m.value) for m in loss)
+    for key in ("loss_bce", "loss_pair", "lr_backbone", "lr_head", "images_per_s", "grad_norm"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 4, key
+    history = pd.read_csv(tmp_path / "reports" / "history.csv")
+    # a class without positives in this tiny val split has no AUC, and no metric
+    defined = [c for c in CLASSES if history[f"val_auc/{c}"].notna().all()]
+    assert len(defined) >= 8
+    for key in ("val_mean_auc", *(f"val_auc_{c}" for c in defined)):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    assert run.data.metrics["best_val_mean_auc"] == max(
+        m.value for m in client.get_metric_history(run.info.run_id, "val_mean_auc"))
+    for path in ("model/best.pt", "model/last.pt", "model/train_summary.json", "model/resolved_config.json",
+                 "reports/history.csv"):
+        assert (tmp_path / path).exists(), path
+    # a second call resumes the finished run: same MLflow run, no new steps
+    assert main(argv) == 0
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    assert len(client.get_metric_history(run.info.run_id, "loss_loss")) == 4
+
+
+# ----------------------------------------------------------------------------- ablation
+
+
+def test_ablation_runs_variants_as_nested_mlflow_runs(data, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from components.ablate import main, parse_variants
+
+    prepared, _ = data
+    params = {"profile": "demo", "mlflow": {"experiment": "ablation-test"},
+              "train": {**TINY, "epochs": 3, "max_steps_per_epoch": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--params", "params.yaml", "--prepared", str(prepared), "--prototypes",
+            str(prepared.parent / "prototypes"), "--out", "ablation", "--reports", "reports",
+            "--variants", "bce_head,dual", "--epochs", "1", "--no-progress"]
+    assert main(argv) == 0
+    table = pd.read_csv(tmp_path / "reports" / "ablation.csv")
+    assert table["variant"].tolist() == ["bce_head", "dual"]
+    assert table["head"].tolist() == ["linear", "metric"] and table["loss"].tolist() == ["bce", "dwml"]
+    assert table["val_mean_auc"].between(0, 1).all() and table["test_mean_auc"].between(0, 1).all()
+    assert (table["best_epoch"] == 1).all()  # --epochs 1 overrode train.epochs
+    assert "| dual | metric | dwml |" in (tmp_path / "reports" / "ablation.md").read_text()
+    assert "| bce_head | linear | bce |" in capsys.readouterr().out
+    bundle = load_checkpoint(tmp_path / "ablation" / "bce_head" / "best.pt")
+    assert bundle["model_config"]["head"] == "linear"
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ablation-test")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"ablation", "bce_head", "dual"}
+    parent = runs["ablation"].info.run_id
+    for variant in ("bce_head", "dual"):
+        run = runs[variant]
+        assert run.data.tags["cxr.ablation"] == variant
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.metrics["test_mean_auc"] == pytest.approx(
+            table.set_index("variant").loc[variant, "test_mean_auc"])
+        assert "loss_loss" in run.data.metrics
+    assert runs["dual"].data.params["train.loss.image_weighting"] == "True"
+    assert runs["bce_head"].data.params["train.model.head"] == "linear"
+
+    with pytest.raises(ValueError, match="unknown nope; choose from bce_head"):
+        parse_variants("dual,nope")
