@@ -57,6 +57,10 @@ def mlflow_run(args, params: dict[str, Any], step: str, run_id: str | None = Non
 
     tracking.setup(params.get("mlflow", {}).get("experiment", "cxr-dwml"))
     tags = tracking.context_tags(step, params.get("profile", "demo"))
+    if run_id:
+        # adding to another step's run: keep its identity, record this step's context beside it
+        tags = {f"{k.replace('airflow.', f'airflow.{step}.')}": v for k, v in tags.items() if k.startswith("airflow.")}
+        tags[f"cxr.step.{step}"] = "done"
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or step), tags=tags) as run:
         yield run
 
