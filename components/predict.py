@@ -83,11 +83,16 @@ def collect_files(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
 
 def load_model(uri: str):
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
 
     mlflow.set_tracking_uri(tracking.default_tracking_uri())
-    return mlflow.pyfunc.load_model(uri)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as e:
+        raise RuntimeError(f"cannot load model {uri!r} from {tracking._redacted_uri()}: {e.message}. Check --model "
+                           f"and MLFLOW_TRACKING_URI (python -m components.promote --list shows the versions)") from e
 
 
 def read_image(path: Path) -> np.ndarray:

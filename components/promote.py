@@ -18,6 +18,7 @@ from pipeline.config import load_params
 
 def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from pipeline.registry import set_alias
 
@@ -31,14 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     name = args.name or params.get("register", {}).get("model_name", "cxr-dwml")
     tracking.setup(params.get("mlflow", {}).get("experiment", "cxr-dwml"))
-    if args.list or not args.version:
-        for v in sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-            print(f"v{v.version:>3}  aliases={','.join(v.aliases) or '-':<22} test_mean_auc={v.tags.get('test_mean_auc')}"
-                  f"  promoted={v.tags.get('gate.promoted')}")
-        return 0
-    set_alias(name, args.alias, args.version)
+    try:
+        if args.list or not args.version:
+            _list_versions(MlflowClient(), name)
+            return 0
+        set_alias(name, args.alias, args.version)
+    except MlflowException as e:  # unknown model or version: say which, and where we looked
+        raise RuntimeError(f"{name} v{args.version or '*'} at {tracking._redacted_uri()}: {e.message} "
+                           f"(python -m components.promote --list shows the versions)") from e
     print(f"[promote] {name}@{args.alias} -> v{args.version}")
     return 0
+
+
+def _list_versions(client, name: str) -> None:
+    # search results carry no aliases; the registered model holds the alias -> version map
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        print(f"v{v.version:>3}  aliases={','.join(sorted(aliases.get(v.version, []))) or '-':<22} "
+              f"test_mean_auc={v.tags.get('test_mean_auc')}  promoted={v.tags.get('gate.promoted')}")
 
 
 if __name__ == "__main__":

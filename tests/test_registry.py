@@ -1,0 +1,372 @@
+"""Registration and the promotion gate: the pure decision, then the real register component against a
+real `mlflow server` on loopback (SQLite backend, and PostgreSQL where it runs).
+
+The trained model comes from one tiny `dvc repro evaluate` in a copy of the repository, shared by this
+file and test_serving.py (see `trained_repo`). On a server, each version gets its own "training run"
+(the step that would have made it), the real evaluate component logs the real model's test predictions
+into it, and the real register component registers it. The deliberately worse and better versions
+reuse the network with rewritten test predictions and metrics, which is all the gate looks at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.classes import CLASSES
+from pipeline.registry import RegisterConfig, decide, dvc_data_hash, git_commit
+from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env
+
+MODEL_NAME = "cxr-dwml"
+# One epoch is enough: the gate tests compare against rewritten predictions, not on model quality.
+TRAIN_PARAMS = deep_update(copy.deepcopy(TINY_PARAMS), {"train": {"epochs": 1}})
+POSTGRES = os.environ.get("CXR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+# SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2 (as docker/compose.yaml does)
+POSTGRES_DIALECT = "postgresql+psycopg2"
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo copy after `dvc repro evaluate` (tiny params), built once per test session."""
+    base = tmp_path_factory.getbasetemp() / "cxr-trained"
+    repo = base / "repo"
+    if (base / "done").exists():
+        return repo
+    shutil.rmtree(base, ignore_errors=True)
+    repo.mkdir(parents=True)
+    copy_repo(repo, TRAIN_PARAMS)
+    result = subprocess.run(["dvc", "repro", "evaluate"], cwd=repo, env=run_env(repo), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (base / "done").write_text("ok")
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail early (with the log) if the server process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.3)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server started with start_new_session=True, with the workers it spawned."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, folder: Path) -> Iterator[str]:
+    """`mlflow server` with proxied artifacts on a free loopback port; yields its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+           "--artifacts-destination", (folder / "artifacts").as_uri(), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # the background job runner (a dozen huey workers) is for GenAI jobs this project never starts
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, log, timeout=180)
+        yield url
+    finally:
+        stop(proc)
+
+
+def postgres_database() -> contextlib.AbstractContextManager[str]:
+    """A throwaway database on the local PostgreSQL; skips (fails under CI=true) when absent."""
+    try:
+        import psycopg2
+
+        psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3).close()
+    except Exception as e:  # ImportError or OperationalError: no usable PostgreSQL here
+        message = f"PostgreSQL not reachable at {POSTGRES} ({type(e).__name__}: {e})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; it is required under CI=true")
+        pytest.skip(message)
+    return _database(psycopg2)
+
+
+@contextlib.contextmanager
+def _database(psycopg2) -> Iterator[str]:
+    name = f"cxr_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=5)
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield f"{POSTGRES_DIALECT}://{POSTGRES.split('://', 1)[1]}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@contextlib.contextmanager
+def tracking_env(uri: str, cwd: Path) -> Iterator[None]:
+    """Run in-process components as `dvc repro` would: in the repo copy, against `uri`.
+
+    MLflow keeps the URI a component sets in a process-wide global (which beats the environment);
+    `_use_tracking_uri` puts the previous one back so later tests in this process are not redirected.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with pytest.MonkeyPatch.context() as mp, _use_tracking_uri(uri):
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(cwd)
+        yield
+
+
+def labels_of(repo: Path, images: pd.Series) -> np.ndarray:
+    """(N, C) labels of `images` from the prepared manifest."""
+    manifest = pd.read_csv(repo / "data/prepared/manifest.csv").set_index("image")
+    return manifest.loc[images, list(CLASSES)].to_numpy()
+
+
+# ----------------------------------------------------------------------------- the pure gate
+
+def _gate_data(n: int = 300, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, len(CLASSES))) < 0.3).astype(int)
+    noise = rng.random(y.shape)
+    frame = lambda scores: pd.DataFrame({"image": [f"{i:05d}.png" for i in range(n)],  # noqa: E731
+                                         **dict(zip(CLASSES, scores.T))})
+    good = frame(0.6 * y + noise)  # mean AUC ~0.9
+    weak = frame(0.15 * y + noise)  # mean AUC ~0.6
+    return y, good, weak
+
+
+def _auc(y, frame) -> float:
+    from pipeline.metrics import mean_auc, roc_auc
+
+    return mean_auc(roc_auc(y, frame[list(CLASSES)].to_numpy()))
+
+
+def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
+    y, good, _ = _gate_data()
+    cfg = RegisterConfig(min_auc=0.7, bootstrap_resamples=200)
+    below = decide(cfg, y, good, 0.65, None, None)
+    assert below["promote"] is False and "below the floor" in below["reason"]
+    nan = decide(cfg, y, good, float("nan"), None, None)
+    assert nan["promote"] is False
+    first = decide(cfg, y, good, _auc(y, good), None, None)
+    assert first["promote"] is True and first["champion_version"] is None
+    # a champion whose predictions cannot be fetched is never replaced blindly
+    blind = decide(cfg, y, good, _auc(y, good), None, "3")
+    assert blind["promote"] is False and "v3" in blind["reason"]
+
+
+def test_gate_paired_bootstrap_margin_and_test_set() -> None:
+    y, good, weak = _gate_data()
+    cfg = RegisterConfig(min_auc=0.5, bootstrap_resamples=200)
+    better = decide(cfg, y, good, _auc(y, good), weak, "1")
+    assert better["promote"] is True
+    assert better["delta"] == pytest.approx(_auc(y, good) - _auc(y, weak))
+    assert better["p_value"] <= cfg.max_p_value and better["delta_ci"][0] > 0
+    worse = decide(cfg, y, weak, _auc(y, weak), good, "1")
+    assert worse["promote"] is False and worse["delta"] < 0 and worse["p_value"] > 0.5
+    same = decide(cfg, y, good, _auc(y, good), good, "1")
+    assert same["promote"] is False and same["delta"] == 0 and same["p_value"] == 1.0
+    # better, but not by the margin asked for
+    strict = decide(RegisterConfig(min_auc=0.5, margin=0.5, bootstrap_resamples=200), y, good, _auc(y, good),
+                    weak, "1")
+    assert strict["promote"] is False and 0 < strict["delta"] < 0.5
+    # rows in another order are matched by image name, not position
+    shuffled = decide(cfg, y[::-1], good.iloc[::-1].reset_index(drop=True), _auc(y, good), weak, "1")
+    assert shuffled["delta"] == pytest.approx(better["delta"])
+    other = decide(cfg, y, good, _auc(y, good), weak.iloc[:100], "1")
+    assert other["promote"] is False and "another test set" in other["reason"]
+
+
+def test_provenance_helpers(tmp_path: Path) -> None:
+    assert dvc_data_hash(tmp_path / "dvc.lock") == "unknown"
+    lock = {"schema": "2.0", "stages": {"prepare": {"outs": [
+        {"path": "data/prepared/manifest.csv", "md5": "aa" * 16},
+        {"path": "data/prepared/cache", "md5": "bb" * 16 + ".dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert dvc_data_hash(tmp_path / "dvc.lock") == f"{'aa' * 16},{'bb' * 16}.dir"
+    assert git_commit(tmp_path) == "unknown"  # not a git repository
+
+
+# ----------------------------------------------------------------------------- real servers
+
+def _training_run(model_dir: Path, best: Path, run_name: str) -> str:
+    """What the train step leaves for register: best.pt and a linked MLflow run on this server."""
+    import mlflow
+
+    from pipeline import tracking
+
+    model_dir.mkdir(parents=True)
+    shutil.copy2(best, model_dir / "best.pt")
+    tracking.setup("cxr-dwml")  # params.yaml mlflow.experiment
+    with mlflow.start_run(run_name=run_name, tags=tracking.context_tags("train", "demo")) as run:
+        tracking.save_run_ref(model_dir, run)
+    return run.info.run_id
+
+
+def _rewrite_predictions(repo: Path, real: Path, out: Path, strength: float, seed: int) -> dict:
+    """A reports folder like `real` whose test scores follow the labels by `strength` (< 0: against)."""
+    from pipeline.metrics import bootstrap_auc, roc_auc
+
+    shutil.copytree(real, out)
+    preds = pd.read_parquet(real / "predictions/test.parquet")
+    y = labels_of(repo, preds["image"])
+    noise = np.random.default_rng(seed).random(y.shape)
+    preds[list(CLASSES)] = np.clip(0.5 + strength * (y - 0.5) + 0.1 * (noise - 0.5), 0, 1)
+    preds.to_parquet(out / "predictions/test.parquet", index=False)
+    scores = preds[list(CLASSES)].to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes without positives in the tiny test split
+        per_class = roc_auc(y, scores)
+        boot = bootstrap_auc(y, scores, 100, seed=seed)
+    metrics = json.loads((real / "metrics.json").read_text())
+    metrics["mean_auc"] = boot["mean_auc"]
+    metrics["mean_auc_ci"] = [boot["mean_low"], boot["mean_high"]]
+    metrics["per_class_auc"] = {c: (None if np.isnan(a) else float(a)) for c, a in zip(CLASSES, per_class)}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def _register(repo: Path, model_dir: Path, reports: Path, out: Path) -> dict:
+    from components import register
+
+    code = register.main(["--params", str(repo / "params.yaml"), "--model", str(model_dir), "--reports",
+                          str(reports), "--prepared", str(repo / "data/prepared"), "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    """v1 the real model, v2 a worse one, v3 a better one; then a manual rollback to v1."""
+    from mlflow import MlflowClient
+
+    from components import evaluate, promote
+    from components.common import fingerprint, run_main
+    from pipeline.config import load_params
+
+    best = repo / "artifacts/model/best.pt"
+    with tracking_env(url, repo):
+        run1 = _training_run(work / "model1", best, "train-real")
+        assert evaluate.main(["--params", str(repo / "params.yaml"), "--prepared", str(repo / "data/prepared"),
+                              "--model", str(work / "model1"), "--out", str(work / "reports1"),
+                              "--no-progress"]) == 0
+        reg1 = _register(repo, work / "model1", work / "reports1", work / "registration1" / "registration.json")
+
+        worse_metrics = _rewrite_predictions(repo, work / "reports1", work / "reports2", strength=-0.6, seed=1)
+        run2 = _training_run(work / "model2", best, "train-worse")
+        reg2 = _register(repo, work / "model2", work / "reports2", work / "registration2" / "registration.json")
+
+        _rewrite_predictions(repo, work / "reports1", work / "reports3", strength=0.6, seed=2)
+        run3 = _training_run(work / "model3", best, "train-better")
+        reg3 = _register(repo, work / "model3", work / "reports3", work / "registration3" / "registration.json")
+
+        client = MlflowClient(tracking_uri=url)
+        v1, v2, v3 = (client.get_model_version(MODEL_NAME, v) for v in ("1", "2", "3"))
+        champion_after_3 = client.get_model_version_by_alias(MODEL_NAME, "champion").version
+
+        assert promote.main(["--params", str(repo / "params.yaml"), "--version", "1"]) == 0  # rollback
+        capsys.readouterr()
+        assert promote.main(["--params", str(repo / "params.yaml"), "--list"]) == 0
+        listing = capsys.readouterr().out.splitlines()
+        unknown = run_main("promote", promote.main, ["--params", str(repo / "params.yaml"), "--version", "99"])
+        unknown_err = capsys.readouterr().err
+        champion_after_rollback = client.get_model_version_by_alias(MODEL_NAME, "champion").version
+        challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger").version
+        params_hash = fingerprint(load_params(repo / "params.yaml"))
+        logged = [a.path for a in client.list_artifacts(run1, "registration")]
+    real_metrics = json.loads((work / "reports1/metrics.json").read_text())
+
+    # v1: the first version that clears the floor becomes champion; its tags hold provenance and numbers
+    assert reg1["version"] == "1" and reg1["promote"] is True and reg1["aliases"] == ["challenger", "champion"]
+    assert reg1["mean_auc"] == pytest.approx(real_metrics["mean_auc"])
+    assert v1.run_id == run1 and v1.tags["training_run_id"] == run1
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert v1.tags["git_commit"] == head
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+    assert all(o["md5"] in v1.tags["dvc_data_hash"] for o in lock)
+    assert v1.tags["params_hash"] == params_hash and v1.tags["profile"] == "demo"
+    assert float(v1.tags["test_mean_auc"]) == pytest.approx(real_metrics["mean_auc"])
+    assert json.loads(v1.tags["test_mean_auc_ci"]) == pytest.approx(real_metrics["mean_auc_ci"])
+    for c in CLASSES:
+        expected = real_metrics["per_class_auc"][c]
+        assert v1.tags[f"test_auc.{c}"] == str(expected)
+    assert v1.tags["gate.promoted"] == "true"
+    assert reg1["tags"]["git_commit"] == head and "registration/registration.json" in logged
+
+    # v2: worse on the same test set: stays challenger, the decision and its numbers are recorded
+    assert reg2["version"] == "2" and reg2["promote"] is False and reg2["champion_version"] == "1"
+    assert reg2["aliases"] == ["challenger"] and v2.run_id == run2
+    assert reg2["mean_auc"] == pytest.approx(worse_metrics["mean_auc"]) and reg2["mean_auc"] < 0.2
+    assert reg2["delta"] < 0 and reg2["p_value"] > 0.05 and "does not beat champion v1" in reg2["reason"]
+    assert reg2["champion_mean_auc"] == pytest.approx(real_metrics["mean_auc"])
+    assert v2.tags["gate.promoted"] == "false" and v2.tags["gate.champion_version"] == "1"
+    assert float(v2.tags["gate.p_value"]) == pytest.approx(reg2["p_value"])
+    assert float(v2.tags["gate.delta"]) == pytest.approx(reg2["delta"])
+    assert json.loads(v2.tags["gate.delta_ci"]) == pytest.approx(reg2["delta_ci"])
+
+    # v3: better than the champion by the paired bootstrap: takes the champion alias
+    assert reg3["version"] == "3" and reg3["promote"] is True and reg3["champion_version"] == "1"
+    assert reg3["delta"] > 0 and reg3["p_value"] <= 0.05 and reg3["delta_ci"][0] > 0
+    assert champion_after_3 == "3" and v3.run_id == run3 and v3.tags["gate.promoted"] == "true"
+
+    # manual rollback through the promote component, and its listing
+    assert champion_after_rollback == "1" and challenger == "3"
+    assert len(listing) == 3 and "champion" in listing[0] and "challenger" in listing[2]
+    assert "promoted=false" in listing[1] and f"test_mean_auc={v1.tags['test_mean_auc']}" in listing[0]
+    assert unknown == 2 and "cxr-dwml v99" in unknown_err and "--list" in unknown_err
+
+
+@pytest.mark.slow
+def test_register_gate_on_mlflow_server_sqlite(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    repo = trained_repo(tmp_path_factory)
+    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
+        _registration_scenario(url, repo, tmp_path / "work", capsys)
+
+
+@pytest.mark.slow
+def test_register_gate_on_mlflow_server_postgres(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    with postgres_database() as db_uri:
+        repo = trained_repo(tmp_path_factory)
+        with mlflow_server(db_uri, tmp_path / "server") as url:
+            _registration_scenario(url, repo, tmp_path / "work", capsys)

@@ -1,0 +1,216 @@
+"""Serving the registered model: the pyfunc from the registry, `mlflow models serve` on loopback, and
+`python -m components.predict` on awkward files.
+
+The champion is registered by the real register component into the MLflow store of the tiny trained
+repo copy shared with test_registry.py (the SQLite store the DVC run itself logged to).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from pipeline.classes import CLASSES
+from tests.conftest import VENV_BIN, run_env
+from tests.test_registry import free_port, stop, tracking_env, trained_repo, wait_http
+
+pytestmark = pytest.mark.slow
+CHAMPION = "models:/cxr-dwml@champion"
+
+
+@dataclass
+class Served:
+    repo: Path
+    tracking_uri: str
+    model: object  # the pyfunc loaded from the registry
+    registration: dict
+
+    def test_images(self, n: int) -> list[Path]:
+        manifest = pd.read_csv(self.repo / "data/prepared/manifest.csv")
+        names = manifest.loc[manifest["split"] == "test", "image"].head(n)
+        return [self.repo / "data/raw/images" / name for name in names]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    import mlflow
+
+    from components import register
+
+    repo = trained_repo(tmp_path_factory)
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    out = tmp_path_factory.mktemp("serving") / "registration.json"
+    with tracking_env(uri, repo):
+        assert register.main(["--params", "params.yaml", "--model", "artifacts/model", "--reports", "reports",
+                              "--prepared", "data/prepared", "--out", str(out)]) == 0
+        model = mlflow.pyfunc.load_model(CHAMPION)
+    registration = json.loads(out.read_text())
+    assert registration["promote"] is True and "champion" in registration["aliases"]
+    return Served(repo, uri, model, registration)
+
+
+def checkpoint_probabilities(repo: Path, paths: list[Path]) -> np.ndarray:
+    """(N, C) probabilities straight from best.pt, preprocessed as the evaluate step does."""
+    import torch
+
+    from pipeline.data.cache import load_image
+    from pipeline.data.dataset import AugmentConfig, eval_transform
+    from pipeline.models import load_bundle
+
+    net, bundle = load_bundle(repo / "artifacts/model/best.pt")
+    crop = eval_transform(AugmentConfig(crop_size=bundle["crop_size"]))
+    x = torch.stack([crop(torch.from_numpy(load_image(p, bundle["image_size"]))[None]) for p in paths])  # (N, 1, S, S)
+    with torch.inference_mode():
+        return torch.sigmoid(net(x)).numpy()  # (N, C)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
+    paths = served.test_images(12)
+    out = served.model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
+    assert list(out.columns) == [*CLASSES, "labels"] and len(out) == len(paths)
+    probs = out[list(CLASSES)].to_numpy()
+    np.testing.assert_allclose(probs, checkpoint_probabilities(served.repo, paths), rtol=0, atol=1e-6)
+
+    # the evaluate step scored the same images from the uint8 cache
+    evaluated = pd.read_parquet(served.repo / "reports/predictions/test.parquet").set_index("image")
+    np.testing.assert_allclose(probs, evaluated.loc[[p.name for p in paths], list(CLASSES)], rtol=0, atol=1e-6)
+
+    # labels are the validation thresholds carried inside the model
+    thresholds = json.loads((served.repo / "reports/thresholds.json").read_text())["thresholds"]
+    expected = ["|".join(c for c in CLASSES if row[c] >= thresholds[c]) or "No Finding" for _, row in out.iterrows()]
+    assert list(out["labels"]) == expected
+
+    # uint8 arrays in the image column are the same images
+    arrays = [np.asarray(Image.open(p)) for p in paths]
+    from_arrays = served.model.predict(pd.DataFrame({"image": arrays}))
+    np.testing.assert_allclose(from_arrays[list(CLASSES)], probs, rtol=0, atol=1e-6)
+
+    schema = served.model.metadata.get_input_schema()
+    assert schema.input_names() == ["image"] and schema.input_types()[0].name == "binary"
+    assert served.model.metadata.get_output_schema().input_names() == [*CLASSES, "labels"]
+
+
+def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> None:
+    gray = Image.open(served.test_images(1)[0])
+    rgba = Image.merge("RGBA", [gray, gray, gray, Image.new("L", gray.size, 255)])
+    bodies = [png_bytes(gray), png_bytes(rgba)]
+    expected = served.model.predict(pd.DataFrame({"image": bodies}))
+
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local",
+           "--host", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=served.repo, env=run_env(served.repo), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
+        payload = {"dataframe_split": {"columns": ["image"],
+                                       "data": [[base64.b64encode(b).decode("ascii")] for b in bodies]}}
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
+        assert r.status_code == 200, r.text
+        bad = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                            json={"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}})
+    finally:
+        stop(proc)
+    predictions = pd.DataFrame(r.json()["predictions"])
+    assert list(predictions.columns) == [*CLASSES, "labels"] and len(predictions) == 2
+    np.testing.assert_allclose(predictions[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(predictions.loc[0, list(CLASSES)], predictions.loc[1, list(CLASSES)], atol=1e-6)
+    assert predictions.loc[0, "labels"] == expected.loc[0, "labels"]
+    assert bad.status_code >= 400  # "not an image", base64: an error, not a hang or a guess
+
+
+def _awkward_files(served: Served, folder: Path) -> dict[str, Path]:
+    """RGBA, RGB, 16-bit, 1024 px and JPEG versions of test images, plus broken files."""
+    sources = [Image.open(p).convert("L") for p in served.test_images(4)]
+    files = {name: folder / name for name in ("rgba.png", "rgb.png", "gray16.png", "big.png", "nested/photo.jpg",
+                                              "corrupt.png", "truncated.png", "scan.dcm")}
+    files["nested/photo.jpg"].parent.mkdir(parents=True)
+    a, b, c, d = sources
+    Image.merge("RGBA", [a, a, a, Image.new("L", a.size, 255)]).save(files["rgba.png"])
+    Image.merge("RGB", [b, b, b]).save(files["rgb.png"])
+    sixteen = (np.asarray(c, dtype=np.uint16) * 16 + 300).astype(np.uint16)  # 12-bit range, offset
+    Image.fromarray(sixteen).save(files["gray16.png"])
+    d.resize((1024, 1024), Image.Resampling.BICUBIC).save(files["big.png"])
+    a.save(files["nested/photo.jpg"], quality=90)
+    files["corrupt.png"].write_bytes(b"this is not an image")
+    files["truncated.png"].write_bytes(png_bytes(b)[:200])
+    files["scan.dcm"].write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    return files
+
+
+def test_predict_cli_scores_awkward_pngs_and_skips_broken_files(served: Served, tmp_path: Path) -> None:
+    files = _awkward_files(served, tmp_path / "scans")
+    assert Image.open(files["gray16.png"]).mode.startswith("I")  # really a 16-bit PNG
+    out = tmp_path / "predictions.csv"
+    result = subprocess.run([sys.executable, "-m", "components.predict", "--model", CHAMPION,
+                             str(tmp_path / "scans"), str(tmp_path / "missing.png"), "--out", str(out)],
+                            cwd=served.repo, env=run_env(served.repo), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    scored = pd.read_csv(out)
+    assert list(scored.columns) == ["file", *CLASSES, "labels"]
+    good = ["rgba.png", "rgb.png", "gray16.png", "big.png", "nested/photo.jpg"]
+    assert sorted(scored["file"]) == sorted(str(files[n]) for n in good)
+    # each file scores as the registered model scores its bytes (the model's own decoding)
+    expected = served.model.predict(pd.DataFrame({"image": [files[n].read_bytes() for n in good]}))
+    got = scored.set_index("file").loc[[str(files[n]) for n in good]]
+    np.testing.assert_allclose(got[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-6)
+    assert list(got["labels"]) == list(expected["labels"])
+
+    skipped = pd.read_csv(tmp_path / "predictions.skipped.csv").set_index("file")
+    assert set(skipped.index) == {str(files["corrupt.png"]), str(files["truncated.png"]), str(files["scan.dcm"]),
+                                  str(tmp_path / "missing.png")}
+    assert skipped.loc[str(files["corrupt.png"]), "reason"] == "unreadable"
+    assert skipped.loc[str(files["truncated.png"]), "reason"] in {"truncated", "corrupt"}
+    assert skipped.loc[str(tmp_path / "missing.png"), "reason"] == "missing"
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        assert "pip install pydicom" in skipped.loc[str(files["scan.dcm"]), "detail"]
+    for name in ("corrupt.png", "truncated.png", "scan.dcm"):
+        assert f"skipped {files[name]}" in result.stdout
+    assert "5 image(s) scored" in result.stdout
+
+
+def test_predict_cli_exit_status_when_nothing_can_be_scored(served: Served, tmp_path: Path) -> None:
+    from components import predict
+
+    (tmp_path / "broken.png").write_bytes(b"")
+    out = tmp_path / "none.csv"
+    with tracking_env(served.tracking_uri, served.repo):
+        code = predict.main(["--model", CHAMPION, str(tmp_path / "broken.png"), "--out", str(out), "--no-progress"])
+    assert code == 1
+    assert pd.read_csv(out).empty
+    assert pd.read_csv(tmp_path / "none.skipped.csv")["reason"].tolist() == ["unreadable"]
+
+
+def test_predict_reports_an_unknown_model_clearly(served: Served, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from components.common import run_main
+    from components import predict
+
+    (tmp_path / "a.png").write_bytes(png_bytes(Image.new("L", (8, 8))))
+    with tracking_env(served.tracking_uri, served.repo), pytest.MonkeyPatch.context() as mp:
+        mp.delenv("CXR_DEBUG", raising=False)
+        code = run_main("predict", predict.main, ["--model", "models:/no-such-model@champion", str(tmp_path / "a.png"),
+                                                  "--out", str(tmp_path / "p.csv")])
+    assert code == 2 and "cannot load model 'models:/no-such-model@champion'" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
