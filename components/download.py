@@ -4,8 +4,9 @@ Run:
     python -m components.download --out data/raw
     python -m components.download --out data/raw --source s3://my-bucket/chestxray14
 The source comes from `download.source` in params.yaml: synthetic | nih | s3://bucket/prefix |
-http(s)://mirror | a local folder; the environment variable CXR_DATA_SOURCE (and CXR_S3_ENDPOINT_URL
-for `download.s3.endpoint_url`) overrides it, --source overrides both.
+http(s)://mirror | a local folder; --source overrides it. CXR_S3_ENDPOINT_URL fills
+`download.s3.endpoint_url` when params leave it empty. (The Airflow DAG's `source` param defaults to
+CXR_DATA_SOURCE.)
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=None, help="override download.source")
     args = p.parse_args(argv)
     cfg, params = stage_config(args, "download", DownloadConfig)
-    # deployments (docker/compose.yaml) name their data store in the environment
-    if os.environ.get("CXR_DATA_SOURCE") and not args.source:
-        print(f"[download] source from CXR_DATA_SOURCE: {os.environ['CXR_DATA_SOURCE']}")
-        cfg.source = os.environ["CXR_DATA_SOURCE"]
+    # deployments (docker/compose.yaml) name their S3 endpoint in the environment
     if os.environ.get("CXR_S3_ENDPOINT_URL") and not cfg.s3.endpoint_url:
         cfg.s3.endpoint_url = os.environ["CXR_S3_ENDPOINT_URL"]
     if args.source:

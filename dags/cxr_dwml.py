@@ -1,0 +1,337 @@
+"""The cxr-dwml pipeline as one Airflow 3 DAG: download -> prepare | prototypes -> train -> evaluate -> register.
+
+Orchestration only. Each task reproduces its DVC stage of dvc.yaml with `scripts/dvc_stage.py`
+in the project's own venv (`$CXR_PROJECT_DIR/.venv/bin` first on PATH), never in Airflow's
+process, so nothing heavy (torch, mlflow, pandas, pipeline.*) is imported when the DAG is parsed.
+
+    airflow dags test cxr_dwml                                   # one local run, no scheduler
+    airflow dags trigger cxr_dwml --conf '{"epochs": 2, "source": "s3://bucket/nih"}'
+
+A run's conf (the DAG params below, validated against their JSON schema) overrides params.yaml
+for that run only; DVC skips stages whose inputs did not change and records in dvc.lock what ran.
+Scheduling, retries and timeouts come from dags/cxr_dwml.yaml or CXR_AIRFLOW_* variables; see
+docs/airflow.md. With `kubernetes.tasks` set, the listed tasks run as pods of the training image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import Asset, Param, dag
+
+DAG_ID = "cxr_dwml"
+HERE = Path(__file__).resolve().parent
+SETTINGS_FILE = HERE / "cxr_dwml.yaml"
+
+# Task -> upstream tasks: the step graph of dvc.yaml (tests/test_dag.py keeps the two equal).
+# prototypes needs no data, so it may run beside prepare.
+STAGES: dict[str, tuple[str, ...]] = {
+    "download": (),
+    "prepare": ("download",),
+    "prototypes": (),
+    "train": ("prepare", "prototypes"),
+    "evaluate": ("train",),
+    "register": ("evaluate",),
+}
+
+# DAG param -> dotted params.yaml key it overrides for one run.
+PARAM_KEYS = {
+    "profile": "profile",
+    "source": "download.source",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "head": "train.model.head",
+    "loss": "train.loss.name",
+    "min_auc": "register.min_auc",
+}
+
+
+@dataclasses.dataclass
+class KubernetesSettings:
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    image: str = "cxr-dwml:latest"
+    namespace: str = "default"
+    gpus: int = 1
+    cpu: str = "8"
+    memory: str = "32Gi"
+    workspace_claim: str = "cxr-dwml-workspace"
+    workspace_path: str = "/workspace/cxr-dwml"
+    venv: str = "/opt/cxr-dwml/.venv"
+    secret: str | None = "cxr-dwml-env"
+    service_account: str | None = None
+    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    startup_timeout_seconds: int = 600
+
+
+@dataclasses.dataclass
+class DagSettings:
+    """Scheduling and execution settings of the DAG (dags/cxr_dwml.yaml, CXR_AIRFLOW_* variables)."""
+
+    schedule: str | None = None
+    start_date: Any = "2025-01-01"
+    catchup: bool = False
+    max_active_runs: int = 1
+    retries: int = 2
+    retry_delay_minutes: float = 5.0
+    pool: str | None = "cxr_dwml_dvc"
+    project_dir: str | None = None
+    venv: str | None = None
+    timeouts_minutes: dict[str, float] = dataclasses.field(default_factory=dict)
+    kubernetes: KubernetesSettings = dataclasses.field(default_factory=KubernetesSettings)
+
+    @property
+    def project(self) -> Path:
+        return Path(self.project_dir).expanduser() if self.project_dir else HERE.parent
+
+    def start(self) -> datetime:
+        try:
+            when = datetime.fromisoformat(str(self.start_date))  # YAML may hand over a date
+        except ValueError:
+            raise ValueError(f"{SETTINGS_FILE.name}: start_date {self.start_date!r} is not an ISO date "
+                             f"(e.g. 2025-01-01); fix it or CXR_AIRFLOW_START_DATE") from None
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+    def timeout(self, task_id: str) -> timedelta | None:
+        minutes = self.timeouts_minutes.get(task_id)
+        return timedelta(minutes=float(minutes)) if minutes else None
+
+    def validate(self) -> None:
+        for key in ("max_active_runs", "retries", "retry_delay_minutes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"setting '{key}' ({_ENV[key]}) must be a number >= 0, got {value!r}")
+        self.start()
+
+    def on_kubernetes(self, task_id: str) -> bool:
+        return task_id in self.kubernetes.tasks or "all" in self.kubernetes.tasks
+
+
+_ENV = {  # settings key -> environment variable that overrides it
+    "schedule": "CXR_AIRFLOW_SCHEDULE",
+    "start_date": "CXR_AIRFLOW_START_DATE",
+    "catchup": "CXR_AIRFLOW_CATCHUP",
+    "max_active_runs": "CXR_AIRFLOW_MAX_ACTIVE_RUNS",
+    "retries": "CXR_AIRFLOW_RETRIES",
+    "retry_delay_minutes": "CXR_AIRFLOW_RETRY_DELAY_MINUTES",
+    "pool": "CXR_AIRFLOW_POOL",
+    "project_dir": "CXR_PROJECT_DIR",
+    "venv": "CXR_VENV",
+}
+_K8S_ENV = {
+    "tasks": "CXR_AIRFLOW_K8S_TASKS",
+    "image": "CXR_TRAINER_IMAGE",
+    "namespace": "CXR_K8S_NAMESPACE",
+    "gpus": "CXR_K8S_GPUS",
+    "cpu": "CXR_K8S_CPU",
+    "memory": "CXR_K8S_MEMORY",
+    "workspace_claim": "CXR_K8S_WORKSPACE_CLAIM",
+    "workspace_path": "CXR_K8S_WORKSPACE_PATH",
+    "secret": "CXR_K8S_SECRET",
+    "service_account": "CXR_K8S_SERVICE_ACCOUNT",
+}
+
+
+def _as_bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+# how a variable's text becomes the setting; anything else is kept as text ("@weekly", "32Gi")
+_PARSE = {"catchup": _as_bool, "max_active_runs": int, "retries": int, "retry_delay_minutes": float,
+          "gpus": int, "tasks": lambda v: [t.strip() for t in v.split(",") if t.strip()]}
+
+
+def _from_env(raw: dict[str, Any], names: Mapping[str, str], env: Mapping[str, str]) -> None:
+    for key, var in names.items():
+        if var not in env:
+            continue
+        value = env[var].strip()
+        if key != "tasks" and value.lower() in ("", "null", "none"):
+            raw[key] = None  # clears an optional setting: no schedule, default_pool, no Secret
+            continue
+        try:
+            raw[key] = _PARSE.get(key, str)(value)
+        except ValueError as e:
+            raise ValueError(f"{var}={value!r}: {e}") from None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> DagSettings:
+    """Settings from the YAML file (CXR_AIRFLOW_SETTINGS or dags/cxr_dwml.yaml), then the environment."""
+    env = os.environ if env is None else env
+    path = Path(env.get("CXR_AIRFLOW_SETTINGS") or SETTINGS_FILE)
+    raw = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    k8s = dict(raw.pop("kubernetes", None) or {})
+    raw["timeouts_minutes"] = dict(raw.get("timeouts_minutes") or {})
+    _from_env(raw, _ENV, env)
+    _from_env(k8s, _K8S_ENV, env)
+    for task_id in STAGES:
+        var = f"CXR_AIRFLOW_TIMEOUT_{task_id.upper()}"
+        if env.get(var):
+            raw["timeouts_minutes"][task_id] = float(env[var])
+    known = {f.name for f in dataclasses.fields(DagSettings)}
+    unknown = sorted(set(raw) - known) + sorted(f"kubernetes.{k}" for k in set(k8s) - {
+        f.name for f in dataclasses.fields(KubernetesSettings)})
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    settings = DagSettings(**raw, kubernetes=KubernetesSettings(**k8s))
+    settings.validate()
+    bad = sorted(set(settings.kubernetes.tasks) - {*STAGES, "all"})
+    if bad:
+        raise ValueError(f"kubernetes.tasks (CXR_AIRFLOW_K8S_TASKS) names unknown task(s) {bad}; "
+                         f"use task ids of {', '.join(STAGES)} or 'all'")
+    return settings
+
+
+def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param]:
+    """Run conf accepted by the DAG, validated by Airflow against these JSON schemas at trigger time."""
+    profiles = sorted(p.stem for p in (project / "profiles").glob("*.yaml"))
+    profile_schema: dict[str, Any] = {"enum": [None, "demo", *profiles]} if profiles else {"type": ["null", "string"]}
+    return {
+        "profile": Param(None, description="params profile for this run (profiles/<name>.yaml); "
+                         "empty = params.yaml's", **profile_schema),
+        "source": Param(data_source, type=["null", "string"], minLength=1,
+                        description="download.source: synthetic | nih | s3://bucket/prefix | https://mirror | /folder"),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, description="train.epochs"),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=4096,
+                            description="train.batch_size (per process)"),
+        "head": Param(None, enum=[None, "metric", "linear"], description="train.model.head"),
+        "loss": Param(None, enum=[None, "dwml", "bce", "asl", "focal"], description="train.loss.name"),
+        "min_auc": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                         description="register.min_auc: the floor for the champion alias"),
+        "overrides": Param({}, type="object", description="any other params.yaml keys, dotted: "
+                           '{"train.optim.lr_head": 0.001}',
+                           propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
+                           additionalProperties={"type": ["string", "number", "boolean", "null"]}),
+    }
+
+
+def run_overrides(params: Mapping[str, Any]) -> str:
+    """The run's params.yaml overrides as a JSON object of dotted keys (a Jinja filter of the DAG)."""
+    out = {key: params.get(name) for name, key in PARAM_KEYS.items() if params.get(name) is not None}
+    out.update(params.get("overrides") or {})
+    return json.dumps(out, sort_keys=True)
+
+
+def stage_command(stage: str) -> str:
+    # exec: a timeout's SIGTERM reaches dvc_stage.py, which puts params.yaml back before exiting
+    return ('set -eu; cd "$CXR_PROJECT_DIR"; export PATH="$CXR_VENV/bin:$PATH"; '
+            f'exec python scripts/dvc_stage.py {stage}')
+
+
+def task_env(project: Path, venv: str | Path) -> dict[str, str]:
+    return {
+        "CXR_PROJECT_DIR": str(project),
+        "CXR_VENV": str(venv),
+        "CXR_RUN_OVERRIDES": "{{ params | cxr_overrides }}",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def local_task(task_id: str, settings: DagSettings, **kwargs: Any) -> BashOperator:
+    project = settings.project
+    return BashOperator(
+        task_id=task_id,
+        bash_command=stage_command(task_id),
+        # Airflow's environment plus ours; BashOperator adds AIRFLOW_CTX_DAG_ID, _DAG_RUN_ID,
+        # _TRY_NUMBER, ... which pipeline/tracking.py turns into MLflow run tags
+        env=task_env(project, settings.venv or project / ".venv"),
+        append_env=True,
+        skip_on_exit_code=None,  # exit 99 must fail the task like any other error, not skip it
+        **kwargs,
+    )
+
+
+def pod_task(task_id: str, settings: DagSettings, **kwargs: Any):
+    """The stage as a pod of the training image; imported only when a task is sent to Kubernetes."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    cfg = settings.kubernetes
+    env = task_env(Path(cfg.workspace_path), cfg.venv)
+    # a pod does not inherit the task's AIRFLOW_CTX_* variables: pass them for the MLflow tags
+    env.update({
+        "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
+        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
+        "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
+        "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
+    })
+    gpu = task_id == "train" and cfg.gpus > 0
+    resources = k8s.V1ResourceRequirements(
+        requests={"cpu": cfg.cpu, "memory": cfg.memory} if task_id == "train" else {"cpu": "1", "memory": "4Gi"},
+        limits={"memory": cfg.memory, **({"nvidia.com/gpu": str(cfg.gpus)} if gpu else {})},
+    )
+    return KubernetesPodOperator(
+        task_id=task_id,
+        name=f"cxr-dwml-{task_id}",
+        namespace=cfg.namespace,
+        image=cfg.image,
+        cmds=["bash", "-c"],
+        arguments=[stage_command(task_id)],
+        env_vars=env,
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cfg.secret))] if cfg.secret else None,
+        container_resources=resources,
+        volumes=[
+            k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                claim_name=cfg.workspace_claim)),
+            # the DataLoader workers share batches through /dev/shm, which is 64 MiB in a pod by default
+            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")),
+        ],
+        volume_mounts=[k8s.V1VolumeMount(name="workspace", mount_path=cfg.workspace_path),
+                       k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        node_selector=cfg.node_selector or None,
+        tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")] if gpu else None,
+        service_account_name=cfg.service_account,
+        startup_timeout_seconds=cfg.startup_timeout_seconds,
+        get_logs=True,
+        on_finish_action="delete_succeeded_pod",
+        **kwargs,
+    )
+
+
+def build_dag(settings: DagSettings):
+    """The DAG for `settings` (a function, so tests can build variants without touching the env)."""
+    project = settings.project
+    metrics = Asset(name="cxr_dwml_metrics", uri=(project / "reports" / "metrics.json").as_uri())
+    champion = Asset(name="cxr_dwml_champion", uri="cxr-dwml://model/champion")
+    outlets = {"evaluate": [metrics], "register": [champion]}
+
+    @dag(
+        dag_id=DAG_ID,
+        schedule=settings.schedule,
+        start_date=settings.start(),
+        catchup=settings.catchup,
+        max_active_runs=settings.max_active_runs,
+        params=dag_params(project, os.environ.get("CXR_DATA_SOURCE") or None),
+        user_defined_filters={"cxr_overrides": run_overrides},
+        default_args={
+            "retries": settings.retries,
+            "retry_delay": timedelta(minutes=settings.retry_delay_minutes),
+            "pool": settings.pool or "default_pool",
+        },
+        tags=["cxr-dwml", "ml", "dvc"],
+        doc_md=__doc__,
+    )
+    def cxr_dwml():
+        tasks = {}
+        for task_id in STAGES:
+            make = pod_task if settings.on_kubernetes(task_id) else local_task
+            tasks[task_id] = make(task_id, settings, execution_timeout=settings.timeout(task_id),
+                                  outlets=outlets.get(task_id, []), doc_md=f"`dvc repro --single-item {task_id}`")
+        for task_id, upstream in STAGES.items():
+            for up in upstream:
+                tasks[up] >> tasks[task_id]
+
+    return cxr_dwml()
+
+
+cxr_dwml = build_dag(load_settings())

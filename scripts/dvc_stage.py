@@ -1,0 +1,208 @@
+"""Reproduce one DVC stage for an orchestrator run, with that run's parameter overrides.
+
+Run from anywhere, with the project venv's Python (the Airflow DAG `cxr_dwml` does):
+    python scripts/dvc_stage.py train                               # dvc repro --single-item train
+    python scripts/dvc_stage.py train --set train.epochs=2 --set profile=paper
+    CXR_RUN_OVERRIDES='{"train.epochs": 2}' python scripts/dvc_stage.py train
+
+Overrides hold for this one command. They are written into params.yaml (and into the selected
+profile overlay wherever it sets the same key, since the overlay wins over params.yaml), the stage
+is reproduced with `dvc repro --single-item`, and both files are put back byte for byte, so that
+dvc.lock records the values that ran while params.yaml stays as committed. An unchanged stage is
+skipped by DVC; a retried train stage resumes from its `last.pt` (artifacts/model is persistent).
+
+DVC holds one repository lock per workspace, so calls are serialised by a file lock in
+`.dvc/tmp/` (a second call waits instead of failing); a copy left behind by a killed call is
+restored by the next one. With CXR_DVC_REMOTE_URL set (and CXR_DVC_REMOTE_ENDPOINT for an
+S3-compatible store), the stage's outputs are pushed to that remote afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+PARAMS = "params.yaml"
+PROFILES = "profiles"
+STATE_DIR = Path(".dvc") / "tmp" / "cxr-stage"
+REMOTE = "cxr-remote"
+
+
+class StageError(RuntimeError):
+    """A wrong override or workspace; the message says what to fix."""
+
+
+def parse_overrides(env_json: str | None, sets: list[str]) -> dict[str, Any]:
+    """Dotted-key overrides from a JSON object (CXR_RUN_OVERRIDES) and `key=value` strings."""
+    out: dict[str, Any] = {}
+    if env_json and env_json.strip():
+        try:
+            loaded = json.loads(env_json)
+        except json.JSONDecodeError as e:
+            raise StageError(f"CXR_RUN_OVERRIDES is not valid JSON ({e}); pass an object of dotted keys") from None
+        if not isinstance(loaded, dict):
+            raise StageError("CXR_RUN_OVERRIDES must be a JSON object such as {\"train.epochs\": 2}")
+        out.update(loaded)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StageError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=2")
+        out[key] = yaml.safe_load(value)  # YAML scalars: 2 -> int, true -> bool, nih -> str
+    for key in out:
+        if not key or any(not part for part in key.split(".")):
+            raise StageError(f"override key {key!r} is not a dotted params key such as 'train.epochs'")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def set_dotted(mapping: dict[str, Any], key: str, value: Any, create: bool = True) -> bool:
+    """mapping['a']['b'] = value for key 'a.b'; with create=False only where the key exists."""
+    *parents, leaf = key.split(".")
+    node = mapping
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if not create:
+                return False
+            if child is not None:
+                raise StageError(f"override '{key}': '{part}' is a value in {PARAMS}, not a section")
+            child = node[part] = {}
+        node = child
+    if not create and leaf not in node:
+        return False
+    node[leaf] = value
+    return True
+
+
+def patched_files(root: Path, overrides: dict[str, Any]) -> dict[Path, str]:
+    """New text of params.yaml (and of the profile overlay) with the overrides applied."""
+    params_path = root / PARAMS
+    params = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+    for key, value in overrides.items():
+        set_dotted(params, key, value)
+    out = {params_path: yaml.safe_dump(params, sort_keys=False)}
+    overlay_path = root / PROFILES / f"{params.get('profile', 'demo')}.yaml"
+    if overlay_path.exists():
+        overlay = yaml.safe_load(overlay_path.read_text(encoding="utf-8")) or {}
+        # the overlay is merged over params.yaml, so a key it sets must change there as well
+        if any([set_dotted(overlay, k, v, create=False) for k, v in overrides.items()]):
+            out[overlay_path] = yaml.safe_dump(overlay, sort_keys=False)
+    return out
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path) -> Iterator[None]:
+    state = root / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # blocks: the orchestrator's execution timeout bounds the wait
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def restore_backups(root: Path) -> list[Path]:
+    """Put back the files a previous (possibly killed) call patched; returns what was restored."""
+    backups = root / STATE_DIR / "backup"
+    restored = []
+    if backups.is_dir():
+        for saved in sorted(backups.rglob("*")):
+            if saved.is_file():
+                target = root / saved.relative_to(backups)
+                os.replace(saved, target)
+                restored.append(target)
+        shutil.rmtree(backups)
+    return restored
+
+
+@contextlib.contextmanager
+def applied(root: Path, overrides: dict[str, Any]) -> Iterator[None]:
+    """Overrides in place for the body of the `with`, original files back afterwards."""
+    if not overrides:
+        yield
+        return
+    new_texts = patched_files(root, overrides)
+    backups = root / STATE_DIR / "backup"
+    try:
+        for path, text in new_texts.items():
+            saved = backups / path.relative_to(root)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, saved)  # the backup exists before the file changes
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        yield
+    finally:
+        restore_backups(root)
+
+
+def run(cmd: list[str], cwd: Path) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=cwd)
+    try:
+        return proc.wait()
+    except BaseException:
+        # killed from outside (task timeout): let DVC finish its own clean-up before files move back
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        raise
+
+
+def push(root: Path, stage: str) -> int:
+    url = os.environ.get("CXR_DVC_REMOTE_URL", "").strip()
+    if not url:
+        print(f"[dvc_stage] CXR_DVC_REMOTE_URL is not set: outputs of '{stage}' stay in the local cache")
+        return 0
+    dvc = ["dvc", "remote"]
+    # --local: the remote (and any endpoint) lands in .dvc/config.local, never in the committed config
+    rc = run([*dvc, "add", "--local", "--force", REMOTE, url], root)
+    endpoint = os.environ.get("CXR_DVC_REMOTE_ENDPOINT", "").strip()
+    if rc == 0 and endpoint:
+        rc = run([*dvc, "modify", "--local", REMOTE, "endpointurl", endpoint], root)
+    return rc or run(["dvc", "--wait-for-lock", "push", "--remote", REMOTE, stage], root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", help="a stage name of dvc.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params key for this run (repeatable), e.g. train.epochs=2")
+    p.add_argument("--project", default=os.environ.get("CXR_PROJECT_DIR") or ".",
+                   help="project folder (default: $CXR_PROJECT_DIR or the current folder)")
+    args = p.parse_args(argv)
+    root = Path(args.project).resolve()
+    if not (root / "dvc.yaml").exists():
+        raise StageError(f"{root}/dvc.yaml not found: set CXR_PROJECT_DIR to the project checkout")
+    overrides = parse_overrides(os.environ.get("CXR_RUN_OVERRIDES"), args.set)
+    # SIGTERM (a timeout or a cleared task) must unwind through `finally` to restore params.yaml
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with workspace_lock(root):
+        for path in restore_backups(root):
+            print(f"[dvc_stage] restored {path} left patched by an interrupted run")
+        if overrides:
+            print(f"[dvc_stage] overrides for this run: {json.dumps(overrides, sort_keys=True)}")
+        with applied(root, overrides):
+            rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", args.stage], root)
+        if rc == 0:
+            rc = push(root, args.stage)
+    return rc
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except StageError as e:
+        print(f"dvc_stage: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

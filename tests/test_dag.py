@@ -1,0 +1,596 @@
+"""The Airflow DAG `cxr_dwml` through the real Airflow: parsing, the graph, `airflow dags test`, and
+one run through the scheduler and API server of `airflow standalone`, including a failing task.
+
+`make dag-test` runs the `airflow dags test` case alone. The slow cases share one tiny-demo copy of
+the repository: `airflow dags test` runs the whole pipeline there, then the scheduler run finds the
+DVC stages up to date except the one its conf changes, which keeps it quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, VENV_BIN, copy_repo, run_env
+
+DAG_ID = "cxr_dwml"
+STAGES = ("download", "prepare", "prototypes", "train", "evaluate", "register")
+# the run conf both slow runs use: a one-epoch training, overriding params.yaml's train.epochs
+CONF = {"epochs": 1}
+
+
+def airflow_env(home: Path, repo: Path, **extra: str) -> dict[str, str]:
+    env = run_env(repo)
+    env.pop("PYTHONPATH", None)  # Airflow runs from its install; the tasks cd into the project
+    for name in [n for n in env if n.startswith(("AIRFLOW__", "AIRFLOW_CTX_", "CXR_"))]:
+        del env[name]
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "CXR_PROJECT_DIR": str(repo),
+        "CXR_VENV": str(VENV_BIN.parent),
+        "CXR_AIRFLOW_RETRIES": "0",
+    })
+    env.update(extra)
+    return env
+
+
+def airflow(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def probe(code: str, **env: str) -> Any:
+    """Run `code` in a fresh interpreter with the DAG module importable; it prints one JSON value."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("CXR_", "AIRFLOW__"))}
+    full.update(env)
+    full.setdefault("AIRFLOW_HOME", str(Path(env.get("TMP_HOME", "/tmp")) / "airflow-probe"))
+    prelude = f"import json, sys, time\nsys.path.insert(0, {str(ROOT / 'dags')!r})\n"
+    out = subprocess.run([sys.executable, "-c", prelude + code], env=full, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- parsing, settings, params, graph (fast: a subprocess each) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory) -> dict:
+    """What the dag-processor sees: DagBag import errors, parse time, modules loaded, the graph."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    code = f"""
+from airflow.dag_processing.dagbag import DagBag
+heavy = ("torch", "mlflow", "pandas", "pipeline", "components", "timm", "transformers", "sklearn")
+t0 = time.perf_counter()
+bag = DagBag(dag_folder={str(ROOT / 'dags')!r})
+seconds = time.perf_counter() - t0
+dag = bag.dags.get("{DAG_ID}")
+tasks = {{}}
+for t in (dag.tasks if dag else []):
+    tasks[t.task_id] = {{
+        "upstream": sorted(t.upstream_task_ids), "type": type(t).__name__, "pool": t.pool,
+        "retries": t.retries, "timeout_s": t.execution_timeout.total_seconds() if t.execution_timeout else None,
+        "outlets": [a.uri for a in t.outlets], "command": getattr(t, "bash_command", None),
+        "env": getattr(t, "env", None), "append_env": getattr(t, "append_env", None)}}
+print(json.dumps({{
+    "errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "seconds": seconds,
+    "file_seconds": {{s.file: s.duration.total_seconds() for s in bag.dagbag_stats}},
+    "warnings": {{k: list(v) for k, v in bag.captured_warnings.items()}},
+    "heavy": sorted(m for m in sys.modules if m.split(".")[0] in heavy),
+    "tasks": tasks, "schedule": str(dag.schedule) if dag else None,
+    "catchup": dag.catchup if dag else None, "max_active_runs": dag.max_active_runs if dag else None,
+    "params": sorted(dag.params) if dag else None,
+}}))
+"""
+    return probe(code, AIRFLOW_HOME=str(home))
+
+
+def test_dag_imports_fast_without_errors_or_heavy_modules(parsed: dict) -> None:
+    assert parsed["errors"] == {}
+    assert parsed["tasks"], "DagBag found no DAG cxr_dwml"
+    assert parsed["warnings"] == {}
+    # the dag-processor's own per-file timing (Airflow itself is already imported there)
+    (seconds,) = [v for k, v in parsed["file_seconds"].items() if k.endswith("cxr_dwml.py")]
+    assert seconds < 2.0, parsed["file_seconds"]
+    assert parsed["heavy"] == [], f"imported at parse time: {parsed['heavy']}"
+
+
+def test_dag_structure_and_defaults(parsed: dict) -> None:
+    tasks = parsed["tasks"]
+    assert set(tasks) == set(STAGES)
+    assert parsed["catchup"] is False and parsed["max_active_runs"] == 1
+    for task_id, info in tasks.items():
+        assert info["type"] == "BashOperator"
+        assert info["pool"] == "cxr_dwml_dvc", "DVC tasks must share the one-slot pool"
+        assert info["retries"] == 2 and info["timeout_s"] and info["timeout_s"] > 0
+        assert f"scripts/dvc_stage.py {task_id}" in info["command"]
+        assert 'export PATH="$CXR_VENV/bin:$PATH"' in info["command"]
+        assert info["append_env"] is True and info["env"]["CXR_PROJECT_DIR"] == str(ROOT)
+    assert tasks["train"]["timeout_s"] == 2880 * 60
+    assert tasks["evaluate"]["outlets"] == [(ROOT / "reports" / "metrics.json").as_uri()]
+    assert tasks["register"]["outlets"] == ["cxr-dwml://model/champion"]
+    assert {"profile", "source", "epochs", "overrides"} <= set(parsed["params"])
+
+
+def test_dag_graph_matches_dvc_yaml(parsed: dict) -> None:
+    """Upstream tasks of each task = the stages producing its dvc.yaml deps (outs -> deps)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+    def paths(entries: list) -> list[str]:
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+    producer = {out: name for name, st in stages.items() for key in ("outs", "metrics", "plots")
+                for out in paths(st.get(key))}
+    expected = {}
+    for name, st in stages.items():
+        ups = set()
+        for dep in paths(st.get("deps")):
+            for out, stage in producer.items():
+                # a dep is produced by a stage when one path contains the other (a folder or a file in it)
+                if stage != name and (dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")):
+                    ups.add(stage)
+        expected[name] = ups
+
+    def ancestors(name: str) -> set[str]:
+        return set().union(*({u} | ancestors(u) for u in expected[name])) if expected[name] else set()
+
+    # direct edges only: evaluate reads data/prepared too, but already waits for it through train
+    reduced = {name: sorted(u for u in ups if not any(u in ancestors(o) for o in ups - {u}))
+               for name, ups in expected.items()}
+    assert {k: v["upstream"] for k, v in parsed["tasks"].items()} == reduced
+    expected = reduced
+    assert expected["prototypes"] == [], "prototypes may run beside prepare"
+
+
+def test_settings_come_from_environment_and_are_checked(tmp_path: Path) -> None:
+    got = probe("""
+import cxr_dwml as m
+s = m.load_settings({"CXR_AIRFLOW_SCHEDULE": "0 3 * * 0", "CXR_AIRFLOW_RETRIES": "4",
+    "CXR_AIRFLOW_RETRY_DELAY_MINUTES": "1.5", "CXR_AIRFLOW_TIMEOUT_TRAIN": "90", "CXR_AIRFLOW_CATCHUP": "true",
+    "CXR_AIRFLOW_START_DATE": "2024-06-01", "CXR_AIRFLOW_POOL": "", "CXR_AIRFLOW_K8S_TASKS": "train, evaluate"})
+dag = m.build_dag(s)
+errors = []
+weekly = m.build_dag(m.load_settings({"CXR_AIRFLOW_SCHEDULE": "@weekly"}))
+for env in ({"CXR_AIRFLOW_K8S_TASKS": "trian"}, {"CXR_AIRFLOW_START_DATE": "next tuesday"},
+            {"CXR_AIRFLOW_RETRIES": "many"}, {"CXR_AIRFLOW_RETRIES": "null"}):
+    try:
+        m.build_dag(m.load_settings(env))
+    except ValueError as e:
+        errors.append(str(e))
+print(json.dumps({"schedule": s.schedule, "retries": s.retries, "delay": dag.default_args["retry_delay"].total_seconds(),
+    "train_timeout": dag.get_task("train").execution_timeout.total_seconds(), "catchup": dag.catchup,
+    "start": dag.start_date.isoformat(), "pool": dag.get_task("prepare").pool,
+    "kinds": {t.task_id: type(t).__name__ for t in dag.tasks}, "errors": errors,
+    "weekly": str(weekly.schedule)}))
+""", TMP_HOME=str(tmp_path))
+    assert got["schedule"] == "0 3 * * 0" and got["retries"] == 4 and got["delay"] == 90
+    assert got["train_timeout"] == 90 * 60 and got["catchup"] is True
+    assert got["start"] == "2024-06-01T00:00:00+00:00" and got["pool"] == "default_pool"
+    assert got["kinds"]["train"] == got["kinds"]["evaluate"] == "KubernetesPodOperator"
+    assert got["kinds"]["prepare"] == "BashOperator"
+    assert "trian" in got["errors"][0] and "CXR_AIRFLOW_START_DATE" in got["errors"][1]
+    assert "CXR_AIRFLOW_RETRIES='many'" in got["errors"][2] and "CXR_AIRFLOW_RETRIES" in got["errors"][3]
+    assert got["weekly"] == "@weekly"
+
+
+def test_run_conf_is_validated_and_becomes_dotted_overrides(tmp_path: Path) -> None:
+    got = probe("""
+import cxr_dwml as m
+import copy
+dag = m.cxr_dwml
+def check(conf):
+    params = copy.deepcopy(dag.params)
+    try:
+        params.update(conf)
+        return params.validate()
+    except Exception as e:
+        return type(e).__name__
+bad = [check(c) for c in ({"epochs": 0}, {"profile": "huge"}, {"epochs": "2"}, {"batch_size": -1},
+                          {"overrides": {"bad key": 1}}, {"source": ""}, {"min_auc": 2})]
+good = check({"epochs": 3, "profile": "paper", "source": "s3://b/nih", "overrides": {"train.optim.lr_head": 0.01}})
+rendered = dag.get_template_env().from_string(dag.get_task("train").env["CXR_RUN_OVERRIDES"]).render(params=good)
+empty = m.run_overrides(dag.params.dump())
+print(json.dumps({"bad": bad, "rendered": json.loads(rendered), "empty": json.loads(empty)}))
+""", TMP_HOME=str(tmp_path))
+    assert all(b == "ParamValidationError" for b in got["bad"]), got["bad"]
+    assert got["rendered"] == {"profile": "paper", "download.source": "s3://b/nih", "train.epochs": 3,
+                               "train.optim.lr_head": 0.01}
+    assert got["empty"] == {}, "no conf must leave params.yaml untouched"
+
+
+def test_kubernetes_pod_spec_for_train_requests_a_gpu(tmp_path: Path) -> None:
+    pytest.importorskip("airflow.providers.cncf.kubernetes", reason="apache-airflow-providers-cncf-kubernetes "
+                        "is not installed: the Kubernetes switch cannot be rendered")
+    got = probe("""
+import cxr_dwml as m
+from kubernetes.client import ApiClient
+api = ApiClient()
+dag = m.build_dag(m.load_settings())
+pods = {t.task_id: api.sanitize_for_serialization(t.build_pod_request_obj(dry_run=True)) for t in dag.tasks
+        if type(t).__name__ == "KubernetesPodOperator"}
+class Response:  # ApiClient.deserialize reads .data: a round trip through the typed V1Pod model
+    data = json.dumps(pods["train"])
+pod = api.deserialize(Response(), "V1Pod")
+print(json.dumps({"pods": pods, "round_trip": pod.spec.containers[0].image}))
+""", TMP_HOME=str(tmp_path), CXR_AIRFLOW_K8S_TASKS="all", CXR_TRAINER_IMAGE="registry.example/cxr-dwml:1.0",
+        CXR_K8S_GPUS="2", CXR_K8S_NAMESPACE="ml")
+    pods = got["pods"]
+    assert set(pods) == set(STAGES) and got["round_trip"] == "registry.example/cxr-dwml:1.0"
+    train = pods["train"]
+    assert train["kind"] == "Pod" and train["metadata"]["namespace"] == "ml"
+    (container,) = train["spec"]["containers"]
+    assert container["image"] == "registry.example/cxr-dwml:1.0"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["command"] == ["bash", "-c"] and "scripts/dvc_stage.py train" in container["args"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CXR_PROJECT_DIR"] == "/workspace/cxr-dwml" and env["CXR_VENV"] == "/opt/cxr-dwml/.venv"
+    assert {"AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TRY_NUMBER"} <= set(env)
+    assert container["envFrom"][0]["secretRef"]["name"] == "cxr-dwml-env"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/workspace/cxr-dwml", "/dev/shm"} <= mounts
+    claim = [v for v in train["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claim[0]["persistentVolumeClaim"]["claimName"] == "cxr-dwml-workspace"
+    evaluate = pods["evaluate"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in (evaluate["resources"].get("limits") or {})
+
+
+def scratch_project(root: Path, cmd: str) -> Path:
+    """A DVC project (no Git) with one stage `step` that tracks params `train` and runs `cmd`."""
+    root.mkdir()
+    (root / "profiles").mkdir()
+    (root / "params.yaml").write_text("# committed\nprofile: paper\ntrain:\n  epochs: 8\n  seed: 1\n")
+    (root / "profiles" / "paper.yaml").write_text("train:\n  epochs: 30\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"step": {
+        "cmd": cmd, "deps": ["profiles"], "params": ["profile", "train"], "outs": ["out.txt"]}}}))
+    init = subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, env=run_env(root), capture_output=True)
+    assert init.returncode == 0, init.stderr
+    return root
+
+
+def dvc_stage(root: Path, *args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), *args, "--project", str(root)],
+                            env=run_env(root, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_stage_overrides_hold_for_one_run_and_files_come_back(tmp_path: Path) -> None:
+    # the command sees the overridden values, as the components do (profile overlay applied last)
+    cmd = ("python -c \"import yaml; p = yaml.safe_load(open('params.yaml')); o = yaml.safe_load("
+           "open('profiles/paper.yaml')); open('out.txt', 'w').write(str((p['train'], o['train'])))\"")
+    root = scratch_project(tmp_path / "p", cmd)
+    committed = {p: p.read_bytes() for p in (root / "params.yaml", root / "profiles" / "paper.yaml")}
+    first = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES='{"train.epochs": 2}')
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert (root / "out.txt").read_text() == str(({"epochs": 2, "seed": 5}, {"epochs": 2}))
+    assert {p: p.read_bytes() for p in committed} == committed
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["step"]["params"]["params.yaml"]
+    assert lock["train"] == {"epochs": 2, "seed": 5}, "dvc.lock records what ran"
+    again = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES='{"train.epochs": 2}')
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "didn't change, skipping" in out, out
+
+    bad = dvc_stage(root, "step", CXR_RUN_OVERRIDES="[1]")
+    out, _ = bad.communicate(timeout=60)
+    assert bad.returncode == 2 and "CXR_RUN_OVERRIDES must be a JSON object" in out
+
+
+def test_stage_killed_mid_run_puts_params_back(tmp_path: Path) -> None:
+    root = scratch_project(tmp_path / "p", "sleep 60 && touch out.txt")
+    committed = (root / "params.yaml").read_bytes()
+    proc = dvc_stage(root, "step", CXR_RUN_OVERRIDES='{"train.epochs": 3}')
+    deadline = time.monotonic() + 60
+    while (root / "params.yaml").read_bytes() == committed and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"epochs: 3" in (root / "params.yaml").read_bytes()
+    time.sleep(2)  # let dvc start the stage command
+    os.killpg(proc.pid, signal.SIGTERM)  # what Airflow sends the task's process group on a timeout
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert (root / "params.yaml").read_bytes() == committed, out
+
+    # a call killed with SIGKILL leaves its backup: the next call restores it before anything else
+    backup = root / ".dvc" / "tmp" / "cxr-stage" / "backup"
+    backup.mkdir(parents=True)
+    (backup / "params.yaml").write_bytes(committed)
+    (root / "params.yaml").write_text("profile: paper\ntrain:\n  epochs: 99\n  seed: 1\n")
+    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text().replace("sleep 60 && ", ""))
+    nxt = dvc_stage(root, "step")
+    out, _ = nxt.communicate(timeout=120)
+    assert nxt.returncode == 0 and "left patched by an interrupted run" in out, out
+    assert (root / "params.yaml").read_bytes() == committed and not backup.exists()
+
+
+# --- the slow part: the real pipeline under Airflow --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dags_test_run(tmp_path_factory) -> dict:
+    """`airflow dags test cxr_dwml` with CONF on a tiny-demo copy, in a throwaway AIRFLOW_HOME (SQLite)."""
+    base = tmp_path_factory.mktemp("dag-run")
+    repo = copy_repo(base / "repo")
+    params_before = (repo / "params.yaml").read_bytes()
+    env = airflow_env(base / "home", repo)
+    migrate = airflow(env, "db", "migrate")
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    t0 = time.perf_counter()
+    test = airflow(env, "dags", "test", DAG_ID, "--conf", json.dumps(CONF), timeout=480)
+    return {"repo": repo, "result": test, "seconds": time.perf_counter() - t0, "params_before": params_before}
+
+
+def registry(repo: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def model_versions(repo: Path) -> list[str]:
+    return sorted(str(v.version) for v in registry(repo).search_model_versions("name='cxr-dwml'"))
+
+
+def lock_params(repo: Path, stage: str) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["params"]["params.yaml"]
+
+
+@pytest.mark.slow
+def test_dags_test_runs_the_pipeline_and_registers_a_model(dags_test_run: dict) -> None:
+    result, repo = dags_test_run["result"], dags_test_run["repo"]
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    print(f"airflow dags test: {dags_test_run['seconds']:.0f} s")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+    client = registry(repo)
+    champion = client.get_model_version_by_alias("cxr-dwml", "champion")
+    assert str(champion.version) == "1"
+    # the MLflow runs name the Airflow run that made them
+    runs = client.search_runs([client.get_experiment_by_name("cxr-dwml").experiment_id])
+    assert champion.run_id in {r.info.run_id for r in runs}
+    # one run per step up to train; evaluate and register add to the training run
+    assert sorted(r.data.tags.get("airflow.task_id") for r in runs) == sorted(STAGES[:4])
+    for r in runs:
+        tags = r.data.tags
+        assert tags["airflow.dag_id"] == DAG_ID and tags["airflow.try_number"] == "1"
+        assert tags["airflow.run_id"].startswith("manual__")
+    assert len({r.data.tags["airflow.run_id"] for r in runs}) == 1
+    # the conf ran (dvc.lock says so) and held for this run only (params.yaml is as committed)
+    assert lock_params(repo, "train")["train"]["epochs"] == 1
+    assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
+    assert (repo / "reports" / "train" / "history.csv").read_text().count("\n") == 2  # header + 1 epoch
+    assert not (repo / ".dvc" / "tmp" / "cxr-stage" / "backup").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metadata_db(ci: bool) -> Iterator[tuple[str, str]]:
+    """(SQLAlchemy URL, a note) of a throwaway PostgreSQL database, or SQLite when PostgreSQL is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("asyncpg") is None:  # Airflow 3's async engine needs it for PostgreSQL
+        if ci:
+            pytest.fail("CI=true but asyncpg is not installed: Airflow 3 cannot use PostgreSQL without it")
+        yield "", "asyncpg is not installed (Airflow needs it for PostgreSQL); using SQLite"
+        return
+    try:
+        import psycopg2
+
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except Exception as e:  # noqa: BLE001 - any failure to reach the server means "no PostgreSQL here"
+        if ci:
+            pytest.fail(f"CI=true but PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) is unreachable: {e}")
+        yield "", f"PostgreSQL on 127.0.0.1:5432 unreachable ({e}); using SQLite"
+        return
+    admin.autocommit = True
+    name = f"airflow_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}", "PostgreSQL"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """Stop `airflow standalone` and everything it started (task processes run in sessions of their own)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        for child in family:
+            try:
+                child.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            proc.wait(timeout=20)
+            psutil.wait_procs(family, timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def task_log(path: Path) -> str:
+    """The messages of a task log file (JSON lines under the scheduler, plain text elsewhere)."""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            lines.append(str(json.loads(line).get("event", "")))
+        except (json.JSONDecodeError, AttributeError):
+            lines.append(line)
+    return "\n".join(lines)
+
+
+class Api:
+    """The REST API v2 of the API server (every request is an admin: simple auth manager, all admins)."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}/api/v2"
+
+    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            return 0, str(e)
+
+    def wait(self, what: str, check, deadline: float, every: float = 1.0) -> Any:
+        while time.monotonic() < deadline:
+            got = check()
+            if got:
+                return got
+            time.sleep(every)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def run_state(self, run_id: str) -> str:
+        code, body = self.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
+        return body["state"] if code == 200 else f"http {code}"
+
+    def wait_finished(self, run_id: str, deadline: float) -> str:
+        return self.wait(f"run {run_id}", lambda: (s := self.run_state(run_id)) in ("success", "failed") and s,
+                         deadline, every=2)
+
+    def task_states(self, run_id: str) -> dict[str, str]:
+        code, body = self.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+        assert code == 200, body
+        return {t["task_id"]: t["state"] for t in body["task_instances"]}
+
+
+@pytest.mark.slow
+def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
+        dags_test_run: dict, tmp_path: Path) -> None:
+    """`airflow standalone`: trigger through the REST API, a bad data source fails download with the
+    component's message in the task log; once the source exists, clearing the task finishes the run;
+    the same run again finds every stage up to date (nothing retrained, nothing re-registered)."""
+    assert dags_test_run["result"].returncode == 0, "needs the pipeline run of `airflow dags test`"
+    repo = dags_test_run["repo"]
+    home = tmp_path / "home"
+    mirror = tmp_path / "mirror"  # the data source of this run, missing until the "fix"
+    api_port = free_port()
+    ci = os.environ.get("CI", "").lower() == "true"
+    db_iter = metadata_db(ci)
+    db_url, db_note = next(db_iter)
+    print(f"metadata database: {db_note}")
+    env = airflow_env(
+        home, repo,
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__PARALLELISM="2",
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__PORT=str(api_port),
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
+        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+        AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+    )
+    if db_url:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
+    home.mkdir()
+    server_log = open(tmp_path / "standalone.log", "w")
+    proc = subprocess.Popen([str(VENV_BIN / "airflow"), "standalone"], env=env, stdout=server_log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    api = Api(api_port)
+    t0 = time.monotonic()
+    deadline = t0 + 270  # the whole scheduler part stays under 4.5 minutes even on a busy machine
+    try:
+        api.wait("the API server", lambda: api.call("GET", "/version")[0] == 200, deadline)
+        print(f"API server up after {time.monotonic() - t0:.0f} s")
+        code, body = api.call("POST", "/pools", {"name": "cxr_dwml_dvc", "slots": 1,
+                                                 "description": "cxr-dwml DVC workspace: one command at a time"})
+        assert code in (200, 201), body
+        api.wait("the DAG to be parsed", lambda: api.call("GET", f"/dags/{DAG_ID}")[0] == 200, deadline)
+        code, body = api.call("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
+        assert code == 200, body
+
+        # invalid conf is refused at trigger time by the params' JSON schema
+        code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"epochs": 0}})
+        assert code == 400 and "epochs" in str(body), (code, body)
+
+        conf = {**CONF, "source": str(mirror)}
+        code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
+        assert code == 200, body
+        run_id = body["dag_run_id"]
+        assert api.wait_finished(run_id, deadline) == "failed"
+        states = api.task_states(run_id)
+        assert states["download"] == "failed" and states["register"] == "upstream_failed", states
+        logs = list(home.glob(f"logs/dag_id={DAG_ID}/run_id=*/task_id=download/attempt=1.log"))
+        assert logs, sorted(str(p) for p in home.glob("logs/**/*.log"))
+        text = task_log(logs[0])
+        assert f"cxr-dwml download: error: params.yaml: 'download': source '{mirror}' is not" in text, text[-3000:]
+        assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
+        print(f"failed run done after {time.monotonic() - t0:.0f} s")
+
+        # fix the input: a mirror in NIH layout (hard links of the demo's raw files), then retry
+        raw = repo / "data" / "raw"
+        (mirror / "images").mkdir(parents=True)
+        for src in [*raw.glob("*.csv"), *raw.glob("*.txt"), *(raw / "images").glob("*.png")]:
+            os.link(src, mirror / src.relative_to(raw))
+        code, body = api.call("POST", f"/dags/{DAG_ID}/clearTaskInstances", {
+            "dry_run": False, "dag_run_id": run_id, "task_ids": ["download"], "include_downstream": True,
+            "only_failed": False, "reset_dag_runs": True})
+        assert code == 200, body
+        assert api.wait_finished(run_id, deadline) == "success", api.task_states(run_id)
+        print(f"retried run done after {time.monotonic() - t0:.0f} s")
+        lock_done = (repo / "dvc.lock").read_bytes()
+        versions = model_versions(repo)
+
+        # the same run again: every stage is up to date, nothing is trained or registered
+        code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
+        assert code == 200, body
+        again = body["dag_run_id"]
+        assert api.wait_finished(again, deadline) == "success", api.task_states(again)
+        print(f"second run done after {time.monotonic() - t0:.0f} s")
+    finally:
+        stop_tree(proc)
+        server_log.close()
+        next(db_iter, None)
+
+    for stage in STAGES:
+        (log,) = home.glob(f"logs/dag_id={DAG_ID}/run_id={again}/task_id={stage}/attempt=1.log")
+        assert f"Stage '{stage}' didn't change, skipping" in task_log(log), stage
+    assert (repo / "dvc.lock").read_bytes() == lock_done
+    assert model_versions(repo) == versions
+    # the cleared download ran as try 2, and its MLflow run says so
+    client = registry(repo)
+    (download,) = client.search_runs([client.get_experiment_by_name("cxr-dwml").experiment_id],
+                                     f"tags.`airflow.run_id` = '{run_id}' and tags.`airflow.task_id` = 'download'")
+    assert download.data.tags["airflow.try_number"] == "2"
+    lock = yaml.safe_load(lock_done)["stages"]
+    assert lock["download"]["params"]["params.yaml"]["download"]["source"] == str(mirror)
+    assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+    assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
