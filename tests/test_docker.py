@@ -556,3 +556,23 @@ def test_postgres_init_creates_databases_and_is_idempotent():
         for key in ("MLFLOW_DB_USER", "AIRFLOW_DB_USER"):
             _run(["psql", "-U", "postgres", "-d", "postgres", "-c", f'drop role if exists "{names[key]}"'],
                  env=env)
+
+
+def test_stack_provides_what_the_dag_expects(stack):
+    """The Airflow containers carry the settings the DAG reads, and airflow-init makes its pool."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "dags"))
+    try:
+        from cxr_dwml import load_settings
+    finally:
+        sys.path.pop(0)
+    scheduler_env = _environment(stack["services"]["airflow-scheduler"])
+    settings = load_settings({k: v for k, v in scheduler_env.items() if isinstance(v, str)})
+    assert str(settings.project_dir) == scheduler_env["CXR_PROJECT_DIR"] == "/opt/cxr-dwml"
+    for name in ("CXR_DATA_SOURCE", "CXR_DVC_REMOTE_URL", "CXR_DVC_REMOTE_ENDPOINT"):
+        assert scheduler_env.get(name), f"airflow-scheduler lacks {name}, which the DAG reads"
+    init = stack["services"]["airflow-init"]["command"]
+    assert init[:3] == ["pools", "set", settings.pool] and init[3] == "1"
+    airflow_dockerfile = (DOCKER / "airflow.Dockerfile").read_text()
+    assert "dags" in airflow_dockerfile and scheduler_env["CXR_PROJECT_DIR"] in airflow_dockerfile

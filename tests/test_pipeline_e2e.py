@@ -78,3 +78,24 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     assert second.returncode == 0, second.stderr
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout.lower()
+
+    # a kept baseline, then a variant: `dvc metrics diff` / `dvc plots diff` put them side by side
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "dvc.lock", "reports"], cwd=demo_repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=demo_repo, check=True)
+    params = (demo_repo / "params.yaml").read_text().replace("bootstrap_resamples: 100", "bootstrap_resamples: 60", 1)
+    (demo_repo / "params.yaml").write_text(params)
+    third = dvc(demo_repo, "repro")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "Running stage 'evaluate'" in third.stdout and "Running stage 'train'" not in third.stdout
+    again = json.loads((demo_repo / "reports/metrics.json").read_text())
+    # same checkpoint, same numbers: only the bootstrap interval may move
+    assert again["mean_auc"] == metrics["mean_auc"] and again["per_class_auc"] == metrics["per_class_auc"]
+    diff = dvc(demo_repo, "metrics", "diff", "--json")
+    assert diff.returncode == 0, diff.stderr
+    changed = json.loads(diff.stdout)["reports/metrics.json"]
+    assert "bootstrap_resamples" in changed and changed["bootstrap_resamples"]["old"] == 100
+    plots = dvc(demo_repo, "plots", "diff", "-o", "plots_html")
+    assert plots.returncode == 0, plots.stderr
+    html = (demo_repo / "plots_html" / "index.html").read_text()
+    assert "per_class_auc" in html and "HEAD" in html and "workspace" in html
