@@ -79,7 +79,8 @@ def _resumable(out: Path, fp: str) -> bool:
     if not last.exists():
         return False
     try:
-        return torch.load(last, map_location="cpu", weights_only=False).get("fingerprint") == fp
+        # mmap: only the small dict is read, not every tensor of a large checkpoint
+        return torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("fingerprint") == fp
     except Exception:
         return False
 
