@@ -91,7 +91,7 @@ def load_model(uri: str):
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as e:
-        raise RuntimeError(f"cannot load model {uri!r} from {tracking._redacted_uri()}: {e.message}. Check --model "
+        raise RuntimeError(f"cannot load model {uri!r} from {tracking.redacted_uri()}: {e.message}. Check --model "
                            f"and MLFLOW_TRACKING_URI (python -m components.promote --list shows the versions)") from e
 
 

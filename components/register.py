@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         registry.apply_decision(client, cfg.model_name, version.version, decision)
         record = {"model_name": cfg.model_name, "version": str(version.version), "model_uri": info.model_uri,
                   "run_id": run.info.run_id, "aliases": _aliases(client, cfg.model_name, version.version),
-                  "tracking_uri": tracking._redacted_uri(), "mean_auc_ci": metrics.get("mean_auc_ci"),
+                  "tracking_uri": tracking.redacted_uri(), "mean_auc_ci": metrics.get("mean_auc_ci"),
                   **decision, "tags": tags}
         write_json(args.out, record)
         import mlflow

@@ -81,7 +81,7 @@ def save_run_ref(out_dir: str | Path, run: Any) -> None:
         {
             "run_id": run.info.run_id,
             "experiment_id": run.info.experiment_id,
-            "tracking_uri": _redacted_uri(),
+            "tracking_uri": redacted_uri(),
         },
     )
 
@@ -91,7 +91,7 @@ def load_run_ref(out_dir: str | Path) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
-def _redacted_uri() -> str:
+def redacted_uri() -> str:
     import mlflow
 
     uri = mlflow.get_tracking_uri()
