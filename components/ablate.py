@@ -32,7 +32,7 @@ COLUMNS = ["variant", "head", "loss", "val_mean_auc", "best_epoch", "test_mean_a
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.train import _input_digests, _load_prototypes
+    from components.train import input_digests, load_prototypes
     from pipeline.training import TrainConfig
 
     p = parser(__doc__)
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         base.validate()
     variants = parse_variants(args.variants)
     prepared, protos = Path(args.prepared), Path(args.prototypes)
-    text_vectors = _load_prototypes(protos)
-    digests = _input_digests(prepared, protos)
+    text_vectors = load_prototypes(protos)
+    digests = input_digests(prepared, protos)
 
     rows = []
     with mlflow_run(args, params, "ablation", run_name="ablation") as parent:
@@ -100,13 +100,13 @@ def run_variant(variant: str, cfg, prepared: Path, text_vectors, out: Path, fp: 
         return {**row, **_scores(result, prepared, cfg, progress)}
     import mlflow
 
-    from components.train import _mlflow_logger
+    from components.train import mlflow_logger
 
     tags = {"cxr.ablation": variant, "cxr.step": "ablation"}
     with mlflow.start_run(run_name=variant, nested=True, tags=tags):
         tracking.log_params(tracking.flatten({"train": asdict(cfg)}))
         mlflow.log_param("ablation", variant)
-        result = train(cfg, prepared, text_vectors, out, fingerprint=fp, log=_mlflow_logger(), progress=progress)
+        result = train(cfg, prepared, text_vectors, out, fingerprint=fp, log=mlflow_logger(), progress=progress)
         scores = _scores(result, prepared, cfg, progress)
         mlflow.log_metrics({"best_val_mean_auc": scores["val_mean_auc"], "test_mean_auc": scores["test_mean_auc"]})
     return {**row, **scores}
@@ -119,13 +119,12 @@ def _scores(result, prepared: Path, cfg, progress: bool) -> dict:
 
 def mean_test_auc(model_path: Path, prepared: Path, batch_size: int, progress: bool = False) -> float:
     """Mean AUC of a best.pt on the test split (classes without positives left out)."""
-    import torch
-
     from pipeline.evaluation import EvaluateConfig, score_split
     from pipeline.metrics import mean_auc, roc_auc
     from pipeline.models import load_bundle
+    from pipeline.training.loop import resolve_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     model, bundle = load_bundle(model_path, device)
     cfg = EvaluateConfig(batch_size=batch_size)
     test = score_split(model, prepared, "test", int(bundle["crop_size"]), cfg, device, progress)

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_resume:
         cfg.resume = False
     prepared, protos_dir, out = Path(args.prepared), Path(args.prototypes), Path(args.out)
-    text_vectors = _load_prototypes(protos_dir)
-    fp = fingerprint(asdict(cfg), _input_digests(prepared, protos_dir))
+    text_vectors = load_prototypes(protos_dir)
+    fp = fingerprint(asdict(cfg), input_digests(prepared, protos_dir))
     is_main = int(os.environ.get("RANK", "0")) == 0
     previous = tracking.load_run_ref(out) if (is_main and cfg.resume and _resumable(out, fp)) else None
     run_args = args if is_main else _without_mlflow(args)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             _log_start(params, cfg, prepared, protos_dir, out, run)
         result = train(cfg, prepared, text_vectors, out, fingerprint=fp,
-                       log=_mlflow_logger() if run is not None else None, progress=not args.no_progress)
+                       log=mlflow_logger() if run is not None else None, progress=not args.no_progress)
         if is_main:
             summary = _write_outputs(out, Path(args.reports), result, cfg, params, fp)
             if run is not None:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_prototypes(folder: Path) -> np.ndarray:
+def load_prototypes(folder: Path) -> np.ndarray:
     path = folder / "prototypes.npy"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the prototypes step first (dvc repro prototypes)")
@@ -66,7 +66,7 @@ def _load_prototypes(folder: Path) -> np.ndarray:
     return vectors
 
 
-def _input_digests(prepared: Path, protos: Path) -> dict[str, str]:
+def input_digests(prepared: Path, protos: Path) -> dict[str, str]:
     names = [prepared / "manifest.csv", prepared / "class_counts.json", prepared / "cache" / "index.json",
              protos / "prototypes.npy"]
     return {str(p): file_digest(p) for p in names if p.exists()}
@@ -91,7 +91,7 @@ def _without_mlflow(args):
     return args
 
 
-def _mlflow_logger():
+def mlflow_logger():
     import mlflow
 
     def log(metrics: dict, step: int) -> None:

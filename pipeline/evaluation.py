@@ -20,6 +20,7 @@ from .metrics import (
     average_precision, bootstrap_auc, mean_auc, pr_curve_points, roc_auc, roc_curve_points, select_thresholds, threshold_metrics,
 )
 from .models import load_bundle
+from .training.loop import predict, resolve_device
 
 # Mean AUC on the official test split (DESIGN.md); CheXNet's random-split 0.841 is not comparable.
 PUBLISHED = (
@@ -65,8 +66,6 @@ class SplitScores:
 
 def score_split(model, prepared_dir: Path, split: str, crop_size: int, cfg: EvaluateConfig,
                 device: torch.device, progress: bool = True) -> SplitScores:
-    from .training.loop import predict
-
     ds = CachedImageDataset(prepared_dir, split, AugmentConfig(crop_size=crop_size), train=False)
     if len(ds) == 0:
         raise ValueError(f"{prepared_dir}: the {split} split is empty; check the prepare step's split_stats.json")
@@ -87,8 +86,7 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
 
     Thresholds are chosen on the validation split and applied unchanged to the test split.
     """
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     model, bundle = load_bundle(model_path, device)
     crop = int(bundle.get("crop_size", 224))
     val = score_split(model, prepared_dir, "val", crop, cfg, device, progress)

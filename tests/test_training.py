@@ -221,6 +221,16 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
 # ----------------------------------------------------------------------------- component
 
 
+def mlflow_workspace(tmp_path: Path, monkeypatch, experiment: str, train: dict) -> str:
+    """params.yaml with `train` in tmp_path, MLflow on a SQLite file there, cwd there; returns the URI."""
+    params = {"profile": "demo", "mlflow": {"experiment": experiment}, "train": train}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
 def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -228,12 +238,7 @@ def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
     from components.train import main
 
     prepared, _ = data
-    params = {"profile": "demo", "mlflow": {"experiment": "train-test"},
-              "train": {**TINY, "epochs": 2, "max_steps_per_epoch": 2}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
+    uri = mlflow_workspace(tmp_path, monkeypatch, "train-test", {**TINY, "epochs": 2, "max_steps_per_epoch": 2})
     argv = ["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared),
             "--prototypes", str(prepared.parent / "prototypes"), "--out", "model", "--reports", "reports",
             "--no-progress"]
@@ -274,12 +279,7 @@ def test_ablation_runs_variants_as_nested_mlflow_runs(data, tmp_path, monkeypatc
     from components.ablate import main, parse_variants
 
     prepared, _ = data
-    params = {"profile": "demo", "mlflow": {"experiment": "ablation-test"},
-              "train": {**TINY, "epochs": 3, "max_steps_per_epoch": 1}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
+    uri = mlflow_workspace(tmp_path, monkeypatch, "ablation-test", {**TINY, "epochs": 3, "max_steps_per_epoch": 1})
     argv = ["--params", "params.yaml", "--prepared", str(prepared), "--prototypes",
             str(prepared.parent / "prototypes"), "--out", "ablation", "--reports", "reports",
             "--variants", "bce_head,dual", "--epochs", "1", "--no-progress"]
