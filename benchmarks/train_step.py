@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import build  # noqa: E402
 from pipeline.data.synthetic import real_prevalence  # noqa: E402
 from pipeline.losses import LossConfig, build_loss  # noqa: E402
-from pipeline.models import ModelConfig, build_model  # noqa: E402
+from pipeline.models import ModelConfig, build_model, init_prior  # noqa: E402
 from pipeline.training.loop import autocast_dtype  # noqa: E402
 from pipeline.training.optim import OptimConfig, build_optimizer  # noqa: E402
 
@@ -54,16 +54,17 @@ class Step:
         cfg = build(ModelConfig, {"head": head, "embed_dim": embed_dim, "hidden_dim": hidden_dim,
                                   "backbone": {"name": backbone}}, "model")
         torch.manual_seed(0)
-        self.model = build_model(cfg, rng.normal(size=(C, E)).astype(np.float32), prevalence).to(device)
+        self.model = build_model(cfg, rng.normal(size=(C, E)).astype(np.float32)).to(device)
+        self.loss = build_loss(build(LossConfig, loss, "loss"), counts.tolist(), 86_524).to(device)
+        images = torch.from_numpy(rng.integers(0, 256, (batch, 1, crop, crop), dtype=np.uint8))  # (B, 1, H, W)
+        self.images = images.to(device)
+        init_prior(self.model, self.loss, prevalence, self.images)  # as training starts
         self.channels_last = channels_last and device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss = build_loss(build(LossConfig, loss, "loss"), counts.tolist(), 86_524).to(device)
         self.optimizer = build_optimizer(self.model, OptimConfig())
         self.amp = autocast_dtype(amp, device)
         self.device = device
-        images = torch.from_numpy(rng.integers(0, 256, (batch, 1, crop, crop), dtype=np.uint8))  # (B, 1, H, W)
-        self.images = images.to(device)
         if self.channels_last:
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.targets = torch.from_numpy((rng.random((batch, C)) < prevalence).astype(np.float32)).to(device)

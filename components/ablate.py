@@ -1,13 +1,20 @@
-"""Ablation in one command: train and test every loss variant on the same data and prototypes.
+"""Ablation in one command: train every variant over several seeds on the same data and prototypes.
 
 Run:
-    python -m components.ablate                                   # all variants, params.yaml's `train`
-    python -m components.ablate --variants bce_head,dual --epochs 2
-Variants (pipeline.losses.ABLATIONS): bce_head (linear head + BCE), metric_unweighted, image_only,
-category_only, dual (the method), asl, focal. Each is one MLflow run tagged `cxr.ablation=<variant>`
-under a parent run named `ablation`; checkpoints go to --out/<variant> (an interrupted ablation
-resumes each variant where it stopped). Writes ablation.csv and ablation.md into --reports and
-prints the table: variant, head, loss, best validation mean AUC, test mean AUC.
+    python -m components.ablate --seeds 3                          # all variants, params.yaml's `train`
+    python -m components.ablate --variants bce_head,dual --seeds 2 --epochs 4
+Variants (pipeline.losses.ABLATIONS), each differing from `dual` only in what its name says:
+bce_head (linear head + BCE), metric_unweighted, image_only, category_only, dual (the method),
+dual_random_prototypes (random label vectors instead of the text encoder's), asl, focal.
+Seeds are train.seed, train.seed + 1, ...; each (variant, seed) is one nested MLflow run tagged
+`cxr.ablation=<variant>` under a parent run named `ablation`, with its checkpoints in
+--out/<variant>/seed_<s> (an interrupted ablation resumes each run where it stopped).
+
+Selection stays on validation: each run's checkpoint is its best validation epoch. Test is only
+reported: per variant the mean and std over seeds of validation and test mean AUC, and the paired
+delta against bce_head (same seeds, same resampled patients, 95% percentile interval over
+--bootstrap patient resamples). Writes ablation.json, ablation.md, ablation_runs.csv and
+ablation.png into --reports and prints the table.
 
 The same comparison through DVC experiments, one queued experiment per variant:
     dvc exp run --queue -n dual -S train.loss.name=dwml
@@ -18,17 +25,29 @@ The same comparison through DVC experiments, one queued experiment per variant:
 from __future__ import annotations
 
 import copy
-import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
-from pipeline.io import save_dataframe, write_text
+from pipeline.io import save_dataframe, write_json, write_text
 from pipeline.losses import ABLATIONS, ablation_config
 
-COLUMNS = ["variant", "head", "loss", "val_mean_auc", "best_epoch", "test_mean_auc"]
+BASELINE = "bce_head"
+RUN_COLUMNS = ["variant", "seed", "head", "loss", "prototypes", "best_epoch", "val_mean_auc", "test_mean_auc"]
+
+
+@dataclass
+class RunScores:
+    """One trained (variant, seed): where it stopped and its predictions on both splits."""
+
+    variant: str
+    seed: int
+    best_epoch: int
+    val: object  # pipeline.evaluation.SplitScores
+    test: object
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,36 +57,44 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
     p.add_argument("--prototypes", default="artifacts/prototypes", help="prototypes step output")
-    p.add_argument("--out", default="artifacts/ablation", help="checkpoints, one folder per variant")
-    p.add_argument("--reports", default="reports", help="where ablation.csv/.md go (default: %(default)s)")
+    p.add_argument("--out", default="artifacts/ablation", help="checkpoints, one folder per variant and seed")
+    p.add_argument("--reports", default="reports", help="where the ablation reports go (default: %(default)s)")
     p.add_argument("--variants", default=",".join(ABLATIONS), help="comma-separated (default: all)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs for every variant")
+    p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the deltas")
     args = p.parse_args(argv)
+    if args.seeds < 1 or args.bootstrap < 1:
+        raise ValueError(f"--seeds ({args.seeds}) and --bootstrap ({args.bootstrap}) must be >= 1")
     base, params = stage_config(args, "train", TrainConfig)
     if args.epochs is not None:
         base.epochs = args.epochs
         base.validate()
     variants = parse_variants(args.variants)
+    seeds = [base.seed + i for i in range(args.seeds)]
     prepared, protos = Path(args.prepared), Path(args.prototypes)
     text_vectors = load_prototypes(protos)
     digests = input_digests(prepared, protos)
+    reports = Path(args.reports)
 
-    rows = []
+    runs = []
     with mlflow_run(args, params, "ablation", run_name="ablation") as parent:
         for variant in variants:
-            cfg = variant_config(base, variant)
-            print(f"[ablate] {variant}: head {cfg.model.head}, loss {cfg.loss.name}")
-            row = run_variant(variant, cfg, prepared, text_vectors, Path(args.out) / variant,
-                              fingerprint(asdict(cfg), digests), parent is not None, not args.no_progress)
-            rows.append(row)
-        table = pd.DataFrame(rows, columns=COLUMNS)
-        write_reports(table, Path(args.reports))
+            for seed in seeds:
+                cfg = variant_config(base, variant, seed)
+                print(f"[ablate] {variant} seed {seed}: head {cfg.model.head}, loss {cfg.loss.name}, "
+                      f"prototypes {cfg.model.prototypes}")
+                runs.append(run_variant(variant, cfg, prepared, text_vectors, Path(args.out) / variant / f"seed_{seed}",
+                                        fingerprint(asdict(cfg), digests), parent is not None, not args.no_progress))
+        table = runs_table(runs)
+        summary = summarize(runs, args.bootstrap)
+        write_reports(table, summary, reports)
         if parent is not None:
             import mlflow
 
-            for name in ("ablation.csv", "ablation.md"):
-                mlflow.log_artifact(str(Path(args.reports) / name), artifact_path="ablation")
-    print(table_markdown(table))
+            for name in ("ablation.json", "ablation.md", "ablation_runs.csv", "ablation.png"):
+                mlflow.log_artifact(str(reports / name), artifact_path="ablation")
+    print(summary_markdown(summary))
     return 0
 
 
@@ -81,71 +108,150 @@ def parse_variants(text: str) -> list[str]:
     return variants
 
 
-def variant_config(base, variant: str):
-    """`base` (the train section) with the variant's loss and head."""
+def variant_config(base, variant: str, seed: int | None = None):
+    """`base` (the train section) with the variant's loss, head and prototypes, and `seed`."""
     cfg = copy.deepcopy(base)
-    cfg.loss, cfg.model.head = ablation_config(variant, base.loss)
+    cfg.loss, cfg.model.head, cfg.model.prototypes = ablation_config(variant, base.loss)
+    if seed is not None:
+        cfg.seed = seed
     return cfg
 
 
 def run_variant(variant: str, cfg, prepared: Path, text_vectors, out: Path, fp: str, track: bool,
-                progress: bool) -> dict:
-    """Train one variant (its own nested MLflow run when `track`) and score its best checkpoint on test."""
+                progress: bool) -> RunScores:
+    """Train one (variant, seed) (its own nested MLflow run when `track`) and score its best checkpoint."""
     from pipeline import tracking
     from pipeline.training import train
 
-    row = {"variant": variant, "head": cfg.model.head, "loss": cfg.loss.name}
     if not track:
         result = train(cfg, prepared, text_vectors, out, fingerprint=fp, progress=progress)
-        return {**row, **_scores(result, prepared, cfg, progress)}
+        return _scores(variant, cfg, result, prepared, progress)
     import mlflow
 
     from components.train import mlflow_logger
 
-    tags = {"cxr.ablation": variant, "cxr.step": "ablation"}
-    with mlflow.start_run(run_name=variant, nested=True, tags=tags):
+    tags = {"cxr.ablation": variant, "cxr.step": "ablation", "cxr.seed": str(cfg.seed)}
+    with mlflow.start_run(run_name=f"{variant}-seed{cfg.seed}", nested=True, tags=tags):
         tracking.log_params(tracking.flatten({"train": asdict(cfg)}))
         mlflow.log_param("ablation", variant)
         result = train(cfg, prepared, text_vectors, out, fingerprint=fp, log=mlflow_logger(), progress=progress)
-        scores = _scores(result, prepared, cfg, progress)
-        mlflow.log_metrics({"best_val_mean_auc": scores["val_mean_auc"], "test_mean_auc": scores["test_mean_auc"]})
-    return {**row, **scores}
+        scores = _scores(variant, cfg, result, prepared, progress)
+        mlflow.log_metrics({"best_val_mean_auc": _mean_auc(scores.val), "test_mean_auc": _mean_auc(scores.test)})
+    return scores
 
 
-def _scores(result, prepared: Path, cfg, progress: bool) -> dict:
-    return {"val_mean_auc": result.best_auc, "best_epoch": result.best_epoch,
-            "test_mean_auc": mean_test_auc(result.best_path, prepared, cfg.eval_batch_size, progress)}
-
-
-def mean_test_auc(model_path: Path, prepared: Path, batch_size: int, progress: bool = False) -> float:
-    """Mean AUC of a best.pt on the test split (classes without positives left out)."""
+def _scores(variant: str, cfg, result, prepared: Path, progress: bool) -> RunScores:
     from pipeline.evaluation import EvaluateConfig, score_split
-    from pipeline.metrics import mean_auc, roc_auc
     from pipeline.models import load_bundle
     from pipeline.training.loop import resolve_device
 
-    device = resolve_device("auto")
-    model, bundle = load_bundle(model_path, device)
-    cfg = EvaluateConfig(batch_size=batch_size)
-    test = score_split(model, prepared, "test", int(bundle["crop_size"]), cfg, device, progress)
+    device = resolve_device(cfg.device)
+    model, bundle = load_bundle(result.best_path, device)
+    ecfg = EvaluateConfig(batch_size=cfg.eval_batch_size)
+    crop = int(bundle["crop_size"])
+    val = score_split(model, prepared, "val", crop, ecfg, device, progress)
+    test = score_split(model, prepared, "test", crop, ecfg, device, progress)
+    return RunScores(variant, cfg.seed, result.best_epoch, val, test)
+
+
+def _mean_auc(split) -> float:
+    import warnings
+
+    from pipeline.metrics import mean_auc, roc_auc
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a class absent from a small test split is expected
-        return float(mean_auc(roc_auc(test.y, test.probs)))
+        warnings.simplefilter("ignore")  # a class absent from a small split is expected
+        return float(mean_auc(roc_auc(split.y, split.probs)))
 
 
-def table_markdown(table: pd.DataFrame) -> str:
-    lines = ["| variant | head | loss | val mean AUC | best epoch | test mean AUC |",
-             "|---|---|---|---:|---:|---:|"]
-    for r in table.itertuples(index=False):
-        lines.append(f"| {r.variant} | {r.head} | {r.loss} | {r.val_mean_auc:.4f} | {r.best_epoch} | "
-                     f"{r.test_mean_auc:.4f} |")
+def runs_table(runs: list[RunScores]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        variant = ablation_config(r.variant)
+        rows.append({"variant": r.variant, "seed": r.seed, "head": variant.head, "loss": variant.loss.name,
+                     "prototypes": variant.prototypes, "best_epoch": r.best_epoch,
+                     "val_mean_auc": _mean_auc(r.val), "test_mean_auc": _mean_auc(r.test)})
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def summarize(runs: list[RunScores], resamples: int) -> dict:
+    """Per variant: mean and std over seeds, and the paired patient-bootstrap delta vs bce_head."""
+    table = runs_table(runs)
+    by_variant: dict[str, list[RunScores]] = {}
+    for r in runs:
+        by_variant.setdefault(r.variant, []).append(r)
+    baseline = by_variant.get(BASELINE)
+    variants = []
+    for name, group in by_variant.items():
+        rows = table[table["variant"] == name]
+        entry = {"variant": name, "seeds": [int(s) for s in rows["seed"]]}
+        for split in ("val", "test"):
+            values = rows[f"{split}_mean_auc"].to_numpy()
+            entry[f"{split}_mean_auc"] = float(values.mean())
+            entry[f"{split}_mean_auc_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
+            entry[f"{split}_mean_auc_per_seed"] = [float(v) for v in values]
+            if baseline is not None and name != BASELINE:
+                entry[f"{split}_delta_vs_{BASELINE}"] = paired_delta(baseline, group, split, resamples)
+        variants.append(entry)
+    return {"baseline": BASELINE if baseline is not None else None, "bootstrap_resamples": resamples,
+            "bootstrap_unit": "patient", "selection": "best validation epoch per run; test only reported",
+            "variants": variants}
+
+
+def paired_delta(baseline: list[RunScores], group: list[RunScores], split: str, resamples: int) -> dict:
+    """Seed-averaged mean AUC of `group` minus `baseline` on one split, resampling patients."""
+    from pipeline.metrics import paired_bootstrap_delta
+
+    ref = getattr(baseline[0], split)
+    for r in [*baseline, *group]:
+        if list(getattr(r, split).images) != list(ref.images):
+            raise RuntimeError(f"ablation: {r.variant} seed {r.seed} scored other {split} images than {BASELINE}")
+    a = np.stack([getattr(r, split).probs for r in baseline])  # (S, N, C)
+    b = np.stack([getattr(r, split).probs for r in group])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        test = paired_bootstrap_delta(ref.y, a, b, n_resamples=resamples, seed=0, groups=ref.patients)
+    return {"delta": float(test["delta"]), "low": float(test["low"]), "high": float(test["high"]),
+            "p_value_not_better": float(test["p_value"])}
+
+
+def _fmt(mean: float, std: float | None) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+
+
+def _fmt_delta(d: dict | None) -> str:
+    return "—" if d is None else f"{d['delta']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def summary_markdown(summary: dict) -> str:
+    n_seeds = max(len(v["seeds"]) for v in summary["variants"])
+    lines = [
+        f"| variant | val mean AUC (mean ± std, {n_seeds} seeds) | test mean AUC | "
+        f"Δ val vs {BASELINE} [95% CI] | Δ test vs {BASELINE} [95% CI] |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for v in summary["variants"]:
+        lines.append(f"| {v['variant']} | {_fmt(v['val_mean_auc'], v['val_mean_auc_std'])} | "
+                     f"{_fmt(v['test_mean_auc'], v['test_mean_auc_std'])} | "
+                     f"{_fmt_delta(v.get(f'val_delta_vs_{BASELINE}'))} | "
+                     f"{_fmt_delta(v.get(f'test_delta_vs_{BASELINE}'))} |")
     return "\n".join(lines) + "\n"
 
 
-def write_reports(table: pd.DataFrame, reports: Path) -> None:
-    save_dataframe(reports / "ablation.csv", table)
-    write_text(reports / "ablation.md", "# Loss ablation (same data, prototypes and schedule)\n\n"
-               + table_markdown(table))
+def write_reports(table: pd.DataFrame, summary: dict, reports: Path) -> None:
+    from pipeline.plots import ablation_plot
+
+    save_dataframe(reports / "ablation_runs.csv", table)
+    write_json(reports / "ablation.json", summary)
+    write_text(reports / "ablation.md", "# Ablation (same data, prototypes and schedule; seeds "
+               f"{', '.join(map(str, sorted(set(table['seed']))))})\n\n"
+               "Each run's checkpoint is its best validation epoch; test is reported, never selected on. "
+               f"Deltas are seed-averaged mean AUC minus {BASELINE}'s on the same seeds, with a 95% "
+               f"percentile interval over {summary['bootstrap_resamples']} resamples of patients.\n\n"
+               + summary_markdown(summary))
+    ablation_plot(summary, reports / "ablation.png")
 
 
 if __name__ == "__main__":

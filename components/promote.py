@@ -51,7 +51,8 @@ def _list_versions(client, name: str) -> None:
         aliases.setdefault(str(version), []).append(alias)
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         print(f"v{v.version:>3}  aliases={','.join(sorted(aliases.get(v.version, []))) or '-':<22} "
-              f"test_mean_auc={v.tags.get('test_mean_auc')}  promoted={v.tags.get('gate.promoted')}")
+              f"val_mean_auc={v.tags.get('val_mean_auc')}  test_mean_auc={v.tags.get('test_mean_auc')}  "
+              f"promoted={v.tags.get('gate.promoted')}")
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 Run:
     python -m components.register --model artifacts/model --reports reports --out reports/registration.json
 The version (registered model `register.model_name`, default cxr-dwml) always gets the alias
-`challenger`; `champion` moves to it only when it clears `register.min_auc` and beats the current
-champion on the same test set (paired bootstrap, `register.margin`, `register.max_p_value`).
-Manual promotion or rollback: python -m components.promote --version N
+`challenger`; `champion` moves to it only when its validation mean AUC clears `register.min_auc`
+and it beats the current champion on the same validation images (paired bootstrap over patients,
+`register.margin`, `register.max_p_value`). The gate reads reports/predictions/val.parquet and the
+champion's evaluation/predictions/val.parquet, never test predictions: test AUCs are only recorded
+as version tags. Manual promotion or rollback: python -m components.promote --version N
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +23,11 @@ from pipeline import tracking
 from pipeline.classes import CLASSES
 from pipeline.io import read_json, write_json
 
+if TYPE_CHECKING:
+    from pipeline.registry import SelectionSet
+
 
 def main(argv: list[str] | None = None) -> int:
-    import pandas as pd
     from mlflow import MlflowClient
 
     from pipeline import registry
@@ -41,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = tracking.load_run_ref(model_dir)
     if ref is None:
         raise FileNotFoundError(f"{model_dir}/{tracking.RUN_FILE} not found: run the train step with MLflow first")
-    metrics = read_json(reports / "metrics.json")
-    ours = pd.read_parquet(reports / "predictions" / "test.parquet")
-    y = _test_labels(Path(args.prepared), ours)
+    metrics = read_json(reports / "metrics.json")  # test numbers: reported in tags, never selected on
+    ours = _selection_set(reports, Path(args.prepared))
 
     with mlflow_run(args, params, "register", run_id=ref["run_id"]) as run:
         info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
@@ -53,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         champ = registry.champion(client, cfg.model_name)
         champ = champ if champ is None or champ.version != version.version else None
         champ_preds = registry.champion_predictions(client, champ) if champ is not None else None
-        decision = registry.decide(cfg, y, ours, metrics.get("mean_auc"), champ_preds,
-                                   champ.version if champ is not None else None)
+        decision = registry.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
         registry.apply_decision(client, cfg.model_name, version.version, decision)
         record = {"model_name": cfg.model_name, "version": str(version.version), "model_uri": info.model_uri,
                   "run_id": run.info.run_id, "aliases": _aliases(client, cfg.model_name, version.version),
-                  "tracking_uri": tracking.redacted_uri(), "mean_auc_ci": metrics.get("mean_auc_ci"),
-                  **decision, "tags": tags}
+                  "tracking_uri": tracking.redacted_uri(), **decision,
+                  "test_mean_auc": metrics.get("mean_auc"), "test_mean_auc_ci": metrics.get("mean_auc_ci"),
+                  "tags": tags}
         write_json(args.out, record)
         import mlflow
 
@@ -68,14 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _test_labels(prepared: Path, ours) -> np.ndarray:
+def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
+    """Our validation predictions with their labels and patients from the prepared manifest."""
     import pandas as pd
 
-    manifest = pd.read_csv(prepared / "manifest.csv").set_index("image")
-    missing = set(ours["image"]) - set(manifest.index)
-    if missing:
-        raise ValueError(f"{len(missing)} predicted images are not in {prepared}/manifest.csv: rerun evaluate")
-    return manifest.loc[ours["image"], list(CLASSES)].to_numpy()
+    from pipeline.registry import SELECTION_SPLIT, selection_set
+
+    path = reports / "predictions" / f"{SELECTION_SPLIT}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the evaluate step, which writes the {SELECTION_SPLIT} "
+                                f"predictions the promotion gate decides on")
+    return selection_set(pd.read_parquet(path), pd.read_csv(prepared / "manifest.csv"), str(path))
 
 
 def _example(prepared: Path) -> bytes:
@@ -94,6 +101,7 @@ def _version_tags(params: dict, metrics: dict, run_id: str) -> dict[str, str]:
         "params_hash": fingerprint(params),
         "profile": str(params.get("profile")),
         "training_run_id": run_id,
+        "val_mean_auc": str(metrics.get("val_mean_auc")),
         "test_mean_auc": str(metrics.get("mean_auc")),
         "test_mean_auc_ci": json.dumps(metrics.get("mean_auc_ci")),
     }

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:<20} {auc:>7.4f}   [{lo:.4f}, {hi:.4f}]" if auc is not None else f"{c:<20} {'n/a':>7}")
     lo, hi = metrics["mean_auc_ci"]
     print(f"{'mean AUC':<20} {metrics['mean_auc']:>7.4f}   [{lo:.4f}, {hi:.4f}]  "
-          f"({metrics['test_images']} test images; seed paper 0.826 on NIH)")
+          f"({metrics['test_images']} test images of {metrics.get('test_patients', '?')} patients, "
+          f"patient bootstrap; seed paper 0.826 on NIH)")
     reg = reports / "registration.json"
     if reg.exists():
         r = read_json(reg)

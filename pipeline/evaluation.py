@@ -1,5 +1,10 @@
 """Evaluation: score val/test with the best checkpoint, compute AUC with bootstrap CIs, thresholds,
-plots and the comparison with published ChestX-ray14 results."""
+plots and the comparison with published ChestX-ray14 results.
+
+Nothing here is chosen on test: thresholds come from the validation split and are applied unchanged.
+The bootstrap resamples test *patients* (the official split has ~9 images per patient, so
+resampling images would give intervals that are too narrow).
+"""
 
 from __future__ import annotations
 
@@ -59,9 +64,12 @@ class EvaluateConfig:
 
 @dataclass
 class SplitScores:
+    """One split's predictions, row i of each field describing the same image."""
+
     images: list[str]
     y: np.ndarray  # (N, C) labels
     probs: np.ndarray  # (N, C) sigmoid scores
+    patients: np.ndarray  # (N,) patient id of each image: the bootstrap's resampling unit
 
 
 def score_split(model, prepared_dir: Path, split: str, crop_size: int, cfg: EvaluateConfig,
@@ -71,12 +79,15 @@ def score_split(model, prepared_dir: Path, split: str, crop_size: int, cfg: Eval
         raise ValueError(f"{prepared_dir}: the {split} split is empty; check the prepare step's split_stats.json")
     loader = build_loader(ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed)
     index, probs = predict(model, loader, device, progress=progress, desc=f"score {split}")
-    return SplitScores([ds.image_names[i] for i in index], ds.targets[index].astype(np.int8), probs)
+    return SplitScores([ds.image_names[i] for i in index], ds.targets[index].astype(np.int8), probs,
+                       ds.patients[index])
 
 
 def predictions_frame(scores: SplitScores) -> pd.DataFrame:
+    """(N, 2 + C): `image`, `patient`, then one probability column per class in CLASSES order."""
     df = pd.DataFrame(scores.probs, columns=list(CLASSES))
     df.insert(0, "image", scores.images)
+    df.insert(1, "patient", scores.patients)
     return df
 
 
@@ -93,7 +104,7 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     test = score_split(model, prepared_dir, "test", crop, cfg, device, progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        boot = bootstrap_auc(test.y, test.probs, cfg.bootstrap_resamples, cfg.ci, cfg.seed)
+        boot = bootstrap_auc(test.y, test.probs, cfg.bootstrap_resamples, cfg.ci, cfg.seed, groups=test.patients)
         val_mean = mean_auc(roc_auc(val.y, val.probs))
         ap = average_precision(test.y, test.probs)
         thresholds = select_thresholds(val.y, val.probs, cfg.threshold_method)
@@ -116,6 +127,7 @@ def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle
         "mean_auc_ci": [_finite(boot["mean_low"]), _finite(boot["mean_high"])],
         "ci_level": cfg.ci,
         "bootstrap_resamples": cfg.bootstrap_resamples,
+        "bootstrap_unit": "patient",
         "per_class_auc": {c: _finite(v) for c, v in zip(CLASSES, boot["auc"])},
         "per_class_auc_ci": {c: [_finite(lo), _finite(hi)] for c, lo, hi in zip(CLASSES, boot["low"], boot["high"])},
         "undefined_classes": [c for c, v in zip(CLASSES, boot["auc"]) if not np.isfinite(v)],
@@ -127,6 +139,7 @@ def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle
         "mean_f1": _finite(np.nanmean(at_thr["f1"])),
         "val_mean_auc": _finite(val_mean_auc),
         "test_images": len(test.images),
+        "test_patients": boot["n_groups"],
         "checkpoint_epoch": bundle.get("epoch"),
     }
 
@@ -160,7 +173,8 @@ def comparison_markdown(metrics: dict) -> str:
         lines.append(f"| {c} | {auc:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] |" if auc is not None else f"| {c} | undefined | |")
     lines.append("")
     lines.append("Published figures are mean AUC on the official ChestX-ray14 test split; the demo profile's "
-                 "synthetic data is not comparable to them.")
+                 "synthetic data is not comparable to them. Intervals: percentile bootstrap over test patients "
+                 f"({metrics['test_patients']} patients, {metrics['test_images']} images).")
     return "\n".join(lines) + "\n"
 
 

@@ -108,3 +108,38 @@ def per_class_bars(names: Sequence[str], values: np.ndarray, low: np.ndarray, hi
     ax.set(ylabel="ROC AUC", ylim=(0.4, 1.0), title="Test AUC per class (95% bootstrap CI)")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def ablation_plot(summary: dict, path: str | Path) -> None:
+    """Left: each variant's mean AUC per seed (val and test); right: test delta vs the baseline, 95% CI.
+
+    Args:
+        summary: the ablation summary (`components.ablate.summarize`): "variants", each with
+            "val_mean_auc_per_seed", "test_mean_auc_per_seed" and optionally "test_delta_vs_<baseline>".
+    """
+    variants = summary["variants"]
+    names = [v["variant"] for v in variants]
+    y = np.arange(len(names))[::-1]  # first variant on top
+    fig = _figure(11, 0.5 * len(names) + 1.6)
+    ax1, ax2 = fig.subplots(1, 2, sharey=True)
+    for offset, split, color in ((0.12, "val", "tab:blue"), (-0.12, "test", "tab:orange")):
+        for yi, v in zip(y, variants):
+            seeds = v[f"{split}_mean_auc_per_seed"]
+            ax1.scatter(seeds, [yi + offset] * len(seeds), s=14, color=color, alpha=0.6)
+            ax1.plot([v[f"{split}_mean_auc"]] * 2, [yi + offset - 0.1, yi + offset + 0.1], color=color, lw=2.5,
+                     label=split if yi == y[0] else None)
+    ax1.set(yticks=y, yticklabels=names, xlabel="mean AUC (dots: seeds, bar: mean)", title="Validation and test")
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    baseline = summary.get("baseline")
+    key = f"test_delta_vs_{baseline}"
+    for yi, v in zip(y, variants):
+        d = v.get(key)
+        if d is None:
+            continue
+        ax2.errorbar(d["delta"], yi, xerr=[[d["delta"] - d["low"]], [d["high"] - d["delta"]]], fmt="o",
+                     color="tab:green" if d["low"] > 0 else ("tab:red" if d["high"] < 0 else "tab:gray"), capsize=3)
+    ax2.axvline(0.0, color="black", lw=0.8)
+    ax2.set(xlabel=f"test mean AUC minus {baseline} (95% CI, patient bootstrap)", title=f"Paired delta vs {baseline}")
+    for ax in (ax1, ax2):
+        ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -22,9 +23,12 @@ from pipeline.losses import (
     build_loss,
     category_weights,
     image_weights,
+    modulation,
     pair_terms,
     prototype_separation,
+    stationary_offsets,
 )
+from pipeline.losses.dwml import cell_sums
 
 B, C, N = 6, 5, 1000
 POS_COUNTS = [300, 40, 0, 999, 120]  # a class with no positives and one with a single negative
@@ -49,30 +53,41 @@ def _grad(loss_fn, z, y, **kw):
 # --- plain references, written with loops --------------------------------------------------
 
 
-def ref_image_weights(z, y, gamma, normalize_image):
+def ref_image_weights(z, y, gamma, normalize_image, cap=float("inf")):
+    """a_ic = min(m_ic / mean of m over the batch's (class, label) cell, cap): one batch, no history."""
     rows, cols = len(z), len(z[0])
-    w = [[0.0] * cols for _ in range(rows)]
+    m = [[0.0] * cols for _ in range(rows)]
     for i in range(rows):
         n_pos = sum(1 for c in range(cols) if y[i][c] == 1)
         n_neg = cols - n_pos
         for c in range(cols):
             q = 1.0 / (1.0 + math.exp(-float(z[i][c])))
             if y[i][c] == 1:
-                w[i][c] = (1.0 - q) ** gamma / (max(1, n_pos) if normalize_image else 1)
+                m[i][c] = (1.0 - q) ** gamma / (max(1, n_pos) if normalize_image else 1)
             else:
-                w[i][c] = q**gamma / (max(1, n_neg) if normalize_image else 1)
-    mean = sum(sum(row) for row in w) / (rows * cols)
-    return [[v / mean for v in row] for row in w]
+                m[i][c] = q**gamma / (max(1, n_neg) if normalize_image else 1)
+    a = [[0.0] * cols for _ in range(rows)]
+    for c in range(cols):
+        for label in (0, 1):
+            cell = [i for i in range(rows) if y[i][c] == label]
+            mean = sum(m[i][c] for i in cell) / max(1, len(cell))
+            for i in cell:
+                a[i][c] = min(m[i][c] / mean, cap) if mean > 0 else 0.0
+    return a
 
 
 def ref_category_weights(counts, n, beta, effective_number):
+    """Raw weights, then one normaliser over all n * C training pairs."""
+
     def raw(k):
         k = max(k, 1)
         return (1 - beta) / (1 - beta**k) if effective_number else (n / k) ** beta
 
     pos = [raw(k) for k in counts]
     neg = [raw(n - k) for k in counts]
-    return [v * len(pos) / sum(pos) for v in pos], [v * len(neg) / sum(neg) for v in neg]
+    total = sum(k * wp + (n - k) * wn for k, wp, wn in zip(counts, pos, neg))
+    z = total / (n * len(counts))
+    return [v / z for v in pos], [v / z for v in neg]
 
 
 def ref_separation(p, margin):
@@ -98,10 +113,11 @@ def test_pair_terms_are_softplus():
     "kw",
     [
         dict(image_weighting=False, category_weighting=False, gamma=2.0, beta=1.0),
-        dict(gamma=0.0, beta=0.0, normalize_image=False),
-        dict(gamma=0.0, beta=0.0, normalize_image=False, effective_number=True),
+        dict(gamma=0.0, beta=0.0),
+        dict(gamma=0.0, beta=0.0, effective_number=True),
+        dict(gamma=0.0, beta=0.0, image_weight_cap=1.0, momentum=0.0),
     ],
-    ids=["weights_off", "neutral_params", "neutral_effective_number"],
+    ids=["weights_off", "neutral_params", "neutral_effective_number", "neutral_tight_cap"],
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_unweighted_dwml_equals_bce(kw, seed):
@@ -114,25 +130,97 @@ def test_unweighted_dwml_equals_bce(kw, seed):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
 
 
+# NIH ChestX-ray14 train_val positives (86,524 images), canonical class order (DESIGN.md)
+NIH_N = 86_524
+NIH_POS = [8280, 1707, 8659, 13782, 4034, 4708, 876, 2637, 2852, 1378, 1423, 1251, 2242, 141]
+
+
+@pytest.mark.parametrize("beta", [0.25, 0.5, 1.0])
+def test_category_weight_ratio_is_exact_on_nih_counts(beta):
+    b_pos, b_neg = category_weights(NIH_POS, NIH_N, beta)
+    assert b_pos.dtype == torch.float64 and b_neg.dtype == torch.float64
+    pos = torch.tensor(NIH_POS, dtype=torch.float64)
+    expected = ((NIH_N - pos) / pos) ** beta
+    torch.testing.assert_close(b_pos / b_neg, expected, rtol=1e-12, atol=0)
+    # the mean of b over the training split's (image, class) pairs is 1
+    pair_mean = (pos * b_pos + (NIH_N - pos) * b_neg).sum() / (NIH_N * len(NIH_POS))
+    assert abs(pair_mean.item() - 1.0) < 1e-12
+    # every class weighs its (rarer) positives above its negatives
+    assert bool((b_pos > b_neg).all())
+
+
+def test_category_ratio_cap_bounds_every_class():
+    b_pos, b_neg = category_weights(NIH_POS, NIH_N, 1.0, max_ratio=20.0)
+    ratio = b_pos / b_neg
+    assert ratio.max().item() == pytest.approx(20.0)  # Hernia (1 in 614) is capped
+    pos = torch.tensor(NIH_POS, dtype=torch.float64)
+    uncapped = (NIH_N - pos) / pos
+    torch.testing.assert_close(ratio[uncapped < 20], uncapped[uncapped < 20], rtol=1e-12, atol=0)
+    pair_mean = (pos * b_pos + (NIH_N - pos) * b_neg).sum() / (NIH_N * len(NIH_POS))
+    assert abs(pair_mean.item() - 1.0) < 1e-12
+    with pytest.raises(ValueError, match="max_ratio"):
+        category_weights(NIH_POS, NIH_N, 1.0, max_ratio=0.5)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
 @pytest.mark.parametrize("normalize_image", [True, False])
-def test_image_weights_match_reference(gamma, normalize_image):
+def test_first_batch_image_weights_match_reference(gamma, normalize_image):
     z, y = _batch(seed=3)
     z = z.detach()
-    got = image_weights(z, y, gamma, normalize_image)
+    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, gamma=gamma, normalize_image=normalize_image,
+                                     image_weight_cap=1e9)
+    a, _ = loss_fn.get_weights(z, y, update=True)  # the first batch sets the running means
     expected = ref_image_weights(z.tolist(), y.tolist(), gamma, normalize_image)
-    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
-    assert not got.requires_grad
-    assert got.mean().item() == pytest.approx(1.0)
+    torch.testing.assert_close(a, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    assert not a.requires_grad
+    # each (class, label) cell of this batch averages 1
+    sums, counts = cell_sums(a, y)
+    torch.testing.assert_close(sums[counts > 0] / counts[counts > 0], torch.ones(int((counts > 0).sum()),
+                               dtype=torch.float64))
 
 
-def test_image_normalisation_balances_each_image():
+def test_image_weights_average_one_per_cell_and_respect_the_cap():
+    """Over many batches from one distribution, the running means make every cell average ~1."""
+    cap, batches = 4.0, 400
+    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, gamma=1.0, image_weight_cap=cap, momentum=0.9)
+    g = torch.Generator().manual_seed(21)
+    prevalence = torch.tensor([0.3, 0.1, 0.5, 0.7, 0.2])
+    totals, counts = torch.zeros(2, C, dtype=torch.float64), torch.zeros(2, C, dtype=torch.float64)
+    for step in range(batches):
+        y = (torch.rand(64, C, generator=g) < prevalence).double()
+        z = torch.randn(64, C, generator=g, dtype=torch.float64) * 1.5 + (y - 0.5)  # a half-trained model
+        a, _ = loss_fn.get_weights(z, y, update=True)
+        assert a.max().item() <= cap
+        if step >= 50:  # past the running mean's warm-up
+            sums, n = cell_sums(a, y)
+            totals += sums
+            counts += n
+    cell_means = totals / counts
+    # within the running mean's tolerance (momentum 0.9 averages ~10 batches) and the cap's bite
+    assert (cell_means - 1).abs().max().item() < 0.03, cell_means
+    capped = DualWeightedMetricLoss(POS_COUNTS, N, gamma=1.0, image_weight_cap=1.0)
+    a, _ = capped.get_weights(z, y, update=True)
+    assert a.max().item() <= 1.0
+
+
+def test_running_cell_means_keep_their_history_and_skip_absent_cells():
+    loss_fn = DualWeightedMetricLoss([1] * C, N, gamma=1.0, momentum=0.5)
+    y = torch.zeros(4, C, dtype=torch.float64)
+    y[0, 0] = 1
+    loss_fn.get_weights(torch.zeros(4, C, dtype=torch.float64), y, update=True)  # q = 0.5: m = 0.5
+    torch.testing.assert_close(loss_fn.cell_mean[0], torch.full((C,), 0.5, dtype=torch.float64))
+    assert loss_fn.cell_seen[1, 0] and not loss_fn.cell_seen[1, 1:].any()
+    z = torch.full((4, C), math.log(3.0), dtype=torch.float64)  # q = 0.75 for every pair
+    loss_fn.get_weights(z, torch.zeros(4, C, dtype=torch.float64), update=True)  # no positives at all
+    torch.testing.assert_close(loss_fn.cell_mean[0], torch.full((C,), 0.625, dtype=torch.float64))
+    assert loss_fn.cell_mean[1, 0].item() == pytest.approx(0.5)  # a cell without pairs keeps its mean
+
+
+def test_image_normalisation_option_balances_each_image():
     z, y = _batch(seed=4)
-    w = image_weights(z.detach(), y, gamma=0.0, normalize_image=True)
+    m = modulation(z.detach(), y, gamma=0.0, normalize_image=True)
     mixed = (y.sum(1) > 0) & (y.sum(1) < C)
-    pos_total = (w * y).sum(1)[mixed]
-    neg_total = (w * (1 - y)).sum(1)[mixed]
-    torch.testing.assert_close(pos_total, neg_total)
+    torch.testing.assert_close((m * y).sum(1)[mixed], (m * (1 - y)).sum(1)[mixed])
 
 
 @pytest.mark.parametrize("effective_number,beta", [(False, 0.5), (False, 1.0), (True, 0.99)])
@@ -141,7 +229,6 @@ def test_category_weights_match_reference(effective_number, beta):
     ref_pos, ref_neg = ref_category_weights(POS_COUNTS, N, beta, effective_number)
     torch.testing.assert_close(b_pos, torch.tensor(ref_pos, dtype=torch.float64))
     torch.testing.assert_close(b_neg, torch.tensor(ref_neg, dtype=torch.float64))
-    assert b_pos.mean().item() == pytest.approx(1.0) and b_neg.mean().item() == pytest.approx(1.0)
     # rarer positives weigh more: class 1 (40 positives) above class 0 (300)
     assert b_pos[1] > b_pos[0]
 
@@ -153,7 +240,7 @@ def test_category_weights_zero_beta_is_uniform():
         assert torch.equal(b_neg, torch.ones(C, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("gamma,beta,normalize_image", [(1.0, 0.5, True), (2.0, 1.0, False)])
+@pytest.mark.parametrize("gamma,beta,normalize_image", [(1.0, 0.5, False), (2.0, 1.0, True)])
 def test_dwml_matches_reference_with_detached_weights(gamma, beta, normalize_image):
     z, y = _batch(seed=5)
     g = torch.Generator().manual_seed(0)
@@ -165,14 +252,14 @@ def test_dwml_matches_reference_with_detached_weights(gamma, beta, normalize_ima
         gamma=gamma,
         beta=beta,
         normalize_image=normalize_image,
+        image_weight_cap=3.0,
         separation_weight=0.3,
         separation_margin=1.5,
     )
     value, grad = _grad(loss_fn, z, y, prototypes=p)
 
     # reference: weights are constants, so autograd sees only the pair terms
-    a = ref_image_weights(z.tolist(), y.tolist(), gamma, normalize_image)
-    a = torch.tensor(a, dtype=torch.float64)
+    a = torch.tensor(ref_image_weights(z.tolist(), y.tolist(), gamma, normalize_image, cap=3.0), dtype=torch.float64)
     ref_pos, ref_neg = ref_category_weights(POS_COUNTS, N, beta, False)
     b = [[ref_pos[c] if y[i, c] else ref_neg[c] for c in range(C)] for i in range(B)]
     b = torch.tensor(b, dtype=torch.float64)
@@ -184,6 +271,153 @@ def test_dwml_matches_reference_with_detached_weights(gamma, beta, normalize_ima
     ref_value, ref_grad = _grad(reference, z, y, prototypes=p)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_running_means_update_only_in_training_steps():
+    z, y = _batch(seed=6)
+    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N)
+    with torch.no_grad():
+        loss_fn(z, y)  # e.g. a validation loss: no update
+    assert not loss_fn.cell_seen.any()
+    loss_fn.eval()
+    loss_fn(z, y)
+    assert not loss_fn.cell_seen.any()
+    loss_fn.train()
+    loss_fn(z, y)
+    assert loss_fn.cell_seen.any()
+    assert "cell_mean" in loss_fn.state_dict()  # saved with the checkpoint for exact resume
+
+
+# --- rank preservation -------------------------------------------------------------------------
+#
+# A fixed-feature problem: K feature bins, each with a known joint distribution of C = 3 labels,
+# written as 20 equally likely label rows per bin. One free logit per (bin, class) is trained to
+# the loss's fixed point (weights recomputed and detached at every step, as in training). A loss
+# that preserves the ranking gives, for every class, scores in the order of the true P(y_c | bin).
+
+RANK_BINS = [
+    # (P(y_0 = 1), whether the other two findings come with y_0 = 1, P(y_1), P(y_2)) per bin;
+    # bins 0/1 and 2/3 differ in y_0's prevalence *and* in how many other findings an image has
+    (0.30, True, 0.30, 0.20),
+    (0.20, False, 0.10, 0.05),
+    (0.60, True, 0.60, 0.40),
+    (0.50, False, 0.15, 0.10),
+    (0.10, False, 0.05, 0.35),
+    (0.85, True, 0.85, 0.70),
+]
+
+
+def _rank_problem():
+    rows, bins = [], []
+    for k, (p0, together, p1, p2) in enumerate(RANK_BINS):
+        n0 = round(20 * p0)
+        for r in range(20):
+            pos0 = r < n0
+            if together:  # the other findings co-occur exactly with y_0
+                y1 = pos0 if r < round(20 * p1) or pos0 else False
+                y = [pos0, pos0, pos0 and r < round(20 * p2)]
+            else:  # the other findings fall on the images without y_0
+                y1 = (not pos0) and r >= 20 - round(20 * p1)
+                y = [pos0, y1, (not pos0) and r >= 20 - round(20 * p2)]
+            rows.append([float(v) for v in y])
+            bins.append(k)
+    y = torch.tensor(rows, dtype=torch.float64)  # (20 K, 3)
+    return y, torch.tensor(bins)
+
+
+def _fixed_point_scores(loss_fn, y, bins, steps=3000, lr=1.0):
+    k = int(bins.max()) + 1
+    logits = torch.zeros(k, y.shape[1], dtype=torch.float64, requires_grad=True)
+    loss_fn.train()
+    for _ in range(steps):
+        loss = loss_fn(logits[bins], y)
+        (grad,) = torch.autograd.grad(loss, logits)
+        with torch.no_grad():
+            logits -= lr * grad * y.numel() / 20  # per-bin gradient on the scale of one pair
+    return logits.detach(), grad.abs().max().item()
+
+
+RANK_PRESERVING = {
+    "bce": dict(name="bce"),
+    "dual": dict(name="dwml"),
+    "dual_gamma2_beta1": dict(name="dwml", gamma=2.0, beta=1.0),
+    "image_only": dict(name="dwml", category_weighting=False),
+    "category_only": dict(name="dwml", image_weighting=False),
+    "dual_capped": dict(name="dwml", image_weight_cap=1.2, category_ratio_cap=2.0),
+    "weighted_bce": dict(name="weighted_bce"),
+    "focal_detached": dict(name="focal", gamma=2.0, focal_alpha=0.25, detach_modulation=True),
+}
+
+
+def _true_prevalence(y, bins):
+    k = int(bins.max()) + 1
+    return torch.stack([y[bins == b].mean(0) for b in range(k)])  # (K, C)
+
+
+@pytest.mark.parametrize("variant", list(RANK_PRESERVING))
+def test_loss_optimal_scores_are_monotone_in_the_true_probability(variant):
+    y, bins = _rank_problem()
+    loss_fn = build_loss(LossConfig(**RANK_PRESERVING[variant]), [30, 20, 15], 120)
+    scores, grad = _fixed_point_scores(loss_fn, y, bins)
+    assert grad < 1e-7, f"not at a fixed point: max gradient {grad}"
+    truth = _true_prevalence(y, bins)
+    for c in range(y.shape[1]):
+        order = torch.argsort(truth[:, c])
+        p, s = truth[order, c], scores[order, c]
+        distinct = p[1:] > p[:-1] + 1e-9
+        assert bool((s[1:][distinct] > s[:-1][distinct]).all()), (c, p.tolist(), s.tolist())
+
+
+def test_image_count_normalisation_breaks_the_ranking():
+    y, bins = _rank_problem()
+    loss_fn = build_loss(LossConfig(name="dwml", normalize_image=True), [30, 20, 15], 120)
+    scores, grad = _fixed_point_scores(loss_fn, y, bins)
+    assert grad < 1e-7
+    truth = _true_prevalence(y, bins)
+    # bin 0 has the higher P(y_0) (0.30 vs 0.20) but its positives carry two other findings
+    assert truth[0, 0] > truth[1, 0]
+    assert scores[0, 0] < scores[1, 0], scores[:, 0].tolist()
+
+
+# --- prior init: the loss's stationary point ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg,expected",
+    [
+        (dict(name="bce"), lambda pi, b_ratio, pw: torch.logit(pi)),
+        (dict(name="dwml"), lambda pi, b_ratio, pw: torch.logit(pi) + torch.log(b_ratio)),
+        (dict(name="dwml", gamma=3.0, beta=1.0), lambda pi, b_ratio, pw: torch.logit(pi) + torch.log(b_ratio)),
+        (dict(name="weighted_bce"), lambda pi, b_ratio, pw: torch.logit(pi) + torch.log(pw)),
+        (dict(name="focal", gamma=2.0, focal_alpha=0.25, detach_modulation=True),
+         lambda pi, b_ratio, pw: (torch.logit(pi) + math.log(0.25 / 0.75)) / 3.0),
+    ],
+    ids=["bce", "dwml", "dwml_g3_b1", "weighted_bce", "focal_detached"],
+)
+def test_stationary_offsets_match_closed_forms_without_features(cfg, expected):
+    counts = [300, 40, 10, 600, 120]
+    loss_fn = build_loss(LossConfig(**cfg), counts, N)
+    if cfg["name"] == "dwml":
+        b_pos, b_neg = category_weights(counts, N, loss_fn.beta)
+    else:
+        b_pos = b_neg = torch.ones(C, dtype=torch.float64)
+    pi = torch.tensor(counts, dtype=torch.float64) / N
+    pw = (N - pi * N) / (pi * N)
+    offsets = stationary_offsets(loss_fn, torch.zeros(32, C, dtype=torch.float64), pi)
+    # 1e-6: weighted BCE keeps its pos_weight in float32
+    torch.testing.assert_close(offsets, expected(pi, b_pos / b_neg, pw), rtol=1e-6, atol=1e-6)
+
+
+def test_stationary_offsets_zero_the_expected_gradient_on_spread_logits():
+    counts = [300, 40, 10, 600, 120]
+    loss_fn = build_loss(LossConfig(name="dwml", gamma=2.0), counts, N)
+    logits = torch.randn(64, C, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    pi = torch.tensor(counts, dtype=torch.float64) / N
+    offsets = stationary_offsets(loss_fn, logits, pi)
+    from pipeline.losses import expected_gradient
+
+    assert expected_gradient(loss_fn, logits, pi, offsets).abs().max().item() < 1e-10
+    assert not loss_fn.cell_seen.any()  # finding the prior changes no running statistics
 
 
 def test_separation_zero_when_apart_positive_when_coincident():
@@ -337,7 +571,8 @@ def test_finite_under_bf16_autocast(name, labels, scale):
 def test_image_weights_when_every_pair_is_solved():
     y = (torch.rand(B, C, generator=torch.Generator().manual_seed(16)) < 0.5).float()
     z = torch.where(y > 0.5, 1e4, -1e4).requires_grad_()  # sigmoid saturates to exactly 0 / 1
-    w = image_weights(z.detach(), y, gamma=1.0)
+    m = modulation(z.detach(), y, gamma=1.0)
+    w = image_weights(m, y, torch.zeros(2, C, dtype=torch.float64), cap=10.0)
     assert torch.equal(w, torch.zeros(B, C))  # nothing left to learn, and no 0 / 0
     loss = DualWeightedMetricLoss(POS_COUNTS, N)(z, y)
     loss.backward()
@@ -395,15 +630,16 @@ def test_build_loss_each_name(name):
 def test_default_config_is_full_dual_loss():
     loss_fn = build_loss(LossConfig(), POS_COUNTS, N)
     assert isinstance(loss_fn, DualWeightedMetricLoss)
-    assert loss_fn.image_weighting and loss_fn.category_weighting and loss_fn.normalize_image
+    assert loss_fn.image_weighting and loss_fn.category_weighting
+    assert not loss_fn.normalize_image  # rank-distorting: an option, off by default
     assert loss_fn.gamma == 1.0 and loss_fn.beta == 0.5
 
 
 @pytest.mark.parametrize("variant", list(ABLATIONS))
 def test_build_loss_each_ablation(variant):
-    cfg, head = ablation_config(variant)
+    cfg, head, prototypes = ablation_config(variant)
     assert head == ABLATIONS[variant]["head"]
-    assert head in ("linear", "metric")
+    assert head in ("linear", "metric") and prototypes in ("text", "random")
     loss_fn = build_loss(cfg, POS_COUNTS, N)
     z, y = _batch(seed=15)
     protos = None
@@ -412,17 +648,57 @@ def test_build_loss_each_ablation(variant):
     assert torch.isfinite(loss_fn(z, y, prototypes=protos))
 
 
+def _differences(a: LossConfig, b: LossConfig) -> set[str]:
+    return {f.name for f in dataclasses.fields(LossConfig) if getattr(a, f.name) != getattr(b, f.name)}
+
+
 def test_ablation_variants_differ_as_named():
-    assert ablation_config("bce_head") == (LossConfig(name="bce"), "linear")
-    unweighted, _ = ablation_config("metric_unweighted")
-    assert not unweighted.image_weighting and not unweighted.category_weighting
-    image_only, _ = ablation_config("image_only")
-    assert image_only.image_weighting and not image_only.category_weighting
-    category_only, _ = ablation_config("category_only")
-    assert category_only.category_weighting and not category_only.image_weighting
-    assert ablation_config("dual")[0] == LossConfig()
+    dual = ablation_config("dual")
+    assert dual == (LossConfig(), "metric", "text")
+    assert ablation_config("bce_head") == (LossConfig(name="bce"), "linear", "text")
+    # each metric variant differs from dual only in what its name says
+    assert _differences(ablation_config("metric_unweighted").loss, dual.loss) == {"image_weighting", "category_weighting"}
+    assert _differences(ablation_config("image_only").loss, dual.loss) == {"category_weighting"}
+    assert _differences(ablation_config("category_only").loss, dual.loss) == {"image_weighting"}
+    random = ablation_config("dual_random_prototypes")
+    assert random.loss == dual.loss and random.head == "metric" and random.prototypes == "random"
+    # focal and ASL: their own weighting, detached like DWML's, on the same head and separation term
+    for name in ("focal", "asl"):
+        variant = ablation_config(name)
+        assert variant.head == "metric" and variant.prototypes == "text"
+        assert variant.loss.detach_modulation
+        assert variant.loss.separation_weight == dual.loss.separation_weight > 0
+        assert "separation_weight" not in _differences(variant.loss, dual.loss)
     with pytest.raises(ValueError, match="unknown ablation"):
         ablation_config("nope")
+
+
+@pytest.mark.parametrize("name", ["focal", "asl"])
+def test_focal_and_asl_add_the_separation_term_on_the_metric_head(name):
+    z, y = _batch(seed=16)
+    p = torch.eye(C, 8, dtype=torch.float64)
+    p[1] = p[0]  # one coincident pair
+    loss_fn = build_loss(ablation_config(name).loss, POS_COUNTS, N)
+    terms = loss_fn(z, y, prototypes=p, return_terms=True)
+    assert terms["separation"].item() > 0
+    torch.testing.assert_close(terms["loss"], terms["pair"] + loss_fn.separation_weight * terms["separation"])
+
+
+def test_detached_focal_modulation_is_a_weight_not_a_direction():
+    z, y = _batch(seed=17, scale=2.0)
+    value, grad = _grad(FocalLoss(2.0, 0.25, detach_modulation=True), z, y)
+    p = torch.sigmoid(z.detach())
+    p_t = y * p + (1 - y) * (1 - p)
+    weight = (1 - p_t) ** 2 * (y * 0.25 + (1 - y) * 0.75)  # constants
+
+    def reference(zz, yy):
+        return (weight * F.binary_cross_entropy_with_logits(zz, yy, reduction="none")).mean()
+
+    ref_value, ref_grad = _grad(reference, z, y)
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(grad, ref_grad)
+    _, attached = _grad(FocalLoss(2.0, 0.25), z, y)
+    assert not torch.allclose(grad, attached)
 
 
 @pytest.mark.parametrize(
@@ -435,6 +711,9 @@ def test_ablation_variants_differ_as_named():
         ({"focal_alpha": 1.5}, "focal_alpha"),
         ({"asl_clip": 1.0}, "asl_clip"),
         ({"pos_weight_cap": 0.0}, "pos_weight_cap"),
+        ({"image_weight_cap": 0.5}, "image_weight_cap"),
+        ({"image_weight_momentum": 1.0}, "image_weight_momentum"),
+        ({"category_ratio_cap": 0.5}, "category_ratio_cap"),
     ],
 )
 def test_config_errors_name_the_key(values, key):

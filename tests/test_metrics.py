@@ -222,6 +222,132 @@ def test_paired_delta_detects_a_better_model_on_the_same_rows():
     np.testing.assert_allclose(result["samples"], b - a, rtol=0, atol=1e-12)
 
 
+def _one_image_per_patient(seed: int, n: int = 300):
+    """Labels, two models' scores and patient ids for n patients with one image each."""
+    y, _ = _predictions(seed, n=n, c=3)
+    noise = np.random.default_rng(seed).normal(size=y.shape)
+    return y, y + 2.0 * noise, y + 0.7 * noise, np.arange(n)
+
+
+def test_patient_bootstrap_with_one_image_per_patient_is_the_image_bootstrap():
+    y, scores, _, patients = _one_image_per_patient(30)
+    images = bootstrap_auc(y, scores, n_resamples=200, seed=4)
+    by_patient = bootstrap_auc(y, scores, n_resamples=200, seed=4, groups=patients)
+    # ids in row order: patient j is row j, so the same draws give the same resamples
+    np.testing.assert_array_equal(by_patient["samples"], images["samples"])
+    assert (images["resampled"], images["n_groups"]) == ("images", 300)
+    assert (by_patient["resampled"], by_patient["n_groups"]) == ("patients", 300)
+    # ids as shuffled strings: other resamples of the same distribution
+    names = np.array([f"p{i:05d}" for i in np.random.default_rng(0).permutation(300)])
+    shuffled = bootstrap_auc(y, scores, n_resamples=1000, seed=4, groups=names)
+    wide = bootstrap_auc(y, scores, n_resamples=1000, seed=4)
+    assert shuffled["mean_high"] - shuffled["mean_low"] == pytest.approx(wide["mean_high"] - wide["mean_low"], rel=0.15)
+    np.testing.assert_allclose(shuffled["high"] - shuffled["low"], wide["high"] - wide["low"], rtol=0.2)
+
+
+def _width(result: dict) -> float:
+    return result["mean_high"] - result["mean_low"]
+
+
+def test_intervals_widen_back_when_images_of_one_patient_are_duplicated():
+    """Nine copies of every image add no information: only the patient bootstrap knows that."""
+    y, scores, _, patients = _one_image_per_patient(31)
+    rows = np.repeat(np.arange(y.shape[0]), 9)  # (9N,) each patient's image nine times
+    original = bootstrap_auc(y, scores, n_resamples=400, seed=6)
+    images = bootstrap_auc(y[rows], scores[rows], n_resamples=400, seed=6)
+    by_patient = bootstrap_auc(y[rows], scores[rows], n_resamples=400, seed=6, groups=patients[rows])
+    assert by_patient["auc"] == pytest.approx(original["auc"], abs=1e-12)
+    assert _width(images) < 0.5 * _width(original)  # ~1/3: it believes in nine times the patients
+    assert _width(by_patient) == pytest.approx(_width(original), rel=0.2)
+    assert _width(by_patient) > 2.0 * _width(images)
+    assert by_patient["n_groups"] == 300 and images["n_groups"] == 2700
+    # a patient drawn k times weighs each of its nine rows k times: the original's resamples exactly
+    np.testing.assert_allclose(by_patient["samples"], original["samples"], rtol=0, atol=1e-12)
+
+
+def test_patient_bootstrap_rows_weigh_as_often_as_their_patient_was_drawn():
+    y, scores = _predictions(32, n=120, c=3, tied=True)
+    patients = np.random.default_rng(32).integers(0, 25, y.shape[0])  # ~5 images per patient
+    result = bootstrap_auc(y, scores, n_resamples=10, seed=2, groups=patients)
+    ids, index = np.unique(patients, return_inverse=True)
+    counts = resample_counts(np.random.default_rng(2), ids.size, 10)
+    for r in range(10):
+        rows = np.repeat(np.arange(y.shape[0]), counts[r][index])
+        expected = _sklearn_per_class(roc_auc_score, y[rows], scores[rows])
+        np.testing.assert_allclose(result["samples"][r], expected, rtol=0, atol=1e-9)
+
+
+def test_patient_bootstrap_sums_exactly_when_a_resample_outweighs_the_rows():
+    """A patient resample's total weight is not N: drawing a big patient twice pushes it past 2^16."""
+    y, scores = _predictions(36, n=65_000, c=2, tied=True)
+    patients = np.r_[np.zeros(20_000, dtype=np.int64), np.arange(1, 45_001)]  # one patient, 20,000 images
+    result = bootstrap_auc(y, scores, n_resamples=8, seed=1, groups=patients)
+    ids, index = np.unique(patients, return_inverse=True)
+    counts = resample_counts(np.random.default_rng(1), ids.size, 8)
+    weights = counts[:, index]  # (R, N)
+    assert weights.sum(axis=1).max() > np.iinfo(np.uint16).max  # the seed draws the big patient twice
+    for r in range(8):
+        expected = weighted_roc_auc(y, scores, weights[r].astype(np.float64))  # float sums: no wrap-around
+        np.testing.assert_allclose(result["samples"][r], expected, rtol=0, atol=1e-9)
+
+
+def test_paired_delta_resamples_patients_when_given_groups():
+    y, weak, strong, patients = _one_image_per_patient(33)
+    rows = np.repeat(np.arange(y.shape[0]), 9)
+    original = paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=7)
+    images = paired_bootstrap_delta(y[rows], weak[rows], strong[rows], n_resamples=300, seed=7)
+    by_patient = paired_bootstrap_delta(y[rows], weak[rows], strong[rows], n_resamples=300, seed=7,
+                                        groups=patients[rows])
+    assert by_patient["delta"] == pytest.approx(original["delta"], abs=1e-12) and by_patient["delta"] > 0
+    np.testing.assert_allclose(by_patient["samples"], original["samples"], rtol=0, atol=1e-12)
+    assert (by_patient["high"] - by_patient["low"]) > 2.0 * (images["high"] - images["low"])
+    assert (by_patient["resampled"], by_patient["n_groups"]) == ("patients", 300)
+    assert images["resampled"] == "images"
+    # paired: each delta is the difference of the two models' patient-bootstrap means
+    a = bootstrap_auc(y[rows], weak[rows], n_resamples=300, seed=7, groups=patients[rows])["mean_samples"]
+    b = bootstrap_auc(y[rows], strong[rows], n_resamples=300, seed=7, groups=patients[rows])["mean_samples"]
+    np.testing.assert_allclose(by_patient["samples"], b - a, rtol=0, atol=1e-12)
+
+
+def test_paired_delta_of_stacked_seeds_averages_runs_on_the_same_patients():
+    y, weak, strong, _ = _one_image_per_patient(34)
+    patients = np.arange(y.shape[0]) // 3  # three images per patient
+    one = paired_bootstrap_delta(y, weak, strong, n_resamples=200, seed=8, groups=patients)
+    copies = paired_bootstrap_delta(y, np.stack([weak] * 3), np.stack([strong] * 2), n_resamples=200, seed=8,
+                                    groups=patients)
+    for key in ("delta", "low", "high", "p_value", "mean_auc_a", "mean_auc_b"):
+        assert copies[key] == pytest.approx(one[key], abs=1e-12), key
+    assert (copies["n_runs_a"], copies["n_runs_b"]) == (3, 2) and (one["n_runs_a"], one["n_runs_b"]) == (1, 1)
+    # different runs: mean over b's runs minus mean over a's, each resample on the same patients
+    runs_a = np.stack([weak, weak + 0.3 * np.random.default_rng(1).normal(size=y.shape)])
+    runs_b = np.stack([strong, strong + 0.3 * np.random.default_rng(2).normal(size=y.shape), weak])
+    stacked = paired_bootstrap_delta(y, runs_a, runs_b, n_resamples=200, seed=8, groups=patients)
+    boot = lambda s: bootstrap_auc(y, s, n_resamples=200, seed=8, groups=patients)  # noqa: E731
+    mean_a = np.mean([boot(s)["mean_auc"] for s in runs_a])
+    mean_b = np.mean([boot(s)["mean_auc"] for s in runs_b])
+    assert stacked["mean_auc_a"] == pytest.approx(mean_a) and stacked["mean_auc_b"] == pytest.approx(mean_b)
+    assert stacked["delta"] == pytest.approx(mean_b - mean_a, abs=1e-12)
+    expected = (np.mean([boot(s)["mean_samples"] for s in runs_b], axis=0)
+                - np.mean([boot(s)["mean_samples"] for s in runs_a], axis=0))
+    np.testing.assert_allclose(stacked["samples"], expected, rtol=0, atol=1e-12)
+
+
+def test_bad_groups_and_stacked_shapes_are_rejected_with_a_reason():
+    y, scores = _predictions(35, n=50, c=2)
+    with pytest.raises(ValueError, match=r"groups must be \(N,\) = \(50,\).*got shape \(49,\)"):
+        bootstrap_auc(y, scores, n_resamples=5, groups=np.arange(49))
+    with pytest.raises(ValueError, match=r"groups must be .*got shape \(50, 1\)"):
+        paired_bootstrap_delta(y, scores, scores, n_resamples=5, groups=np.arange(50)[:, None])
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_auc(y, scores, n_resamples=5, groups=np.r_[np.arange(49.0), np.nan])
+    with pytest.raises(ValueError, match=r"scores_b must be \(N, C\).*\(S, N, C\).*got shape \(1, 1, 50, 2\)"):
+        paired_bootstrap_delta(y, scores, scores[None, None], n_resamples=5)
+    with pytest.raises(ValueError, match="scores_a must be"):
+        paired_bootstrap_delta(y, np.empty((0, 50, 2)), scores, n_resamples=5)
+    with pytest.raises(ValueError, match="one shape"):  # a run of other rows than the labels
+        paired_bootstrap_delta(y, np.stack([scores[:40]] * 2), scores, n_resamples=5)
+
+
 def test_bootstrap_settings_are_validated():
     with pytest.raises(ValueError, match="ci"):
         bootstrap_auc(*_predictions(15), ci=1.5)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError, build
 from pipeline.models import (
-    BackboneConfig, CxrNet, LinearHead, MetricHead, ModelConfig, ModelOutput, build_model, model_from_bundle,
+    BackboneConfig, CxrNet, LinearHead, MetricHead, ModelConfig, ModelOutput, build_model, init_prior,
+    model_from_bundle,
 )
 from pipeline.models.backbone import create_backbone
 
@@ -70,7 +71,9 @@ def test_metric_logits_equal_scale_times_radius_minus_distance(text_vectors):
     pooled = torch.randn(6, 40)  # (B, F)
     out = head(pooled)
     v = F.normalize(head.visual_proj(pooled), dim=-1)  # (B, D)
-    p = F.normalize(head.text_proj(torch.as_tensor(text_vectors)), dim=-1)  # (C, D)
+    s = torch.as_tensor(text_vectors)
+    s_bar = F.normalize(s - s.mean(0), dim=-1)  # centred over classes, then unit length
+    p = F.normalize(head.text_proj(s_bar), dim=-1)  # (C, D)
     d = ((v[:, None, :] - p[None, :, :]) ** 2).sum(-1)  # (B, C)
     expected = 5.0 * (head.radius[None, :] - d)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
@@ -85,29 +88,96 @@ def test_fixed_scale_is_not_trained(text_vectors):
     assert not head.log_scale.requires_grad
 
 
+def _bert_like_vectors(dim: int = 384, seed: int = 0) -> torch.Tensor:
+    """Label vectors sharing one large common direction, as mean-pooled BERT vectors do."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(dim, generator=g)
+    return 4.0 * common + torch.randn(C, dim, generator=g)  # (C, E), pairwise cosine ~0.9
+
+
+def _pairwise_cosines(x: torch.Tensor) -> torch.Tensor:
+    x = F.normalize(x.double(), dim=-1)
+    i, j = torch.triu_indices(len(x), len(x), offset=1)
+    return (x @ x.t())[i, j]  # (C (C - 1) / 2,)
+
+
+@pytest.mark.parametrize("embed_dim,hidden_dim", [(16, 32), (128, 256), (512, 1024)])
+def test_prototypes_keep_the_centred_text_geometry_at_init(embed_dim, hidden_dim):
+    text = _bert_like_vectors()
+    assert _pairwise_cosines(text).mean() > 0.8  # the raw vectors are nearly collinear
+    torch.manual_seed(1)
+    head = MetricHead(40, text, embed_dim=embed_dim, hidden_dim=hidden_dim)
+    with torch.no_grad():
+        protos = head.prototypes()  # (C, D)
+    centred = _pairwise_cosines(text - text.mean(0))
+    ours = _pairwise_cosines(protos)
+    assert np.corrcoef(ours.numpy(), centred.numpy())[0, 1] >= 0.95
+    assert ours.mean().item() < 0.5
+    torch.testing.assert_close(ours, centred, rtol=0, atol=1e-5)  # an isometry, not only correlated
+
+
+def test_prototypes_move_with_training_from_the_text_start():
+    torch.manual_seed(2)
+    head = MetricHead(40, _bert_like_vectors(dim=32), embed_dim=16, hidden_dim=32)
+    before = head.prototypes().detach()
+    loss = head(torch.randn(8, 40)).logits.pow(2).mean()
+    loss.backward()
+    assert head.text_proj.linear.weight.grad.abs().sum() > 0
+    assert head.text_proj.residual[-1].weight.grad.abs().sum() > 0  # the residual learns too
+    assert torch.equal(head.prototypes().detach(), before)
+
+
+def test_distance_logits_are_exact_under_bf16_autocast():
+    torch.manual_seed(3)
+    head = MetricHead(40, _bert_like_vectors(dim=64), embed_dim=128, hidden_dim=64)
+    v = F.normalize(torch.randn(4000, 128), dim=-1)  # (N, D) random unit embeddings
+    with torch.no_grad():
+        exact = head.logits(v)  # (N, C)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = head.logits(v)
+            forward = head(torch.randn(4000, 40)).logits  # the whole head, MLP in bf16
+    assert mixed.dtype == torch.float32 and forward.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0, atol=1e-4)
+    for c in range(C):
+        assert torch.unique(mixed[:, c]).numel() >= 3900
+        assert torch.unique(forward[:, c]).numel() >= 3900
+
+
 @pytest.mark.parametrize("head", ["metric", "linear"])
-def test_init_prior_starts_scores_at_the_prevalence(head, text_vectors):
-    prior = np.linspace(0.01, 0.4, C)
+@pytest.mark.parametrize("loss_name", ["bce", "dwml"])
+def test_init_prior_starts_scores_at_the_loss_stationary_point(head, loss_name, text_vectors):
+    from pipeline.losses import LossConfig, build_loss, expected_gradient
+
+    counts = (np.linspace(0.01, 0.4, C) * 1000).astype(int)
+    prior = counts / 1000
+    loss_fn = build_loss(LossConfig(name=loss_name), counts.tolist(), 1000)
     x = images(torch.uint8, batch=16)
     torch.manual_seed(0)
-    model = build_model(tiny_config(head=head), text_vectors, prevalence=prior, calibration_images=x).eval()
-    torch.manual_seed(0)
-    plain = build_model(tiny_config(head=head), text_vectors).eval()
+    model = build_model(tiny_config(head=head), text_vectors)
+    offset = init_prior(model, loss_fn, prior, x)
+    assert model.training  # the prior init must not leave the model in eval mode
+    model.eval()
     with torch.no_grad():
-        scores = torch.sigmoid(model(x)).mean(0).numpy()  # (C,)
-        plain_scores = torch.sigmoid(plain(x)).mean(0).numpy()
-    assert np.abs(scores - prior).mean() < 0.03
-    assert np.corrcoef(scores, prior)[0, 1] > 0.95
-    assert np.abs(plain_scores - prior).mean() > 0.1  # without the prior they start elsewhere
-    assert model.training is False and plain.training is False
+        logits = model(x).double()  # (N, C)
+    pi = torch.as_tensor(prior)
+    grad = expected_gradient(loss_fn, logits, pi, torch.zeros(C, dtype=torch.float64))
+    assert grad.abs().max().item() < 1e-5  # each class starts where its expected gradient vanishes
+    if loss_name == "bce":  # plain BCE: the mean score is about the prevalence
+        scores = torch.sigmoid(logits).mean(0).numpy()
+        assert np.abs(scores - prior).mean() < 0.03
+    assert offset.shape == (C,)
 
 
-def test_init_prior_without_images_assumes_orthogonal_directions(text_vectors):
-    prior = np.full(C, 0.2)
-    model = build_model(tiny_config(), text_vectors, prevalence=prior)
-    assert model.training  # calibration must not leave the model in eval mode
-    expected = 2.0 + np.log(0.2 / 0.8) / 8.0
-    np.testing.assert_allclose(model.head.radius.detach().numpy(), expected, rtol=1e-6)
+def test_random_prototypes_replace_the_text_vectors(text_vectors):
+    cfg = tiny_config()
+    cfg.prototypes = "random"
+    torch.manual_seed(0)
+    model = build_model(cfg, text_vectors)
+    assert model.head.text_vectors.shape == text_vectors.shape
+    assert not torch.allclose(model.head.text_vectors, torch.as_tensor(text_vectors))
+    torch.manual_seed(0)
+    again = build_model(cfg, text_vectors)
+    assert torch.equal(again.head.text_vectors, model.head.text_vectors)  # drawn from the seed
 
 
 def test_backbone_from_local_checkpoint_without_network(tmp_path, monkeypatch):

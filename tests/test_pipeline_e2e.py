@@ -57,9 +57,14 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     assert list(per_class["class"]) == list(CLASSES)
     predictions = pd.read_parquet(demo_repo / "reports/predictions/test.parquet")
     assert len(predictions) == (manifest["split"] == "test").sum()
+    assert list(predictions.columns) == ["image", "patient", *CLASSES]
+    test_rows = manifest[manifest["split"] == "test"]
+    assert metrics["bootstrap_unit"] == "patient" and metrics["test_patients"] == test_rows["patient"].nunique()
 
     registration = json.loads((demo_repo / "reports/registration.json").read_text())
     assert registration["version"] == "1" and registration["promote"] is True
+    assert registration["selected_on"] == "val"
+    assert registration["val_mean_auc"] == pytest.approx(metrics["val_mean_auc"])
 
     from mlflow import MlflowClient
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -31,7 +32,7 @@ import pytest
 import yaml
 
 from pipeline.classes import CLASSES
-from pipeline.registry import RegisterConfig, decide, dvc_data_hash, git_commit
+from pipeline.registry import RegisterConfig, SelectionSet, decide, dvc_data_hash, git_commit, selection_set
 from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env
 
 MODEL_NAME = "cxr-dwml"
@@ -165,56 +166,97 @@ def labels_of(repo: Path, images: pd.Series) -> np.ndarray:
 # ----------------------------------------------------------------------------- the pure gate
 
 def _gate_data(n: int = 300, seed: int = 0):
+    """Validation labels of n images of n // 3 patients, and a good and a weak model's SelectionSet."""
     rng = np.random.default_rng(seed)
     y = (rng.random((n, len(CLASSES))) < 0.3).astype(int)
     noise = rng.random(y.shape)
+    patients = np.arange(n) // 3
     frame = lambda scores: pd.DataFrame({"image": [f"{i:05d}.png" for i in range(n)],  # noqa: E731
                                          **dict(zip(CLASSES, scores.T))})
-    good = frame(0.6 * y + noise)  # mean AUC ~0.9
-    weak = frame(0.15 * y + noise)  # mean AUC ~0.6
-    return y, good, weak
+    good = SelectionSet(frame(0.6 * y + noise), y, patients)  # mean AUC ~0.9
+    weak = SelectionSet(frame(0.15 * y + noise), y, patients)  # mean AUC ~0.6
+    return good, weak
 
 
-def _auc(y, frame) -> float:
+def _auc(ours: SelectionSet) -> float:
     from pipeline.metrics import mean_auc, roc_auc
 
-    return mean_auc(roc_auc(y, frame[list(CLASSES)].to_numpy()))
+    return mean_auc(roc_auc(ours.y, ours.scores))
 
 
 def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
-    y, good, _ = _gate_data()
+    good, weak = _gate_data()
     cfg = RegisterConfig(min_auc=0.7, bootstrap_resamples=200)
-    below = decide(cfg, y, good, 0.65, None, None)
-    assert below["promote"] is False and "below the floor" in below["reason"]
-    nan = decide(cfg, y, good, float("nan"), None, None)
-    assert nan["promote"] is False
-    first = decide(cfg, y, good, _auc(y, good), None, None)
+    below = decide(cfg, weak, None, None)  # the floor applies to the validation mean AUC
+    assert below["promote"] is False and "validation mean AUC" in below["reason"]
+    assert below["val_mean_auc"] == pytest.approx(_auc(weak)) and below["selected_on"] == "val"
+    undefined = SelectionSet(good.predictions, np.zeros_like(good.y), good.patients)  # no positives at all
+    with pytest.warns(UserWarning, match="AUC undefined"):
+        nan = decide(cfg, undefined, None, None)
+    assert nan["promote"] is False and nan["val_mean_auc"] is None
+    first = decide(cfg, good, None, None)
     assert first["promote"] is True and first["champion_version"] is None
+    assert (first["bootstrap_unit"], first["n_patients"]) == ("patient", 100)
     # a champion whose predictions cannot be fetched is never replaced blindly
-    blind = decide(cfg, y, good, _auc(y, good), None, "3")
+    blind = decide(cfg, good, None, "3")
     assert blind["promote"] is False and "v3" in blind["reason"]
+    assert "evaluation/predictions/val.parquet" in blind["reason"]
 
 
-def test_gate_paired_bootstrap_margin_and_test_set() -> None:
-    y, good, weak = _gate_data()
+def test_gate_paired_patient_bootstrap_margin_and_validation_set() -> None:
+    good, weak = _gate_data()
     cfg = RegisterConfig(min_auc=0.5, bootstrap_resamples=200)
-    better = decide(cfg, y, good, _auc(y, good), weak, "1")
-    assert better["promote"] is True
-    assert better["delta"] == pytest.approx(_auc(y, good) - _auc(y, weak))
+    better = decide(cfg, good, weak.predictions, "1")
+    assert better["promote"] is True and better["selected_on"] == "val"
+    assert better["delta"] == pytest.approx(_auc(good) - _auc(weak))
+    assert better["champion_val_mean_auc"] == pytest.approx(_auc(weak))
     assert better["p_value"] <= cfg.max_p_value and better["delta_ci"][0] > 0
-    worse = decide(cfg, y, weak, _auc(y, weak), good, "1")
+    assert "on val (100 patients)" in better["reason"]
+    worse = decide(cfg, weak, good.predictions, "1")
     assert worse["promote"] is False and worse["delta"] < 0 and worse["p_value"] > 0.5
-    same = decide(cfg, y, good, _auc(y, good), good, "1")
+    same = decide(cfg, good, good.predictions, "1")
     assert same["promote"] is False and same["delta"] == 0 and same["p_value"] == 1.0
     # better, but not by the margin asked for
-    strict = decide(RegisterConfig(min_auc=0.5, margin=0.5, bootstrap_resamples=200), y, good, _auc(y, good),
-                    weak, "1")
+    strict = decide(RegisterConfig(min_auc=0.5, margin=0.5, bootstrap_resamples=200), good, weak.predictions, "1")
     assert strict["promote"] is False and 0 < strict["delta"] < 0.5
-    # rows in another order are matched by image name, not position
-    shuffled = decide(cfg, y[::-1], good.iloc[::-1].reset_index(drop=True), _auc(y, good), weak, "1")
+    # rows in another order are matched by image name, not position; patients are the resampled unit
+    flipped = SelectionSet(good.predictions.iloc[::-1].reset_index(drop=True), good.y[::-1], good.patients[::-1])
+    shuffled = decide(cfg, flipped, weak.predictions, "1")
     assert shuffled["delta"] == pytest.approx(better["delta"])
-    other = decide(cfg, y, good, _auc(y, good), weak.iloc[:100], "1")
-    assert other["promote"] is False and "another test set" in other["reason"]
+    assert shuffled["delta_ci"] == pytest.approx(better["delta_ci"])
+    other = decide(cfg, good, weak.predictions.iloc[:100], "1")
+    assert other["promote"] is False and "another val set" in other["reason"]
+
+
+def test_gate_resamples_patients_not_images() -> None:
+    from pipeline.metrics import paired_bootstrap_delta
+
+    good, weak = _gate_data()
+    cfg = RegisterConfig(min_auc=0.5, bootstrap_resamples=300, seed=4)
+    decision = decide(cfg, good, weak.predictions, "1")
+    by_patient = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4, groups=good.patients)
+    by_image = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4)
+    assert decision["delta_ci"] == [by_patient["low"], by_patient["high"]]
+    assert decision["p_value"] == by_patient["p_value"] and decision["n_patients"] == 100
+    assert decision["delta_ci"] != [by_image["low"], by_image["high"]]
+
+
+def test_selection_set_reads_labels_and_patients_of_validation_images_only() -> None:
+    manifest = pd.DataFrame({"image": ["a.png", "b.png", "c.png", "t.png"], "patient": [7, 7, 9, 11],
+                             "split": ["val", "val", "val", "test"],
+                             **{c: [1, 0, 0, 1] for c in CLASSES}})
+    preds = pd.DataFrame({"image": ["c.png", "a.png"], **{c: [0.1, 0.9] for c in CLASSES}})
+    ours = selection_set(preds, manifest, "reports/predictions/val.parquet")
+    assert ours.split == "val" and list(ours.patients) == [9, 7]
+    np.testing.assert_array_equal(ours.y[:, 0], [0, 1])
+    outside = r"reports/predictions/test.parquet are not in the val split \(e.g. t.png in test\)"
+    with pytest.raises(ValueError, match=outside):
+        selection_set(pd.concat([preds, preds.assign(image="t.png").iloc[:1]]), manifest,
+                      "reports/predictions/test.parquet")
+    with pytest.raises(ValueError, match=r"not in the prepared manifest \(e.g. x.png\)"):
+        selection_set(preds.assign(image=["x.png", "a.png"]), manifest, "val.parquet")
+    with pytest.raises(ValueError, match="no column Hernia"):
+        selection_set(preds.drop(columns="Hernia"), manifest, "val.parquet")
 
 
 def test_provenance_helpers(tmp_path: Path) -> None:
@@ -243,25 +285,31 @@ def _training_run(model_dir: Path, best: Path, run_name: str) -> str:
     return run.info.run_id
 
 
-def _rewrite_predictions(repo: Path, real: Path, out: Path, strength: float, seed: int) -> dict:
-    """A reports folder like `real` whose test scores follow the labels by `strength` (< 0: against)."""
-    from pipeline.metrics import bootstrap_auc, roc_auc
+def _rewrite_split(repo: Path, reports: Path, split: str, strength: float, seed: int) -> dict:
+    """Rewrite reports/predictions/<split>.parquet so scores follow the labels by `strength` (< 0: against)."""
+    from pipeline.metrics import bootstrap_auc
 
-    shutil.copytree(real, out)
-    preds = pd.read_parquet(real / "predictions/test.parquet")
+    path = reports / "predictions" / f"{split}.parquet"
+    preds = pd.read_parquet(path)
     y = labels_of(repo, preds["image"])
     noise = np.random.default_rng(seed).random(y.shape)
     preds[list(CLASSES)] = np.clip(0.5 + strength * (y - 0.5) + 0.1 * (noise - 0.5), 0, 1)
-    preds.to_parquet(out / "predictions/test.parquet", index=False)
-    scores = preds[list(CLASSES)].to_numpy()
+    preds.to_parquet(path, index=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # classes without positives in the tiny test split
-        per_class = roc_auc(y, scores)
-        boot = bootstrap_auc(y, scores, 100, seed=seed)
+        warnings.simplefilter("ignore")  # classes without positives in the tiny splits
+        return bootstrap_auc(y, preds[list(CLASSES)].to_numpy(), 100, seed=seed, groups=preds["patient"].to_numpy())
+
+
+def _rewrite_predictions(repo: Path, real: Path, out: Path, strength: float, seed: int) -> dict:
+    """A reports folder like `real` whose val and test scores follow the labels by `strength`."""
+    shutil.copytree(real, out)
+    val = _rewrite_split(repo, out, "val", strength, seed)
+    test = _rewrite_split(repo, out, "test", strength, seed)
     metrics = json.loads((real / "metrics.json").read_text())
-    metrics["mean_auc"] = boot["mean_auc"]
-    metrics["mean_auc_ci"] = [boot["mean_low"], boot["mean_high"]]
-    metrics["per_class_auc"] = {c: (None if np.isnan(a) else float(a)) for c, a in zip(CLASSES, per_class)}
+    metrics["val_mean_auc"] = val["mean_auc"]
+    metrics["mean_auc"] = test["mean_auc"]
+    metrics["mean_auc_ci"] = [test["mean_low"], test["mean_high"]]
+    metrics["per_class_auc"] = {c: (None if np.isnan(a) else float(a)) for c, a in zip(CLASSES, test["auc"])}
     (out / "metrics.json").write_text(json.dumps(metrics))
     return metrics
 
@@ -314,10 +362,16 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
         params_hash = fingerprint(load_params(repo / "params.yaml"))
         logged = [a.path for a in client.list_artifacts(run1, "registration")]
     real_metrics = json.loads((work / "reports1/metrics.json").read_text())
+    manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
+    manifest_val = manifest[manifest["split"] == "val"]
 
-    # v1: the first version that clears the floor becomes champion; its tags hold provenance and numbers
+    # v1: the first version that clears the floor (on validation) becomes champion; its tags hold
+    # provenance and numbers, test AUCs for reporting only
     assert reg1["version"] == "1" and reg1["promote"] is True and reg1["aliases"] == ["challenger", "champion"]
-    assert reg1["mean_auc"] == pytest.approx(real_metrics["mean_auc"])
+    assert reg1["selected_on"] == "val" and reg1["bootstrap_unit"] == "patient"
+    assert reg1["val_mean_auc"] == pytest.approx(real_metrics["val_mean_auc"])
+    assert reg1["test_mean_auc"] == pytest.approx(real_metrics["mean_auc"])
+    assert reg1["test_mean_auc_ci"] == pytest.approx(real_metrics["mean_auc_ci"])
     assert v1.run_id == run1 and v1.tags["training_run_id"] == run1
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert v1.tags["git_commit"] == head
@@ -325,6 +379,8 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     assert all(o["md5"] in v1.tags["dvc_data_hash"] for o in lock)
     assert v1.tags["params_hash"] == params_hash and v1.tags["profile"] == "demo"
     assert float(v1.tags["test_mean_auc"]) == pytest.approx(real_metrics["mean_auc"])
+    assert float(v1.tags["val_mean_auc"]) == pytest.approx(real_metrics["val_mean_auc"])
+    assert v1.tags["gate.selected_on"] == "val" and v1.tags["gate.bootstrap_unit"] == "patient"
     assert json.loads(v1.tags["test_mean_auc_ci"]) == pytest.approx(real_metrics["mean_auc_ci"])
     for c in CLASSES:
         expected = real_metrics["per_class_auc"][c]
@@ -332,12 +388,15 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     assert v1.tags["gate.promoted"] == "true"
     assert reg1["tags"]["git_commit"] == head and "registration/registration.json" in logged
 
-    # v2: worse on the same test set: stays challenger, the decision and its numbers are recorded
+    # v2: worse on the same validation patients: stays challenger, the decision and its numbers are recorded
     assert reg2["version"] == "2" and reg2["promote"] is False and reg2["champion_version"] == "1"
     assert reg2["aliases"] == ["challenger"] and v2.run_id == run2
-    assert reg2["mean_auc"] == pytest.approx(worse_metrics["mean_auc"]) and reg2["mean_auc"] < 0.2
+    assert reg2["val_mean_auc"] == pytest.approx(worse_metrics["val_mean_auc"]) and reg2["val_mean_auc"] < 0.2
+    assert reg2["test_mean_auc"] == pytest.approx(worse_metrics["mean_auc"])
     assert reg2["delta"] < 0 and reg2["p_value"] > 0.05 and "does not beat champion v1" in reg2["reason"]
-    assert reg2["champion_mean_auc"] == pytest.approx(real_metrics["mean_auc"])
+    assert reg2["champion_val_mean_auc"] == pytest.approx(real_metrics["val_mean_auc"])
+    assert reg2["n_patients"] == manifest_val["patient"].nunique()
+    assert f"on val ({reg2['n_patients']} patients)" in reg2["reason"]
     assert v2.tags["gate.promoted"] == "false" and v2.tags["gate.champion_version"] == "1"
     assert float(v2.tags["gate.p_value"]) == pytest.approx(reg2["p_value"])
     assert float(v2.tags["gate.delta"]) == pytest.approx(reg2["delta"])
@@ -353,6 +412,82 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     assert len(listing) == 3 and "champion" in listing[0] and "challenger" in listing[2]
     assert "promoted=false" in listing[1] and f"test_mean_auc={v1.tags['test_mean_auc']}" in listing[0]
     assert unknown == 2 and "cxr-dwml v99" in unknown_err and "--list" in unknown_err
+
+
+_OPENED: list[str] | None = None  # paths opened while `opened_paths` records; None: not recording
+_HOOKED = False
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+@contextlib.contextmanager
+def opened_paths() -> Iterator[list[str]]:
+    """Every file path this process opens meanwhile, in any thread: Python's own opens (the `open`
+    audit event, raised by open() and os.open()) and parquet reads, which pyarrow does in C++."""
+    global _OPENED, _HOOKED
+    import pyarrow.parquet as pq
+
+    if not _HOOKED:  # an audit hook cannot be removed: one, idle outside this block, for the session
+        sys.addaudithook(_record_open)
+        _HOOKED = True
+    opened: list[str] = []
+    read_table = pq.read_table
+
+    def recording_read_table(source, *args, **kwargs):
+        if isinstance(source, (str, os.PathLike)):
+            opened.append(os.fspath(source))
+        return read_table(source, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pq, "read_table", recording_read_table)  # pandas.read_parquet goes through it too
+        _OPENED = opened
+        try:
+            yield opened
+        finally:
+            _OPENED = None
+
+
+def _champion_with_predictions(reports: Path) -> str:
+    """Version 1 of MODEL_NAME, aliased champion, whose run holds both splits' predictions where the
+    evaluate step logs them (a bare version: the gate reads only the predictions in its run)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    tracking.setup("cxr-dwml")  # params.yaml mlflow.experiment
+    with mlflow.start_run(run_name="train-champion") as run:
+        mlflow.log_artifacts(str(reports / "predictions"), artifact_path="evaluation/predictions")
+    client = MlflowClient()
+    client.create_registered_model(MODEL_NAME)
+    version = client.create_model_version(MODEL_NAME, f"runs:/{run.info.run_id}/evaluation", run.info.run_id)
+    client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
+    return version.version
+
+
+@pytest.mark.slow
+def test_register_never_opens_test_predictions(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """Selection reads validation predictions only: neither our test.parquet nor the champion's."""
+    repo = trained_repo(tmp_path_factory)
+    reports, work = repo / "reports", tmp_path / "work"
+    assert (reports / "predictions/test.parquet").exists()  # there to be opened, were the gate to look
+    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
+        with tracking_env(url, repo):
+            champion = _champion_with_predictions(reports)
+            _training_run(work / "model", repo / "artifacts/model/best.pt", "train-challenger")
+            with opened_paths() as opened:
+                decision = _register(repo, work / "model", reports, work / "registration.json")
+    assert decision["champion_version"] == champion == "1"
+    assert "delta" in decision  # the champion's predictions were found and compared
+    parquet = [Path(p) for p in opened if p.endswith(".parquet")]
+    # MLflow downloads an artifact under its file name alone: any test.parquet is a test-split read
+    assert not [p for p in parquet if p.name == "test.parquet"], parquet
+    # the recorder sees what the gate does read: ours, and the champion's, downloaded from its run
+    assert reports / "predictions/val.parquet" in parquet, parquet
+    assert any(p.name == "val.parquet" and repo not in p.parents for p in parquet), parquet
 
 
 @pytest.mark.slow

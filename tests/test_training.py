@@ -125,6 +125,10 @@ def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path):
     a = load_checkpoint(tmp_path / "a" / "last.pt")["model_state"]
     b = load_checkpoint(tmp_path / "b" / "last.pt")["model_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the loss's running cell means travel with the checkpoint, so the replayed steps weigh alike
+    loss_a = load_checkpoint(tmp_path / "a" / "last.pt")["criterion"]
+    loss_b = load_checkpoint(tmp_path / "b" / "last.pt")["criterion"]
+    assert loss_a["cell_seen"].any() and torch.equal(loss_a["cell_mean"], loss_b["cell_mean"])
     assert [s for m, s in logged if "loss/loss" in m] == [3, 4]  # only the replayed epoch's steps
 
     # a finished run with the same settings does nothing
@@ -177,6 +181,70 @@ def test_predict_refuses_a_shuffled_loader(data):
     assert np.array_equal(index, np.arange(len(ds))) and probs.shape == (len(ds), len(CLASSES))
     with pytest.raises(ValueError, match="shuffle=False"):
         predict(model, build_loader(ds, 64, shuffle=True, workers=0, seed=0), torch.device("cpu"))
+
+
+def test_epoch_seeds_differ_between_ranks_and_epochs():
+    from pipeline.training.loop import epoch_seed
+
+    seeds = {epoch_seed(42, epoch, rank) for epoch in range(1, 200) for rank in range(64)}
+    assert len(seeds) == 199 * 64
+    assert epoch_seed(42, 3, 0) == 42 + 3000  # rank 0 keeps the single-process seeds
+
+
+def test_prior_sample_takes_one_random_image_per_patient(data):
+    from pipeline.data.dataset import CachedImageDataset
+    from pipeline.training.loop import prior_sample
+
+    prepared, _ = data
+    cfg = tiny_config(prior_images=20)
+    ds = CachedImageDataset(prepared, "train", cfg.augment, train=False)
+    sample = prior_sample(ds, cfg)
+    assert sample.shape == (20, 1, 32, 32) and sample.dtype == torch.uint8
+    pixels = {bytes(ds[i][0].numpy()): ds.patients[i] for i in range(len(ds))}
+    patients = [pixels[bytes(x.numpy())] for x in sample]
+    assert len(set(patients)) == 20  # twenty different patients
+    assert torch.equal(prior_sample(ds, cfg), sample)  # fixed by the training seed
+    first = torch.stack([ds[i][0] for i in range(20)])
+    assert not torch.equal(sample, first)  # not the first images by name
+    everyone = prior_sample(ds, tiny_config(prior_images=10_000))
+    assert len(everyone) == len(set(ds.patients))
+
+
+CELL_MEAN_WORKER = """
+import os, sys, torch, torch.distributed as dist
+from pipeline.losses import DualWeightedMetricLoss
+rank = int(sys.argv[1])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+g = torch.Generator().manual_seed(rank)
+y = (torch.rand(8 + 8 * rank, 3, generator=g) < 0.5).double()
+z = torch.randn(8 + 8 * rank, 3, generator=g, dtype=torch.float64)
+loss = DualWeightedMetricLoss([10, 10, 10], 100, gamma=1.0)
+loss.get_weights(z, y, update=True)
+torch.save({"y": y, "z": z, "cell_mean": loss.cell_mean}, sys.argv[3] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_running_cell_means_are_all_reduced_across_ranks(tmp_path):
+    import socket
+
+    from pipeline.losses import modulation
+    from pipeline.losses.dwml import cell_sums
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", CELL_MEAN_WORKER, str(r), port, str(tmp_path)], env=env)
+             for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.testing.assert_close(parts[0]["cell_mean"], parts[1]["cell_mean"], rtol=0, atol=0)
+    y = torch.cat([p["y"] for p in parts])
+    m = modulation(torch.cat([p["z"] for p in parts]), y, gamma=1.0)
+    sums, counts = cell_sums(m, y)
+    torch.testing.assert_close(parts[0]["cell_mean"], sums / counts)  # the mean over both ranks' pairs
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -273,7 +341,9 @@ def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- ablation
 
 
-def test_ablation_runs_variants_as_nested_mlflow_runs(data, tmp_path, monkeypatch, capsys):
+def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, monkeypatch, capsys):
+    import json
+
     from mlflow.tracking import MlflowClient
 
     from components.ablate import main, parse_variants
@@ -282,32 +352,54 @@ def test_ablation_runs_variants_as_nested_mlflow_runs(data, tmp_path, monkeypatc
     uri = mlflow_workspace(tmp_path, monkeypatch, "ablation-test", {**TINY, "epochs": 3, "max_steps_per_epoch": 1})
     argv = ["--params", "params.yaml", "--prepared", str(prepared), "--prototypes",
             str(prepared.parent / "prototypes"), "--out", "ablation", "--reports", "reports",
-            "--variants", "bce_head,dual", "--epochs", "1", "--no-progress"]
+            "--variants", "bce_head,dual,dual_random_prototypes", "--seeds", "2", "--epochs", "1",
+            "--bootstrap", "50", "--no-progress"]
     assert main(argv) == 0
-    table = pd.read_csv(tmp_path / "reports" / "ablation.csv")
-    assert table["variant"].tolist() == ["bce_head", "dual"]
-    assert table["head"].tolist() == ["linear", "metric"] and table["loss"].tolist() == ["bce", "dwml"]
+    reports = tmp_path / "reports"
+    table = pd.read_csv(reports / "ablation_runs.csv")
+    assert table["variant"].tolist() == ["bce_head"] * 2 + ["dual"] * 2 + ["dual_random_prototypes"] * 2
+    assert table["seed"].tolist() == [TINY["seed"], TINY["seed"] + 1] * 3
+    assert table["prototypes"].tolist() == ["text"] * 4 + ["random"] * 2
     assert table["val_mean_auc"].between(0, 1).all() and table["test_mean_auc"].between(0, 1).all()
     assert (table["best_epoch"] == 1).all()  # --epochs 1 overrode train.epochs
-    assert "| dual | metric | dwml |" in (tmp_path / "reports" / "ablation.md").read_text()
-    assert "| bce_head | linear | bce |" in capsys.readouterr().out
-    bundle = load_checkpoint(tmp_path / "ablation" / "bce_head" / "best.pt")
+
+    summary = json.loads((reports / "ablation.json").read_text())
+    assert summary["baseline"] == "bce_head" and summary["bootstrap_unit"] == "patient"
+    entries = {v["variant"]: v for v in summary["variants"]}
+    dual = entries["dual"]
+    runs_of = table.set_index(["variant", "seed"])
+    assert dual["test_mean_auc"] == pytest.approx(runs_of.loc["dual", "test_mean_auc"].mean())
+    assert dual["test_mean_auc_std"] == pytest.approx(runs_of.loc["dual", "test_mean_auc"].std(ddof=1))
+    delta = dual["test_delta_vs_bce_head"]
+    # the full-data delta is the seed-averaged difference of the runs' test mean AUCs
+    assert delta["delta"] == pytest.approx(runs_of.loc["dual", "test_mean_auc"].mean()
+                                           - runs_of.loc["bce_head", "test_mean_auc"].mean(), abs=1e-9)
+    assert delta["low"] <= delta["high"]
+    assert "test_delta_vs_bce_head" not in entries["bce_head"]
+    markdown = (reports / "ablation.md").read_text()
+    assert "| dual_random_prototypes |" in markdown and "patients" in markdown
+    assert "| dual |" in capsys.readouterr().out
+    assert (reports / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    bundle = load_checkpoint(tmp_path / "ablation" / "bce_head" / f"seed_{TINY['seed']}" / "best.pt")
     assert bundle["model_config"]["head"] == "linear"
+    random = load_checkpoint(tmp_path / "ablation" / "dual_random_prototypes" / f"seed_{TINY['seed']}" / "best.pt")
+    assert random["model_config"]["prototypes"] == "random"
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ablation-test")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"ablation", "bce_head", "dual"}
+    names = {f"{v}-seed{s}" for v in ("bce_head", "dual", "dual_random_prototypes")
+             for s in (TINY["seed"], TINY["seed"] + 1)}
+    assert set(runs) == {"ablation"} | names
     parent = runs["ablation"].info.run_id
-    for variant in ("bce_head", "dual"):
-        run = runs[variant]
-        assert run.data.tags["cxr.ablation"] == variant
-        assert run.data.tags["mlflow.parentRunId"] == parent
-        assert run.data.metrics["test_mean_auc"] == pytest.approx(
-            table.set_index("variant").loc[variant, "test_mean_auc"])
-        assert "loss_loss" in run.data.metrics
-    assert runs["dual"].data.params["train.loss.image_weighting"] == "True"
-    assert runs["bce_head"].data.params["train.model.head"] == "linear"
+    for name in names:
+        assert runs[name].data.tags["mlflow.parentRunId"] == parent
+        assert "loss_loss" in runs[name].data.metrics
+    dual_run = runs[f"dual-seed{TINY['seed']}"]
+    assert dual_run.data.tags["cxr.ablation"] == "dual"
+    assert dual_run.data.metrics["test_mean_auc"] == pytest.approx(runs_of.loc[("dual", TINY["seed"]), "test_mean_auc"])
+    assert dual_run.data.params["train.loss.image_weighting"] == "True"
+    assert runs[f"bce_head-seed{TINY['seed']}"].data.params["train.model.head"] == "linear"
 
     with pytest.raises(ValueError, match="unknown nope; choose from bce_head"):
         parse_variants("dual,nope")

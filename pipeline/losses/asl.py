@@ -6,7 +6,7 @@ With p = sigmoid(z) and the shifted probability p_m = max(p - m, 0) for negative
     L-_ic = -p_m^gamma_neg * log(1 - p_m)         for a negative.
 
 Easy negatives are down-weighted by the focusing term and those with p < m are discarded by the
-shift. The focusing weights keep their gradient, as in the paper.
+shift. The focusing weights keep their gradient, as in the paper, unless `detach_modulation`.
 
 Reduction: unlike timm's `AsymmetricLossMultiLabel`, which returns the sum, this takes the mean
 over all B x C pairs, so gamma_pos = gamma_neg = 0 with clip = 0 is exactly
@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .bce import loss_inputs
+from .base import PairLoss
 
 
-class AsymmetricLoss(nn.Module):
+class AsymmetricLoss(PairLoss):
     """ASL, mean over pairs.
 
     Args:
         gamma_neg: focusing exponent on negatives.
         gamma_pos: focusing exponent on positives.
         clip: probability margin m in [0, 1) shifted off the negatives (0 turns shifting off).
+        detach_modulation: treat the focusing factors as constant weights (the ASL authors' code
+            offers the same switch), as the dual-weighted loss treats its image weights.
+        **kwargs: separation settings of `PairLoss`.
     """
 
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05):
-        super().__init__()
+    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05,
+                 detach_modulation: bool = False, **kwargs):
+        super().__init__(**kwargs)
         if gamma_neg < 0 or gamma_pos < 0:
             raise ValueError(f"AsymmetricLoss: gammas ({gamma_neg}, {gamma_pos}) must be >= 0")
         if not 0.0 <= clip < 1.0:
@@ -42,38 +45,22 @@ class AsymmetricLoss(nn.Module):
         self.gamma_neg = gamma_neg
         self.gamma_pos = gamma_pos
         self.clip = clip
+        self.detach_modulation = detach_modulation
 
-    def forward(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        prototypes: torch.Tensor | None = None,
-        return_terms: bool = False,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Asymmetric loss on the logits.
+    def _weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w.detach() if self.detach_modulation else w
 
-        Args:
-            logits: (B, C).
-            targets: (B, C) in {0, 1}.
-            prototypes: ignored; accepted so every loss shares one call.
-            return_terms: return {"loss", "bce"} instead of the scalar.
-        """
-        with torch.autocast(logits.device.type, enabled=False):
-            z, y = loss_inputs(logits, targets)
-            pos = y > 0.5
-            # positives: -(1 - p)^gamma_pos * log p, with (1 - p) = sigmoid(-z)
-            log_not_p = F.logsigmoid(-z)  # (B, C) log(1 - p)
-            loss_pos = -torch.exp(self.gamma_pos * log_not_p) * F.logsigmoid(z)
-            # negatives: -p_m^gamma_neg * log(1 - p_m)
-            if self.clip > 0:
-                p_m = (torch.sigmoid(z) - self.clip).clamp_min(0)  # (B, C), <= 1 - clip
-                log_not_p_m = torch.log1p(-p_m)
-            else:
-                p_m, log_not_p_m = torch.sigmoid(z), log_not_p
-            # the clamp keeps 0^gamma's gradient finite; the log term is 0 there anyway
-            tiny = torch.finfo(z.dtype).tiny
-            loss_neg = -p_m.clamp_min(tiny).pow(self.gamma_neg) * log_not_p_m
-            loss = torch.where(pos, loss_pos, loss_neg).mean()
-            if not return_terms:
-                return loss
-            return {"loss": loss, "bce": F.binary_cross_entropy_with_logits(z, y).detach()}
+    def pair_losses(self, z: torch.Tensor, y: torch.Tensor, update: bool = False):
+        # positives: -(1 - p)^gamma_pos * log p, with (1 - p) = sigmoid(-z)
+        log_not_p = F.logsigmoid(-z)  # (B, C) log(1 - p)
+        loss_pos = -self._weight(torch.exp(self.gamma_pos * log_not_p)) * F.logsigmoid(z)
+        # negatives: -p_m^gamma_neg * log(1 - p_m)
+        if self.clip > 0:
+            p_m = (torch.sigmoid(z) - self.clip).clamp_min(0)  # (B, C), <= 1 - clip
+            log_not_p_m = torch.log1p(-p_m)
+        else:
+            p_m, log_not_p_m = torch.sigmoid(z), log_not_p
+        # the clamp keeps 0^gamma's gradient finite; the log term is 0 there anyway
+        tiny = torch.finfo(z.dtype).tiny
+        loss_neg = -self._weight(p_m.clamp_min(tiny).pow(self.gamma_neg)) * log_not_p_m
+        return torch.where(y > 0.5, loss_pos, loss_neg), {}

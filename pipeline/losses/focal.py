@@ -6,58 +6,48 @@
 
 Reduced by the mean over all B x C pairs (Lin et al. normalise a sum by the number of positive
 anchors; the mean keeps the scale of mean BCE), so gamma = 0 with alpha = None is exactly
-`F.binary_cross_entropy_with_logits(z, y)`.
+`F.binary_cross_entropy_with_logits(z, y)`. With `detach_modulation` the factor (1 - p_t)^gamma
+is a weight, not a direction to move, as the dual-weighted loss treats its image weights: the
+ablation compares the two weightings with that as the only difference.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .bce import loss_inputs
+from .base import PairLoss, pair_terms
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(PairLoss):
     """Sigmoid focal loss, mean over pairs.
 
     Args:
         gamma: focusing exponent (0 turns focusing off).
         alpha: weight of positives in [0, 1] (negatives get 1 - alpha), or None for none.
+        detach_modulation: treat (1 - p_t)^gamma as a constant weight.
+        **kwargs: separation settings of `PairLoss`.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25):
-        super().__init__()
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, detach_modulation: bool = False,
+                 **kwargs):
+        super().__init__(**kwargs)
         if gamma < 0:
             raise ValueError(f"FocalLoss: gamma is {gamma}; it must be >= 0")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"FocalLoss: alpha is {alpha}; use a value in [0, 1] or None")
         self.gamma = gamma
         self.alpha = alpha
+        self.detach_modulation = detach_modulation
 
-    def forward(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        prototypes: torch.Tensor | None = None,
-        return_terms: bool = False,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Focal loss on the logits.
-
-        Args:
-            logits: (B, C).
-            targets: (B, C) in {0, 1}.
-            prototypes: ignored; accepted so every loss shares one call.
-            return_terms: return {"loss", "bce"} instead of the scalar.
-        """
-        with torch.autocast(logits.device.type, enabled=False):
-            z, y = loss_inputs(logits, targets)
-            bce = F.binary_cross_entropy_with_logits(z, y, reduction="none")  # (B, C)
-            pos = y > 0.5
-            signed = torch.where(pos, z, -z)  # (B, C): large when the pair is right
-            # (1 - p_t)^gamma in log space: finite value and gradient even where p_t == 1
-            loss = torch.exp(self.gamma * F.logsigmoid(-signed)) * bce
-            if self.alpha is not None:
-                loss = loss * torch.where(pos, self.alpha, 1.0 - self.alpha)
-            loss = loss.mean()
-        return {"loss": loss, "bce": bce.detach().mean()} if return_terms else loss
+    def pair_losses(self, z: torch.Tensor, y: torch.Tensor, update: bool = False):
+        pos = y > 0.5
+        signed = torch.where(pos, z, -z)  # (B, C): large when the pair is right
+        # (1 - p_t)^gamma in log space: finite value and gradient even where p_t == 1
+        modulation = torch.exp(self.gamma * F.logsigmoid(-signed))  # (B, C)
+        if self.detach_modulation:
+            modulation = modulation.detach()
+        loss = modulation * pair_terms(z, y)
+        if self.alpha is not None:
+            loss = loss * torch.where(pos, self.alpha, 1.0 - self.alpha)
+        return loss, {}

@@ -5,8 +5,12 @@ canonical class order of `pipeline.classes.CLASSES`, and returns one value per c
 with no positives or no negatives has no AUC; it comes back as NaN rather than a made-up 0.5,
 and `mean_auc` leaves it out with a warning.
 
-The bootstrap resamples images (rows) with replacement. A resample is a vector of counts
-w (N,), how often each row was drawn, so its AUC is a *weighted* Mann-Whitney statistic:
+The bootstrap resamples patients, or images when no patient ids are given, with replacement.
+The official ChestX-ray14 test split has ~9 images per patient, and images of one patient are not
+independent draws: resampling images treats them as if they were and gives intervals that are too
+narrow. A patient resample draws G patients out of G; every image of a patient drawn k times counts
+k times. Either way a resample is a vector of row weights w (N,), so its AUC is a *weighted*
+Mann-Whitney statistic:
 
     AUC_w = sum_{i pos, j neg} w_i w_j ([s_i > s_j] + 0.5 [s_i == s_j]) / (W_pos * W_neg)
 
@@ -183,7 +187,9 @@ class _RankPlan:
         w_i * ((E[lower_i] - E[start_c]) + (E[upper_i] - E[start_c])) / 2.
     Integer weights are summed in unsigned integers that may wrap around: each difference is at
     most a resample's total weight, so it comes out exact modulo 2^bits as long as that total
-    fits, and 16 bits (any N < 65,536) halve the memory traffic of the cumulative sum.
+    fits, and 16 bits halve the memory traffic of the cumulative sum. The width is chosen from the
+    largest total in the chunk, not from N: a patient resample's total varies around N (a patient
+    with many images may be drawn several times), and an image resample's is exactly N.
     """
 
     neg_rows: np.ndarray  # (M,) row of each negative, class blocks sorted by score
@@ -298,21 +304,77 @@ def resample_counts(rng: np.random.Generator, n_rows: int, n_resamples: int) -> 
     return counts.astype(np.uint8 if counts.max(initial=0) <= 255 else np.int32)
 
 
+def _group_index(groups: np.ndarray | None, n_rows: int) -> tuple[np.ndarray | None, int]:
+    """Each row's resampling unit: its patient's index among the G distinct ids, or None for rows.
+
+    Args:
+        groups: (N,) patient id of each row (any hashable dtype: ints, strings), or None to
+            resample rows themselves.
+        n_rows: N, the number of predictions.
+
+    Returns:
+        (index (N,) in 0..G-1, G), or (None, N) when groups is None.
+
+    Raises:
+        ValueError: when groups is not one id per row.
+    """
+    if groups is None:
+        return None, n_rows
+    groups = np.asarray(groups)
+    if groups.shape != (n_rows,):
+        raise ValueError(
+            f"groups must be (N,) = ({n_rows},), one patient id per prediction row, got shape "
+            f"{groups.shape}; pass the patient column aligned row by row with the labels"
+        )
+    if groups.dtype.kind in "fc" and np.isnan(groups).any():
+        raise ValueError("groups contain NaN: every prediction row needs a patient id")
+    ids, index = np.unique(groups, return_inverse=True)
+    return index.reshape(n_rows), ids.size
+
+
+def _resample_weights(
+    rng: np.random.Generator, group_index: np.ndarray | None, n_groups: int, r: int
+) -> np.ndarray:
+    """(r, N) row weights of r resamples: how often each row's unit (patient or row) was drawn."""
+    counts = resample_counts(rng, n_groups, r)  # (r, G)
+    if group_index is None:
+        return counts  # rows are the units: the weights are the counts themselves
+    return np.take(counts, group_index, axis=1)  # (r, N), same small dtype as the counts
+
+
 def _bootstrap_samples(
-    y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int, seed: int
-) -> list[np.ndarray]:
-    """Per-resample AUCs of several score sets on the same resampled rows; each (R, C)."""
+    y: np.ndarray,
+    score_sets: list[np.ndarray],
+    n_resamples: int,
+    seed: int,
+    groups: np.ndarray | None = None,
+) -> tuple[list[np.ndarray], int]:
+    """Per-resample AUCs of several score sets on the same resampled patients (or rows).
+
+    Args:
+        y: (N, C) labels.
+        score_sets: each (N, C), e.g. two models, or several training seeds of each.
+        n_resamples: R.
+        seed: resampling seed.
+        groups: (N,) patient id of each row; None resamples rows.
+
+    Returns:
+        (one (R, C) array of AUCs per score set, the number of units resampled: G patients or N rows).
+    """
     if y.shape[0] == 0:
         raise ValueError("cannot bootstrap zero predictions: the evaluated split is empty")
+    group_index, n_groups = _group_index(groups, y.shape[0])
     plans = [_RankPlan.build(y, s) for s in score_sets]
+    for plan in plans[1:]:  # same labels, same work-array shapes; used one after another
+        plan._buffers = plans[0]._buffers
     rng = np.random.default_rng(seed)
     out = [np.empty((n_resamples, y.shape[1])) for _ in plans]
     for first in range(0, n_resamples, _CHUNK):
         r = min(_CHUNK, n_resamples - first)
-        counts = resample_counts(rng, y.shape[0], r)  # (r, N)
+        weights = _resample_weights(rng, group_index, n_groups, r)  # (r, N)
         for plan, samples in zip(plans, out):
-            samples[first : first + r] = plan.aucs(counts)
-    return out
+            samples[first : first + r] = plan.aucs(weights)
+    return out, n_groups
 
 
 def _resample_means(samples: np.ndarray, defined: np.ndarray) -> np.ndarray:
@@ -339,19 +401,28 @@ def _check_bootstrap_args(n_resamples: int, ci: float) -> None:
     BootstrapConfig(n_resamples=n_resamples, ci=ci).validate()
 
 
+def _resampled(groups: np.ndarray | None, n_groups: int) -> dict:
+    """What a bootstrap resampled, for its result dict and the reports built on it."""
+    return {"resampled": "images" if groups is None else "patients", "n_groups": n_groups}
+
+
 def bootstrap_auc(
     y: np.ndarray,
     scores: np.ndarray,
     n_resamples: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict:
-    """Percentile bootstrap intervals of per-class and mean AUC, resampling images with replacement.
+    """Percentile bootstrap intervals of per-class and mean AUC, resampling patients (or images).
 
-    A resample in which a class has no positives (or no negatives) gives NaN for that class and is
-    left out of that class's interval; `n_valid` counts the resamples that were used. The mean
-    AUC of a resample is over the classes defined on the full data that are also defined in it.
-    Resamples are `resample_counts(np.random.default_rng(seed), N, r)` drawn in chunks of r = 64.
+    With `groups`, each resample draws the G patients with replacement and keeps all images of each
+    drawn patient, as often as it was drawn; without, it draws the N images. A resample in which a
+    class has no positives (or no negatives) gives NaN for that class and is left out of that
+    class's interval; `n_valid` counts the resamples that were used. The mean AUC of a resample is
+    over the classes defined on the full data that are also defined in it. Resamples are
+    `resample_counts(np.random.default_rng(seed), G, r)` drawn in chunks of r = 64 (G = N without
+    groups, so that case is unchanged).
 
     Args:
         y: (N, C) labels in {0, 1}.
@@ -359,15 +430,17 @@ def bootstrap_auc(
         n_resamples: number of resamples.
         ci: two-sided coverage of the interval, e.g. 0.95 for the 2.5th..97.5th percentiles.
         seed: resampling seed.
+        groups: (N,) patient id of each row (any hashable dtype), or None to resample images.
 
     Returns:
         dict with "auc", "low", "high", "n_valid" (C,), "mean_auc", "mean_low", "mean_high"
-        (floats), "samples" (R, C) and "mean_samples" (R,) per-resample values, and the
+        (floats), "samples" (R, C) and "mean_samples" (R,) per-resample values, "resampled"
+        ("patients" or "images"), "n_groups" (patients, or N images, drawn from), and the
         "n_resamples", "ci", "seed" used.
     """
     _check_bootstrap_args(n_resamples, ci)
     auc = roc_auc(y, scores)
-    (samples,) = _bootstrap_samples(np.asarray(y), [scores], n_resamples, seed)
+    (samples,), n_groups = _bootstrap_samples(np.asarray(y), [scores], n_resamples, seed, groups)
     means = _resample_means(samples, ~np.isnan(auc))
     low, high = _percentile_interval(samples, ci)
     (mean_low,), (mean_high,) = _percentile_interval(means[:, None], ci)
@@ -381,10 +454,28 @@ def bootstrap_auc(
         "mean_high": float(mean_high),
         "samples": samples,
         "mean_samples": means,
+        **_resampled(groups, n_groups),
         "n_resamples": n_resamples,
         "ci": ci,
         "seed": seed,
     }
+
+
+def _runs(scores: np.ndarray, name: str) -> list[np.ndarray]:
+    """The runs stacked in `scores`: (N, C) is one run, (S, N, C) is S runs (e.g. training seeds)."""
+    scores = np.asarray(scores)
+    if scores.ndim == 2:
+        return [scores]
+    if scores.ndim == 3 and scores.shape[0] > 0:
+        return list(scores)
+    raise ValueError(
+        f"{name} must be (N, C) scores of one run or (S, N, C) of S >= 1 runs, got shape {scores.shape}"
+    )
+
+
+def _mean_over_runs(per_run: list[np.ndarray], defined: np.ndarray) -> np.ndarray:
+    """(R,) per-resample mean AUC averaged over runs, from each run's (R, C) samples."""
+    return np.mean([_resample_means(samples, defined) for samples in per_run], axis=0)
 
 
 def paired_bootstrap_delta(
@@ -395,12 +486,19 @@ def paired_bootstrap_delta(
     ci: float = 0.95,
     seed: int = 0,
     margin: float = 0.0,
+    groups: np.ndarray | None = None,
 ) -> dict:
-    """Mean AUC of model b minus model a, with a paired bootstrap over the same resampled images.
+    """Mean AUC of model b minus model a, with a paired bootstrap over the same resampled patients.
 
-    Both models are scored on the same resampled rows, so the image-to-image variation they share
-    cancels out of the difference. For a promotion gate "b beats a by at least `margin`", promote
-    when `low > margin` (a one-sided test at level (1 - ci) / 2) or when `p_value` is small.
+    Both models are scored on the same resampled patients (or images, without `groups`), so the
+    variation they share cancels out of the difference. For a promotion gate "b beats a by at
+    least `margin`", promote when `low > margin` (a one-sided test at level (1 - ci) / 2) or when
+    `p_value` is small.
+
+    Either side may stack several runs (e.g. training seeds) as (S, N, C); S may differ between a
+    and b. Its mean AUC is then the mean over its runs of each run's mean AUC, on the full data
+    and in every resample, all runs scored on the same resampled patients: the delta compares
+    the methods, and the interval carries the patient-level uncertainty shared by their runs.
 
     `p_value` is the one-sided bootstrap p-value for "b is not better than a by more than
     `margin`": the fraction of resamples whose delta is <= margin (with the default margin 0,
@@ -408,25 +506,31 @@ def paired_bootstrap_delta(
 
     Args:
         y: (N, C) labels in {0, 1}.
-        scores_a: (N, C) scores of the reference model (e.g. the champion).
-        scores_b: (N, C) scores of the candidate.
+        scores_a: (N, C) or (S_a, N, C) scores of the reference model (e.g. the champion).
+        scores_b: (N, C) or (S_b, N, C) scores of the candidate.
         n_resamples: number of resamples.
         ci: two-sided coverage of the delta interval.
         seed: resampling seed.
         margin: the improvement the p-value is tested against.
+        groups: (N,) patient id of each row (any hashable dtype), or None to resample images.
 
     Returns:
         dict with "delta" (full-data mean AUC of b minus a), "low", "high", "p_value", "margin",
-        "mean_auc_a", "mean_auc_b", "samples" (R,) per-resample deltas, "n_resamples", "ci", "seed".
+        "mean_auc_a", "mean_auc_b" (each averaged over its runs), "n_runs_a", "n_runs_b",
+        "samples" (R,) per-resample deltas, "resampled" ("patients" or "images"), "n_groups",
+        "n_resamples", "ci", "seed".
     """
     _check_bootstrap_args(n_resamples, ci)
-    auc_a, auc_b = roc_auc(y, scores_a), roc_auc(y, scores_b)
-    defined = ~np.isnan(auc_a)  # the labels decide definedness, so a and b agree
-    samples_a, samples_b = _bootstrap_samples(np.asarray(y), [scores_a, scores_b], n_resamples, seed)
-    deltas = _resample_means(samples_b, defined) - _resample_means(samples_a, defined)  # (R,)
+    runs_a, runs_b = _runs(scores_a, "scores_a"), _runs(scores_b, "scores_b")
+    auc_a = [roc_auc(y, s) for s in runs_a]  # each (C,)
+    auc_b = [roc_auc(y, s) for s in runs_b]
+    defined = ~np.isnan(auc_a[0])  # the labels decide definedness, so every run agrees
+    samples, n_groups = _bootstrap_samples(np.asarray(y), runs_a + runs_b, n_resamples, seed, groups)
+    deltas = _mean_over_runs(samples[len(runs_a) :], defined) - _mean_over_runs(samples[: len(runs_a)], defined)
     (low,), (high,) = _percentile_interval(deltas[:, None], ci)
     valid = deltas[~np.isnan(deltas)]
-    mean_a, mean_b = mean_auc(auc_a), mean_auc(auc_b)
+    mean_a = float(np.mean([mean_auc(a) for a in auc_a]))
+    mean_b = float(np.mean([mean_auc(b) for b in auc_b]))
     return {
         "delta": mean_b - mean_a,
         "low": float(low),
@@ -435,7 +539,10 @@ def paired_bootstrap_delta(
         "margin": margin,
         "mean_auc_a": mean_a,
         "mean_auc_b": mean_b,
+        "n_runs_a": len(runs_a),
+        "n_runs_b": len(runs_b),
         "samples": deltas,
+        **_resampled(groups, n_groups),
         "n_resamples": n_resamples,
         "ci": ci,
         "seed": seed,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backbone import BackboneConfig, create_backbone
-from .heads import LinearHead, MetricHead, ModelOutput
+from .heads import LinearHead, MetricHead, ModelOutput, centre_text_vectors
 
 
 @dataclass
@@ -23,6 +23,9 @@ class ModelConfig:
     hidden_dim: int = 512
     init_scale: float = 8.0
     learn_scale: bool = True
+    # "random": Gaussian label vectors of the text vectors' shape instead of the encoder's, drawn
+    # from the training seed; the ablation's control for what the label texts contribute
+    prototypes: Literal["text", "random"] = "text"
 
     def __post_init__(self) -> None:
         if self.backbone is None:
@@ -67,51 +70,54 @@ class CxrNet(nn.Module):
         return self.forward_head(self.forward_features(x), return_embeddings)
 
 
-def build_model(
-    cfg: ModelConfig,
-    text_vectors: np.ndarray,
-    prevalence: np.ndarray | None = None,
-    calibration_images: torch.Tensor | None = None,
-) -> CxrNet:
-    """Create the network.
+def build_model(cfg: ModelConfig, text_vectors: np.ndarray) -> CxrNet:
+    """Create the network (weights from the global torch RNG: seed it first).
 
     Args:
         cfg: model settings.
         text_vectors: (C, E) frozen label vectors from the prototypes step (the metric head maps them
             into the shared space; the linear head ignores them apart from C).
-        prevalence: (C,) training-split positive rates; starts each class's logit at its prior
-            so the first steps are not spent learning the imbalance.
-        calibration_images: (N, 1, H, W) training images (uint8 or [0, 1] float); with `prevalence`,
-            the prior is matched on their features instead of assuming a feature-free offset.
     """
     backbone = create_backbone(cfg.backbone)
     features = backbone.num_features
-    num_classes = text_vectors.shape[0]
+    vectors = torch.as_tensor(np.asarray(text_vectors), dtype=torch.float32)  # (C, E)
     if cfg.head == "metric":
-        head: nn.Module = MetricHead(
-            features, torch.as_tensor(text_vectors, dtype=torch.float32), cfg.embed_dim,
-            cfg.hidden_dim, cfg.init_scale, cfg.learn_scale,
-        )
+        if cfg.prototypes == "random":
+            vectors = torch.randn(vectors.shape)
+        head: nn.Module = MetricHead(features, vectors, cfg.embed_dim, cfg.hidden_dim, cfg.init_scale, cfg.learn_scale)
     else:
-        head = LinearHead(features, num_classes)
+        head = LinearHead(features, vectors.shape[0])
     mean, std = backbone_norm(backbone)
-    model = CxrNet(backbone, head, mean, std)
-    if prevalence is not None:
-        init_prior(model, prevalence, calibration_images)
-    return model
+    return CxrNet(backbone, head, mean, std)
 
 
 @torch.no_grad()
-def init_prior(model: CxrNet, prevalence: np.ndarray, images: torch.Tensor | None = None) -> None:
-    """Start each class's score at its prior: on `images` (N, 1, H, W) when given, on the model's device."""
-    pooled = None
-    if images is not None:
-        was_training = model.training
-        model.eval()
-        pooled = model.backbone.forward_head(model.forward_features(images), pre_logits=True).float()  # (N, F)
-        model.train(was_training)
-    prior = torch.as_tensor(prevalence, dtype=torch.float32, device=model.mean.device)
-    model.head.init_prior(prior, pooled)
+def init_prior(model: CxrNet, loss: nn.Module, prevalence: np.ndarray, images: torch.Tensor,
+               batch_size: int = 128) -> torch.Tensor:
+    """Start each class's score at the stationary point of `loss` for its training prevalence.
+
+    Args:
+        model: the freshly built network, on its device.
+        loss: the training loss (a `pipeline.losses.PairLoss`).
+        prevalence: (C,) training-split positive rates.
+        images: (N, 1, H, W) a random, patient-spread sample of training images (uint8 or [0, 1]).
+        batch_size: images per forward pass.
+
+    Returns:
+        (C,) the offsets added to the logits.
+    """
+    from ..losses import stationary_offsets
+
+    was_training = model.training
+    model.eval()
+    device = model.mean.device
+    logits = torch.cat([model(images[i : i + batch_size].to(device)).float()
+                        for i in range(0, len(images), batch_size)])  # (N, C)
+    model.train(was_training)
+    prior = torch.as_tensor(prevalence, dtype=torch.float32, device=device)
+    offset = stationary_offsets(loss, logits, prior)  # (C,)
+    model.head.shift_logits(offset)
+    return offset
 
 
 def backbone_norm(backbone: nn.Module) -> tuple[float, float]:
@@ -147,6 +153,6 @@ def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]
 
 
 __all__ = [
-    "BackboneConfig", "CxrNet", "LinearHead", "MetricHead", "ModelConfig", "ModelOutput", "build_model", "init_prior",
-    "load_bundle", "model_from_bundle",
+    "BackboneConfig", "CxrNet", "LinearHead", "MetricHead", "ModelConfig", "ModelOutput", "build_model",
+    "centre_text_vectors", "init_prior", "load_bundle", "model_from_bundle",
 ]

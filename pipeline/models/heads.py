@@ -1,4 +1,8 @@
-"""Heads on pooled backbone features: the metric (prototype) head and a linear baseline."""
+"""Heads on pooled backbone features: the metric (prototype) head and a linear baseline.
+
+Both expose `shift_logits(o)`, a per-class offset added to every image's logit, which the prior
+init uses to start each class where the training loss wants it (`pipeline.losses.prior`).
+"""
 
 from __future__ import annotations
 
@@ -26,32 +30,68 @@ def squared_distance(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * v @ p.t()).clamp_(0.0, 4.0)
 
 
-@torch.no_grad()
-def prior_offset(logits: torch.Tensor, prevalence: torch.Tensor, iters: int = 50) -> torch.Tensor:
-    """Per-class shift o with mean_i sigmoid(logits_ic + o_c) = prevalence_c, by bisection.
+def centre_text_vectors(s: torch.Tensor) -> torch.Tensor:
+    """s_bar = normalize(s - mean_c s): (C, E) -> (C, E).
 
-    Args:
-        logits: (N, C) logits of some training images.
-        prevalence: (C,) target mean scores in (0, 1).
-
-    Returns:
-        (C,) offsets. Matching the mean score, not the mean logit, matters when the logits of a
-        class spread over several units: sigmoid is far from linear there.
+    Sentence vectors of one encoder share a large common direction (BERT's mean-pooled vectors of
+    any two label texts have cosine ~0.5-0.9); what tells the classes apart is what is left after
+    removing it. One class has nothing to centre against and is only normalised.
     """
-    target = torch.logit(prevalence)  # (C,)
-    lo, hi = target - logits.max(0).values, target - logits.min(0).values  # bracket the root
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        above = torch.sigmoid(logits + mid).mean(0) > prevalence  # (C,)
-        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
-    return (lo + hi) / 2
+    if s.shape[0] > 1:
+        s = s - s.mean(dim=0, keepdim=True)
+    return F.normalize(s, dim=-1)
+
+
+@torch.no_grad()
+def isometric_weight(s_bar: torch.Tensor, out_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (out_dim, E) matrix W with orthonormal rows that preserves every inner product of s_bar.
+
+    W = R B^T: B (E, k) is an orthonormal basis whose first columns span the rows of s_bar, R
+    (out_dim, k) has orthonormal columns in a random orientation, k = min(out_dim, E). So
+    <W s_a, W s_b> = <s_a, s_b> whenever out_dim >= rank(s_bar) (at most C - 1 after centring);
+    below that W keeps the rank-out_dim best approximation (the top singular directions).
+    """
+    e = s_bar.shape[1]
+    k = min(out_dim, e)
+    _, _, vt = torch.linalg.svd(s_bar.double(), full_matrices=False)  # vt (r, E), by singular value
+    span = vt[: min(k, vt.shape[0])].t()  # (E, r')
+    rand = torch.randn(e, k, generator=generator, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.cat([span, rand], dim=1))  # orthonormal columns, span first
+    basis = basis[:, :k]  # (E, k)
+    rotation, _ = torch.linalg.qr(torch.randn(out_dim, k, generator=generator, dtype=torch.float64))  # (D, k)
+    return (rotation @ basis.t()).float()  # (D, E)
+
+
+class TextProjection(nn.Module):
+    """P: label vectors (C, E) -> (C, D), starting as an isometry of the centred text geometry.
+
+    A bias-free linear map initialised by `isometric_weight`, plus a residual MLP whose output
+    layer starts at zero: at initialisation the prototypes are exactly the text vectors' geometry
+    (a bias would add one shared direction to every prototype and collapse them), and training can
+    bend the map as far as the loss asks.
+    """
+
+    def __init__(self, s_bar: torch.Tensor, out_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        text_dim = s_bar.shape[1]
+        self.linear = nn.Linear(text_dim, out_dim, bias=False)
+        self.residual = mlp(text_dim, hidden_dim, out_dim)
+        with torch.no_grad():
+            self.linear.weight.copy_(isometric_weight(s_bar, out_dim))
+            nn.init.zeros_(self.residual[-1].weight)
+            nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, s_bar: torch.Tensor) -> torch.Tensor:
+        return self.linear(s_bar) + self.residual(s_bar)  # (C, D)
 
 
 class MetricHead(nn.Module):
     """Images and label texts in one metric space; the label vectors are the class prototypes.
 
-    v = normalize(MLP_v(f)), p = normalize(MLP_t(s)), z_ic = k * (r_c - ||v_i - p_c||^2): an image
-    is scored positive for class c when it lies inside the class's radius r_c around p_c.
+    v = normalize(MLP_v(f)), p = normalize(P(s_bar)), z_ic = k * (r_c - ||v_i - p_c||^2): an image
+    is scored positive for class c when it lies inside the class's radius r_c around p_c. The
+    distance and the logit are computed in float32 with autocast off: in bfloat16 the cosine has
+    8 bits of mantissa, and 4,000 images would share about 50 distinct logits per class.
     """
 
     def __init__(
@@ -64,10 +104,10 @@ class MetricHead(nn.Module):
         learn_scale: bool = True,
     ) -> None:
         super().__init__()
-        num_classes, text_dim = text_vectors.shape
+        num_classes = text_vectors.shape[0]
         self.register_buffer("text_vectors", text_vectors.clone())  # (C, E), frozen encoder output
         self.visual_proj = mlp(in_features, hidden_dim, embed_dim)
-        self.text_proj = mlp(text_dim, hidden_dim, embed_dim)
+        self.text_proj = TextProjection(self.centred_text(), embed_dim, hidden_dim)
         # log-parametrised so that k stays > 0 whatever the optimiser does
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
         self.radius = nn.Parameter(torch.full((num_classes,), 2.0))  # (C,); d = 2 is "orthogonal"
@@ -76,33 +116,35 @@ class MetricHead(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp()
 
+    def centred_text(self) -> torch.Tensor:
+        return centre_text_vectors(self.text_vectors.float())  # (C, E)
+
     def prototypes(self) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_vectors), dim=-1)  # (C, D)
+        with torch.autocast(self.text_vectors.device.type, enabled=False):
+            return F.normalize(self.text_proj(self.centred_text()), dim=-1)  # (C, D)
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Unit image vectors v (B, D) in float32 from pooled features (B, F)."""
+        h = self.visual_proj(pooled)  # (B, D), bf16 under autocast: that is where the FLOPs are
+        with torch.autocast(h.device.type, enabled=False):
+            return F.normalize(h.float(), dim=-1)
+
+    def logits(self, v: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """z = k (r - d) (B, C) for unit image vectors v (B, D), in float32 with autocast off."""
+        p = self.prototypes() if p is None else p
+        with torch.autocast(v.device.type, enabled=False):
+            d = squared_distance(v.float(), p.float())  # (B, C)
+            return self.scale.float() * (self.radius.float() - d)
 
     @torch.no_grad()
-    def init_prior(self, prevalence: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
-        """Choose r so that the initial logit of class c is logit(prevalence_c).
-
-        Args:
-            prevalence: (C,) positive rates.
-            pooled: (N, F) features of some training images: the radius is then set so that their
-                mean score is the prior. Without them d is taken as 2 (random directions), which a
-                small embed_dim misses by up to +-0.5 per class (several logits), as at init a
-                class's distances to all image vectors share one offset.
-        """
-        p = prevalence.clamp(1e-4, 1 - 1e-4)
-        if pooled is None:
-            self.radius.copy_(2.0 + torch.logit(p) / self.scale)
-            return
-        self.radius.zero_()
-        self.radius.copy_(prior_offset(self(pooled).logits, p) / self.scale)  # z = k * (r - d)
+    def shift_logits(self, offset: torch.Tensor) -> None:
+        """Add offset (C,) to every image's logit: r_c += o_c / k, as z = k (r - d)."""
+        self.radius.add_(offset.to(self.radius) / self.scale)
 
     def forward(self, pooled: torch.Tensor) -> ModelOutput:
-        v = F.normalize(self.visual_proj(pooled), dim=-1)  # (B, D)
+        v = self.embed(pooled)  # (B, D)
         p = self.prototypes()  # (C, D)
-        d = squared_distance(v.float(), p.float())  # (B, C)
-        logits = self.scale * (self.radius - d)  # (B, C)
-        return ModelOutput(logits=logits, embeddings=v, prototypes=p)
+        return ModelOutput(logits=self.logits(v, p), embeddings=v, prototypes=p)
 
 
 class LinearHead(nn.Module):
@@ -113,14 +155,9 @@ class LinearHead(nn.Module):
         self.fc = nn.Linear(in_features, num_classes)
 
     @torch.no_grad()
-    def init_prior(self, prevalence: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
-        """Bias so that the initial scores average `prevalence` (C,) over `pooled` (N, F) if given."""
-        p = prevalence.clamp(1e-4, 1 - 1e-4)
-        if pooled is None:
-            self.fc.bias.copy_(torch.logit(p))
-            return
-        self.fc.bias.zero_()
-        self.fc.bias.copy_(prior_offset(self.fc(pooled), p))
+    def shift_logits(self, offset: torch.Tensor) -> None:
+        """Add offset (C,) to every image's logit."""
+        self.fc.bias.add_(offset.to(self.fc.bias))
 
     def forward(self, pooled: torch.Tensor) -> ModelOutput:
         return ModelOutput(logits=self.fc(pooled))  # (B, C)

@@ -56,12 +56,15 @@ class TrainConfig:
     resume: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     max_steps_per_epoch: int = 0  # 0 = the whole training split; a cap for quick trials
+    prior_images: int = 256  # training images (one per patient, at random) the prior init looks at
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
+        if self.prior_images < 1:
+            raise ValueError(f"prior_images is {self.prior_images}; use >= 1")
 
 
 @dataclass
@@ -170,10 +173,11 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, text_vectors).to(device)
-    init_prior(model, pos_counts / max(1, num_images), _calibration_images(prepared_dir, cfg).to(device))
+    criterion = build_loss(cfg.loss, pos_counts.tolist(), num_images).to(device)
+    init_prior(model, criterion, pos_counts / max(1, num_images), prior_sample(train_ds, cfg),
+               batch_size=cfg.eval_batch_size)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    criterion = build_loss(cfg.loss, pos_counts.tolist(), num_images).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.epochs)
     amp_dtype = autocast_dtype(cfg.amp, device)
@@ -181,8 +185,8 @@ def train(
     ema = _build_ema(model, cfg.ema_decay, device)
 
     state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
-    resumed_from = _maybe_resume(cfg, out_dir / LAST, fingerprint, model, optimizer, scheduler, scaler, ema,
-                                 state, dist)
+    resumed_from = _maybe_resume(cfg, out_dir / LAST, fingerprint, model, criterion, optimizer, scheduler,
+                                 scaler, ema, state, dist)
 
     net = model
     if dist.enabled:
@@ -196,11 +200,12 @@ def train(
         if state.get("finished"):
             break
         # every random draw of this epoch is a function of (seed, epoch, rank): see module docstring
-        torch.manual_seed(cfg.seed + 1000 * epoch + dist.rank)
-        np.random.seed((cfg.seed + 1000 * epoch + dist.rank) % 2**32)
+        seed = epoch_seed(cfg.seed, epoch, dist.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
         sampler.set_epoch(epoch)
         if train_loader.generator is not None:  # worker augmentation seeds come from it
-            train_loader.generator.manual_seed(cfg.seed + epoch)
+            train_loader.generator.manual_seed(seed)
         train_metrics = _train_epoch(
             net, criterion, optimizer, scheduler, scaler, ema, train_loader, steps_per_epoch,
             device, amp_dtype, cfg, epoch, state, log, progress and dist.is_main, interrupt_after_steps,
@@ -226,7 +231,8 @@ def train(
                 save_checkpoint(out_dir / BEST, model_bundle(
                     eval_model, cfg, text_vectors, epoch=epoch, val_mean_auc=val["val_mean_auc"],
                     image_size=image_size, fingerprint=fingerprint))
-            save_checkpoint(out_dir / LAST, _full_state(model, optimizer, scheduler, scaler, ema, state, cfg, fingerprint))
+            save_checkpoint(out_dir / LAST, _full_state(model, criterion, optimizer, scheduler, scaler, ema, state, cfg,
+                                                        fingerprint))
         D.barrier(dist)
         if stop:
             break
@@ -334,9 +340,10 @@ def _validate(model, loader, device, amp_dtype, dist, progress: bool) -> dict:
     return out
 
 
-def _full_state(model, optimizer, scheduler, scaler, ema, state, cfg, fingerprint) -> dict:
+def _full_state(model, criterion, optimizer, scheduler, scaler, ema, state, cfg, fingerprint) -> dict:
     return {
         "model_state": unwrap(model).state_dict(),
+        "criterion": criterion.state_dict(),  # running statistics of the loss's weights
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -348,7 +355,7 @@ def _full_state(model, optimizer, scheduler, scaler, ema, state, cfg, fingerprin
     }
 
 
-def _maybe_resume(cfg, path: Path, fingerprint: str, model, optimizer, scheduler, scaler, ema, state,
+def _maybe_resume(cfg, path: Path, fingerprint: str, model, criterion, optimizer, scheduler, scaler, ema, state,
                   dist: D.DistInfo) -> int | None:
     # rank 0 decides and shares the checkpoint: other nodes may not see rank 0's disk, and ranks
     # that disagreed about the starting epoch would wait on each other forever
@@ -361,6 +368,8 @@ def _maybe_resume(cfg, path: Path, fingerprint: str, model, optimizer, scheduler
             print(f"[train] {path} was written with other settings or data; starting from scratch")
         return None
     model.load_state_dict(ckpt["model_state"])
+    if "criterion" in ckpt:
+        criterion.load_state_dict(ckpt["criterion"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -374,10 +383,24 @@ def _maybe_resume(cfg, path: Path, fingerprint: str, model, optimizer, scheduler
     return int(state["epoch"])
 
 
-def _calibration_images(prepared_dir: Path, cfg: TrainConfig, count: int = 32) -> torch.Tensor:
-    """The first `count` training images, center-cropped: fixed, and no random draw is spent."""
-    ds = CachedImageDataset(prepared_dir, "train", cfg.augment, train=False)
-    return torch.stack([ds[i][0] for i in range(min(count, len(ds)))])  # (N, 1, crop, crop) uint8
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's epoch: distinct per rank, so DDP ranks draw different augmentations."""
+    return seed + 1000 * epoch + 1_000_003 * rank
+
+
+def prior_sample(train_ds: CachedImageDataset, cfg: TrainConfig) -> torch.Tensor:
+    """Up to `cfg.prior_images` training images, one each from as many random patients, centre-cropped.
+
+    Drawn with numpy from the training seed, so no torch random draw is spent and every DDP rank
+    picks the same images. One image per patient spreads the sample over the population instead
+    of over a few patients' follow-up films.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    patients = np.unique(train_ds.patients)
+    chosen = rng.permutation(patients)[: cfg.prior_images]
+    rows = np.concatenate([rng.choice(np.flatnonzero(train_ds.patients == p), 1) for p in chosen])
+    ds = CachedImageDataset(train_ds.prepared_dir, "train", cfg.augment, train=False)
+    return torch.stack([ds[int(i)][0] for i in np.sort(rows)])  # (N, 1, crop, crop) uint8
 
 
 def _build_ema(model, decay: float, device):
