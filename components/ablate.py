@@ -25,6 +25,7 @@ The same comparison through DVC experiments, one queued experiment per variant:
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,8 +156,6 @@ def _scores(variant: str, cfg, result, prepared: Path, progress: bool) -> RunSco
 
 
 def _mean_auc(split) -> float:
-    import warnings
-
     from pipeline.metrics import mean_auc, roc_auc
 
     with warnings.catch_warnings():
@@ -208,8 +207,6 @@ def paired_delta(baseline: list[RunScores], group: list[RunScores], split: str, 
             raise RuntimeError(f"ablation: {r.variant} seed {r.seed} scored other {split} images than {BASELINE}")
     a = np.stack([getattr(r, split).probs for r in baseline])  # (S, N, C)
     b = np.stack([getattr(r, split).probs for r in group])
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         test = paired_bootstrap_delta(ref.y, a, b, n_resamples=resamples, seed=0, groups=ref.patients)

@@ -223,3 +223,18 @@ def test_bundle_round_trip_ignores_a_missing_checkpoint_file(tmp_path, text_vect
     x = images(torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_a_bundle_from_another_model_version_fails_with_its_name(tmp_path, text_vectors):
+    from dataclasses import asdict
+
+    from pipeline.models import load_bundle
+
+    cfg = tiny_config()
+    state = build_model(cfg, text_vectors).state_dict()
+    # the text projection of an earlier version: a two-layer MLP with other parameter names
+    old = {k.replace("text_proj.linear.", "text_proj.0."): v for k, v in state.items()}
+    path = tmp_path / "best.pt"
+    torch.save({"model_config": asdict(cfg), "model_state": old, "text_vectors": text_vectors}, path)
+    with pytest.raises(ValueError, match=r"best\.pt: its weights do not fit.*text_proj\.linear\.weight.*retrain"):
+        load_bundle(path)

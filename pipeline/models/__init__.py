@@ -128,8 +128,13 @@ def backbone_norm(backbone: nn.Module) -> tuple[float, float]:
     return float(np.mean(mean)), float(np.mean(std))
 
 
-def model_from_bundle(bundle: dict, device: str | torch.device = "cpu") -> CxrNet:
-    """Rebuild the network saved by training (`best.pt`) in eval mode, without any download."""
+def model_from_bundle(bundle: dict, device: str | torch.device = "cpu", source: str = "the model bundle") -> CxrNet:
+    """Rebuild the network saved by training (`best.pt`) in eval mode, without any download.
+
+    Raises:
+        ValueError: naming `source` when its weights do not fit this version's network (a bundle
+            written by another version of the project, e.g. before the text projection changed).
+    """
     from ..config import build
 
     values = dict(bundle["model_config"])
@@ -138,7 +143,13 @@ def model_from_bundle(bundle: dict, device: str | torch.device = "cpu") -> CxrNe
     values["backbone"] = {**values.get("backbone", {}), "pretrained": False, "checkpoint_path": None}
     cfg = build(ModelConfig, values, "model_config")
     model = build_model(cfg, np.asarray(bundle["text_vectors"]))
-    model.load_state_dict(bundle["model_state"])
+    missing, unexpected = model.load_state_dict(bundle["model_state"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: its weights do not fit this version's model (missing {', '.join(missing[:3]) or '-'}; "
+            f"unexpected {', '.join(unexpected[:3]) or '-'}); it was written by another version of "
+            "cxr-dwml: retrain it (dvc repro train) or load it with the version that wrote it"
+        )
     return model.to(device).eval()
 
 
@@ -149,7 +160,7 @@ def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the train step first (dvc repro train)")
     bundle = torch.load(path, map_location="cpu", weights_only=False)
-    return model_from_bundle(bundle, device), bundle
+    return model_from_bundle(bundle, device, source=str(path)), bundle
 
 
 __all__ = [
