@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", default="data/raw", help="raw NIH-layout folder (default: %(default)s)")
     p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "prepare", PrepareConfig)
+    cfg, params = stage_config(args, "prepare")
     raw, out = Path(args.raw), Path(args.out)
     if not raw.is_dir():
         raise FileNotFoundError(f"{raw} does not exist: run the download step first (dvc repro download)")

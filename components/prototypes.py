@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--out", default="artifacts/prototypes", help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "prototypes", PrototypeConfig)
+    cfg, params = stage_config(args, "prototypes")
     out = Path(args.out)
     with mlflow_run(args, params, "prototypes") as run:
         prototypes, meta = build_prototypes(cfg)  # (C, E)

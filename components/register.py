@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.no_mlflow:
         raise ValueError("register needs MLflow: drop --no-mlflow")
-    cfg, params = stage_config(args, "register", RegisterConfig)
+    cfg, params = stage_config(args, "register")
     model_dir, reports = Path(args.model), Path(args.reports)
     ref = tracking.load_run_ref(model_dir)
     if ref is None:
@@ -99,7 +99,7 @@ def _version_tags(params: dict, metrics: dict, run_id: str) -> dict[str, str]:
         "git_commit": git_commit(),
         "dvc_data_hash": dvc_data_hash(),
         "params_hash": fingerprint(params),
-        "profile": str(params.get("profile")),
+        "profile": params.profile,
         "training_run_id": run_id,
         "val_mean_auc": str(metrics.get("val_mean_auc")),
         "test_mean_auc": str(metrics.get("mean_auc")),

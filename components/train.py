@@ -12,7 +12,6 @@ settings and inputs is resumed (an interrupted run continues; a finished one doe
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reports", default="reports/train", help="history and curves (default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "train", TrainConfig)
+    cfg, params = stage_config(args, "train")
     if args.no_resume:
-        cfg.resume = False
+        cfg = cfg.replace(resume=False)
     prepared, protos_dir, out = Path(args.prepared), Path(args.prototypes), Path(args.out)
     text_vectors = load_prototypes(protos_dir)
-    fp = fingerprint(asdict(cfg), input_digests(prepared, protos_dir))
+    fp = fingerprint(cfg.model_dump(), input_digests(prepared, protos_dir))
     is_main = int(os.environ.get("RANK", "0")) == 0
     previous = tracking.load_run_ref(out) if (is_main and cfg.resume and _resumable(out, fp)) else None
     run_args = args if is_main else _without_mlflow(args)
@@ -103,8 +102,8 @@ def mlflow_logger():
 def _log_start(params, cfg, prepared: Path, protos: Path, out: Path, run) -> None:
     import mlflow
 
-    tracking.log_params(tracking.flatten({"train": asdict(cfg)}))
-    mlflow.log_param("profile", params["profile"])
+    tracking.log_params(tracking.flatten({"train": cfg.model_dump()}))
+    mlflow.log_param("profile", params.profile)
     # link this run to the data steps that produced its inputs
     for step, folder in (("download", prepared.parent / "raw"), ("prepare", prepared), ("prototypes", protos)):
         ref = tracking.load_run_ref(folder)
@@ -127,7 +126,7 @@ def _write_outputs(out: Path, reports: Path, result, cfg, params, fp: str) -> di
         "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "fingerprint": fp,
     }
     write_json(out / "train_summary.json", summary)
-    write_json(out / "resolved_config.json", {"profile": params["profile"], "train": asdict(cfg)})
+    write_json(out / "resolved_config.json", {"profile": params.profile, "train": cfg.model_dump()})
     return summary
 
 

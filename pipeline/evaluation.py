@@ -26,6 +26,7 @@ from .metrics import (
 )
 from .models import load_bundle
 from .training.loop import predict, resolve_device
+from .config import EvaluateConfig
 
 # Mean AUC on the official test split (DESIGN.md); CheXNet's random-split 0.841 is not comparable.
 PUBLISHED = (
@@ -41,25 +42,6 @@ PUBLISHED = (
     ("Xiao et al. 2023 (MAE ViT-B/16)", 0.830),
 )
 SEED_PAPER_AUC = 0.826
-
-
-@dataclass
-class EvaluateConfig:
-    """`evaluate` in params.yaml."""
-
-    bootstrap_resamples: int = 1000
-    ci: float = 0.95
-    threshold_method: Literal["youden", "f1"] = "youden"
-    seed: int = 0
-    batch_size: int = 256
-    workers: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.bootstrap_resamples < 1:
-            raise ValueError("bootstrap_resamples must be >= 1")
-        if not 0 < self.ci < 1:
-            raise ValueError("ci must lie strictly between 0 and 1")
 
 
 @dataclass

@@ -26,29 +26,12 @@ import pandas as pd
 
 from .classes import CLASSES
 from .metrics import mean_auc, paired_bootstrap_delta, roc_auc
+from .config import RegisterConfig
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 SELECTION_SPLIT = "val"  # the only split the gate ever reads
 # The champion's predictions, logged into its run by its evaluate step.
 PREDICTIONS_ARTIFACT = f"evaluation/predictions/{SELECTION_SPLIT}.parquet"
-
-
-@dataclass
-class RegisterConfig:
-    """`register` in params.yaml."""
-
-    model_name: str = "cxr-dwml"
-    min_auc: float = 0.55
-    margin: float = 0.0
-    max_p_value: float = 0.05
-    bootstrap_resamples: int = 1000
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not self.model_name.strip():
-            raise ValueError("model_name is empty")
-        if not 0 < self.max_p_value <= 1:
-            raise ValueError("max_p_value must be in (0, 1]")
 
 
 def git_commit(cwd: str | Path = ".") -> str:

@@ -23,39 +23,7 @@ from pipeline.classes import CLASSES
 from pipeline.data.cache import open_cache
 from pipeline.data.prepare import CACHE_DIR, MANIFEST
 from pipeline.data.splits import SPLITS
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentations (the `train.augment` section); eval uses only `crop_size`.
-
-    Attributes:
-        crop_size: side of the crop fed to the model, at most the cache's image_size.
-        random_resized_crop_scale: (min, max) share of the image area a training crop covers.
-        hflip: random horizontal flips (off by default: the heart is on the left in a chest film).
-        rotation_deg: maximum random rotation either way.
-        brightness: ColorJitter brightness strength (0 turns it off).
-        contrast: ColorJitter contrast strength (0 turns it off).
-    """
-
-    crop_size: int = 56
-    random_resized_crop_scale: tuple[float, float] = (0.7, 1.0)
-    hflip: bool = False
-    rotation_deg: float = 5.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-
-    def validate(self) -> None:
-        if self.crop_size < 1:
-            raise ValueError(f"crop_size must be >= 1, got {self.crop_size}")
-        scale = tuple(self.random_resized_crop_scale)
-        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(
-                f"random_resized_crop_scale must be (min, max) with 0 < min <= max <= 1, got {scale}"
-            )
-        for name in ("rotation_deg", "brightness", "contrast"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+from pipeline.config import AugmentConfig
 
 
 # Above this ratio of cached side to crop side a crop is shrunk enough to alias without
@@ -205,7 +173,6 @@ class CachedImageDataset(Dataset):
     def _make_transform(augment: AugmentConfig | None, train: bool, cache_size: int) -> v2.Transform | None:
         if augment is None:
             return None
-        augment.validate()
         if augment.crop_size > cache_size:
             raise ValueError(
                 f"crop_size {augment.crop_size} exceeds the cached image_size {cache_size}; "
