@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         overrides = {PROFILE_KEY: args.profile, **overrides}
     target = Path(args.out or args.params)
-    root = Path(args.params).resolve().parent
+    root = Path.cwd()  # the project: conf/ and .dvc/config
     text, params = compose(root, override_strings(overrides))
     if args.check:
         current = target.read_text(encoding="utf-8") if target.exists() else ""

@@ -46,12 +46,15 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    def replace(self, changes: Mapping[str, Any] | None = None, /, **fields: Any) -> Self:
-        """A validated copy with `changes` (dotted keys below this section) and `fields` applied."""
+    def replace(self, changes: Mapping[str, Any] | None = None, /, *, at: str = "", **fields: Any) -> Self:
+        """A validated copy with `changes` (dotted keys below this section) and `fields` applied.
+
+        `at` is this section's dotted key in params.yaml (e.g. "train.loss"), for error messages.
+        """
         data = self.model_dump()
         for key, value in {**(changes or {}), **fields}.items():
             set_dotted(data, key, value)
-        return validate(type(self), data, where=type(self).__name__)
+        return validate(type(self), data, where="params", prefix=at)
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,7 +169,7 @@ class DownloadConfig(Section):
 
     @model_validator(mode="after")
     def _archives_listed(self) -> Self:
-        if len(self.nih.box_ids) != len(self.nih.md5):
+        if self.source == "nih" and len(self.nih.box_ids) != len(self.nih.md5):
             raise ValueError("nih.box_ids and nih.md5 must list the same archives, in order")
         return self
 
@@ -558,7 +561,7 @@ class Params(Section):
     prototypes: PrototypeConfig
     train: TrainConfig
     evaluate: EvaluateConfig
-    register: RegisterConfig
+    register: RegisterConfig = Field(...)  # `...`: required, not ABCMeta.register as a default
 
 
 # ----------------------------------------------------------------------------- loading
@@ -575,20 +578,23 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     return validate(Params, read_yaml(path), where=str(path))
 
 
-def validate(model: type[M], data: Any, where: str) -> M:
-    """`model` built from `data`, or a ConfigError naming `where` and the dotted key."""
+def validate(model: type[M], data: Any, where: str, prefix: str = "") -> M:
+    """`model` built from `data`, or a ConfigError naming `where` and the dotted key.
+
+    `prefix` is the dotted key of `data` itself (e.g. "train.loss"), prepended to the keys named.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(describe(e, model, where)) from None
+        raise ConfigError(describe(e, model, where, prefix)) from None
 
 
-def describe(error: ValidationError, model: type[BaseModel], where: str) -> str:
+def describe(error: ValidationError, model: type[BaseModel], where: str, prefix: str = "") -> str:
     """One line per problem: `<where>: '<dotted.key>' <what is wrong and what to do>`."""
     lines = []
     for item in error.errors(include_url=False):
         loc = [str(p) for p in item["loc"]]
-        key = ".".join(loc)
+        key = ".".join([prefix, *loc] if prefix else loc)
         kind = item["type"]
         if kind == "extra_forbidden":
             parent = _model_at(model, loc[:-1])
@@ -600,7 +606,12 @@ def describe(error: ValidationError, model: type[BaseModel], where: str) -> str:
             msg = item["msg"].removeprefix("Value error, ")
             got = item.get("input")
             shown = "" if kind == "value_error" or isinstance(got, (dict, list)) else f", got {got!r}"
-            lines.append(f"{where}: '{key or model.__name__}' {msg[0].lower()}{msg[1:]}{shown}")
+            if loc:
+                lines.append(f"{where}: '{key}' {msg[0].lower()}{msg[1:]}{shown}")
+            elif prefix:
+                lines.append(f"{where}: '{prefix}': {msg}")
+            else:
+                lines.append(f"{where}: {msg}")
     return "\n".join(lines)
 
 

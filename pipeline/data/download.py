@@ -238,7 +238,7 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool
         fetch_metadata(_getter(cfg.nih.metadata_url, cfg, xfer), out_dir)
     else:
         fetch_metadata(_s3_getter(remote, objects), out_dir)
-    wanted = cfg.selected_archives(nih)
+    wanted = selected_archives(cfg.nih)
     if any(name in objects for _, name, _ in wanted):
         missing = [name for _, name, _ in wanted if name not in objects]
         if missing:
@@ -292,7 +292,7 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     images = [*src.glob(f"{IMAGE_DIR}/*.png"), *src.glob(f"images_*/{IMAGE_DIR}/*.png")]
     if images:
         return _link_images(images, out_dir, cfg.workers, xfer)
-    jobs = [ArchiveJob(name, md5, local=src / name) for _, name, md5 in cfg.selected_archives(nih)
+    jobs = [ArchiveJob(name, md5, local=src / name) for _, name, md5 in selected_archives(cfg.nih)
             if (src / name).exists()]
     if not jobs:
         raise DownloadError(f"{src}: holds neither {IMAGE_DIR}/*.png nor NIH archives "

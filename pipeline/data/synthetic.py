@@ -48,8 +48,8 @@ from pipeline.classes import (
     TOTAL_IMAGES,
     TRAIN_VAL_LIST,
     image_name,
-from pipeline.config import SyntheticConfig
 )
+from pipeline.config import SyntheticConfig
 
 # Loading of every class on the shared latent "illness" factor. With the pairs below, 0.37 gives
 # 53.8% all-negative images and 1.57 labels per abnormal image (real: 53.8% and 1.57).
