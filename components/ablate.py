@@ -163,9 +163,9 @@ def _mean_auc(split) -> float:
 def runs_table(runs: list[RunScores]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        variant = ablation_config(r.variant)
-        rows.append({"variant": r.variant, "seed": r.seed, "head": variant.head, "loss": variant.loss.name,
-                     "prototypes": variant.prototypes, "best_epoch": r.best_epoch,
+        named = ABLATIONS[r.variant]
+        rows.append({"variant": r.variant, "seed": r.seed, "head": named["head"], "loss": named["name"],
+                     "prototypes": named.get("prototypes", "text"), "best_epoch": r.best_epoch,
                      "val_mean_auc": _mean_auc(r.val), "test_mean_auc": _mean_auc(r.test)})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 

@@ -19,7 +19,7 @@ import torch
 
 from . import plots
 from .classes import CLASSES
-from .data.dataset import AugmentConfig, CachedImageDataset, build_loader
+from .data.dataset import CachedImageDataset, build_loader
 from .io import save_dataframe, write_json, write_text
 from .metrics import (
     average_precision, bootstrap_auc, mean_auc, pr_curve_points, roc_auc, roc_curve_points, select_thresholds, threshold_metrics,
@@ -56,7 +56,7 @@ class SplitScores:
 
 def score_split(model, prepared_dir: Path, split: str, crop_size: int, cfg: EvaluateConfig,
                 device: torch.device, progress: bool = True) -> SplitScores:
-    ds = CachedImageDataset(prepared_dir, split, AugmentConfig(crop_size=crop_size), train=False)
+    ds = CachedImageDataset(prepared_dir, split, crop_size, train=False)
     if len(ds) == 0:
         raise ValueError(f"{prepared_dir}: the {split} split is empty; check the prepare step's split_stats.json")
     loader = build_loader(ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed)

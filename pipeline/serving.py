@@ -65,12 +65,12 @@ class Predictor:
     def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu") -> None:
         import torch
 
-        from pipeline.data.dataset import AugmentConfig, eval_transform
+        from pipeline.data.dataset import eval_transform
         from pipeline.models import model_from_bundle
 
         self.classes = list(bundle["classes"])
         self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
-        self.crop = eval_transform(AugmentConfig(crop_size=int(bundle.get("crop_size", self.image_size))))
+        self.crop = eval_transform(int(bundle.get("crop_size", self.image_size)))
         self.model = model_from_bundle(bundle, device)
         self.device = device
         self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])

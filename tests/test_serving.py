@@ -70,7 +70,7 @@ def checkpoint_probabilities(repo: Path, paths: list[Path]) -> np.ndarray:
     from pipeline.models import load_bundle
 
     net, bundle = load_bundle(repo / "artifacts/model/best.pt")
-    crop = eval_transform(settings("train.augment", crop_size=bundle["crop_size"]))
+    crop = eval_transform(int(bundle["crop_size"]))
     x = torch.stack([crop(torch.from_numpy(load_image(p, bundle["image_size"]))[None]) for p in paths])  # (N, 1, S, S)
     with torch.inference_mode():
         return torch.sigmoid(net(x)).numpy()  # (N, C)

@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from pipeline.classes import CLASSES
-from pipeline.config import build
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.synthetic import SyntheticConfig, generate
 from pipeline.models import build_model
+from tests.conftest import settings
 from pipeline.training import TrainConfig, train
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.loop import TrainingInterrupted, predict
@@ -31,15 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "epochs": 2, "batch_size": 16, "eval_batch_size": 64, "workers": 0, "seed": 3, "deterministic": True,
     "max_steps_per_epoch": 2, "log_every": 1,
-    "model": {"embed_dim": 16, "hidden_dim": 32, "backbone": {"name": "test_convnext"}},
-    "augment": {"crop_size": 32},
+    "model.embed_dim": 16, "model.hidden_dim": 32, "model.backbone.name": "test_convnext", "augment.crop_size": 32,
 }
 TIMING_KEYS = {"train_images_per_s"}
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = {**TINY, **overrides}
-    return build(TrainConfig, values, "train")
+    return settings("train", {**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +147,7 @@ def test_early_stopping_with_patience(data, tmp_path):
     prepared, vectors = data
     # a learning rate below float32 resolution: weights, hence the validation AUC, never change
     cfg = tiny_config(epochs=5, max_steps_per_epoch=1, early_stopping_patience=2,
-                      optim={"lr_backbone": 0.0, "lr_head": 1e-30})
+                      **{"optim.lr_backbone": 0.0, "optim.lr_head": 1e-30})
     result = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False)
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
     assert len({rec["val_mean_auc"] for rec in result.history}) == 1
@@ -252,10 +250,9 @@ def test_running_cell_means_are_all_reduced_across_ranks(tmp_path):
 DDP_WORKER = """
 import os, sys, numpy as np, torch
 from pathlib import Path
-from pipeline.config import build
-from pipeline.training import TrainConfig, train
 from tests.conftest import settings
-cfg = build(TrainConfig, {config!r}, "train")
+from pipeline.training import train
+cfg = settings("train", {config!r})
 rank = int(os.environ["RANK"])
 out = Path(sys.argv[1])
 result = train(cfg, Path({prepared!r}), np.load({vectors!r}), out / f"rank{{rank}}", fingerprint="ddp",
@@ -278,7 +275,7 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # gradients were averaged across ranks
-    init = build_model(build(TrainConfig, config, "train").model, vectors).state_dict()
+    init = build_model(settings("train", config).model, vectors).state_dict()
     assert not torch.equal(w0["head.radius"], init["head.radius"])  # and they did train
     # rank 0 alone writes checkpoints; both ranks saw the same (gathered) validation metrics
     assert (tmp_path / "rank0" / "last.pt").exists() and (tmp_path / "rank0" / "best.pt").exists()
@@ -292,7 +289,9 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
 
 def mlflow_workspace(tmp_path: Path, monkeypatch, experiment: str, train: dict) -> str:
     """params.yaml with `train` in tmp_path, MLflow on a SQLite file there, cwd there; returns the URI."""
-    params = {"profile": "demo", "mlflow": {"experiment": experiment}, "train": train}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["mlflow"]["experiment"] = experiment
+    params["train"] = settings("train", train).model_dump()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -399,7 +398,7 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     dual_run = runs[f"dual-seed{TINY['seed']}"]
     assert dual_run.data.tags["cxr.ablation"] == "dual"
     assert dual_run.data.metrics["test_mean_auc"] == pytest.approx(runs_of.loc[("dual", TINY["seed"]), "test_mean_auc"])
-    assert dual_run.data.params["train.loss.image_weighting"] == "True"
+    assert dual_run.data.params["train.loss.dwml.image_weighting"] == "True"
     assert runs[f"bce_head-seed{TINY['seed']}"].data.params["train.model.head"] == "linear"
 
     with pytest.raises(ValueError, match="unknown nope; choose from bce_head"):

@@ -130,8 +130,8 @@ def train_transform(cfg: AugmentConfig, image_size: int | None = None) -> v2.Tra
     return v2.Compose(steps)
 
 
-def eval_transform(cfg: AugmentConfig) -> v2.Transform:
-    return v2.CenterCrop(cfg.crop_size)
+def eval_transform(crop_size: int) -> v2.Transform:
+    return v2.CenterCrop(crop_size)
 
 
 class CachedImageDataset(Dataset):
@@ -140,7 +140,8 @@ class CachedImageDataset(Dataset):
     Args:
         prepared_dir: the prepare step's output folder (manifest.csv + cache/).
         split: "train", "val", "test", or "all".
-        augment: crop size and augmentations; None returns the full cached image untouched.
+        augment: crop size and augmentations, or only the crop size (an int) for evaluation; None
+            returns the full cached image untouched.
         train: random augmentations when True, a center crop when False.
 
     Items are `(image, target)`: image (1, crop, crop) uint8, target (C,) float32.
@@ -150,7 +151,7 @@ class CachedImageDataset(Dataset):
         self,
         prepared_dir: str | Path,
         split: str,
-        augment: AugmentConfig | None = None,
+        augment: AugmentConfig | int | None = None,
         train: bool = False,
     ):
         if split not in (*SPLITS, "all"):
@@ -170,15 +171,20 @@ class CachedImageDataset(Dataset):
         self.transform = self._make_transform(augment, train, cache_size)
 
     @staticmethod
-    def _make_transform(augment: AugmentConfig | None, train: bool, cache_size: int) -> v2.Transform | None:
+    def _make_transform(augment: AugmentConfig | int | None, train: bool, cache_size: int) -> v2.Transform | None:
         if augment is None:
             return None
-        if augment.crop_size > cache_size:
+        crop = augment if isinstance(augment, int) else augment.crop_size
+        if crop > cache_size:
             raise ValueError(
-                f"crop_size {augment.crop_size} exceeds the cached image_size {cache_size}; "
+                f"crop_size {crop} exceeds the cached image_size {cache_size}; "
                 "lower the crop or rerun prepare with a larger image_size"
             )
-        return train_transform(augment, cache_size) if train else eval_transform(augment)
+        if train:
+            if isinstance(augment, int):
+                raise ValueError("training augmentations need the train.augment settings, not a crop size")
+            return train_transform(augment, cache_size)
+        return eval_transform(crop)
 
     def _open(self) -> np.ndarray:
         if self._images is None:
