@@ -55,8 +55,10 @@ def mlflow_run(args, params: dict[str, Any], step: str, run_id: str | None = Non
         return
     import mlflow
 
+    from components.provenance import run_tags
+
     tracking.setup(params.get("mlflow", {}).get("experiment", "cxr-dwml"))
-    tags = tracking.context_tags(step, params.get("profile", "demo"))
+    tags = run_tags(step, params.get("profile", "demo"))
     if run_id:
         # adding to another step's run: keep its identity, record this step's context beside it
         tags = {f"{k.replace('airflow.', f'airflow.{step}.')}": v for k, v in tags.items() if k.startswith("airflow.")}
