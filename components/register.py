@@ -75,20 +75,22 @@ def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
     """Our validation predictions with their labels and patients from the prepared manifest."""
     import pandas as pd
 
+    from pipeline.data.layout import MANIFEST
     from pipeline.registry import SELECTION_SPLIT, selection_set
 
     path = reports / "predictions" / f"{SELECTION_SPLIT}.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the evaluate step, which writes the {SELECTION_SPLIT} "
                                 f"predictions the promotion gate decides on")
-    return selection_set(pd.read_parquet(path), pd.read_csv(prepared / "manifest.csv"), str(path))
+    return selection_set(pd.read_parquet(path), pd.read_csv(prepared / MANIFEST), str(path))
 
 
 def _example(prepared: Path) -> bytes:
     from pipeline.data.cache import open_cache
+    from pipeline.data.layout import CACHE_DIR
     from pipeline.registry import example_png
 
-    return example_png(np.asarray(open_cache(prepared / "cache")[0]))
+    return example_png(np.asarray(open_cache(prepared / CACHE_DIR)[0]))
 
 
 def _provenance(params: dict) -> dict[str, str]:
