@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 # Airflow exports these to every task's environment; they make a run traceable to its DAG run.
 AIRFLOW_ENV_TAGS = {
@@ -36,7 +36,8 @@ def run_tags(step: str, profile: str, environ: Mapping[str, str] | None = None) 
 def git_commit(cwd: str | Path = ".") -> str:
     """HEAD's commit in `cwd`, or 'unknown' outside a git checkout (or without git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=False)
         return out.stdout.strip() or UNKNOWN
     except (OSError, subprocess.SubprocessError):
         return UNKNOWN

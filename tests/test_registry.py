@@ -31,8 +31,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.classes import CLASSES
 from components.provenance import airflow_tags, dvc_data_hash, git_commit, run_tags
+from pipeline.classes import CLASSES
 from pipeline.registry import RegisterConfig, SelectionSet, decide, selection_set, version_tags
 from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env
 
