@@ -51,7 +51,7 @@ class RunScores:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.train import input_digests, load_prototypes
+    from components.training import input_digests, load_prototypes
     from pipeline.training import TrainConfig
 
     p = parser(__doc__)
@@ -127,7 +127,7 @@ def run_variant(variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path
         return _scores(variant, cfg, ecfg, result, prepared, progress)
     import mlflow
 
-    from components.train import mlflow_logger
+    from components.training import mlflow_logger
 
     tags = {"cxr.ablation": variant, "cxr.step": "ablation", "cxr.seed": str(cfg.seed)}
     with mlflow.start_run(run_name=f"{variant}-seed{cfg.seed}", nested=True, tags=tags):

@@ -54,8 +54,10 @@ def mlflow_run(args, params: Params, step: str, run_id: str | None = None,
         return
     import mlflow
 
+    from components.provenance import run_tags
+
     tracking.setup(params.mlflow.experiment)
-    tags = tracking.context_tags(step, params.profile)
+    tags = run_tags(step, params.profile)
     if run_id:
         # adding to another step's run: keep its identity, record this step's context beside it
         tags = {f"{k.replace('airflow.', f'airflow.{step}.')}": v for k, v in tags.items() if k.startswith("airflow.")}

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg, params = stage_config(args, "evaluate")
     model_dir, out = Path(args.model), Path(args.out)
+    if not (model_dir / "best.pt").exists():
+        raise FileNotFoundError(f"{model_dir / 'best.pt'} not found: run the train step first (dvc repro train)")
     ref = tracking.load_run_ref(model_dir)
     with mlflow_run(args, params, "evaluate", run_id=ref and ref["run_id"]) as run:
         metrics = evaluate(model_dir / "best.pt", Path(args.prepared), out, cfg, progress=not args.no_progress)

@@ -15,6 +15,7 @@ from pipeline import tracking
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.data.layout import CLASS_COUNTS, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
     from pipeline.data.prepare import PrepareConfig, prepare
 
     p = parser(__doc__)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
             tracking.log_params(tracking.flatten({"prepare": vars(cfg)}))
             mlflow.log_metrics(_split_metrics(stats))
-            for name in ("split_stats.json", "class_counts.json", "split_class_counts.csv", "quarantine.csv"):
+            for name in (SPLIT_STATS, CLASS_COUNTS, SPLIT_CLASS_COUNTS, QUARANTINE):
                 if (out / name).exists():
                     mlflow.log_artifact(str(out / name))
             tracking.save_run_ref(out, run)

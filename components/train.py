@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
+from components.training import input_digests, load_prototypes, mlflow_logger
 from pipeline import tracking
-from pipeline.io import file_digest, save_dataframe, write_json
+from pipeline.io import save_dataframe, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,22 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_prototypes(folder: Path) -> np.ndarray:
-    path = folder / "prototypes.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the prototypes step first (dvc repro prototypes)")
-    vectors = np.load(path)
-    if vectors.ndim != 2 or vectors.shape[0] != 14:
-        raise ValueError(f"{path} has shape {vectors.shape}; expected (14, E): rerun the prototypes step")
-    return vectors
-
-
-def input_digests(prepared: Path, protos: Path) -> dict[str, str]:
-    names = [prepared / "manifest.csv", prepared / "class_counts.json", prepared / "cache" / "index.json",
-             protos / "prototypes.npy"]
-    return {str(p): file_digest(p) for p in names if p.exists()}
-
-
 def _resumable(out: Path, fp: str) -> bool:
     import torch
 
@@ -88,15 +71,6 @@ def _without_mlflow(args):
     args = type(args)(**vars(args))
     args.no_mlflow = True
     return args
-
-
-def mlflow_logger():
-    import mlflow
-
-    def log(metrics: dict, step: int) -> None:
-        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
-
-    return log
 
 
 def _log_start(params, cfg, prepared: Path, protos: Path, out: Path, run) -> None:

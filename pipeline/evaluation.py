@@ -182,7 +182,7 @@ def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, a
 
 
 def _roc_long(test: SplitScores, points: int = 101) -> pd.DataFrame:
-    """ROC curves resampled at fixed FPRs, long format (class, fpr, tpr), for `dvc plots diff`."""
+    """ROC curves resampled at fixed FPRs, long format (class, fpr, tpr), for plotting and diffing runs."""
     grid = np.linspace(0, 1, points)
     rows = []
     for c, (fpr, tpr) in zip(CLASSES, roc_curve_points(test.y, test.probs)):

@@ -366,7 +366,7 @@ def cosine_matrix(prototypes: np.ndarray) -> np.ndarray:
 def similarity_table(
     prototypes: np.ndarray, class_names: list[str] | tuple[str, ...] = CLASSES
 ) -> list[dict[str, Any]]:
-    """All C x C pairs as rows {class_a, class_b, cosine}, for a DVC heatmap-style plot."""
+    """All C x C pairs as rows {class_a, class_b, cosine}, for a heatmap-style plot."""
     sim = cosine_matrix(prototypes)
     return [
         {"class_a": a, "class_b": b, "cosine": round(float(sim[i, j]), 6)}

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 from pipeline.classes import CLASSES
 from pipeline.data.cache import open_cache
-from pipeline.data.prepare import CACHE_DIR, MANIFEST
+from pipeline.data.layout import CACHE_DIR, MANIFEST
 from pipeline.data.splits import SPLITS
 from pipeline.config import AugmentConfig
 

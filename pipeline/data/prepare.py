@@ -1,12 +1,7 @@
 """Prepare step: labels + official lists + images -> manifest, split statistics and image cache.
 
-Outputs in `out_dir`:
-    manifest.csv            image, patient, followup, view, split, the 14 classes (0/1), cache_index
-    split_stats.json        images/patients/positives per split, quarantine and inventory counts
-    class_counts.json       training-split positives per class (the loss's category weights)
-    split_class_counts.csv  split, class, count, prevalence (long format, for a bar plot)
-    quarantine.csv          image, reason, detail for every file that would not decode
-    cache/                  images_<size>.u8 + index.json (see `pipeline.data.cache`)
+Outputs in `out_dir`: manifest, split statistics, class counts, quarantine list and image cache,
+named and described in `pipeline.data.layout`.
 
 Only images that are labelled, in an official list, present on disk and decodable reach the
 manifest. The cache is ordered by file name and does not depend on the split, so changing
@@ -25,17 +20,12 @@ import pandas as pd
 from pipeline.classes import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache
+from pipeline.data.layout import CACHE_DIR, CLASS_COUNTS, MANIFEST, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
 from pipeline.data.splits import SPLITS, assert_patient_disjoint, assign_splits, patient_overlap
 from pipeline.io import save_dataframe, write_json
 from pipeline.config import PrepareConfig
 
-IMAGES_DIR = "images"
-CACHE_DIR = "cache"
-MANIFEST = "manifest.csv"
-SPLIT_STATS = "split_stats.json"
-CLASS_COUNTS = "class_counts.json"
-SPLIT_CLASS_COUNTS = "split_class_counts.csv"
-QUARANTINE = "quarantine.csv"
+IMAGES_DIR = "images"  # in the raw folder
 EXAMPLES = 10  # names listed per inventory problem in split_stats.json
 
 

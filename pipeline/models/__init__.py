@@ -124,7 +124,7 @@ def model_from_bundle(bundle: dict, device: str | torch.device = "cpu", source: 
         raise ValueError(
             f"{source}: its weights do not fit this version's model (missing {', '.join(missing[:3]) or '-'}; "
             f"unexpected {', '.join(unexpected[:3]) or '-'}); it was written by another version of "
-            "cxr-dwml: retrain it (dvc repro train) or load it with the version that wrote it"
+            "cxr-dwml: retrain it or load it with the version that wrote it"
         )
     return model.to(device).eval()
 
@@ -134,7 +134,7 @@ def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the train step first (dvc repro train)")
+        raise FileNotFoundError(f"{path} not found: train a model first")
     bundle = torch.load(path, map_location="cpu", weights_only=False)
     return model_from_bundle(bundle, device, source=str(path)), bundle
 
