@@ -13,10 +13,14 @@ help:
 	@echo "make paper     run the paper profile (NIH data, ConvNeXt-T, BioBERT; needs data and a GPU)"
 	@echo "make dag-test  run the Airflow DAG once with 'airflow dags test' in a throwaway AIRFLOW_HOME"
 
+# The development venv: the pipeline plus the extras the tests exercise (Airflow for the DAG,
+# the PostgreSQL drivers, the test tools and ruff); see pyproject.toml for what each extra holds.
+EXTRAS := dev,airflow,postgres
+
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(VENV)/.installed
