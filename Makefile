@@ -10,6 +10,7 @@ export PATH := $(BIN):$(PATH)
 help:
 	@echo "make demo      run the whole pipeline on the demo data (creates .venv first if missing)"
 	@echo "make test      run the test suite"
+	@echo "make lint      ruff check and ruff format --check (what CI runs before the tests)"
 	@echo "make paper     run the paper profile (NIH data, ConvNeXt-T, BioBERT; needs data and a GPU)"
 	@echo "make dag-test  run the Airflow DAG once with 'airflow dags test' in a throwaway AIRFLOW_HOME"
 
@@ -34,6 +35,10 @@ paper: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 dag-test: venv
 	$(BIN)/python -m pytest -q tests/test_dag.py -k dags_test

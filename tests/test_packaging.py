@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -286,7 +287,7 @@ def test_the_airflow_image_adds_the_airflow_extra_to_airflows_interpreter(tmp_pa
     assert runtime_pip and all(".venv" not in cmd for cmd in runtime_pip), runtime_pip
 
 
-# --- make ----------------------------------------------------------------------------
+# --- make, CI and ruff ----------------------------------------------------------------------------
 
 
 def _make_recipe(target: str) -> str:
@@ -303,3 +304,38 @@ def test_make_venv_installs_every_extra_the_tests_need():
     assert set(extras) == set(EXTRAS), "make venv should install every extra"
     recipe = _make_recipe("$(VENV)/.installed")
     assert '-c requirements.lock -e ".[$(EXTRAS)]"' in recipe
+
+
+def test_make_lint_runs_ruff_check_and_format_and_ci_runs_it_before_the_tests():
+    recipe = _make_recipe("lint")
+    assert "ruff check ." in recipe and "ruff format --check ." in recipe
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in ci.splitlines() if line.strip().startswith("make ")]
+    assert "make lint" in commands and "make test" in commands
+    assert commands.index("make lint") < commands.index("make test")
+
+
+def test_ruff_configuration():
+    ruff = PYPROJECT["tool"]["ruff"]
+    assert ruff["line-length"] == 120
+    assert ruff["target-version"] == "py311"
+    assert {"E", "F", "W", "I", "B", "UP"} <= set(ruff["lint"]["select"])
+    assert {".venv", "./data", "./artifacts"} <= set(ruff["extend-exclude"])
+
+
+def test_ruff_skips_outputs_but_checks_the_library_of_the_same_name(tmp_path):
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if not ruff:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ruff is not installed; CI=true requires it")
+        pytest.skip("ruff is not installed: pip install -c requirements.lock ruff")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    for rel in ("data/raw/x.py", "artifacts/x.py", ".venv/lib/x.py", "pipeline/data/x.py", "components/x.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("import os\n")
+    result = subprocess.run(
+        [ruff, "check", "--show-files", "."], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    files = {Path(line).relative_to(tmp_path).as_posix() for line in result.stdout.split() if line.endswith(".py")}
+    assert files == {"pipeline/data/x.py", "components/x.py"}
