@@ -10,13 +10,18 @@ export PATH := $(BIN):$(PATH)
 help:
 	@echo "make demo      run the whole pipeline on the demo data (creates .venv first if missing)"
 	@echo "make test      run the test suite"
+	@echo "make lint      ruff check and ruff format --check (what CI runs before the tests)"
 	@echo "make paper     run the paper profile (NIH data, ConvNeXt-T, BioBERT; needs data and a GPU)"
 	@echo "make dag-test  run the Airflow DAG once with 'airflow dags test' in a throwaway AIRFLOW_HOME"
+
+# The development venv: the pipeline plus the extras the tests exercise (Airflow for the DAG,
+# the PostgreSQL drivers, the test tools and ruff); see pyproject.toml for what each extra holds.
+EXTRAS := dev,airflow,postgres
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,6 +35,10 @@ paper: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 dag-test: venv
 	$(BIN)/python -m pytest -q tests/test_dag.py -k dags_test
