@@ -5,13 +5,14 @@ BIN := $(CURDIR)/$(VENV)/bin
 # DVC and Airflow spawn `python`/`dvc`/`airflow` subprocesses: the venv must come first on PATH
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test venv repro summary paper dag-test lint clean help
+.PHONY: demo test venv repro summary paper params dag-test lint clean help
 
 help:
 	@echo "make demo      run the whole pipeline on the demo data (creates .venv first if missing)"
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff check and ruff format --check (what CI runs before the tests)"
 	@echo "make paper     run the paper profile (NIH data, ConvNeXt-T, BioBERT; needs data and a GPU)"
+	@echo "make params    compose params.yaml from conf/ (PROFILE=paper, SET='train.epochs=2 ...')"
 	@echo "make dag-test  run the Airflow DAG once with 'airflow dags test' in a throwaway AIRFLOW_HOME"
 
 # The development venv: the pipeline plus the extras the tests exercise (Airflow for the DAG,
@@ -32,6 +33,12 @@ demo: venv
 
 paper: venv
 	$(BIN)/dvc exp run -S profile=paper
+
+# params.yaml from conf/ for `dvc repro` (`dvc exp run` composes it itself)
+PROFILE ?=
+SET ?=
+params: venv
+	$(BIN)/python -m components.params $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
 test: venv
 	$(BIN)/python -m pytest -q
