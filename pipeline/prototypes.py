@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.classes import CLASSES, readable_name
+from pipeline.inference import resolve_device
 from pipeline.io import atomic_open
 
 PACKAGE_PREFIX = "package:"
@@ -301,12 +302,6 @@ def load_encoder(cfg: PrototypeConfig) -> tuple[Any, torch.nn.Module, dict[str, 
     return tokenizer, model, info
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -411,7 +406,7 @@ def build_prototypes(cfg: PrototypeConfig) -> tuple[np.ndarray, dict[str, Any]]:
         encoder, resolved path, revision, pooling, normalize, texts, dimension and device.
     """
     cfg.validate()
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     tokenizer, model, info = load_encoder(cfg)
     protos = class_prototypes(
         cfg.texts,

@@ -63,28 +63,28 @@ class Predictor:
     """The network and its preprocessing, usable with or without MLflow."""
 
     def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu") -> None:
-        import torch
-
+        """`device`: a torch device string, or "auto" for the first GPU when there is one."""
         from pipeline.data.dataset import AugmentConfig, eval_transform
+        from pipeline.inference import resolve_device
         from pipeline.models import model_from_bundle
 
         self.classes = list(bundle["classes"])
         self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
         self.crop = eval_transform(AugmentConfig(crop_size=int(bundle.get("crop_size", self.image_size))))
-        self.model = model_from_bundle(bundle, device)
-        self.device = device
+        self.device = resolve_device(device)
+        self.model = model_from_bundle(bundle, self.device)
         self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])
-        self._torch = torch
 
     def probabilities(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
-        torch = self._torch
+        import torch
+
+        from pipeline.inference import probabilities
+
         out = []
         for i in range(0, len(images), batch_size):
             batch = [self.crop(torch.from_numpy(decode_image(v, self.image_size)).unsqueeze(0))
                      for v in images[i:i + batch_size]]
-            with torch.inference_mode():
-                logits = self.model(torch.stack(batch).to(self.device))  # (B, C)
-            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+            out.append(probabilities(self.model, torch.stack(batch), self.device))  # (B, C)
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
 
     def frame(self, probs: np.ndarray) -> pd.DataFrame:
@@ -109,7 +109,7 @@ class CxrDwmlModel(PythonModel):
         bundle = torch.load(context.artifacts[BUNDLE], map_location="cpu", weights_only=False)
         with open(context.artifacts[THRESHOLDS], encoding="utf-8") as f:
             thresholds = json.load(f)["thresholds"]
-        self.predictor = Predictor(bundle, thresholds, "cuda" if torch.cuda.is_available() else "cpu")
+        self.predictor = Predictor(bundle, thresholds, "auto")
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = as_image_list(model_input)

@@ -23,7 +23,8 @@ from pipeline.data.synthetic import SyntheticConfig, generate
 from pipeline.models import build_model
 from pipeline.training import TrainConfig, train
 from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.loop import TrainingInterrupted, predict
+from pipeline.inference import predict
+from pipeline.training.loop import TrainingInterrupted
 from pipeline.training.optim import OptimConfig, build_optimizer, build_scheduler, param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
