@@ -104,9 +104,9 @@ class CxrDwmlModel(PythonModel):
     """MLflow pyfunc wrapper around Predictor."""
 
     def load_context(self, context) -> None:
-        import torch
+        from pipeline.io import load_checkpoint
 
-        bundle = torch.load(context.artifacts[BUNDLE], map_location="cpu", weights_only=False)
+        bundle = load_checkpoint(context.artifacts[BUNDLE])
         with open(context.artifacts[THRESHOLDS], encoding="utf-8") as f:
             thresholds = json.load(f)["thresholds"]
         self.predictor = Predictor(bundle, thresholds, "auto")

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from pipeline.io import read_json, write_json
+from pipeline.io import file_size, read_json, write_json
 
 # Bump when the conversion changes, so existing caches are rebuilt.
 CONVERSION_VERSION = 1
@@ -151,7 +151,7 @@ def build_cache(
     marker_dir = cache_dir / f"chunks_{size}"
     index = _read_index(cache_dir)
     expected_bytes = len(paths) * size * size
-    if not (index and index.get("fingerprint") == fp and _size_of(data_path) == expected_bytes):
+    if not (index and index.get("fingerprint") == fp and file_size(data_path) == expected_bytes):
         _start_fresh(cache_dir, data_path, marker_dir, paths, size, fp, chunk_size)
         index = _read_index(cache_dir)
     chunk_size = int(index["chunk_size"])  # resume with the chunking the build began with
@@ -163,13 +163,6 @@ def build_cache(
     if index.get("complete"):  # markers were removed: say so before rebuilding those chunks
         _write_index(cache_dir, paths, size, fp, chunk_size, False, _failures_from_json(index["failures"]))
     return _fill(paths, data_path, marker_dir, size, fp, chunk_size, workers, progress, max_chunks)
-
-
-def _size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
 
 
 def _start_fresh(

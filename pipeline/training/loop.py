@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from ..classes import CLASSES
 from ..data.dataset import AugmentConfig, CachedImageDataset, build_loader
 from ..inference import autocast, autocast_dtype, predict, resolve_device
-from ..io import read_json, write_json
+from ..io import load_checkpoint, read_json
 from ..losses import LossConfig, build_loss
 from ..metrics import mean_auc, roc_auc
 from ..models import CxrNet, ModelConfig, build_model, init_prior
 from . import distributed as D
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from .checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
 from .optim import OptimConfig, build_optimizer, build_scheduler
 
 Logger = Callable[[dict, int], None]
