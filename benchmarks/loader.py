@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.classes import LABEL_CSV_HEADER, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, image_name  # noqa: E402
-from pipeline.data.cache import load_image  # noqa: E402
+from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader, train_transform  # noqa: E402
 from pipeline.data.prepare import PrepareConfig, prepare  # noqa: E402
 
@@ -78,7 +78,7 @@ class PngDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(load_image(self.paths[i], self.size)).unsqueeze(0)  # (1, size, size)
+        image = torch.from_numpy(decode_image(self.paths[i], self.size)).unsqueeze(0)  # (1, size, size)
         return self.transform(image), torch.zeros(14)
 
 

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import build  # noqa: E402
 from pipeline.data.synthetic import real_prevalence  # noqa: E402
+from pipeline.inference import autocast_dtype, resolve_device  # noqa: E402
 from pipeline.losses import LossConfig, build_loss  # noqa: E402
 from pipeline.models import ModelConfig, build_model, init_prior  # noqa: E402
-from pipeline.training.loop import autocast_dtype  # noqa: E402
 from pipeline.training.optim import OptimConfig, build_optimizer  # noqa: E402
 
 C, E = 14, 384  # classes; text vector width of the demo encoder (MiniLM-L6)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cuda-batch", type=int, default=128, help="batch of the ConvNeXt-T 224 px run")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":

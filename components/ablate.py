@@ -142,7 +142,7 @@ def run_variant(variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path
 def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> RunScores:
     from pipeline.evaluation import score_split
     from pipeline.models import load_bundle
-    from pipeline.training.loop import resolve_device
+    from pipeline.inference import resolve_device
 
     device = resolve_device(cfg.device)
     model, bundle = load_bundle(result.best_path, device)

@@ -21,12 +21,11 @@ import numpy as np
 
 from components.common import run_main
 from pipeline.classes import CLASSES
+from pipeline.data.images import DICOM_SUFFIXES, classify_error, decode_image
 from pipeline.io import save_dataframe
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-DICOM_SUFFIXES = {".dcm", ".dicom"}
 SKIPPED_COLUMNS = ["file", "reason", "detail"]
-PYDICOM_MISSING = "pydicom is not installed: pip install pydicom to read DICOM files"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,41 +94,6 @@ def load_model(uri: str):
                            f"and MLFLOW_TRACKING_URI (python -m components.promote --list shows the versions)") from e
 
 
-def read_image(path: Path) -> np.ndarray:
-    """One file -> (H, W) uint8 grayscale at its own size; the model does the resizing.
-
-    The conversion is the training cache's (`to_uint8_gray`: RGBA/RGB to luminance, 16-bit scaled
-    from its own range), so a file scores as it would have after the prepare step.
-    """
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return read_dicom(path)
-    from PIL import Image
-
-    from pipeline.data.cache import to_uint8_gray
-
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated file raises here, not inside the batch
-        return np.array(to_uint8_gray(img), dtype=np.uint8)
-
-
-def read_dicom(path: Path) -> np.ndarray:
-    """A DICOM image -> (H, W) uint8, scaled from its own range; MONOCHROME1 inverted."""
-    try:
-        import pydicom
-    except ImportError as e:
-        raise ImportError(PYDICOM_MISSING) from e
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array.astype(np.float64)
-    if pixels.ndim == 3:  # colour or multi-frame: keep the first plane
-        pixels = pixels[..., 0] if pixels.shape[-1] in (3, 4) else pixels[0]
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
-    lo, hi = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # 0 is white there
-        scaled = 255.0 - scaled
-    return np.rint(scaled).astype(np.uint8)
-
-
 def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool = True):
     """Score `files` with a loaded pyfunc.
 
@@ -161,7 +125,8 @@ def _batches(files: list[Path], size: int) -> Iterator[tuple[list[str], list[np.
     failures: list[dict[str, Any]] = []
     for path in files:
         try:
-            images.append(read_image(path))
+            # at the file's own size, decoded as the training cache decodes (the model resizes)
+            images.append(decode_image(path))
             names.append(str(path))
         except Exception as e:  # one bad file must not stop the others
             failures.append({"file": str(path), **_reason(e)})
@@ -173,8 +138,6 @@ def _batches(files: list[Path], size: int) -> Iterator[tuple[list[str], list[np.
 
 
 def _reason(exc: BaseException) -> dict[str, str]:
-    from pipeline.data.cache import classify_error
-
     if isinstance(exc, ImportError):
         return {"reason": "unsupported", "detail": str(exc)}
     reason, detail = classify_error(exc)

@@ -55,15 +55,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resumable(out: Path, fp: str) -> bool:
-    import torch
+    from pipeline.io import load_checkpoint
 
     last = out / "last.pt"
     if not last.exists():
         return False
     try:
         # mmap: only the small dict is read, not every tensor of a large checkpoint
-        return torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("fingerprint") == fp
-    except Exception:
+        return load_checkpoint(last, mmap=True).get("fingerprint") == fp
+    except RuntimeError:  # a damaged last.pt is not resumed; training says so when it reads it
         return False
 
 

@@ -20,12 +20,12 @@ import torch
 from . import plots
 from .classes import CLASSES
 from .data.dataset import CachedImageDataset, build_loader
+from .inference import predict, resolve_device
 from .io import save_dataframe, write_json, write_text
 from .metrics import (
     average_precision, bootstrap_auc, mean_auc, pr_curve_points, roc_auc, roc_curve_points, select_thresholds, threshold_metrics,
 )
 from .models import load_bundle
-from .training.loop import predict, resolve_device
 from .config import EvaluateConfig
 
 # Mean AUC on the official test split (DESIGN.md); CheXNet's random-split 0.841 is not comparable.

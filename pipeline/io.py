@@ -1,4 +1,4 @@
-"""Atomic file writes and checksums.
+"""Atomic file writes, checksums, file sizes and reading the checkpoints training writes.
 
 Every output is written to a temporary file beside its destination and renamed into place, so a
 crash or a bad input never leaves a half-written file where a complete one is expected.
@@ -72,11 +72,49 @@ def save_dataframe(path: str | os.PathLike, df: Any) -> None:
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes (MD5 unless `algorithm` names another hashlib algorithm)."""
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_size(path: str | os.PathLike, missing: int = -1) -> int:
+    """Size of a file in bytes; `missing` when there is no such file (-1 equals no real size)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return missing
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint or model bundle that training wrote (`last.pt`, `best.pt`): a dict.
+
+    Args:
+        path: the file.
+        map_location: where tensors land (torch.load's argument).
+        mmap: map the file instead of reading it, for a quick look at a few keys of a big file.
+
+    Raises:
+        FileNotFoundError: naming `path` when it does not exist.
+        RuntimeError: naming `path` when it is damaged, truncated or not a checkpoint.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        # weights_only=False: the files hold optimiser and RNG states and numpy arrays we wrote ourselves
+        obj = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} not found: run the train step first (dvc repro train)") from None
+    except Exception as e:  # torch raises several types for a damaged file
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and rerun "
+                           "the train step (dvc repro train)") from None
+    if not isinstance(obj, dict):
+        raise RuntimeError(f"checkpoint {path} holds a {type(obj).__name__}, not a training checkpoint; "
+                           "point to the train step's best.pt or last.pt")
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

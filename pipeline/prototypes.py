@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.classes import CLASSES, readable_name
+from pipeline.inference import resolve_device
 from pipeline.io import atomic_open
 from .config import PrototypeConfig
 
@@ -219,12 +220,6 @@ def load_encoder(cfg: PrototypeConfig) -> tuple[Any, torch.nn.Module, dict[str, 
     return tokenizer, model, info
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -328,7 +323,7 @@ def build_prototypes(cfg: PrototypeConfig) -> tuple[np.ndarray, dict[str, Any]]:
         (prototypes (C, E) float32 in `CLASSES` order, meta) where meta holds the class order,
         encoder, resolved path, revision, pooling, normalize, texts, dimension and device.
     """
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     tokenizer, model, info = load_encoder(cfg)
     protos = class_prototypes(
         cfg.texts,

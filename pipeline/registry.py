@@ -68,8 +68,9 @@ def log_pyfunc(bundle_path: Path, thresholds_path: Path, example: bytes, name: s
     from mlflow.models import infer_signature
 
     from . import serving
+    from .io import load_checkpoint
 
-    predictor = serving.Predictor(_torch_load(bundle_path), _read_thresholds(thresholds_path))
+    predictor = serving.Predictor(load_checkpoint(bundle_path), _read_thresholds(thresholds_path))
     example_in = pd.DataFrame({"image": [example]})
     example_out = predictor.frame(predictor.probabilities([example]))
     code = Path(__file__).resolve().parent  # the pipeline package travels with the model
@@ -253,12 +254,6 @@ def set_alias(name: str, alias: str, version: str) -> None:
     client = MlflowClient()
     client.get_model_version(name, version)  # raises a clear MLflow error for a missing version
     client.set_registered_model_alias(name, alias, version)
-
-
-def _torch_load(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _read_thresholds(path: Path) -> dict[str, float]:

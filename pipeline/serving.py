@@ -5,7 +5,8 @@ label prototypes, the class names and the validation thresholds all travel insid
     model = mlflow.pyfunc.load_model("models:/cxr-dwml@champion")
     model.predict(pd.DataFrame({"image": [png_bytes, ...]}))
 The pyfunc's signature is one binary column `image`: pass a DataFrame whose `image` column holds
-PNG/JPEG bytes or uint8 arrays (H, W) / (H, W, 3|4) (base64 text in JSON for `mlflow models serve`).
+PNG/JPEG/DICOM bytes or uint8 arrays (H, W) / (H, W, 3|4) (base64 text in JSON for `mlflow models serve`;
+DICOM needs pydicom where the model is served).
 `Predictor` and `CxrDwmlModel.predict` themselves also take a plain list of those or a uint8 ndarray
 (N, H, W) / (H, W); MLflow's schema check rejects those before they reach the pyfunc.
 """
@@ -13,7 +14,6 @@ PNG/JPEG bytes or uint8 arrays (H, W) / (H, W, 3|4) (base64 text in JSON for `ml
 from __future__ import annotations
 
 import base64
-import io
 import json
 from typing import Any
 
@@ -24,27 +24,19 @@ BUNDLE, THRESHOLDS = "bundle", "thresholds"
 LABELS_COLUMN = "labels"
 
 
-def decode_image(value: Any, size: int) -> np.ndarray:
-    """PNG/JPEG bytes, base64 text or a uint8 array -> (size, size) uint8, as the cache does it."""
-    from PIL import Image
+def decode_input(value: Any, size: int) -> np.ndarray:
+    """One `image` value -> (size, size) uint8, decoded as the prepare step decodes its files.
 
-    from pipeline.data.cache import load_image, to_uint8_gray
+    `value`: PNG/JPEG/DICOM bytes, their base64 text, or a uint8 array (H, W) / (H, W, 3|4); see
+    `pipeline.data.images.decode_image`.
+    """
+    from pipeline.data.images import decode_image
 
     if isinstance(value, str):
         value = base64.b64decode(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return load_image(io.BytesIO(bytes(value)), size)
-    array = np.asarray(value)
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        image = Image.fromarray(array.astype(np.uint8))
-    elif array.ndim == 2:
-        image = Image.fromarray(array)
-    else:
-        raise ValueError(f"an image array must be (H, W) or (H, W, 3|4), got shape {array.shape}")
-    image = to_uint8_gray(image)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only memory
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        value = np.asarray(value)
+    return decode_image(value, size)
 
 
 def as_image_list(model_input: Any) -> list[Any]:
@@ -63,28 +55,28 @@ class Predictor:
     """The network and its preprocessing, usable with or without MLflow."""
 
     def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu") -> None:
-        import torch
-
+        """`device`: a torch device string, or "auto" for the first GPU when there is one."""
         from pipeline.data.dataset import eval_transform
+        from pipeline.inference import resolve_device
         from pipeline.models import model_from_bundle
 
         self.classes = list(bundle["classes"])
         self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
         self.crop = eval_transform(int(bundle.get("crop_size", self.image_size)))
-        self.model = model_from_bundle(bundle, device)
-        self.device = device
+        self.device = resolve_device(device)
+        self.model = model_from_bundle(bundle, self.device)
         self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])
-        self._torch = torch
 
     def probabilities(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
-        torch = self._torch
+        import torch
+
+        from pipeline.inference import probabilities
+
         out = []
         for i in range(0, len(images), batch_size):
-            batch = [self.crop(torch.from_numpy(decode_image(v, self.image_size)).unsqueeze(0))
+            batch = [self.crop(torch.from_numpy(decode_input(v, self.image_size)).unsqueeze(0))
                      for v in images[i:i + batch_size]]
-            with torch.inference_mode():
-                logits = self.model(torch.stack(batch).to(self.device))  # (B, C)
-            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+            out.append(probabilities(self.model, torch.stack(batch), self.device))  # (B, C)
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
 
     def frame(self, probs: np.ndarray) -> pd.DataFrame:
@@ -104,12 +96,12 @@ class CxrDwmlModel(PythonModel):
     """MLflow pyfunc wrapper around Predictor."""
 
     def load_context(self, context) -> None:
-        import torch
+        from pipeline.io import load_checkpoint
 
-        bundle = torch.load(context.artifacts[BUNDLE], map_location="cpu", weights_only=False)
+        bundle = load_checkpoint(context.artifacts[BUNDLE])
         with open(context.artifacts[THRESHOLDS], encoding="utf-8") as f:
             thresholds = json.load(f)["thresholds"]
-        self.predictor = Predictor(bundle, thresholds, "cuda" if torch.cuda.is_available() else "cpu")
+        self.predictor = Predictor(bundle, thresholds, "auto")
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = as_image_list(model_input)

@@ -216,6 +216,48 @@ def test_prepare_normalises_odd_images_and_quarantines_truncated(raw: Path):
     assert large[:, SIZE // 2 - 4 : SIZE // 2 + 4].mean() > large[:, : SIZE // 2 - 4].mean()
 
 
+def test_decode_image_reads_paths_bytes_and_arrays_alike(raw: Path):
+    from pipeline.data.images import decode_image
+
+    roles = add_odd_images(raw)
+    for role in ("rgba", "u16", "large"):
+        path = raw / "images" / roles[role]
+        native = decode_image(path)  # (H, W) at the file's own size
+        with Image.open(path) as im:
+            assert native.shape == (im.height, im.width) and native.dtype == np.uint8
+        assert np.array_equal(decode_image(path.read_bytes()), native)
+        with open(path, "rb") as f:
+            assert np.array_equal(decode_image(f), native)
+        resized = decode_image(path, SIZE)
+        assert resized.shape == (SIZE, SIZE) and resized.flags.writeable
+        assert np.array_equal(decode_image(path.read_bytes(), SIZE), resized)
+        assert np.array_equal(decode_image(native, SIZE), resized)  # an array takes the same resize
+    with Image.open(raw / "images" / roles["rgba"]) as im:
+        rgba = np.asarray(im)  # (H, W, 4)
+    assert np.array_equal(decode_image(rgba, SIZE), decode_image(raw / "images" / roles["rgba"], SIZE))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, 3\|4\), got shape \(2, 3, 5, 5\)"):
+        decode_image(np.zeros((2, 3, 5, 5), np.uint8))
+    with pytest.raises(OSError, match="truncated"):
+        decode_image(raw / "images" / roles["truncated"])
+
+
+def test_decode_image_recognises_dicom_and_names_its_missing_dependency(tmp_path: Path):
+    from pipeline.data.images import PYDICOM_MISSING, decode_image
+
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("pydicom is installed: the missing-dependency message cannot show")
+    dicom = b"\0" * 128 + b"DICM" + b"\0" * 64  # the DICOM preamble, then nothing
+    (tmp_path / "scan.dcm").write_bytes(dicom)
+    for source in (tmp_path / "scan.dcm", str(tmp_path / "scan.dcm"), dicom):
+        with pytest.raises(ImportError, match="pip install pydicom"):
+            decode_image(source)
+    assert "pip install pydicom" in PYDICOM_MISSING
+
+
 def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
     (raw / "images" / image_name(1, 0)).unlink()  # listed but missing
     Image.fromarray(chest_like(SIZE, 0)).save(raw / "images" / "00099999_000.png")  # present, unlisted

@@ -65,13 +65,13 @@ def checkpoint_probabilities(repo: Path, paths: list[Path]) -> np.ndarray:
     """(N, C) probabilities straight from best.pt, preprocessed as the evaluate step does."""
     import torch
 
-    from pipeline.data.cache import load_image
+    from pipeline.data.images import decode_image
     from pipeline.data.dataset import AugmentConfig, eval_transform
     from pipeline.models import load_bundle
 
     net, bundle = load_bundle(repo / "artifacts/model/best.pt")
     crop = eval_transform(int(bundle["crop_size"]))
-    x = torch.stack([crop(torch.from_numpy(load_image(p, bundle["image_size"]))[None]) for p in paths])  # (N, 1, S, S)
+    x = torch.stack([crop(torch.from_numpy(decode_image(p, bundle["image_size"]))[None]) for p in paths])  # (N, 1, S, S)
     with torch.inference_mode():
         return torch.sigmoid(net(x)).numpy()  # (N, C)
 

@@ -22,8 +22,9 @@ from pipeline.data.synthetic import SyntheticConfig, generate
 from pipeline.models import build_model
 from tests.conftest import settings
 from pipeline.training import TrainConfig, train
-from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.loop import TrainingInterrupted, predict
+from pipeline.inference import predict
+from pipeline.io import load_checkpoint
+from pipeline.training.loop import TrainingInterrupted
 from pipeline.training.optim import OptimConfig, build_optimizer, build_scheduler, param_groups, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,28 @@ def test_predict_refuses_a_shuffled_loader(data):
     assert np.array_equal(index, np.arange(len(ds))) and probs.shape == (len(ds), len(CLASSES))
     with pytest.raises(ValueError, match="shuffle=False"):
         predict(model, build_loader(ds, 64, shuffle=True, workers=0, seed=0), torch.device("cpu"))
+
+
+def test_a_missing_or_damaged_checkpoint_is_named(tmp_path):
+    from pipeline.io import file_size
+    from pipeline.models import load_bundle
+
+    path = tmp_path / "best.pt"
+    assert file_size(path) == -1 and file_size(path, missing=0) == 0
+    for load in (load_checkpoint, load_bundle):
+        with pytest.raises(FileNotFoundError, match=rf"checkpoint {path} not found: run the train step"):
+            load(path)
+    torch.save({"fingerprint": "x", "weights": torch.arange(1000)}, path)
+    size = file_size(path)
+    assert size == path.stat().st_size > 0
+    assert load_checkpoint(path, mmap=True)["fingerprint"] == "x"
+    path.write_bytes(path.read_bytes()[: size // 2])  # a copy cut short
+    for load in (load_checkpoint, load_bundle):
+        with pytest.raises(RuntimeError, match=rf"checkpoint {path} cannot be read .*delete it and rerun"):
+            load(path)
+    torch.save([1, 2], path)
+    with pytest.raises(RuntimeError, match=rf"checkpoint {path} holds a list, not a training checkpoint"):
+        load_checkpoint(path)
 
 
 def test_epoch_seeds_differ_between_ranks_and_epochs():

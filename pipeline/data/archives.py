@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.data.sources import check_md5, file_md5, parallel
-from pipeline.io import read_json, write_json
+from pipeline.data.sources import check_md5, parallel
+from pipeline.io import file_digest, file_size, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _bring_in(job: ArchiveJob, out_dir: Path, keep: bool) -> dict:
         check_md5(path, job.md5, path, str(path), move_aside=False)
     else:
         path = out_dir / ARCHIVE_DIR / job.name
-        if path.exists() and file_md5(path) != job.md5:
+        if path.exists() and file_digest(path) != job.md5:
             path.unlink()  # a kept archive that no longer verifies: fetch it again
         if not path.exists():
             job.download(path)
@@ -173,11 +173,4 @@ def _extracted(marker: Path, md5: str, out_dir: Path) -> bool:
     state = read_json(marker)
     if state.get("md5") != md5:
         return False
-    return all(_size(out_dir / rel) == size for rel, size in state["files"].items())
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
+    return all(file_size(out_dir / rel) == size for rel, size in state["files"].items())

@@ -11,14 +11,8 @@ modification times, the target size and the conversion version) matches a comple
 interrupted build resumes: chunks with a done-marker are kept, the rest are decoded again. A chunk's
 marker is written only after its rows are flushed, so a crash never marks unwritten rows done.
 
-Conversion to 8-bit single channel:
-    RGBA/RGB/LA/P -> luminance ("L"; NIH's 519 RGBA images have an opaque alpha channel).
-    16/32-bit (I;16, I, F) -> linearly scaled from the image's own [min, max] to [0, 255]. Many
-    16-bit X-ray PNGs use 10-14 bits of the range, so a fixed `>> 8` would leave them nearly
-    black; scaling the actual range keeps their contrast.
-    Any size -> size x size with an antialiasing bicubic filter (Pillow first reduces by an integer
-    factor with `Image.reduce`, which is fast and exact for 1024 -> 256). Non-square images are
-    stretched, as the NIH images are all square.
+Conversion to 8-bit single channel at size x size: `pipeline.data.images.decode_image` (16-bit
+images scaled from their own range, colour to luminance, antialiased bicubic resize).
 Unreadable or truncated files are quarantined with their reason (never raise); their rows stay zero.
 """
 
@@ -33,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from pipeline.data.images import classify_error, decode_image
 from pipeline.data.layout import CACHE_INDEX
-from pipeline.io import read_json, write_json
+from pipeline.io import file_size, read_json, write_json
 
 # Bump when the conversion changes, so existing caches are rebuilt.
 CONVERSION_VERSION = 1
@@ -61,49 +55,11 @@ def cache_file(cache_dir: Path, size: int) -> Path:
     return Path(cache_dir) / f"images_{size}.u8"
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode one image to a (size, size) uint8 array; raises on unreadable files."""
-    with Image.open(path) as img:
-        img.load()  # decode now so truncation is raised here, not on first use
-        img = to_uint8_gray(img)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
-        return np.array(img, dtype=np.uint8)  # a writable copy, independent of the file
-
-
-def to_uint8_gray(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> mode "L" (see the module docstring for 16-bit scaling)."""
-    if img.mode == "L":
-        return img
-    if img.mode.startswith("I") or img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
-    if img.mode in ("1", "P", "PA"):
-        img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
-    return img.convert("L")  # ITU-R 601 luminance; alpha is dropped
-
-
-def classify_error(exc: BaseException) -> tuple[str, str]:
-    """(reason, detail) for a decode failure: missing, empty, unreadable, truncated or corrupt."""
-    detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, FileNotFoundError):
-        return "missing", detail
-    if isinstance(exc, UnidentifiedImageError):
-        return "unreadable", detail
-    if isinstance(exc, Image.DecompressionBombError):
-        return "too_large", detail
-    if isinstance(exc, OSError) and "truncated" in str(exc):
-        return "truncated", detail
-    return "corrupt", detail
-
-
 def decode_or_reason(path: Path, size: int) -> tuple[np.ndarray | None, tuple[str, str] | None]:
     try:
         if path.stat().st_size == 0:
             return None, ("empty", "file has 0 bytes")
-        return load_image(path, size), None
+        return decode_image(path, size), None
     except Exception as e:  # any decoder error quarantines one file instead of failing the run
         return None, classify_error(e)
 
@@ -151,7 +107,7 @@ def build_cache(
     marker_dir = cache_dir / f"chunks_{size}"
     index = _read_index(cache_dir)
     expected_bytes = len(paths) * size * size
-    if not (index and index.get("fingerprint") == fp and _size_of(data_path) == expected_bytes):
+    if not (index and index.get("fingerprint") == fp and file_size(data_path) == expected_bytes):
         _start_fresh(cache_dir, data_path, marker_dir, paths, size, fp, chunk_size)
         index = _read_index(cache_dir)
     chunk_size = int(index["chunk_size"])  # resume with the chunking the build began with
@@ -163,13 +119,6 @@ def build_cache(
     if index.get("complete"):  # markers were removed: say so before rebuilding those chunks
         _write_index(cache_dir, paths, size, fp, chunk_size, False, _failures_from_json(index["failures"]))
     return _fill(paths, data_path, marker_dir, size, fp, chunk_size, workers, progress, max_chunks)
-
-
-def _size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
 
 
 def _start_fresh(

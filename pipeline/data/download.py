@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from pipeline.classes import LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.data.archives import STATE_DIR, ArchiveJob, fetch_archives
 from pipeline.data.sources import (DownloadError, HttpRemote, NotFound, S3Object, S3Remote,
-                                   Transfer, file_md5, link_or_copy, parallel)
+                                   Transfer, link_or_copy, parallel)
 from pipeline.data.synthetic import SyntheticConfig, generate
-from pipeline.io import read_json, write_json
+from pipeline.io import file_digest, file_size, read_json, write_json
 from pipeline.config import DownloadConfig, NIHConfig, S3Config
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def _fetch_s3_images(remote: S3Remote, images: dict[str, S3Object], out_dir: Pat
     def one(item: tuple[str, S3Object]) -> bool:
         rel, obj = item
         dest = out_dir / rel
-        if _size(dest) == obj.size and etags.get(rel) == obj.etag:
+        if file_size(dest) == obj.size and etags.get(rel) == obj.etag:
             return False
         remote.fetch(obj, dest)
         etags[rel] = obj.etag  # dict item assignment is atomic under the GIL
@@ -312,13 +312,6 @@ def _link_images(images: list[Path], out_dir: Path, workers: int, xfer: Transfer
     xfer.add_total(sum(p.stat().st_size for p in images))
     done = parallel(one, images, workers)
     return {f"images_{k}": done.count(k) for k in ("linked", "copied", "skipped")}
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
 
 
 def _same_copy(a: Path, b: Path) -> bool:
@@ -366,7 +359,7 @@ def write_manifest(out_dir: Path, workers: int = 4,
             entries[rel] = cache[rel]
         else:
             todo.append((rel, path, st))
-    for rel, md5, st in parallel(lambda t: (t[0], file_md5(t[1]), t[2]), todo, workers):
+    for rel, md5, st in parallel(lambda t: (t[0], file_digest(t[1]), t[2]), todo, workers):
         entries[rel] = [st.st_size, st.st_mtime_ns, md5]
     write_json(cache_file, entries)
     manifest = {rel: {"md5": e[2], "size": e[0]} for rel, e in sorted(entries.items())}

@@ -8,7 +8,6 @@ it is complete (and, when its MD5 is known, verified).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,8 @@ from typing import Callable, Iterable, Iterator
 
 import requests
 from urllib3.exceptions import HTTPError
+
+from pipeline.io import file_digest, file_size
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,13 @@ def resumable_copy(open_at: Opener, dest: Path, what: str, xfer: Transfer, md5: 
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures, attempt = 0, 0
     while True:
-        done_before = _size(part)
+        done_before = file_size(part, missing=0)
         try:
             total = _transfer(open_at, part, xfer, first=attempt == 0)
             break
         except TransientError as e:
             attempt += 1
-            done_after = _size(part)
+            done_after = file_size(part, missing=0)
             # An attempt that moved the file forward is not a strike against it: a flaky link
             # may need many resumes to bring a 4 GB archive home.
             failures = 0 if done_after > done_before else failures + 1
@@ -100,8 +101,8 @@ def resumable_copy(open_at: Opener, dest: Path, what: str, xfer: Transfer, md5: 
             delay = min(xfer.backoff_s * 2 ** max(failures - 1, 0), MAX_BACKOFF_S)
             log.warning("%s: %s; retrying in %.2f s from byte %d", what, e, delay, done_after)
             time.sleep(delay)
-    if total is not None and _size(part) != total:
-        raise DownloadError(f"{what}: got {_size(part)} of {total} bytes; rerun to resume")
+    if total is not None and file_size(part, missing=0) != total:
+        raise DownloadError(f"{what}: got {file_size(part, missing=0)} of {total} bytes; rerun to resume")
     if md5 is not None:
         check_md5(part, md5, dest, what)
     os.replace(part, dest)
@@ -113,7 +114,7 @@ def check_md5(path: Path, expected: str, dest: Path, what: str, move_aside: bool
     With `move_aside` the bad file becomes `<dest>.corrupt`, out of the way of extraction and of a
     retry, but still there to inspect.
     """
-    got = file_md5(path)
+    got = file_digest(path)  # MD5
     if got == expected.lower():
         return
     if move_aside:
@@ -127,23 +128,8 @@ def check_md5(path: Path, expected: str, dest: Path, what: str, move_aside: bool
                         f"(from {what}); {fate}")
 
 
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
 def _transfer(open_at: Opener, part: Path, xfer: Transfer, first: bool) -> int | None:
-    offset = _size(part)
+    offset = file_size(part, missing=0)
     start, total, chunks = open_at(offset)
     if start > offset:
         raise DownloadError(f"{part.name}: the source answered from byte {start}, not {offset}")
@@ -163,7 +149,7 @@ def _transfer(open_at: Opener, part: Path, xfer: Transfer, first: bool) -> int |
         finally:
             f.flush()
             os.fsync(f.fileno())
-    size = _size(part)
+    size = file_size(part, missing=0)
     if total is not None and size < total:
         raise TransientError(f"connection closed after {size} of {total} bytes")
     return total

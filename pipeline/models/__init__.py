@@ -130,12 +130,10 @@ def model_from_bundle(bundle: dict, device: str | torch.device = "cpu", source: 
 
 
 def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]:
-    from pathlib import Path
+    """The network saved in a model bundle (`best.pt`), on `device`, and the bundle itself."""
+    from ..io import load_checkpoint
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train a model first")
-    bundle = torch.load(path, map_location="cpu", weights_only=False)
+    bundle = load_checkpoint(path)
     return model_from_bundle(bundle, device, source=str(path)), bundle
 
 

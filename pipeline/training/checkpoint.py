@@ -1,4 +1,4 @@
-"""Full training state on disk: written atomically, restored exactly."""
+"""Full training state on disk: written atomically, restored exactly (read with `pipeline.io.load_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -36,17 +36,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """torch.save into a temporary file, then rename: a kill mid-save leaves the old checkpoint."""
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    try:
-        # weights_only=False: the file holds optimiser and RNG states we wrote ourselves
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} not found: run the train step first") from None
-    except Exception as e:  # torch raises several types for a damaged file
-        raise RuntimeError(f"checkpoint {path} cannot be read ({e}); delete it and retrain") from None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

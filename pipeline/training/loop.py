@@ -15,17 +15,18 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from ..classes import CLASSES
 from ..data.dataset import AugmentConfig, CachedImageDataset, build_loader
-from ..io import read_json, write_json
+from ..inference import autocast, autocast_dtype, predict, resolve_device
+from ..io import load_checkpoint, read_json
 from ..losses import LossConfig, build_loss
 from ..metrics import mean_auc, roc_auc
 from ..models import CxrNet, ModelConfig, build_model, init_prior
 from . import distributed as D
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from .checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
 from .optim import OptimConfig, build_optimizer, build_scheduler
 from ..config import TrainConfig
 
@@ -48,20 +49,6 @@ class TrainResult:
 
 class TrainingInterrupted(RuntimeError):
     """Raised by the `interrupt_after_steps` hook, standing in for a killed process in tests."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 def model_bundle(model: CxrNet, cfg: TrainConfig, text_vectors: np.ndarray, **extra) -> dict:
@@ -224,7 +211,7 @@ def _train_epoch(net, criterion, optimizer, scheduler, scaler, ema, loader, step
         targets = targets.to(device, non_blocking=True)  # (B, C)
         if cfg.channels_last and device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             out = net(images, return_embeddings=True)
         # the loss runs in float32 whatever the autocast dtype: it owns the numerics of sigmoid/softplus
         terms = criterion(out.logits.float(), targets, prototypes=out.prototypes, return_terms=True)
@@ -268,30 +255,6 @@ def _step_metrics(terms: dict, optimizer, grad_norm: float, rate: float, device)
     if device.type == "cuda":
         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return metrics
-
-
-@torch.no_grad()
-def predict(model, loader, device, amp_dtype=None, progress: bool = False, desc: str = "predict"):
-    """Sigmoid scores (N, C) and the dataset indices they belong to, in loader order.
-
-    The indices are read off the loader's sampler, so the sampler must give the same order each
-    time it is iterated: sequential, or a DistributedSampler (its order is fixed by seed and epoch).
-    """
-    if isinstance(loader.sampler, RandomSampler):
-        raise ValueError("predict() needs a loader with shuffle=False: a RandomSampler's order "
-                         "cannot be replayed to tell which image each score belongs to")
-    model.eval()
-    order = np.fromiter(iter(loader.sampler), dtype=np.int64)  # (N,) dataset index of each row
-    probs = []
-    for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        with _autocast(device, amp_dtype):
-            logits = model(images.to(device, non_blocking=True))  # (B, C)
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-    num_classes = len(CLASSES)
-    probs = np.concatenate(probs).astype(np.float64) if probs else np.zeros((0, num_classes))  # (N, C)
-    if len(probs) != len(order):
-        raise RuntimeError(f"predict: {len(probs)} scores for {len(order)} sampled images; use drop_last=False")
-    return order, probs
 
 
 def _validate(model, loader, device, amp_dtype, dist, progress: bool) -> dict:
@@ -375,12 +338,6 @@ def _build_ema(model, decay: float, device):
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=decay, device=device)
-
-
-def _autocast(device, dtype):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
