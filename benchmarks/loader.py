@@ -28,8 +28,8 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.classes import LABEL_CSV_HEADER, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, image_name  # noqa: E402
-from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader, train_transform  # noqa: E402
+from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.data.prepare import PrepareConfig, prepare  # noqa: E402
 
 SIDE = 1024  # the NIH images' side
@@ -125,14 +125,17 @@ def main(argv: list[str] | None = None) -> float:
         cfg = PrepareConfig(val_fraction=0.0, image_size=args.size, workers=max(1, args.workers), chunk_size=32)
         prepare(raw, out, cfg, progress=False)
         build = time.perf_counter() - start
-        print(f"prepare (one decode per image -> {args.size}px cache): {build:.2f}s, "
-              f"{args.images / build:.1f} images/s")
+        print(
+            f"prepare (one decode per image -> {args.size}px cache): {build:.2f}s, {args.images / build:.1f} images/s"
+        )
 
         cached = time_epochs(CachedImageDataset(out, "train", augment, train=True), args)
         naive = time_epochs(PngDataset(paths, args.size, augment), args)
 
-    print(f"torch {torch.__version__}, {args.workers} DataLoader workers, batch {args.batch_size}, "
-          f"{args.size}px -> crop {args.crop}, {args.epochs} epochs (first = warm-up)")
+    print(
+        f"torch {torch.__version__}, {args.workers} DataLoader workers, batch {args.batch_size}, "
+        f"{args.size}px -> crop {args.crop}, {args.epochs} epochs (first = warm-up)"
+    )
     for name, times in (("cached", cached), ("naive", naive)):
         epochs = " ".join(f"{t:.2f}" for t in times)
         print(f"{name:>7}: {rate(times, args.images):9.1f} images/s   epoch seconds: {epochs}")

@@ -46,13 +46,27 @@ SETUPS = {
 class Step:
     """One set-up: model, loss, optimiser and a fixed batch, stepping like the training loop."""
 
-    def __init__(self, head: str, loss: dict, backbone: str, batch: int, crop: int, device: torch.device,
-                 amp: str = "auto", channels_last: bool = True, embed_dim: int = 128, hidden_dim: int = 256):
+    def __init__(
+        self,
+        head: str,
+        loss: dict,
+        backbone: str,
+        batch: int,
+        crop: int,
+        device: torch.device,
+        amp: str = "auto",
+        channels_last: bool = True,
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+    ):
         rng = np.random.default_rng(0)
         prevalence = real_prevalence()  # (C,) ChestX-ray14 rates, so the loss weights are realistic
         counts = (prevalence * 86_524).astype(int)
-        cfg = build(ModelConfig, {"head": head, "embed_dim": embed_dim, "hidden_dim": hidden_dim,
-                                  "backbone": {"name": backbone}}, "model")
+        cfg = build(
+            ModelConfig,
+            {"head": head, "embed_dim": embed_dim, "hidden_dim": hidden_dim, "backbone": {"name": backbone}},
+            "model",
+        )
         torch.manual_seed(0)
         self.model = build_model(cfg, rng.normal(size=(C, E)).astype(np.float32)).to(device)
         self.loss = build_loss(build(LossConfig, loss, "loss"), counts.tolist(), 86_524).to(device)
@@ -102,7 +116,7 @@ def interleaved(steps: dict[str, Step], reps: int, n: int, warmup: int) -> dict[
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(time_steps(steps[name], n))
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -134,14 +148,20 @@ def main(argv: list[str] | None = None) -> float:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__} on {name}; {args.backbone}, batch {args.batch_size}, crop {args.crop}, "
-          f"{args.reps} reps x {args.steps} steps (+{args.warmup} warm-up)")
-    steps = {name: Step(head, loss, args.backbone, args.batch_size, args.crop, device)
-             for name, (head, loss) in SETUPS.items()}
+    print(
+        f"torch {torch.__version__} on {name}; {args.backbone}, batch {args.batch_size}, crop {args.crop}, "
+        f"{args.reps} reps x {args.steps} steps (+{args.warmup} warm-up)"
+    )
+    steps = {
+        name: Step(head, loss, args.backbone, args.batch_size, args.crop, device)
+        for name, (head, loss) in SETUPS.items()
+    }
     seconds = interleaved(steps, args.reps, args.steps, args.warmup)
     for name, s in seconds.items():
-        print(f"{name:>12}: {args.batch_size / s:9.1f} images/s   {1000 * s:8.2f} ms/step   "
-              f"x{s / seconds['bce']:.3f} of bce")
+        print(
+            f"{name:>12}: {args.batch_size / s:9.1f} images/s   {1000 * s:8.2f} ms/step   "
+            f"x{s / seconds['bce']:.3f} of bce"
+        )
     if device.type == "cuda":
         rate = convnext_t_cuda(device, args.cuda_batch, steps=10, warmup=5)
         print(f"convnext_tiny 224px bf16 channels_last, batch {args.cuda_batch}: {rate:.0f} images/s")

@@ -20,7 +20,9 @@ from pipeline.io import save_npy, write_json
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.prototypes import (
-        PrototypeConfig, build_prototypes, cosine_similarity_heatmap, write_similarity_csv,
+        build_prototypes,
+        cosine_similarity_heatmap,
+        write_similarity_csv,
     )
 
     p = parser(__doc__)
@@ -37,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             import mlflow
 
-            tracking.log_params({k: meta.get(k) for k in ("encoder", "revision", "pooling", "normalize",
-                                                           "dimension")}, "prototypes.")
+            tracking.log_params(
+                {k: meta.get(k) for k in ("encoder", "revision", "pooling", "normalize", "dimension")}, "prototypes."
+            )
             for name in ("prototypes.npy", "prototypes.json", "similarity.png"):
                 mlflow.log_artifact(str(out / name))
             tracking.save_run_ref(out, run)

@@ -24,9 +24,8 @@ import io
 import os
 import socket
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +33,12 @@ import torch
 from pipeline.classes import CLASSES, readable_name
 from pipeline.inference import resolve_device
 from pipeline.io import atomic_open
+
 from .config import PrototypeConfig
 
 PACKAGE_PREFIX = "package:"
 HUB_PROBE_TIMEOUT_S = 3.0
+
 
 class EncoderNotAvailable(OSError):
     """The text encoder cannot be found locally and cannot be downloaded now."""
@@ -92,9 +93,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        hit = try_to_load_from_cache(
-            repo_id, "config.json", cache_dir=hub_cache_dir(), revision=revision
-        )
+        hit = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir(), revision=revision)
     except ValueError:  # not a valid repo id: let the caller say so
         return None
     return Path(hit).parent if isinstance(hit, str) else None
@@ -149,8 +148,7 @@ def _check_downloadable(repo_id: str, revision: str | None) -> None:
     if hub_offline():
         raise EncoderNotAvailable(
             f"encoder '{repo_id}' is not in the local Hugging Face cache ({hub_cache_dir()}) and "
-            f"offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE). "
-            + _download_hint(repo_id, revision)
+            f"offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE). " + _download_hint(repo_id, revision)
         )
     if not _hub_reachable():
         raise EncoderNotAvailable(
@@ -307,9 +305,7 @@ def class_prototypes(
     """
     phrases = [p for c in CLASSES for p in texts[c]]
     owner = np.repeat(np.arange(len(CLASSES)), [len(texts[c]) for c in CLASSES])  # (N,)
-    vectors = encode_texts(
-        phrases, tokenizer, model, pooling, normalize, max_length, batch_size, device
-    )  # (N, H)
+    vectors = encode_texts(phrases, tokenizer, model, pooling, normalize, max_length, batch_size, device)  # (N, H)
     protos = np.stack([vectors[owner == i].mean(axis=0) for i in range(len(CLASSES))])  # (C, H)
     if normalize:
         protos /= np.linalg.norm(protos, axis=1, keepdims=True).clip(min=1e-12)

@@ -1,11 +1,11 @@
 """Real servers on 127.0.0.1 for tests: a static file server with byte ranges, and moto's S3.
 
-    with FileServer(folder) as server:
-        server.cut_once("images_001.tar.gz", after=1000)  # the next GET dies after 1000 bytes
-        requests.get(f"{server.url}/images_001.tar.gz")
+with FileServer(folder) as server:
+    server.cut_once("images_001.tar.gz", after=1000)  # the next GET dies after 1000 bytes
+    requests.get(f"{server.url}/images_001.tar.gz")
 
-    with moto_s3() as endpoint:
-        boto3.client("s3", endpoint_url=endpoint)
+with moto_s3() as endpoint:
+    boto3.client("s3", endpoint_url=endpoint)
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import shutil
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass

@@ -43,8 +43,7 @@ PARAPHRASES = {
 # The real MiniLM retrieves 9 of 14 (chance: 1; the same network with random weights: 1 to 3).
 MIN_HITS = 7
 STOPWORDS = set(
-    "a an the of in into with and or to on by up out around from through between so that as than is"
-    .split()
+    "a an the of in into with and or to on by up out around from through between so that as than is".split()
 )
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache
 from pipeline.data.layout import CACHE_DIR, CLASS_COUNTS, MANIFEST, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
 from pipeline.data.splits import SPLITS, assert_patient_disjoint, assign_splits, patient_overlap
 from pipeline.io import save_dataframe, write_json
-from pipeline.config import PrepareConfig
 
 IMAGES_DIR = "images"  # in the raw folder
 EXAMPLES = 10  # names listed per inventory problem in split_stats.json
@@ -133,9 +133,7 @@ def split_statistics(
             "first": quarantine["image"].head(EXAMPLES).tolist(),
         },
         **inventory,
-        "cache": {
-            "file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped
-        },
+        "cache": {"file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped},
         "config": cfg.model_dump(),
     }
 

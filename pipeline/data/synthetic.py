@@ -149,9 +149,7 @@ def followup_counts(num_images: int, num_patients: int, rng: np.random.Generator
     return 1 + extra
 
 
-def split_patients(
-    counts: np.ndarray, test_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
+def split_patients(counts: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Pick whole patients for the test list; (P,) bool, True = test.
 
     Takes patients in random order until their images come closest to test_fraction of all,
@@ -497,9 +495,7 @@ def render_image(
     return sc.compose(noise)
 
 
-def render_images(
-    labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs
-) -> np.ndarray:
+def render_images(labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs) -> np.ndarray:
     """Draw (N, S, S) uint8 images for (N, C) labels, each with a fresh random patient."""
     return np.stack([render_image(y, sample_anatomy(rng), rng, size, **kwargs) for y in labels])
 
@@ -586,8 +582,13 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
     for i in tqdm(range(cfg.num_images), desc="synthetic images", unit="img", disable=not progress):
         rng = np.random.default_rng([cfg.seed, 2, i])  # one stream per image: reproducible alone
         img = render_image(
-            meta.labels[i], anatomies[patients[i]], rng, cfg.image_size, meta.view[i],
-            cfg.invisible_fraction, cfg.noise,
+            meta.labels[i],
+            anatomies[patients[i]],
+            rng,
+            cfg.image_size,
+            meta.view[i],
+            cfg.invisible_fraction,
+            cfg.noise,
         )
         _save_png(images_dir / names[i], img)
     train_val = [n for n, t in zip(names, meta.is_test) if not t]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -19,16 +19,16 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from ..classes import CLASSES
-from ..data.dataset import AugmentConfig, CachedImageDataset, build_loader
+from ..config import TrainConfig
+from ..data.dataset import CachedImageDataset, build_loader
 from ..inference import autocast, autocast_dtype, predict, resolve_device
 from ..io import load_checkpoint, read_json
-from ..losses import LossConfig, build_loss
+from ..losses import build_loss
 from ..metrics import mean_auc, roc_auc
-from ..models import CxrNet, ModelConfig, build_model, init_prior
+from ..models import CxrNet, build_model, init_prior
 from . import distributed as D
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
-from .optim import OptimConfig, build_optimizer, build_scheduler
-from ..config import TrainConfig
+from .optim import build_optimizer, build_scheduler
 
 Logger = Callable[[dict, int], None]
 LAST, BEST = "last.pt", "best.pt"
@@ -108,11 +108,26 @@ def train(
     image_size = int(read_json(Path(prepared_dir) / "cache" / "index.json")["size"])  # side before cropping
     sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     pin = device.type == "cuda"
-    train_loader = build_loader(train_ds, cfg.batch_size, shuffle=False, workers=cfg.workers,
-                                seed=cfg.seed, sampler=sampler, pin_memory=pin, drop_last=True)
+    train_loader = build_loader(
+        train_ds,
+        cfg.batch_size,
+        shuffle=False,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        sampler=sampler,
+        pin_memory=pin,
+        drop_last=True,
+    )
     val_sampler = DistributedSampler(val_ds, dist.world_size, dist.rank, shuffle=False) if dist.enabled else None
-    val_loader = build_loader(val_ds, cfg.eval_batch_size, shuffle=False, workers=cfg.workers,
-                              seed=cfg.seed, sampler=val_sampler, pin_memory=pin)
+    val_loader = build_loader(
+        val_ds,
+        cfg.eval_batch_size,
+        shuffle=False,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        sampler=val_sampler,
+        pin_memory=pin,
+    )
     if len(val_ds) == 0:
         raise ValueError(f"{prepared_dir}: the val split is empty; raise prepare.val_fraction and rerun prepare")
     steps_per_epoch = len(train_loader)
@@ -127,8 +142,9 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, text_vectors).to(device)
     criterion = build_loss(cfg.loss, pos_counts.tolist(), num_images).to(device)
-    init_prior(model, criterion, pos_counts / max(1, num_images), prior_sample(train_ds, cfg),
-               batch_size=cfg.eval_batch_size)
+    init_prior(
+        model, criterion, pos_counts / max(1, num_images), prior_sample(train_ds, cfg), batch_size=cfg.eval_batch_size
+    )
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
@@ -138,8 +154,9 @@ def train(
     ema = _build_ema(model, cfg.ema_decay, device)
 
     state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
-    resumed_from = _maybe_resume(cfg, out_dir / LAST, fingerprint, model, criterion, optimizer, scheduler,
-                                 scaler, ema, state, dist)
+    resumed_from = _maybe_resume(
+        cfg, out_dir / LAST, fingerprint, model, criterion, optimizer, scheduler, scaler, ema, state, dist
+    )
 
     net = model
     if dist.enabled:
@@ -160,8 +177,22 @@ def train(
         if train_loader.generator is not None:  # worker augmentation seeds come from it
             train_loader.generator.manual_seed(seed)
         train_metrics = _train_epoch(
-            net, criterion, optimizer, scheduler, scaler, ema, train_loader, steps_per_epoch,
-            device, amp_dtype, cfg, epoch, state, log, progress and dist.is_main, interrupt_after_steps,
+            net,
+            criterion,
+            optimizer,
+            scheduler,
+            scaler,
+            ema,
+            train_loader,
+            steps_per_epoch,
+            device,
+            amp_dtype,
+            cfg,
+            epoch,
+            state,
+            log,
+            progress and dist.is_main,
+            interrupt_after_steps,
             dist.world_size,
         )
         eval_model = ema.module if ema is not None else model
@@ -181,26 +212,59 @@ def train(
         state["stopped_early"] = stop
         if dist.is_main:
             if improved:
-                save_checkpoint(out_dir / BEST, model_bundle(
-                    eval_model, cfg, text_vectors, epoch=epoch, val_mean_auc=val["val_mean_auc"],
-                    image_size=image_size, fingerprint=fingerprint))
-            save_checkpoint(out_dir / LAST, _full_state(model, criterion, optimizer, scheduler, scaler, ema, state, cfg,
-                                                        fingerprint))
+                save_checkpoint(
+                    out_dir / BEST,
+                    model_bundle(
+                        eval_model,
+                        cfg,
+                        text_vectors,
+                        epoch=epoch,
+                        val_mean_auc=val["val_mean_auc"],
+                        image_size=image_size,
+                        fingerprint=fingerprint,
+                    ),
+                )
+            save_checkpoint(
+                out_dir / LAST,
+                _full_state(model, criterion, optimizer, scheduler, scaler, ema, state, cfg, fingerprint),
+            )
         D.barrier(dist)
         if stop:
             break
 
     D.cleanup(dist)
     return TrainResult(
-        best_auc=float(state["best_auc"]), best_epoch=state["best_epoch"], epochs_run=state["epoch"],
-        stopped_early=bool(state.get("stopped_early")), history=state["history"], best_path=out_dir / BEST,
-        last_path=out_dir / LAST, resumed_from=resumed_from, model=model,
+        best_auc=float(state["best_auc"]),
+        best_epoch=state["best_epoch"],
+        epochs_run=state["epoch"],
+        stopped_early=bool(state.get("stopped_early")),
+        history=state["history"],
+        best_path=out_dir / BEST,
+        last_path=out_dir / LAST,
+        resumed_from=resumed_from,
+        model=model,
     )
 
 
-def _train_epoch(net, criterion, optimizer, scheduler, scaler, ema, loader, steps, device, amp_dtype,
-                 cfg: TrainConfig, epoch: int, state: dict, log: Logger, progress: bool,
-                 interrupt_after_steps: int | None, world_size: int = 1) -> dict:
+def _train_epoch(
+    net,
+    criterion,
+    optimizer,
+    scheduler,
+    scaler,
+    ema,
+    loader,
+    steps,
+    device,
+    amp_dtype,
+    cfg: TrainConfig,
+    epoch: int,
+    state: dict,
+    log: Logger,
+    progress: bool,
+    interrupt_after_steps: int | None,
+    world_size: int = 1,
+) -> dict:
     net.train()
     seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
@@ -240,9 +304,12 @@ def _train_epoch(net, criterion, optimizer, scheduler, scaler, ema, loader, step
             raise TrainingInterrupted(f"interrupted after {state['step']} steps")
     bar.close()
     elapsed = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(1, seen), "train_images_per_s": world_size * seen / max(1e-9, elapsed),
-            # per-epoch keys differ from the per-step ones (lr/head): MLflow keeps one step axis per key
-            "train_lr_head": optimizer.param_groups[-1]["lr"]}
+    return {
+        "train_loss": loss_sum / max(1, seen),
+        "train_images_per_s": world_size * seen / max(1e-9, elapsed),
+        # per-epoch keys differ from the per-step ones (lr/head): MLflow keeps one step axis per key
+        "train_lr_head": optimizer.param_groups[-1]["lr"],
+    }
 
 
 def _step_metrics(terms: dict, optimizer, grad_norm: float, rate: float, device) -> dict:
@@ -284,8 +351,9 @@ def _full_state(model, criterion, optimizer, scheduler, scaler, ema, state, cfg,
     }
 
 
-def _maybe_resume(cfg, path: Path, fingerprint: str, model, criterion, optimizer, scheduler, scaler, ema, state,
-                  dist: D.DistInfo) -> int | None:
+def _maybe_resume(
+    cfg, path: Path, fingerprint: str, model, criterion, optimizer, scheduler, scaler, ema, state, dist: D.DistInfo
+) -> int | None:
     # rank 0 decides and shares the checkpoint: other nodes may not see rank 0's disk, and ranks
     # that disagreed about the starting epoch would wait on each other forever
     ckpt = load_checkpoint(path) if (dist.is_main and cfg.resume and path.exists()) else None
