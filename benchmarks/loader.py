@@ -28,9 +28,10 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.classes import LABEL_CSV_HEADER, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, image_name  # noqa: E402
-from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader, train_transform  # noqa: E402
+from pipeline.config import AugmentConfig, load_params  # noqa: E402
+from pipeline.data.dataset import CachedImageDataset, build_loader, train_transform  # noqa: E402
 from pipeline.data.images import decode_image  # noqa: E402
-from pipeline.data.prepare import PrepareConfig, prepare  # noqa: E402
+from pipeline.data.prepare import prepare  # noqa: E402
 
 SIDE = 1024  # the NIH images' side
 
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> float:
         # items are then made in this process: use one intra-op thread, as a DataLoader worker does
         # (several OpenMP threads per tiny op only contend with each other)
         torch.set_num_threads(1)
-    augment = AugmentConfig(crop_size=args.crop)
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    augment = params.train.augment.replace(crop_size=args.crop)
 
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         raw, out = Path(tmp) / "raw", Path(tmp) / "prepared"
@@ -122,7 +124,9 @@ def main(argv: list[str] | None = None) -> float:
         took = time.perf_counter() - start
         print(f"wrote {args.images} PNGs of {SIDE}x{SIDE} ({mb:.2f} MB each) in {took:.1f}s")
         start = time.perf_counter()
-        cfg = PrepareConfig(val_fraction=0.0, image_size=args.size, workers=max(1, args.workers), chunk_size=32)
+        cfg = params.prepare.replace(
+            val_fraction=0.0, image_size=args.size, workers=max(1, args.workers), chunk_size=32
+        )
         prepare(raw, out, cfg, progress=False)
         build = time.perf_counter() - start
         print(
