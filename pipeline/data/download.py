@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from pipeline.classes import LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.config import DownloadConfig, NIHConfig
 from pipeline.data.archives import STATE_DIR, ArchiveJob, fetch_archives
+from pipeline.data.layout import RAW_IMAGES
 from pipeline.data.sources import (
     DownloadError,
     HttpRemote,
@@ -57,7 +58,6 @@ from pipeline.io import file_digest, file_size, read_json, write_json
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
-IMAGE_DIR = "images"
 LIST_FILES = (TRAIN_VAL_LIST, TEST_LIST)
 NIH_METADATA_PAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 # NIH Box ids and published MD5s of images_001.tar.gz .. images_012.tar.gz, in order.
@@ -274,11 +274,11 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool
             ArchiveJob(name, md5, functools.partial(remote.fetch, objects[name], md5=md5)) for _, name, md5 in wanted
         ]
         return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
-    images = {rel: o for rel, o in objects.items() if rel.startswith(f"{IMAGE_DIR}/") and rel.endswith(".png")}
+    images = {rel: o for rel, o in objects.items() if rel.startswith(f"{RAW_IMAGES}/") and rel.endswith(".png")}
     if not images:
         raise DownloadError(
             f"{cfg.source}: holds neither NIH archives ({wanted[0][1]} ...) nor "
-            f"{IMAGE_DIR}/*.png; check download.source"
+            f"{RAW_IMAGES}/*.png; check download.source"
         )
     return _fetch_s3_images(remote, images, out_dir, cfg)
 
@@ -312,7 +312,7 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     src = Path(cfg.source)
     fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
     # NIH's extracted layout, and Kaggle's images_001/images/*.png.
-    images = [*src.glob(f"{IMAGE_DIR}/*.png"), *src.glob(f"images_*/{IMAGE_DIR}/*.png")]
+    images = [*src.glob(f"{RAW_IMAGES}/*.png"), *src.glob(f"images_*/{RAW_IMAGES}/*.png")]
     if images:
         return _link_images(images, out_dir, cfg.workers, xfer)
     jobs = [
@@ -320,14 +320,14 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     ]
     if not jobs:
         raise DownloadError(
-            f"{src}: holds neither {IMAGE_DIR}/*.png nor NIH archives ({archive_name(1)} ...); check download.source"
+            f"{src}: holds neither {RAW_IMAGES}/*.png nor NIH archives ({archive_name(1)} ...); check download.source"
         )
     return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
 
 
 def _link_images(images: list[Path], out_dir: Path, workers: int, xfer: Transfer) -> dict:
     def one(src: Path) -> str:
-        dest = out_dir / IMAGE_DIR / src.name
+        dest = out_dir / RAW_IMAGES / src.name
         if dest.exists() and (os.path.samefile(src, dest) or _same_copy(src, dest)):
             return "skipped"
         linked = link_or_copy(src, dest)
@@ -351,8 +351,8 @@ def _check_layout(out_dir: Path, source: str) -> None:
     missing = [name for name in LIST_FILES if not (out_dir / name).is_file()]
     if not any((out_dir / name).is_file() for name in LABEL_CSV_NAMES):
         missing.append(" or ".join(LABEL_CSV_NAMES))
-    if not any((out_dir / IMAGE_DIR).glob("*.png")):
-        missing.append(f"{IMAGE_DIR}/*.png")
+    if not any((out_dir / RAW_IMAGES).glob("*.png")):
+        missing.append(f"{RAW_IMAGES}/*.png")
     if missing:
         raise DownloadError(
             f"{out_dir}: after fetching from {source!r}, missing "
@@ -413,7 +413,7 @@ def _summary(
     source: str, manifest: dict, transferred: int, seconds: float, report: dict, progress: bool
 ) -> dict[str, Any]:
     total = sum(e["size"] for e in manifest.values())
-    images = sum(rel.startswith(f"{IMAGE_DIR}/") for rel in manifest)
+    images = sum(rel.startswith(f"{RAW_IMAGES}/") for rel in manifest)
     rate = transferred / 1e6 / max(seconds, 1e-9)
     size = functools.partial(tqdm.format_sizeof, suffix="B")
     line = (

@@ -50,6 +50,7 @@ from pipeline.classes import (
     image_name,
 )
 from pipeline.config import SyntheticConfig
+from pipeline.data.layout import RAW_IMAGES
 
 # Loading of every class on the shared latent "illness" factor. With the pairs below, 0.37 gives
 # 53.8% all-negative images and 1.57 labels per abnormal image (real: 53.8% and 1.57).
@@ -570,7 +571,7 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
         Summary: images, patients, per-split counts, "No Finding" and per-class image counts.
     """
     out_dir = Path(out_dir)
-    images_dir = out_dir / "images"
+    images_dir = out_dir / RAW_IMAGES
     images_dir.mkdir(parents=True, exist_ok=True)
     # The label file is written last, so its presence means the dataset is complete.
     (out_dir / LABEL_CSV_NAMES[0]).unlink(missing_ok=True)
