@@ -16,7 +16,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,7 +27,7 @@ from pipeline.data.archives import UnsafeArchiveError
 from pipeline.data.download import MANIFEST, archive_name, check_source, fetch, selected_archives
 from pipeline.data.sources import DownloadError
 from tests.conftest import settings
-from tests.servers import FileServer, moto_s3
+from tests.servers import FileServer, moto_s3, s3_client
 
 LABEL_CSV = "Data_Entry_2017_v2020.csv"
 IMAGES_PER_ARCHIVE = 3
@@ -348,13 +347,7 @@ def aws_credentials(monkeypatch, tmp_path):
 
 
 def _bucket(endpoint: str, name: str, files: dict[str, bytes], public: bool = False) -> None:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = s3_client(endpoint)
     s3.create_bucket(Bucket=name)
     if public:
         s3.put_bucket_policy(

@@ -7,11 +7,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import boto3
 import pytest
 
 from tests.conftest import copy_repo, run_env
-from tests.servers import moto_s3
+from tests.servers import moto_s3, s3_client
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +39,7 @@ def test_push_and_pull_round_trip_the_prepared_data(tmp_path: Path) -> None:
     repo = copy_repo(tmp_path / "repo", SMALL)
     with moto_s3() as endpoint:
         env = run_env(repo, **CREDENTIALS)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
+        s3 = s3_client(endpoint)
         s3.create_bucket(Bucket="dvc-store")
         run(repo, "dvc", "repro", "prepare", env=env)
         # the documented remote set-up: S3 URL plus a custom endpoint
