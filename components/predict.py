@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from components.common import run_main
+from components.common import check_tracking_store, run_main
 from pipeline.classes import CLASSES
 from pipeline.data.images import DICOM_SUFFIXES, classify_error, decode_image
 from pipeline.io import save_dataframe
@@ -90,6 +90,8 @@ def load_model(uri: str):
     from pipeline import tracking
 
     mlflow.set_tracking_uri(tracking.default_tracking_uri())
+    if uri.startswith(("models:/", "runs:/")):  # looked up in the tracking store: fail fast if it is down
+        check_tracking_store(tracking.default_tracking_uri(), write=False)
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as e:

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from components.common import run_main
+from components.common import check_tracking_store, run_main
 from pipeline import tracking
 from pipeline.config import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.registry import set_alias
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--name", default=None, help="registered model (default: register.model_name)")
@@ -29,9 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alias", default="champion", help="alias to move (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="list versions with their aliases and test AUC")
     args = p.parse_args(argv)
+    # in seconds, before the params are validated (which imports the model library)
+    check_tracking_store(tracking.default_tracking_uri(), write=bool(args.version) and not args.list)
     params = load_params(args.params)
     name = args.name or params.register.model_name
-    tracking.setup(params.mlflow.experiment)
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry import set_alias
+
+    mlflow.set_tracking_uri(tracking.default_tracking_uri())  # the registry needs no experiment
     try:
         if args.list or not args.version:
             _list_versions(MlflowClient(), name)

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlflow import MlflowClient
-
-    from pipeline import registry
-
     p = parser(__doc__)
     p.add_argument("--model", default="artifacts/model", help="train step output (default: %(default)s)")
     p.add_argument("--reports", default="reports", help="evaluate step output (default: %(default)s)")
@@ -39,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_mlflow:
         raise ValueError("register needs MLflow: drop --no-mlflow")
     cfg, params = stage_config(args, "register")
+    from mlflow import MlflowClient
+
+    from pipeline import registry
+
     model_dir, reports = Path(args.model), Path(args.reports)
     ref = tracking.load_run_ref(model_dir)
     if ref is None:
