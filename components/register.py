@@ -46,11 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     metrics = read_json(reports / "metrics.json")  # test numbers: reported in tags, never selected on
     ours = _selection_set(reports, Path(args.prepared))
 
+    digest = registry.weights_digest(model_dir / "best.pt")
+
     with mlflow_run(args, params, "register", run_id=ref["run_id"]) as run:
-        info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
-        tags = registry.version_tags(metrics, run.info.run_id, _provenance(params))
-        version = registry.register(info.model_uri, cfg, tags)
         client = MlflowClient()
+        same = registry.version_with_weights(client, cfg.model_name, digest)
+        if same is not None:  # e.g. a finished training resumed and evaluated again: no second version
+            record = _already_registered(client, cfg.model_name, same, digest, run.info.run_id)
+            write_json(args.out, record)  # nothing goes to MLflow: the version and its run stay as they are
+            print(f"[register] {record['reason']}")
+            return 0
+        info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
+        tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
+        version = registry.register(info.model_uri, cfg, tags)
         champ = registry.champion(client, cfg.model_name)
         champ = champ if champ is None or champ.version != version.version else None
         champ_preds = registry.champion_predictions(client, champ) if champ is not None else None
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         record = {
             "model_name": cfg.model_name,
             "version": str(version.version),
+            "registered": True,
+            registry.WEIGHTS_TAG: digest,
             "model_uri": info.model_uri,
             "run_id": run.info.run_id,
             "aliases": _aliases(client, cfg.model_name, version.version),
@@ -105,6 +115,27 @@ def _provenance(params: dict) -> dict[str, str]:
     from components.provenance import version_provenance
 
     return {**version_provenance(), "params_hash": fingerprint(params.model_dump()), "profile": params.profile}
+
+
+def _already_registered(client, name: str, version, digest: str, run_id: str) -> dict:
+    """The record of a register step that found its weights already registered as `version`."""
+    from pipeline.registry import WEIGHTS_TAG
+
+    aliases = {alias: str(v) for alias, v in sorted(client.get_registered_model(name).aliases.items())}
+    held = ", ".join(f"{a} -> v{v}" for a, v in aliases.items()) or "none"
+    return {
+        "model_name": name,
+        "version": str(version.version),
+        "registered": False,
+        "reason": f"{name} v{version.version} already holds these weights ({WEIGHTS_TAG} {digest[:12]}): "
+        f"no new version registered, aliases unchanged ({held}); to make it the champion: "
+        f"python -m components.promote --version {version.version}",
+        WEIGHTS_TAG: digest,
+        "run_id": run_id,
+        "version_run_id": version.run_id,
+        "aliases": _aliases(client, name, version.version),
+        "tracking_uri": tracking.redacted_uri(),
+    }
 
 
 def _aliases(client, name: str, version: str) -> list[str]:

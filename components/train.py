@@ -6,8 +6,10 @@ Run:
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m components.train ...
 Writes best.pt (inference bundle), last.pt (full state for resume), train_summary.json and
 resolved_config.json into --out, and history.csv and training_curves.png into --reports. A `last.pt`
-written with the same
-settings and inputs is resumed (an interrupted run continues; a finished one does nothing).
+written with the same settings and inputs is resumed (an interrupted run continues; a finished one
+does nothing). The files describe the trained model, not how the run went: a finished run resumed
+rewrites them byte for byte (the epoch a run resumed from is printed, not written), so DVC sees
+unchanged outputs and the steps after train do not rerun.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             if run is not None:
                 _log_end(out, Path(args.reports), summary)
     if is_main:
+        if result.resumed_from is not None:
+            finished = result.resumed_from >= result.epochs_run
+            print(
+                f"[train] resumed {out / 'last.pt'} at epoch {result.resumed_from}"
+                + (": the run had finished, nothing trained" if finished else "")
+            )
         print(
             f"[train] best validation mean AUC {result.best_auc:.4f} at epoch {result.best_epoch} "
             f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''})"
@@ -110,7 +118,6 @@ def _write_outputs(out: Path, reports: Path, result, cfg, params, fp: str) -> di
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
-        "resumed_from_epoch": result.resumed_from,
         "fingerprint": fp,
     }
     write_json(out / "train_summary.json", summary)

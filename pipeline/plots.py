@@ -1,6 +1,7 @@
 """PNG figures for MLflow and the reports: training curves, ROC/PR grids, calibration, per-class AUC.
 
-Figures are drawn on an Agg canvas without pyplot's global state and saved atomically.
+Figures are drawn on an Agg canvas without pyplot's global state and saved atomically, with no
+metadata: the same numbers always give the same bytes, so DVC sees an unchanged plot as unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: str | Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    # no "Software: Matplotlib version..." text chunk: the same figure gives the same bytes after an upgrade
+    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})
     with atomic_open(path, "wb") as f:
         f.write(buf.getvalue())
 

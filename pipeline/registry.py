@@ -14,6 +14,7 @@ patient are not independent (ChestX-ray14 has several images per patient).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ from .config import RegisterConfig
 from .metrics import mean_auc, paired_bootstrap_delta, roc_auc
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+# version tag: sha256 of the network's weights; no two versions of a model hold the same weights
+WEIGHTS_TAG = "weights_sha256"
 SELECTION_SPLIT = "val"  # the only split the gate ever reads
 # The champion's predictions, logged into its run by its evaluate step.
 PREDICTIONS_ARTIFACT = f"evaluation/predictions/{SELECTION_SPLIT}.parquet"
@@ -83,6 +86,43 @@ def log_pyfunc(bundle_path: Path, thresholds_path: Path, example: bytes, name: s
         input_example=example_in,
         pip_requirements=_requirements(),
     )
+
+
+def weights_digest(bundle_path: Path) -> str:
+    """sha256 of the network's weights in a model bundle (`best.pt`): every tensor of its
+    `model_state` by name, with its dtype and shape. The same weights give the same digest whatever
+    else the file holds (the epoch, the settings fingerprint) and however torch laid the file out."""
+    import torch
+
+    from .io import load_checkpoint
+
+    state = load_checkpoint(bundle_path, mmap=True)["model_state"]
+    h = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}|{t.dtype}|{tuple(value.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        else:  # a module's extra state
+            h.update(f"{name}|{value!r}|".encode())
+    return h.hexdigest()
+
+
+def version_with_weights(client, name: str, digest: str):
+    """The oldest version of `name` tagged with these weights (`WEIGHTS_TAG`), or None.
+
+    Versions registered before the tag existed carry no digest and are never matched.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' AND tags.{WEIGHTS_TAG} = '{digest}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such registered model yet
+            return None
+        raise
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def register(model_uri: str, cfg: RegisterConfig, tags: dict[str, str]):

@@ -34,7 +34,7 @@ import yaml
 from components.provenance import airflow_tags, dvc_data_hash, git_commit, run_tags
 from pipeline.classes import CLASSES
 from pipeline.registry import SelectionSet, decide, selection_set, version_tags
-from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env, settings
+from tests.conftest import ROOT, TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env, settings
 
 MODEL_NAME = "cxr-dwml"
 # One epoch is enough: the gate tests compare against rewritten predictions, not on model quality.
@@ -360,6 +360,21 @@ def _training_run(model_dir: Path, best: Path, run_name: str) -> str:
     return run.info.run_id
 
 
+def _other_weights(best: Path, out: Path, seed: int) -> Path:
+    """`best` with one weight moved: another network for the registry (one version per weights),
+    the same for the gate, which reads only the rewritten predictions."""
+    import torch
+
+    from pipeline.io import load_checkpoint
+    from pipeline.training.checkpoint import save_checkpoint
+
+    bundle = load_checkpoint(best)
+    bundle["model_state"]["head.radius"] = bundle["model_state"]["head.radius"] + 1e-3 * seed
+    save_checkpoint(out, bundle)
+    assert not torch.equal(bundle["model_state"]["head.radius"], load_checkpoint(best)["model_state"]["head.radius"])
+    return out
+
+
 def _rewrite_split(repo: Path, reports: Path, split: str, strength: float, seed: int) -> dict:
     """Rewrite reports/predictions/<split>.parquet so scores follow the labels by `strength` (< 0: against)."""
     from pipeline.metrics import bootstrap_auc
@@ -440,11 +455,11 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
         reg1 = _register(repo, work / "model1", work / "reports1", work / "registration1" / "registration.json")
 
         worse_metrics = _rewrite_predictions(repo, work / "reports1", work / "reports2", strength=-0.6, seed=1)
-        run2 = _training_run(work / "model2", best, "train-worse")
+        run2 = _training_run(work / "model2", _other_weights(best, work / "worse.pt", seed=1), "train-worse")
         reg2 = _register(repo, work / "model2", work / "reports2", work / "registration2" / "registration.json")
 
         _rewrite_predictions(repo, work / "reports1", work / "reports3", strength=0.6, seed=2)
-        run3 = _training_run(work / "model3", best, "train-better")
+        run3 = _training_run(work / "model3", _other_weights(best, work / "better.pt", seed=2), "train-better")
         reg3 = _register(repo, work / "model3", work / "reports3", work / "registration3" / "registration.json")
 
         client = MlflowClient(tracking_uri=url)
@@ -607,3 +622,92 @@ def test_register_gate_on_mlflow_server_postgres(
         repo = trained_repo(tmp_path_factory)
         with mlflow_server(db_uri, tmp_path / "server") as url:
             _registration_scenario(url, repo, tmp_path / "work", capsys)
+
+
+# ----------------------------------------------------------------------------- one version per weights
+
+
+def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
+    """A model bundle as training saves it (test-sized network), its weights drawn with `seed`."""
+    import torch
+
+    from pipeline.models import build_model
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.loop import model_bundle
+
+    tiny = {"model.embed_dim": 16, "model.hidden_dim": 32, "model.backbone.name": "test_convnext"}
+    cfg = settings("train", {**tiny, "augment.crop_size": 32})
+    vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, vectors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, model_bundle(model, cfg, vectors, epoch=epoch, val_mean_auc=0.6, image_size=32))
+
+
+@pytest.fixture
+def small_workspace(tmp_path: Path) -> Path:
+    """What register reads, made without a pipeline run: prepared data, evaluate's reports, params."""
+    from pipeline.data.prepare import prepare
+    from pipeline.data.synthetic import generate
+
+    repo = tmp_path / "repo"
+    generate(
+        repo / "data/raw",
+        settings("download.synthetic", num_images=120, num_patients=60, image_size=64, seed=3),
+        progress=False,
+    )
+    prepare(repo / "data/raw", repo / "data/prepared", settings("prepare", image_size=32, workers=1), progress=False)
+    manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
+    val = manifest[manifest["split"] == "val"]
+    scores = np.random.default_rng(1).random((len(val), len(CLASSES)))
+    (repo / "reports/predictions").mkdir(parents=True)
+    pd.DataFrame({"image": val["image"].to_numpy(), **dict(zip(CLASSES, scores.T))}).to_parquet(
+        repo / "reports/predictions/val.parquet", index=False
+    )
+    metrics = {"val_mean_auc": 0.5, "mean_auc": 0.5, "mean_auc_ci": [0.4, 0.6], "per_class_auc": {}}
+    (repo / "reports/metrics.json").write_text(json.dumps(metrics))
+    (repo / "reports/thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["register"].update(min_auc=0.0, bootstrap_resamples=100)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    return repo
+
+
+def test_register_never_makes_a_second_version_of_the_same_weights(
+    small_workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Weights already registered (a finished training resumed, evaluated and registered again):
+    no new version, the aliases stay where they were, the record and the output name the version."""
+    from mlflow import MlflowClient
+
+    repo, work = small_workspace, tmp_path / "work"
+    reports = repo / "reports"
+    _bundle(work / "a" / "best.pt", seed=1)
+    _bundle(work / "b" / "best.pt", seed=2)
+    _bundle(work / "a-again" / "best.pt", seed=1, epoch=7)  # the same weights in another file
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    with tracking_env(uri, repo):
+        _training_run(work / "model1", work / "a" / "best.pt", "train-a")
+        reg1 = _register(repo, work / "model1", reports, work / "registration1.json")
+        _training_run(work / "model2", work / "b" / "best.pt", "train-b")
+        reg2 = _register(repo, work / "model2", reports, work / "registration2.json")
+        client = MlflowClient(tracking_uri=uri)
+        aliases_before = dict(client.get_registered_model(MODEL_NAME).aliases)
+        run3 = _training_run(work / "model3", work / "a-again" / "best.pt", "train-a-again")
+        capsys.readouterr()
+        reg3 = _register(repo, work / "model3", reports, work / "registration3.json")
+        out = capsys.readouterr().out
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL_NAME}'"))
+        aliases_after = dict(client.get_registered_model(MODEL_NAME).aliases)
+        v1 = client.get_model_version(MODEL_NAME, "1")
+        logged3 = [a.path for a in client.list_artifacts(run3)]
+    assert (reg1["version"], reg1["registered"], reg2["version"], reg2["registered"]) == ("1", True, "2", True)
+    assert reg1["weights_sha256"] != reg2["weights_sha256"]
+    assert v1.tags["weights_sha256"] == reg1["weights_sha256"]
+    assert versions == [1, 2]  # no v3
+    assert aliases_after == aliases_before and str(aliases_after["challenger"]) == "2"
+    assert reg3["registered"] is False and reg3["version"] == "1"
+    assert reg3["weights_sha256"] == reg1["weights_sha256"] and reg3["aliases"] == ["champion"]
+    assert "cxr-dwml v1 already holds these weights" in out and "aliases unchanged" in out
+    assert logged3 == []  # nothing logged into the new run: no second model, no registration artifact

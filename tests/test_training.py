@@ -400,6 +400,48 @@ def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
     assert len(client.get_metric_history(run.info.run_id, "loss_loss")) == 4
 
 
+def test_train_component_rewrites_a_finished_run_byte_for_byte(data, tmp_path, monkeypatch, capsys):
+    """`dvc repro` deletes the cache: false reports of a stage before rerunning it (e.g. after a run
+    that failed on a wrong key): train then resumes its finished run, and must give the same bytes,
+    or DVC sees a changed model folder and evaluate and register run (and register a version) again."""
+    from components.train import main
+
+    prepared, _ = data
+    mlflow_workspace(tmp_path, monkeypatch, "train-bytes", {**TINY, "epochs": 2, "max_steps_per_epoch": 2})
+    argv = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prepared",
+        str(prepared),
+        "--prototypes",
+        str(prepared.parent / "prototypes"),
+        "--out",
+        "model",
+        "--reports",
+        "reports",
+        "--no-progress",
+        "--no-mlflow",
+    ]
+    outputs = [
+        "model/best.pt",
+        "model/last.pt",
+        "model/train_summary.json",
+        "model/resolved_config.json",
+        "reports/history.csv",
+        "reports/training_curves.png",
+    ]
+    assert main(argv) == 0
+    first = {path: (tmp_path / path).read_bytes() for path in outputs}
+    shutil.rmtree(tmp_path / "reports")  # what DVC does to the stage's cache: false plots before a rerun
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "the run had finished, nothing trained" in capsys.readouterr().out
+    again = {path: (tmp_path / path).read_bytes() for path in outputs}
+    assert [p for p in outputs if again[p] != first[p]] == []
+    # no tool version in the figure: a matplotlib upgrade alone does not change the plot's bytes
+    assert b"Matplotlib" not in first["reports/training_curves.png"]
+
+
 # ----------------------------------------------------------------------------- ablation
 
 
