@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 venv: $(VENV)/.installed
 
+# `dvc checkout --relink`: outputs a run under an older cache.type left as copies become links too
 demo: venv
 	$(BIN)/dvc repro
+	$(BIN)/dvc checkout --relink
 	$(BIN)/python -m components.summary
 
 paper: venv

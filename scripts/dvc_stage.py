@@ -13,8 +13,10 @@ train stage resumes from its `last.pt` (artifacts/model is persistent).
 
 DVC holds one repository lock per workspace, so calls are serialised by a file lock in
 `.dvc/tmp/` (a second call waits instead of failing); a params.yaml left behind by a killed call
-is restored by the next one. With CXR_DVC_REMOTE_URL set (and CXR_DVC_REMOTE_ENDPOINT for an
-S3-compatible store), the stage's outputs are pushed to that remote afterwards.
+is restored by the next one. After the stage, `dvc checkout --relink` makes its outputs links into
+the DVC cache (`.dvc/config`: cache.type hardlink,symlink), copies left by older runs included.
+With CXR_DVC_REMOTE_URL set (and CXR_DVC_REMOTE_ENDPOINT for an S3-compatible store), the stage's
+outputs are pushed to that remote afterwards.
 """
 
 from __future__ import annotations
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[dvc_stage] overrides for this run: {json.dumps(overrides, sort_keys=True)}")
         with applied(root, composed_params(root, overrides)):
             rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", args.stage], root)
+            if rc == 0:  # outputs left as copies (by a run under an older cache.type) become links
+                rc = run(["dvc", "--wait-for-lock", "checkout", "--relink", args.stage], root)
         if rc == 0:
             rc = push(root, args.stage)
     return rc
