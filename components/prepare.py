@@ -3,7 +3,10 @@
 Run:
     python -m components.prepare --raw data/raw --out data/prepared
 Writes manifest.csv, split_stats.json, class_counts.json, split_class_counts.csv, quarantine.csv
-and cache/ into --out; settings from the `prepare` section of params.yaml.
+and cache/ into --out; settings from the `prepare` section of params.yaml. The image cache is
+built in --work (default: <out>-work, e.g. data/prepared-work/, git-ignored and no DVC output, so
+`dvc repro` never deletes it): a killed build resumes from its finished chunks, and once complete
+the cache is published into <out>/cache as hard links to the work copy (no second copy on disk).
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--raw", default="data/raw", help="raw NIH-layout folder (default: %(default)s)")
     p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
+    p.add_argument("--work", default=None, help="where the image cache is built and resumed (default: <out>-work)")
     args = p.parse_args(argv)
     cfg, params = stage_config(args, "prepare")
     raw, out = Path(args.raw), Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(f"{out.name}-work")
     if not raw.is_dir():
         raise FileNotFoundError(f"{raw} does not exist: run the download step first (dvc repro download)")
     with mlflow_run(args, params, "prepare") as run:
-        stats = prepare(raw, out, cfg, progress=not args.no_progress)
+        stats = prepare(raw, out, cfg, progress=not args.no_progress, work_dir=work)
         if run is not None:
             import mlflow
 

@@ -1,17 +1,22 @@
 """The workspace `dvc repro` leaves, in a tiny copy of the repository: outputs are links into the DVC
-cache (one copy of the data on disk)."""
+cache (one copy of the data on disk), and a killed prepare step resumes its image cache."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, copy_repo, run_env
+from tests.conftest import ROOT, TINY_PARAMS, copy_repo, deep_update, run_env
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +78,55 @@ def test_outputs_are_links_into_the_dvc_cache_after_repro_pull_and_the_stage_run
     assert runner.returncode == 0, runner.stdout[-3000:] + runner.stderr[-3000:]
     assert "Running stage" not in runner.stdout  # nothing to rerun: only relinked
     assert_linked(repo, image)
+
+
+# prepare slow enough to be killed part-way: 64 px images cached at 512 px, 8 images per done-marker
+SLOW_PREPARE = deep_update(copy.deepcopy(TINY_PARAMS), {"prepare": {"image_size": 512, "chunk_size": 8, "workers": 1}})
+
+
+def test_a_killed_prepare_stage_resumes_its_image_cache(tmp_path: Path) -> None:
+    from pipeline.config import load_params
+    from pipeline.data.prepare import prepare
+
+    repo = copy_repo(tmp_path / "repo", SLOW_PREPARE)
+    dvc(repo, "repro", "download")
+    markers = repo / "data/prepared-work/cache/chunks_512"
+    proc = subprocess.Popen(
+        ["dvc", "repro", "prepare"],
+        cwd=repo,
+        env=run_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if markers.is_dir() and len(list(markers.glob("0*.json"))) >= 5:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # as a killed job or a lost machine would
+        output = proc.communicate(timeout=60)[0]
+    done = {m.name: m.stat().st_mtime_ns for m in markers.glob("0*.json")}
+    assert 5 <= len(done) < 45, f"the build was not caught part-way ({len(done)} of 45 chunks):\n{output[-2000:]}"
+    assert not (repo / "data/prepared/cache").exists()
+
+    rerun = dvc(repo, "repro", "prepare")
+    # the rerun's progress starts at the chunks done before the kill, and leaves them untouched
+    first = re.search(r"cache 512px:.*?(\d+)/360", rerun.stderr + rerun.stdout)
+    assert first is not None and int(first.group(1)) >= 8 * len(done), rerun.stderr[-2000:]
+    assert {m: markers.joinpath(m).stat().st_mtime_ns for m in done} == done
+    assert len(list(markers.glob("0*.json"))) == 45
+
+    # the cache equals one built in one go, and DVC's record of it is exact
+    params = load_params(repo / "params.yaml")
+    prepare(repo / "data/raw", tmp_path / "in-one-go", params.prepare, progress=False)
+    resumed, one_go = repo / "data/prepared/cache", tmp_path / "in-one-go" / "cache"
+    files = sorted(p.relative_to(one_go) for p in one_go.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(resumed) for p in resumed.rglob("*") if p.is_file()) == files
+    assert [f for f in files if (resumed / f).read_bytes() != (one_go / f).read_bytes()] == []
+    status = dvc(repo, "status", "prepare")
+    assert "changed" not in status.stdout, status.stdout

@@ -407,6 +407,35 @@ def test_interrupted_cache_build_resumes_to_identical_bytes(raw: Path, tmp_path:
     assert C.build_cache(paths, tmp_path / "part", SIZE, progress=False).skipped
 
 
+def test_cache_built_in_a_work_folder_is_published_as_links_and_never_written_through_one(raw: Path):
+    """prepare builds the cache in `work_dir` and publishes it into the output as hard links; DVC
+    then links the same file into its cache and makes it read-only. A rebuild must replace the
+    shared file by its own copy, never write rows through the link into DVC's copy."""
+    out, work = raw.parent / "out", raw.parent / "out-work"
+    prepare(raw, out, cfg(), progress=False, work_dir=work)
+    data, built = out / "cache" / f"images_{SIZE}.u8", work / "cache" / f"images_{SIZE}.u8"
+    assert data.stat().st_ino == built.stat().st_ino  # one copy on disk
+    names = sorted(str(p.relative_to(out / "cache")) for p in (out / "cache").rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(work / "cache")) for p in (work / "cache").rglob("*") if p.is_file())
+    assert C.open_cache(out / "cache").shape[1:] == (SIZE, SIZE)
+
+    # what `dvc repro` does next: a link in its cache, read-only; then the output folder is deleted
+    dvc_copy = raw.parent / "dvc-cache-object"
+    os.link(data, dvc_copy)
+    dvc_copy.chmod(0o444)
+    reference = dvc_copy.read_bytes()
+    (out / "cache").rename(raw.parent / "deleted-output")
+    # a resplit reuses the decoded images; the output gets the cache back
+    assert prepare(raw, out, cfg(seed=1), progress=False, work_dir=work)["cache"]["skipped"] is True
+    assert data.stat().st_ino == dvc_copy.stat().st_ino
+    # a lost done-marker makes the build decode a chunk again: into a private copy
+    C.remove_marker(work / "cache", SIZE, 0)
+    assert prepare(raw, out, cfg(), progress=False, work_dir=work)["cache"]["skipped"] is False
+    assert built.stat().st_ino != dvc_copy.stat().st_ino and built.stat().st_mode & 0o200
+    assert dvc_copy.read_bytes() == reference and dvc_copy.stat().st_mode & 0o777 == 0o444
+    assert data.stat().st_ino == built.stat().st_ino and data.read_bytes() == reference
+
+
 # ----------------------------------------------------------------------------- dataset
 
 

@@ -11,6 +11,11 @@ modification times, the target size and the conversion version) matches a comple
 interrupted build resumes: chunks with a done-marker are kept, the rest are decoded again. A chunk's
 marker is written only after its rows are flushed, so a crash never marks unwritten rows done.
 
+A build writes rows in place, so it first replaces a data file that is shared (a hard link, e.g.
+into DVC's cache) or read-only by a private copy: it never writes through a link. `publish_cache`
+puts a complete cache elsewhere as hard links to its files: the prepare step builds (and resumes)
+its cache in a work folder that DVC never deletes, then publishes it into the step's output.
+
 Conversion to 8-bit single channel at size x size: `pipeline.data.images.decode_image` (16-bit
 images scaled from their own range, colour to luminance, antialiased bicubic resize).
 Unreadable or truncated files are quarantined with their reason (never raise); their rows stay zero.
@@ -23,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +155,7 @@ def _fill(
 ) -> CacheResult:
     n = len(paths)
     starts = list(range(0, n, chunk_size))
+    _own(data_path)
     failures: dict[int, tuple[str, str]] = {}
     todo = []
     for k, start in enumerate(starts):
@@ -175,6 +182,46 @@ def _fill(
     complete = all(_read_marker(marker_dir, k) is not None for k in range(len(starts)))
     _write_index(data_path.parent, paths, size, fp, chunk_size, complete, failures)
     return CacheResult(data_path, size, n, dict(sorted(failures.items())), False, complete, len(todo))
+
+
+def _own(path: Path) -> None:
+    """Make `path` safe to write in place: a file with other names (a hard link into DVC's cache,
+    or a published copy) or without write permission is replaced by a private, writable copy."""
+    st = path.stat()
+    if st.st_nlink == 1 and st.st_mode & stat.S_IWUSR:
+        return
+    tmp = path.with_name(f".{path.name}.own")
+    shutil.copyfile(path, tmp)  # a new file: its own inode, this process's default mode
+    os.replace(tmp, path)
+
+
+def publish_cache(cache_dir: str | Path, dest: str | Path) -> None:
+    """Put the complete cache of `cache_dir` at `dest`: its index, data file and done-markers, as
+    hard links (copies where the file system has none), gathered beside `dest`, then renamed into
+    place. Nothing else in `cache_dir` (a half-written temporary file, another size) goes along.
+
+    Raises:
+        RuntimeError: the cache in `cache_dir` is missing or incomplete.
+    """
+    cache_dir, dest = Path(cache_dir), Path(dest)
+    index = _read_index(cache_dir)
+    if index is None or not index.get("complete"):
+        raise RuntimeError(f"{cache_dir}: image cache missing or incomplete; run the prepare step")
+    markers = cache_dir / f"chunks_{index['size']}"
+    files = [cache_dir / CACHE_INDEX, cache_dir / index["file"]]
+    files += sorted(p for p in markers.glob("*.json") if not p.name.startswith("."))
+    staging = dest.with_name(f".{dest.name}.publish")
+    shutil.rmtree(staging, ignore_errors=True)
+    for src in files:
+        target = staging / src.relative_to(cache_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, target)
+        except OSError:  # no hard links here (or across these folders): a copy
+            shutil.copy2(src, target)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(staging, dest)
 
 
 def _run(jobs: list[tuple], workers: int):

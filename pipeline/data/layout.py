@@ -11,6 +11,8 @@ The raw folder holds the NIH layout: `images/*.png` beside the label CSV and the
     cache/                  images_<size>.u8 + index.json (see `pipeline.data.cache`)
 
 `pipeline.data.prepare` writes them; the dataset, training, evaluation and registration read them.
+The prepare component builds the cache in a work folder beside the prepared folder
+(`data/prepared-work/cache`, kept between runs so a build resumes) and publishes it into `cache/`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pandas as pd
 from pipeline.classes import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
-from pipeline.data.cache import CacheResult, build_cache
+from pipeline.data.cache import CacheResult, build_cache, publish_cache
 from pipeline.data.layout import (
     CACHE_DIR,
     CLASS_COUNTS,
@@ -36,8 +36,16 @@ from pipeline.io import save_dataframe, write_json
 EXAMPLES = 10  # names listed per inventory problem in split_stats.json
 
 
-def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the prepare step; returns the statistics written to split_stats.json."""
+def prepare(
+    raw_dir: Path, out_dir: Path, cfg: PrepareConfig, progress: bool = True, work_dir: Path | None = None
+) -> dict[str, Any]:
+    """Run the prepare step; returns the statistics written to split_stats.json.
+
+    `work_dir`: where the image cache is built and resumed (`<work_dir>/cache`), to be published
+    into `out_dir` as hard links once complete; None builds it in `out_dir` itself. Under DVC the
+    output folder is deleted before the step runs, so only a work folder outside the outputs lets
+    an interrupted build resume (and a re-split reuse the decoded images).
+    """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     table, train_val, test = read_inputs(raw_dir)
     present = list_images(raw_dir / RAW_IMAGES)
@@ -45,9 +53,12 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig, progress: bool = T
     table = table[table["image"].isin(inventory.pop("usable"))].sort_values("image", ignore_index=True)
 
     paths = [raw_dir / RAW_IMAGES / name for name in table["image"]]
-    cache = build_cache(paths, out_dir / CACHE_DIR, cfg.image_size, cfg.workers, cfg.chunk_size, progress)
+    build_dir = Path(work_dir or out_dir) / CACHE_DIR
+    cache = build_cache(paths, build_dir, cfg.image_size, cfg.workers, cfg.chunk_size, progress)
     if not cache.complete:
-        raise RuntimeError(f"{out_dir / CACHE_DIR}: the image cache is incomplete; rerun to resume it")
+        raise RuntimeError(f"{build_dir}: the image cache is incomplete; rerun to resume it")
+    if work_dir is not None:
+        publish_cache(build_dir, out_dir / CACHE_DIR)
     table["cache_index"] = np.arange(len(table))
     quarantine = quarantine_table(table, cache)
     table = table[~table["cache_index"].isin(list(cache.failures))].reset_index(drop=True)
