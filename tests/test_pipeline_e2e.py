@@ -83,6 +83,22 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout.lower()
 
+    # a run that fails on a wrong key (DVC has deleted train's uncached plots by then), then the
+    # fixed run: train resumes its finished run and rewrites the same bytes, so nothing after it
+    # reruns and no second version of the same model is registered
+    committed = (demo_repo / "params.yaml").read_text()
+    (demo_repo / "params.yaml").write_text(committed.replace("\ntrain:\n", "\ntrain:\n  epochz: 3\n", 1))
+    failed = dvc(demo_repo, "repro")
+    assert failed.returncode != 0 and "train.epochz" in failed.stdout + failed.stderr
+    assert not (demo_repo / "reports/train/history.csv").exists()
+    (demo_repo / "params.yaml").write_text(committed)
+    fixed = dvc(demo_repo, "repro")
+    assert fixed.returncode == 0, fixed.stdout[-4000:] + fixed.stderr[-4000:]
+    assert "Running stage 'evaluate'" not in fixed.stdout and "Running stage 'register'" not in fixed.stdout
+    assert [v.version for v in client.search_model_versions("name='cxr-dwml'")] in (["1"], [1])
+    assert "Running stage 'train'" in fixed.stdout and "the run had finished" in fixed.stdout
+    assert (demo_repo / "reports/train/history.csv").exists()
+
     # a kept baseline, then a variant: `dvc metrics diff` / `dvc plots diff` put them side by side
     git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
     subprocess.run([*git, "add", "dvc.lock", "reports"], cwd=demo_repo, check=True)
