@@ -143,7 +143,9 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
 
     Raises:
         DownloadError: naming the file, URL or key that failed and what to do.
-        UnsafeArchiveError: naming the archive member that was refused.
+        UnsafeArchiveError: naming the archive member that was refused (unsafe, outside images/,
+            a label or list file, or colliding with another member or a file already there).
+        DamagedArchiveError: naming the archive that ends early or is corrupt.
     """
     check_source(cfg)
     out_dir = Path(out_dir)
