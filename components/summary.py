@@ -13,6 +13,7 @@ from components.common import run_main
 from pipeline import tracking
 from pipeline.classes import CLASSES
 from pipeline.io import read_json
+from pipeline.tracking import redact_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         r = read_json(reg)
         state = "champion" if r.get("promote") else "challenger"
         print(f"\nregistered {r['model_name']} v{r['version']} as {state}: {r['reason']}")
-    uri = tracking.default_tracking_uri()
+    uri = redact_uri(tracking.default_tracking_uri())
     browse = (
         f"mlflow ui --backend-store-uri {uri.replace(str(Path.cwd().resolve()) + '/', '')}"
         if uri.startswith("sqlite")
