@@ -114,8 +114,13 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
     for names, images, failures in _batches(files, batch_size):
         skipped += failures
         if images:
-            out = model.predict(pd.DataFrame({"image": images}))
-            frames.append(pd.concat([pd.DataFrame({"file": names}), out.reset_index(drop=True)], axis=1))
+            out = model.predict(pd.DataFrame({"image": images})).reset_index(drop=True)
+            out.insert(0, "file", names)
+            if "error" in out.columns:  # a row the model could not score is skipped, with its reason
+                failed = out["error"].notna()
+                skipped += [_model_error(f, e) for f, e in zip(out.loc[failed, "file"], out.loc[failed, "error"])]
+                out = out.loc[~failed].drop(columns="error").astype({c: float for c in CLASSES})
+            frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
     columns = ["file", *CLASSES, "labels"]
@@ -147,6 +152,12 @@ def _reason(exc: BaseException) -> dict[str, str]:
         return {"reason": "unsupported", "detail": str(exc)}
     reason, detail = classify_error(exc)
     return {"reason": reason, "detail": detail}
+
+
+def _model_error(file: str, error: str) -> dict[str, str]:
+    """A skipped row from the model's `error`, "row <i>: <reason>: <detail>"."""
+    _, reason, detail = (error.split(": ", 2) + ["", ""])[:3]
+    return {"file": file, "reason": reason or "corrupt", "detail": detail or error}
 
 
 def _write_skipped(path: Path, rows: list[dict[str, str]]) -> None:
