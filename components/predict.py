@@ -94,7 +94,8 @@ def load_model(uri: str):
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as e:
         raise RuntimeError(
-            f"cannot load model {uri!r} from {tracking.redacted_uri()}: {e.message}. Check --model "
+            f"cannot load model {tracking.redact_uri(uri)!r} from {tracking.redacted_uri()}: "
+            f"{tracking.redact_text(e.message)}. Check --model "
             f"and MLFLOW_TRACKING_URI (python -m components.promote --list shows the versions)"
         ) from e
 

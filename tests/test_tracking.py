@@ -121,3 +121,22 @@ def test_stage_runner_prints_remote_urls_without_their_secrets(tmp_path: Path, c
     assert dvc_stage.run(["true", "remote", "add", "--local", "cxr-remote", url], tmp_path) == 0
     out = capsys.readouterr().out
     assert out == "+ true remote add --local cxr-remote https://***@storage.example.org/cxr?X-Amz-Signature=***\n"
+
+
+def test_predict_names_an_unreachable_tracking_server_without_its_password(
+    tmp_path: Path, monkeypatch, capsys, tracking_uri
+) -> None:
+    from components import predict
+    from components.common import run_main
+
+    server = "http://admin:p@ss@127.0.0.1:9/"  # port 9: nothing answers
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.delenv("CXR_DEBUG", raising=False)
+    with tracking_uri(server):  # the component sets the URI process-wide; this puts the old one back
+        args = ["--model", "models:/cxr-dwml@champion", str(tmp_path), "--out", str(tmp_path / "p.csv")]
+        code = run_main("predict", predict.main, args)
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load model 'models:/cxr-dwml@champion' from http://***@127.0.0.1:9/" in err
+    assert "p@ss" not in err and "Traceback" not in err
