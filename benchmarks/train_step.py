@@ -1,8 +1,9 @@
 """Images/s of one training step: BCE linear head against the metric head + dual-weighted metric loss.
 
 The demo model (params.yaml: convnext_atto, embed_dim 128, hidden_dim 256, crop 56, batch 64) runs
-the training loop's step (autocast where CUDA, forward, float32 loss with its logged terms,
-backward, gradient clipping, AdamW) in three set-ups:
+the training loop's own step, `pipeline.training.loop.train_step` (autocast where CUDA, forward,
+float32 loss with its logged terms, backward, gradient clipping, AdamW, the warmup-cosine schedule),
+in three set-ups:
     bce:         linear head + BCE                             (the baseline)
     metric_bce:  metric head + plain BCE on distance logits    (what the head costs)
     metric_dwml: metric head + dual-weighted metric loss       (the method)
@@ -33,7 +34,8 @@ from pipeline.data.synthetic import real_prevalence  # noqa: E402
 from pipeline.inference import autocast_dtype, resolve_device  # noqa: E402
 from pipeline.losses import LossConfig, build_loss  # noqa: E402
 from pipeline.models import ModelConfig, build_model, init_prior  # noqa: E402
-from pipeline.training.optim import OptimConfig, build_optimizer  # noqa: E402
+from pipeline.training.loop import StepContext, train_step  # noqa: E402
+from pipeline.training.optim import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
 
 C, E = 14, 384  # classes; text vector width of the demo encoder (MiniLM-L6)
 SETUPS = {
@@ -44,7 +46,7 @@ SETUPS = {
 
 
 class Step:
-    """One set-up: model, loss, optimiser and a fixed batch, stepping like the training loop."""
+    """One set-up: model, loss, optimiser and a fixed batch, stepped by the training loop's `train_step`."""
 
     def __init__(self, head: str, loss: dict, backbone: str, batch: int, crop: int, device: torch.device,
                  amp: str = "auto", channels_last: bool = True, embed_dim: int = 128, hidden_dim: int = 256):
@@ -55,29 +57,26 @@ class Step:
                                   "backbone": {"name": backbone}}, "model")
         torch.manual_seed(0)
         self.model = build_model(cfg, rng.normal(size=(C, E)).astype(np.float32)).to(device)
-        self.loss = build_loss(build(LossConfig, loss, "loss"), counts.tolist(), 86_524).to(device)
+        loss_fn = build_loss(build(LossConfig, loss, "loss"), counts.tolist(), 86_524).to(device)
         images = torch.from_numpy(rng.integers(0, 256, (batch, 1, crop, crop), dtype=np.uint8))  # (B, 1, H, W)
         self.images = images.to(device)
-        init_prior(self.model, self.loss, prevalence, self.images)  # as training starts
-        self.channels_last = channels_last and device.type == "cuda"
-        if self.channels_last:
+        init_prior(self.model, loss_fn, prevalence, self.images)  # as training starts
+        channels_last = channels_last and device.type == "cuda"
+        if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, OptimConfig())
-        self.amp = autocast_dtype(amp, device)
+        optim = OptimConfig()
+        optimizer = build_optimizer(self.model, optim)
+        amp_dtype = autocast_dtype(amp, device)
+        # as `train` builds them: the schedule over a long run, loss scaling for float16 only
+        self.ctx = StepContext(
+            self.model, loss_fn, optimizer, build_scheduler(optimizer, optim, steps_per_epoch=1000, epochs=8),
+            torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), None, device, amp_dtype,
+            optim.grad_clip, channels_last)
         self.device = device
-        if self.channels_last:
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.targets = torch.from_numpy((rng.random((batch, C)) < prevalence).astype(np.float32)).to(device)
 
     def __call__(self) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(self.images, return_embeddings=True)
-        terms = self.loss(out.logits.float(), self.targets, prototypes=out.prototypes, return_terms=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        float(terms["loss"].detach())  # the loop reads the loss every step: keep its sync
+        train_step(self.ctx, self.images, self.targets)
 
 
 def sync(device: torch.device) -> None:
