@@ -167,6 +167,9 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import constants, is_offline_mode, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    def unavailable(why: str) -> EncoderNotAvailable:
+        return EncoderNotAvailable(f"encoder '{repo_id}' {why}. " + _download_hint(repo_id, revision))
+
     where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
@@ -176,23 +179,15 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
         raise EncoderNotAvailable(f"encoder '{repo_id}' is neither a folder nor a hub id ({e}); point "
                                   f"prototypes.encoder in params.yaml to one") from None
     if is_offline_mode():
-        raise EncoderNotAvailable(
-            f"encoder '{repo_id}' is not in {where} and offline mode is on (HF_HUB_OFFLINE / "
-            f"TRANSFORMERS_OFFLINE). " + _download_hint(repo_id, revision)
-        )
+        raise unavailable(f"is not in {where} and offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError as e:  # what snapshot_download raises when the hub is out of reach
         cause = " ".join(f"{type(e.__cause__ or e).__name__}: {e.__cause__ or e}".split())
-        raise EncoderNotAvailable(
-            f"encoder '{repo_id}' is not in {where} and the hub ({constants.ENDPOINT}) cannot be "
-            f"reached ({cause}). " + _download_hint(repo_id, revision)
-        ) from None
+        raise unavailable(f"is not in {where} and the hub ({constants.ENDPOINT}) cannot be reached ({cause})") from None
     except OSError as e:  # unknown or gated repository, unknown revision, other HTTP errors
-        raise EncoderNotAvailable(
-            f"encoder '{repo_id}' (revision {revision or 'main'}) cannot be downloaded from "
-            f"{constants.ENDPOINT}: {' '.join(str(e).split())}. " + _download_hint(repo_id, revision)
-        ) from None
+        raise unavailable(f"(revision {revision or 'main'}) cannot be downloaded from {constants.ENDPOINT}: "
+                          f"{' '.join(str(e).split())}") from None
 
 
 def resolve_encoder(name: str, revision: str | None = None) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from transformers import AutoModel, BertConfig, BertModel, BertTokenizerFast
 from pipeline import prototypes as P
 from pipeline.classes import CLASSES, readable_name
 from pipeline.config import ConfigError, build
+from tests.test_registry import free_port  # a loopback port nobody listens on
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HIDDEN = 32
@@ -81,13 +81,6 @@ def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_in_fresh_process(code: str, **env: str) -> dict:
@@ -238,7 +231,7 @@ def test_hub_id_loads_from_cache_snapshot(tiny_bert, tmp_path, setting):
     if setting.endswith("offline"):
         env["HF_HUB_OFFLINE"] = "1"
     else:  # online, but the cache is read before the hub is asked
-        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
     repo = cache / "models--acme--tiny-bert"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
@@ -270,7 +263,7 @@ def test_missing_hub_model_fails_fast_offline(tmp_path):
 
 
 def test_unreachable_hub_fails_fast(tmp_path):
-    endpoint = f"http://127.0.0.1:{closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     got = load_in_fresh_process(LOAD_OR_FAIL.format(encoder=P.PAPER_ENCODER),
                                 HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=endpoint)
     assert got["seconds"] < 10
