@@ -5,18 +5,24 @@ BIN := $(CURDIR)/$(VENV)/bin
 # DVC and Airflow spawn `python`/`dvc`/`airflow` subprocesses: the venv must come first on PATH
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test venv repro summary paper dag-test lint clean help
+.PHONY: demo test venv repro summary paper params dag-test lint clean help
 
 help:
 	@echo "make demo      run the whole pipeline on the demo data (creates .venv first if missing)"
 	@echo "make test      run the test suite"
+	@echo "make lint      ruff check and ruff format --check (what CI runs before the tests)"
 	@echo "make paper     run the paper profile (NIH data, ConvNeXt-T, BioBERT; needs data and a GPU)"
+	@echo "make params    compose params.yaml from conf/ (PROFILE=paper, SET='train.epochs=2 ...')"
 	@echo "make dag-test  run the Airflow DAG once with 'airflow dags test' in a throwaway AIRFLOW_HOME"
+
+# The development venv: the pipeline plus the extras the tests exercise (Airflow for the DAG,
+# the PostgreSQL drivers, the test tools and ruff); see pyproject.toml for what each extra holds.
+EXTRAS := dev,airflow,postgres
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,8 +34,18 @@ demo: venv
 paper: venv
 	$(BIN)/dvc exp run -S profile=paper
 
+# params.yaml from conf/ for `dvc repro` (`dvc exp run` composes it itself)
+PROFILE ?=
+SET ?=
+params: venv
+	$(BIN)/python -m components.params $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
+
 test: venv
 	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 dag-test: venv
 	$(BIN)/python -m pytest -q tests/test_dag.py -k dags_test

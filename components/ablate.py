@@ -24,9 +24,8 @@ The same comparison through DVC experiments, one queued experiment per variant:
 
 from __future__ import annotations
 
-import copy
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ class RunScores:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.train import input_digests, load_prototypes
+    from components.training import input_digests, load_prototypes
     from pipeline.training import TrainConfig
 
     p = parser(__doc__)
@@ -67,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.bootstrap < 1:
         raise ValueError(f"--seeds ({args.seeds}) and --bootstrap ({args.bootstrap}) must be >= 1")
-    base, params = stage_config(args, "train", TrainConfig)
+    base, params = stage_config(args, "train")
     if args.epochs is not None:
-        base.epochs = args.epochs
-        base.validate()
+        base = base.replace(epochs=args.epochs)
     variants = parse_variants(args.variants)
     seeds = [base.seed + i for i in range(args.seeds)]
     prepared, protos = Path(args.prepared), Path(args.prototypes)
@@ -85,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = variant_config(base, variant, seed)
                 print(f"[ablate] {variant} seed {seed}: head {cfg.model.head}, loss {cfg.loss.name}, "
                       f"prototypes {cfg.model.prototypes}")
-                runs.append(run_variant(variant, cfg, prepared, text_vectors, Path(args.out) / variant / f"seed_{seed}",
-                                        fingerprint(asdict(cfg), digests), parent is not None, not args.no_progress))
+                runs.append(run_variant(variant, cfg, params.evaluate, prepared, text_vectors, Path(args.out) / variant / f"seed_{seed}",
+                                        fingerprint(cfg.model_dump(), digests), parent is not None, not args.no_progress))
         table = runs_table(runs)
         summary = summarize(runs, args.bootstrap)
         write_reports(table, summary, reports)
@@ -111,14 +109,14 @@ def parse_variants(text: str) -> list[str]:
 
 def variant_config(base, variant: str, seed: int | None = None):
     """`base` (the train section) with the variant's loss, head and prototypes, and `seed`."""
-    cfg = copy.deepcopy(base)
-    cfg.loss, cfg.model.head, cfg.model.prototypes = ablation_config(variant, base.loss)
+    loss, head, prototypes = ablation_config(variant, base.loss)
+    changes = {"loss": loss.model_dump(), "model.head": head, "model.prototypes": prototypes}
     if seed is not None:
-        cfg.seed = seed
-    return cfg
+        changes["seed"] = seed
+    return base.replace(changes)
 
 
-def run_variant(variant: str, cfg, prepared: Path, text_vectors, out: Path, fp: str, track: bool,
+def run_variant(variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path, fp: str, track: bool,
                 progress: bool) -> RunScores:
     """Train one (variant, seed) (its own nested MLflow run when `track`) and score its best checkpoint."""
     from pipeline import tracking
@@ -126,29 +124,28 @@ def run_variant(variant: str, cfg, prepared: Path, text_vectors, out: Path, fp: 
 
     if not track:
         result = train(cfg, prepared, text_vectors, out, fingerprint=fp, progress=progress)
-        return _scores(variant, cfg, result, prepared, progress)
+        return _scores(variant, cfg, ecfg, result, prepared, progress)
     import mlflow
 
-    from components.train import mlflow_logger
+    from components.training import mlflow_logger
 
     tags = {"cxr.ablation": variant, "cxr.step": "ablation", "cxr.seed": str(cfg.seed)}
     with mlflow.start_run(run_name=f"{variant}-seed{cfg.seed}", nested=True, tags=tags):
-        tracking.log_params(tracking.flatten({"train": asdict(cfg)}))
+        tracking.log_params(tracking.flatten({"train": cfg.model_dump()}))
         mlflow.log_param("ablation", variant)
         result = train(cfg, prepared, text_vectors, out, fingerprint=fp, log=mlflow_logger(), progress=progress)
-        scores = _scores(variant, cfg, result, prepared, progress)
+        scores = _scores(variant, cfg, ecfg, result, prepared, progress)
         mlflow.log_metrics({"best_val_mean_auc": _mean_auc(scores.val), "test_mean_auc": _mean_auc(scores.test)})
     return scores
 
 
-def _scores(variant: str, cfg, result, prepared: Path, progress: bool) -> RunScores:
-    from pipeline.evaluation import EvaluateConfig, score_split
+def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> RunScores:
+    from pipeline.evaluation import score_split
     from pipeline.models import load_bundle
     from pipeline.inference import resolve_device
 
     device = resolve_device(cfg.device)
     model, bundle = load_bundle(result.best_path, device)
-    ecfg = EvaluateConfig(batch_size=cfg.eval_batch_size)
     crop = int(bundle["crop_size"])
     val = score_split(model, prepared, "val", crop, ecfg, device, progress)
     test = score_split(model, prepared, "test", crop, ecfg, device, progress)
@@ -166,9 +163,9 @@ def _mean_auc(split) -> float:
 def runs_table(runs: list[RunScores]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        variant = ablation_config(r.variant)
-        rows.append({"variant": r.variant, "seed": r.seed, "head": variant.head, "loss": variant.loss.name,
-                     "prototypes": variant.prototypes, "best_epoch": r.best_epoch,
+        named = ABLATIONS[r.variant]
+        rows.append({"variant": r.variant, "seed": r.seed, "head": named["head"], "loss": named["name"],
+                     "prototypes": named.get("prototypes", "text"), "best_epoch": r.best_epoch,
                      "val_mean_auc": _mean_auc(r.val), "test_mean_auc": _mean_auc(r.test)})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from pipeline.config import ConfigError, build, load_params, section, to_dict
+from pipeline.config import ConfigError, Params, Section, load_params
 from pipeline.io import write_json
 from pipeline import tracking
 
@@ -22,21 +22,20 @@ RESOLVED = "resolved_config.json"
 def parser(doc: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--profile", default=None, help="override params.yaml's `profile` (demo | paper)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     return p
 
 
-def stage_config(args: argparse.Namespace, step: str, cls: type[T]) -> tuple[T, dict[str, Any]]:
-    """The typed config of `step` and the whole resolved params (profile applied)."""
-    params = load_params(args.params, args.profile)
-    return build(cls, section(params, step), step), params
+def stage_config(args: argparse.Namespace, step: str) -> tuple[Any, Params]:
+    """The validated section `step` of the params file, and the whole file."""
+    params = load_params(args.params)
+    return getattr(params, step), params
 
 
-def save_resolved(out: str | Path, step: str, cfg: Any, params: dict[str, Any]) -> None:
+def save_resolved(out: str | Path, step: str, cfg: Section, params: Params) -> None:
     """Keep the exact settings an output was made with beside it."""
-    write_json(Path(out), {"step": step, "profile": params.get("profile"), step: to_dict(cfg)})
+    write_json(Path(out), {"step": step, "profile": params.profile, step: cfg.model_dump()})
 
 
 def fingerprint(*parts: Any) -> str:
@@ -47,7 +46,7 @@ def fingerprint(*parts: Any) -> str:
 
 
 @contextlib.contextmanager
-def mlflow_run(args, params: dict[str, Any], step: str, run_id: str | None = None,
+def mlflow_run(args, params: Params, step: str, run_id: str | None = None,
                run_name: str | None = None) -> Iterator[Any]:
     """A run of this step (or the existing `run_id`, to add to it); yields None with --no-mlflow."""
     if args.no_mlflow:
@@ -55,8 +54,10 @@ def mlflow_run(args, params: dict[str, Any], step: str, run_id: str | None = Non
         return
     import mlflow
 
-    tracking.setup(params.get("mlflow", {}).get("experiment", "cxr-dwml"))
-    tags = tracking.context_tags(step, params.get("profile", "demo"))
+    from components.provenance import run_tags
+
+    tracking.setup(params.mlflow.experiment)
+    tags = run_tags(step, params.profile)
     if run_id:
         # adding to another step's run: keep its identity, record this step's context beside it
         tags = {f"{k.replace('airflow.', f'airflow.{step}.')}": v for k, v in tags.items() if k.startswith("airflow.")}

@@ -20,19 +20,18 @@ from pipeline import tracking
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.data.download import DownloadConfig, fetch
+    from pipeline.data.download import fetch
 
     p = parser(__doc__)
     p.add_argument("--out", default="data/raw", help="raw data folder (default: %(default)s)")
     p.add_argument("--source", default=None, help="override download.source")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "download", DownloadConfig)
+    cfg, params = stage_config(args, "download")
     # deployments (docker/compose.yaml) name their S3 endpoint in the environment
     if os.environ.get("CXR_S3_ENDPOINT_URL") and not cfg.s3.endpoint_url:
-        cfg.s3.endpoint_url = os.environ["CXR_S3_ENDPOINT_URL"]
+        cfg = cfg.replace({"s3.endpoint_url": os.environ["CXR_S3_ENDPOINT_URL"]})
     if args.source:
-        cfg.source = args.source
-    cfg.validate()
+        cfg = cfg.replace(source=args.source)
     out = Path(args.out)
     with mlflow_run(args, params, "download") as run:
         t0 = time.perf_counter()
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             import mlflow
 
-            tracking.log_params({"source": cfg.source, "profile": params["profile"]}, "download.")
+            tracking.log_params({"source": cfg.source, "profile": params.profile}, "download.")
             mlflow.log_metrics({k: float(v) for k, v in _numbers(summary).items()})
             mlflow.log_metric("download_seconds", time.perf_counter() - t0)
             mlflow.log_artifact(str(out / "checksums.json"))

@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="artifacts/model", help="train step output (default: %(default)s)")
     p.add_argument("--out", default="reports", help="reports folder (default: %(default)s)")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "evaluate", EvaluateConfig)
+    cfg, params = stage_config(args, "evaluate")
     model_dir, out = Path(args.model), Path(args.out)
+    if not (model_dir / "best.pt").exists():
+        raise FileNotFoundError(f"{model_dir / 'best.pt'} not found: run the train step first (dvc repro train)")
     ref = tracking.load_run_ref(model_dir)
     with mlflow_run(args, params, "evaluate", run_id=ref and ref["run_id"]) as run:
         metrics = evaluate(model_dir / "best.pt", Path(args.prepared), out, cfg, progress=not args.no_progress)

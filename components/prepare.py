@@ -15,13 +15,14 @@ from pipeline import tracking
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.data.layout import CLASS_COUNTS, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
     from pipeline.data.prepare import PrepareConfig, prepare
 
     p = parser(__doc__)
     p.add_argument("--raw", default="data/raw", help="raw NIH-layout folder (default: %(default)s)")
     p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "prepare", PrepareConfig)
+    cfg, params = stage_config(args, "prepare")
     raw, out = Path(args.raw), Path(args.out)
     if not raw.is_dir():
         raise FileNotFoundError(f"{raw} does not exist: run the download step first (dvc repro download)")
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
             tracking.log_params(tracking.flatten({"prepare": vars(cfg)}))
             mlflow.log_metrics(_split_metrics(stats))
-            for name in ("split_stats.json", "class_counts.json", "split_class_counts.csv", "quarantine.csv"):
+            for name in (SPLIT_STATS, CLASS_COUNTS, SPLIT_CLASS_COUNTS, QUARANTINE):
                 if (out / name).exists():
                     mlflow.log_artifact(str(out / name))
             tracking.save_run_ref(out, run)

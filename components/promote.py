@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list versions with their aliases and test AUC")
     args = p.parse_args(argv)
     params = load_params(args.params)
-    name = args.name or params.get("register", {}).get("model_name", "cxr-dwml")
-    tracking.setup(params.get("mlflow", {}).get("experiment", "cxr-dwml"))
+    name = args.name or params.register.model_name
+    tracking.setup(params.mlflow.experiment)
     try:
         if args.list or not args.version:
             _list_versions(MlflowClient(), name)

@@ -20,12 +20,12 @@ from pipeline.io import save_npy, write_json
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.plots import similarity_heatmap
-    from pipeline.prototypes import PrototypeConfig, build_prototypes, cosine_matrix, write_similarity_csv
+    from pipeline.prototypes import build_prototypes, cosine_matrix, write_similarity_csv
 
     p = parser(__doc__)
     p.add_argument("--out", default="artifacts/prototypes", help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "prototypes", PrototypeConfig)
+    cfg, params = stage_config(args, "prototypes")
     out = Path(args.out)
     with mlflow_run(args, params, "prototypes") as run:
         prototypes, meta = build_prototypes(cfg)  # (C, E)

@@ -12,7 +12,6 @@ as version tags. Manual promotion or rollback: python -m components.promote --ve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.no_mlflow:
         raise ValueError("register needs MLflow: drop --no-mlflow")
-    cfg, params = stage_config(args, "register", RegisterConfig)
+    cfg, params = stage_config(args, "register")
     model_dir, reports = Path(args.model), Path(args.reports)
     ref = tracking.load_run_ref(model_dir)
     if ref is None:
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with mlflow_run(args, params, "register", run_id=ref["run_id"]) as run:
         info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
-        tags = _version_tags(params, metrics, run.info.run_id)
+        tags = registry.version_tags(metrics, run.info.run_id, _provenance(params))
         version = registry.register(info.model_uri, cfg, tags)
         client = MlflowClient()
         champ = registry.champion(client, cfg.model_name)
@@ -76,37 +75,29 @@ def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
     """Our validation predictions with their labels and patients from the prepared manifest."""
     import pandas as pd
 
+    from pipeline.data.layout import MANIFEST
     from pipeline.registry import SELECTION_SPLIT, selection_set
 
     path = reports / "predictions" / f"{SELECTION_SPLIT}.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the evaluate step, which writes the {SELECTION_SPLIT} "
                                 f"predictions the promotion gate decides on")
-    return selection_set(pd.read_parquet(path), pd.read_csv(prepared / "manifest.csv"), str(path))
+    return selection_set(pd.read_parquet(path), pd.read_csv(prepared / MANIFEST), str(path))
 
 
 def _example(prepared: Path) -> bytes:
     from pipeline.data.cache import open_cache
+    from pipeline.data.layout import CACHE_DIR
     from pipeline.registry import example_png
 
-    return example_png(np.asarray(open_cache(prepared / "cache")[0]))
+    return example_png(np.asarray(open_cache(prepared / CACHE_DIR)[0]))
 
 
-def _version_tags(params: dict, metrics: dict, run_id: str) -> dict[str, str]:
-    from pipeline.registry import dvc_data_hash, git_commit
+def _provenance(params: dict) -> dict[str, str]:
+    """The commit and prepared data (from git and dvc.lock in the working directory) and the settings."""
+    from components.provenance import version_provenance
 
-    tags = {
-        "git_commit": git_commit(),
-        "dvc_data_hash": dvc_data_hash(),
-        "params_hash": fingerprint(params),
-        "profile": str(params.get("profile")),
-        "training_run_id": run_id,
-        "val_mean_auc": str(metrics.get("val_mean_auc")),
-        "test_mean_auc": str(metrics.get("mean_auc")),
-        "test_mean_auc_ci": json.dumps(metrics.get("mean_auc_ci")),
-    }
-    tags.update({f"test_auc.{c}": str(v) for c, v in metrics.get("per_class_auc", {}).items()})
-    return tags
+    return {**version_provenance(), "params_hash": fingerprint(params.model_dump()), "profile": params.profile}
 
 
 def _aliases(client, name: str, version: str) -> list[str]:
@@ -116,6 +107,8 @@ def _aliases(client, name: str, version: str) -> list[str]:
 def _report(record: dict) -> None:
     verdict = "promoted to champion" if record["promote"] else "kept as challenger"
     print(f"[register] {record['model_name']} v{record['version']} {verdict}: {record['reason']}")
+    if not record["promote"]:
+        print(f"[register] to promote it anyway: python -m components.promote --version {record['version']}")
 
 
 if __name__ == "__main__":

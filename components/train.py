@@ -12,14 +12,12 @@ settings and inputs is resumed (an interrupted run continues; a finished one doe
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
+from components.training import input_digests, load_prototypes, mlflow_logger
 from pipeline import tracking
-from pipeline.io import file_digest, save_dataframe, write_json
+from pipeline.io import save_dataframe, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reports", default="reports/train", help="history and curves (default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
     args = p.parse_args(argv)
-    cfg, params = stage_config(args, "train", TrainConfig)
+    cfg, params = stage_config(args, "train")
     if args.no_resume:
-        cfg.resume = False
+        cfg = cfg.replace(resume=False)
     prepared, protos_dir, out = Path(args.prepared), Path(args.prototypes), Path(args.out)
     text_vectors = load_prototypes(protos_dir)
-    fp = fingerprint(asdict(cfg), input_digests(prepared, protos_dir))
+    fp = fingerprint(cfg.model_dump(), input_digests(prepared, protos_dir))
     is_main = int(os.environ.get("RANK", "0")) == 0
     previous = tracking.load_run_ref(out) if (is_main and cfg.resume and _resumable(out, fp)) else None
     run_args = args if is_main else _without_mlflow(args)
@@ -54,22 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] best validation mean AUC {result.best_auc:.4f} at epoch {result.best_epoch} "
               f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''})")
     return 0
-
-
-def load_prototypes(folder: Path) -> np.ndarray:
-    path = folder / "prototypes.npy"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the prototypes step first (dvc repro prototypes)")
-    vectors = np.load(path)
-    if vectors.ndim != 2 or vectors.shape[0] != 14:
-        raise ValueError(f"{path} has shape {vectors.shape}; expected (14, E): rerun the prototypes step")
-    return vectors
-
-
-def input_digests(prepared: Path, protos: Path) -> dict[str, str]:
-    names = [prepared / "manifest.csv", prepared / "class_counts.json", prepared / "cache" / "index.json",
-             protos / "prototypes.npy"]
-    return {str(p): file_digest(p) for p in names if p.exists()}
 
 
 def _resumable(out: Path, fp: str) -> bool:
@@ -91,20 +73,11 @@ def _without_mlflow(args):
     return args
 
 
-def mlflow_logger():
-    import mlflow
-
-    def log(metrics: dict, step: int) -> None:
-        mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in metrics.items()}, step=step)
-
-    return log
-
-
 def _log_start(params, cfg, prepared: Path, protos: Path, out: Path, run) -> None:
     import mlflow
 
-    tracking.log_params(tracking.flatten({"train": asdict(cfg)}))
-    mlflow.log_param("profile", params["profile"])
+    tracking.log_params(tracking.flatten({"train": cfg.model_dump()}))
+    mlflow.log_param("profile", params.profile)
     # link this run to the data steps that produced its inputs
     for step, folder in (("download", prepared.parent / "raw"), ("prepare", prepared), ("prototypes", protos)):
         ref = tracking.load_run_ref(folder)
@@ -127,7 +100,7 @@ def _write_outputs(out: Path, reports: Path, result, cfg, params, fp: str) -> di
         "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "fingerprint": fp,
     }
     write_json(out / "train_summary.json", summary)
-    write_json(out / "resolved_config.json", {"profile": params["profile"], "train": asdict(cfg)})
+    write_json(out / "resolved_config.json", {"profile": params.profile, "train": cfg.model_dump()})
     return summary
 
 

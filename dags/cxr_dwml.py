@@ -194,11 +194,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> DagSettings:
 
 def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param]:
     """Run conf accepted by the DAG, validated by Airflow against these JSON schemas at trigger time."""
-    profiles = sorted(p.stem for p in (project / "profiles").glob("*.yaml"))
-    profile_schema: dict[str, Any] = {"enum": [None, "demo", *profiles]} if profiles else {"type": ["null", "string"]}
+    profiles = sorted(p.stem for p in (project / "conf" / "profile").glob("*.yaml"))
+    profile_schema: dict[str, Any] = {"enum": [None, *profiles]} if profiles else {"type": ["null", "string"]}
     return {
-        "profile": Param(None, description="params profile for this run (profiles/<name>.yaml); "
-                         "empty = params.yaml's", **profile_schema),
+        "profile": Param(None, description="settings profile for this run (conf/profile/<name>.yaml); "
+                         "empty = conf/config.yaml's", **profile_schema),
         "source": Param(data_source, type=["null", "string"], minLength=1,
                         description="download.source: synthetic | nih | s3://bucket/prefix | https://mirror | /folder"),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="train.epochs"),

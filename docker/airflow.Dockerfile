@@ -4,10 +4,11 @@
 #
 #   docker build -f docker/airflow.Dockerfile -t cxr-dwml-airflow:latest .
 #
-# Airflow runs in its own interpreter; the DAG's tasks run the component commands (through DVC)
-# in the project venv, so the ML stack (torch, timm, DVC, ...) never shares Airflow's process or
-# has to agree with Airflow's constraints. The venv is deliberately NOT on PATH: it holds an
-# `airflow` too (the project depends on apache-airflow), and Airflow's own must stay first.
+# Airflow runs in its own interpreter, which gets the project's `airflow` and `postgres` extras
+# (pyproject.toml); the DAG's tasks run the component commands (through DVC) in the project venv,
+# which holds the core dependencies only, so the ML stack (torch, timm, DVC, ...) never shares
+# Airflow's process or has to agree with Airflow's constraints. The venv is not on PATH: the DAG
+# puts it first for each task (CXR_VENV), and Airflow's own interpreter stays the default.
 
 ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11
 
@@ -29,7 +30,8 @@ ARG PIP_EXTRA_INDEX_URL
 WORKDIR /opt/cxr-dwml
 COPY --chown=50000:0 pyproject.toml requirements.lock ./
 # The venv is made by the system interpreter, not by Airflow's (which has Airflow's packages
-# in its user site): the project's dependencies are resolved against the lock file alone.
+# in its user site): the project's core dependencies (no extra) are resolved against the lock
+# file alone.
 RUN /usr/local/bin/python -m venv .venv \
     && .venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
@@ -45,6 +47,19 @@ RUN .venv/bin/pip install --no-cache-dir --no-deps . \
 FROM ${AIRFLOW_IMAGE} AS runtime
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Airflow's own environment: the `airflow` extra (the Kubernetes provider for the DAG's pod tasks,
+# PyYAML for dags/cxr_dwml.yaml) and the `postgres` extra (psycopg2 and asyncpg for the metadata
+# database), installed the way the base image expects (as the airflow user, into its user site).
+# The extra pins apache-airflow to the base image's version, so pip cannot replace the image's
+# Airflow. requirements.lock is not applied here: it pins the project venv's environment, while
+# this interpreter keeps the versions the base image was built with (Airflow's constraints).
+USER 50000:0
+COPY --chown=50000:0 pyproject.toml /tmp/cxr-pyproject.toml
+RUN python -c "import tomllib; extras = tomllib.load(open('/tmp/cxr-pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(extras['airflow'] + extras['postgres']))" \
+        > /tmp/airflow-requirements.txt \
+    && pip install --no-cache-dir -r /tmp/airflow-requirements.txt \
+    && rm /tmp/cxr-pyproject.toml /tmp/airflow-requirements.txt
+
 USER 0
 RUN mkdir -p /opt/cxr-dwml && chown 50000:0 /opt/cxr-dwml && chmod g+rwx /opt/cxr-dwml
 

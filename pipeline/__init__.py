@@ -1,6 +1,7 @@
 """cxr-dwml: multi-label chest X-ray classification with a dual-weighted metric loss.
 
-The library knows nothing of Airflow, DVC or the command line; `components/` wraps it.
+A library: functions take their settings, paths and tags as arguments, and know nothing of how they
+are scheduled, versioned or called from a command line.
 """
 
 __version__ = "0.1.0"

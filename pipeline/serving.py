@@ -56,13 +56,13 @@ class Predictor:
 
     def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu") -> None:
         """`device`: a torch device string, or "auto" for the first GPU when there is one."""
-        from pipeline.data.dataset import AugmentConfig, eval_transform
+        from pipeline.data.dataset import eval_transform
         from pipeline.inference import resolve_device
         from pipeline.models import model_from_bundle
 
         self.classes = list(bundle["classes"])
         self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
-        self.crop = eval_transform(AugmentConfig(crop_size=int(bundle.get("crop_size", self.image_size))))
+        self.crop = eval_transform(int(bundle.get("crop_size", self.image_size)))
         self.device = resolve_device(device)
         self.model = model_from_bundle(bundle, self.device)
         self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])

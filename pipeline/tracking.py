@@ -1,4 +1,4 @@
-"""MLflow set-up shared by the components: tracking URI, experiment, linked runs, tags.
+"""MLflow set-up: tracking URI, experiment, linked runs, parameters.
 
 Default store: `sqlite:///<repo>/mlflow.db` with artifacts in `<repo>/mlartifacts`, browsed with
 `mlflow ui --backend-store-uri sqlite:///mlflow.db`. `MLFLOW_TRACKING_URI` points elsewhere
@@ -14,14 +14,6 @@ from typing import Any, Mapping
 from .io import read_json, write_json
 
 RUN_FILE = "mlflow_run.json"
-# Airflow exports these to every task's environment; they make a run traceable to its DAG run.
-_AIRFLOW_ENV_TAGS = {
-    "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
-    "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
-    "AIRFLOW_CTX_TASK_ID": "airflow.task_id",
-    "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number",
-    "AIRFLOW_CTX_LOGICAL_DATE": "airflow.logical_date",
-}
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
@@ -43,14 +35,6 @@ def setup(experiment: str, root: str | Path = ".") -> str:
         exp_id = mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
-
-
-def context_tags(step: str, profile: str) -> dict[str, str]:
-    tags = {"cxr.step": step, "cxr.profile": profile}
-    for env, tag in _AIRFLOW_ENV_TAGS.items():
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
-    return tags
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,19 +1,19 @@
-"""Reproduce one DVC stage for an orchestrator run, with that run's parameter overrides.
+"""Reproduce one DVC stage for an orchestrator run, with that run's profile and overrides.
 
 Run from anywhere, with the project venv's Python (the Airflow DAG `cxr_dwml` does):
     python scripts/dvc_stage.py train                               # dvc repro --single-item train
     python scripts/dvc_stage.py train --set train.epochs=2 --set profile=paper
     CXR_RUN_OVERRIDES='{"train.epochs": 2}' python scripts/dvc_stage.py train
 
-Overrides hold for this one command. They are written into params.yaml (and into the selected
-profile overlay wherever it sets the same key, since the overlay wins over params.yaml), the stage
-is reproduced with `dvc repro --single-item`, and both files are put back byte for byte, so that
-dvc.lock records the values that ran while params.yaml stays as committed. An unchanged stage is
-skipped by DVC; a retried train stage resumes from its `last.pt` (artifacts/model is persistent).
+params.yaml is composed from conf/ with the run's profile and overrides by the same composition
+`dvc exp run -S` performs (`components.params`), the stage is reproduced with `dvc repro
+--single-item`, and params.yaml is put back byte for byte afterwards: dvc.lock records the values
+that ran while params.yaml stays as committed. An unchanged stage is skipped by DVC; a retried
+train stage resumes from its `last.pt` (artifacts/model is persistent).
 
 DVC holds one repository lock per workspace, so calls are serialised by a file lock in
-`.dvc/tmp/` (a second call waits instead of failing); a copy left behind by a killed call is
-restored by the next one. With CXR_DVC_REMOTE_URL set (and CXR_DVC_REMOTE_ENDPOINT for an
+`.dvc/tmp/` (a second call waits instead of failing); a params.yaml left behind by a killed call
+is restored by the next one. With CXR_DVC_REMOTE_URL set (and CXR_DVC_REMOTE_ENDPOINT for an
 S3-compatible store), the stage's outputs are pushed to that remote afterwards.
 """
 
@@ -33,8 +33,10 @@ from typing import Any, Iterator
 
 import yaml
 
+from components.params import compose, override_strings
+from pipeline.config import ConfigError
+
 PARAMS = "params.yaml"
-PROFILES = "profiles"
 STATE_DIR = Path(".dvc") / "tmp" / "cxr-stage"
 REMOTE = "cxr-remote"
 
@@ -65,39 +67,13 @@ def parse_overrides(env_json: str | None, sets: list[str]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def set_dotted(mapping: dict[str, Any], key: str, value: Any, create: bool = True) -> bool:
-    """mapping['a']['b'] = value for key 'a.b'; with create=False only where the key exists."""
-    *parents, leaf = key.split(".")
-    node = mapping
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            if not create:
-                return False
-            if child is not None:
-                raise StageError(f"override '{key}': '{part}' is a value in {PARAMS}, not a section")
-            child = node[part] = {}
-        node = child
-    if not create and leaf not in node:
-        return False
-    node[leaf] = value
-    return True
-
-
-def patched_files(root: Path, overrides: dict[str, Any]) -> dict[Path, str]:
-    """New text of params.yaml (and of the profile overlay) with the overrides applied."""
-    params_path = root / PARAMS
-    params = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-    for key, value in overrides.items():
-        set_dotted(params, key, value)
-    out = {params_path: yaml.safe_dump(params, sort_keys=False)}
-    overlay_path = root / PROFILES / f"{params.get('profile', 'demo')}.yaml"
-    if overlay_path.exists():
-        overlay = yaml.safe_load(overlay_path.read_text(encoding="utf-8")) or {}
-        # the overlay is merged over params.yaml, so a key it sets must change there as well
-        if any([set_dotted(overlay, k, v, create=False) for k, v in overrides.items()]):
-            out[overlay_path] = yaml.safe_dump(overlay, sort_keys=False)
-    return out
+def composed_params(root: Path, overrides: dict[str, Any]) -> str:
+    """params.yaml's text for this run: conf/ composed with the run's profile and overrides."""
+    try:
+        text, _ = compose(root, override_strings(overrides))
+    except ConfigError as e:
+        raise StageError(str(e)) from None
+    return text
 
 
 @contextlib.contextmanager
@@ -127,21 +103,19 @@ def restore_backups(root: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def applied(root: Path, overrides: dict[str, Any]) -> Iterator[None]:
-    """Overrides in place for the body of the `with`, original files back afterwards."""
-    if not overrides:
+def applied(root: Path, text: str) -> Iterator[None]:
+    """params.yaml holds `text` for the body of the `with`; the committed file is back afterwards."""
+    path = root / PARAMS
+    if path.read_text(encoding="utf-8") == text:
         yield
         return
-    new_texts = patched_files(root, overrides)
-    backups = root / STATE_DIR / "backup"
+    saved = root / STATE_DIR / "backup" / PARAMS
     try:
-        for path, text in new_texts.items():
-            saved = backups / path.relative_to(root)
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, saved)  # the backup exists before the file changes
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, saved)  # the backup exists before the file changes
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
         yield
     finally:
         restore_backups(root)
@@ -193,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[dvc_stage] restored {path} left patched by an interrupted run")
         if overrides:
             print(f"[dvc_stage] overrides for this run: {json.dumps(overrides, sort_keys=True)}")
-        with applied(root, overrides):
+        with applied(root, composed_params(root, overrides)):
             rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", args.stage], root)
         if rc == 0:
             rc = push(root, args.stage)

@@ -44,15 +44,29 @@ def copy_repo(dest: Path, params_overlay: dict | None = None) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "dvc.lock").unlink(missing_ok=True)
-    params_path = dest / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
-    deep_update(params, params_overlay if params_overlay is not None else TINY_PARAMS)
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    # the overlay goes into conf/ (what every composition starts from), then params.yaml is composed
+    conf_path = dest / "conf" / "config.yaml"
+    conf = yaml.safe_load(conf_path.read_text())
+    deep_update(conf, params_overlay if params_overlay is not None else TINY_PARAMS)
+    conf_path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    from components.params import compose
+
+    (dest / "params.yaml").write_text(compose(dest)[0])
     git = ["git", "-c", "user.email=test@example.invalid", "-c", "user.name=test"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "snapshot"], cwd=dest, check=True)
     return dest
+
+
+def settings(section: str, changes: dict | None = None, /, **fields):
+    """The committed params.yaml's `section` (dotted, e.g. "train.loss") with dotted `changes`."""
+    from pipeline.config import load_params
+
+    node = load_params(ROOT / "params.yaml")
+    for part in section.split("."):
+        node = getattr(node, part)
+    return node.replace(changes, at=section, **fields) if changes or fields else node
 
 
 def run_env(repo: Path, **extra: str) -> dict[str, str]:

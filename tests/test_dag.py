@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -265,15 +266,17 @@ print(json.dumps({"pods": pods, "round_trip": pod.spec.containers[0].image}))
 
 
 def scratch_project(root: Path, cmd: str) -> Path:
-    """A DVC project (no Git) with one stage `step` that tracks params `train` and runs `cmd`."""
+    """A DVC project (no Git) with the project's conf/ and one stage `step` tracking params `train`."""
     root.mkdir()
-    (root / "profiles").mkdir()
-    (root / "params.yaml").write_text("# committed\nprofile: paper\ntrain:\n  epochs: 8\n  seed: 1\n")
-    (root / "profiles" / "paper.yaml").write_text("train:\n  epochs: 30\n")
+    shutil.copytree(ROOT / "conf", root / "conf")
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"step": {
-        "cmd": cmd, "deps": ["profiles"], "params": ["profile", "train"], "outs": ["out.txt"]}}}))
-    init = subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, env=run_env(root), capture_output=True)
-    assert init.returncode == 0, init.stderr
+        "cmd": cmd, "params": ["profile", "train"], "outs": ["out.txt"]}}}))
+    for args in (["init", "--no-scm", "-q"], ["config", "hydra.enabled", "true"]):
+        done = subprocess.run(["dvc", *args], cwd=root, env=run_env(root), capture_output=True)
+        assert done.returncode == 0, done.stderr
+    made = subprocess.run([sys.executable, "-m", "components.params", "--params", str(root / "params.yaml")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
     return root
 
 
@@ -283,26 +286,34 @@ def dvc_stage(root: Path, *args: str, **env: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_stage_overrides_hold_for_one_run_and_files_come_back(tmp_path: Path) -> None:
-    # the command sees the overridden values, as the components do (profile overlay applied last)
-    cmd = ("python -c \"import yaml; p = yaml.safe_load(open('params.yaml')); o = yaml.safe_load("
-           "open('profiles/paper.yaml')); open('out.txt', 'w').write(str((p['train'], o['train'])))\"")
+def test_stage_overrides_hold_for_one_run_and_dvc_records_what_ran(tmp_path: Path) -> None:
+    # the command sees the composed values, as the components do: the paper profile with overrides
+    cmd = ("python -c \"import yaml; p = yaml.safe_load(open('params.yaml')); t = p['train']; "
+           "open('out.txt', 'w').write(str((p['profile'], t['epochs'], t['seed'], t['optim']['lr_head'])))\"")
     root = scratch_project(tmp_path / "p", cmd)
-    committed = {p: p.read_bytes() for p in (root / "params.yaml", root / "profiles" / "paper.yaml")}
-    first = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES='{"train.epochs": 2}')
+    committed = (root / "params.yaml").read_bytes()
+    overrides = '{"train.epochs": 2, "profile": "paper"}'
+    first = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES=overrides)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out
-    assert (root / "out.txt").read_text() == str(({"epochs": 2, "seed": 5}, {"epochs": 2}))
-    assert {p: p.read_bytes() for p in committed} == committed
+    assert (root / "out.txt").read_text() == str(("paper", 2, 5, 0.001))
+    assert (root / "params.yaml").read_bytes() == committed
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["step"]["params"]["params.yaml"]
-    assert lock["train"] == {"epochs": 2, "seed": 5}, "dvc.lock records what ran"
-    again = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES='{"train.epochs": 2}')
+    assert lock["profile"] == "paper" and lock["train"]["epochs"] == 2 and lock["train"]["seed"] == 5
+    assert lock["train"]["optim"]["lr_head"] == 0.001, "dvc.lock records the profile's values, as they ran"
+    again = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES=overrides)
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and "didn't change, skipping" in out, out
 
     bad = dvc_stage(root, "step", CXR_RUN_OVERRIDES="[1]")
     out, _ = bad.communicate(timeout=60)
     assert bad.returncode == 2 and "CXR_RUN_OVERRIDES must be a JSON object" in out
+    for wrong, named in (('{"train.epoch": 2}', "train.epoch"), ('{"train.epochs": 0}', "train.epochs"),
+                         ('{"profile": "huge"}', "profile/huge")):
+        proc = dvc_stage(root, "step", CXR_RUN_OVERRIDES=wrong)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and named in out, out
+        assert (root / "params.yaml").read_bytes() == committed
 
 
 def test_stage_killed_mid_run_puts_params_back(tmp_path: Path) -> None:
@@ -312,7 +323,7 @@ def test_stage_killed_mid_run_puts_params_back(tmp_path: Path) -> None:
     deadline = time.monotonic() + 60
     while (root / "params.yaml").read_bytes() == committed and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert b"epochs: 3" in (root / "params.yaml").read_bytes()
+    assert b"epochs: 3\n" in (root / "params.yaml").read_bytes()
     time.sleep(2)  # let dvc start the stage command
     os.killpg(proc.pid, signal.SIGTERM)  # what Airflow sends the task's process group on a timeout
     out, _ = proc.communicate(timeout=90)
@@ -323,7 +334,7 @@ def test_stage_killed_mid_run_puts_params_back(tmp_path: Path) -> None:
     backup = root / ".dvc" / "tmp" / "cxr-stage" / "backup"
     backup.mkdir(parents=True)
     (backup / "params.yaml").write_bytes(committed)
-    (root / "params.yaml").write_text("profile: paper\ntrain:\n  epochs: 99\n  seed: 1\n")
+    (root / "params.yaml").write_text("profile: paper\ntrain:\n  epochs: 99\n")
     (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text().replace("sleep 60 && ", ""))
     nxt = dvc_stage(root, "step")
     out, _ = nxt.communicate(timeout=120)

@@ -475,7 +475,7 @@ def test_dockerignore_keeps_out(path):
 @pytest.mark.parametrize("path", [
     "pyproject.toml", "requirements.lock", "dvc.yaml", "params.yaml", ".dvc/config",
     "pipeline/classes.py", "pipeline/data/prepare.py", "components/train.py", "dags/cxr_dwml.py",
-    "profiles/paper.yaml", ".env.example",
+    "conf/config.yaml", "conf/profile/paper.yaml", ".env.example",
 ])
 def test_dockerignore_keeps_the_project_in(path):
     assert not _ignored(path, _dockerignore_rules()), f"{path} is needed in the image"

@@ -22,14 +22,15 @@ import pytest
 from PIL import Image
 
 from pipeline.classes import LABEL_CSV_HEADER, TEST_LIST, TRAIN_VAL_LIST, image_name
-from pipeline.config import ConfigError, build
+from pipeline.config import ConfigError
 from pipeline.data import sources
 from pipeline.data.archives import UnsafeArchiveError
-from pipeline.data.download import (MANIFEST, DownloadConfig, NIHConfig, S3Config, archive_name,
+from pipeline.data.download import (MANIFEST, archive_name, check_source, selected_archives,
                                     fetch)
 from pipeline.data.sources import DownloadError
 from pipeline.data.synthetic import SyntheticConfig
 from tests.servers import FileServer, moto_s3
+from tests.conftest import settings
 
 LABEL_CSV = "Data_Entry_2017_v2020.csv"
 IMAGES_PER_ARCHIVE = 3
@@ -106,9 +107,9 @@ def server(release):
 
 
 def _cfg(source: str, release: Release, **kwargs) -> DownloadConfig:
-    defaults = dict(nih=NIHConfig(md5=list(release.md5)), workers=2, retries=2, backoff_s=0.01,
+    defaults = dict(nih=settings("download.nih", md5=list(release.md5)), workers=2, retries=2, backoff_s=0.01,
                     timeout_s=5)
-    return DownloadConfig(source=source, **{**defaults, **kwargs})
+    return settings("download", source=source, **{**defaults, **kwargs})
 
 
 def _manifest(out: Path) -> dict:
@@ -185,7 +186,7 @@ def test_retries_give_up_naming_the_url(server, release, tmp_path):
 
 
 def test_client_errors_are_not_retried(server, release, tmp_path):
-    cfg = _cfg(server.url, release, nih=NIHConfig(md5=[*release.md5, "0" * 32]))
+    cfg = _cfg(server.url, release, nih=settings("download.nih", md5=[*release.md5, "0" * 32]))
     with pytest.raises(DownloadError, match=rf"{archive_name(3)}: HTTP 404"):
         fetch(cfg, tmp_path / "raw", progress=False)
     assert [g.status for g in server.gets(archive_name(3))] == [404]
@@ -193,7 +194,7 @@ def test_client_errors_are_not_retried(server, release, tmp_path):
 
 def test_corrupt_archive_is_rejected_and_not_extracted(server, release, tmp_path):
     bad = "0123456789abcdef0123456789abcdef"
-    cfg = _cfg(server.url, release, nih=NIHConfig(md5=[release.md5[0], bad]), workers=1)
+    cfg = _cfg(server.url, release, nih=settings("download.nih", md5=[release.md5[0], bad]), workers=1)
     out = tmp_path / "raw"
     with pytest.raises(DownloadError, match=rf"{archive_name(2)}: MD5 {release.md5[1]} does not "
                                             rf"match the published {bad}"):
@@ -245,7 +246,7 @@ def test_unsafe_archive_members_are_refused(release, tmp_path, kind):
 
     before = outside_target()
     with FileServer(root) as server:
-        cfg = _cfg(server.url, release, nih=NIHConfig(md5=[md5]))
+        cfg = _cfg(server.url, release, nih=settings("download.nih", md5=[md5]))
         with pytest.raises(UnsafeArchiveError, match=f"member '{member.name}'"):
             fetch(cfg, out, progress=False)
     assert outside_target() == before  # nothing written outside the target
@@ -275,10 +276,11 @@ def test_rerun_skips_completed_and_refetches_what_is_missing(server, release, tm
     _assert_complete(out, release)
 
 
-def test_nih_source_needs_metadata_url():
-    with pytest.raises(ConfigError, match=r"download.*metadata_url is empty.*set "
-                                          r"download.nih.metadata_url"):
-        build(DownloadConfig, {"source": "nih"}, "download")
+def test_nih_source_needs_metadata_url(tmp_path):
+    with pytest.raises(DownloadError, match=r"download.nih.metadata_url is empty.*set "
+                                            r"download.nih.metadata_url"):
+        fetch(settings("download", {"source": "nih"}), tmp_path / "raw", progress=False)
+    assert not (tmp_path / "raw").exists()
 
 
 def test_nih_source_fetches_box_urls_and_local_metadata(server, release, tmp_path):
@@ -286,7 +288,7 @@ def test_nih_source_fetches_box_urls_and_local_metadata(server, release, tmp_pat
     for a in (1, 2):  # serve each archive under an id, as Box does
         os.link(release.root / archive_name(a), server.root / f"id{a}.gz")
     try:
-        nih = NIHConfig(box_ids=["id1", "id2"], md5=list(release.md5),
+        nih = settings("download.nih", box_ids=["id1", "id2"], md5=list(release.md5),
                         base_url=f"{server.url}/{{id}}.gz", metadata_url=str(release.root))
         out = tmp_path / "raw"
         fetch(_cfg("nih", release, nih=nih), out, progress=False)
@@ -298,15 +300,18 @@ def test_nih_source_fetches_box_urls_and_local_metadata(server, release, tmp_pat
 
 
 def test_config_from_params_mapping(tmp_path):
-    cfg = build(DownloadConfig, {"source": "s3://bucket/prefix", "workers": 8,
-                                 "s3": {"endpoint_url": "http://127.0.0.1:9000", "anonymous": True},
-                                 "nih": {"archives": [1, 2]}}, "download")
-    assert cfg.s3 == S3Config(endpoint_url="http://127.0.0.1:9000", anonymous=True)
-    assert [name for _, name, _ in cfg.nih.selected()] == [archive_name(1), archive_name(2)]
-    with pytest.raises(ConfigError, match=r"download.nih.*archives \[13\] outside 1..12"):
-        build(DownloadConfig, {"nih": {"archives": [13]}}, "download")
-    with pytest.raises(ConfigError, match="is not 'synthetic'"):
-        build(DownloadConfig, {"source": str(tmp_path / "nowhere")}, "download")
+    cfg = settings("download", {"source": "s3://bucket/prefix", "workers": 8, "s3.endpoint_url": "http://127.0.0.1:9000",
+                                "s3.anonymous": True, "nih.archives": [1, 2]})
+    assert cfg.s3 == settings("download.s3", endpoint_url="http://127.0.0.1:9000", anonymous=True)
+    assert [name for _, name, _ in selected_archives(cfg.nih)] == [archive_name(1), archive_name(2)]
+    with pytest.raises(ConfigError, match=r"'download.nih': archives \[13\] outside 1..12"):
+        settings("download", {"nih.archives": [13]})
+    with pytest.raises(ConfigError, match="'nih.md5' holds 'xyz', not a 32-digit hex MD5"):
+        settings("download", {"nih.md5": ["xyz"] * 12})
+    with pytest.raises(DownloadError, match="neither synthetic, nih"):
+        check_source(settings("download", source=str(tmp_path / "nowhere")))
+    with pytest.raises(DownloadError, match="download.nih.metadata_url is empty"):
+        check_source(settings("download", source="nih"))
 
 
 # --- S3 ---------------------------------------------------------------------------------------
@@ -353,7 +358,7 @@ def test_s3_archives_with_credentials(s3_endpoint, aws_credentials, release, tmp
         files[f"mirrors/nih/{archive_name(a)}"] = (release.root / archive_name(a)).read_bytes()
     _bucket(s3_endpoint, "archive-mirror", files)
     out = tmp_path / "raw"
-    cfg = _cfg("s3://archive-mirror/mirrors/nih", release, s3=S3Config(endpoint_url=s3_endpoint))
+    cfg = _cfg("s3://archive-mirror/mirrors/nih", release, s3=settings("download.s3", endpoint_url=s3_endpoint))
     summary = fetch(cfg, out, progress=False)
     _assert_complete(out, release)
     assert summary["archives_fetched"] == [archive_name(1), archive_name(2)]
@@ -368,7 +373,7 @@ def test_s3_partial_archive_resumes_with_range(s3_endpoint, aws_credentials, rel
     (out / "archives").mkdir(parents=True)
     data = (release.root / archive_name(1)).read_bytes()
     (out / "archives" / f"{archive_name(1)}.part").write_bytes(data[:1000])
-    summary = fetch(_cfg("s3://resume-mirror/nih", release, s3=S3Config(endpoint_url=s3_endpoint)),
+    summary = fetch(_cfg("s3://resume-mirror/nih", release, s3=settings("download.s3", endpoint_url=s3_endpoint)),
                     out, progress=False)
     _assert_complete(out, release)
     metadata_bytes = sum(len(d) for d in _metadata(release).values())
@@ -384,12 +389,12 @@ def test_s3_anonymous_extracted_images(s3_endpoint, aws_credentials, monkeypatch
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var)
     out = tmp_path / "raw"
-    signed = _cfg("s3://public-mirror/public", release, s3=S3Config(endpoint_url=s3_endpoint))
+    signed = _cfg("s3://public-mirror/public", release, s3=settings("download.s3", endpoint_url=s3_endpoint))
     with pytest.raises(DownloadError, match="set download.s3.anonymous: true"):
         fetch(signed, out, progress=False)
 
     cfg = _cfg("s3://public-mirror/public", release,
-               s3=S3Config(endpoint_url=s3_endpoint, anonymous=True))
+               s3=settings("download.s3", endpoint_url=s3_endpoint, anonymous=True))
     summary = fetch(cfg, out, progress=False)
     _assert_complete(out, release)
     assert summary["objects_fetched"] == len(release.images)
@@ -398,7 +403,7 @@ def test_s3_anonymous_extracted_images(s3_endpoint, aws_credentials, monkeypatch
 
 
 def test_s3_missing_bucket_is_a_clear_error(s3_endpoint, aws_credentials, release, tmp_path):
-    cfg = _cfg("s3://no-such-bucket/nih", release, s3=S3Config(endpoint_url=s3_endpoint))
+    cfg = _cfg("s3://no-such-bucket/nih", release, s3=settings("download.s3", endpoint_url=s3_endpoint))
     with pytest.raises(DownloadError, match=r"bucket 'no-such-bucket' does not exist"):
         fetch(cfg, tmp_path / "raw", progress=False)
 
@@ -444,7 +449,7 @@ def test_copy_when_hard_links_fail(monkeypatch, tmp_path):
 
 
 def test_synthetic_source_calls_the_generator(tmp_path, capsys):
-    cfg = DownloadConfig(synthetic=SyntheticConfig(num_images=12, num_patients=6, image_size=32))
+    cfg = settings("download", synthetic=settings("download.synthetic", num_images=12, num_patients=6, image_size=32))
     out = tmp_path / "raw"
     summary = fetch(cfg, out, progress=True)
     pngs = sorted(p.name for p in (out / "images").glob("*.png"))

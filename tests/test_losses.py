@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, build
+from pipeline.config import ConfigError
 from pipeline.losses import (
     ABLATIONS,
     TERMS,
@@ -29,6 +28,31 @@ from pipeline.losses import (
     stationary_offsets,
 )
 from pipeline.losses.dwml import cell_sums
+from tests.conftest import settings
+
+
+DWML_KEYS = {"beta", "image_weighting", "category_weighting", "effective_number", "normalize_image",
+             "image_weight_cap", "image_weight_momentum", "category_ratio_cap"}
+FLAT_KEYS = {"focal_alpha": "focal.alpha", "asl_gamma_neg": "asl.gamma_neg", "asl_gamma_pos": "asl.gamma_pos",
+             "asl_clip": "asl.clip", "pos_weight_cap": "weighted_bce.pos_weight_cap"}
+
+
+def loss_cfg(**flat):
+    """train.loss of params.yaml with settings given by their short names (gamma goes to the named family)."""
+    name = flat.get("name", "dwml")
+    changes = {}
+    for key, value in flat.items():
+        if key in DWML_KEYS:
+            changes[f"dwml.{key}"] = value
+        elif key in FLAT_KEYS:
+            changes[FLAT_KEYS[key]] = value
+        elif key == "gamma":
+            changes[f"{'focal' if name == 'focal' else 'dwml'}.gamma"] = value
+        elif key == "detach_modulation":
+            changes["focal.detach_modulation"] = changes["asl.detach_modulation"] = value
+        else:
+            changes[key] = value
+    return settings("train.loss", changes)
 
 B, C, N = 6, 5, 1000
 POS_COUNTS = [300, 40, 0, 999, 120]  # a class with no positives and one with a single negative
@@ -357,7 +381,7 @@ def _true_prevalence(y, bins):
 @pytest.mark.parametrize("variant", list(RANK_PRESERVING))
 def test_loss_optimal_scores_are_monotone_in_the_true_probability(variant):
     y, bins = _rank_problem()
-    loss_fn = build_loss(LossConfig(**RANK_PRESERVING[variant]), [30, 20, 15], 120)
+    loss_fn = build_loss(loss_cfg(**RANK_PRESERVING[variant]), [30, 20, 15], 120)
     scores, grad = _fixed_point_scores(loss_fn, y, bins)
     assert grad < 1e-7, f"not at a fixed point: max gradient {grad}"
     truth = _true_prevalence(y, bins)
@@ -370,7 +394,7 @@ def test_loss_optimal_scores_are_monotone_in_the_true_probability(variant):
 
 def test_image_count_normalisation_breaks_the_ranking():
     y, bins = _rank_problem()
-    loss_fn = build_loss(LossConfig(name="dwml", normalize_image=True), [30, 20, 15], 120)
+    loss_fn = build_loss(loss_cfg(name="dwml", normalize_image=True), [30, 20, 15], 120)
     scores, grad = _fixed_point_scores(loss_fn, y, bins)
     assert grad < 1e-7
     truth = _true_prevalence(y, bins)
@@ -396,7 +420,7 @@ def test_image_count_normalisation_breaks_the_ranking():
 )
 def test_stationary_offsets_match_closed_forms_without_features(cfg, expected):
     counts = [300, 40, 10, 600, 120]
-    loss_fn = build_loss(LossConfig(**cfg), counts, N)
+    loss_fn = build_loss(loss_cfg(**cfg), counts, N)
     if cfg["name"] == "dwml":
         b_pos, b_neg = category_weights(counts, N, loss_fn.beta)
     else:
@@ -410,7 +434,7 @@ def test_stationary_offsets_match_closed_forms_without_features(cfg, expected):
 
 def test_stationary_offsets_zero_the_expected_gradient_on_spread_logits():
     counts = [300, 40, 10, 600, 120]
-    loss_fn = build_loss(LossConfig(name="dwml", gamma=2.0), counts, N)
+    loss_fn = build_loss(loss_cfg(name="dwml", gamma=2.0), counts, N)
     logits = torch.randn(64, C, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
     pi = torch.tensor(counts, dtype=torch.float64) / N
     offsets = stationary_offsets(loss_fn, logits, pi)
@@ -552,7 +576,7 @@ def test_finite_under_bf16_autocast(name, labels, scale):
         "solved": (z0 > 0).float(),  # every pair right: saturated image weights are all 0
     }[labels]
     # exponents below 1: pow's gradient at 0 is infinite, the hardest case
-    cfg = LossConfig(name=name, gamma=0.5, asl_gamma_neg=0.5, asl_gamma_pos=0.5, pos_weight_cap=50)
+    cfg = loss_cfg(name=name, gamma=0.5, asl_gamma_neg=0.5, asl_gamma_pos=0.5, pos_weight_cap=50)
     loss_fn = build_loss(cfg, POS_COUNTS, N)
     weight = torch.ones(C, requires_grad=True)
     protos = torch.randn(C, 8, requires_grad=True)
@@ -592,7 +616,7 @@ def test_asl_finite_at_saturation(clip, gamma):
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_half_logits_are_upcast(name):
     z, y = _batch(seed=13, dtype=torch.float32)
-    loss_fn = build_loss(LossConfig(name=name), POS_COUNTS, N)
+    loss_fn = build_loss(loss_cfg(name=name), POS_COUNTS, N)
     full = loss_fn(z.detach(), y)
     half = loss_fn(z.detach().half(), y)
     assert half.dtype == torch.float32
@@ -602,7 +626,7 @@ def test_half_logits_are_upcast(name):
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_return_terms_of_every_loss(name):
     z, y = _batch(seed=14)
-    terms = build_loss(LossConfig(name=name), POS_COUNTS, N)(z, y, return_terms=True)
+    terms = build_loss(loss_cfg(name=name), POS_COUNTS, N)(z, y, return_terms=True)
     assert {"loss", "bce"} <= set(terms)
     assert terms["loss"].ndim == 0 and terms["loss"].requires_grad
     torch.testing.assert_close(terms["bce"], F.binary_cross_entropy_with_logits(z, y).detach())
@@ -622,13 +646,13 @@ EXPECTED_TYPES = {
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_build_loss_each_name(name):
-    cfg = build(LossConfig, {"name": name}, where="train.loss")
+    cfg = settings("train.loss", {"name": name})
     loss_fn = build_loss(cfg, POS_COUNTS, N)
     assert type(loss_fn) is EXPECTED_TYPES[name]
 
 
 def test_default_config_is_full_dual_loss():
-    loss_fn = build_loss(LossConfig(), POS_COUNTS, N)
+    loss_fn = build_loss(settings("train.loss"), POS_COUNTS, N)
     assert isinstance(loss_fn, DualWeightedMetricLoss)
     assert loss_fn.image_weighting and loss_fn.category_weighting
     assert not loss_fn.normalize_image  # rank-distorting: an option, off by default
@@ -637,7 +661,7 @@ def test_default_config_is_full_dual_loss():
 
 @pytest.mark.parametrize("variant", list(ABLATIONS))
 def test_build_loss_each_ablation(variant):
-    cfg, head, prototypes = ablation_config(variant)
+    cfg, head, prototypes = ablation_config(variant, settings("train.loss"))
     assert head == ABLATIONS[variant]["head"]
     assert head in ("linear", "metric") and prototypes in ("text", "random")
     loss_fn = build_loss(cfg, POS_COUNTS, N)
@@ -648,29 +672,42 @@ def test_build_loss_each_ablation(variant):
     assert torch.isfinite(loss_fn(z, y, prototypes=protos))
 
 
-def _differences(a: LossConfig, b: LossConfig) -> set[str]:
-    return {f.name for f in dataclasses.fields(LossConfig) if getattr(a, f.name) != getattr(b, f.name)}
+def _flat(cfg) -> dict:
+    out = {}
+    for key, value in cfg.model_dump().items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _differences(a, b) -> set[str]:
+    fa, fb = _flat(a), _flat(b)
+    return {k for k in fa if fa[k] != fb[k]}
 
 
 def test_ablation_variants_differ_as_named():
-    dual = ablation_config("dual")
-    assert dual == (LossConfig(), "metric", "text")
-    assert ablation_config("bce_head") == (LossConfig(name="bce"), "linear", "text")
+    base = settings("train.loss")
+    dual = ablation_config("dual", base)
+    assert dual == (base, "metric", "text")
+    assert ablation_config("bce_head", base) == (loss_cfg(name="bce"), "linear", "text")
     # each metric variant differs from dual only in what its name says
-    assert _differences(ablation_config("metric_unweighted").loss, dual.loss) == {"image_weighting", "category_weighting"}
-    assert _differences(ablation_config("image_only").loss, dual.loss) == {"category_weighting"}
-    assert _differences(ablation_config("category_only").loss, dual.loss) == {"image_weighting"}
-    random = ablation_config("dual_random_prototypes")
+    assert _differences(ablation_config("metric_unweighted", base).loss, dual.loss) == {
+        "dwml.image_weighting", "dwml.category_weighting"}
+    assert _differences(ablation_config("image_only", base).loss, dual.loss) == {"dwml.category_weighting"}
+    assert _differences(ablation_config("category_only", base).loss, dual.loss) == {"dwml.image_weighting"}
+    random = ablation_config("dual_random_prototypes", base)
     assert random.loss == dual.loss and random.head == "metric" and random.prototypes == "random"
     # focal and ASL: their own weighting, detached like DWML's, on the same head and separation term
     for name in ("focal", "asl"):
-        variant = ablation_config(name)
+        variant = ablation_config(name, base)
         assert variant.head == "metric" and variant.prototypes == "text"
-        assert variant.loss.detach_modulation
+        assert getattr(variant.loss, name).detach_modulation
         assert variant.loss.separation_weight == dual.loss.separation_weight > 0
         assert "separation_weight" not in _differences(variant.loss, dual.loss)
     with pytest.raises(ValueError, match="unknown ablation"):
-        ablation_config("nope")
+        ablation_config("nope", base)
 
 
 @pytest.mark.parametrize("name", ["focal", "asl"])
@@ -678,7 +715,7 @@ def test_focal_and_asl_add_the_separation_term_on_the_metric_head(name):
     z, y = _batch(seed=16)
     p = torch.eye(C, 8, dtype=torch.float64)
     p[1] = p[0]  # one coincident pair
-    loss_fn = build_loss(ablation_config(name).loss, POS_COUNTS, N)
+    loss_fn = build_loss(ablation_config(name, settings("train.loss")).loss, POS_COUNTS, N)
     terms = loss_fn(z, y, prototypes=p, return_terms=True)
     assert terms["separation"].item() > 0
     torch.testing.assert_close(terms["loss"], terms["pair"] + loss_fn.separation_weight * terms["separation"])
@@ -705,17 +742,17 @@ def test_detached_focal_modulation_is_a_weight_not_a_direction():
     "values,key",
     [
         ({"name": "hinge"}, "train.loss.name"),
-        ({"gamma": -1.0}, "gamma"),
-        ({"effective_number": True, "beta": 1.0}, "effective_number"),
-        ({"separation_margin": 5.0}, "separation_margin"),
-        ({"focal_alpha": 1.5}, "focal_alpha"),
-        ({"asl_clip": 1.0}, "asl_clip"),
-        ({"pos_weight_cap": 0.0}, "pos_weight_cap"),
-        ({"image_weight_cap": 0.5}, "image_weight_cap"),
-        ({"image_weight_momentum": 1.0}, "image_weight_momentum"),
-        ({"category_ratio_cap": 0.5}, "category_ratio_cap"),
+        ({"dwml.gamma": -1.0}, "train.loss.dwml.gamma"),
+        ({"dwml.effective_number": True, "dwml.beta": 1.0}, "effective_number"),
+        ({"separation_margin": 5.0}, "train.loss.separation_margin"),
+        ({"focal.alpha": 1.5}, "train.loss.focal.alpha"),
+        ({"asl.clip": 1.0}, "train.loss.asl.clip"),
+        ({"weighted_bce.pos_weight_cap": 0.0}, "train.loss.weighted_bce.pos_weight_cap"),
+        ({"dwml.image_weight_cap": 0.5}, "train.loss.dwml.image_weight_cap"),
+        ({"dwml.image_weight_momentum": 1.0}, "train.loss.dwml.image_weight_momentum"),
+        ({"dwml.category_ratio_cap": 0.5}, "train.loss.dwml.category_ratio_cap"),
     ],
 )
 def test_config_errors_name_the_key(values, key):
     with pytest.raises(ConfigError, match=key):
-        build(LossConfig, values, where="train.loss")
+        settings("train.loss", values)

@@ -10,7 +10,6 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.classes import CLASSES
-from pipeline.config import ConfigError, build
 from pipeline.metrics import (
     BootstrapConfig,
     UndefinedMetricWarning,
@@ -351,9 +350,9 @@ def test_bad_groups_and_stacked_shapes_are_rejected_with_a_reason():
 def test_bootstrap_settings_are_validated():
     with pytest.raises(ValueError, match="ci"):
         bootstrap_auc(*_predictions(15), ci=1.5)
-    with pytest.raises(ConfigError, match="evaluate.bootstrap"):
-        build(BootstrapConfig, {"n_resamples": 0}, "evaluate.bootstrap")
-    assert build(BootstrapConfig, {"ci": 0.9}, "evaluate.bootstrap").ci == 0.9
+    with pytest.raises(ValueError, match="n_resamples must be >= 1"):
+        BootstrapConfig(n_resamples=0).validate()
+    BootstrapConfig(ci=0.9).validate()
 
 
 def _brute_force_objective(y, s, t, method):

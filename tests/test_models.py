@@ -8,12 +8,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, build
+from pipeline.config import ConfigError
 from pipeline.models import (
     BackboneConfig, CxrNet, LinearHead, MetricHead, ModelConfig, ModelOutput, build_model, init_prior,
     model_from_bundle,
 )
 from pipeline.models.backbone import create_backbone
+from tests.conftest import settings
 
 C, E = 14, 16
 
@@ -24,7 +25,7 @@ def text_vectors() -> np.ndarray:
 
 
 def tiny_config(name: str = "convnext_atto", head: str = "metric") -> ModelConfig:
-    return build(ModelConfig, {"head": head, "embed_dim": 16, "hidden_dim": 32, "backbone": {"name": name}}, "model")
+    return settings("train.model", {"head": head, "embed_dim": 16, "hidden_dim": 32, "backbone.name": name})
 
 
 def images(dtype: torch.dtype, batch: int = 3, size: int = 32) -> torch.Tensor:
@@ -150,7 +151,7 @@ def test_init_prior_starts_scores_at_the_loss_stationary_point(head, loss_name, 
 
     counts = (np.linspace(0.01, 0.4, C) * 1000).astype(int)
     prior = counts / 1000
-    loss_fn = build_loss(LossConfig(name=loss_name), counts.tolist(), 1000)
+    loss_fn = build_loss(settings("train.loss", name=loss_name), counts.tolist(), 1000)
     x = images(torch.uint8, batch=16)
     torch.manual_seed(0)
     model = build_model(tiny_config(head=head), text_vectors)
@@ -169,8 +170,7 @@ def test_init_prior_starts_scores_at_the_loss_stationary_point(head, loss_name, 
 
 
 def test_random_prototypes_replace_the_text_vectors(text_vectors):
-    cfg = tiny_config()
-    cfg.prototypes = "random"
+    cfg = tiny_config().replace(prototypes="random")
     torch.manual_seed(0)
     model = build_model(cfg, text_vectors)
     assert model.head.text_vectors.shape == text_vectors.shape
@@ -186,7 +186,7 @@ def test_backbone_from_local_checkpoint_without_network(tmp_path, monkeypatch):
     source = timm.create_model("convnext_atto")  # RGB stem, 1000-class classifier, as published
     path = tmp_path / "convnext_atto.pth"
     torch.save(source.state_dict(), path)
-    cfg = build(BackboneConfig, {"name": "convnext_atto", "checkpoint_path": str(path)}, "model.backbone")
+    cfg = settings("train.model.backbone", {"name": "convnext_atto", "checkpoint_path": str(path)})
     loaded = create_backbone(cfg).state_dict()
     src = source.state_dict()
     # in_chans=1: the RGB stem kernel summed over its input channels
@@ -196,27 +196,24 @@ def test_backbone_from_local_checkpoint_without_network(tmp_path, monkeypatch):
     for k in shared:
         torch.testing.assert_close(loaded[k], src[k], msg=k)
     assert not any(k.startswith("head.fc") for k in loaded)  # num_classes=0: no classifier
-    fresh = create_backbone(build(BackboneConfig, {"name": "convnext_atto"}, "b")).state_dict()
+    fresh = create_backbone(settings("train.model.backbone", {"name": "convnext_atto"})).state_dict()
     assert not torch.equal(fresh["stages.0.blocks.0.conv_dw.weight"], src["stages.0.blocks.0.conv_dw.weight"])
 
 
 def test_backbone_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown timm model name 'convnext_nope'"):
-        build(BackboneConfig, {"name": "convnext_nope"}, "train.model.backbone")
+        settings("train.model.backbone", {"name": "convnext_nope"})
     with pytest.raises(ConfigError, match="does_not_exist.pth"):
-        build(BackboneConfig, {"checkpoint_path": str(tmp_path / "does_not_exist.pth")}, "train.model.backbone")
-    assert build(BackboneConfig, {"name": "convnext_atto.d2_in1k"}, "b").name == "convnext_atto.d2_in1k"
+        settings("train.model.backbone", {"checkpoint_path": str(tmp_path / "does_not_exist.pth")})
+    assert settings("train.model.backbone", {"name": "convnext_atto.d2_in1k"}).name == "convnext_atto.d2_in1k"
 
 
 def test_bundle_round_trip_ignores_a_missing_checkpoint_file(tmp_path, text_vectors):
     path = tmp_path / "weights.pth"
     torch.save(timm.create_model("convnext_atto").state_dict(), path)
-    cfg = tiny_config()
-    cfg.backbone.checkpoint_path = str(path)
+    cfg = tiny_config().replace({"backbone.checkpoint_path": str(path)})
     model = build_model(cfg, text_vectors).eval()
-    from dataclasses import asdict
-
-    bundle = {"model_config": asdict(cfg), "model_state": model.state_dict(), "text_vectors": text_vectors}
+    bundle = {"model_config": cfg.model_dump(), "model_state": model.state_dict(), "text_vectors": text_vectors}
     path.unlink()  # the serving host has only the bundle
     rebuilt = model_from_bundle(bundle)
     assert isinstance(rebuilt, CxrNet) and not rebuilt.training
@@ -226,8 +223,6 @@ def test_bundle_round_trip_ignores_a_missing_checkpoint_file(tmp_path, text_vect
 
 
 def test_a_bundle_from_another_model_version_fails_with_its_name(tmp_path, text_vectors):
-    from dataclasses import asdict
-
     from pipeline.models import load_bundle
 
     cfg = tiny_config()
@@ -235,6 +230,6 @@ def test_a_bundle_from_another_model_version_fails_with_its_name(tmp_path, text_
     # the text projection of an earlier version: a two-layer MLP with other parameter names
     old = {k.replace("text_proj.linear.", "text_proj.0."): v for k, v in state.items()}
     path = tmp_path / "best.pt"
-    torch.save({"model_config": asdict(cfg), "model_state": old, "text_vectors": text_vectors}, path)
+    torch.save({"model_config": cfg.model_dump(), "model_state": old, "text_vectors": text_vectors}, path)
     with pytest.raises(ValueError, match=r"best\.pt: its weights do not fit.*text_proj\.linear\.weight.*retrain"):
         load_bundle(path)

@@ -28,6 +28,7 @@ from pipeline.data.dataset import (
 )
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.splits import assert_patient_disjoint, official_split, split_by_patient
+from tests.conftest import settings
 
 SIZE = 32  # cached side in the fixtures: small enough to keep every test well under a second
 
@@ -109,7 +110,7 @@ def raw(tmp_path: Path) -> Path:
 
 
 def cfg(**kw) -> PrepareConfig:
-    return PrepareConfig(**{"image_size": SIZE, "workers": 1, "chunk_size": 8, "val_fraction": 0.25, **kw})
+    return settings("prepare", **{"image_size": SIZE, "workers": 1, "chunk_size": 8, "val_fraction": 0.25, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +412,7 @@ def test_interrupted_cache_build_resumes_to_identical_bytes(raw: Path, tmp_path:
 
 
 def test_dataset_shapes_dtypes_and_deterministic_eval(prepared: Path):
-    aug = AugmentConfig(crop_size=24)
+    aug = settings("train.augment", crop_size=24)
     val = CachedImageDataset(prepared, "val", aug, train=False)
     manifest = pd.read_csv(prepared / "manifest.csv")
     assert val.image_names == manifest.loc[manifest["split"] == "val", "image"].tolist()
@@ -427,11 +428,11 @@ def test_dataset_shapes_dtypes_and_deterministic_eval(prepared: Path):
     raw_item = CachedImageDataset(prepared, "test", None)[0][0]
     assert raw_item.shape == (1, SIZE, SIZE)
     with pytest.raises(ValueError, match="crop_size 40 exceeds the cached image_size 32"):
-        CachedImageDataset(prepared, "train", AugmentConfig(crop_size=40), train=True)
+        CachedImageDataset(prepared, "train", settings("train.augment", crop_size=40), train=True)
 
 
 def test_train_loader_reproducible_with_seed(prepared: Path):
-    train = CachedImageDataset(prepared, "train", AugmentConfig(crop_size=24, hflip=True), train=True)
+    train = CachedImageDataset(prepared, "train", settings("train.augment", crop_size=24, hflip=True), train=True)
 
     def batches(seed: int, workers: int) -> list[torch.Tensor]:
         torch.manual_seed(0)  # the workers=0 path draws augmentations from the global RNG
@@ -472,9 +473,9 @@ def test_fused_crop_rotate_matches_torchvision_crop_then_rotate():
 
 
 def test_train_transform_fuses_only_near_crop_size():
-    fused = train_transform(AugmentConfig(crop_size=56), image_size=64).transforms
+    fused = train_transform(settings("train.augment", crop_size=56), image_size=64).transforms
     assert isinstance(fused[0], RandomResizedCropRotate) and len(fused) == 2  # + ColorJitter
-    apart = train_transform(AugmentConfig(crop_size=56), image_size=256).transforms
+    apart = train_transform(settings("train.augment", crop_size=56), image_size=256).transforms
     assert [type(t).__name__ for t in apart] == ["RandomResizedCrop", "RandomRotation", "ColorJitter"]
     for transform in (fused, apart):
         out = v2.Compose(transform)(torch.from_numpy(chest_like(64, 3)).unsqueeze(0))
@@ -484,10 +485,10 @@ def test_train_transform_fuses_only_near_crop_size():
 def test_prepare_on_synthetic_dataset(tmp_path: Path):
     from pipeline.data.synthetic import SyntheticConfig, generate
 
-    synthetic = SyntheticConfig(num_images=240, num_patients=80, image_size=64, seed=3)
+    synthetic = settings("download.synthetic", num_images=240, num_patients=80, image_size=64, seed=3)
     generate(tmp_path / "raw", synthetic, progress=False)
-    settings = cfg(image_size=64, workers=2, chunk_size=64, val_fraction=0.2)
-    stats = prepare(tmp_path / "raw", tmp_path / "out", settings, progress=False)
+    prepare_cfg = cfg(image_size=64, workers=2, chunk_size=64, val_fraction=0.2)
+    stats = prepare(tmp_path / "raw", tmp_path / "out", prepare_cfg, progress=False)
     splits = stats["splits"]
     assert sum(s["images"] for s in splits.values()) == stats["num_images"] == 240
     assert stats["quarantine"]["count"] == 0 and stats["listed_missing"]["count"] == 0
@@ -495,6 +496,6 @@ def test_prepare_on_synthetic_dataset(tmp_path: Path):
     assert abs(stats["val_fraction_images"] - 0.2) < 0.05
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert_patient_disjoint(manifest)
-    train = CachedImageDataset(tmp_path / "out", "train", AugmentConfig(crop_size=56), train=True)
+    train = CachedImageDataset(tmp_path / "out", "train", settings("train.augment", crop_size=56), train=True)
     image, _ = train[0]
     assert image.shape == (1, 56, 56) and image.float().std() > 1

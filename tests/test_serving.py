@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.classes import CLASSES
 from tests.conftest import VENV_BIN, run_env
 from tests.test_registry import free_port, stop, tracking_env, trained_repo, wait_http
+from tests.conftest import settings
 
 pytestmark = pytest.mark.slow
 CHAMPION = "models:/cxr-dwml@champion"
@@ -69,7 +70,7 @@ def checkpoint_probabilities(repo: Path, paths: list[Path]) -> np.ndarray:
     from pipeline.models import load_bundle
 
     net, bundle = load_bundle(repo / "artifacts/model/best.pt")
-    crop = eval_transform(AugmentConfig(crop_size=bundle["crop_size"]))
+    crop = eval_transform(int(bundle["crop_size"]))
     x = torch.stack([crop(torch.from_numpy(decode_image(p, bundle["image_size"]))[None]) for p in paths])  # (N, 1, S, S)
     with torch.inference_mode():
         return torch.sigmoid(net(x)).numpy()  # (N, C)

@@ -24,7 +24,8 @@ from pipeline.classes import (
     TOTAL_IMAGES,
     TRAIN_VAL_LIST,
 )
-from pipeline.config import ConfigError, build
+from pipeline.config import ConfigError
+from tests.conftest import settings
 from pipeline.data.synthetic import (
     SyntheticConfig,
     followup_counts,
@@ -36,7 +37,7 @@ from pipeline.data.synthetic import (
 )
 
 NAME = re.compile(r"^(\d{8})_(\d{3})\.png$")
-SMALL = SyntheticConfig(num_images=120, num_patients=50, image_size=64, seed=7)
+SMALL = settings("download.synthetic", num_images=120, num_patients=50, image_size=64, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +116,9 @@ def test_images_are_8bit_single_channel(dataset):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    cfg = SyntheticConfig(num_images=12, num_patients=5, image_size=64, seed=SMALL.seed)
+    cfg = settings("download.synthetic", num_images=12, num_patients=5, image_size=64, seed=SMALL.seed)
     for name, seed in (("a", cfg.seed), ("b", cfg.seed), ("c", cfg.seed + 1)):
-        generate(tmp_path / name, dataclasses.replace(cfg, seed=seed), progress=False)
+        generate(tmp_path / name, cfg.replace(seed=seed), progress=False)
     read = lambda run, name: (tmp_path / run / name).read_bytes()  # noqa: E731
     for name in (LABEL_CSV_NAMES[0], TRAIN_VAL_LIST, TEST_LIST):
         assert read("a", name) == read("b", name)
@@ -191,9 +192,9 @@ def test_patterns_are_learnable_but_not_trivial():
 
 def test_config_validation_names_the_key():
     with pytest.raises(ConfigError, match="synthetic"):
-        build(SyntheticConfig, {"num_images": 10, "num_patients": 20}, where="synthetic")
+        settings("download.synthetic", num_images=10, num_patients=20)
     with pytest.raises(ValueError, match="test_fraction"):
-        SyntheticConfig(test_fraction=1.5).validate()
+        settings("download.synthetic", test_fraction=1.5)
     with pytest.raises(ValueError, match="image_size"):
-        SyntheticConfig(image_size=8).validate()
-    assert build(SyntheticConfig, {"seed": 3}, where="synthetic").seed == 3
+        settings("download.synthetic", image_size=8)
+    assert settings("download.synthetic", seed=3).seed == 3

@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from pipeline.classes import CLASSES
-from pipeline.config import build
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.synthetic import SyntheticConfig, generate
 from pipeline.models import build_model
+from tests.conftest import settings
 from pipeline.training import TrainConfig, train
 from pipeline.inference import predict
 from pipeline.io import load_checkpoint
@@ -31,22 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "epochs": 2, "batch_size": 16, "eval_batch_size": 64, "workers": 0, "seed": 3, "deterministic": True,
     "max_steps_per_epoch": 2, "log_every": 1,
-    "model": {"embed_dim": 16, "hidden_dim": 32, "backbone": {"name": "test_convnext"}},
-    "augment": {"crop_size": 32},
+    "model.embed_dim": 16, "model.hidden_dim": 32, "model.backbone.name": "test_convnext", "augment.crop_size": 32,
 }
 TIMING_KEYS = {"train_images_per_s"}
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = {**TINY, **overrides}
-    return build(TrainConfig, values, "train")
+    return settings("train", {**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
     root = tmp_path_factory.mktemp("data")
-    generate(root / "raw", SyntheticConfig(num_images=240, num_patients=100, image_size=64, seed=3), progress=False)
-    prepare(root / "raw", root / "prepared", PrepareConfig(image_size=32, workers=1), progress=False)
+    generate(root / "raw", settings("download.synthetic", num_images=240, num_patients=100, image_size=64, seed=3), progress=False)
+    prepare(root / "raw", root / "prepared", settings("prepare", image_size=32, workers=1), progress=False)
     vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)  # (C, E)
     (root / "prototypes").mkdir()
     np.save(root / "prototypes" / "prototypes.npy", vectors)
@@ -63,7 +61,7 @@ def comparable(history: list[dict]) -> list[dict]:
 
 def test_param_groups_split_backbone_head_and_decay():
     model = build_model(tiny_config().model, np.zeros((len(CLASSES), 16), np.float32))
-    cfg = OptimConfig(lr_backbone=1e-4, lr_head=1e-3, weight_decay=0.05)
+    cfg = settings("train.optim", lr_backbone=1e-4, lr_head=1e-3, weight_decay=0.05)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -92,7 +90,7 @@ def test_warmup_cosine_values():
 
 def test_scheduler_drives_both_learning_rates():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    cfg = OptimConfig(lr_backbone=0.0, lr_head=0.2, warmup_epochs=1.0, min_lr_ratio=0.0)
+    cfg = settings("train.optim", lr_backbone=0.0, lr_head=0.2, warmup_epochs=1.0, min_lr_ratio=0.0)
     opt = build_optimizer(net, cfg)
     sched = build_scheduler(opt, cfg, steps_per_epoch=4, epochs=3)
     lrs = []
@@ -172,7 +170,7 @@ def test_early_stopping_with_patience(data, tmp_path):
     prepared, vectors = data
     # a learning rate below float32 resolution: weights, hence the validation AUC, never change
     cfg = tiny_config(epochs=5, max_steps_per_epoch=1, early_stopping_patience=2,
-                      optim={"lr_backbone": 0.0, "lr_head": 1e-30})
+                      **{"optim.lr_backbone": 0.0, "optim.lr_head": 1e-30})
     result = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False)
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
     assert len({rec["val_mean_auc"] for rec in result.history}) == 1
@@ -198,7 +196,7 @@ def test_predict_refuses_a_shuffled_loader(data):
     from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader
 
     prepared, vectors = data
-    ds = CachedImageDataset(prepared, "val", AugmentConfig(crop_size=32))
+    ds = CachedImageDataset(prepared, "val", settings("train.augment", crop_size=32))
     model = build_model(tiny_config().model, vectors)
     index, probs = predict(model, build_loader(ds, 64, shuffle=False, workers=0, seed=0), torch.device("cpu"))
     assert np.array_equal(index, np.arange(len(ds))) and probs.shape == (len(ds), len(CLASSES))
@@ -321,9 +319,9 @@ def test_running_cell_means_are_all_reduced_across_ranks(tmp_path):
 DDP_WORKER = """
 import os, sys, numpy as np, torch
 from pathlib import Path
-from pipeline.config import build
-from pipeline.training import TrainConfig, train
-cfg = build(TrainConfig, {config!r}, "train")
+from tests.conftest import settings
+from pipeline.training import train
+cfg = settings("train", {config!r})
 rank = int(os.environ["RANK"])
 out = Path(sys.argv[1])
 result = train(cfg, Path({prepared!r}), np.load({vectors!r}), out / f"rank{{rank}}", fingerprint="ddp",
@@ -346,7 +344,7 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # gradients were averaged across ranks
-    init = build_model(build(TrainConfig, config, "train").model, vectors).state_dict()
+    init = build_model(settings("train", config).model, vectors).state_dict()
     assert not torch.equal(w0["head.radius"], init["head.radius"])  # and they did train
     # rank 0 alone writes checkpoints; both ranks saw the same (gathered) validation metrics
     assert (tmp_path / "rank0" / "last.pt").exists() and (tmp_path / "rank0" / "best.pt").exists()
@@ -360,7 +358,9 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
 
 def mlflow_workspace(tmp_path: Path, monkeypatch, experiment: str, train: dict) -> str:
     """params.yaml with `train` in tmp_path, MLflow on a SQLite file there, cwd there; returns the URI."""
-    params = {"profile": "demo", "mlflow": {"experiment": experiment}, "train": train}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["mlflow"]["experiment"] = experiment
+    params["train"] = settings("train", train).model_dump()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -467,7 +467,7 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     dual_run = runs[f"dual-seed{TINY['seed']}"]
     assert dual_run.data.tags["cxr.ablation"] == "dual"
     assert dual_run.data.metrics["test_mean_auc"] == pytest.approx(runs_of.loc[("dual", TINY["seed"]), "test_mean_auc"])
-    assert dual_run.data.params["train.loss.image_weighting"] == "True"
+    assert dual_run.data.params["train.loss.dwml.image_weighting"] == "True"
     assert runs[f"bce_head-seed{TINY['seed']}"].data.params["train.model.head"] == "linear"
 
     with pytest.raises(ValueError, match="unknown nope; choose from bce_head"):

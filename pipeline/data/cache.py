@@ -30,11 +30,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.data.images import classify_error, decode_image
+from pipeline.data.layout import CACHE_INDEX
 from pipeline.io import file_size, read_json, write_json
 
 # Bump when the conversion changes, so existing caches are rebuilt.
 CONVERSION_VERSION = 1
-INDEX_NAME = "index.json"
 DTYPE = "uint8"
 
 
@@ -210,7 +210,7 @@ def _decode_chunk(
 
 
 def _read_index(cache_dir: Path) -> dict | None:
-    path = Path(cache_dir) / INDEX_NAME
+    path = Path(cache_dir) / CACHE_INDEX
     if not path.exists():
         return None
     try:
@@ -223,7 +223,7 @@ def _write_index(
     cache_dir: Path, paths: list[Path], size: int, fp: str, chunk_size: int, complete: bool, failures: dict
 ) -> None:
     write_json(
-        Path(cache_dir) / INDEX_NAME,
+        Path(cache_dir) / CACHE_INDEX,
         {
             "file": cache_file(cache_dir, size).name,
             "size": size,

@@ -21,41 +21,9 @@ from torchvision.transforms import v2
 
 from pipeline.classes import CLASSES
 from pipeline.data.cache import open_cache
-from pipeline.data.prepare import CACHE_DIR, MANIFEST
+from pipeline.data.layout import CACHE_DIR, MANIFEST
 from pipeline.data.splits import SPLITS
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentations (the `train.augment` section); eval uses only `crop_size`.
-
-    Attributes:
-        crop_size: side of the crop fed to the model, at most the cache's image_size.
-        random_resized_crop_scale: (min, max) share of the image area a training crop covers.
-        hflip: random horizontal flips (off by default: the heart is on the left in a chest film).
-        rotation_deg: maximum random rotation either way.
-        brightness: ColorJitter brightness strength (0 turns it off).
-        contrast: ColorJitter contrast strength (0 turns it off).
-    """
-
-    crop_size: int = 56
-    random_resized_crop_scale: tuple[float, float] = (0.7, 1.0)
-    hflip: bool = False
-    rotation_deg: float = 5.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-
-    def validate(self) -> None:
-        if self.crop_size < 1:
-            raise ValueError(f"crop_size must be >= 1, got {self.crop_size}")
-        scale = tuple(self.random_resized_crop_scale)
-        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(
-                f"random_resized_crop_scale must be (min, max) with 0 < min <= max <= 1, got {scale}"
-            )
-        for name in ("rotation_deg", "brightness", "contrast"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+from pipeline.config import AugmentConfig
 
 
 # Above this ratio of cached side to crop side a crop is shrunk enough to alias without
@@ -162,8 +130,8 @@ def train_transform(cfg: AugmentConfig, image_size: int | None = None) -> v2.Tra
     return v2.Compose(steps)
 
 
-def eval_transform(cfg: AugmentConfig) -> v2.Transform:
-    return v2.CenterCrop(cfg.crop_size)
+def eval_transform(crop_size: int) -> v2.Transform:
+    return v2.CenterCrop(crop_size)
 
 
 class CachedImageDataset(Dataset):
@@ -172,7 +140,8 @@ class CachedImageDataset(Dataset):
     Args:
         prepared_dir: the prepare step's output folder (manifest.csv + cache/).
         split: "train", "val", "test", or "all".
-        augment: crop size and augmentations; None returns the full cached image untouched.
+        augment: crop size and augmentations, or only the crop size (an int) for evaluation; None
+            returns the full cached image untouched.
         train: random augmentations when True, a center crop when False.
 
     Items are `(image, target)`: image (1, crop, crop) uint8, target (C,) float32.
@@ -182,7 +151,7 @@ class CachedImageDataset(Dataset):
         self,
         prepared_dir: str | Path,
         split: str,
-        augment: AugmentConfig | None = None,
+        augment: AugmentConfig | int | None = None,
         train: bool = False,
     ):
         if split not in (*SPLITS, "all"):
@@ -202,16 +171,20 @@ class CachedImageDataset(Dataset):
         self.transform = self._make_transform(augment, train, cache_size)
 
     @staticmethod
-    def _make_transform(augment: AugmentConfig | None, train: bool, cache_size: int) -> v2.Transform | None:
+    def _make_transform(augment: AugmentConfig | int | None, train: bool, cache_size: int) -> v2.Transform | None:
         if augment is None:
             return None
-        augment.validate()
-        if augment.crop_size > cache_size:
+        crop = augment if isinstance(augment, int) else augment.crop_size
+        if crop > cache_size:
             raise ValueError(
-                f"crop_size {augment.crop_size} exceeds the cached image_size {cache_size}; "
+                f"crop_size {crop} exceeds the cached image_size {cache_size}; "
                 "lower the crop or rerun prepare with a larger image_size"
             )
-        return train_transform(augment, cache_size) if train else eval_transform(augment)
+        if train:
+            if isinstance(augment, int):
+                raise ValueError("training augmentations need the train.augment settings, not a crop size")
+            return train_transform(augment, cache_size)
+        return eval_transform(crop)
 
     def _open(self) -> np.ndarray:
         if self._images is None:

@@ -45,6 +45,7 @@ from pipeline.data.sources import (DownloadError, HttpRemote, NotFound, S3Object
                                    Transfer, link_or_copy, parallel)
 from pipeline.data.synthetic import SyntheticConfig, generate
 from pipeline.io import file_digest, file_size, read_json, write_json
+from pipeline.config import DownloadConfig, NIHConfig, S3Config
 
 log = logging.getLogger(__name__)
 
@@ -76,82 +77,26 @@ def archive_name(number: int) -> str:
     return f"images_{number:03d}.tar.gz"
 
 
-@dataclass
-class NIHConfig:
-    """The NIH archives, and where their metadata files are.
-
-    Attributes:
-        box_ids: Box id of archive i at index i-1; the URL is `base_url` with `{id}` filled in.
-        md5: published MD5 of archive i at index i-1; mirrors are checked against it too, and
-            its length is the number of archives a mirror is expected to hold.
-        base_url: URL template of one NIH archive.
-        metadata_url: URL prefix (http(s):// or s3://) or local folder holding the label CSV and
-            the two list files. Required for `source: nih`; for mirrors it overrides the mirror.
-        archives: 1-based numbers of the archives to fetch (e.g. [1] for a 5k-image subset);
-            empty means all.
-    """
-
-    box_ids: list[str] = field(default_factory=lambda: list(NIH_BOX_IDS))
-    md5: list[str] = field(default_factory=lambda: list(NIH_MD5))
-    base_url: str = "https://nihcc.box.com/shared/static/{id}.gz"
-    metadata_url: str = ""
-    archives: list[int] = field(default_factory=list)
-
-    def selected(self) -> list[tuple[int, str, str]]:
-        """(number, file name, md5) of each archive to fetch."""
-        numbers = self.archives or range(1, len(self.md5) + 1)
-        return [(i, archive_name(i), self.md5[i - 1].lower()) for i in numbers]
-
-    def validate(self) -> None:
-        bad = [m for m in self.md5 if not re.fullmatch(r"[0-9a-fA-F]{32}", m)]
-        if bad:
-            raise ValueError(f"md5 holds {bad[0]!r}, not a 32-digit hex MD5")
-        wrong = [i for i in self.archives if not 1 <= i <= len(self.md5)]
-        if wrong:
-            raise ValueError(f"archives {wrong} outside 1..{len(self.md5)} (one per md5 entry)")
+def selected_archives(nih: NIHConfig) -> list[tuple[int, str, str]]:
+    """(number, file name, md5) of each archive `nih` asks for; all when `archives` is empty."""
+    numbers = nih.archives or range(1, len(nih.md5) + 1)
+    return [(i, archive_name(i), nih.md5[i - 1].lower()) for i in numbers]
 
 
-@dataclass
-class S3Config:
-    """How to reach an S3(-compatible) bucket; credentials come from boto3's default chain."""
-
-    endpoint_url: str | None = None  # e.g. http://minio:9000; None for AWS
-    anonymous: bool = False  # unsigned requests, for public buckets
-    region: str | None = None
-    profile: str | None = None  # a profile of ~/.aws/config
-
-
-@dataclass
-class DownloadConfig:
-    """The `download` section of params.yaml."""
-
-    source: str = "synthetic"  # synthetic | nih | s3://bucket/prefix | http(s)://... | a folder
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    nih: NIHConfig = field(default_factory=NIHConfig)
-    s3: S3Config = field(default_factory=S3Config)
-    workers: int = 4  # files transferred at once
-    retries: int = 5  # retries of a transfer that makes no progress
-    backoff_s: float = 1.0  # first retry delay, doubled on each retry
-    timeout_s: float = 60.0  # connect and read timeout of one request
-    keep_archives: bool = False  # keep the verified archives under out_dir/archives
-
-    def validate(self) -> None:
-        if self.workers < 1 or self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
-            raise ValueError("workers must be >= 1, retries and backoff_s >= 0, timeout_s > 0")
-        if self.source == "nih" and len(self.nih.box_ids) != len(self.nih.md5):
-            raise ValueError("nih.box_ids and nih.md5 must list the same archives, in order")
-        if self.source == "nih" and not self.nih.metadata_url:
-            raise ValueError(
-                "nih.metadata_url is empty. NIH serves Data_Entry_2017_v2020.csv, "
-                f"{TRAIN_VAL_LIST} and {TEST_LIST} from the folder page {NIH_METADATA_PAGE}, "
-                "not from direct links: download them into a folder (or to a URL prefix) and "
-                "set download.nih.metadata_url to it"
-            )
-        if source_kind(self.source) == "dir" and not Path(self.source).is_dir():
-            raise ValueError(
-                f"source {self.source!r} is not 'synthetic', 'nih', an s3:// or http(s):// URL, "
-                "or an existing folder"
-            )
+def check_source(cfg: DownloadConfig) -> None:
+    """Raise DownloadError when `cfg.source` cannot be fetched as configured."""
+    if cfg.source == "nih" and not cfg.nih.metadata_url:
+        raise DownloadError(
+            "download.nih.metadata_url is empty. NIH serves Data_Entry_2017_v2020.csv, "
+            f"{TRAIN_VAL_LIST} and {TEST_LIST} from the folder page {NIH_METADATA_PAGE}, "
+            "not from direct links: download them into a folder (or to a URL prefix) and "
+            "set download.nih.metadata_url to it"
+        )
+    if source_kind(cfg.source) == "dir" and not Path(cfg.source).is_dir():
+        raise DownloadError(
+            f"download.source {cfg.source!r} is neither synthetic, nih, an s3:// or http(s):// URL, "
+            "nor an existing folder"
+        )
 
 
 def source_kind(source: str) -> str:
@@ -181,8 +126,7 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
         DownloadError: naming the file, URL or key that failed and what to do.
         UnsafeArchiveError: naming the archive member that was refused.
     """
-    cfg.validate()
-    cfg.nih.validate()
+    check_source(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # present only when the folder is complete
@@ -217,7 +161,7 @@ def _fetch_http(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bo
     remote = HttpRemote(nih.base_url if cfg.source == "nih" else cfg.source, xfer)
     fetch_metadata(_getter(nih.metadata_url or cfg.source, cfg, xfer), out_dir)
     jobs = []
-    for i, name, md5 in nih.selected():
+    for i, name, md5 in selected_archives(nih):
         box = cfg.source == "nih"
         url = nih.base_url.format(id=nih.box_ids[i - 1]) if box else remote.url(name)
         jobs.append(ArchiveJob(name, md5, functools.partial(remote.fetch_url, url, md5=md5)))
@@ -294,7 +238,7 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool
         fetch_metadata(_getter(cfg.nih.metadata_url, cfg, xfer), out_dir)
     else:
         fetch_metadata(_s3_getter(remote, objects), out_dir)
-    wanted = cfg.nih.selected()
+    wanted = selected_archives(cfg.nih)
     if any(name in objects for _, name, _ in wanted):
         missing = [name for _, name, _ in wanted if name not in objects]
         if missing:
@@ -348,7 +292,7 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     images = [*src.glob(f"{IMAGE_DIR}/*.png"), *src.glob(f"images_*/{IMAGE_DIR}/*.png")]
     if images:
         return _link_images(images, out_dir, cfg.workers, xfer)
-    jobs = [ArchiveJob(name, md5, local=src / name) for _, name, md5 in cfg.nih.selected()
+    jobs = [ArchiveJob(name, md5, local=src / name) for _, name, md5 in selected_archives(cfg.nih)
             if (src / name).exists()]
     if not jobs:
         raise DownloadError(f"{src}: holds neither {IMAGE_DIR}/*.png nor NIH archives "

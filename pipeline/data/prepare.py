@@ -1,12 +1,7 @@
 """Prepare step: labels + official lists + images -> manifest, split statistics and image cache.
 
-Outputs in `out_dir`:
-    manifest.csv            image, patient, followup, view, split, the 14 classes (0/1), cache_index
-    split_stats.json        images/patients/positives per split, quarantine and inventory counts
-    class_counts.json       training-split positives per class (the loss's category weights)
-    split_class_counts.csv  split, class, count, prevalence (long format, for a bar plot)
-    quarantine.csv          image, reason, detail for every file that would not decode
-    cache/                  images_<size>.u8 + index.json (see `pipeline.data.cache`)
+Outputs in `out_dir`: manifest, split statistics, class counts, quarantine list and image cache,
+named and described in `pipeline.data.layout`.
 
 Only images that are labelled, in an official list, present on disk and decodable reach the
 manifest. The cache is ordered by file name and does not depend on the split, so changing
@@ -16,7 +11,6 @@ manifest. The cache is ordered by file name and does not depend on the split, so
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,53 +20,17 @@ import pandas as pd
 from pipeline.classes import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache
+from pipeline.data.layout import CACHE_DIR, CLASS_COUNTS, MANIFEST, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
 from pipeline.data.splits import SPLITS, assert_patient_disjoint, assign_splits, patient_overlap
 from pipeline.io import save_dataframe, write_json
+from pipeline.config import PrepareConfig
 
-IMAGES_DIR = "images"
-CACHE_DIR = "cache"
-MANIFEST = "manifest.csv"
-SPLIT_STATS = "split_stats.json"
-CLASS_COUNTS = "class_counts.json"
-SPLIT_CLASS_COUNTS = "split_class_counts.csv"
-QUARANTINE = "quarantine.csv"
+IMAGES_DIR = "images"  # in the raw folder
 EXAMPLES = 10  # names listed per inventory problem in split_stats.json
-
-
-@dataclass
-class PrepareConfig:
-    """The `prepare` section of params.yaml.
-
-    Attributes:
-        val_fraction: share of train_val images moved to validation (whole patients).
-        image_size: side of the cached images in pixels.
-        seed: seed of the validation split.
-        workers: processes decoding images for the cache.
-        stratify: keep validation's label distribution close to training's.
-        chunk_size: images per cache task and done-marker.
-    """
-
-    val_fraction: float = 0.15
-    image_size: int = 64
-    seed: int = 42
-    workers: int = 2
-    stratify: bool = True
-    chunk_size: int = 256
-
-    def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 8 <= self.image_size <= 4096:
-            raise ValueError(f"image_size must be in [8, 4096] pixels, got {self.image_size}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
 
 def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     """Run the prepare step; returns the statistics written to split_stats.json."""
-    cfg.validate()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     table, train_val, test = read_inputs(raw_dir)
     present = list_images(raw_dir / IMAGES_DIR)
@@ -178,7 +136,7 @@ def split_statistics(
         "cache": {
             "file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped
         },
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
     }
 
 

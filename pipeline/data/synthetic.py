@@ -49,6 +49,7 @@ from pipeline.classes import (
     TRAIN_VAL_LIST,
     image_name,
 )
+from pipeline.config import SyntheticConfig
 
 # Loading of every class on the shared latent "illness" factor. With the pairs below, 0.37 gives
 # 53.8% all-negative images and 1.57 labels per abnormal image (real: 53.8% and 1.57).
@@ -71,52 +72,6 @@ NIH_PIXEL_SPACING = 0.143
 NIH_IMAGE_SIZE = 1024
 
 _IDX = {c: i for i, c in enumerate(CLASSES)}
-
-
-@dataclass
-class SyntheticConfig:
-    """How big a synthetic dataset to write, and how it looks.
-
-    Attributes:
-        num_images: total images; every patient has at least one.
-        num_patients: distinct patients; follow-ups per patient are skewed like NIH's.
-        image_size: side of the square PNGs in pixels.
-        seed: one seed for labels, metadata, split and pixels.
-        test_fraction: share of images (chosen by whole patients) in test_list.txt.
-        persistence: correlation of a patient's latent labels across follow-ups (0 = independent).
-        invisible_fraction: share of positive labels drawn with no visible pattern (label noise).
-        noise: standard deviation of the pixel noise, in intensity units of [0, 1].
-    """
-
-    num_images: int = 2000
-    num_patients: int = 800
-    image_size: int = 128
-    seed: int = 42
-    test_fraction: float = 0.23
-    persistence: float = 0.6
-    invisible_fraction: float = 0.1
-    noise: float = 0.03
-
-    def validate(self) -> None:
-        if self.num_patients < 2:
-            raise ValueError(f"num_patients is {self.num_patients}; need 2 or more (train, test)")
-        if self.num_images < self.num_patients:
-            raise ValueError(
-                f"num_images ({self.num_images}) < num_patients ({self.num_patients}); "
-                "every patient needs at least one image"
-            )
-        if not 32 <= self.image_size <= 4096:
-            raise ValueError(f"image_size is {self.image_size}; choose 32..4096 pixels")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction is {self.test_fraction}; choose a value in (0, 1)")
-        if not 0.0 <= self.persistence < 1.0:
-            raise ValueError(f"persistence is {self.persistence}; choose a value in [0, 1)")
-        if not 0.0 <= self.invisible_fraction < 1.0:
-            raise ValueError(f"invisible_fraction is {self.invisible_fraction}; choose [0, 1)")
-        if self.seed < 0:
-            raise ValueError(f"seed is {self.seed}; choose a non-negative integer")
-        if not 0.0 <= self.noise <= 0.5:
-            raise ValueError(f"noise is {self.noise}; choose a value in [0, 0.5]")
 
 
 # ----------------------------------------------------------------------------- labels
@@ -618,7 +573,6 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
     Returns:
         Summary: images, patients, per-split counts, "No Finding" and per-class image counts.
     """
-    cfg.validate()
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)

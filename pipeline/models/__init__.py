@@ -11,31 +11,7 @@ from torch import nn
 
 from .backbone import BackboneConfig, create_backbone
 from .heads import LinearHead, MetricHead, ModelOutput, centre_text_vectors
-
-
-@dataclass
-class ModelConfig:
-    """`train.model` in params.yaml."""
-
-    head: Literal["metric", "linear"] = "metric"
-    backbone: BackboneConfig = None  # type: ignore[assignment]  # filled in __post_init__
-    embed_dim: int = 128
-    hidden_dim: int = 512
-    init_scale: float = 8.0
-    learn_scale: bool = True
-    # "random": Gaussian label vectors of the text vectors' shape instead of the encoder's, drawn
-    # from the training seed; the ablation's control for what the label texts contribute
-    prototypes: Literal["text", "random"] = "text"
-
-    def __post_init__(self) -> None:
-        if self.backbone is None:
-            self.backbone = BackboneConfig()
-
-    def validate(self) -> None:
-        if self.embed_dim < 2 or self.hidden_dim < 1:
-            raise ValueError("embed_dim must be >= 2 and hidden_dim >= 1")
-        if self.init_scale <= 0:
-            raise ValueError("init_scale must be > 0")
+from ..config import ModelConfig
 
 
 class CxrNet(nn.Module):
@@ -135,20 +111,20 @@ def model_from_bundle(bundle: dict, device: str | torch.device = "cpu", source: 
         ValueError: naming `source` when its weights do not fit this version's network (a bundle
             written by another version of the project, e.g. before the text projection changed).
     """
-    from ..config import build
+    from ..config import validate
 
     values = dict(bundle["model_config"])
     # the weights come from the bundle: never fetch pretrained ones for the skeleton, nor require
     # the training host's checkpoint file to exist here
     values["backbone"] = {**values.get("backbone", {}), "pretrained": False, "checkpoint_path": None}
-    cfg = build(ModelConfig, values, "model_config")
+    cfg = validate(ModelConfig, values, where=f"{source}: model_config")
     model = build_model(cfg, np.asarray(bundle["text_vectors"]))
     missing, unexpected = model.load_state_dict(bundle["model_state"], strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{source}: its weights do not fit this version's model (missing {', '.join(missing[:3]) or '-'}; "
             f"unexpected {', '.join(unexpected[:3]) or '-'}); it was written by another version of "
-            "cxr-dwml: retrain it (dvc repro train) or load it with the version that wrote it"
+            "cxr-dwml: retrain it or load it with the version that wrote it"
         )
     return model.to(device).eval()
 

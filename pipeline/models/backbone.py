@@ -7,28 +7,7 @@ from pathlib import Path
 
 import timm
 from torch import nn
-
-
-@dataclass
-class BackboneConfig:
-    """`train.model.backbone` in params.yaml."""
-
-    name: str = "convnext_atto"
-    pretrained: bool = False
-    # A local checkpoint (timm .safetensors/.bin/.pth) used instead of the hub: no network needed.
-    checkpoint_path: str | None = None
-    drop_path_rate: float = 0.0
-    grad_checkpointing: bool = False
-
-    def validate(self) -> None:
-        # is_model accepts pretrained tags ("convnext_atto.d2_in1k"), which list_models() omits
-        if not timm.is_model(self.name):
-            close = timm.list_models(f"*{self.name.split('_')[0]}*")[:8]
-            raise ValueError(f"unknown timm model name '{self.name}'; similar: {', '.join(close)}")
-        if self.checkpoint_path and not Path(self.checkpoint_path).is_file():
-            raise ValueError(f"checkpoint_path {self.checkpoint_path} does not exist")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError("drop_path_rate must be in [0, 1)")
+from ..config import BackboneConfig
 
 
 def create_backbone(cfg: BackboneConfig) -> nn.Module:

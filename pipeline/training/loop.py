@@ -28,44 +28,10 @@ from ..models import CxrNet, ModelConfig, build_model, init_prior
 from . import distributed as D
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
 from .optim import OptimConfig, build_optimizer, build_scheduler
+from ..config import TrainConfig
 
 Logger = Callable[[dict, int], None]
 LAST, BEST = "last.pt", "best.pt"
-
-
-@dataclass
-class TrainConfig:
-    """`train` in params.yaml."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 8
-    batch_size: int = 64
-    eval_batch_size: int = 128
-    workers: int = 0
-    seed: int = 42
-    deterministic: bool = False
-    early_stopping_patience: int = 0  # epochs without a better validation AUC; 0 turns it off
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    channels_last: bool = True  # CUDA only; CPU kernels gain nothing from it
-    compile: bool = False
-    ema_decay: float = 0.0  # 0 turns the weight EMA off; e.g. 0.999 for long runs
-    log_every: int = 10
-    device: str = "auto"
-    resume: bool = True
-    threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
-    max_steps_per_epoch: int = 0  # 0 = the whole training split; a cap for quick trials
-    prior_images: int = 256  # training images (one per patient, at random) the prior init looks at
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError("ema_decay must be in [0, 1)")
-        if self.prior_images < 1:
-            raise ValueError(f"prior_images is {self.prior_images}; use >= 1")
 
 
 @dataclass
@@ -170,7 +136,7 @@ def model_bundle(model: CxrNet, cfg: TrainConfig, text_vectors: np.ndarray, **ex
     """Everything inference needs, in one file: weights, architecture, label vectors, class order."""
     return {
         "model_state": unwrap(model).state_dict(),
-        "model_config": asdict(cfg.model),
+        "model_config": cfg.model.model_dump(),
         "text_vectors": np.asarray(text_vectors, dtype=np.float32),
         "classes": list(CLASSES),
         "crop_size": cfg.augment.crop_size,
@@ -422,7 +388,7 @@ def _full_state(ctx: StepContext, state: TrainState, cfg: TrainConfig, fingerpri
         "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
         "rng": rng_state(),
         "state": state.as_dict(),
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
         "fingerprint": fingerprint,
     }
 

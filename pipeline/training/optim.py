@@ -7,27 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-
-@dataclass
-class OptimConfig:
-    """`train.optim` in params.yaml."""
-
-    lr_backbone: float = 1e-3
-    lr_head: float = 3e-3
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
-
-    def validate(self) -> None:
-        if self.lr_backbone < 0 or self.lr_head <= 0:
-            raise ValueError("learning rates must be >= 0 (backbone) and > 0 (head)")
-        if len(self.betas) != 2:
-            raise ValueError("betas must hold two numbers")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("min_lr_ratio must be in [0, 1]")
+from ..config import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -1,0 +1,21 @@
+"""Where the prepared data lies: file and folder names inside the prepared-data folder.
+
+    manifest.csv            image, patient, followup, view, split, the 14 classes (0/1), cache_index
+    split_stats.json        images/patients/positives per split, quarantine and inventory counts
+    class_counts.json       training-split positives per class (the loss's category weights)
+    split_class_counts.csv  split, class, count, prevalence (long format, for a bar plot)
+    quarantine.csv          image, reason, detail for every file that would not decode
+    cache/                  images_<size>.u8 + index.json (see `pipeline.data.cache`)
+
+`pipeline.data.prepare` writes them; the dataset, training, evaluation and registration read them.
+"""
+
+from __future__ import annotations
+
+MANIFEST = "manifest.csv"
+SPLIT_STATS = "split_stats.json"
+CLASS_COUNTS = "class_counts.json"
+SPLIT_CLASS_COUNTS = "split_class_counts.csv"
+QUARANTINE = "quarantine.csv"
+CACHE_DIR = "cache"
+CACHE_INDEX = "index.json"  # inside CACHE_DIR: size, count, file order, fingerprint, completeness
