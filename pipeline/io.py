@@ -107,10 +107,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
         # weights_only=False: the files hold optimiser and RNG states and numpy arrays we wrote ourselves
         obj = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} not found: run the train step first (dvc repro train)") from None
+        raise FileNotFoundError(f"checkpoint {path} not found: run the train step first") from None
     except Exception as e:  # torch raises several types for a damaged file
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and rerun "
-                           "the train step (dvc repro train)") from None
+                           "the train step") from None
     if not isinstance(obj, dict):
         raise RuntimeError(f"checkpoint {path} holds a {type(obj).__name__}, not a training checkpoint; "
                            "point to the train step's best.pt or last.pt")

@@ -304,9 +304,9 @@ def test_config_from_params_mapping(tmp_path):
                                 "s3.anonymous": True, "nih.archives": [1, 2]})
     assert cfg.s3 == settings("download.s3", endpoint_url="http://127.0.0.1:9000", anonymous=True)
     assert [name for _, name, _ in selected_archives(cfg.nih)] == [archive_name(1), archive_name(2)]
-    with pytest.raises(ConfigError, match=r"'download.nih': archives \[13\] outside 1..12"):
+    with pytest.raises(ConfigError, match=r"'download.nih' archives \[13\] outside 1..12"):
         settings("download", {"nih.archives": [13]})
-    with pytest.raises(ConfigError, match="'nih.md5' holds 'xyz', not a 32-digit hex MD5"):
+    with pytest.raises(ConfigError, match="'download.nih.md5' holds 'xyz', not a 32-digit hex MD5"):
         settings("download", {"nih.md5": ["xyz"] * 12})
     with pytest.raises(DownloadError, match="neither synthetic, nih"):
         check_source(settings("download", source=str(tmp_path / "nowhere")))
