@@ -62,8 +62,9 @@ def resample_rows(rng: np.random.Generator, members: list[np.ndarray] | None, n_
     return np.concatenate([members[g] for g in drawn])
 
 
-def sklearn_bootstrap(y: np.ndarray, scores: np.ndarray, groups: np.ndarray | None, n_resamples: int,
-                      seed: int) -> np.ndarray:
+def sklearn_bootstrap(
+    y: np.ndarray, scores: np.ndarray, groups: np.ndarray | None, n_resamples: int, seed: int
+) -> np.ndarray:
     """The straightforward loop: materialise each resample's rows, roc_auc_score per class."""
     rng = np.random.default_rng(seed)
     members = None if groups is None else patient_rows(groups)
@@ -101,8 +102,10 @@ def main(argv: list[str] | None = None) -> float:
     y, scores = synthetic_predictions(args.rows, args.classes, args.seed)
     groups = patient_ids(args.rows, args.patients)
     unit = f"{args.patients:,} patients" if groups is not None else "images"
-    print(f"synthetic predictions: {args.rows:,} rows x {args.classes} classes, "
-          f"{int(y.sum()):,} positive labels; resampling {unit}")
+    print(
+        f"synthetic predictions: {args.rows:,} rows x {args.classes} classes, "
+        f"{int(y.sum()):,} positive labels; resampling {unit}"
+    )
 
     start, start_cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
@@ -110,23 +113,29 @@ def main(argv: list[str] | None = None) -> float:
         result = bootstrap_auc(y, scores, n_resamples=args.resamples, seed=args.seed, groups=groups)
     ours, ours_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     ours_per_1000 = ours / args.resamples * 1000
-    print(f"ours: {args.resamples} resamples in {ours:.2f} s wall, {ours_cpu:.2f} s CPU "
-          f"({ours_per_1000:.2f} s wall per 1,000); mean AUC {result['mean_auc']:.4f} "
-          f"[{result['mean_low']:.4f}, {result['mean_high']:.4f}] at {result['ci']:.0%}")
+    print(
+        f"ours: {args.resamples} resamples in {ours:.2f} s wall, {ours_cpu:.2f} s CPU "
+        f"({ours_per_1000:.2f} s wall per 1,000); mean AUC {result['mean_auc']:.4f} "
+        f"[{result['mean_low']:.4f}, {result['mean_high']:.4f}] at {result['ci']:.0%}"
+    )
 
     start, start_cpu = time.perf_counter(), time.process_time()
     sklearn_bootstrap(y, scores, groups, args.sklearn_resamples, args.seed)
     theirs, theirs_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     theirs_per_1000 = theirs / args.sklearn_resamples * 1000
-    print(f"scikit-learn loop: {args.sklearn_resamples} resamples in {theirs:.2f} s wall, "
-          f"{theirs_cpu:.2f} s CPU -> {theirs_per_1000:.1f} s wall per 1,000 resamples "
-          f"(extrapolated linearly from {args.sklearn_resamples})")
+    print(
+        f"scikit-learn loop: {args.sklearn_resamples} resamples in {theirs:.2f} s wall, "
+        f"{theirs_cpu:.2f} s CPU -> {theirs_per_1000:.1f} s wall per 1,000 resamples "
+        f"(extrapolated linearly from {args.sklearn_resamples})"
+    )
     print(f"agreement on one resample: max |ours - scikit-learn| = {agreement(y, scores, groups, args.seed):.1e}")
 
     ratio = theirs_per_1000 / ours_per_1000
     cpu_ratio = (theirs_cpu / args.sklearn_resamples) / (ours_cpu / args.resamples)
-    print(f"scikit-learn {theirs_per_1000:.1f} s / ours {ours_per_1000:.2f} s wall per 1,000 "
-          f"resamples (CPU-time ratio {cpu_ratio:.1f})")
+    print(
+        f"scikit-learn {theirs_per_1000:.1f} s / ours {ours_per_1000:.2f} s wall per 1,000 "
+        f"resamples (CPU-time ratio {cpu_ratio:.1f})"
+    )
     print(f"bootstrap_speedup {ratio:.1f}")
     return ratio
 

@@ -25,13 +25,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.classes import LABEL_CSV_HEADER, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, image_name  # noqa: E402
 from pipeline.config import AugmentConfig, load_params  # noqa: E402
-from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.data.dataset import CachedImageDataset, build_loader, train_transform  # noqa: E402
+from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.data.prepare import prepare  # noqa: E402
 
 SIDE = 1024  # the NIH images' side
@@ -108,16 +107,14 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--params", default=str(ROOT / "params.yaml"),
-                   help="settings file: its train.augment and prepare, but for the sizes above (default: %(default)s)")
     args = p.parse_args(argv)
-    params = load_params(args.params)
     torch.manual_seed(0)
     if args.workers == 0:
         # items are then made in this process: use one intra-op thread, as a DataLoader worker does
         # (several OpenMP threads per tiny op only contend with each other)
         torch.set_num_threads(1)
-    augment = params.train.augment.replace(crop_size=args.crop, at="train.augment")
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    augment = params.train.augment.replace(crop_size=args.crop)
 
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         raw, out = Path(tmp) / "raw", Path(tmp) / "prepared"
@@ -127,18 +124,22 @@ def main(argv: list[str] | None = None) -> float:
         took = time.perf_counter() - start
         print(f"wrote {args.images} PNGs of {SIDE}x{SIDE} ({mb:.2f} MB each) in {took:.1f}s")
         start = time.perf_counter()
-        cfg = params.prepare.replace(val_fraction=0.0, image_size=args.size, workers=max(1, args.workers),
-                                     chunk_size=32, at="prepare")
+        cfg = params.prepare.replace(
+            val_fraction=0.0, image_size=args.size, workers=max(1, args.workers), chunk_size=32
+        )
         prepare(raw, out, cfg, progress=False)
         build = time.perf_counter() - start
-        print(f"prepare (one decode per image -> {args.size}px cache): {build:.2f}s, "
-              f"{args.images / build:.1f} images/s")
+        print(
+            f"prepare (one decode per image -> {args.size}px cache): {build:.2f}s, {args.images / build:.1f} images/s"
+        )
 
         cached = time_epochs(CachedImageDataset(out, "train", augment, train=True), args)
         naive = time_epochs(PngDataset(paths, args.size, augment), args)
 
-    print(f"torch {torch.__version__}, {args.workers} DataLoader workers, batch {args.batch_size}, "
-          f"{args.size}px -> crop {args.crop}, {args.epochs} epochs (first = warm-up)")
+    print(
+        f"torch {torch.__version__}, {args.workers} DataLoader workers, batch {args.batch_size}, "
+        f"{args.size}px -> crop {args.crop}, {args.epochs} epochs (first = warm-up)"
+    )
     for name, times in (("cached", cached), ("naive", naive)):
         epochs = " ".join(f"{t:.2f}" for t in times)
         print(f"{name:>7}: {rate(times, args.images):9.1f} images/s   epoch seconds: {epochs}")

@@ -67,9 +67,17 @@ class Step:
         amp_dtype = autocast_dtype(cfg.amp, device)
         # as `train` builds them: the schedule of a long run, loss scaling for float16 only
         self.ctx = StepContext(
-            self.model, loss_fn, optimizer, build_scheduler(optimizer, cfg.optim, steps_per_epoch=1000, epochs=8),
-            torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), None, device, amp_dtype,
-            cfg.optim.grad_clip, channels_last)
+            self.model,
+            loss_fn,
+            optimizer,
+            build_scheduler(optimizer, cfg.optim, steps_per_epoch=1000, epochs=8),
+            torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+            None,
+            device,
+            amp_dtype,
+            cfg.optim.grad_clip,
+            channels_last,
+        )
         self.device = device
         self.targets = torch.from_numpy((rng.random((batch, C)) < prevalence).astype(np.float32)).to(device)
 
@@ -99,15 +107,24 @@ def interleaved(steps: dict[str, Step], reps: int, n: int, warmup: int) -> dict[
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(time_steps(steps[name], n))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def convnext_t_cuda(train: TrainConfig, device: torch.device, batch: int, steps: int, warmup: int) -> float:
     """Images/s of ConvNeXt-T at 224 px, metric head + DWML, AMP bf16 and channels_last."""
-    cfg = train.replace({**SETUPS["metric_dwml"], "model.backbone.name": "convnext_tiny", "augment.crop_size": 224,
-                         "batch_size": batch, "amp": "bf16", "channels_last": True}, at="train")
+    cfg = train.replace(
+        {
+            **SETUPS["metric_dwml"],
+            "model.backbone.name": "convnext_tiny",
+            "augment.crop_size": 224,
+            "batch_size": batch,
+            "amp": "bf16",
+            "channels_last": True,
+        },
+        at="train",
+    )
     step = Step(cfg, device)
     time_steps(step, warmup)
     return batch / time_steps(step, steps)
@@ -138,13 +155,14 @@ def main(argv: list[str] | None = None) -> float:
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     batch = train.batch_size
-    print(f"torch {torch.__version__} on {name}; {train.model.backbone.name}, batch {batch}, "
-          f"crop {train.augment.crop_size}, {args.reps} reps x {args.steps} steps (+{args.warmup} warm-up)")
+    print(
+        f"torch {torch.__version__} on {name}; {train.model.backbone.name}, batch {batch}, "
+        f"crop {train.augment.crop_size}, {args.reps} reps x {args.steps} steps (+{args.warmup} warm-up)"
+    )
     steps = {name: Step(train.replace(changes, at="train"), device) for name, changes in SETUPS.items()}
     seconds = interleaved(steps, args.reps, args.steps, args.warmup)
     for name, s in seconds.items():
-        print(f"{name:>12}: {batch / s:9.1f} images/s   {1000 * s:8.2f} ms/step   "
-              f"x{s / seconds['bce']:.3f} of bce")
+        print(f"{name:>12}: {batch / s:9.1f} images/s   {1000 * s:8.2f} ms/step   x{s / seconds['bce']:.3f} of bce")
     if device.type == "cuda":
         rate = convnext_t_cuda(train, device, args.cuda_batch, steps=10, warmup=5)
         print(f"convnext_tiny 224px bf16 channels_last, batch {args.cuda_batch}: {rate:.0f} images/s")

@@ -52,7 +52,6 @@ class RunScores:
 
 def main(argv: list[str] | None = None) -> int:
     from components.training import input_digests, load_prototypes
-    from pipeline.training import TrainConfig
 
     p = parser(__doc__)
     p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
@@ -81,10 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             for seed in seeds:
                 cfg = variant_config(base, variant, seed)
-                print(f"[ablate] {variant} seed {seed}: head {cfg.model.head}, loss {cfg.loss.name}, "
-                      f"prototypes {cfg.model.prototypes}")
-                runs.append(run_variant(variant, cfg, params.evaluate, prepared, text_vectors, Path(args.out) / variant / f"seed_{seed}",
-                                        fingerprint(cfg.model_dump(), digests), parent is not None, not args.no_progress))
+                print(
+                    f"[ablate] {variant} seed {seed}: head {cfg.model.head}, loss {cfg.loss.name}, "
+                    f"prototypes {cfg.model.prototypes}"
+                )
+                runs.append(
+                    run_variant(
+                        variant,
+                        cfg,
+                        params.evaluate,
+                        prepared,
+                        text_vectors,
+                        Path(args.out) / variant / f"seed_{seed}",
+                        fingerprint(cfg.model_dump(), digests),
+                        parent is not None,
+                        not args.no_progress,
+                    )
+                )
         table = runs_table(runs)
         summary = summarize(runs, args.bootstrap)
         write_reports(table, summary, reports)
@@ -102,8 +114,9 @@ def parse_variants(text: str) -> list[str]:
     variants = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown or not variants:
-        raise ValueError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(ABLATIONS)}")
+        raise ValueError(
+            f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ABLATIONS)}"
+        )
     return variants
 
 
@@ -116,8 +129,9 @@ def variant_config(base, variant: str, seed: int | None = None):
     return base.replace(changes)
 
 
-def run_variant(variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path, fp: str, track: bool,
-                progress: bool) -> RunScores:
+def run_variant(
+    variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path, fp: str, track: bool, progress: bool
+) -> RunScores:
     """Train one (variant, seed) (its own nested MLflow run when `track`) and score its best checkpoint."""
     from pipeline import tracking
     from pipeline.training import train
@@ -141,8 +155,8 @@ def run_variant(variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path
 
 def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> RunScores:
     from pipeline.evaluation import score_split
-    from pipeline.models import load_bundle
     from pipeline.inference import resolve_device
+    from pipeline.models import load_bundle
 
     device = resolve_device(cfg.device)
     model, bundle = load_bundle(result.best_path, device)
@@ -164,9 +178,18 @@ def runs_table(runs: list[RunScores]) -> pd.DataFrame:
     rows = []
     for r in runs:
         named = ABLATIONS[r.variant]
-        rows.append({"variant": r.variant, "seed": r.seed, "head": named["head"], "loss": named["name"],
-                     "prototypes": named.get("prototypes", "text"), "best_epoch": r.best_epoch,
-                     "val_mean_auc": _mean_auc(r.val), "test_mean_auc": _mean_auc(r.test)})
+        rows.append(
+            {
+                "variant": r.variant,
+                "seed": r.seed,
+                "head": named["head"],
+                "loss": named["name"],
+                "prototypes": named.get("prototypes", "text"),
+                "best_epoch": r.best_epoch,
+                "val_mean_auc": _mean_auc(r.val),
+                "test_mean_auc": _mean_auc(r.test),
+            }
+        )
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
@@ -189,9 +212,13 @@ def summarize(runs: list[RunScores], resamples: int) -> dict:
             if baseline is not None and name != BASELINE:
                 entry[f"{split}_delta_vs_{BASELINE}"] = paired_delta(baseline, group, split, resamples)
         variants.append(entry)
-    return {"baseline": BASELINE if baseline is not None else None, "bootstrap_resamples": resamples,
-            "bootstrap_unit": "patient", "selection": "best validation epoch per run; test only reported",
-            "variants": variants}
+    return {
+        "baseline": BASELINE if baseline is not None else None,
+        "bootstrap_resamples": resamples,
+        "bootstrap_unit": "patient",
+        "selection": "best validation epoch per run; test only reported",
+        "variants": variants,
+    }
 
 
 def paired_delta(baseline: list[RunScores], group: list[RunScores], split: str, resamples: int) -> dict:
@@ -207,8 +234,12 @@ def paired_delta(baseline: list[RunScores], group: list[RunScores], split: str, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         test = paired_bootstrap_delta(ref.y, a, b, n_resamples=resamples, seed=0, groups=ref.patients)
-    return {"delta": float(test["delta"]), "low": float(test["low"]), "high": float(test["high"]),
-            "p_value_not_better": float(test["p_value"])}
+    return {
+        "delta": float(test["delta"]),
+        "low": float(test["low"]),
+        "high": float(test["high"]),
+        "p_value_not_better": float(test["p_value"]),
+    }
 
 
 def _fmt(mean: float, std: float | None) -> str:
@@ -227,10 +258,12 @@ def summary_markdown(summary: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for v in summary["variants"]:
-        lines.append(f"| {v['variant']} | {_fmt(v['val_mean_auc'], v['val_mean_auc_std'])} | "
-                     f"{_fmt(v['test_mean_auc'], v['test_mean_auc_std'])} | "
-                     f"{_fmt_delta(v.get(f'val_delta_vs_{BASELINE}'))} | "
-                     f"{_fmt_delta(v.get(f'test_delta_vs_{BASELINE}'))} |")
+        lines.append(
+            f"| {v['variant']} | {_fmt(v['val_mean_auc'], v['val_mean_auc_std'])} | "
+            f"{_fmt(v['test_mean_auc'], v['test_mean_auc_std'])} | "
+            f"{_fmt_delta(v.get(f'val_delta_vs_{BASELINE}'))} | "
+            f"{_fmt_delta(v.get(f'test_delta_vs_{BASELINE}'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -239,12 +272,15 @@ def write_reports(table: pd.DataFrame, summary: dict, reports: Path) -> None:
 
     save_dataframe(reports / "ablation_runs.csv", table)
     write_json(reports / "ablation.json", summary)
-    write_text(reports / "ablation.md", "# Ablation (same data, prototypes and schedule; seeds "
-               f"{', '.join(map(str, sorted(set(table['seed']))))})\n\n"
-               "Each run's checkpoint is its best validation epoch; test is reported, never selected on. "
-               f"Deltas are seed-averaged mean AUC minus {BASELINE}'s on the same seeds, with a 95% "
-               f"percentile interval over {summary['bootstrap_resamples']} resamples of patients.\n\n"
-               + summary_markdown(summary))
+    write_text(
+        reports / "ablation.md",
+        "# Ablation (same data, prototypes and schedule; seeds "
+        f"{', '.join(map(str, sorted(set(table['seed']))))})\n\n"
+        "Each run's checkpoint is its best validation epoch; test is reported, never selected on. "
+        f"Deltas are seed-averaged mean AUC minus {BASELINE}'s on the same seeds, with a 95% "
+        f"percentile interval over {summary['bootstrap_resamples']} resamples of patients.\n\n"
+        + summary_markdown(summary),
+    )
     ablation_plot(summary, reports / "ablation.png")
 
 

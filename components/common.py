@@ -8,12 +8,13 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
+from pipeline import tracking
 from pipeline.config import ConfigError, Params, Section, load_params
 from pipeline.io import write_json
-from pipeline import tracking
 
 T = TypeVar("T")
 RESOLVED = "resolved_config.json"
@@ -46,8 +47,9 @@ def fingerprint(*parts: Any) -> str:
 
 
 @contextlib.contextmanager
-def mlflow_run(args, params: Params, step: str, run_id: str | None = None,
-               run_name: str | None = None) -> Iterator[Any]:
+def mlflow_run(
+    args, params: Params, step: str, run_id: str | None = None, run_name: str | None = None
+) -> Iterator[Any]:
     """A run of this step (or the existing `run_id`, to add to it); yields None with --no-mlflow."""
     if args.no_mlflow:
         yield None

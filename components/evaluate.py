@@ -16,7 +16,7 @@ from pipeline.classes import CLASSES
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.evaluation import EvaluateConfig, comparison_markdown, evaluate
+    from pipeline.evaluation import comparison_markdown, evaluate
 
     p = parser(__doc__)
     p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
@@ -40,10 +40,15 @@ def main(argv: list[str] | None = None) -> int:
 def _log(out: Path, metrics: dict) -> None:
     import mlflow
 
-    values = {"test_mean_auc": metrics["mean_auc"], "test_mean_auc_ci_low": metrics["mean_auc_ci"][0],
-              "test_mean_auc_ci_high": metrics["mean_auc_ci"][1], "test_mean_ap": metrics["mean_average_precision"],
-              "test_mean_f1": metrics["mean_f1"], "test_mean_sensitivity": metrics["mean_sensitivity"],
-              "test_mean_specificity": metrics["mean_specificity"]}
+    values = {
+        "test_mean_auc": metrics["mean_auc"],
+        "test_mean_auc_ci_low": metrics["mean_auc_ci"][0],
+        "test_mean_auc_ci_high": metrics["mean_auc_ci"][1],
+        "test_mean_ap": metrics["mean_average_precision"],
+        "test_mean_f1": metrics["mean_f1"],
+        "test_mean_sensitivity": metrics["mean_sensitivity"],
+        "test_mean_specificity": metrics["mean_specificity"],
+    }
     values.update({f"test_auc_{c}": metrics["per_class_auc"][c] for c in CLASSES})
     mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
     for name in ("metrics.json", "per_class_auc.csv", "thresholds.json", "comparison.md", "evaluate_config.json"):

@@ -18,8 +18,9 @@ import configparser
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -87,8 +88,9 @@ def compose(root: str | Path = ".", overrides: Sequence[str] = ()) -> tuple[str,
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / PARAMS
         try:
-            compose_and_dump(out, str(config_dir), None, config_name, str(root / ".dvc" / "hydra_plugins"),
-                             list(overrides))
+            compose_and_dump(
+                out, str(config_dir), None, config_name, str(root / ".dvc" / "hydra_plugins"), list(overrides)
+            )
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(f"{config_dir}: cannot compose with {list(overrides)}: {_first_line(e)}") from None
         text = out.read_text(encoding="utf-8")
@@ -122,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default=PARAMS, help="the params file (default: %(default)s)")
     p.add_argument("--profile", default=None, help="conf/profile/<name>.yaml to compose with (default: conf's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key (repeatable), e.g. --set train.epochs=2")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key (repeatable), e.g. --set train.epochs=2",
+    )
     p.add_argument("--out", default=None, help="file to write (default: the --params file)")
     p.add_argument("--check", action="store_true", help="only check that the file equals the composition")
     args = p.parse_args(argv)

@@ -14,8 +14,9 @@ Files that cannot be read are skipped, never fatal: each is printed with its rea
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     _write_skipped(side, skipped)
     for row in skipped:
         print(f"[predict] skipped {row['file']}: {row['reason']} ({row['detail']})")
-    print(f"[predict] {len(scored)} image(s) scored -> {out}; {len(skipped)} skipped"
-          + (f" -> {side}" if skipped else ""))
+    print(
+        f"[predict] {len(scored)} image(s) scored -> {out}; {len(skipped)} skipped" + (f" -> {side}" if skipped else "")
+    )
     return 0 if len(scored) else 1
 
 
@@ -71,8 +73,9 @@ def collect_files(inputs: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file()
-                            and p.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES)
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -90,8 +93,10 @@ def load_model(uri: str):
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as e:
-        raise RuntimeError(f"cannot load model {uri!r} from {tracking.redacted_uri()}: {e.message}. Check --model "
-                           f"and MLFLOW_TRACKING_URI (python -m components.promote --list shows the versions)") from e
+        raise RuntimeError(
+            f"cannot load model {uri!r} from {tracking.redacted_uri()}: {e.message}. Check --model "
+            f"and MLFLOW_TRACKING_URI (python -m components.promote --list shows the versions)"
+        ) from e
 
 
 def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool = True):

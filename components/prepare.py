@@ -16,7 +16,7 @@ from pipeline import tracking
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.data.layout import CLASS_COUNTS, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
-    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.data.prepare import prepare
 
     p = parser(__doc__)
     p.add_argument("--raw", default="data/raw", help="raw NIH-layout folder (default: %(default)s)")
@@ -54,8 +54,10 @@ def _split_metrics(stats: dict) -> dict[str, float]:
 
 
 def _print_summary(stats: dict) -> None:
-    parts = [f"{s}: {i.get('images', '?')} images / {i.get('patients', '?')} patients"
-             for s, i in stats.get("splits", {}).items()]
+    parts = [
+        f"{s}: {i.get('images', '?')} images / {i.get('patients', '?')} patients"
+        for s, i in stats.get("splits", {}).items()
+    ]
     print("[prepare] " + "; ".join(parts))
 
 

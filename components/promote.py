@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         set_alias(name, args.alias, args.version)
     except MlflowException as e:  # unknown model or version: say which, and where we looked
-        raise RuntimeError(f"{name} v{args.version or '*'} at {tracking.redacted_uri()}: {e.message} "
-                           f"(python -m components.promote --list shows the versions)") from e
+        raise RuntimeError(
+            f"{name} v{args.version or '*'} at {tracking.redacted_uri()}: {e.message} "
+            f"(python -m components.promote --list shows the versions)"
+        ) from e
     print(f"[promote] {name}@{args.alias} -> v{args.version}")
     return 0
 
@@ -50,9 +52,11 @@ def _list_versions(client, name: str) -> None:
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-        print(f"v{v.version:>3}  aliases={','.join(sorted(aliases.get(v.version, []))) or '-':<22} "
-              f"val_mean_auc={v.tags.get('val_mean_auc')}  test_mean_auc={v.tags.get('test_mean_auc')}  "
-              f"promoted={v.tags.get('gate.promoted')}")
+        print(
+            f"v{v.version:>3}  aliases={','.join(sorted(aliases.get(v.version, []))) or '-':<22} "
+            f"val_mean_auc={v.tags.get('val_mean_auc')}  test_mean_auc={v.tags.get('test_mean_auc')}  "
+            f"promoted={v.tags.get('gate.promoted')}"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             import mlflow
 
-            tracking.log_params({k: meta.get(k) for k in ("encoder", "revision", "pooling", "normalize",
-                                                           "dimension")}, "prototypes.")
+            tracking.log_params(
+                {k: meta.get(k) for k in ("encoder", "revision", "pooling", "normalize", "dimension")}, "prototypes."
+            )
             for name in ("prototypes.npy", "prototypes.json", "similarity.png"):
                 mlflow.log_artifact(str(out / name))
             tracking.save_run_ref(out, run)

@@ -36,8 +36,9 @@ def run_tags(step: str, profile: str, environ: Mapping[str, str] | None = None) 
 def git_commit(cwd: str | Path = ".") -> str:
     """HEAD's commit in `cwd`, or 'unknown' outside a git checkout (or without git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
-                             check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
         return out.stdout.strip() or UNKNOWN
     except (OSError, subprocess.SubprocessError):
         return UNKNOWN

@@ -19,7 +19,6 @@ import numpy as np
 
 from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
 from pipeline import tracking
-from pipeline.classes import CLASSES
 from pipeline.io import read_json, write_json
 
 if TYPE_CHECKING:
@@ -30,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     from pipeline import registry
-    from pipeline.registry import RegisterConfig
 
     p = parser(__doc__)
     p.add_argument("--model", default="artifacts/model", help="train step output (default: %(default)s)")
@@ -58,11 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         champ_preds = registry.champion_predictions(client, champ) if champ is not None else None
         decision = registry.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
         registry.apply_decision(client, cfg.model_name, version.version, decision)
-        record = {"model_name": cfg.model_name, "version": str(version.version), "model_uri": info.model_uri,
-                  "run_id": run.info.run_id, "aliases": _aliases(client, cfg.model_name, version.version),
-                  "tracking_uri": tracking.redacted_uri(), **decision,
-                  "test_mean_auc": metrics.get("mean_auc"), "test_mean_auc_ci": metrics.get("mean_auc_ci"),
-                  "tags": tags}
+        record = {
+            "model_name": cfg.model_name,
+            "version": str(version.version),
+            "model_uri": info.model_uri,
+            "run_id": run.info.run_id,
+            "aliases": _aliases(client, cfg.model_name, version.version),
+            "tracking_uri": tracking.redacted_uri(),
+            **decision,
+            "test_mean_auc": metrics.get("mean_auc"),
+            "test_mean_auc_ci": metrics.get("mean_auc_ci"),
+            "tags": tags,
+        }
         write_json(args.out, record)
         import mlflow
 
@@ -80,8 +85,10 @@ def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
 
     path = reports / "predictions" / f"{SELECTION_SPLIT}.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the evaluate step, which writes the {SELECTION_SPLIT} "
-                                f"predictions the promotion gate decides on")
+        raise FileNotFoundError(
+            f"{path} not found: run the evaluate step, which writes the {SELECTION_SPLIT} "
+            f"predictions the promotion gate decides on"
+        )
     return selection_set(pd.read_parquet(path), pd.read_csv(prepared / MANIFEST), str(path))
 
 

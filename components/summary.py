@@ -26,17 +26,22 @@ def main(argv: list[str] | None = None) -> int:
         auc, (lo, hi) = metrics["per_class_auc"][c], metrics["per_class_auc_ci"][c]
         print(f"{c:<20} {auc:>7.4f}   [{lo:.4f}, {hi:.4f}]" if auc is not None else f"{c:<20} {'n/a':>7}")
     lo, hi = metrics["mean_auc_ci"]
-    print(f"{'mean AUC':<20} {metrics['mean_auc']:>7.4f}   [{lo:.4f}, {hi:.4f}]  "
-          f"({metrics['test_images']} test images of {metrics.get('test_patients', '?')} patients, "
-          f"patient bootstrap; seed paper {SEED_PAPER_AUC:.3f} on NIH)")
+    print(
+        f"{'mean AUC':<20} {metrics['mean_auc']:>7.4f}   [{lo:.4f}, {hi:.4f}]  "
+        f"({metrics['test_images']} test images of {metrics.get('test_patients', '?')} patients, "
+        f"patient bootstrap; seed paper {SEED_PAPER_AUC:.3f} on NIH)"
+    )
     reg = reports / "registration.json"
     if reg.exists():
         r = read_json(reg)
         state = "champion" if r.get("promote") else "challenger"
         print(f"\nregistered {r['model_name']} v{r['version']} as {state}: {r['reason']}")
     uri = tracking.default_tracking_uri()
-    browse = (f"mlflow ui --backend-store-uri {uri.replace(str(Path.cwd().resolve()) + '/', '')}"
-              if uri.startswith("sqlite") else f"open {uri}")
+    browse = (
+        f"mlflow ui --backend-store-uri {uri.replace(str(Path.cwd().resolve()) + '/', '')}"
+        if uri.startswith("sqlite")
+        else f"open {uri}"
+    )
     print(f"\nbrowse the runs:  .venv/bin/{browse}   (then http://127.0.0.1:5000)")
     print("compare with the previous run:  .venv/bin/dvc metrics diff  /  .venv/bin/dvc plots diff")
     return 0

@@ -5,7 +5,8 @@ Run:
     torchrun --nproc_per_node 4 -m components.train ...        # DDP on 4 GPUs (rank 0 logs and saves)
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m components.train ...
 Writes best.pt (inference bundle), last.pt (full state for resume), train_summary.json and
-resolved_config.json into --out, and history.csv and training_curves.png into --reports. A `last.pt` written with the same
+resolved_config.json into --out, and history.csv and training_curves.png into --reports. A `last.pt`
+written with the same
 settings and inputs is resumed (an interrupted run continues; a finished one does nothing).
 """
 
@@ -21,7 +22,7 @@ from pipeline.io import save_dataframe, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.training import TrainConfig, train
+    from pipeline.training import train
 
     p = parser(__doc__)
     p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
@@ -42,15 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     with mlflow_run(run_args, params, "train", run_id=previous and previous["run_id"], run_name="train") as run:
         if run is not None:
             _log_start(params, cfg, prepared, protos_dir, out, run)
-        result = train(cfg, prepared, text_vectors, out, fingerprint=fp,
-                       log=mlflow_logger() if run is not None else None, progress=not args.no_progress)
+        result = train(
+            cfg,
+            prepared,
+            text_vectors,
+            out,
+            fingerprint=fp,
+            log=mlflow_logger() if run is not None else None,
+            progress=not args.no_progress,
+        )
         if is_main:
             summary = _write_outputs(out, Path(args.reports), result, cfg, params, fp)
             if run is not None:
                 _log_end(out, Path(args.reports), summary)
     if is_main:
-        print(f"[train] best validation mean AUC {result.best_auc:.4f} at epoch {result.best_epoch} "
-              f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''})")
+        print(
+            f"[train] best validation mean AUC {result.best_auc:.4f} at epoch {result.best_epoch} "
+            f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''})"
+        )
     return 0
 
 
@@ -96,8 +106,12 @@ def _write_outputs(out: Path, reports: Path, result, cfg, params, fp: str) -> di
     if len(history):
         training_curves(history, reports / "training_curves.png")
     summary = {
-        "best_val_mean_auc": result.best_auc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-        "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "fingerprint": fp,
+        "best_val_mean_auc": result.best_auc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from,
+        "fingerprint": fp,
     }
     write_json(out / "train_summary.json", summary)
     write_json(out / "resolved_config.json", {"profile": params.profile, "train": cfg.model_dump()})
@@ -108,8 +122,12 @@ def _log_end(out: Path, reports: Path, summary: dict) -> None:
     import mlflow
 
     mlflow.log_metrics({"best_val_mean_auc": summary["best_val_mean_auc"], "best_epoch": summary["best_epoch"]})
-    for path in (out / "resolved_config.json", out / "train_summary.json", reports / "history.csv",
-                 reports / "training_curves.png"):
+    for path in (
+        out / "resolved_config.json",
+        out / "train_summary.json",
+        reports / "history.csv",
+        reports / "training_curves.png",
+    ):
         if path.exists():
             mlflow.log_artifact(str(path), artifact_path="train")
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from airflow.providers.standard.operators.bash import BashOperator
@@ -94,9 +95,11 @@ class DagSettings:
         try:
             when = datetime.fromisoformat(str(self.start_date))  # YAML may hand over a date
         except ValueError:
-            raise ValueError(f"{SETTINGS_FILE.name}: start_date {self.start_date!r} is not an ISO date "
-                             f"(e.g. 2025-01-01); fix it or CXR_AIRFLOW_START_DATE") from None
-        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            raise ValueError(
+                f"{SETTINGS_FILE.name}: start_date {self.start_date!r} is not an ISO date "
+                f"(e.g. 2025-01-01); fix it or CXR_AIRFLOW_START_DATE"
+            ) from None
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
 
     def timeout(self, task_id: str) -> timedelta | None:
         minutes = self.timeouts_minutes.get(task_id)
@@ -147,8 +150,14 @@ def _as_bool(value: str) -> bool:
 
 
 # how a variable's text becomes the setting; anything else is kept as text ("@weekly", "32Gi")
-_PARSE = {"catchup": _as_bool, "max_active_runs": int, "retries": int, "retry_delay_minutes": float,
-          "gpus": int, "tasks": lambda v: [t.strip() for t in v.split(",") if t.strip()]}
+_PARSE = {
+    "catchup": _as_bool,
+    "max_active_runs": int,
+    "retries": int,
+    "retry_delay_minutes": float,
+    "gpus": int,
+    "tasks": lambda v: [t.strip() for t in v.split(",") if t.strip()],
+}
 
 
 def _from_env(raw: dict[str, Any], names: Mapping[str, str], env: Mapping[str, str]) -> None:
@@ -179,16 +188,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> DagSettings:
         if env.get(var):
             raw["timeouts_minutes"][task_id] = float(env[var])
     known = {f.name for f in dataclasses.fields(DagSettings)}
-    unknown = sorted(set(raw) - known) + sorted(f"kubernetes.{k}" for k in set(k8s) - {
-        f.name for f in dataclasses.fields(KubernetesSettings)})
+    unknown = sorted(set(raw) - known) + sorted(
+        f"kubernetes.{k}" for k in set(k8s) - {f.name for f in dataclasses.fields(KubernetesSettings)}
+    )
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     settings = DagSettings(**raw, kubernetes=KubernetesSettings(**k8s))
     settings.validate()
     bad = sorted(set(settings.kubernetes.tasks) - {*STAGES, "all"})
     if bad:
-        raise ValueError(f"kubernetes.tasks (CXR_AIRFLOW_K8S_TASKS) names unknown task(s) {bad}; "
-                         f"use task ids of {', '.join(STAGES)} or 'all'")
+        raise ValueError(
+            f"kubernetes.tasks (CXR_AIRFLOW_K8S_TASKS) names unknown task(s) {bad}; "
+            f"use task ids of {', '.join(STAGES)} or 'all'"
+        )
     return settings
 
 
@@ -197,22 +209,37 @@ def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param
     profiles = sorted(p.stem for p in (project / "conf" / "profile").glob("*.yaml"))
     profile_schema: dict[str, Any] = {"enum": [None, *profiles]} if profiles else {"type": ["null", "string"]}
     return {
-        "profile": Param(None, description="settings profile for this run (conf/profile/<name>.yaml); "
-                         "empty = conf/config.yaml's", **profile_schema),
-        "source": Param(data_source, type=["null", "string"], minLength=1,
-                        description="download.source: synthetic | nih | s3://bucket/prefix | https://mirror | /folder"),
+        "profile": Param(
+            None,
+            description="settings profile for this run (conf/profile/<name>.yaml); empty = conf/config.yaml's",
+            **profile_schema,
+        ),
+        "source": Param(
+            data_source,
+            type=["null", "string"],
+            minLength=1,
+            description="download.source: synthetic | nih | s3://bucket/prefix | https://mirror | /folder",
+        ),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="train.epochs"),
-        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=4096,
-                            description="train.batch_size (per process)"),
+        "batch_size": Param(
+            None, type=["null", "integer"], minimum=1, maximum=4096, description="train.batch_size (per process)"
+        ),
         "head": Param(None, enum=[None, "metric", "linear"], description="train.model.head"),
-        "loss": Param(None, enum=[None, "dwml", "bce", "weighted_bce", "focal", "asl"],
-                      description="train.loss.name"),
-        "min_auc": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                         description="register.min_auc: the floor for the champion alias"),
-        "overrides": Param({}, type="object", description="any other params.yaml keys, dotted: "
-                           '{"train.optim.lr_head": 0.001}',
-                           propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
-                           additionalProperties={"type": ["string", "number", "boolean", "null"]}),
+        "loss": Param(None, enum=[None, "dwml", "bce", "weighted_bce", "focal", "asl"], description="train.loss.name"),
+        "min_auc": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            description="register.min_auc: the floor for the champion alias",
+        ),
+        "overrides": Param(
+            {},
+            type="object",
+            description='any other params.yaml keys, dotted: {"train.optim.lr_head": 0.001}',
+            propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
+            additionalProperties={"type": ["string", "number", "boolean", "null"]},
+        ),
     }
 
 
@@ -225,8 +252,9 @@ def run_overrides(params: Mapping[str, Any]) -> str:
 
 def stage_command(stage: str) -> str:
     # exec: a timeout's SIGTERM reaches dvc_stage.py, which puts params.yaml back before exiting
-    return ('set -eu; cd "$CXR_PROJECT_DIR"; export PATH="$CXR_VENV/bin:$PATH"; '
-            f'exec python scripts/dvc_stage.py {stage}')
+    return (
+        f'set -eu; cd "$CXR_PROJECT_DIR"; export PATH="$CXR_VENV/bin:$PATH"; exec python scripts/dvc_stage.py {stage}'
+    )
 
 
 def task_env(project: Path, venv: str | Path) -> dict[str, str]:
@@ -260,12 +288,14 @@ def pod_task(task_id: str, settings: DagSettings, **kwargs: Any):
     cfg = settings.kubernetes
     env = task_env(Path(cfg.workspace_path), cfg.venv)
     # a pod does not inherit the task's AIRFLOW_CTX_* variables: pass them for the MLflow tags
-    env.update({
-        "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
-        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
-        "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
-        "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
-    })
+    env.update(
+        {
+            "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
+            "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
+            "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
+            "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
+        }
+    )
     gpu = task_id == "train" and cfg.gpus > 0
     resources = k8s.V1ResourceRequirements(
         requests={"cpu": cfg.cpu, "memory": cfg.memory} if task_id == "train" else {"cpu": "1", "memory": "4Gi"},
@@ -282,13 +312,17 @@ def pod_task(task_id: str, settings: DagSettings, **kwargs: Any):
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cfg.secret))] if cfg.secret else None,
         container_resources=resources,
         volumes=[
-            k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                claim_name=cfg.workspace_claim)),
+            k8s.V1Volume(
+                name="workspace",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=cfg.workspace_claim),
+            ),
             # the DataLoader workers share batches through /dev/shm, which is 64 MiB in a pod by default
             k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")),
         ],
-        volume_mounts=[k8s.V1VolumeMount(name="workspace", mount_path=cfg.workspace_path),
-                       k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        volume_mounts=[
+            k8s.V1VolumeMount(name="workspace", mount_path=cfg.workspace_path),
+            k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+        ],
         node_selector=cfg.node_selector or None,
         tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")] if gpu else None,
         service_account_name=cfg.service_account,
@@ -326,8 +360,13 @@ def build_dag(settings: DagSettings):
         tasks = {}
         for task_id in STAGES:
             make = pod_task if settings.on_kubernetes(task_id) else local_task
-            tasks[task_id] = make(task_id, settings, execution_timeout=settings.timeout(task_id),
-                                  outlets=outlets.get(task_id, []), doc_md=f"`dvc repro --single-item {task_id}`")
+            tasks[task_id] = make(
+                task_id,
+                settings,
+                execution_timeout=settings.timeout(task_id),
+                outlets=outlets.get(task_id, []),
+                doc_md=f"`dvc repro --single-item {task_id}`",
+            )
         for task_id, upstream in STAGES.items():
             for up in upstream:
                 tasks[up] >> tasks[task_id]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -19,15 +18,21 @@ import torch
 
 from . import plots
 from .classes import CLASSES, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
+from .config import EvaluateConfig
 from .data.dataset import CachedImageDataset, build_loader
 from .inference import predict, resolve_device
 from .io import save_dataframe, write_json, write_text
 from .metrics import (
-    average_precision, bootstrap_auc, mean_auc, pr_curve_points, roc_auc, roc_curve_points, select_thresholds, threshold_metrics,
+    average_precision,
+    bootstrap_auc,
+    mean_auc,
+    pr_curve_points,
+    roc_auc,
+    roc_curve_points,
+    select_thresholds,
+    threshold_metrics,
 )
 from .models import load_bundle
-from .config import EvaluateConfig
-
 
 
 @dataclass
@@ -40,15 +45,21 @@ class SplitScores:
     patients: np.ndarray  # (N,) patient id of each image: the bootstrap's resampling unit
 
 
-def score_split(model, prepared_dir: Path, split: str, crop_size: int, cfg: EvaluateConfig,
-                device: torch.device, progress: bool = True) -> SplitScores:
+def score_split(
+    model,
+    prepared_dir: Path,
+    split: str,
+    crop_size: int,
+    cfg: EvaluateConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> SplitScores:
     ds = CachedImageDataset(prepared_dir, split, crop_size, train=False)
     if len(ds) == 0:
         raise ValueError(f"{prepared_dir}: the {split} split is empty; check the prepare step's split_stats.json")
     loader = build_loader(ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed)
     index, probs = predict(model, loader, device, progress=progress, desc=f"score {split}")
-    return SplitScores([ds.image_names[i] for i in index], ds.targets[index].astype(np.int8), probs,
-                       ds.patients[index])
+    return SplitScores([ds.image_names[i] for i in index], ds.targets[index].astype(np.int8), probs, ds.patients[index])
 
 
 def predictions_frame(scores: SplitScores) -> pd.DataFrame:
@@ -59,8 +70,7 @@ def predictions_frame(scores: SplitScores) -> pd.DataFrame:
     return df
 
 
-def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig,
-             progress: bool = True) -> dict:
+def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, progress: bool = True) -> dict:
     """Write reports/metrics.json, per_class_auc.csv, thresholds.json, predictions and plots.
 
     Thresholds are chosen on the validation split and applied unchanged to the test split.
@@ -113,14 +123,21 @@ def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle
 
 
 def _per_class_table(boot, ap, at_thr, test: SplitScores) -> pd.DataFrame:
-    return pd.DataFrame({
-        "class": list(CLASSES),
-        "auc": boot["auc"], "auc_low": boot["low"], "auc_high": boot["high"],
-        "average_precision": ap,
-        "threshold": at_thr["threshold"], "sensitivity": at_thr["sensitivity"],
-        "specificity": at_thr["specificity"], "precision": at_thr["precision"], "f1": at_thr["f1"],
-        "test_positives": test.y.sum(0).astype(int),
-    }).round(6)
+    return pd.DataFrame(
+        {
+            "class": list(CLASSES),
+            "auc": boot["auc"],
+            "auc_low": boot["low"],
+            "auc_high": boot["high"],
+            "average_precision": ap,
+            "threshold": at_thr["threshold"],
+            "sensitivity": at_thr["sensitivity"],
+            "specificity": at_thr["specificity"],
+            "precision": at_thr["precision"],
+            "f1": at_thr["f1"],
+            "test_positives": test.y.sum(0).astype(int),
+        }
+    ).round(6)
 
 
 def comparison_markdown(metrics: dict) -> str:
@@ -131,18 +148,25 @@ def comparison_markdown(metrics: dict) -> str:
     lines = ["| Method | Mean AUC |", "|---|---|"]
     for name, auc in sorted(rows + [("**this run**", ours if ours is not None else float("nan"))], key=lambda r: r[1]):
         mark = " **(seed paper)**" if name == SEED_PAPER else ""
-        value = f"{auc:.3f}" if name != "**this run**" else (
-            f"**{ours:.3f}** [{lo:.3f}, {hi:.3f}]" if ours is not None else "undefined")
+        value = (
+            f"{auc:.3f}"
+            if name != "**this run**"
+            else (f"**{ours:.3f}** [{lo:.3f}, {hi:.3f}]" if ours is not None else "undefined")
+        )
         lines.append(f"| {name}{mark} | {value} |")
     lines += ["", "| Class | AUC (this run) | 95% CI |", "|---|---|---|"]
     for c in CLASSES:
         auc = metrics["per_class_auc"][c]
         ci = metrics["per_class_auc_ci"][c]
-        lines.append(f"| {c} | {auc:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] |" if auc is not None else f"| {c} | undefined | |")
+        lines.append(
+            f"| {c} | {auc:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] |" if auc is not None else f"| {c} | undefined | |"
+        )
     lines.append("")
-    lines.append("Published figures are mean AUC on the official ChestX-ray14 test split; the demo profile's "
-                 "synthetic data is not comparable to them. Intervals: percentile bootstrap over test patients "
-                 f"({metrics['test_patients']} patients, {metrics['test_images']} images).")
+    lines.append(
+        "Published figures are mean AUC on the official ChestX-ray14 test split; the demo profile's "
+        "synthetic data is not comparable to them. Intervals: percentile bootstrap over test patients "
+        f"({metrics['test_patients']} patients, {metrics['test_images']} images)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -151,10 +175,14 @@ def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, a
     plot_dir = out_dir / "plots"
     write_json(out_dir / "metrics.json", metrics)
     save_dataframe(out_dir / "per_class_auc.csv", table)
-    write_json(out_dir / "thresholds.json", {
-        "method": cfg.threshold_method, "chosen_on": "val",
-        "thresholds": {c: float(t) for c, t in zip(CLASSES, thresholds)},
-    })
+    write_json(
+        out_dir / "thresholds.json",
+        {
+            "method": cfg.threshold_method,
+            "chosen_on": "val",
+            "thresholds": {c: float(t) for c, t in zip(CLASSES, thresholds)},
+        },
+    )
     save_dataframe(out_dir / "predictions" / "test.parquet", predictions_frame(test))
     save_dataframe(out_dir / "predictions" / "val.parquet", predictions_frame(val))
     write_text(out_dir / "comparison.md", comparison_markdown(metrics))
@@ -162,8 +190,9 @@ def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, a
     plots.curve_grid(pr_curve_points(test.y, test.probs), ap, CLASSES, plot_dir / "pr.png", "pr")
     calib = plots.calibration(test.y, test.probs, plot_dir / "calibration.png")
     save_dataframe(plot_dir / "calibration.csv", pd.DataFrame(calib))
-    plots.per_class_bars(list(CLASSES), boot["auc"], boot["low"], boot["high"], plot_dir / "per_class_auc.png",
-                         reference=SEED_PAPER_AUC)
+    plots.per_class_bars(
+        list(CLASSES), boot["auc"], boot["low"], boot["high"], plot_dir / "per_class_auc.png", reference=SEED_PAPER_AUC
+    )
     save_dataframe(plot_dir / "roc.csv", _roc_long(test))
 
 

@@ -8,7 +8,7 @@ pass or how logits become probabilities.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     """torch.autocast on `device` in `dtype`, or nothing at all for dtype None."""
     if dtype is None:
         return contextlib.nullcontext()
@@ -44,17 +44,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
 
 
 @torch.no_grad()
-def probabilities(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                  amp_dtype: torch.dtype | None = None) -> np.ndarray:
+def probabilities(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> np.ndarray:
     """Sigmoid scores (B, C) float32 of one batch of images (B, 1, H, W), on the CPU."""
     with autocast(device, amp_dtype):
         logits = model(images.to(device, non_blocking=True))  # (B, C)
     return torch.sigmoid(logits.float()).cpu().numpy()
 
 
-def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
-            amp_dtype: torch.dtype | None = None, progress: bool = False,
-            desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "predict",
+) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid scores (N, C) and the dataset indices they belong to, in loader order.
 
     The indices are read off the loader's sampler, so the sampler must give the same order each
@@ -63,12 +69,16 @@ def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device,
     from tqdm.auto import tqdm
 
     if isinstance(loader.sampler, RandomSampler):
-        raise ValueError("predict() needs a loader with shuffle=False: a RandomSampler's order "
-                         "cannot be replayed to tell which image each score belongs to")
+        raise ValueError(
+            "predict() needs a loader with shuffle=False: a RandomSampler's order "
+            "cannot be replayed to tell which image each score belongs to"
+        )
     model.eval()
     order = np.fromiter(iter(loader.sampler), dtype=np.int64)  # (N,) dataset index of each row
-    probs = [probabilities(model, images, device, amp_dtype)
-             for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)]
+    probs = [
+        probabilities(model, images, device, amp_dtype)
+        for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)
+    ]
     num_classes = len(CLASSES)
     probs = np.concatenate(probs).astype(np.float64) if probs else np.zeros((0, num_classes))  # (N, C)
     if len(probs) != len(order):

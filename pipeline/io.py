@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import numpy as np
 
@@ -109,11 +110,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} not found: run the train step first") from None
     except Exception as e:  # torch raises several types for a damaged file
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and rerun "
-                           "the train step") from None
+        raise RuntimeError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and rerun the train step"
+        ) from None
     if not isinstance(obj, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(obj).__name__}, not a training checkpoint; "
-                           "point to the train step's best.pt or last.pt")
+        raise RuntimeError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a training checkpoint; "
+            "point to the train step's best.pt or last.pt"
+        )
     return obj
 
 

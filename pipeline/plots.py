@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -46,8 +46,13 @@ def training_curves(history, path: str | Path) -> None:
     _save(fig, path)
 
 
-def curve_grid(curves: Sequence[tuple[np.ndarray, np.ndarray]], values: Sequence[float], classes: Sequence[str],
-               path: str | Path, kind: str) -> None:
+def curve_grid(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+    values: Sequence[float],
+    classes: Sequence[str],
+    path: str | Path,
+    kind: str,
+) -> None:
     """One small panel per class: ROC (kind='roc', FPR/TPR) or PR (kind='pr', recall/precision)."""
     cols = 5
     rows = math.ceil(len(classes) / cols)
@@ -58,12 +63,16 @@ def curve_grid(curves: Sequence[tuple[np.ndarray, np.ndarray]], values: Sequence
         ax.plot(x, y, lw=1.5)
         if kind == "roc":
             ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
-        ax.set_title(f"{readable_name(name)}\n{label} {value:.3f}" if np.isfinite(value) else
-                     f"{readable_name(name)}\n{label} undefined", fontsize=9)
+        ax.set_title(
+            f"{readable_name(name)}\n{label} {value:.3f}"
+            if np.isfinite(value)
+            else f"{readable_name(name)}\n{label} undefined",
+            fontsize=9,
+        )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(classes):]:
+    for ax in axes[len(classes) :]:
         ax.axis("off")
     xlabel, ylabel = ("false positive rate", "true positive rate") if kind == "roc" else ("recall", "precision")
     fig.supxlabel(xlabel)
@@ -81,21 +90,38 @@ def calibration(y: np.ndarray, scores: np.ndarray, path: str | Path, bins: int =
     for b in range(bins):
         mask = idx == b
         if mask.any():
-            rows.append({"bin": b, "mean_predicted": float(s[mask].mean()),
-                         "fraction_positive": float(y[mask].mean()), "count": int(mask.sum())})
+            rows.append(
+                {
+                    "bin": b,
+                    "mean_predicted": float(s[mask].mean()),
+                    "fraction_positive": float(y[mask].mean()),
+                    "count": int(mask.sum()),
+                }
+            )
     fig = _figure(4.5, 4.5)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.plot([r["mean_predicted"] for r in rows], [r["fraction_positive"] for r in rows], marker="o")
-    ax.set(xlabel="mean predicted probability", ylabel="fraction positive",
-           title="Calibration (all classes pooled)", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="mean predicted probability",
+        ylabel="fraction positive",
+        title="Calibration (all classes pooled)",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.grid(alpha=0.3)
     _save(fig, path)
     return rows
 
 
-def per_class_bars(names: Sequence[str], values: np.ndarray, low: np.ndarray, high: np.ndarray,
-                   path: str | Path, reference: float | None = None) -> None:
+def per_class_bars(
+    names: Sequence[str],
+    values: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    path: str | Path,
+    reference: float | None = None,
+) -> None:
     """Per-class AUC with its confidence interval; a dashed line at `reference` (e.g. the paper's mean)."""
     fig = _figure(9, 4.2)
     ax = fig.subplots()
@@ -111,8 +137,9 @@ def per_class_bars(names: Sequence[str], values: np.ndarray, low: np.ndarray, hi
     _save(fig, path)
 
 
-def similarity_heatmap(sim: np.ndarray, names: Sequence[str], path: str | Path,
-                       title: str = "Cosine similarity of label prototypes") -> None:
+def similarity_heatmap(
+    sim: np.ndarray, names: Sequence[str], path: str | Path, title: str = "Cosine similarity of label prototypes"
+) -> None:
     """An annotated C x C heatmap of `sim` (e.g. the label prototypes' cosine similarities)."""
     labels = [readable_name(c) for c in names]
     n = len(labels)
@@ -148,8 +175,13 @@ def ablation_plot(summary: dict, path: str | Path) -> None:
         for yi, v in zip(y, variants):
             seeds = v[f"{split}_mean_auc_per_seed"]
             ax1.scatter(seeds, [yi + offset] * len(seeds), s=14, color=color, alpha=0.6)
-            ax1.plot([v[f"{split}_mean_auc"]] * 2, [yi + offset - 0.1, yi + offset + 0.1], color=color, lw=2.5,
-                     label=split if yi == y[0] else None)
+            ax1.plot(
+                [v[f"{split}_mean_auc"]] * 2,
+                [yi + offset - 0.1, yi + offset + 0.1],
+                color=color,
+                lw=2.5,
+                label=split if yi == y[0] else None,
+            )
     ax1.set(yticks=y, yticklabels=names, xlabel="mean AUC (dots: seeds, bar: mean)", title="Validation and test")
     ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     baseline = summary.get("baseline")
@@ -158,8 +190,14 @@ def ablation_plot(summary: dict, path: str | Path) -> None:
         d = v.get(key)
         if d is None:
             continue
-        ax2.errorbar(d["delta"], yi, xerr=[[d["delta"] - d["low"]], [d["high"] - d["delta"]]], fmt="o",
-                     color="tab:green" if d["low"] > 0 else ("tab:red" if d["high"] < 0 else "tab:gray"), capsize=3)
+        ax2.errorbar(
+            d["delta"],
+            yi,
+            xerr=[[d["delta"] - d["low"]], [d["high"] - d["delta"]]],
+            fmt="o",
+            color="tab:green" if d["low"] > 0 else ("tab:red" if d["high"] < 0 else "tab:gray"),
+            capsize=3,
+        )
     ax2.axvline(0.0, color="black", lw=0.8)
     ax2.set(xlabel=f"test mean AUC minus {baseline} (95% CI, patient bootstrap)", title=f"Paired delta vs {baseline}")
     for ax in (ax1, ax2):

@@ -25,16 +25,16 @@ import importlib.metadata
 import importlib.util
 import io
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.classes import CLASSES, readable_name
+from pipeline.classes import CLASSES
 from pipeline.inference import resolve_device
 from pipeline.io import atomic_open
+
 from .config import PrototypeConfig
 
 PACKAGE_PREFIX = "package:"
@@ -95,8 +95,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     except LocalEntryNotFoundError:
         pass  # not there, or an interrupted download: fetch it unless offline
     except ValueError as e:  # not a valid repo id
-        raise EncoderNotAvailable(f"encoder '{repo_id}' is neither a folder nor a hub id ({e}); point "
-                                  f"prototypes.encoder in params.yaml to one") from None
+        raise EncoderNotAvailable(
+            f"encoder '{repo_id}' is neither a folder nor a hub id ({e}); point "
+            f"prototypes.encoder in params.yaml to one"
+        ) from None
     if is_offline_mode():
         raise unavailable(f"is not in {where} and offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)")
     try:
@@ -105,8 +107,10 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
         cause = " ".join(f"{type(e.__cause__ or e).__name__}: {e.__cause__ or e}".split())
         raise unavailable(f"is not in {where} and the hub ({constants.ENDPOINT}) cannot be reached ({cause})") from None
     except OSError as e:  # unknown or gated repository, unknown revision, other HTTP errors
-        raise unavailable(f"(revision {revision or 'main'}) cannot be downloaded from {constants.ENDPOINT}: "
-                          f"{' '.join(str(e).split())}") from None
+        raise unavailable(
+            f"(revision {revision or 'main'}) cannot be downloaded from {constants.ENDPOINT}: "
+            f"{' '.join(str(e).split())}"
+        ) from None
 
 
 def resolve_encoder(name: str, revision: str | None = None) -> str:
@@ -278,9 +282,7 @@ def class_prototypes(
     """
     phrases = [p for c in CLASSES for p in texts[c]]
     owner = np.repeat(np.arange(len(CLASSES)), [len(texts[c]) for c in CLASSES])  # (N,)
-    vectors = encode_texts(
-        phrases, tokenizer, model, pooling, normalize, max_length, batch_size, device
-    )  # (N, H)
+    vectors = encode_texts(phrases, tokenizer, model, pooling, normalize, max_length, batch_size, device)  # (N, H)
     protos = np.stack([vectors[owner == i].mean(axis=0) for i in range(len(CLASSES))])  # (C, H)
     if normalize:
         protos /= np.linalg.norm(protos, axis=1, keepdims=True).clip(min=1e-12)

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from .classes import CLASSES
-from .metrics import mean_auc, paired_bootstrap_delta, roc_auc
 from .config import RegisterConfig
+from .metrics import mean_auc, paired_bootstrap_delta, roc_auc
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 SELECTION_SPLIT = "val"  # the only split the gate ever reads
@@ -140,24 +140,28 @@ def selection_set(predictions: pd.DataFrame, manifest: pd.DataFrame, source: str
     indexed = manifest.set_index("image")
     unknown = predictions["image"][~predictions["image"].isin(indexed.index)]
     if len(unknown):
-        raise ValueError(f"{len(unknown)} images of {source} are not in the prepared manifest (e.g. "
-                         f"{unknown.iloc[0]}): rerun evaluate on the current prepared data")
+        raise ValueError(
+            f"{len(unknown)} images of {source} are not in the prepared manifest (e.g. "
+            f"{unknown.iloc[0]}): rerun evaluate on the current prepared data"
+        )
     rows = indexed.loc[predictions["image"]]
     outside = rows[rows["split"] != SELECTION_SPLIT]
     if len(outside):
-        raise ValueError(f"{len(outside)} images of {source} are not in the {SELECTION_SPLIT} split (e.g. "
-                         f"{outside.index[0]} in {outside['split'].iloc[0]}): the gate selects on validation "
-                         f"only; pass evaluate's predictions/{SELECTION_SPLIT}.parquet")
-    return SelectionSet(predictions.reset_index(drop=True), rows[list(CLASSES)].to_numpy(),
-                        rows["patient"].to_numpy())
+        raise ValueError(
+            f"{len(outside)} images of {source} are not in the {SELECTION_SPLIT} split (e.g. "
+            f"{outside.index[0]} in {outside['split'].iloc[0]}): the gate selects on validation "
+            f"only; pass evaluate's predictions/{SELECTION_SPLIT}.parquet"
+        )
+    return SelectionSet(predictions.reset_index(drop=True), rows[list(CLASSES)].to_numpy(), rows["patient"].to_numpy())
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def decide(cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame | None,
-           champ_version: str | None) -> dict[str, Any]:
+def decide(
+    cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame | None, champ_version: str | None
+) -> dict[str, Any]:
     """The promotion decision and its numbers, all on `ours.split` (pure: no MLflow calls).
 
     Args:
@@ -169,42 +173,72 @@ def decide(cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFr
     """
     val_mean_auc = _finite_or_none(mean_auc(roc_auc(ours.y, ours.scores)))
     decision: dict[str, Any] = {
-        "selected_on": ours.split, "val_mean_auc": val_mean_auc, "floor": cfg.min_auc, "margin": cfg.margin,
-        "max_p_value": cfg.max_p_value, "bootstrap_unit": "patient", "n_patients": int(pd.unique(ours.patients).size),
+        "selected_on": ours.split,
+        "val_mean_auc": val_mean_auc,
+        "floor": cfg.min_auc,
+        "margin": cfg.margin,
+        "max_p_value": cfg.max_p_value,
+        "bootstrap_unit": "patient",
+        "n_patients": int(pd.unique(ours.patients).size),
         "champion_version": champ_version,
     }
     if val_mean_auc is None or not val_mean_auc >= cfg.min_auc:
-        return {**decision, "promote": False,
-                "reason": f"validation mean AUC {val_mean_auc} is below the floor {cfg.min_auc}"}
+        return {
+            **decision,
+            "promote": False,
+            "reason": f"validation mean AUC {val_mean_auc} is below the floor {cfg.min_auc}",
+        }
     if champ_version is None:
         return {**decision, "promote": True, "reason": "no champion yet and the floor is met on validation"}
     if champ_predictions is None:  # never replace a champion without comparing against it
-        return {**decision, "promote": False,
-                "reason": f"champion v{champ_version} has no {PREDICTIONS_ARTIFACT} in its run to compare "
-                          "against; promote manually if intended"}
+        return {
+            **decision,
+            "promote": False,
+            "reason": f"champion v{champ_version} has no {PREDICTIONS_ARTIFACT} in its run to compare "
+            "against; promote manually if intended",
+        }
     return {**decision, **_compare(cfg, ours, champ_predictions, champ_version)}
 
 
-def _compare(cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame,
-             champ_version: str) -> dict[str, Any]:
+def _compare(
+    cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame, champ_version: str
+) -> dict[str, Any]:
     """Paired patient bootstrap of our mean AUC minus the champion's, on the images both scored."""
     # the champion's scores in our row order; NaN rows for images it never scored
     champ = champ_predictions.set_index("image").reindex(ours.predictions["image"])[list(CLASSES)]  # (N, C)
     shared = int(champ.notna().all(axis=1).sum())
     if shared != len(champ):
-        return {"promote": False,
-                "reason": f"champion v{champ_version} was evaluated on another {ours.split} set "
-                          f"({shared} of {len(champ)} images shared); promote manually if intended"}
-    paired = paired_bootstrap_delta(ours.y, champ.to_numpy(), ours.scores, cfg.bootstrap_resamples, seed=cfg.seed,
-                                    margin=cfg.margin, groups=ours.patients)
+        return {
+            "promote": False,
+            "reason": f"champion v{champ_version} was evaluated on another {ours.split} set "
+            f"({shared} of {len(champ)} images shared); promote manually if intended",
+        }
+    paired = paired_bootstrap_delta(
+        ours.y,
+        champ.to_numpy(),
+        ours.scores,
+        cfg.bootstrap_resamples,
+        seed=cfg.seed,
+        margin=cfg.margin,
+        groups=ours.patients,
+    )
     delta, p_value = paired["delta"], paired["p_value"]
     better = delta > cfg.margin and p_value <= cfg.max_p_value
     on = f"on {ours.split} ({paired['n_groups']} patients)"
-    reason = (f"beats champion v{champ_version} by {delta:+.4f} {on} (p={p_value:.3f})" if better
-              else f"does not beat champion v{champ_version} by > {cfg.margin} with p <= {cfg.max_p_value} {on} "
-                   f"(delta {delta:+.4f}, p={p_value:.3f})")
-    return {"delta": delta, "delta_ci": [paired["low"], paired["high"]], "p_value": p_value,
-            "champion_val_mean_auc": paired["mean_auc_a"], "promote": bool(better), "reason": reason}
+    reason = (
+        f"beats champion v{champ_version} by {delta:+.4f} {on} (p={p_value:.3f})"
+        if better
+        else f"does not beat champion v{champ_version} by > {cfg.margin} with p <= {cfg.max_p_value} {on} "
+        f"(delta {delta:+.4f}, p={p_value:.3f})"
+    )
+    return {
+        "delta": delta,
+        "delta_ci": [paired["low"], paired["high"]],
+        "p_value": p_value,
+        "champion_val_mean_auc": paired["mean_auc_a"],
+        "promote": bool(better),
+        "reason": reason,
+    }
 
 
 def champion_predictions(client, version) -> pd.DataFrame | None:
@@ -216,8 +250,9 @@ def champion_predictions(client, version) -> pd.DataFrame | None:
     if not version.run_id or not _has_artifact(client, version.run_id, PREDICTIONS_ARTIFACT):
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=PREDICTIONS_ARTIFACT,
-                                                   dst_path=tmp)
+        path = mlflow.artifacts.download_artifacts(
+            run_id=version.run_id, artifact_path=PREDICTIONS_ARTIFACT, dst_path=tmp
+        )
         return pd.read_parquet(path)
 
 
@@ -239,12 +274,25 @@ def apply_decision(client, name: str, version: str, decision: dict[str, Any]) ->
         client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "gate.promoted", str(decision["promote"]).lower())
     client.set_model_version_tag(name, version, "gate.reason", decision["reason"][:5000])
-    for key in ("selected_on", "val_mean_auc", "floor", "margin", "max_p_value", "bootstrap_unit", "n_patients",
-                "champion_version", "champion_val_mean_auc", "delta", "delta_ci", "p_value"):
+    for key in (
+        "selected_on",
+        "val_mean_auc",
+        "floor",
+        "margin",
+        "max_p_value",
+        "bootstrap_unit",
+        "n_patients",
+        "champion_version",
+        "champion_val_mean_auc",
+        "delta",
+        "delta_ci",
+        "p_value",
+    ):
         if decision.get(key) is not None:
             value = decision[key]
-            client.set_model_version_tag(name, version, f"gate.{key}",
-                                         json.dumps(value) if isinstance(value, list) else str(value))
+            client.set_model_version_tag(
+                name, version, f"gate.{key}", json.dumps(value) if isinstance(value, list) else str(value)
+            )
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -74,8 +74,10 @@ class Predictor:
 
         out = []
         for i in range(0, len(images), batch_size):
-            batch = [self.crop(torch.from_numpy(decode_input(v, self.image_size)).unsqueeze(0))
-                     for v in images[i:i + batch_size]]
+            batch = [
+                self.crop(torch.from_numpy(decode_input(v, self.image_size)).unsqueeze(0))
+                for v in images[i : i + batch_size]
+            ]
             out.append(probabilities(self.model, torch.stack(batch), self.device))  # (B, C)
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
 

@@ -8,8 +8,9 @@ Default store: `sqlite:///<repo>/mlflow.db` with artifacts in `<repo>/mlartifact
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .io import read_json, write_json
 

@@ -28,8 +28,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -54,7 +55,7 @@ def parse_overrides(env_json: str | None, sets: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise StageError(f"CXR_RUN_OVERRIDES is not valid JSON ({e}); pass an object of dotted keys") from None
         if not isinstance(loaded, dict):
-            raise StageError("CXR_RUN_OVERRIDES must be a JSON object such as {\"train.epochs\": 2}")
+            raise StageError('CXR_RUN_OVERRIDES must be a JSON object such as {"train.epochs": 2}')
         out.update(loaded)
     for item in sets:
         key, sep, value = item.partition("=")
@@ -151,10 +152,18 @@ def push(root: Path, stage: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", help="a stage name of dvc.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params key for this run (repeatable), e.g. train.epochs=2")
-    p.add_argument("--project", default=os.environ.get("CXR_PROJECT_DIR") or ".",
-                   help="project folder (default: $CXR_PROJECT_DIR or the current folder)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params key for this run (repeatable), e.g. train.epochs=2",
+    )
+    p.add_argument(
+        "--project",
+        default=os.environ.get("CXR_PROJECT_DIR") or ".",
+        help="project folder (default: $CXR_PROJECT_DIR or the current folder)",
+    )
     args = p.parse_args(argv)
     root = Path(args.project).resolve()
     if not (root / "dvc.yaml").exists():
@@ -179,4 +188,4 @@ if __name__ == "__main__":
         raise SystemExit(main())
     except StageError as e:
         print(f"dvc_stage: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None

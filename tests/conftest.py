@@ -18,8 +18,14 @@ VENV_BIN = Path(sys.executable).parent
 TINY_PARAMS = {
     "download": {"synthetic": {"num_images": 360, "num_patients": 150, "image_size": 64, "seed": 7}},
     "prepare": {"image_size": 32, "workers": 1},
-    "train": {"epochs": 2, "batch_size": 32, "eval_batch_size": 128, "log_every": 2,
-              "model": {"embed_dim": 32, "hidden_dim": 64}, "augment": {"crop_size": 32}},
+    "train": {
+        "epochs": 2,
+        "batch_size": 32,
+        "eval_batch_size": 128,
+        "log_every": 2,
+        "model": {"embed_dim": 32, "hidden_dim": 64},
+        "augment": {"crop_size": 32},
+    },
     "evaluate": {"bootstrap_resamples": 100},
     "register": {"min_auc": 0.0, "bootstrap_resamples": 100},
 }
@@ -36,8 +42,9 @@ def deep_update(base: dict, overlay: dict) -> dict:
 
 def copy_repo(dest: Path, params_overlay: dict | None = None) -> Path:
     """The tracked files of this repository in `dest`, as a fresh git repo with `dvc init` done."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()
     for rel in files:
         src = ROOT / rel
         if src.is_file():

@@ -1,11 +1,11 @@
 """Real servers on 127.0.0.1 for tests: a static file server with byte ranges, and moto's S3.
 
-    with FileServer(folder) as server:
-        server.cut_once("images_001.tar.gz", after=1000)  # the next GET dies after 1000 bytes
-        requests.get(f"{server.url}/images_001.tar.gz")
+with FileServer(folder) as server:
+    server.cut_once("images_001.tar.gz", after=1000)  # the next GET dies after 1000 bytes
+    requests.get(f"{server.url}/images_001.tar.gz")
 
-    with moto_s3() as endpoint:
-        boto3.client("s3", endpoint_url=endpoint)
+with moto_s3() as endpoint:
+    s3 = s3_client(endpoint)   # boto3 with moto's test credentials
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import shutil
 import socket
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass
@@ -169,6 +169,19 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int]:
     if a == "":  # the last b bytes
         return max(size - int(b), 0), size - 1
     return int(a), min(int(b), size - 1) if b else size - 1
+
+
+def s3_client(endpoint: str):
+    """A boto3 S3 client for moto's server at `endpoint`, with its test credentials."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 @contextlib.contextmanager

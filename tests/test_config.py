@@ -56,8 +56,11 @@ def test_no_setting_has_a_default_in_code_and_every_one_is_in_params_yaml() -> N
     with_default = [key for key, field in model_fields(Params) if not field.is_required()]
     assert not with_default, f"defaults in code (give them in conf/config.yaml instead): {with_default}"
     in_file = set(flat(yaml.safe_load((ROOT / "params.yaml").read_text())))
-    leaves = {key for key, field in model_fields(Params)
-              if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))}
+    leaves = {
+        key
+        for key, field in model_fields(Params)
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+    }
     # a mapping-valued setting (prototypes.texts) is flattened one level further in the file
     assert {k for k in leaves if not any(f.startswith(k + ".") for f in in_file)} <= in_file
 
@@ -74,15 +77,22 @@ def edited(tmp_path: Path, key: str, value) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("train.loss.dwml.gama", 1.0, r"unknown key 'train\.loss\.dwml\.gama'; valid keys here: gamma, beta"),
-    ("train.epochs", "ten", r"'train\.epochs' input should be a valid integer, got 'ten'"),
-    ("train.optim.lr_head", True, r"'train\.optim\.lr_head' input should be a valid number, got True"),
-    ("train.model.head", "mlp", r"'train\.model\.head' input should be 'metric' or 'linear', got 'mlp'"),
-    ("train.epochs", 0, r"'train\.epochs' input should be greater than or equal to 1, got 0"),
-    ("train.loss.dwml.image_weight_momentum", 1.0, r"'train\.loss\.dwml\.image_weight_momentum' input should be less"),
-    ("prepare.val_fraction", -0.1, r"'prepare\.val_fraction' input should be greater than or equal to 0"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.loss.dwml.gama", 1.0, r"unknown key 'train\.loss\.dwml\.gama'; valid keys here: gamma, beta"),
+        ("train.epochs", "ten", r"'train\.epochs' input should be a valid integer, got 'ten'"),
+        ("train.optim.lr_head", True, r"'train\.optim\.lr_head' input should be a valid number, got True"),
+        ("train.model.head", "mlp", r"'train\.model\.head' input should be 'metric' or 'linear', got 'mlp'"),
+        ("train.epochs", 0, r"'train\.epochs' input should be greater than or equal to 1, got 0"),
+        (
+            "train.loss.dwml.image_weight_momentum",
+            1.0,
+            r"'train\.loss\.dwml\.image_weight_momentum' input should be less",
+        ),
+        ("prepare.val_fraction", -0.1, r"'prepare\.val_fraction' input should be greater than or equal to 0"),
+    ],
+)
 def test_a_wrong_key_type_or_range_is_one_error_naming_the_key(tmp_path, key, value, message) -> None:
     path = edited(tmp_path, key, value)
     with pytest.raises(ConfigError, match=message) as err:
@@ -125,8 +135,9 @@ def test_component_reports_a_bad_key_in_one_line(tmp_path: Path, capsys) -> None
     from components.prepare import main
 
     path = edited(tmp_path, "prepare.image_sise", 64)
-    code = run_main("prepare", main, ["--params", str(path), "--raw", str(tmp_path), "--out",
-                                      str(tmp_path / "out"), "--no-mlflow"])
+    code = run_main(
+        "prepare", main, ["--params", str(path), "--raw", str(tmp_path), "--out", str(tmp_path / "out"), "--no-mlflow"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "cxr-dwml prepare: error:" in err and "prepare.image_sise" in err
@@ -134,8 +145,9 @@ def test_component_reports_a_bad_key_in_one_line(tmp_path: Path, capsys) -> None
 
 def test_params_command_composes_checks_and_refuses_bad_overrides(tmp_path: Path) -> None:
     def params_cmd(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "components.params", *args], cwd=ROOT,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "components.params", *args], cwd=ROOT, capture_output=True, text=True
+        )
 
     out = tmp_path / "params.yaml"
     done = params_cmd("--profile", "paper", "--set", "train.epochs=3", "--out", str(out))
@@ -143,8 +155,11 @@ def test_params_command_composes_checks_and_refuses_bad_overrides(tmp_path: Path
     paper = load_params(out)
     assert (paper.profile, paper.train.epochs, paper.train.augment.crop_size) == ("paper", 3, 224)
     before = out.read_bytes()
-    for args, named in ((["--set", "train.epoch=3"], "train.epoch"), (["--set", "train.epochs=0"], "train.epochs"),
-                        (["--profile", "huge"], "profile/huge")):
+    for args, named in (
+        (["--set", "train.epoch=3"], "train.epoch"),
+        (["--set", "train.epochs=0"], "train.epochs"),
+        (["--profile", "huge"], "profile/huge"),
+    ):
         bad = params_cmd(*args, "--out", str(out))
         assert bad.returncode == 2 and named in bad.stderr, bad.stderr
         assert out.read_bytes() == before, "a refused composition leaves the file as it was"
@@ -166,8 +181,10 @@ def test_dvc_records_the_values_each_profile_ran_with(tmp_path: Path) -> None:
 
     resolved = {}
     # tiny sizes on a CPU: the paper profile's data source and worker count are set back for the test
-    for name, sets in (("demo", []), ("paper", ["-S", "profile=paper", "-S", "download.source=synthetic",
-                                                 "-S", "prepare.workers=1"])):
+    for name, sets in (
+        ("demo", []),
+        ("paper", ["-S", "profile=paper", "-S", "download.source=synthetic", "-S", "prepare.workers=1"]),
+    ):
         dvc("exp", "run", "-n", name, *sets, "prepare")
         resolved[name] = {
             "download": json.loads((repo / "data" / "raw" / "download_config.json").read_text())["download"],

@@ -19,8 +19,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -38,23 +39,24 @@ def airflow_env(home: Path, repo: Path, **extra: str) -> dict[str, str]:
     env.pop("PYTHONPATH", None)  # Airflow runs from its install; the tasks cd into the project
     for name in [n for n in env if n.startswith(("AIRFLOW__", "AIRFLOW_CTX_", "CXR_"))]:
         del env[name]
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "CXR_PROJECT_DIR": str(repo),
-        "CXR_VENV": str(VENV_BIN.parent),
-        "CXR_AIRFLOW_RETRIES": "0",
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "CXR_PROJECT_DIR": str(repo),
+            "CXR_VENV": str(VENV_BIN.parent),
+            "CXR_AIRFLOW_RETRIES": "0",
+        }
+    )
     env.update(extra)
     return env
 
 
 def airflow(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def probe(code: str, **env: str) -> Any:
@@ -63,8 +65,7 @@ def probe(code: str, **env: str) -> Any:
     full.update(env)
     full.setdefault("AIRFLOW_HOME", str(Path(env.get("TMP_HOME", "/tmp")) / "airflow-probe"))
     prelude = f"import json, sys, time\nsys.path.insert(0, {str(ROOT / 'dags')!r})\n"
-    out = subprocess.run([sys.executable, "-c", prelude + code], env=full, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", prelude + code], env=full, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -80,7 +81,7 @@ def parsed(tmp_path_factory) -> dict:
 from airflow.dag_processing.dagbag import DagBag
 heavy = ("torch", "mlflow", "pandas", "pipeline", "components", "timm", "transformers", "sklearn")
 t0 = time.perf_counter()
-bag = DagBag(dag_folder={str(ROOT / 'dags')!r})
+bag = DagBag(dag_folder={str(ROOT / "dags")!r})
 seconds = time.perf_counter() - t0
 dag = bag.dags.get("{DAG_ID}")
 tasks = {{}}
@@ -137,8 +138,9 @@ def test_dag_graph_matches_dvc_yaml(parsed: dict) -> None:
     def paths(entries: list) -> list[str]:
         return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
-    producer = {out: name for name, st in stages.items() for key in ("outs", "metrics", "plots")
-                for out in paths(st.get(key))}
+    producer = {
+        out: name for name, st in stages.items() for key in ("outs", "metrics", "plots") for out in paths(st.get(key))
+    }
     expected = {}
     for name, st in stages.items():
         ups = set()
@@ -153,15 +155,17 @@ def test_dag_graph_matches_dvc_yaml(parsed: dict) -> None:
         return set().union(*({u} | ancestors(u) for u in expected[name])) if expected[name] else set()
 
     # direct edges only: evaluate reads data/prepared too, but already waits for it through train
-    reduced = {name: sorted(u for u in ups if not any(u in ancestors(o) for o in ups - {u}))
-               for name, ups in expected.items()}
+    reduced = {
+        name: sorted(u for u in ups if not any(u in ancestors(o) for o in ups - {u})) for name, ups in expected.items()
+    }
     assert {k: v["upstream"] for k, v in parsed["tasks"].items()} == reduced
     expected = reduced
     assert expected["prototypes"] == [], "prototypes may run beside prepare"
 
 
 def test_settings_come_from_environment_and_are_checked(tmp_path: Path) -> None:
-    got = probe("""
+    got = probe(
+        """
 import cxr_dwml as m
 s = m.load_settings({"CXR_AIRFLOW_SCHEDULE": "0 3 * * 0", "CXR_AIRFLOW_RETRIES": "4",
     "CXR_AIRFLOW_RETRY_DELAY_MINUTES": "1.5", "CXR_AIRFLOW_TIMEOUT_TRAIN": "90", "CXR_AIRFLOW_CATCHUP": "true",
@@ -175,12 +179,15 @@ for env in ({"CXR_AIRFLOW_K8S_TASKS": "trian"}, {"CXR_AIRFLOW_START_DATE": "next
         m.build_dag(m.load_settings(env))
     except ValueError as e:
         errors.append(str(e))
-print(json.dumps({"schedule": s.schedule, "retries": s.retries, "delay": dag.default_args["retry_delay"].total_seconds(),
+print(json.dumps({"schedule": s.schedule, "retries": s.retries,
+    "delay": dag.default_args["retry_delay"].total_seconds(),
     "train_timeout": dag.get_task("train").execution_timeout.total_seconds(), "catchup": dag.catchup,
     "start": dag.start_date.isoformat(), "pool": dag.get_task("prepare").pool,
     "kinds": {t.task_id: type(t).__name__ for t in dag.tasks}, "errors": errors,
     "weekly": str(weekly.schedule)}))
-""", TMP_HOME=str(tmp_path))
+""",
+        TMP_HOME=str(tmp_path),
+    )
     assert got["schedule"] == "0 3 * * 0" and got["retries"] == 4 and got["delay"] == 90
     assert got["train_timeout"] == 90 * 60 and got["catchup"] is True
     assert got["start"] == "2024-06-01T00:00:00+00:00" and got["pool"] == "default_pool"
@@ -192,7 +199,8 @@ print(json.dumps({"schedule": s.schedule, "retries": s.retries, "delay": dag.def
 
 
 def test_run_conf_is_validated_and_becomes_dotted_overrides(tmp_path: Path) -> None:
-    got = probe("""
+    got = probe(
+        """
 import cxr_dwml as m
 import copy
 dag = m.cxr_dwml
@@ -209,10 +217,16 @@ good = check({"epochs": 3, "profile": "paper", "source": "s3://b/nih", "override
 rendered = dag.get_template_env().from_string(dag.get_task("train").env["CXR_RUN_OVERRIDES"]).render(params=good)
 empty = m.run_overrides(dag.params.dump())
 print(json.dumps({"bad": bad, "rendered": json.loads(rendered), "empty": json.loads(empty)}))
-""", TMP_HOME=str(tmp_path))
+""",
+        TMP_HOME=str(tmp_path),
+    )
     assert all(b == "ParamValidationError" for b in got["bad"]), got["bad"]
-    assert got["rendered"] == {"profile": "paper", "download.source": "s3://b/nih", "train.epochs": 3,
-                               "train.optim.lr_head": 0.01}
+    assert got["rendered"] == {
+        "profile": "paper",
+        "download.source": "s3://b/nih",
+        "train.epochs": 3,
+        "train.optim.lr_head": 0.01,
+    }
     assert got["empty"] == {}, "no conf must leave params.yaml untouched"
 
 
@@ -222,17 +236,23 @@ def test_loss_choices_are_the_library_losses(tmp_path: Path) -> None:
 
     from pipeline.losses import LossName
 
-    got = probe("""
+    got = probe(
+        """
 import cxr_dwml as m
 print(json.dumps(m.cxr_dwml.params.get_param("loss").schema["enum"]))
-""", TMP_HOME=str(tmp_path))
+""",
+        TMP_HOME=str(tmp_path),
+    )
     assert got == [None, *typing.get_args(LossName)]
 
 
 def test_kubernetes_pod_spec_for_train_requests_a_gpu(tmp_path: Path) -> None:
-    pytest.importorskip("airflow.providers.cncf.kubernetes", reason="apache-airflow-providers-cncf-kubernetes "
-                        "is not installed: the Kubernetes switch cannot be rendered")
-    got = probe("""
+    pytest.importorskip(
+        "airflow.providers.cncf.kubernetes",
+        reason="apache-airflow-providers-cncf-kubernetes is not installed: the Kubernetes switch cannot be rendered",
+    )
+    got = probe(
+        """
 import cxr_dwml as m
 from kubernetes.client import ApiClient
 api = ApiClient()
@@ -243,8 +263,13 @@ class Response:  # ApiClient.deserialize reads .data: a round trip through the t
     data = json.dumps(pods["train"])
 pod = api.deserialize(Response(), "V1Pod")
 print(json.dumps({"pods": pods, "round_trip": pod.spec.containers[0].image}))
-""", TMP_HOME=str(tmp_path), CXR_AIRFLOW_K8S_TASKS="all", CXR_TRAINER_IMAGE="registry.example/cxr-dwml:1.0",
-        CXR_K8S_GPUS="2", CXR_K8S_NAMESPACE="ml")
+""",
+        TMP_HOME=str(tmp_path),
+        CXR_AIRFLOW_K8S_TASKS="all",
+        CXR_TRAINER_IMAGE="registry.example/cxr-dwml:1.0",
+        CXR_K8S_GPUS="2",
+        CXR_K8S_NAMESPACE="ml",
+    )
     pods = got["pods"]
     assert set(pods) == set(STAGES) and got["round_trip"] == "registry.example/cxr-dwml:1.0"
     train = pods["train"]
@@ -269,27 +294,39 @@ def scratch_project(root: Path, cmd: str) -> Path:
     """A DVC project (no Git) with the project's conf/ and one stage `step` tracking params `train`."""
     root.mkdir()
     shutil.copytree(ROOT / "conf", root / "conf")
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"step": {
-        "cmd": cmd, "params": ["profile", "train"], "outs": ["out.txt"]}}}))
+    (root / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"step": {"cmd": cmd, "params": ["profile", "train"], "outs": ["out.txt"]}}})
+    )
     for args in (["init", "--no-scm", "-q"], ["config", "hydra.enabled", "true"]):
         done = subprocess.run(["dvc", *args], cwd=root, env=run_env(root), capture_output=True)
         assert done.returncode == 0, done.stderr
-    made = subprocess.run([sys.executable, "-m", "components.params", "--params", str(root / "params.yaml")],
-                          cwd=ROOT, capture_output=True, text=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "components.params", "--params", str(root / "params.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert made.returncode == 0, made.stderr
     return root
 
 
 def dvc_stage(root: Path, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), *args, "--project", str(root)],
-                            env=run_env(root, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), *args, "--project", str(root)],
+        env=run_env(root, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_stage_overrides_hold_for_one_run_and_dvc_records_what_ran(tmp_path: Path) -> None:
     # the command sees the composed values, as the components do: the paper profile with overrides
-    cmd = ("python -c \"import yaml; p = yaml.safe_load(open('params.yaml')); t = p['train']; "
-           "open('out.txt', 'w').write(str((p['profile'], t['epochs'], t['seed'], t['optim']['lr_head'])))\"")
+    cmd = (
+        "python -c \"import yaml; p = yaml.safe_load(open('params.yaml')); t = p['train']; "
+        "open('out.txt', 'w').write(str((p['profile'], t['epochs'], t['seed'], t['optim']['lr_head'])))\""
+    )
     root = scratch_project(tmp_path / "p", cmd)
     committed = (root / "params.yaml").read_bytes()
     overrides = '{"train.epochs": 2, "profile": "paper"}'
@@ -308,8 +345,11 @@ def test_stage_overrides_hold_for_one_run_and_dvc_records_what_ran(tmp_path: Pat
     bad = dvc_stage(root, "step", CXR_RUN_OVERRIDES="[1]")
     out, _ = bad.communicate(timeout=60)
     assert bad.returncode == 2 and "CXR_RUN_OVERRIDES must be a JSON object" in out
-    for wrong, named in (('{"train.epoch": 2}', "train.epoch"), ('{"train.epochs": 0}', "train.epochs"),
-                         ('{"profile": "huge"}', "profile/huge")):
+    for wrong, named in (
+        ('{"train.epoch": 2}', "train.epoch"),
+        ('{"train.epochs": 0}', "train.epochs"),
+        ('{"profile": "huge"}', "profile/huge"),
+    ):
         proc = dvc_stage(root, "step", CXR_RUN_OVERRIDES=wrong)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 2 and named in out, out
@@ -482,8 +522,9 @@ class Api:
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, json.loads(r.read() or b"null")
@@ -505,8 +546,9 @@ class Api:
         return body["state"] if code == 200 else f"http {code}"
 
     def wait_finished(self, run_id: str, deadline: float) -> str:
-        return self.wait(f"run {run_id}", lambda: (s := self.run_state(run_id)) in ("success", "failed") and s,
-                         deadline, every=2)
+        return self.wait(
+            f"run {run_id}", lambda: (s := self.run_state(run_id)) in ("success", "failed") and s, deadline, every=2
+        )
 
     def task_states(self, run_id: str) -> dict[str, str]:
         code, body = self.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
@@ -516,7 +558,8 @@ class Api:
 
 @pytest.mark.slow
 def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
-        dags_test_run: dict, tmp_path: Path) -> None:
+    dags_test_run: dict, tmp_path: Path
+) -> None:
     """`airflow standalone`: trigger through the REST API, a bad data source fails download with the
     component's message in the task log; once the source exists, clearing the task finishes the run;
     the same run again finds every stage up to date (nothing retrained, nothing re-registered)."""
@@ -530,7 +573,8 @@ def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
     db_url, db_note = next(db_iter)
     print(f"metadata database: {db_note}")
     env = airflow_env(
-        home, repo,
+        home,
+        repo,
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__CORE__PARALLELISM="2",
         AIRFLOW__API__HOST="127.0.0.1",
@@ -546,16 +590,25 @@ def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
     home.mkdir()
     server_log = open(tmp_path / "standalone.log", "w")
-    proc = subprocess.Popen([str(VENV_BIN / "airflow"), "standalone"], env=env, stdout=server_log,
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "airflow"), "standalone"],
+        env=env,
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
     api = Api(api_port)
     t0 = time.monotonic()
     deadline = t0 + 270  # the whole scheduler part stays under 4.5 minutes even on a busy machine
     try:
         api.wait("the API server", lambda: api.call("GET", "/version")[0] == 200, deadline)
         print(f"API server up after {time.monotonic() - t0:.0f} s")
-        code, body = api.call("POST", "/pools", {"name": "cxr_dwml_dvc", "slots": 1,
-                                                 "description": "cxr-dwml DVC workspace: one command at a time"})
+        code, body = api.call(
+            "POST",
+            "/pools",
+            {"name": "cxr_dwml_dvc", "slots": 1, "description": "cxr-dwml DVC workspace: one command at a time"},
+        )
         assert code in (200, 201), body
         api.wait("the DAG to be parsed", lambda: api.call("GET", f"/dags/{DAG_ID}")[0] == 200, deadline)
         code, body = api.call("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
@@ -584,9 +637,18 @@ def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
         (mirror / "images").mkdir(parents=True)
         for src in [*raw.glob("*.csv"), *raw.glob("*.txt"), *(raw / "images").glob("*.png")]:
             os.link(src, mirror / src.relative_to(raw))
-        code, body = api.call("POST", f"/dags/{DAG_ID}/clearTaskInstances", {
-            "dry_run": False, "dag_run_id": run_id, "task_ids": ["download"], "include_downstream": True,
-            "only_failed": False, "reset_dag_runs": True})
+        code, body = api.call(
+            "POST",
+            f"/dags/{DAG_ID}/clearTaskInstances",
+            {
+                "dry_run": False,
+                "dag_run_id": run_id,
+                "task_ids": ["download"],
+                "include_downstream": True,
+                "only_failed": False,
+                "reset_dag_runs": True,
+            },
+        )
         assert code == 200, body
         assert api.wait_finished(run_id, deadline) == "success", api.task_states(run_id)
         print(f"retried run done after {time.monotonic() - t0:.0f} s")
@@ -611,8 +673,10 @@ def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
     assert model_versions(repo) == versions
     # the cleared download ran as try 2, and its MLflow run says so
     client = registry(repo)
-    (download,) = client.search_runs([client.get_experiment_by_name("cxr-dwml").experiment_id],
-                                     f"tags.`airflow.run_id` = '{run_id}' and tags.`airflow.task_id` = 'download'")
+    (download,) = client.search_runs(
+        [client.get_experiment_by_name("cxr-dwml").experiment_id],
+        f"tags.`airflow.run_id` = '{run_id}' and tags.`airflow.task_id` = 'download'",
+    )
     assert download.data.tags["airflow.try_number"] == "2"
     lock = yaml.safe_load(lock_done)["stages"]
     assert lock["download"]["params"]["params.yaml"]["download"]["source"] == str(mirror)

@@ -128,8 +128,7 @@ def _resolve(node, env: dict[str, str]):
 
 def _compose_vars(compose: dict) -> list[tuple[str, str]]:
     """(name, operator) of every ${...} reference in the compose file, $$ escapes excluded."""
-    return [(m.group(1), m.group(2) or "") for text in _strings(compose)
-            for m in _VAR.finditer(text) if m.group(1)]
+    return [(m.group(1), m.group(2) or "") for text in _strings(compose) for m in _VAR.finditer(text) if m.group(1)]
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +179,7 @@ def _lock_version(package: str) -> str:
 
 # --- linters -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile: Path):
     hadolint = _tool("hadolint")
@@ -211,8 +211,10 @@ def test_compose_matches_the_compose_spec_schema(raw, stack):
 
 def test_docker_compose_config_accepts_the_stack(tmp_path):
     docker_compose = _tool("docker-compose")
-    result = _run([docker_compose, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE),
-                   "--profile", "train", "config"], cwd=tmp_path)
+    result = _run(
+        [docker_compose, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "--profile", "train", "config"],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     assert "trainer" in resolved["services"]
@@ -224,13 +226,13 @@ def test_docker_compose_refuses_to_start_without_a_credential(tmp_path, env_exam
     docker_compose = _tool("docker-compose")
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env_example.items() if k != missing))
-    result = _run([docker_compose, "--env-file", str(env_file), "-f", str(COMPOSE), "config", "-q"],
-                  cwd=tmp_path)
+    result = _run([docker_compose, "--env-file", str(env_file), "-f", str(COMPOSE), "config", "-q"], cwd=tmp_path)
     assert result.returncode != 0
     assert missing in result.stderr
 
 
 # --- the stack agrees with .env.example -------------------------------------------------------
+
 
 def test_every_compose_variable_is_in_env_example(raw, env_example):
     used = {name for name, _ in _compose_vars(raw)}
@@ -256,7 +258,8 @@ def test_no_plaintext_credentials_in_compose(raw):
         for key, value in _environment(service).items():
             if SECRET_NAME.search(key):
                 assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", value), (
-                    f"{service_name}.environment.{key} must be a ${{VAR:?}} reference, not a value")
+                    f"{service_name}.environment.{key} must be a ${{VAR:?}} reference, not a value"
+                )
     # a password inside a URL (scheme://user:password@host) must be a reference too
     for text in _strings(raw):
         text = re.sub(r"\$\{[^}]*\}", "\0", text)
@@ -348,8 +351,18 @@ def test_trainer_reserves_the_gpus_under_a_profile(stack):
 
 def test_long_running_services_have_healthchecks_and_dependencies_wait(stack):
     services = stack["services"]
-    assert {"postgres", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
-            "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "trainer"} <= set(services)
+    assert {
+        "postgres",
+        "minio",
+        "minio-init",
+        "mlflow",
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "trainer",
+    } <= set(services)
     for name, service in services.items():
         if name in ONE_SHOT:
             assert service.get("restart") == "no", f"one-shot {name} must not restart"
@@ -382,10 +395,14 @@ def test_volumes_are_declared_and_bind_mounts_exist(stack):
 
 # --- images ------------------------------------------------------------------------------------
 
+
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-            for line in (raw.strip() for raw in text.splitlines()) if line and not line.startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in (raw.strip() for raw in text.splitlines())
+        if line and not line.startswith("#")
+    ]
 
 
 def test_training_image_layout():
@@ -396,12 +413,11 @@ def test_training_image_layout():
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     minor = re.search(r"python:(3\.\d+)", python_image).group(1)
     assert f">={minor}" in requires, f"base image Python {minor} vs requires-python {requires}"
-    runtime = steps[[i for i, (op, _) in enumerate(steps) if op == "FROM"][-1]:]
+    runtime = steps[[i for i, (op, _) in enumerate(steps) if op == "FROM"][-1] :]
     assert ("WORKDIR", "/opt/cxr-dwml") in runtime
     user = [arg for op, arg in runtime if op == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0"), "the runtime image must not run as root"
-    assert json.loads(next(arg for op, arg in runtime if op == "CMD")) == [
-        "python", "-m", "components.train", "--help"]
+    assert json.loads(next(arg for op, arg in runtime if op == "CMD")) == ["python", "-m", "components.train", "--help"]
     text = (DOCKER / "Dockerfile").read_text()
     assert "-c requirements.lock" in text and "--no-cache-dir" in text
     assert "rm -rf /var/lib/apt/lists/*" in text
@@ -430,6 +446,7 @@ def test_mlflow_image_pins_its_packages_from_the_lock():
 
 
 # --- build context -----------------------------------------------------------------------------
+
 
 def _dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
     """(.dockerignore) rules as (exclude?, regex), with Docker's semantics: patterns are
@@ -463,20 +480,44 @@ def _ignored(path: str, rules) -> bool:
     return verdict
 
 
-@pytest.mark.parametrize("path", [
-    ".venv/bin/python", "data/raw/images/00000001_000.png", "artifacts/model/best.pt",
-    "reports/metrics.json", "mlflow.db", "mlartifacts/1/x", ".dvc/cache/files/md5/ab/cd",
-    ".dvc/tmp/lock", ".dvc/config.local", ".git/HEAD", ".env", "pipeline/__pycache__/io.cpython-311.pyc",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/bin/python",
+        "data/raw/images/00000001_000.png",
+        "artifacts/model/best.pt",
+        "reports/metrics.json",
+        "mlflow.db",
+        "mlartifacts/1/x",
+        ".dvc/cache/files/md5/ab/cd",
+        ".dvc/tmp/lock",
+        ".dvc/config.local",
+        ".git/HEAD",
+        ".env",
+        "pipeline/__pycache__/io.cpython-311.pyc",
+    ],
+)
 def test_dockerignore_keeps_out(path):
     assert _ignored(path, _dockerignore_rules()), f"{path} would be sent to the Docker build"
 
 
-@pytest.mark.parametrize("path", [
-    "pyproject.toml", "requirements.lock", "dvc.yaml", "params.yaml", ".dvc/config",
-    "pipeline/classes.py", "pipeline/data/prepare.py", "components/train.py", "dags/cxr_dwml.py",
-    "conf/config.yaml", "conf/profile/paper.yaml", ".env.example",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "pyproject.toml",
+        "requirements.lock",
+        "dvc.yaml",
+        "params.yaml",
+        ".dvc/config",
+        "pipeline/classes.py",
+        "pipeline/data/prepare.py",
+        "components/train.py",
+        "dags/cxr_dwml.py",
+        "conf/config.yaml",
+        "conf/profile/paper.yaml",
+        ".env.example",
+    ],
+)
 def test_dockerignore_keeps_the_project_in(path):
     assert not _ignored(path, _dockerignore_rules()), f"{path} is needed in the image"
 
@@ -488,6 +529,7 @@ def test_dockerignore_keeps_the_readme_pyproject_needs():
 
 
 # --- docs --------------------------------------------------------------------------------------
+
 
 def test_docs_agree_with_the_stack(stack):
     docs = DOCS.read_text()
@@ -505,13 +547,23 @@ def test_docs_agree_with_the_stack(stack):
             assert env[key] == value, f"docs/deployment.md says {key}={value}, the stack {env[key]}"
     for bucket in BUCKETS:
         assert f"`{bucket}`" in docs
-    for phrase in ("cp .env.example .env", "-f docker/compose.yaml up -d", "airflow dags trigger cxr_dwml --conf",
-                   "torchrun --nproc_per_node", "--nnodes", "CeleryExecutor", "KubernetesExecutor",
-                   "`champion`", "`challenger`", "models:/cxr-dwml@champion"):
+    for phrase in (
+        "cp .env.example .env",
+        "-f docker/compose.yaml up -d",
+        "airflow dags trigger cxr_dwml --conf",
+        "torchrun --nproc_per_node",
+        "--nnodes",
+        "CeleryExecutor",
+        "KubernetesExecutor",
+        "`champion`",
+        "`challenger`",
+        "models:/cxr-dwml@champion",
+    ):
         assert phrase in docs, f"docs/deployment.md lacks {phrase!r}"
 
 
 # --- PostgreSQL init script against a real server ---------------------------------------------
+
 
 def _postgres_or_skip() -> dict[str, str]:
     psql = shutil.which("psql")
@@ -534,16 +586,19 @@ def _psql(env: dict[str, str], sql: str) -> str:
 def test_postgres_init_creates_databases_and_is_idempotent():
     env = _postgres_or_skip()
     tag = uuid.uuid4().hex[:8]
-    names = {"MLFLOW_DB_NAME": f"cxr-test-mlflow-{tag}", "MLFLOW_DB_USER": f"cxr-test-ml-{tag}",
-             "AIRFLOW_DB_NAME": f"cxr_test_airflow_{tag}", "AIRFLOW_DB_USER": f"cxr-test-af-{tag}"}
+    names = {
+        "MLFLOW_DB_NAME": f"cxr-test-mlflow-{tag}",
+        "MLFLOW_DB_USER": f"cxr-test-ml-{tag}",
+        "AIRFLOW_DB_NAME": f"cxr_test_airflow_{tag}",
+        "AIRFLOW_DB_USER": f"cxr-test-af-{tag}",
+    }
     env.update(names, POSTGRES_USER="postgres", MLFLOW_DB_PASSWORD="it's-secret", AIRFLOW_DB_PASSWORD="x")
     try:
         for _ in range(2):  # the second run must leave everything as it is
             result = _run(["bash", str(DOCKER / "postgres-init.sh")], env=env)
             assert result.returncode == 0, result.stderr
         for db, role in (("MLFLOW_DB_NAME", "MLFLOW_DB_USER"), ("AIRFLOW_DB_NAME", "AIRFLOW_DB_USER")):
-            owner = _psql(env, "select pg_get_userbyid(datdba) from pg_database "
-                               f"where datname = '{names[db]}'")
+            owner = _psql(env, f"select pg_get_userbyid(datdba) from pg_database where datname = '{names[db]}'")
             assert owner == names[role]
             assert _psql(env, f"select rolcanlogin from pg_roles where rolname = '{names[role]}'") == "t"
         missing = {k: v for k, v in env.items() if k != "AIRFLOW_DB_PASSWORD"}
@@ -551,11 +606,9 @@ def test_postgres_init_creates_databases_and_is_idempotent():
         assert result.returncode != 0 and "AIRFLOW_DB_PASSWORD" in result.stderr
     finally:
         for key in ("MLFLOW_DB_NAME", "AIRFLOW_DB_NAME"):
-            _run(["psql", "-U", "postgres", "-d", "postgres", "-c", f'drop database if exists "{names[key]}"'],
-                 env=env)
+            _run(["psql", "-U", "postgres", "-d", "postgres", "-c", f'drop database if exists "{names[key]}"'], env=env)
         for key in ("MLFLOW_DB_USER", "AIRFLOW_DB_USER"):
-            _run(["psql", "-U", "postgres", "-d", "postgres", "-c", f'drop role if exists "{names[key]}"'],
-                 env=env)
+            _run(["psql", "-U", "postgres", "-d", "postgres", "-c", f'drop role if exists "{names[key]}"'], env=env)
 
 
 def test_stack_provides_what_the_dag_expects(stack):

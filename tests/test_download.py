@@ -16,7 +16,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,12 +24,10 @@ from pipeline.classes import LABEL_CSV_HEADER, TEST_LIST, TRAIN_VAL_LIST, image_
 from pipeline.config import ConfigError
 from pipeline.data import sources
 from pipeline.data.archives import UnsafeArchiveError
-from pipeline.data.download import (MANIFEST, archive_name, check_source, selected_archives,
-                                    fetch)
+from pipeline.data.download import MANIFEST, archive_name, check_source, fetch, selected_archives
 from pipeline.data.sources import DownloadError
-from pipeline.data.synthetic import SyntheticConfig
-from tests.servers import FileServer, moto_s3
 from tests.conftest import settings
+from tests.servers import FileServer, moto_s3, s3_client
 
 LABEL_CSV = "Data_Entry_2017_v2020.csv"
 IMAGES_PER_ARCHIVE = 3
@@ -50,8 +47,7 @@ class Release:
         files = {f"images/{n}": data for n, data in self.images.items()}
         for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
             files[name] = (self.root / name).read_bytes()
-        return {k: {"md5": hashlib.md5(v).hexdigest(), "size": len(v)}
-                for k, v in sorted(files.items())}
+        return {k: {"md5": hashlib.md5(v).hexdigest(), "size": len(v)} for k, v in sorted(files.items())}
 
 
 def _png(rng: np.random.Generator) -> bytes:
@@ -94,8 +90,7 @@ def release(tmp_path_factory) -> Release:
         data = {n: _png(rng) for n in names}
         images.update(data)
         members[archive_name(a)] = names
-        md5.append(_write_archive(root / archive_name(a),
-                                  {f"images/{n}": d for n, d in data.items()}))
+        md5.append(_write_archive(root / archive_name(a), {f"images/{n}": d for n, d in data.items()}))
     _write_metadata(root, list(images))
     return Release(root, images, members, md5)
 
@@ -106,9 +101,10 @@ def server(release):
         yield s
 
 
-def _cfg(source: str, release: Release, **kwargs) -> DownloadConfig:
-    defaults = dict(nih=settings("download.nih", md5=list(release.md5)), workers=2, retries=2, backoff_s=0.01,
-                    timeout_s=5)
+def _cfg(source: str, release: Release, **kwargs):
+    defaults = dict(
+        nih=settings("download.nih", md5=list(release.md5)), workers=2, retries=2, backoff_s=0.01, timeout_s=5
+    )
     return settings("download", source=source, **{**defaults, **kwargs})
 
 
@@ -134,8 +130,7 @@ def test_http_download_verifies_and_extracts(server, release, tmp_path):
     _assert_complete(out, release)
     assert summary["files"] == len(release.images) + 3
     assert summary["archives_fetched"] == [archive_name(1), archive_name(2)]
-    assert summary["transferred_bytes"] >= sum((release.root / archive_name(a)).stat().st_size
-                                               for a in (1, 2))
+    assert summary["transferred_bytes"] >= sum((release.root / archive_name(a)).stat().st_size for a in (1, 2))
     assert "MB/s" in summary["line"]
     assert not (out / "archives").exists()  # verified, extracted, deleted
 
@@ -196,8 +191,11 @@ def test_corrupt_archive_is_rejected_and_not_extracted(server, release, tmp_path
     bad = "0123456789abcdef0123456789abcdef"
     cfg = _cfg(server.url, release, nih=settings("download.nih", md5=[release.md5[0], bad]), workers=1)
     out = tmp_path / "raw"
-    with pytest.raises(DownloadError, match=rf"{archive_name(2)}: MD5 {release.md5[1]} does not "
-                                            rf"match the published {bad}"):
+    with pytest.raises(
+        DownloadError,
+        match=rf"{archive_name(2)}: MD5 {release.md5[1]} does not "
+        rf"match the published {bad}",
+    ):
         fetch(cfg, out, progress=False)
     for image in release.members[archive_name(2)]:
         assert not (out / "images" / image).exists()
@@ -241,8 +239,7 @@ def test_unsafe_archive_members_are_refused(release, tmp_path, kind):
     out = tmp_path / "a" / "b" / "raw"
 
     def outside_target() -> list[Path]:
-        return sorted(p for p in tmp_path.rglob("*")
-                      if p != out and out not in p.parents and p not in out.parents)
+        return sorted(p for p in tmp_path.rglob("*") if p != out and out not in p.parents and p not in out.parents)
 
     before = outside_target()
     with FileServer(root) as server:
@@ -277,8 +274,11 @@ def test_rerun_skips_completed_and_refetches_what_is_missing(server, release, tm
 
 
 def test_nih_source_needs_metadata_url(tmp_path):
-    with pytest.raises(DownloadError, match=r"download.nih.metadata_url is empty.*set "
-                                            r"download.nih.metadata_url"):
+    with pytest.raises(
+        DownloadError,
+        match=r"download.nih.metadata_url is empty.*set "
+        r"download.nih.metadata_url",
+    ):
         fetch(settings("download", {"source": "nih"}), tmp_path / "raw", progress=False)
     assert not (tmp_path / "raw").exists()
 
@@ -288,8 +288,13 @@ def test_nih_source_fetches_box_urls_and_local_metadata(server, release, tmp_pat
     for a in (1, 2):  # serve each archive under an id, as Box does
         os.link(release.root / archive_name(a), server.root / f"id{a}.gz")
     try:
-        nih = settings("download.nih", box_ids=["id1", "id2"], md5=list(release.md5),
-                        base_url=f"{server.url}/{{id}}.gz", metadata_url=str(release.root))
+        nih = settings(
+            "download.nih",
+            box_ids=["id1", "id2"],
+            md5=list(release.md5),
+            base_url=f"{server.url}/{{id}}.gz",
+            metadata_url=str(release.root),
+        )
         out = tmp_path / "raw"
         fetch(_cfg("nih", release, nih=nih), out, progress=False)
         _assert_complete(out, release)
@@ -300,8 +305,16 @@ def test_nih_source_fetches_box_urls_and_local_metadata(server, release, tmp_pat
 
 
 def test_config_from_params_mapping(tmp_path):
-    cfg = settings("download", {"source": "s3://bucket/prefix", "workers": 8, "s3.endpoint_url": "http://127.0.0.1:9000",
-                                "s3.anonymous": True, "nih.archives": [1, 2]})
+    cfg = settings(
+        "download",
+        {
+            "source": "s3://bucket/prefix",
+            "workers": 8,
+            "s3.endpoint_url": "http://127.0.0.1:9000",
+            "s3.anonymous": True,
+            "nih.archives": [1, 2],
+        },
+    )
     assert cfg.s3 == settings("download.s3", endpoint_url="http://127.0.0.1:9000", anonymous=True)
     assert [name for _, name, _ in selected_archives(cfg.nih)] == [archive_name(1), archive_name(2)]
     with pytest.raises(ConfigError, match=r"'download.nih' archives \[13\] outside 1..12"):
@@ -334,16 +347,25 @@ def aws_credentials(monkeypatch, tmp_path):
 
 
 def _bucket(endpoint: str, name: str, files: dict[str, bytes], public: bool = False) -> None:
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = s3_client(endpoint)
     s3.create_bucket(Bucket=name)
     if public:
-        s3.put_bucket_policy(Bucket=name, Policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": "*",
-                           "Action": ["s3:GetObject", "s3:ListBucket"],
-                           "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]}],
-        }))
+        s3.put_bucket_policy(
+            Bucket=name,
+            Policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": "*",
+                            "Action": ["s3:GetObject", "s3:ListBucket"],
+                            "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"],
+                        }
+                    ],
+                }
+            ),
+        )
     for key, data in files.items():
         s3.put_object(Bucket=name, Key=key, Body=data)
 
@@ -373,16 +395,18 @@ def test_s3_partial_archive_resumes_with_range(s3_endpoint, aws_credentials, rel
     (out / "archives").mkdir(parents=True)
     data = (release.root / archive_name(1)).read_bytes()
     (out / "archives" / f"{archive_name(1)}.part").write_bytes(data[:1000])
-    summary = fetch(_cfg("s3://resume-mirror/nih", release, s3=settings("download.s3", endpoint_url=s3_endpoint)),
-                    out, progress=False)
+    summary = fetch(
+        _cfg("s3://resume-mirror/nih", release, s3=settings("download.s3", endpoint_url=s3_endpoint)),
+        out,
+        progress=False,
+    )
     _assert_complete(out, release)
     metadata_bytes = sum(len(d) for d in _metadata(release).values())
     archive_bytes = sum((release.root / archive_name(a)).stat().st_size for a in (1, 2))
     assert summary["transferred_bytes"] == metadata_bytes + archive_bytes - 1000
 
 
-def test_s3_anonymous_extracted_images(s3_endpoint, aws_credentials, monkeypatch, release,
-                                       tmp_path):
+def test_s3_anonymous_extracted_images(s3_endpoint, aws_credentials, monkeypatch, release, tmp_path):
     files = {f"public/{n}": d for n, d in _metadata(release).items()}
     files.update({f"public/images/{n}": d for n, d in release.images.items()})
     _bucket(s3_endpoint, "public-mirror", files, public=True)
@@ -393,8 +417,9 @@ def test_s3_anonymous_extracted_images(s3_endpoint, aws_credentials, monkeypatch
     with pytest.raises(DownloadError, match="set download.s3.anonymous: true"):
         fetch(signed, out, progress=False)
 
-    cfg = _cfg("s3://public-mirror/public", release,
-               s3=settings("download.s3", endpoint_url=s3_endpoint, anonymous=True))
+    cfg = _cfg(
+        "s3://public-mirror/public", release, s3=settings("download.s3", endpoint_url=s3_endpoint, anonymous=True)
+    )
     summary = fetch(cfg, out, progress=False)
     _assert_complete(out, release)
     assert summary["objects_fetched"] == len(release.images)
@@ -457,6 +482,8 @@ def test_synthetic_source_calls_the_generator(tmp_path, capsys):
     manifest = _manifest(out)
     assert set(manifest) == {f"images/{n}" for n in pngs} | {LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST}
     for rel, entry in manifest.items():
-        assert entry == {"md5": hashlib.md5((out / rel).read_bytes()).hexdigest(),
-                         "size": (out / rel).stat().st_size}, rel
+        assert entry == {
+            "md5": hashlib.md5((out / rel).read_bytes()).hexdigest(),
+            "size": (out / rel).stat().st_size,
+        }, rel
     assert "fetch synthetic: 15 files (12 images" in capsys.readouterr().out

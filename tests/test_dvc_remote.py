@@ -7,11 +7,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import boto3
 import pytest
 
 from tests.conftest import copy_repo, run_env
-from tests.servers import moto_s3
+from tests.servers import moto_s3, s3_client
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +22,11 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run(repo: Path, *cmd: str, env: dict) -> subprocess.CompletedProcess:
@@ -37,14 +39,15 @@ def test_push_and_pull_round_trip_the_prepared_data(tmp_path: Path) -> None:
     repo = copy_repo(tmp_path / "repo", SMALL)
     with moto_s3() as endpoint:
         env = run_env(repo, **CREDENTIALS)
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+        s3 = s3_client(endpoint)
         s3.create_bucket(Bucket="dvc-store")
         run(repo, "dvc", "repro", "prepare", env=env)
         # the documented remote set-up: S3 URL plus a custom endpoint
         run(repo, "dvc", "remote", "add", "-d", "storage", "s3://dvc-store/cxr-dwml", env=env)
         run(repo, "dvc", "remote", "modify", "storage", "endpointurl", endpoint, env=env)
-        before_prepared = digests(repo / "data/prepared/cache") | {"manifest.csv": digests(repo / "data/prepared")["manifest.csv"]}
+        before_prepared = digests(repo / "data/prepared/cache") | {
+            "manifest.csv": digests(repo / "data/prepared")["manifest.csv"]
+        }
         before_raw = digests(repo / "data/raw/images")
         pushed = run(repo, "dvc", "push", "download", "prepare", env=env)
         assert "pushed" in pushed.stdout.lower()
@@ -56,7 +59,9 @@ def test_push_and_pull_round_trip_the_prepared_data(tmp_path: Path) -> None:
         shutil.rmtree(repo / "data")
         shutil.rmtree(repo / ".dvc" / "cache")
         run(repo, "dvc", "pull", "download", "prepare", env=env)
-        after_prepared = digests(repo / "data/prepared/cache") | {"manifest.csv": digests(repo / "data/prepared")["manifest.csv"]}
+        after_prepared = digests(repo / "data/prepared/cache") | {
+            "manifest.csv": digests(repo / "data/prepared")["manifest.csv"]
+        }
         assert after_prepared == before_prepared
         assert digests(repo / "data/raw/images") == before_raw
         status = run(repo, "dvc", "status", "prepare", env=env)

@@ -29,14 +29,18 @@ def test_library_names_no_tools() -> None:
     files = sorted(LIBRARY.rglob("*.py"))
     assert len(files) > 20, f"expected the library's modules under {LIBRARY}, found {len(files)}"
     hits = tool_mentions(files)
-    assert not hits, ("pipeline/ must not know of Airflow, DVC, git or argparse; move this to components/ "
-                      "(or reword it to speak of files and settings):\n" + "\n".join(hits))
+    assert not hits, (
+        "pipeline/ must not know of Airflow, DVC, git or argparse; move this to components/ "
+        "(or reword it to speak of files and settings):\n" + "\n".join(hits)
+    )
 
 
 def test_the_check_finds_a_mention(tmp_path: Path) -> None:
     module = tmp_path / "pipeline" / "m.py"
     module.parent.mkdir()
-    module.write_text('"""Reads the lock file."""\nimport os\nX = os.environ["AIRFLOW_CTX_DAG_ID"]  # see Git\n'
-                      "digit = 'legit'  # not a word match\n")
+    module.write_text(
+        '"""Reads the lock file."""\nimport os\nX = os.environ["AIRFLOW_CTX_DAG_ID"]  # see Git\n'
+        "digit = 'legit'  # not a word match\n"
+    )
     hits = tool_mentions([module], tmp_path)
     assert hits == ['pipeline/m.py:3: X = os.environ["AIRFLOW_CTX_DAG_ID"]  # see Git']

@@ -17,7 +17,6 @@ from pipeline.losses import (
     ClassWeightedBinaryCrossEntropy,
     DualWeightedMetricLoss,
     FocalLoss,
-    LossConfig,
     ablation_config,
     build_loss,
     category_weights,
@@ -30,11 +29,23 @@ from pipeline.losses import (
 from pipeline.losses.dwml import cell_sums
 from tests.conftest import settings
 
-
-DWML_KEYS = {"beta", "image_weighting", "category_weighting", "effective_number", "normalize_image",
-             "image_weight_cap", "image_weight_momentum", "category_ratio_cap"}
-FLAT_KEYS = {"focal_alpha": "focal.alpha", "asl_gamma_neg": "asl.gamma_neg", "asl_gamma_pos": "asl.gamma_pos",
-             "asl_clip": "asl.clip", "pos_weight_cap": "weighted_bce.pos_weight_cap"}
+DWML_KEYS = {
+    "beta",
+    "image_weighting",
+    "category_weighting",
+    "effective_number",
+    "normalize_image",
+    "image_weight_cap",
+    "image_weight_momentum",
+    "category_ratio_cap",
+}
+FLAT_KEYS = {
+    "focal_alpha": "focal.alpha",
+    "asl_gamma_neg": "asl.gamma_neg",
+    "asl_gamma_pos": "asl.gamma_pos",
+    "asl_clip": "asl.clip",
+    "pos_weight_cap": "weighted_bce.pos_weight_cap",
+}
 
 
 def loss_cfg(**flat):
@@ -53,6 +64,7 @@ def loss_cfg(**flat):
         else:
             changes[key] = value
     return settings("train.loss", changes)
+
 
 B, C, N = 6, 5, 1000
 POS_COUNTS = [300, 40, 0, 999, 120]  # a class with no positives and one with a single negative
@@ -191,16 +203,16 @@ def test_category_ratio_cap_bounds_every_class():
 def test_first_batch_image_weights_match_reference(gamma, normalize_image):
     z, y = _batch(seed=3)
     z = z.detach()
-    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, gamma=gamma, normalize_image=normalize_image,
-                                     image_weight_cap=1e9)
+    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, gamma=gamma, normalize_image=normalize_image, image_weight_cap=1e9)
     a, _ = loss_fn.get_weights(z, y, update=True)  # the first batch sets the running means
     expected = ref_image_weights(z.tolist(), y.tolist(), gamma, normalize_image)
     torch.testing.assert_close(a, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
     assert not a.requires_grad
     # each (class, label) cell of this batch averages 1
     sums, counts = cell_sums(a, y)
-    torch.testing.assert_close(sums[counts > 0] / counts[counts > 0], torch.ones(int((counts > 0).sum()),
-                               dtype=torch.float64))
+    torch.testing.assert_close(
+        sums[counts > 0] / counts[counts > 0], torch.ones(int((counts > 0).sum()), dtype=torch.float64)
+    )
 
 
 def test_image_weights_average_one_per_cell_and_respect_the_cap():
@@ -289,8 +301,8 @@ def test_dwml_matches_reference_with_detached_weights(gamma, beta, normalize_ima
     b = torch.tensor(b, dtype=torch.float64)
 
     def reference(zz, yy, prototypes):
-        l = yy * torch.log1p(torch.exp(-zz)) + (1 - yy) * torch.log1p(torch.exp(zz))
-        return (a * b * l).mean() + 0.3 * ref_separation(prototypes, 1.5)
+        pair = yy * torch.log1p(torch.exp(-zz)) + (1 - yy) * torch.log1p(torch.exp(zz))
+        return (a * b * pair).mean() + 0.3 * ref_separation(prototypes, 1.5)
 
     ref_value, ref_grad = _grad(reference, z, y, prototypes=p)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
@@ -413,8 +425,10 @@ def test_image_count_normalisation_breaks_the_ranking():
         (dict(name="dwml"), lambda pi, b_ratio, pw: torch.logit(pi) + torch.log(b_ratio)),
         (dict(name="dwml", gamma=3.0, beta=1.0), lambda pi, b_ratio, pw: torch.logit(pi) + torch.log(b_ratio)),
         (dict(name="weighted_bce"), lambda pi, b_ratio, pw: torch.logit(pi) + torch.log(pw)),
-        (dict(name="focal", gamma=2.0, focal_alpha=0.25, detach_modulation=True),
-         lambda pi, b_ratio, pw: (torch.logit(pi) + math.log(0.25 / 0.75)) / 3.0),
+        (
+            dict(name="focal", gamma=2.0, focal_alpha=0.25, detach_modulation=True),
+            lambda pi, b_ratio, pw: (torch.logit(pi) + math.log(0.25 / 0.75)) / 3.0,
+        ),
     ],
     ids=["bce", "dwml", "dwml_g3_b1", "weighted_bce", "focal_detached"],
 )
@@ -502,9 +516,7 @@ def test_neutral_baselines_equal_bce(loss_fn):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize(
-    "gamma_neg,gamma_pos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.0), (0.5, 0.0, 0.2)]
-)
+@pytest.mark.parametrize("gamma_neg,gamma_pos,clip", [(4.0, 0.0, 0.05), (2.0, 1.0, 0.0), (0.5, 0.0, 0.2)])
 def test_asl_matches_reference(gamma_neg, gamma_pos, clip):
     z, y = _batch(seed=8, scale=2.0)
 
@@ -694,7 +706,9 @@ def test_ablation_variants_differ_as_named():
     assert ablation_config("bce_head", base) == (loss_cfg(name="bce"), "linear", "text")
     # each metric variant differs from dual only in what its name says
     assert _differences(ablation_config("metric_unweighted", base).loss, dual.loss) == {
-        "dwml.image_weighting", "dwml.category_weighting"}
+        "dwml.image_weighting",
+        "dwml.category_weighting",
+    }
     assert _differences(ablation_config("image_only", base).loss, dual.loss) == {"dwml.category_weighting"}
     assert _differences(ablation_config("category_only", base).loss, dual.loss) == {"dwml.image_weighting"}
     random = ablation_config("dual_random_prototypes", base)

@@ -295,8 +295,9 @@ def test_paired_delta_resamples_patients_when_given_groups():
     rows = np.repeat(np.arange(y.shape[0]), 9)
     original = paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=7)
     images = paired_bootstrap_delta(y[rows], weak[rows], strong[rows], n_resamples=300, seed=7)
-    by_patient = paired_bootstrap_delta(y[rows], weak[rows], strong[rows], n_resamples=300, seed=7,
-                                        groups=patients[rows])
+    by_patient = paired_bootstrap_delta(
+        y[rows], weak[rows], strong[rows], n_resamples=300, seed=7, groups=patients[rows]
+    )
     assert by_patient["delta"] == pytest.approx(original["delta"], abs=1e-12) and by_patient["delta"] > 0
     np.testing.assert_allclose(by_patient["samples"], original["samples"], rtol=0, atol=1e-12)
     assert (by_patient["high"] - by_patient["low"]) > 2.0 * (images["high"] - images["low"])
@@ -312,8 +313,9 @@ def test_paired_delta_of_stacked_seeds_averages_runs_on_the_same_patients():
     y, weak, strong, _ = _one_image_per_patient(34)
     patients = np.arange(y.shape[0]) // 3  # three images per patient
     one = paired_bootstrap_delta(y, weak, strong, n_resamples=200, seed=8, groups=patients)
-    copies = paired_bootstrap_delta(y, np.stack([weak] * 3), np.stack([strong] * 2), n_resamples=200, seed=8,
-                                    groups=patients)
+    copies = paired_bootstrap_delta(
+        y, np.stack([weak] * 3), np.stack([strong] * 2), n_resamples=200, seed=8, groups=patients
+    )
     for key in ("delta", "low", "high", "p_value", "mean_auc_a", "mean_auc_b"):
         assert copies[key] == pytest.approx(one[key], abs=1e-12), key
     assert (copies["n_runs_a"], copies["n_runs_b"]) == (3, 2) and (one["n_runs_a"], one["n_runs_b"]) == (1, 1)
@@ -326,8 +328,9 @@ def test_paired_delta_of_stacked_seeds_averages_runs_on_the_same_patients():
     mean_b = np.mean([boot(s)["mean_auc"] for s in runs_b])
     assert stacked["mean_auc_a"] == pytest.approx(mean_a) and stacked["mean_auc_b"] == pytest.approx(mean_b)
     assert stacked["delta"] == pytest.approx(mean_b - mean_a, abs=1e-12)
-    expected = (np.mean([boot(s)["mean_samples"] for s in runs_b], axis=0)
-                - np.mean([boot(s)["mean_samples"] for s in runs_a], axis=0))
+    expected = np.mean([boot(s)["mean_samples"] for s in runs_b], axis=0) - np.mean(
+        [boot(s)["mean_samples"] for s in runs_a], axis=0
+    )
     np.testing.assert_allclose(stacked["samples"], expected, rtol=0, atol=1e-12)
 
 
@@ -431,11 +434,14 @@ def test_comparison_table_marks_the_seed_paper_once_in_auc_order():
 
     per_class = {c: 0.7 + 0.01 * i for i, c in enumerate(CLASSES)}
     per_class["Hernia"] = None  # undefined on this test split
-    metrics = {"mean_auc": 0.8123, "mean_auc_ci": [0.8001, 0.8234],
-               "per_class_auc": per_class,
-               "per_class_auc_ci": {c: [v - 0.02, v + 0.02] if v is not None else [None, None]
-                                    for c, v in per_class.items()},
-               "test_patients": 2797, "test_images": 25596}
+    metrics = {
+        "mean_auc": 0.8123,
+        "mean_auc_ci": [0.8001, 0.8234],
+        "per_class_auc": per_class,
+        "per_class_auc_ci": {c: [v - 0.02, v + 0.02] if v is not None else [None, None] for c, v in per_class.items()},
+        "test_patients": 2797,
+        "test_images": 25596,
+    }
     text = comparison_markdown(metrics)
     assert text.count("seed paper") == 1
     assert f"| {SEED_PAPER} **(seed paper)** | {SEED_PAPER_AUC:.3f} |" in text

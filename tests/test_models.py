@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError
 from pipeline.models import (
-    BackboneConfig, CxrNet, LinearHead, MetricHead, ModelConfig, ModelOutput, build_model, init_prior,
+    CxrNet,
+    LinearHead,
+    MetricHead,
+    ModelConfig,
+    ModelOutput,
+    build_model,
+    init_prior,
     model_from_bundle,
 )
 from pipeline.models.backbone import create_backbone
@@ -147,7 +153,7 @@ def test_distance_logits_are_exact_under_bf16_autocast():
 @pytest.mark.parametrize("head", ["metric", "linear"])
 @pytest.mark.parametrize("loss_name", ["bce", "dwml"])
 def test_init_prior_starts_scores_at_the_loss_stationary_point(head, loss_name, text_vectors):
-    from pipeline.losses import LossConfig, build_loss, expected_gradient
+    from pipeline.losses import build_loss, expected_gradient
 
     counts = (np.linspace(0.01, 0.4, C) * 1000).astype(int)
     prior = counts / 1000

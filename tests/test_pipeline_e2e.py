@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def dvc(repo: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=repo, env=run_env(repo), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["dvc", *args], cwd=repo, env=run_env(repo), capture_output=True, text=True, timeout=timeout)
 
 
 def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:

@@ -18,7 +18,6 @@ from pipeline.classes import CLASS_COUNTS, CLASSES, LABEL_CSV_HEADER, NO_FINDING
 from pipeline.data import cache as C
 from pipeline.data import labels as L
 from pipeline.data.dataset import (
-    AugmentConfig,
     CachedImageDataset,
     RandomResizedCropRotate,
     build_loader,
@@ -483,7 +482,7 @@ def test_train_transform_fuses_only_near_crop_size():
 
 
 def test_prepare_on_synthetic_dataset(tmp_path: Path):
-    from pipeline.data.synthetic import SyntheticConfig, generate
+    from pipeline.data.synthetic import generate
 
     synthetic = settings("download.synthetic", num_images=240, num_patients=80, image_size=64, seed=3)
     generate(tmp_path / "raw", synthetic, progress=False)

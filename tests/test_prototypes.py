@@ -25,8 +25,14 @@ PAPER_ENCODER = "dmis-lab/biobert-base-cased-v1.2"
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HIDDEN = 32
-HF_SETTINGS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
-               "TRANSFORMERS_OFFLINE")
+HF_SETTINGS = (
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
 
 # One paraphrase per class that shares no word with the class name and no content word that
 # only that class's default texts use, so a hit needs meaning, not token overlap.
@@ -49,8 +55,7 @@ PARAPHRASES = {
 # The real MiniLM retrieves 9 of 14 (chance: 1; the same network with random weights: 1 to 3).
 MIN_HITS = 7
 STOPWORDS = set(
-    "a an the of in into with and or to on by up out around from through between so that as than is"
-    .split()
+    "a an the of in into with and or to on by up out around from through between so that as than is".split()
 )
 
 
@@ -94,11 +99,13 @@ def load_in_fresh_process(code: str, **env: str) -> dict:
     """
     full = {k: v for k, v in os.environ.items() if k not in HF_SETTINGS}
     full.update(env, PYTHONPATH=str(ROOT))
-    script = ("import json, time\nfrom pipeline import prototypes as P\nfrom tests.conftest import settings\n"
-              "t0 = time.monotonic()\n"
-              + code + "\nout['seconds'] = time.monotonic() - t0\nprint(json.dumps(out))\n")
-    proc = subprocess.run([sys.executable, "-c", script], env=full, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    script = (
+        "import json, time\nfrom pipeline import prototypes as P\nfrom tests.conftest import settings\n"
+        "t0 = time.monotonic()\n" + code + "\nout['seconds'] = time.monotonic() - t0\nprint(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=full, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -243,10 +250,13 @@ def test_hub_id_loads_from_cache_snapshot(tiny_bert, tmp_path, setting):
         (snapshot / f.name).write_bytes(f.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    got = load_in_fresh_process("""
+    got = load_in_fresh_process(
+        """
 protos, meta = P.build_prototypes(settings("prototypes", encoder="acme/tiny-bert"))
 out = {"shape": list(protos.shape), "revision": meta["revision"], "resolved_path": meta["resolved_path"]}
-""", **env)
+""",
+        **env,
+    )
     assert got["shape"] == [len(CLASSES), TINY_HIDDEN]
     assert got["revision"] == commit and got["resolved_path"] == str(snapshot)
 
@@ -255,8 +265,9 @@ out = {"shape": list(protos.shape), "revision": meta["revision"], "resolved_path
 
 
 def test_missing_hub_model_fails_fast_offline(tmp_path):
-    got = load_in_fresh_process(LOAD_OR_FAIL.format(encoder=PAPER_ENCODER),
-                                HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    got = load_in_fresh_process(
+        LOAD_OR_FAIL.format(encoder=PAPER_ENCODER), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home")
+    )
     assert got["seconds"] < 10 and got["is_oserror"]
     message = got["error"]
     assert f"hf download {PAPER_ENCODER}" in message
@@ -268,8 +279,9 @@ def test_missing_hub_model_fails_fast_offline(tmp_path):
 
 def test_unreachable_hub_fails_fast(tmp_path):
     endpoint = f"http://127.0.0.1:{free_port()}"
-    got = load_in_fresh_process(LOAD_OR_FAIL.format(encoder=PAPER_ENCODER),
-                                HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=endpoint)
+    got = load_in_fresh_process(
+        LOAD_OR_FAIL.format(encoder=PAPER_ENCODER), HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=endpoint
+    )
     assert got["seconds"] < 10
     assert re.search("cannot be reached.*hf download", got["error"]), got["error"]
     assert endpoint in got["error"]

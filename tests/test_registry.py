@@ -23,8 +23,8 @@ import time
 import urllib.request
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -33,9 +33,8 @@ import yaml
 
 from components.provenance import airflow_tags, dvc_data_hash, git_commit, run_tags
 from pipeline.classes import CLASSES
-from pipeline.registry import RegisterConfig, SelectionSet, decide, selection_set, version_tags
-from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env
-from tests.conftest import settings
+from pipeline.registry import SelectionSet, decide, selection_set, version_tags
+from tests.conftest import TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env, settings
 
 MODEL_NAME = "cxr-dwml"
 # One epoch is enough: the gate tests compare against rewritten predictions, not on model quality.
@@ -47,6 +46,7 @@ POSTGRES_DIALECT = "postgresql+psycopg2"
 
 # ----------------------------------------------------------------------------- shared helpers
 
+
 def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repo copy after `dvc repro evaluate` (tiny params), built once per test session."""
     base = tmp_path_factory.getbasetemp() / "cxr-trained"
@@ -56,8 +56,9 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.rmtree(base, ignore_errors=True)
     repo.mkdir(parents=True)
     copy_repo(repo, TRAIN_PARAMS)
-    result = subprocess.run(["dvc", "repro", "evaluate"], cwd=repo, env=run_env(repo), capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        ["dvc", "repro", "evaluate"], cwd=repo, env=run_env(repo), capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     (base / "done").write_text("ok")
     return repo
@@ -100,9 +101,21 @@ def mlflow_server(backend_uri: str, folder: Path) -> Iterator[str]:
     """`mlflow server` with proxied artifacts on a free loopback port; yields its URL."""
     folder.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), folder / "server.log"
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", (folder / "artifacts").as_uri(), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        (folder / "artifacts").as_uri(),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # the background job runner (a dozen huey workers) is for GenAI jobs this project never starts
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     with open(log, "wb") as out:
@@ -167,14 +180,19 @@ def labels_of(repo: Path, images: pd.Series) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the pure gate
 
+
 def _gate_data(n: int = 300, seed: int = 0):
     """Validation labels of n images of n // 3 patients, and a good and a weak model's SelectionSet."""
     rng = np.random.default_rng(seed)
     y = (rng.random((n, len(CLASSES))) < 0.3).astype(int)
     noise = rng.random(y.shape)
     patients = np.arange(n) // 3
-    frame = lambda scores: pd.DataFrame({"image": [f"{i:05d}.png" for i in range(n)],  # noqa: E731
-                                         **dict(zip(CLASSES, scores.T))})
+    frame = lambda scores: pd.DataFrame(
+        {
+            "image": [f"{i:05d}.png" for i in range(n)],  # noqa: E731
+            **dict(zip(CLASSES, scores.T)),
+        }
+    )
     good = SelectionSet(frame(0.6 * y + noise), y, patients)  # mean AUC ~0.9
     weak = SelectionSet(frame(0.15 * y + noise), y, patients)  # mean AUC ~0.6
     return good, weak
@@ -244,17 +262,23 @@ def test_gate_resamples_patients_not_images() -> None:
 
 
 def test_selection_set_reads_labels_and_patients_of_validation_images_only() -> None:
-    manifest = pd.DataFrame({"image": ["a.png", "b.png", "c.png", "t.png"], "patient": [7, 7, 9, 11],
-                             "split": ["val", "val", "val", "test"],
-                             **{c: [1, 0, 0, 1] for c in CLASSES}})
+    manifest = pd.DataFrame(
+        {
+            "image": ["a.png", "b.png", "c.png", "t.png"],
+            "patient": [7, 7, 9, 11],
+            "split": ["val", "val", "val", "test"],
+            **{c: [1, 0, 0, 1] for c in CLASSES},
+        }
+    )
     preds = pd.DataFrame({"image": ["c.png", "a.png"], **{c: [0.1, 0.9] for c in CLASSES}})
     ours = selection_set(preds, manifest, "reports/predictions/val.parquet")
     assert ours.split == "val" and list(ours.patients) == [9, 7]
     np.testing.assert_array_equal(ours.y[:, 0], [0, 1])
     outside = r"reports/predictions/test.parquet are not in the val split \(e.g. t.png in test\)"
     with pytest.raises(ValueError, match=outside):
-        selection_set(pd.concat([preds, preds.assign(image="t.png").iloc[:1]]), manifest,
-                      "reports/predictions/test.parquet")
+        selection_set(
+            pd.concat([preds, preds.assign(image="t.png").iloc[:1]]), manifest, "reports/predictions/test.parquet"
+        )
     with pytest.raises(ValueError, match=r"not in the prepared manifest \(e.g. x.png\)"):
         selection_set(preds.assign(image=["x.png", "a.png"]), manifest, "val.parquet")
     with pytest.raises(ValueError, match="no column Hernia"):
@@ -263,34 +287,64 @@ def test_selection_set_reads_labels_and_patients_of_validation_images_only() -> 
 
 def test_provenance_helpers(tmp_path: Path) -> None:
     assert dvc_data_hash(tmp_path / "dvc.lock") == "unknown"
-    lock = {"schema": "2.0", "stages": {"prepare": {"outs": [
-        {"path": "data/prepared/manifest.csv", "md5": "aa" * 16},
-        {"path": "data/prepared/cache", "md5": "bb" * 16 + ".dir"}]}}}
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "prepare": {
+                "outs": [
+                    {"path": "data/prepared/manifest.csv", "md5": "aa" * 16},
+                    {"path": "data/prepared/cache", "md5": "bb" * 16 + ".dir"},
+                ]
+            }
+        },
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert dvc_data_hash(tmp_path / "dvc.lock") == f"{'aa' * 16},{'bb' * 16}.dir"
     assert git_commit(tmp_path) == "unknown"  # not a git repository
 
 
 def test_airflow_context_becomes_run_tags() -> None:
-    env = {"AIRFLOW_CTX_DAG_ID": "cxr_dwml", "AIRFLOW_CTX_DAG_RUN_ID": "manual__1", "AIRFLOW_CTX_TASK_ID": "train",
-           "AIRFLOW_CTX_TRY_NUMBER": "2", "AIRFLOW_CTX_LOGICAL_DATE": "", "HOME": "/root"}
-    assert airflow_tags(env) == {"airflow.dag_id": "cxr_dwml", "airflow.run_id": "manual__1",
-                                 "airflow.task_id": "train", "airflow.try_number": "2"}
+    env = {
+        "AIRFLOW_CTX_DAG_ID": "cxr_dwml",
+        "AIRFLOW_CTX_DAG_RUN_ID": "manual__1",
+        "AIRFLOW_CTX_TASK_ID": "train",
+        "AIRFLOW_CTX_TRY_NUMBER": "2",
+        "AIRFLOW_CTX_LOGICAL_DATE": "",
+        "HOME": "/root",
+    }
+    assert airflow_tags(env) == {
+        "airflow.dag_id": "cxr_dwml",
+        "airflow.run_id": "manual__1",
+        "airflow.task_id": "train",
+        "airflow.try_number": "2",
+    }
     assert run_tags("train", "demo", env) == {"cxr.step": "train", "cxr.profile": "demo", **airflow_tags(env)}
     assert run_tags("prepare", "paper", {}) == {"cxr.step": "prepare", "cxr.profile": "paper"}
 
 
 def test_version_tags_put_provenance_first() -> None:
-    metrics = {"val_mean_auc": 0.7, "mean_auc": 0.65, "mean_auc_ci": [0.6, 0.7],
-               "per_class_auc": {"Hernia": 0.9, "Mass": None}}
+    metrics = {
+        "val_mean_auc": 0.7,
+        "mean_auc": 0.65,
+        "mean_auc_ci": [0.6, 0.7],
+        "per_class_auc": {"Hernia": 0.9, "Mass": None},
+    }
     tags = version_tags(metrics, "run1", {"git_commit": "abc", "profile": "demo"})
     assert list(tags)[:3] == ["git_commit", "profile", "training_run_id"]
-    assert tags == {"git_commit": "abc", "profile": "demo", "training_run_id": "run1", "val_mean_auc": "0.7",
-                    "test_mean_auc": "0.65", "test_mean_auc_ci": "[0.6, 0.7]", "test_auc.Hernia": "0.9",
-                    "test_auc.Mass": "None"}
+    assert tags == {
+        "git_commit": "abc",
+        "profile": "demo",
+        "training_run_id": "run1",
+        "val_mean_auc": "0.7",
+        "test_mean_auc": "0.65",
+        "test_mean_auc_ci": "[0.6, 0.7]",
+        "test_auc.Hernia": "0.9",
+        "test_auc.Mass": "None",
+    }
 
 
 # ----------------------------------------------------------------------------- real servers
+
 
 def _training_run(model_dir: Path, best: Path, run_name: str) -> str:
     """What the train step leaves for register: best.pt and a linked MLflow run on this server."""
@@ -338,8 +392,20 @@ def _rewrite_predictions(repo: Path, real: Path, out: Path, strength: float, see
 def _register(repo: Path, model_dir: Path, reports: Path, out: Path) -> dict:
     from components import register
 
-    code = register.main(["--params", str(repo / "params.yaml"), "--model", str(model_dir), "--reports",
-                          str(reports), "--prepared", str(repo / "data/prepared"), "--out", str(out)])
+    code = register.main(
+        [
+            "--params",
+            str(repo / "params.yaml"),
+            "--model",
+            str(model_dir),
+            "--reports",
+            str(reports),
+            "--prepared",
+            str(repo / "data/prepared"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return json.loads(out.read_text())
 
@@ -355,9 +421,22 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     best = repo / "artifacts/model/best.pt"
     with tracking_env(url, repo):
         run1 = _training_run(work / "model1", best, "train-real")
-        assert evaluate.main(["--params", str(repo / "params.yaml"), "--prepared", str(repo / "data/prepared"),
-                              "--model", str(work / "model1"), "--out", str(work / "reports1"),
-                              "--no-progress"]) == 0
+        assert (
+            evaluate.main(
+                [
+                    "--params",
+                    str(repo / "params.yaml"),
+                    "--prepared",
+                    str(repo / "data/prepared"),
+                    "--model",
+                    str(work / "model1"),
+                    "--out",
+                    str(work / "reports1"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         reg1 = _register(repo, work / "model1", work / "reports1", work / "registration1" / "registration.json")
 
         worse_metrics = _rewrite_predictions(repo, work / "reports1", work / "reports2", strength=-0.6, seed=1)
@@ -512,16 +591,18 @@ def test_register_never_opens_test_predictions(tmp_path_factory: pytest.TempPath
 
 
 @pytest.mark.slow
-def test_register_gate_on_mlflow_server_sqlite(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_register_gate_on_mlflow_server_sqlite(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     repo = trained_repo(tmp_path_factory)
     with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
         _registration_scenario(url, repo, tmp_path / "work", capsys)
 
 
 @pytest.mark.slow
-def test_register_gate_on_mlflow_server_postgres(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_register_gate_on_mlflow_server_postgres(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with postgres_database() as db_uri:
         repo = trained_repo(tmp_path_factory)
         with mlflow_server(db_uri, tmp_path / "server") as url:

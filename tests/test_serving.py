@@ -24,7 +24,6 @@ from PIL import Image
 from pipeline.classes import CLASSES
 from tests.conftest import VENV_BIN, run_env
 from tests.test_registry import free_port, stop, tracking_env, trained_repo, wait_http
-from tests.conftest import settings
 
 pytestmark = pytest.mark.slow
 CHAMPION = "models:/cxr-dwml@champion"
@@ -53,8 +52,23 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     out = tmp_path_factory.mktemp("serving") / "registration.json"
     with tracking_env(uri, repo):
-        assert register.main(["--params", "params.yaml", "--model", "artifacts/model", "--reports", "reports",
-                              "--prepared", "data/prepared", "--out", str(out)]) == 0
+        assert (
+            register.main(
+                [
+                    "--params",
+                    "params.yaml",
+                    "--model",
+                    "artifacts/model",
+                    "--reports",
+                    "reports",
+                    "--prepared",
+                    "data/prepared",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         model = mlflow.pyfunc.load_model(CHAMPION)
     registration = json.loads(out.read_text())
     assert registration["promote"] is True and "champion" in registration["aliases"]
@@ -65,13 +79,15 @@ def checkpoint_probabilities(repo: Path, paths: list[Path]) -> np.ndarray:
     """(N, C) probabilities straight from best.pt, preprocessed as the evaluate step does."""
     import torch
 
+    from pipeline.data.dataset import eval_transform
     from pipeline.data.images import decode_image
-    from pipeline.data.dataset import AugmentConfig, eval_transform
     from pipeline.models import load_bundle
 
     net, bundle = load_bundle(repo / "artifacts/model/best.pt")
     crop = eval_transform(int(bundle["crop_size"]))
-    x = torch.stack([crop(torch.from_numpy(decode_image(p, bundle["image_size"]))[None]) for p in paths])  # (N, 1, S, S)
+    x = torch.stack(
+        [crop(torch.from_numpy(decode_image(p, bundle["image_size"]))[None]) for p in paths]
+    )  # (N, 1, S, S)
     with torch.inference_mode():
         return torch.sigmoid(net(x)).numpy()  # (N, C)
 
@@ -115,19 +131,35 @@ def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> No
     expected = served.model.predict(pd.DataFrame({"image": bodies}))
 
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local",
-           "--host", "127.0.0.1", "-p", str(port)]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        CHAMPION,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=served.repo, env=run_env(served.repo), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=served.repo, env=run_env(served.repo), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
-        payload = {"dataframe_split": {"columns": ["image"],
-                                       "data": [[base64.b64encode(b).decode("ascii")] for b in bodies]}}
+        payload = {
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode("ascii")] for b in bodies]}
+        }
         r = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
         assert r.status_code == 200, r.text
-        bad = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
-                            json={"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}})
+        bad = requests.post(
+            f"http://127.0.0.1:{port}/invocations",
+            timeout=60,
+            json={"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}},
+        )
     finally:
         stop(proc)
     predictions = pd.DataFrame(r.json()["predictions"])
@@ -141,8 +173,19 @@ def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> No
 def _awkward_files(served: Served, folder: Path) -> dict[str, Path]:
     """RGBA, RGB, 16-bit, 1024 px and JPEG versions of test images, plus broken files."""
     sources = [Image.open(p).convert("L") for p in served.test_images(4)]
-    files = {name: folder / name for name in ("rgba.png", "rgb.png", "gray16.png", "big.png", "nested/photo.jpg",
-                                              "corrupt.png", "truncated.png", "scan.dcm")}
+    files = {
+        name: folder / name
+        for name in (
+            "rgba.png",
+            "rgb.png",
+            "gray16.png",
+            "big.png",
+            "nested/photo.jpg",
+            "corrupt.png",
+            "truncated.png",
+            "scan.dcm",
+        )
+    }
     files["nested/photo.jpg"].parent.mkdir(parents=True)
     a, b, c, d = sources
     Image.merge("RGBA", [a, a, a, Image.new("L", a.size, 255)]).save(files["rgba.png"])
@@ -161,9 +204,24 @@ def test_predict_cli_scores_awkward_pngs_and_skips_broken_files(served: Served, 
     files = _awkward_files(served, tmp_path / "scans")
     assert Image.open(files["gray16.png"]).mode.startswith("I")  # really a 16-bit PNG
     out = tmp_path / "predictions.csv"
-    result = subprocess.run([sys.executable, "-m", "components.predict", "--model", CHAMPION,
-                             str(tmp_path / "scans"), str(tmp_path / "missing.png"), "--out", str(out)],
-                            cwd=served.repo, env=run_env(served.repo), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "components.predict",
+            "--model",
+            CHAMPION,
+            str(tmp_path / "scans"),
+            str(tmp_path / "missing.png"),
+            "--out",
+            str(out),
+        ],
+        cwd=served.repo,
+        env=run_env(served.repo),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     scored = pd.read_csv(out)
@@ -177,8 +235,12 @@ def test_predict_cli_scores_awkward_pngs_and_skips_broken_files(served: Served, 
     assert list(got["labels"]) == list(expected["labels"])
 
     skipped = pd.read_csv(tmp_path / "predictions.skipped.csv").set_index("file")
-    assert set(skipped.index) == {str(files["corrupt.png"]), str(files["truncated.png"]), str(files["scan.dcm"]),
-                                  str(tmp_path / "missing.png")}
+    assert set(skipped.index) == {
+        str(files["corrupt.png"]),
+        str(files["truncated.png"]),
+        str(files["scan.dcm"]),
+        str(tmp_path / "missing.png"),
+    }
     assert skipped.loc[str(files["corrupt.png"]), "reason"] == "unreadable"
     assert skipped.loc[str(files["truncated.png"]), "reason"] in {"truncated", "corrupt"}
     assert skipped.loc[str(tmp_path / "missing.png"), "reason"] == "missing"
@@ -203,15 +265,19 @@ def test_predict_cli_exit_status_when_nothing_can_be_scored(served: Served, tmp_
     assert pd.read_csv(tmp_path / "none.skipped.csv")["reason"].tolist() == ["unreadable"]
 
 
-def test_predict_reports_an_unknown_model_clearly(served: Served, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    from components.common import run_main
+def test_predict_reports_an_unknown_model_clearly(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from components import predict
+    from components.common import run_main
 
     (tmp_path / "a.png").write_bytes(png_bytes(Image.new("L", (8, 8))))
     with tracking_env(served.tracking_uri, served.repo), pytest.MonkeyPatch.context() as mp:
         mp.delenv("CXR_DEBUG", raising=False)
-        code = run_main("predict", predict.main, ["--model", "models:/no-such-model@champion", str(tmp_path / "a.png"),
-                                                  "--out", str(tmp_path / "p.csv")])
+        code = run_main(
+            "predict",
+            predict.main,
+            ["--model", "models:/no-such-model@champion", str(tmp_path / "a.png"), "--out", str(tmp_path / "p.csv")],
+        )
     assert code == 2 and "cannot load model 'models:/no-such-model@champion'" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()

@@ -78,8 +78,9 @@ def code_closure(module: str, root: Path = ROOT) -> set[Path]:
 def uncovered(files: set[Path], deps: list[str]) -> list[str]:
     """Files (as posix paths) that no dep names, either as the file itself or as a folder above it."""
     roots = [d.rstrip("/") for d in deps]
-    return sorted(f.as_posix() for f in files
-                  if not any(f.as_posix() == d or f.as_posix().startswith(d + "/") for d in roots))
+    return sorted(
+        f.as_posix() for f in files if not any(f.as_posix() == d or f.as_posix().startswith(d + "/") for d in roots)
+    )
 
 
 def stage_component(name: str, stage: dict) -> str:
@@ -102,7 +103,9 @@ def test_every_stage_depends_on_the_code_it_runs() -> None:
     problems = {name: missing for name, stage in stages().items() if (missing := missing_code_deps(name, stage))}
     assert not problems, "\n".join(
         f"dvc.yaml stage {name} runs code it does not depend on: {', '.join(files)}; add them (or their folder) "
-        f"to the stage's deps in dvc.yaml" for name, files in problems.items())
+        f"to the stage's deps in dvc.yaml"
+        for name, files in problems.items()
+    )
 
 
 def test_the_check_reports_a_dependency_taken_away() -> None:
@@ -134,5 +137,9 @@ def test_imports_found_in_functions_relative_and_submodules(tmp_path: Path) -> N
     assert closure == set(files) - {"pipeline/data/unused.py"}
     stage = {"cmd": "python -m components.step --out x", "deps": ["components", "pipeline/data/reader.py"]}
     assert missing_code_deps("step", stage, tmp_path) == [
-        "pipeline/__init__.py", "pipeline/data/__init__.py", "pipeline/data/layout.py", "pipeline/typing_only.py",
-        "pipeline/util.py"]
+        "pipeline/__init__.py",
+        "pipeline/data/__init__.py",
+        "pipeline/data/layout.py",
+        "pipeline/typing_only.py",
+        "pipeline/util.py",
+    ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import re
 from pathlib import Path
 
@@ -25,9 +24,7 @@ from pipeline.classes import (
     TRAIN_VAL_LIST,
 )
 from pipeline.config import ConfigError
-from tests.conftest import settings
 from pipeline.data.synthetic import (
-    SyntheticConfig,
     followup_counts,
     generate,
     real_prevalence,
@@ -35,6 +32,7 @@ from pipeline.data.synthetic import (
     sample_labels,
     split_patients,
 )
+from tests.conftest import settings
 
 NAME = re.compile(r"^(\d{8})_(\d{3})\.png$")
 SMALL = settings("download.synthetic", num_images=120, num_patients=50, image_size=64, seed=7)

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,30 @@ import torch
 import yaml
 
 from pipeline.classes import CLASSES
-from pipeline.data.prepare import PrepareConfig, prepare
-from pipeline.data.synthetic import SyntheticConfig, generate
-from pipeline.models import build_model
-from tests.conftest import settings
-from pipeline.training import TrainConfig, train
+from pipeline.data.prepare import prepare
+from pipeline.data.synthetic import generate
 from pipeline.inference import predict
 from pipeline.io import load_checkpoint
-from pipeline.training.optim import OptimConfig, build_optimizer, build_scheduler, param_groups, warmup_cosine
+from pipeline.models import build_model
+from pipeline.training import TrainConfig, train
+from pipeline.training.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+from tests.conftest import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # timm's own test-sized ConvNeXt (0.2 M parameters) keeps every loop test to seconds on a CPU
 TINY = {
-    "epochs": 2, "batch_size": 16, "eval_batch_size": 64, "workers": 0, "seed": 3, "deterministic": True,
-    "max_steps_per_epoch": 2, "log_every": 1,
-    "model.embed_dim": 16, "model.hidden_dim": 32, "model.backbone.name": "test_convnext", "augment.crop_size": 32,
+    "epochs": 2,
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "workers": 0,
+    "seed": 3,
+    "deterministic": True,
+    "max_steps_per_epoch": 2,
+    "log_every": 1,
+    "model.embed_dim": 16,
+    "model.hidden_dim": 32,
+    "model.backbone.name": "test_convnext",
+    "augment.crop_size": 32,
 }
 TIMING_KEYS = {"train_images_per_s"}
 
@@ -43,7 +51,11 @@ def tiny_config(**overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
     root = tmp_path_factory.mktemp("data")
-    generate(root / "raw", settings("download.synthetic", num_images=240, num_patients=100, image_size=64, seed=3), progress=False)
+    generate(
+        root / "raw",
+        settings("download.synthetic", num_images=240, num_patients=100, image_size=64, seed=3),
+        progress=False,
+    )
     prepare(root / "raw", root / "prepared", settings("prepare", image_size=32, workers=1), progress=False)
     vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)  # (C, E)
     (root / "prototypes").mkdir()
@@ -138,8 +150,9 @@ def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
             train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False)
     assert len(steps) == 3 and all(math.isfinite(s["loss/loss"]) for s in steps)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["state"]["epoch"] == 1
-    resumed = train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False,
-                    log=lambda m, s: logged.append((m, s)))
+    resumed = train(
+        cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False, log=lambda m, s: logged.append((m, s))
+    )
     assert resumed.resumed_from == 1 and resumed.epochs_run == 2
     assert comparable(resumed.history) == comparable(straight.history)
     assert resumed.best_auc == straight.best_auc and resumed.best_epoch == straight.best_epoch
@@ -160,8 +173,14 @@ def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
 
     # other settings or inputs (another fingerprint): the old state is ignored
     shutil.copytree(tmp_path / "b", tmp_path / "c")
-    fresh = train(tiny_config(epochs=1, max_steps_per_epoch=1), prepared, vectors, tmp_path / "c",
-                  fingerprint="other", progress=False)
+    fresh = train(
+        tiny_config(epochs=1, max_steps_per_epoch=1),
+        prepared,
+        vectors,
+        tmp_path / "c",
+        fingerprint="other",
+        progress=False,
+    )
     assert fresh.resumed_from is None and len(fresh.history) == 1
     assert load_checkpoint(tmp_path / "c" / "last.pt")["fingerprint"] == "other"
 
@@ -169,8 +188,9 @@ def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
 def test_early_stopping_with_patience(data, tmp_path):
     prepared, vectors = data
     # a learning rate below float32 resolution: weights, hence the validation AUC, never change
-    cfg = tiny_config(epochs=5, max_steps_per_epoch=1, early_stopping_patience=2,
-                      **{"optim.lr_backbone": 0.0, "optim.lr_head": 1e-30})
+    cfg = tiny_config(
+        epochs=5, max_steps_per_epoch=1, early_stopping_patience=2, **{"optim.lr_backbone": 0.0, "optim.lr_head": 1e-30}
+    )
     result = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False)
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
     assert len({rec["val_mean_auc"] for rec in result.history}) == 1
@@ -193,7 +213,7 @@ def test_ema_weights_are_validated_and_saved(data, tmp_path):
 
 
 def test_predict_refuses_a_shuffled_loader(data):
-    from pipeline.data.dataset import AugmentConfig, CachedImageDataset, build_loader
+    from pipeline.data.dataset import CachedImageDataset, build_loader
 
     prepared, vectors = data
     ds = CachedImageDataset(prepared, "val", settings("train.augment", crop_size=32))
@@ -303,8 +323,10 @@ def test_running_cell_means_are_all_reduced_across_ranks(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", CELL_MEAN_WORKER, str(r), port, str(tmp_path)], env=env)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CELL_MEAN_WORKER, str(r), port, str(tmp_path)], env=env)
+        for r in range(2)
+    ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.testing.assert_close(parts[0]["cell_mean"], parts[1]["cell_mean"], rtol=0, atol=0)
@@ -339,8 +361,9 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
     script.write_text(DDP_WORKER.format(config=config, prepared=str(prepared), vectors=str(vectors_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*torchrun, str(script), str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run(
+        [*torchrun, str(script), str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # gradients were averaged across ranks
@@ -376,9 +399,19 @@ def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
 
     prepared, _ = data
     uri = mlflow_workspace(tmp_path, monkeypatch, "train-test", {**TINY, "epochs": 2, "max_steps_per_epoch": 2})
-    argv = ["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared),
-            "--prototypes", str(prepared.parent / "prototypes"), "--out", "model", "--reports", "reports",
-            "--no-progress"]
+    argv = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prepared",
+        str(prepared),
+        "--prototypes",
+        str(prepared.parent / "prototypes"),
+        "--out",
+        "model",
+        "--reports",
+        "reports",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -397,9 +430,15 @@ def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
     for key in ("val_mean_auc", *(f"val_auc_{c}" for c in defined)):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert run.data.metrics["best_val_mean_auc"] == max(
-        m.value for m in client.get_metric_history(run.info.run_id, "val_mean_auc"))
-    for path in ("model/best.pt", "model/last.pt", "model/train_summary.json", "model/resolved_config.json",
-                 "reports/history.csv"):
+        m.value for m in client.get_metric_history(run.info.run_id, "val_mean_auc")
+    )
+    for path in (
+        "model/best.pt",
+        "model/last.pt",
+        "model/train_summary.json",
+        "model/resolved_config.json",
+        "reports/history.csv",
+    ):
         assert (tmp_path / path).exists(), path
     # a second call resumes the finished run: same MLflow run, no new steps
     assert main(argv) == 0
@@ -419,10 +458,27 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
 
     prepared, _ = data
     uri = mlflow_workspace(tmp_path, monkeypatch, "ablation-test", {**TINY, "epochs": 3, "max_steps_per_epoch": 1})
-    argv = ["--params", "params.yaml", "--prepared", str(prepared), "--prototypes",
-            str(prepared.parent / "prototypes"), "--out", "ablation", "--reports", "reports",
-            "--variants", "bce_head,dual,dual_random_prototypes", "--seeds", "2", "--epochs", "1",
-            "--bootstrap", "50", "--no-progress"]
+    argv = [
+        "--params",
+        "params.yaml",
+        "--prepared",
+        str(prepared),
+        "--prototypes",
+        str(prepared.parent / "prototypes"),
+        "--out",
+        "ablation",
+        "--reports",
+        "reports",
+        "--variants",
+        "bce_head,dual,dual_random_prototypes",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--bootstrap",
+        "50",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     reports = tmp_path / "reports"
     table = pd.read_csv(reports / "ablation_runs.csv")
@@ -441,8 +497,9 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     assert dual["test_mean_auc_std"] == pytest.approx(runs_of.loc["dual", "test_mean_auc"].std(ddof=1))
     delta = dual["test_delta_vs_bce_head"]
     # the full-data delta is the seed-averaged difference of the runs' test mean AUCs
-    assert delta["delta"] == pytest.approx(runs_of.loc["dual", "test_mean_auc"].mean()
-                                           - runs_of.loc["bce_head", "test_mean_auc"].mean(), abs=1e-9)
+    assert delta["delta"] == pytest.approx(
+        runs_of.loc["dual", "test_mean_auc"].mean() - runs_of.loc["bce_head", "test_mean_auc"].mean(), abs=1e-9
+    )
     assert delta["low"] <= delta["high"]
     assert "test_delta_vs_bce_head" not in entries["bce_head"]
     markdown = (reports / "ablation.md").read_text()
@@ -457,8 +514,9 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ablation-test")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    names = {f"{v}-seed{s}" for v in ("bce_head", "dual", "dual_random_prototypes")
-             for s in (TINY["seed"], TINY["seed"] + 1)}
+    names = {
+        f"{v}-seed{s}" for v in ("bce_head", "dual", "dual_random_prototypes") for s in (TINY["seed"], TINY["seed"] + 1)
+    }
     assert set(runs) == {"ablation"} | names
     parent = runs["ablation"].info.run_id
     for name in names:

@@ -15,9 +15,9 @@ import os
 import posixpath
 import shutil
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.data.sources import check_md5, parallel
 from pipeline.io import file_digest, file_size, read_json, write_json

@@ -159,12 +159,14 @@ def _fill(
             failures.update(done)
     if max_chunks is not None:
         todo = todo[:max_chunks]
-    bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - s) for _, s in todo), unit="img",
-               desc=f"cache {size}px", disable=not progress)
-    jobs = [
-        (str(data_path), n, size, start, [str(p) for p in paths[start : start + chunk_size]])
-        for _, start in todo
-    ]
+    bar = tqdm(
+        total=n,
+        initial=n - sum(min(chunk_size, n - s) for _, s in todo),
+        unit="img",
+        desc=f"cache {size}px",
+        disable=not progress,
+    )
+    jobs = [(str(data_path), n, size, start, [str(p) for p in paths[start : start + chunk_size]]) for _, start in todo]
     for (k, start), chunk_failures in zip(todo, _run(jobs, workers)):
         failures.update(chunk_failures)
         _write_marker(marker_dir, k, chunk_failures)
@@ -191,9 +193,7 @@ def _run(jobs: list[tuple], workers: int):
                 fut.cancel()
 
 
-def _decode_chunk(
-    data_path: str, n: int, size: int, start: int, paths: list[str]
-) -> dict[int, tuple[str, str]]:
+def _decode_chunk(data_path: str, n: int, size: int, start: int, paths: list[str]) -> dict[int, tuple[str, str]]:
     """Decode one chunk straight into the shared memory map; returns {row: (reason, detail)}."""
     images = np.memmap(data_path, dtype=np.uint8, mode="r+", shape=(n, size, size))
     failures = {}
@@ -234,8 +234,9 @@ def _write_index(
             "fingerprint": fp,
             "chunk_size": chunk_size,
             "complete": complete,
-            "failures": [{"row": r, "image": paths[r].name, "reason": rs, "detail": d}
-                         for r, (rs, d) in sorted(failures.items())],
+            "failures": [
+                {"row": r, "image": paths[r].name, "reason": rs, "detail": d} for r, (rs, d) in sorted(failures.items())
+            ],
             "images": [p.name for p in paths],
         },
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from pipeline.classes import CLASSES
+from pipeline.config import AugmentConfig
 from pipeline.data.cache import open_cache
 from pipeline.data.layout import CACHE_DIR, MANIFEST
 from pipeline.data.splits import SPLITS
-from pipeline.config import AugmentConfig
-
 
 # Above this ratio of cached side to crop side a crop is shrunk enough to alias without
 # antialiasing, so the fused one-pass crop+rotation gives way to torchvision's antialiased resize.

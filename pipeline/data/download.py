@@ -31,44 +31,63 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from pipeline.classes import LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.config import DownloadConfig, NIHConfig
 from pipeline.data.archives import STATE_DIR, ArchiveJob, fetch_archives
-from pipeline.data.sources import (DownloadError, HttpRemote, NotFound, S3Object, S3Remote,
-                                   Transfer, link_or_copy, parallel)
-from pipeline.data.synthetic import SyntheticConfig, generate
+from pipeline.data.layout import RAW_IMAGES
+from pipeline.data.sources import (
+    DownloadError,
+    HttpRemote,
+    NotFound,
+    S3Object,
+    S3Remote,
+    Transfer,
+    link_or_copy,
+    parallel,
+)
+from pipeline.data.synthetic import generate
 from pipeline.io import file_digest, file_size, read_json, write_json
-from pipeline.config import DownloadConfig, NIHConfig, S3Config
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
-IMAGE_DIR = "images"
 LIST_FILES = (TRAIN_VAL_LIST, TEST_LIST)
 NIH_METADATA_PAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 # NIH Box ids and published MD5s of images_001.tar.gz .. images_012.tar.gz, in order.
 NIH_BOX_IDS = (
-    "vfk49d74nhbxq3nqjg0900w5nvkorp5c", "i28rlmbvmfjbl8p2n3ril0pptcmcu9d1",
-    "f1t00wrtdk94satdfb9olcolqx20z2jp", "0aowwzs5lhjrceb3qp67ahp0rd1l1etg",
-    "v5e3goj22zr6h8tzualxfsqlqaygfbsn", "asi7ikud9jwnkrnkj99jnpfkjdes7l6l",
-    "jn1b4mw4n6lnh74ovmcjb8y48h8xj07n", "tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j",
-    "upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj", "l6nilvfa9cg3s28tqv1qc1olm3gnz54p",
-    "hhq8fkdgvcari67vfhs7ppg2w6ni4jze", "ioqwiy20ihqwyr8pf4c24eazhh281pbu",
+    "vfk49d74nhbxq3nqjg0900w5nvkorp5c",
+    "i28rlmbvmfjbl8p2n3ril0pptcmcu9d1",
+    "f1t00wrtdk94satdfb9olcolqx20z2jp",
+    "0aowwzs5lhjrceb3qp67ahp0rd1l1etg",
+    "v5e3goj22zr6h8tzualxfsqlqaygfbsn",
+    "asi7ikud9jwnkrnkj99jnpfkjdes7l6l",
+    "jn1b4mw4n6lnh74ovmcjb8y48h8xj07n",
+    "tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j",
+    "upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj",
+    "l6nilvfa9cg3s28tqv1qc1olm3gnz54p",
+    "hhq8fkdgvcari67vfhs7ppg2w6ni4jze",
+    "ioqwiy20ihqwyr8pf4c24eazhh281pbu",
 )
 NIH_MD5 = (
-    "fe8ed0a6961412fddcbb3603c11b3698", "ab07a2d7cbe6f65ddd97b4ed7bde10bf",
-    "2301d03bde4c246388bad3876965d574", "9f1b7f5aae01b13f4bc8e2c44a4b8ef6",
-    "1861f3cd0ef7734df8104f2b0309023b", "456b53a8b351afd92a35bc41444c58c8",
-    "1075121ea20a137b87f290d6a4a5965e", "b61f34cec3aa69f295fbb593cbd9d443",
-    "442a3caa61ae9b64e61c561294d1e183", "09ec81c4c31e32858ad8cf965c494b74",
-    "499aefc67207a5a97692424cf5dbeed5", "dc9fda1757c2de0032b63347a7d2895c",
+    "fe8ed0a6961412fddcbb3603c11b3698",
+    "ab07a2d7cbe6f65ddd97b4ed7bde10bf",
+    "2301d03bde4c246388bad3876965d574",
+    "9f1b7f5aae01b13f4bc8e2c44a4b8ef6",
+    "1861f3cd0ef7734df8104f2b0309023b",
+    "456b53a8b351afd92a35bc41444c58c8",
+    "1075121ea20a137b87f290d6a4a5965e",
+    "b61f34cec3aa69f295fbb593cbd9d443",
+    "442a3caa61ae9b64e61c561294d1e183",
+    "09ec81c4c31e32858ad8cf965c494b74",
+    "499aefc67207a5a97692424cf5dbeed5",
+    "dc9fda1757c2de0032b63347a7d2895c",
 )
 
 
@@ -132,11 +151,15 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
     (out_dir / MANIFEST).unlink(missing_ok=True)  # present only when the folder is complete
     start = time.perf_counter()
     kind = source_kind(cfg.source)
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc=f"fetch {kind}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=f"fetch {kind}", disable=not progress, dynamic_ncols=True)
     xfer = Transfer(cfg.retries, cfg.backoff_s, cfg.timeout_s, bar.update, lambda n: _grow(bar, n))
-    fetchers = {"synthetic": _fetch_synthetic, "nih": _fetch_http, "http": _fetch_http,
-                "s3": _fetch_s3, "dir": _fetch_dir}
+    fetchers = {
+        "synthetic": _fetch_synthetic,
+        "nih": _fetch_http,
+        "http": _fetch_http,
+        "s3": _fetch_s3,
+        "dir": _fetch_dir,
+    }
     try:
         report = fetchers[kind](cfg, out_dir, xfer, progress)
     finally:
@@ -202,8 +225,9 @@ def _getter(location: str, cfg: DownloadConfig, xfer: Transfer) -> Getter:
         return _s3_getter(remote, remote.list())
     folder = Path(location)
     if not folder.is_dir():
-        raise DownloadError(f"metadata location {location!r} is not a URL or an existing folder; "
-                            "set download.nih.metadata_url")
+        raise DownloadError(
+            f"metadata location {location!r} is not a URL or an existing folder; set download.nih.metadata_url"
+        )
 
     def get(name: str, dest: Path) -> None:
         if not (folder / name).is_file():
@@ -246,21 +270,20 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool
                 f"{cfg.source}: missing {', '.join(missing)}; upload them or list the archives "
                 "the bucket holds in download.nih.archives"
             )
-        jobs = [ArchiveJob(name, md5, functools.partial(remote.fetch, objects[name], md5=md5))
-                for _, name, md5 in wanted]
+        jobs = [
+            ArchiveJob(name, md5, functools.partial(remote.fetch, objects[name], md5=md5)) for _, name, md5 in wanted
+        ]
         return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
-    images = {rel: o for rel, o in objects.items()
-              if rel.startswith(f"{IMAGE_DIR}/") and rel.endswith(".png")}
+    images = {rel: o for rel, o in objects.items() if rel.startswith(f"{RAW_IMAGES}/") and rel.endswith(".png")}
     if not images:
         raise DownloadError(
             f"{cfg.source}: holds neither NIH archives ({wanted[0][1]} ...) nor "
-            f"{IMAGE_DIR}/*.png; check download.source"
+            f"{RAW_IMAGES}/*.png; check download.source"
         )
     return _fetch_s3_images(remote, images, out_dir, cfg)
 
 
-def _fetch_s3_images(remote: S3Remote, images: dict[str, S3Object], out_dir: Path,
-                     cfg: DownloadConfig) -> dict:
+def _fetch_s3_images(remote: S3Remote, images: dict[str, S3Object], out_dir: Path, cfg: DownloadConfig) -> dict:
     """Copy extracted images object by object; one whose size and ETag match is skipped."""
     etag_file = out_dir / STATE_DIR / "s3_etags.json"
     etags: dict[str, str] = read_json(etag_file) if etag_file.exists() else {}
@@ -289,20 +312,22 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     src = Path(cfg.source)
     fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
     # NIH's extracted layout, and Kaggle's images_001/images/*.png.
-    images = [*src.glob(f"{IMAGE_DIR}/*.png"), *src.glob(f"images_*/{IMAGE_DIR}/*.png")]
+    images = [*src.glob(f"{RAW_IMAGES}/*.png"), *src.glob(f"images_*/{RAW_IMAGES}/*.png")]
     if images:
         return _link_images(images, out_dir, cfg.workers, xfer)
-    jobs = [ArchiveJob(name, md5, local=src / name) for _, name, md5 in selected_archives(cfg.nih)
-            if (src / name).exists()]
+    jobs = [
+        ArchiveJob(name, md5, local=src / name) for _, name, md5 in selected_archives(cfg.nih) if (src / name).exists()
+    ]
     if not jobs:
-        raise DownloadError(f"{src}: holds neither {IMAGE_DIR}/*.png nor NIH archives "
-                            f"({archive_name(1)} ...); check download.source")
+        raise DownloadError(
+            f"{src}: holds neither {RAW_IMAGES}/*.png nor NIH archives ({archive_name(1)} ...); check download.source"
+        )
     return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
 
 
 def _link_images(images: list[Path], out_dir: Path, workers: int, xfer: Transfer) -> dict:
     def one(src: Path) -> str:
-        dest = out_dir / IMAGE_DIR / src.name
+        dest = out_dir / RAW_IMAGES / src.name
         if dest.exists() and (os.path.samefile(src, dest) or _same_copy(src, dest)):
             return "skipped"
         linked = link_or_copy(src, dest)
@@ -326,15 +351,16 @@ def _check_layout(out_dir: Path, source: str) -> None:
     missing = [name for name in LIST_FILES if not (out_dir / name).is_file()]
     if not any((out_dir / name).is_file() for name in LABEL_CSV_NAMES):
         missing.append(" or ".join(LABEL_CSV_NAMES))
-    if not any((out_dir / IMAGE_DIR).glob("*.png")):
-        missing.append(f"{IMAGE_DIR}/*.png")
+    if not any((out_dir / RAW_IMAGES).glob("*.png")):
+        missing.append(f"{RAW_IMAGES}/*.png")
     if missing:
-        raise DownloadError(f"{out_dir}: after fetching from {source!r}, missing "
-                            f"{', '.join(missing)}; check that the source is laid out like NIH")
+        raise DownloadError(
+            f"{out_dir}: after fetching from {source!r}, missing "
+            f"{', '.join(missing)}; check that the source is laid out like NIH"
+        )
 
 
-def write_manifest(out_dir: Path, workers: int = 4,
-                   known: dict[str, tuple[int, str]] | None = None) -> dict[str, dict]:
+def write_manifest(out_dir: Path, workers: int = 4, known: dict[str, tuple[int, str]] | None = None) -> dict[str, dict]:
     """Write `checksums.json`: every file's relative path -> {md5, size}.
 
     Args:
@@ -383,17 +409,28 @@ def _dataset_files(out_dir: Path) -> Iterable[Path]:
             yield Path(root) / name
 
 
-def _summary(source: str, manifest: dict, transferred: int, seconds: float, report: dict,
-             progress: bool) -> dict[str, Any]:
+def _summary(
+    source: str, manifest: dict, transferred: int, seconds: float, report: dict, progress: bool
+) -> dict[str, Any]:
     total = sum(e["size"] for e in manifest.values())
-    images = sum(rel.startswith(f"{IMAGE_DIR}/") for rel in manifest)
+    images = sum(rel.startswith(f"{RAW_IMAGES}/") for rel in manifest)
     rate = transferred / 1e6 / max(seconds, 1e-9)
     size = functools.partial(tqdm.format_sizeof, suffix="B")
-    line = (f"fetch {source}: {len(manifest)} files ({images} images, {size(total)}); "
-            f"transferred {size(transferred)} in {seconds:.1f} s ({rate:.2f} MB/s)")
+    line = (
+        f"fetch {source}: {len(manifest)} files ({images} images, {size(total)}); "
+        f"transferred {size(transferred)} in {seconds:.1f} s ({rate:.2f} MB/s)"
+    )
     log.info(line)
     if progress:
         print(line, flush=True)
-    return {"source": source, "files": len(manifest), "images": images, "bytes": total,
-            "transferred_bytes": transferred, "seconds": round(seconds, 3),
-            "mb_per_s": round(rate, 3), **report, "line": line}
+    return {
+        "source": source,
+        "files": len(manifest),
+        "images": images,
+        "bytes": total,
+        "transferred_bytes": transferred,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(rate, 3),
+        **report,
+        "line": line,
+    }

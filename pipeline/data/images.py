@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 PYDICOM_MISSING = "pydicom is not installed: pip install pydicom to read DICOM files"
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | np.ndarray
 
 
 def decode_image(source: ImageSource, size: int | None = None) -> np.ndarray:

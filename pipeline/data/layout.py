@@ -1,4 +1,7 @@
-"""Where the prepared data lies: file and folder names inside the prepared-data folder.
+"""Where the data lies: the raw folder's image folder, and the names inside the prepared folder.
+
+The raw folder holds the NIH layout: `images/*.png` beside the label CSV and the two list files
+(`pipeline.classes` names those). The prepared folder:
 
     manifest.csv            image, patient, followup, view, split, the 14 classes (0/1), cache_index
     split_stats.json        images/patients/positives per split, quarantine and inventory counts
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+RAW_IMAGES = "images"  # in the raw folder: every image, flat
 MANIFEST = "manifest.csv"
 SPLIT_STATS = "split_stats.json"
 CLASS_COUNTS = "class_counts.json"

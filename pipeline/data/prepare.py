@@ -18,14 +18,21 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache
-from pipeline.data.layout import CACHE_DIR, CLASS_COUNTS, MANIFEST, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
+from pipeline.data.layout import (
+    CACHE_DIR,
+    CLASS_COUNTS,
+    MANIFEST,
+    QUARANTINE,
+    RAW_IMAGES,
+    SPLIT_CLASS_COUNTS,
+    SPLIT_STATS,
+)
 from pipeline.data.splits import SPLITS, assert_patient_disjoint, assign_splits, patient_overlap
 from pipeline.io import save_dataframe, write_json
-from pipeline.config import PrepareConfig
 
-IMAGES_DIR = "images"  # in the raw folder
 EXAMPLES = 10  # names listed per inventory problem in split_stats.json
 
 
@@ -33,11 +40,11 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig, progress: bool = T
     """Run the prepare step; returns the statistics written to split_stats.json."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     table, train_val, test = read_inputs(raw_dir)
-    present = list_images(raw_dir / IMAGES_DIR)
+    present = list_images(raw_dir / RAW_IMAGES)
     inventory = take_inventory(table, train_val, test, present)
     table = table[table["image"].isin(inventory.pop("usable"))].sort_values("image", ignore_index=True)
 
-    paths = [raw_dir / IMAGES_DIR / name for name in table["image"]]
+    paths = [raw_dir / RAW_IMAGES / name for name in table["image"]]
     cache = build_cache(paths, out_dir / CACHE_DIR, cfg.image_size, cfg.workers, cfg.chunk_size, progress)
     if not cache.complete:
         raise RuntimeError(f"{out_dir / CACHE_DIR}: the image cache is incomplete; rerun to resume it")
@@ -133,9 +140,7 @@ def split_statistics(
             "first": quarantine["image"].head(EXAMPLES).tolist(),
         },
         **inventory,
-        "cache": {
-            "file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped
-        },
+        "cache": {"file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped},
         "config": cfg.model_dump(),
     }
 

@@ -13,10 +13,10 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import requests
 from urllib3.exceptions import HTTPError
@@ -124,8 +124,7 @@ def check_md5(path: Path, expected: str, dest: Path, what: str, move_aside: bool
         fate += "again the source holds a damaged or different file"
     else:
         fate = "it was not extracted; replace it with the published archive"
-    raise DownloadError(f"{dest.name}: MD5 {got} does not match the published {expected} "
-                        f"(from {what}); {fate}")
+    raise DownloadError(f"{dest.name}: MD5 {got} does not match the published {expected} (from {what}); {fate}")
 
 
 def _transfer(open_at: Opener, part: Path, xfer: Transfer, first: bool) -> int | None:
@@ -246,8 +245,15 @@ class S3Object:
 class S3Remote:
     """Objects under `s3://bucket/prefix` through boto3 (default credentials, or unsigned)."""
 
-    def __init__(self, url: str, xfer: Transfer, endpoint_url: str | None = None,
-                 anonymous: bool = False, region: str | None = None, profile: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        xfer: Transfer,
+        endpoint_url: str | None = None,
+        anonymous: bool = False,
+        region: str | None = None,
+        profile: str | None = None,
+    ):
         import boto3
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -281,11 +287,10 @@ class S3Remote:
         prefix = f"{self.prefix}/" if self.prefix else ""
         objects = {}
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix)
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
             for page in pages:
                 for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix):]
+                    rel = obj["Key"][len(prefix) :]
                     if rel and not rel.endswith("/"):
                         objects[rel] = S3Object(obj["Key"], obj["Size"], obj["ETag"].strip('"'))
         except ClientError as e:
@@ -328,11 +333,15 @@ class S3Remote:
         where = f"s3://{self.bucket}/{key}" if key else self.url
         at = f" at {self.endpoint_url}" if self.endpoint_url else ""
         if code == "NoSuchBucket":
-            return (f"{where}: bucket '{self.bucket}' does not exist{at}; check download.source "
-                    "and download.s3.endpoint_url")
+            return (
+                f"{where}: bucket '{self.bucket}' does not exist{at}; check download.source "
+                "and download.s3.endpoint_url"
+            )
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return (f"{where}: access denied ({code}){at}; check your AWS credentials or "
-                    "download.s3.profile, or set download.s3.anonymous: true for a public bucket")
+            return (
+                f"{where}: access denied ({code}){at}; check your AWS credentials or "
+                "download.s3.profile, or set download.s3.anonymous: true for a public bucket"
+            )
         return f"{where}: {e}"
 
 

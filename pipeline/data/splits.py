@@ -14,9 +14,7 @@ import pandas as pd
 SPLITS = ("train", "val", "test")
 
 
-def official_split(
-    images: pd.Series, patients: pd.Series, train_val: list[str], test: list[str]
-) -> np.ndarray:
+def official_split(images: pd.Series, patients: pd.Series, train_val: list[str], test: list[str]) -> np.ndarray:
     """'train_val' / 'test' / '' (in neither list) for each image.
 
     Raises:
@@ -146,9 +144,7 @@ def assign_splits(
     return out
 
 
-def assert_patient_disjoint(
-    df: pd.DataFrame, patient_col: str = "patient", split_col: str = "split"
-) -> None:
+def assert_patient_disjoint(df: pd.DataFrame, patient_col: str = "patient", split_col: str = "split") -> None:
     """Raise if any patient has images in more than one split, naming the patients."""
     per_patient = df.groupby(patient_col)[split_col].nunique()
     overlap = per_patient.index[per_patient > 1].tolist()

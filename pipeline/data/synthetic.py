@@ -50,6 +50,7 @@ from pipeline.classes import (
     image_name,
 )
 from pipeline.config import SyntheticConfig
+from pipeline.data.layout import RAW_IMAGES
 
 # Loading of every class on the shared latent "illness" factor. With the pairs below, 0.37 gives
 # 53.8% all-negative images and 1.57 labels per abnormal image (real: 53.8% and 1.57).
@@ -149,9 +150,7 @@ def followup_counts(num_images: int, num_patients: int, rng: np.random.Generator
     return 1 + extra
 
 
-def split_patients(
-    counts: np.ndarray, test_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
+def split_patients(counts: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Pick whole patients for the test list; (P,) bool, True = test.
 
     Takes patients in random order until their images come closest to test_fraction of all,
@@ -497,9 +496,7 @@ def render_image(
     return sc.compose(noise)
 
 
-def render_images(
-    labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs
-) -> np.ndarray:
+def render_images(labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs) -> np.ndarray:
     """Draw (N, S, S) uint8 images for (N, C) labels, each with a fresh random patient."""
     return np.stack([render_image(y, sample_anatomy(rng), rng, size, **kwargs) for y in labels])
 
@@ -574,7 +571,7 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
         Summary: images, patients, per-split counts, "No Finding" and per-class image counts.
     """
     out_dir = Path(out_dir)
-    images_dir = out_dir / "images"
+    images_dir = out_dir / RAW_IMAGES
     images_dir.mkdir(parents=True, exist_ok=True)
     # The label file is written last, so its presence means the dataset is complete.
     (out_dir / LABEL_CSV_NAMES[0]).unlink(missing_ok=True)
@@ -586,8 +583,13 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
     for i in tqdm(range(cfg.num_images), desc="synthetic images", unit="img", disable=not progress):
         rng = np.random.default_rng([cfg.seed, 2, i])  # one stream per image: reproducible alone
         img = render_image(
-            meta.labels[i], anatomies[patients[i]], rng, cfg.image_size, meta.view[i],
-            cfg.invisible_fraction, cfg.noise,
+            meta.labels[i],
+            anatomies[patients[i]],
+            rng,
+            cfg.image_size,
+            meta.view[i],
+            cfg.invisible_fraction,
+            cfg.noise,
         )
         _save_png(images_dir / names[i], img)
     train_val = [n for n, t in zip(names, meta.is_test) if not t]

@@ -16,15 +16,16 @@ logit shift at which a loss's expected gradient vanishes (the prior init of the 
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
+from ..config import LossConfig, LossName
 from .asl import AsymmetricLoss
 from .base import PairLoss, pair_terms, prototype_separation
 from .bce import BinaryCrossEntropy, ClassWeightedBinaryCrossEntropy
 from .dwml import TERMS, DualWeightedMetricLoss, category_weights, image_weights, modulation
 from .focal import FocalLoss
 from .prior import expected_gradient, stationary_offsets
-from ..config import LossConfig, LossName
 
 Head = Literal["linear", "metric"]
 PrototypeSource = Literal["text", "random"]
@@ -46,21 +47,40 @@ class Variant(NamedTuple):
 ABLATIONS: dict[str, dict[str, Any]] = {
     # the linear-classifier baseline: a plain BCE head, no metric space, no prototypes
     "bce_head": {"head": "linear", "name": "bce"},
-    "metric_unweighted": {"head": "metric", "name": "dwml", "dwml.image_weighting": False,
-                          "dwml.category_weighting": False},
+    "metric_unweighted": {
+        "head": "metric",
+        "name": "dwml",
+        "dwml.image_weighting": False,
+        "dwml.category_weighting": False,
+    },
     "image_only": {"head": "metric", "name": "dwml", "dwml.image_weighting": True, "dwml.category_weighting": False},
-    "category_only": {"head": "metric", "name": "dwml", "dwml.image_weighting": False,
-                      "dwml.category_weighting": True},
+    "category_only": {"head": "metric", "name": "dwml", "dwml.image_weighting": False, "dwml.category_weighting": True},
     "dual": {"head": "metric", "name": "dwml", "dwml.image_weighting": True, "dwml.category_weighting": True},
     # the paper's central claim: label-text prototypes against random ones, all else equal
-    "dual_random_prototypes": {"head": "metric", "name": "dwml", "dwml.image_weighting": True,
-                               "dwml.category_weighting": True, "prototypes": "random"},
+    "dual_random_prototypes": {
+        "head": "metric",
+        "name": "dwml",
+        "dwml.image_weighting": True,
+        "dwml.category_weighting": True,
+        "prototypes": "random",
+    },
     # Ridnik et al.'s multi-label setting: gamma_neg 4, gamma_pos 0, clip 0.05
-    "asl": {"head": "metric", "name": "asl", "asl.gamma_neg": 4.0, "asl.gamma_pos": 0.0, "asl.clip": 0.05,
-            "asl.detach_modulation": True},
+    "asl": {
+        "head": "metric",
+        "name": "asl",
+        "asl.gamma_neg": 4.0,
+        "asl.gamma_pos": 0.0,
+        "asl.clip": 0.05,
+        "asl.detach_modulation": True,
+    },
     # Lin et al.'s best setting: gamma 2, alpha 0.25
-    "focal": {"head": "metric", "name": "focal", "focal.gamma": 2.0, "focal.alpha": 0.25,
-              "focal.detach_modulation": True},
+    "focal": {
+        "head": "metric",
+        "name": "focal",
+        "focal.gamma": 2.0,
+        "focal.alpha": 0.25,
+        "focal.detach_modulation": True,
+    },
 }
 
 

@@ -35,8 +35,14 @@ class AsymmetricLoss(PairLoss):
         **kwargs: separation settings of `PairLoss`.
     """
 
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05,
-                 detach_modulation: bool = False, **kwargs):
+    def __init__(
+        self,
+        gamma_neg: float = 4.0,
+        gamma_pos: float = 0.0,
+        clip: float = 0.05,
+        detach_modulation: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if gamma_neg < 0 or gamma_pos < 0:
             raise ValueError(f"AsymmetricLoss: gammas ({gamma_neg}, {gamma_pos}) must be >= 0")

@@ -40,7 +40,7 @@ With g = 0 and beta = 0 (or both weightings off) L - eta * S is exactly
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -29,8 +29,7 @@ class FocalLoss(PairLoss):
         **kwargs: separation settings of `PairLoss`.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, detach_modulation: bool = False,
-                 **kwargs):
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, detach_modulation: bool = False, **kwargs):
         super().__init__(**kwargs)
         if gamma < 0:
             raise ValueError(f"FocalLoss: gamma is {gamma}; it must be >= 0")

@@ -17,8 +17,9 @@ import torch
 from .base import PairLoss
 
 
-def expected_gradient(loss: PairLoss, logits: torch.Tensor, prevalence: torch.Tensor,
-                      offset: torch.Tensor) -> torch.Tensor:
+def expected_gradient(
+    loss: PairLoss, logits: torch.Tensor, prevalence: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
     """d E[loss] / d offset_c when each image is positive for class c with probability pi_c.
 
     Args:
@@ -43,8 +44,9 @@ def expected_gradient(loss: PairLoss, logits: torch.Tensor, prevalence: torch.Te
 
 
 @torch.no_grad()
-def stationary_offsets(loss: PairLoss, logits: torch.Tensor, prevalence: torch.Tensor,
-                       bound: float = 30.0, iters: int = 60) -> torch.Tensor:
+def stationary_offsets(
+    loss: PairLoss, logits: torch.Tensor, prevalence: torch.Tensor, bound: float = 30.0, iters: int = 60
+) -> torch.Tensor:
     """Per-class shift o with zero expected gradient of `loss` at logits + o, by bisection.
 
     Args:

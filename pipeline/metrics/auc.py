@@ -204,7 +204,7 @@ class _RankPlan:
     _buffers: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, y: np.ndarray, scores: np.ndarray) -> "_RankPlan":
+    def build(cls, y: np.ndarray, scores: np.ndarray) -> _RankPlan:
         y, scores = check_predictions(y, scores)
         neg_blocks, pos_blocks, lower, upper, start = [], [], [], [], []
         offset = 0
@@ -332,9 +332,7 @@ def _group_index(groups: np.ndarray | None, n_rows: int) -> tuple[np.ndarray | N
     return index.reshape(n_rows), ids.size
 
 
-def _resample_weights(
-    rng: np.random.Generator, group_index: np.ndarray | None, n_groups: int, r: int
-) -> np.ndarray:
+def _resample_weights(rng: np.random.Generator, group_index: np.ndarray | None, n_groups: int, r: int) -> np.ndarray:
     """(r, N) row weights of r resamples: how often each row's unit (patient or row) was drawn."""
     counts = resample_counts(rng, n_groups, r)  # (r, G)
     if group_index is None:
@@ -468,9 +466,7 @@ def _runs(scores: np.ndarray, name: str) -> list[np.ndarray]:
         return [scores]
     if scores.ndim == 3 and scores.shape[0] > 0:
         return list(scores)
-    raise ValueError(
-        f"{name} must be (N, C) scores of one run or (S, N, C) of S >= 1 runs, got shape {scores.shape}"
-    )
+    raise ValueError(f"{name} must be (N, C) scores of one run or (S, N, C) of S >= 1 runs, got shape {scores.shape}")
 
 
 def _mean_over_runs(per_run: list[np.ndarray], defined: np.ndarray) -> np.ndarray:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from .backbone import BackboneConfig, create_backbone
 from .heads import LinearHead, MetricHead, ModelOutput, centre_text_vectors
-from ..config import ModelConfig
 
 
 class CxrNet(nn.Module):
@@ -68,8 +65,9 @@ def build_model(cfg: ModelConfig, text_vectors: np.ndarray) -> CxrNet:
 
 
 @torch.no_grad()
-def init_prior(model: CxrNet, loss: nn.Module, prevalence: np.ndarray, images: torch.Tensor,
-               batch_size: int = 128) -> torch.Tensor:
+def init_prior(
+    model: CxrNet, loss: nn.Module, prevalence: np.ndarray, images: torch.Tensor, batch_size: int = 128
+) -> torch.Tensor:
     """Start each class's score at the stationary point of `loss` for its training prevalence.
 
     Args:
@@ -87,8 +85,9 @@ def init_prior(model: CxrNet, loss: nn.Module, prevalence: np.ndarray, images: t
     was_training = model.training
     model.eval()
     device = model.mean.device
-    logits = torch.cat([model(images[i : i + batch_size].to(device)).float()
-                        for i in range(0, len(images), batch_size)])  # (N, C)
+    logits = torch.cat(
+        [model(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
+    )  # (N, C)
     model.train(was_training)
     prior = torch.as_tensor(prevalence, dtype=torch.float32, device=device)
     offset = stationary_offsets(loss, logits, prior)  # (C,)
@@ -138,6 +137,15 @@ def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]
 
 
 __all__ = [
-    "BackboneConfig", "CxrNet", "LinearHead", "MetricHead", "ModelConfig", "ModelOutput", "build_model",
-    "centre_text_vectors", "init_prior", "load_bundle", "model_from_bundle",
+    "BackboneConfig",
+    "CxrNet",
+    "LinearHead",
+    "MetricHead",
+    "ModelConfig",
+    "ModelOutput",
+    "build_model",
+    "centre_text_vectors",
+    "init_prior",
+    "load_bundle",
+    "model_from_bundle",
 ]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 from torch import nn
+
 from ..config import BackboneConfig
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,16 +20,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..classes import CLASSES
-from ..data.dataset import AugmentConfig, CachedImageDataset, build_loader
+from ..config import TrainConfig
+from ..data.dataset import CachedImageDataset, build_loader
 from ..inference import autocast, autocast_dtype, predict, resolve_device
 from ..io import load_checkpoint, read_json
-from ..losses import LossConfig, build_loss
+from ..losses import build_loss
 from ..metrics import mean_auc, roc_auc
-from ..models import CxrNet, ModelConfig, build_model, init_prior
+from ..models import CxrNet, build_model, init_prior
 from . import distributed as D
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
-from .optim import OptimConfig, build_optimizer, build_scheduler
-from ..config import TrainConfig
+from .optim import build_optimizer, build_scheduler
 
 Logger = Callable[[dict, int], None]
 LAST, BEST = "last.pt", "best.pt"
@@ -203,8 +204,18 @@ def train(
     resumed_from = None if state is None else state.epoch
     state = state or TrainState()
     ctx.net = _wrap(model, cfg, dist, device)
-    run = _Run(cfg, dist, data, ctx, model, out_dir, text_vectors, fingerprint,
-               log if (log and dist.is_main) else (lambda metrics, step: None), progress and dist.is_main)
+    run = _Run(
+        cfg,
+        dist,
+        data,
+        ctx,
+        model,
+        out_dir,
+        text_vectors,
+        fingerprint,
+        log if (log and dist.is_main) else (lambda metrics, step: None),
+        progress and dist.is_main,
+    )
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.finished:
@@ -216,9 +227,15 @@ def train(
 
     D.cleanup(dist)
     return TrainResult(
-        best_auc=float(state.best_auc), best_epoch=state.best_epoch, epochs_run=state.epoch,
-        stopped_early=state.stopped_early, history=state.history, best_path=out_dir / BEST,
-        last_path=out_dir / LAST, resumed_from=resumed_from, model=model,
+        best_auc=float(state.best_auc),
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        stopped_early=state.stopped_early,
+        history=state.history,
+        best_path=out_dir / BEST,
+        last_path=out_dir / LAST,
+        resumed_from=resumed_from,
+        model=model,
     )
 
 
@@ -245,11 +262,26 @@ def _load_data(cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist:
     image_size = int(read_json(prepared_dir / "cache" / "index.json")["size"])
     sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     pin = device.type == "cuda"
-    train_loader = build_loader(train_ds, cfg.batch_size, shuffle=False, workers=cfg.workers,
-                                seed=cfg.seed, sampler=sampler, pin_memory=pin, drop_last=True)
+    train_loader = build_loader(
+        train_ds,
+        cfg.batch_size,
+        shuffle=False,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        sampler=sampler,
+        pin_memory=pin,
+        drop_last=True,
+    )
     val_sampler = DistributedSampler(val_ds, dist.world_size, dist.rank, shuffle=False) if dist.enabled else None
-    val_loader = build_loader(val_ds, cfg.eval_batch_size, shuffle=False, workers=cfg.workers,
-                              seed=cfg.seed, sampler=val_sampler, pin_memory=pin)
+    val_loader = build_loader(
+        val_ds,
+        cfg.eval_batch_size,
+        shuffle=False,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        sampler=val_sampler,
+        pin_memory=pin,
+    )
     if len(val_ds) == 0:
         raise ValueError(f"{prepared_dir}: the val split is empty; raise prepare.val_fraction and rerun prepare")
     steps_per_epoch = len(train_loader)
@@ -260,19 +292,30 @@ def _load_data(cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist:
             f"{prepared_dir}: the train split has {len(train_ds)} images, fewer than one batch of "
             f"{cfg.batch_size} per process; lower train.batch_size or add data"
         )
-    return _Data(train_ds, sampler, train_loader, val_loader, steps_per_epoch,
-                 pos_counts=np.asarray(counts["positives_list"], dtype=np.int64),
-                 num_images=int(counts["num_images"]), image_size=image_size)
+    return _Data(
+        train_ds,
+        sampler,
+        train_loader,
+        val_loader,
+        steps_per_epoch,
+        pos_counts=np.asarray(counts["positives_list"], dtype=np.int64),
+        num_images=int(counts["num_images"]),
+        image_size=image_size,
+    )
 
 
-def _build(cfg: TrainConfig, data: _Data, text_vectors: np.ndarray,
-           device: torch.device) -> tuple[CxrNet, StepContext]:
+def _build(cfg: TrainConfig, data: _Data, text_vectors: np.ndarray, device: torch.device) -> tuple[CxrNet, StepContext]:
     """The network (seeded, prior-initialised), its loss and optimiser, before any wrapper."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, text_vectors).to(device)
     criterion = build_loss(cfg.loss, data.pos_counts.tolist(), data.num_images).to(device)
-    init_prior(model, criterion, data.pos_counts / max(1, data.num_images), prior_sample(data.train, cfg),
-               batch_size=cfg.eval_batch_size)
+    init_prior(
+        model,
+        criterion,
+        data.pos_counts / max(1, data.num_images),
+        prior_sample(data.train, cfg),
+        batch_size=cfg.eval_batch_size,
+    )
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -281,8 +324,9 @@ def _build(cfg: TrainConfig, data: _Data, text_vectors: np.ndarray,
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     ema = _build_ema(model, cfg.ema_decay, device)
-    ctx = StepContext(model, criterion, optimizer, scheduler, scaler, ema, device, amp_dtype,
-                      cfg.optim.grad_clip, channels_last)
+    ctx = StepContext(
+        model, criterion, optimizer, scheduler, scaler, ema, device, amp_dtype, cfg.optim.grad_clip, channels_last
+    )
     return model, ctx
 
 
@@ -313,8 +357,7 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> dict:
     ctx, steps, world_size = run.step, run.data.steps_per_epoch, run.dist.world_size
     ctx.net.train()
     seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{run.cfg.epochs}", unit="batch", disable=not run.progress,
-               leave=False)
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{run.cfg.epochs}", unit="batch", disable=not run.progress, leave=False)
     for i, (images, targets) in enumerate(run.data.train_loader):
         if i >= steps:
             break
@@ -333,9 +376,12 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> dict:
             run.log(metrics, state.step)
     bar.close()
     elapsed = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(1, seen), "train_images_per_s": world_size * seen / max(1e-9, elapsed),
-            # per-epoch keys differ from the per-step ones (lr/head): MLflow keeps one step axis per key
-            "train_lr_head": ctx.optimizer.param_groups[-1]["lr"]}
+    return {
+        "train_loss": loss_sum / max(1, seen),
+        "train_images_per_s": world_size * seen / max(1e-9, elapsed),
+        # per-epoch keys differ from the per-step ones (lr/head): MLflow keeps one step axis per key
+        "train_lr_head": ctx.optimizer.param_groups[-1]["lr"],
+    }
 
 
 def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) -> bool:
@@ -358,9 +404,18 @@ def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) ->
     state.stopped_early = stop
     if run.dist.is_main:
         if improved:
-            save_checkpoint(run.out_dir / BEST, model_bundle(
-                eval_model, cfg, run.text_vectors, epoch=epoch, val_mean_auc=val["val_mean_auc"],
-                image_size=run.data.image_size, fingerprint=run.fingerprint))
+            save_checkpoint(
+                run.out_dir / BEST,
+                model_bundle(
+                    eval_model,
+                    cfg,
+                    run.text_vectors,
+                    epoch=epoch,
+                    val_mean_auc=val["val_mean_auc"],
+                    image_size=run.data.image_size,
+                    fingerprint=run.fingerprint,
+                ),
+            )
         save_checkpoint(run.out_dir / LAST, _full_state(ctx, state, cfg, run.fingerprint))
     D.barrier(run.dist)
     return stop
@@ -393,8 +448,9 @@ def _full_state(ctx: StepContext, state: TrainState, cfg: TrainConfig, fingerpri
     }
 
 
-def _maybe_resume(cfg: TrainConfig, path: Path, fingerprint: str, ctx: StepContext,
-                  dist: D.DistInfo) -> TrainState | None:
+def _maybe_resume(
+    cfg: TrainConfig, path: Path, fingerprint: str, ctx: StepContext, dist: D.DistInfo
+) -> TrainState | None:
     """Restore `ctx` and the RNGs from `path`; the saved state, or None when there is nothing to resume."""
     # rank 0 decides and shares the checkpoint: other nodes may not see rank 0's disk, and ranks
     # that disagreed about the starting epoch would wait on each other forever

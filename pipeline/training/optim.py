@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
 from ..config import OptimConfig
 
 
@@ -25,8 +25,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         groups.setdefault((part, decay), []).append(param)
     lr = {"backbone": cfg.lr_backbone, "head": cfg.lr_head}
     return [
-        {"params": params, "lr": lr[part], "weight_decay": cfg.weight_decay if decay else 0.0,
-         "name": f"{part}{'' if decay else '_no_decay'}"}
+        {
+            "params": params,
+            "lr": lr[part],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
         for (part, decay), params in sorted(groups.items())
     ]
 
