@@ -230,6 +230,22 @@ print(json.dumps({"bad": bad, "rendered": json.loads(rendered), "empty": json.lo
     assert got["empty"] == {}, "no conf must leave params.yaml untouched"
 
 
+def test_loss_choices_are_the_library_losses(tmp_path: Path) -> None:
+    """The DAG lists the loss names literally (it must not import torch); they must be the library's."""
+    import typing
+
+    from pipeline.losses import LossName
+
+    got = probe(
+        """
+import cxr_dwml as m
+print(json.dumps(m.cxr_dwml.params.get_param("loss").schema["enum"]))
+""",
+        TMP_HOME=str(tmp_path),
+    )
+    assert got == [None, *typing.get_args(LossName)]
+
+
 def test_kubernetes_pod_spec_for_train_requests_a_gpu(tmp_path: Path) -> None:
     pytest.importorskip(
         "airflow.providers.cncf.kubernetes",
