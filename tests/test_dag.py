@@ -628,7 +628,7 @@ def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
         logs = list(home.glob(f"logs/dag_id={DAG_ID}/run_id=*/task_id=download/attempt=1.log"))
         assert logs, sorted(str(p) for p in home.glob("logs/**/*.log"))
         text = task_log(logs[0])
-        assert f"cxr-dwml download: error: params.yaml: 'download': source '{mirror}' is not" in text, text[-3000:]
+        assert f"cxr-dwml download: error: download.source '{mirror}' is neither" in text, text[-3000:]
         assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
         print(f"failed run done after {time.monotonic() - t0:.0f} s")
 
