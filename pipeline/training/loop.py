@@ -7,6 +7,7 @@ run resumed from the checkpoint of epoch e-1 replays epoch e exactly as an unint
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from ..classes import CLASSES
 from ..config import TrainConfig
 from ..data.dataset import CachedImageDataset, build_loader
+from ..data.layout import CACHE_DIR, CACHE_INDEX, CLASS_COUNTS
 from ..inference import autocast, autocast_dtype, predict, resolve_device
 from ..io import load_checkpoint, read_json
 from ..losses import build_loss
@@ -258,30 +260,15 @@ def _init_device(cfg: TrainConfig) -> tuple[torch.device, D.DistInfo]:
 def _load_data(cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist: D.DistInfo) -> _Data:
     train_ds = CachedImageDataset(prepared_dir, "train", cfg.augment, train=True)
     val_ds = CachedImageDataset(prepared_dir, "val", cfg.augment, train=False)
-    counts = read_json(prepared_dir / "class_counts.json")
-    image_size = int(read_json(prepared_dir / "cache" / "index.json")["size"])
+    counts = read_json(prepared_dir / CLASS_COUNTS)
+    image_size = int(read_json(prepared_dir / CACHE_DIR / CACHE_INDEX)["size"])
     sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    pin = device.type == "cuda"
-    train_loader = build_loader(
-        train_ds,
-        cfg.batch_size,
-        shuffle=False,
-        workers=cfg.workers,
-        seed=cfg.seed,
-        sampler=sampler,
-        pin_memory=pin,
-        drop_last=True,
+    loader = functools.partial(
+        build_loader, shuffle=False, workers=cfg.workers, seed=cfg.seed, pin_memory=device.type == "cuda"
     )
+    train_loader = loader(train_ds, cfg.batch_size, sampler=sampler, drop_last=True)
     val_sampler = DistributedSampler(val_ds, dist.world_size, dist.rank, shuffle=False) if dist.enabled else None
-    val_loader = build_loader(
-        val_ds,
-        cfg.eval_batch_size,
-        shuffle=False,
-        workers=cfg.workers,
-        seed=cfg.seed,
-        sampler=val_sampler,
-        pin_memory=pin,
-    )
+    val_loader = loader(val_ds, cfg.eval_batch_size, sampler=val_sampler)
     if len(val_ds) == 0:
         raise ValueError(f"{prepared_dir}: the val split is empty; raise prepare.val_fraction and rerun prepare")
     steps_per_epoch = len(train_loader)
