@@ -84,19 +84,12 @@ def mlflow_run(
 
 
 class TrackingStoreError(RuntimeError):
-    """The MLflow tracking store cannot be reached or written; the message says which and what to do."""
+    """The MLflow tracking store `store` (credentials masked) cannot be used: `detail` says why and
+    what to do."""
 
-
-def redact(uri: str) -> str:
-    """`uri` without credentials: user:password@ between `://` and the host becomes ***@."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    netloc = rest[:end]
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}://{netloc}{rest[end:]}"
+    def __init__(self, store: str, detail: str) -> None:
+        super().__init__(f"MLflow tracking store {store}: {detail}")
+        self.store, self.detail = store, detail
 
 
 def check_tracking_store(uri: str, write: bool = True, timeout: float = TRACKING_TIMEOUT_S) -> None:
@@ -111,7 +104,7 @@ def check_tracking_store(uri: str, write: bool = True, timeout: float = TRACKING
     Raises:
         TrackingStoreError: naming the store (credentials redacted) and what to do.
     """
-    shown = redact(uri)
+    shown = tracking.redact_uri(uri)
     fix = "start it, or point MLFLOW_TRACKING_URI at a store that is up (or pass --no-mlflow where the step has it)"
     if "://" in uri or uri.startswith("file:"):
         scheme = uri.split(":", 1)[0].lower()
@@ -132,7 +125,7 @@ def check_tracking_store(uri: str, write: bool = True, timeout: float = TRACKING
         try:
             socket.create_connection((parts.hostname or "localhost", port), timeout=timeout).close()
         except OSError as e:
-            raise TrackingStoreError(f"MLflow tracking store {shown} is not reachable ({_reason(e)}): {fix}") from None
+            raise TrackingStoreError(shown, f"its database server is not reachable ({_reason(e)}): {fix}") from None
 
 
 def _check_http(uri: str, shown: str, fix: str, timeout: float) -> None:
@@ -143,11 +136,12 @@ def _check_http(uri: str, shown: str, fix: str, timeout: float) -> None:
     try:
         r = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, verify=verify, allow_redirects=True)
     except requests.RequestException as e:
-        raise TrackingStoreError(f"MLflow tracking server {shown} is not reachable ({_reason(e)}): {fix}") from None
+        raise TrackingStoreError(shown, f"the tracking server is not reachable ({_reason(e)}): {fix}") from None
     if r.status_code >= 500:  # a proxy whose server is down, or a server that cannot reach its database
         raise TrackingStoreError(
-            f"MLflow tracking server {shown} answers HTTP {r.status_code} to GET /health: "
-            f"check the server's log, or point MLFLOW_TRACKING_URI at a store that is up"
+            shown,
+            f"the tracking server answers HTTP {r.status_code} to GET /health: "
+            f"check the server's log, or point MLFLOW_TRACKING_URI at a store that is up",
         )
 
 
@@ -163,8 +157,9 @@ def _check_sqlite(uri: str, shown: str) -> None:
             os.close(os.open(db, os.O_RDWR))  # what SQLite needs to record a run: the OS decides, root or not
         except OSError as e:
             raise TrackingStoreError(
-                f"MLflow tracking store {shown}: {db} cannot be opened for writing ({_reason(e)}): "
-                f"make it writable (chmod u+w {db}), or point MLFLOW_TRACKING_URI at a writable store"
+                shown,
+                f"{db} cannot be opened for writing ({_reason(e)}): "
+                f"make it writable (chmod u+w {db}), or point MLFLOW_TRACKING_URI at a writable store",
             ) from None
         _check_writable_folder(db.parent, shown)  # SQLite writes its journal beside the database
     else:
@@ -181,8 +176,9 @@ def _existing_parent(path: Path) -> Path:
 def _check_writable_folder(folder: Path, shown: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise TrackingStoreError(
-            f"MLflow tracking store {shown}: folder {folder} is not writable: make it writable "
-            f"(chmod u+w {folder}), or point MLFLOW_TRACKING_URI at a writable store"
+            shown,
+            f"folder {folder} is not writable: make it writable "
+            f"(chmod u+w {folder}), or point MLFLOW_TRACKING_URI at a writable store",
         )
 
 
@@ -191,7 +187,7 @@ def _reason(e: BaseException) -> str:
     while e.__cause__ is not None or e.__context__ is not None:
         e = e.__cause__ or e.__context__
     text = str(e.args[-1] if isinstance(e, OSError) and len(e.args) > 1 else e) or type(e).__name__
-    return _one_line(re.sub(r"^<[^>]+>: ", "", text), 200)
+    return _one_line(tracking.redact_text(re.sub(r"^<[^>]+>: ", "", text)), 200)
 
 
 def _one_line(text: str, limit: int = 600) -> str:
@@ -222,9 +218,9 @@ def _describe(e: BaseException) -> str:
     message = str(getattr(e, "message", None) or e)
     # SQLAlchemy appends the statement, its parameters and a link: the error itself is the first part
     message = re.split(r"\s*\[SQL: |\s*\(Background on this error", message, maxsplit=1)[0]
-    store = redact(_current_tracking_uri())
+    store = tracking.redact_uri(_current_tracking_uri())
     return (
-        f"MLflow tracking store {store}: {type(e).__name__}: {_one_line(message)} "
+        f"MLflow tracking store {store}: {type(e).__name__}: {_one_line(tracking.redact_text(message))} "
         f"(check MLFLOW_TRACKING_URI, the store's state and its log)"
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from components.common import mlflow_run, parser, run_main, save_resolved, stage_config
 from pipeline import tracking
+from pipeline.tracking import redact_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,13 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             import mlflow
 
-            tracking.log_params({"source": cfg.source, "profile": params.profile}, "download.")
+            tracking.log_params({"source": redact_uri(cfg.source), "profile": params.profile}, "download.")
             mlflow.log_metrics({k: float(v) for k, v in _numbers(summary).items()})
             mlflow.log_metric("download_seconds", time.perf_counter() - t0)
             mlflow.log_artifact(str(out / "checksums.json"))
             tracking.save_run_ref(out, run)
-    save_resolved(out / "download_config.json", "download", cfg, params)
+    save_resolved(out / "download_config.json", "download", _redacted(cfg), params)
     return 0
+
+
+def _redacted(cfg):
+    """`cfg` with the passwords and tokens of its URLs masked, for the record kept beside the data."""
+    urls = {"source": cfg.source, "nih.base_url": cfg.nih.base_url, "nih.metadata_url": cfg.nih.metadata_url}
+    if cfg.s3.endpoint_url:
+        urls["s3.endpoint_url"] = cfg.s3.endpoint_url
+    return cfg.replace({key: redact_uri(url) for key, url in urls.items()}, at="download")
 
 
 def _numbers(summary: dict) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from components.common import check_tracking_store, run_main
+from components.common import TrackingStoreError, check_tracking_store, run_main
 from pipeline.classes import CLASSES
 from pipeline.data.images import DICOM_SUFFIXES, classify_error, decode_image
 from pipeline.io import save_dataframe
@@ -91,12 +91,17 @@ def load_model(uri: str):
 
     mlflow.set_tracking_uri(tracking.default_tracking_uri())
     if uri.startswith(("models:/", "runs:/")):  # looked up in the tracking store: fail fast if it is down
-        check_tracking_store(tracking.default_tracking_uri(), write=False)
+        try:
+            check_tracking_store(tracking.default_tracking_uri(), write=False)
+        except TrackingStoreError as e:
+            raise RuntimeError(f"cannot load model {tracking.redact_uri(uri)!r} from {e.store}: {e.detail}") from None
+
     try:
         return mlflow.pyfunc.load_model(uri)
     except MlflowException as e:
         raise RuntimeError(
-            f"cannot load model {uri!r} from {tracking.redacted_uri()}: {e.message}. Check --model "
+            f"cannot load model {tracking.redact_uri(uri)!r} from {tracking.redacted_uri()}: "
+            f"{tracking.redact_text(e.message)}. Check --model "
             f"and MLFLOW_TRACKING_URI (python -m components.promote --list shows the versions)"
         ) from e
 
@@ -116,8 +121,13 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
     for names, images, failures in _batches(files, batch_size):
         skipped += failures
         if images:
-            out = model.predict(pd.DataFrame({"image": images}))
-            frames.append(pd.concat([pd.DataFrame({"file": names}), out.reset_index(drop=True)], axis=1))
+            out = model.predict(pd.DataFrame({"image": images})).reset_index(drop=True)
+            out.insert(0, "file", names)
+            if "error" in out.columns:  # a row the model could not score is skipped, with its reason
+                failed = out["error"].notna()
+                skipped += [_model_error(f, e) for f, e in zip(out.loc[failed, "file"], out.loc[failed, "error"])]
+                out = out.loc[~failed].drop(columns="error").astype({c: float for c in CLASSES})
+            frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
     columns = ["file", *CLASSES, "labels"]
@@ -149,6 +159,12 @@ def _reason(exc: BaseException) -> dict[str, str]:
         return {"reason": "unsupported", "detail": str(exc)}
     reason, detail = classify_error(exc)
     return {"reason": reason, "detail": detail}
+
+
+def _model_error(file: str, error: str) -> dict[str, str]:
+    """A skipped row from the model's `error`, "row <i>: <reason>: <detail>"."""
+    _, reason, detail = (error.split(": ", 2) + ["", ""])[:3]
+    return {"file": file, "reason": reason or "corrupt", "detail": detail or error}
 
 
 def _write_skipped(path: Path, rows: list[dict[str, str]]) -> None:

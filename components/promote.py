@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         set_alias(name, args.alias, args.version)
     except MlflowException as e:  # unknown model or version: say which, and where we looked
         raise RuntimeError(
-            f"{name} v{args.version or '*'} at {tracking.redacted_uri()}: {e.message} "
+            f"{name} v{args.version or '*'} at {tracking.redacted_uri()}: {tracking.redact_text(e.message)} "
             f"(python -m components.promote --list shows the versions)"
         ) from e
     print(f"[promote] {name}@{args.alias} -> v{args.version}")

@@ -19,11 +19,8 @@ from pipeline.io import save_npy, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.prototypes import (
-        build_prototypes,
-        cosine_similarity_heatmap,
-        write_similarity_csv,
-    )
+    from pipeline.plots import similarity_heatmap
+    from pipeline.prototypes import build_prototypes, cosine_matrix, write_similarity_csv
 
     p = parser(__doc__)
     p.add_argument("--out", default="artifacts/prototypes", help="output folder (default: %(default)s)")
@@ -35,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         save_npy(out / "prototypes.npy", prototypes)
         write_json(out / "prototypes.json", meta)
         write_similarity_csv(out / "similarity.csv", prototypes, CLASSES)
-        cosine_similarity_heatmap(prototypes, CLASSES, out / "similarity.png")
+        similarity_heatmap(cosine_matrix(prototypes), CLASSES, out / "similarity.png")
         if run is not None:
             import mlflow
 

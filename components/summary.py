@@ -11,8 +11,9 @@ from pathlib import Path
 
 from components.common import run_main
 from pipeline import tracking
-from pipeline.classes import CLASSES
+from pipeline.classes import CLASSES, SEED_PAPER_AUC
 from pipeline.io import read_json
+from pipeline.tracking import redact_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'mean AUC':<20} {metrics['mean_auc']:>7.4f}   [{lo:.4f}, {hi:.4f}]  "
         f"({metrics['test_images']} test images of {metrics.get('test_patients', '?')} patients, "
-        f"patient bootstrap; seed paper 0.826 on NIH)"
+        f"patient bootstrap; seed paper {SEED_PAPER_AUC:.3f} on NIH)"
     )
     reg = reports / "registration.json"
     if reg.exists():
         r = read_json(reg)
         state = "champion" if r.get("promote") else "challenger"
         print(f"\nregistered {r['model_name']} v{r['version']} as {state}: {r['reason']}")
-    uri = tracking.default_tracking_uri()
+    uri = redact_uri(tracking.default_tracking_uri())
     browse = (
         f"mlflow ui --backend-store-uri {uri.replace(str(Path.cwd().resolve()) + '/', '')}"
         if uri.startswith("sqlite")

@@ -225,7 +225,7 @@ def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param
             None, type=["null", "integer"], minimum=1, maximum=4096, description="train.batch_size (per process)"
         ),
         "head": Param(None, enum=[None, "metric", "linear"], description="train.model.head"),
-        "loss": Param(None, enum=[None, "dwml", "bce", "asl", "focal"], description="train.loss.name"),
+        "loss": Param(None, enum=[None, "dwml", "bce", "weighted_bce", "focal", "asl"], description="train.loss.name"),
         "min_auc": Param(
             None,
             type=["null", "number"],

@@ -1,4 +1,4 @@
-"""ChestX-ray14 label facts shared by every step."""
+"""ChestX-ray14 facts shared by every step: labels, their counts, files, and published results."""
 
 from __future__ import annotations
 
@@ -60,6 +60,22 @@ LABEL_CSV_HEADER = (
 )
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
+
+# Mean AUC on the official test split (DESIGN.md); CheXNet's random-split 0.841 is not comparable.
+SEED_PAPER = "Jin et al. 2023, dual-weighted metric loss"  # the method this project implements
+SEED_PAPER_AUC = 0.826
+PUBLISHED: tuple[tuple[str, float], ...] = (
+    ("Wang et al. 2017 (ResNet-50)", 0.745),
+    ("Yao et al. 2018", 0.761),
+    ("Baltruschat et al. 2019", 0.806),
+    ("Guendel et al. 2018", 0.807),
+    ("SwinCheX 2022", 0.810),
+    ("Guan & Huang 2020", 0.816),
+    ("Ma et al. 2019", 0.817),
+    ("XProtoNet 2021", 0.822),
+    (SEED_PAPER, SEED_PAPER_AUC),
+    ("Xiao et al. 2023 (MAE ViT-B/16)", 0.830),
+)
 
 
 def readable_name(cls: str) -> str:

@@ -32,10 +32,12 @@ M = TypeVar("M", bound="Section")
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
+# no setting has a use for NaN or infinity (null says "none" where that is meant): every float
+# refuses them, with "should be a finite number" rather than a range message
 NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 PosFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class ConfigError(ValueError):
@@ -79,10 +81,10 @@ class SyntheticConfig(Section):
     num_patients: Annotated[int, Field(ge=2)]
     image_size: Annotated[int, Field(ge=32, le=4096)]
     seed: NonNegInt
-    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
     persistence: Fraction
     invisible_fraction: Fraction
-    noise: Annotated[float, Field(ge=0.0, le=0.5)]
+    noise: Annotated[float, Field(ge=0.0, le=0.5, allow_inf_nan=False)]
 
     @model_validator(mode="after")
     def _one_image_per_patient(self) -> Self:
@@ -324,7 +326,7 @@ class DwmlConfig(Section):
     normalize_image: bool
     image_weight_cap: Annotated[float, Field(ge=1.0, allow_inf_nan=False)]
     image_weight_momentum: Fraction
-    category_ratio_cap: Annotated[float, Field(ge=1.0)] | None
+    category_ratio_cap: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] | None
 
     @model_validator(mode="after")
     def _effective_beta(self) -> Self:
@@ -388,7 +390,7 @@ class LossConfig(Section):
 
     name: LossName
     separation_weight: NonNegFloat
-    separation_margin: Annotated[float, Field(ge=0.0, le=4.0)]
+    separation_margin: Annotated[float, Field(ge=0.0, le=4.0, allow_inf_nan=False)]
     dwml: DwmlConfig
     weighted_bce: WeightedBceConfig
     focal: FocalConfig
@@ -430,7 +432,9 @@ class AugmentConfig(Section):
     """
 
     crop_size: PosInt
-    random_resized_crop_scale: Annotated[list[float], Field(min_length=2, max_length=2)]
+    random_resized_crop_scale: Annotated[
+        list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=2, max_length=2)
+    ]
     hflip: bool
     rotation_deg: NonNegFloat
     brightness: NonNegFloat
@@ -506,7 +510,7 @@ class EvaluateConfig(Section):
     """
 
     bootstrap_resamples: PosInt
-    ci: Annotated[float, Field(gt=0.0, lt=1.0)]
+    ci: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
     threshold_method: Literal["youden", "f1"]
     seed: NonNegInt
     batch_size: PosInt
@@ -528,8 +532,8 @@ class RegisterConfig(Section):
 
     model_name: Annotated[str, Field(pattern=r"\S")]
     min_auc: Probability
-    margin: Annotated[float, Field(ge=-1.0, le=1.0)]
-    max_p_value: Annotated[float, Field(gt=0.0, le=1.0)]
+    margin: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+    max_p_value: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
     bootstrap_resamples: PosInt
     seed: NonNegInt
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import plots
-from .classes import CLASSES
+from .classes import CLASSES, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
 from .config import EvaluateConfig
 from .data.dataset import CachedImageDataset, build_loader
 from .inference import predict, resolve_device
@@ -33,21 +33,6 @@ from .metrics import (
     threshold_metrics,
 )
 from .models import load_bundle
-
-# Mean AUC on the official test split (DESIGN.md); CheXNet's random-split 0.841 is not comparable.
-PUBLISHED = (
-    ("Wang et al. 2017 (ResNet-50)", 0.745),
-    ("Yao et al. 2018", 0.761),
-    ("Baltruschat et al. 2019", 0.806),
-    ("Guendel et al. 2018", 0.807),
-    ("SwinCheX 2022", 0.810),
-    ("Guan & Huang 2020", 0.816),
-    ("Ma et al. 2019", 0.817),
-    ("XProtoNet 2021", 0.822),
-    ("Jin et al. 2023, dual-weighted metric loss (seed paper)", 0.826),
-    ("Xiao et al. 2023 (MAE ViT-B/16)", 0.830),
-)
-SEED_PAPER_AUC = 0.826
 
 
 @dataclass
@@ -159,10 +144,10 @@ def comparison_markdown(metrics: dict) -> str:
     """This run beside the published official-split results, the seed paper marked."""
     ours = metrics["mean_auc"]
     lo, hi = metrics["mean_auc_ci"]
-    rows = [(name, auc) for name, auc in PUBLISHED]
+    rows = list(PUBLISHED)
     lines = ["| Method | Mean AUC |", "|---|---|"]
     for name, auc in sorted(rows + [("**this run**", ours if ours is not None else float("nan"))], key=lambda r: r[1]):
-        mark = " **(seed paper)**" if auc == SEED_PAPER_AUC and "seed" in name else ""
+        mark = " **(seed paper)**" if name == SEED_PAPER else ""
         value = (
             f"{auc:.3f}"
             if name != "**this run**"

@@ -1,7 +1,9 @@
 """Atomic file writes, checksums, file sizes and reading the checkpoints training writes.
 
 Every output is written to a temporary file beside its destination and renamed into place, so a
-crash or a bad input never leaves a half-written file where a complete one is expected.
+crash or a bad input never leaves a half-written file where a complete one is expected. The file
+gets the mode a plain `open()` would give it (0666 less the process umask: 0644 under umask 022,
+0664 under 002), not the 0600 of `tempfile.mkstemp`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +25,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
     """Open a temporary file next to `path`; on success it replaces `path`, on error it vanishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -34,6 +36,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def create_temp(path: Path) -> tuple[int, str]:
+    """Create and open (read-write) a new temporary file beside `path`: (descriptor, its path).
+
+    Like `tempfile.mkstemp` (a fresh name, created exclusively), but with the mode a plain
+    `open()` gives, 0666 less the umask, so the file keeps it once renamed to `path`.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path} after 100 tries; remove its .*.tmp files")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

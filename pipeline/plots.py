@@ -1,4 +1,5 @@
-"""PNG figures for MLflow and the reports: training curves, ROC/PR grids, calibration, per-class AUC.
+"""PNG figures for MLflow and the reports: training curves, ROC/PR grids, calibration, per-class AUC,
+label prototype similarity, ablation.
 
 Figures are drawn on an Agg canvas without pyplot's global state and saved atomically, with no
 metadata: the same numbers always give the same bytes, so DVC sees an unchanged plot as unchanged.
@@ -135,6 +136,28 @@ def per_class_bars(
     ax.set_xticks(x, [readable_name(n) for n in names], rotation=45, ha="right", fontsize=8)
     ax.set(ylabel="ROC AUC", ylim=(0.4, 1.0), title="Test AUC per class (95% bootstrap CI)")
     ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def similarity_heatmap(
+    sim: np.ndarray, names: Sequence[str], path: str | Path, title: str = "Cosine similarity of label prototypes"
+) -> None:
+    """An annotated C x C heatmap of `sim` (e.g. the label prototypes' cosine similarities)."""
+    labels = [readable_name(c) for c in names]
+    n = len(labels)
+    fig = _figure(1.0 + 0.62 * n, 0.6 + 0.55 * n)
+    ax = fig.subplots()
+    image = ax.imshow(sim, cmap="viridis", vmin=min(0.0, sim.min()), vmax=1.0)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=9)
+    ax.set_yticks(range(n), labels, fontsize=9)
+    threshold = (sim.max() + sim.min()) / 2
+    for i in range(n):
+        for j in range(n):
+            color = "black" if sim[i, j] > threshold else "white"
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine")
+    fig.tight_layout()
     _save(fig, path)
 
 

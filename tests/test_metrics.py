@@ -426,3 +426,30 @@ def test_curve_points_for_plotting():
     recall, precision = pr[0]
     assert recall[0] == 1.0 and recall[-1] == 0.0 and precision.shape == recall.shape
     assert roc[2][0].size == 0 and pr[2][0].size == 0
+
+
+def test_comparison_table_marks_the_seed_paper_once_in_auc_order():
+    from pipeline.classes import PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
+    from pipeline.evaluation import comparison_markdown
+
+    per_class = {c: 0.7 + 0.01 * i for i, c in enumerate(CLASSES)}
+    per_class["Hernia"] = None  # undefined on this test split
+    metrics = {
+        "mean_auc": 0.8123,
+        "mean_auc_ci": [0.8001, 0.8234],
+        "per_class_auc": per_class,
+        "per_class_auc_ci": {c: [v - 0.02, v + 0.02] if v is not None else [None, None] for c, v in per_class.items()},
+        "test_patients": 2797,
+        "test_images": 25596,
+    }
+    text = comparison_markdown(metrics)
+    assert text.count("seed paper") == 1
+    assert f"| {SEED_PAPER} **(seed paper)** | {SEED_PAPER_AUC:.3f} |" in text
+    assert [auc for name, auc in PUBLISHED if name == SEED_PAPER] == [SEED_PAPER_AUC]
+    method_rows = text.split("\n\n")[0].splitlines()[2:]
+    assert len(method_rows) == len(PUBLISHED) + 1
+    values = [float(row.split("|")[2].strip(" *").split()[0].strip("*")) for row in method_rows]
+    assert values == sorted(values)  # ascending mean AUC, this run in its place
+    assert "| **this run** | **0.812** [0.800, 0.823] |" in method_rows
+    assert "| Hernia | undefined | |" in text and "| Atelectasis | 0.700 | [0.680, 0.720] |" in text
+    assert "2797 patients, 25596 images" in text

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
-import socket
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,20 @@ from pipeline import prototypes as P
 from pipeline.classes import CLASSES, readable_name
 from pipeline.config import ConfigError
 from tests.conftest import settings
+from tests.test_registry import free_port  # a loopback port nobody listens on
 
 PAPER_ENCODER = "dmis-lab/biobert-base-cased-v1.2"
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_HIDDEN = 32
+HF_SETTINGS = (
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
 
 # One paraphrase per class that shares no word with the class name and no content word that
 # only that class's default texts use, so a hit needs meaning, not token overlap.
@@ -79,14 +91,32 @@ def tiny_bert(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No hub: offline flags on and an empty Hugging Face cache."""
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    return tmp_path / "hf-home"
+def load_in_fresh_process(code: str, **env: str) -> dict:
+    """Run `code` in a new interpreter started with the Hugging Face settings `env` (huggingface_hub
+    reads them once, on import, as in a real run); `P` (pipeline.prototypes) and `settings` are there.
+
+    `code` sets `out` (a dict); it comes back with `seconds`, the time `code` took, added.
+    """
+    full = {k: v for k, v in os.environ.items() if k not in HF_SETTINGS}
+    full.update(env, PYTHONPATH=str(ROOT))
+    script = (
+        "import json, time\nfrom pipeline import prototypes as P\nfrom tests.conftest import settings\n"
+        "t0 = time.monotonic()\n" + code + "\nout['seconds'] = time.monotonic() - t0\nprint(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=full, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+LOAD_OR_FAIL = """
+try:
+    P.load_encoder(settings("prototypes", encoder={encoder!r}))
+    out = {{"error": None}}
+except P.EncoderNotAvailable as e:
+    out = {{"error": str(e), "is_oserror": isinstance(e, OSError)}}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -201,47 +231,60 @@ def test_cls_pooling_differs_from_mean(tiny_bert):
     assert not np.allclose(cls, mean, atol=1e-3)
 
 
-def test_hub_id_loads_from_cache_snapshot_offline(tiny_bert, offline):
+@pytest.mark.parametrize("setting", ["HF_HOME offline", "HF_HUB_CACHE offline", "HF_HOME hub unreachable"])
+def test_hub_id_loads_from_cache_snapshot(tiny_bert, tmp_path, setting):
+    """A cached hub model loads from the cache the settings name, offline or with the hub out of reach."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = offline / "hub" / "models--acme--tiny-bert"
+    if setting.startswith("HF_HOME"):
+        env, cache = {"HF_HOME": str(tmp_path / "hf-home")}, tmp_path / "hf-home" / "hub"
+    else:
+        env, cache = {"HF_HUB_CACHE": str(tmp_path / "hub-cache")}, tmp_path / "hub-cache"
+    if setting.endswith("offline"):
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # online, but the cache is read before the hub is asked
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    repo = cache / "models--acme--tiny-bert"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for f in tiny_bert.iterdir():
         (snapshot / f.name).write_bytes(f.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    protos, meta = P.build_prototypes(settings("prototypes", encoder="acme/tiny-bert"))
-    assert protos.shape == (len(CLASSES), TINY_HIDDEN)
-    assert meta["revision"] == commit and meta["resolved_path"] == str(snapshot)
+    got = load_in_fresh_process(
+        """
+protos, meta = P.build_prototypes(settings("prototypes", encoder="acme/tiny-bert"))
+out = {"shape": list(protos.shape), "revision": meta["revision"], "resolved_path": meta["resolved_path"]}
+""",
+        **env,
+    )
+    assert got["shape"] == [len(CLASSES), TINY_HIDDEN]
+    assert got["revision"] == commit and got["resolved_path"] == str(snapshot)
 
 
 # ----------------------------------------------------------------------------- unavailable
 
 
-def test_missing_hub_model_fails_fast_offline(offline):
-    started = time.monotonic()
-    with pytest.raises(P.EncoderNotAvailable) as err:
-        P.load_encoder(settings("prototypes", encoder=PAPER_ENCODER))
-    assert time.monotonic() - started < 10
-    message = str(err.value)
+def test_missing_hub_model_fails_fast_offline(tmp_path):
+    got = load_in_fresh_process(
+        LOAD_OR_FAIL.format(encoder=PAPER_ENCODER), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home")
+    )
+    assert got["seconds"] < 10 and got["is_oserror"]
+    message = got["error"]
     assert f"hf download {PAPER_ENCODER}" in message
     assert f"huggingface-cli download {PAPER_ENCODER}" in message
     assert "prototypes.encoder" in message and "offline" in message
-    assert isinstance(err.value, OSError)
+    assert str(tmp_path / "hf-home" / "hub") in message  # the cache it looked in
+    assert not (tmp_path / "hf-home" / "hub").exists()  # and nothing was written there
 
 
-def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    started = time.monotonic()
-    with pytest.raises(P.EncoderNotAvailable, match="cannot be reached.*hf download"):
-        P.load_encoder(settings("prototypes", encoder=PAPER_ENCODER))
-    assert time.monotonic() - started < 10
+def test_unreachable_hub_fails_fast(tmp_path):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    got = load_in_fresh_process(
+        LOAD_OR_FAIL.format(encoder=PAPER_ENCODER), HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=endpoint
+    )
+    assert got["seconds"] < 10
+    assert re.search("cannot be reached.*hf download", got["error"]), got["error"]
+    assert endpoint in got["error"]
 
 
 def test_missing_folder_and_package_are_named(tmp_path):
@@ -292,9 +335,11 @@ def test_random_minilm_weights_miss_paraphrases(minilm):
 
 
 def test_heatmap_and_similarity_csv(minilm, tmp_path):
+    from pipeline.plots import similarity_heatmap
+
     protos = minilm[0]
     png = tmp_path / "plots" / "prototype_similarity.png"
-    P.cosine_similarity_heatmap(protos, CLASSES, png)
+    similarity_heatmap(P.cosine_matrix(protos), CLASSES, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:
         im.verify()

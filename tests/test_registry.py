@@ -474,7 +474,7 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
         unknown_err = capsys.readouterr().err
         champion_after_rollback = client.get_model_version_by_alias(MODEL_NAME, "champion").version
         challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger").version
-        params_hash = fingerprint(load_params(repo / "params.yaml"))
+        params_hash = fingerprint(load_params(repo / "params.yaml").model_dump())
         logged = [a.path for a in client.list_artifacts(run1, "registration")]
     real_metrics = json.loads((work / "reports1/metrics.json").read_text())
     manifest = pd.read_csv(repo / "data/prepared/manifest.csv")

@@ -101,7 +101,8 @@ def png_bytes(image: Image.Image) -> bytes:
 def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
     paths = served.test_images(12)
     out = served.model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
-    assert list(out.columns) == [*CLASSES, "labels"] and len(out) == len(paths)
+    assert list(out.columns) == [*CLASSES, "labels", "error"] and len(out) == len(paths)
+    assert out["error"].isna().all()
     probs = out[list(CLASSES)].to_numpy()
     np.testing.assert_allclose(probs, checkpoint_probabilities(served.repo, paths), rtol=0, atol=1e-6)
 
@@ -121,7 +122,7 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
 
     schema = served.model.metadata.get_input_schema()
     assert schema.input_names() == ["image"] and schema.input_types()[0].name == "binary"
-    assert served.model.metadata.get_output_schema().input_names() == [*CLASSES, "labels"]
+    assert served.model.metadata.get_output_schema().input_names() == [*CLASSES, "labels", "error"]
 
 
 def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> None:
@@ -155,19 +156,25 @@ def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> No
         }
         r = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
         assert r.status_code == 200, r.text
-        bad = requests.post(
+        # "not an image" (base64) beside a good image: that row gets an error, the other its scores
+        rows = [payload["dataframe_split"]["data"][0], ["bm90IGFuIGltYWdl"]]
+        mixed = requests.post(
             f"http://127.0.0.1:{port}/invocations",
             timeout=60,
-            json={"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}},
+            json={"dataframe_split": {"columns": ["image"], "data": rows}},
         )
     finally:
         stop(proc)
     predictions = pd.DataFrame(r.json()["predictions"])
-    assert list(predictions.columns) == [*CLASSES, "labels"] and len(predictions) == 2
+    assert list(predictions.columns) == [*CLASSES, "labels", "error"] and len(predictions) == 2
     np.testing.assert_allclose(predictions[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-6)
     np.testing.assert_allclose(predictions.loc[0, list(CLASSES)], predictions.loc[1, list(CLASSES)], atol=1e-6)
-    assert predictions.loc[0, "labels"] == expected.loc[0, "labels"]
-    assert bad.status_code >= 400  # "not an image", base64: an error, not a hang or a guess
+    assert predictions.loc[0, "labels"] == expected.loc[0, "labels"] and predictions["error"].isna().all()
+    assert mixed.status_code == 200 and "Traceback" not in mixed.text, mixed.text
+    good, bad = mixed.json()["predictions"]
+    assert good["error"] is None and good["labels"] == expected.loc[0, "labels"]
+    np.testing.assert_allclose([good[c] for c in CLASSES], expected.loc[0, list(CLASSES)].to_numpy(float), atol=1e-6)
+    assert bad["error"].startswith("row 1: unreadable: ") and bad["labels"] is None and bad[CLASSES[0]] is None
 
 
 def _awkward_files(served: Served, folder: Path) -> dict[str, Path]:

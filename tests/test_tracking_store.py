@@ -155,14 +155,3 @@ def test_mlflow_and_database_errors_are_reported_in_one_line(
         monkeypatch.setenv("CXR_DEBUG", "1")
         with pytest.raises(MlflowException, match="readonly database"):
             run_main("evaluate", step, [])
-
-
-def test_uris_are_shown_without_credentials() -> None:
-    from components.common import redact
-
-    assert redact("http://u:p@ss@mlflow:5000/x") == "http://***@mlflow:5000/x"
-    assert redact("postgresql+psycopg2://mlflow:pw@db/mlflow?sslmode=require") == (
-        "postgresql+psycopg2://***@db/mlflow?sslmode=require"
-    )
-    assert redact("https://mlflow.example.org") == "https://mlflow.example.org"
-    assert redact("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"

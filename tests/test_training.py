@@ -22,7 +22,6 @@ from pipeline.inference import predict
 from pipeline.io import load_checkpoint
 from pipeline.models import build_model
 from pipeline.training import TrainConfig, train
-from pipeline.training.loop import TrainingInterrupted
 from pipeline.training.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
 from tests.conftest import settings
 
@@ -118,15 +117,38 @@ def test_scheduler_drives_both_learning_rates():
 # ----------------------------------------------------------------------------- the loop
 
 
-def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path):
+class Killed(Exception):
+    """Stands in for the process dying between two optimisation steps."""
+
+
+def crash_after(monkeypatch, steps: int) -> list[dict]:
+    """Make training die right after its `steps`-th optimisation step; returns each step's metrics."""
+    from pipeline.training import loop
+
+    real, done = loop.train_step, []
+
+    def step_then_die(*args, **kwargs):
+        done.append(real(*args, **kwargs))
+        if len(done) == steps:
+            raise Killed(f"killed after step {steps}")
+        return done[-1]
+
+    monkeypatch.setattr(loop, "train_step", step_then_die)
+    return done
+
+
+def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
     prepared, vectors = data
     cfg = tiny_config()
     straight = train(cfg, prepared, vectors, tmp_path / "a", fingerprint="fp", progress=False)
     assert straight.epochs_run == 2 and straight.resumed_from is None and len(straight.history) == 2
 
     logged: list[tuple[dict, int]] = []
-    with pytest.raises(TrainingInterrupted):  # a kill in the middle of epoch 2
-        train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False, interrupt_after_steps=3)
+    with monkeypatch.context() as mp:
+        steps = crash_after(mp, 3)
+        with pytest.raises(Killed):  # a kill in the middle of epoch 2 (two steps per epoch)
+            train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False)
+    assert len(steps) == 3 and all(math.isfinite(s["loss/loss"]) for s in steps)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["state"]["epoch"] == 1
     resumed = train(
         cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False, log=lambda m, s: logged.append((m, s))
@@ -200,6 +222,30 @@ def test_predict_refuses_a_shuffled_loader(data):
     assert np.array_equal(index, np.arange(len(ds))) and probs.shape == (len(ds), len(CLASSES))
     with pytest.raises(ValueError, match="shuffle=False"):
         predict(model, build_loader(ds, 64, shuffle=True, workers=0, seed=0), torch.device("cpu"))
+
+
+def test_train_step_updates_the_weights_and_reports_its_metrics(data):
+    from pipeline.losses import build_loss
+    from pipeline.training.loop import StepContext, train_step
+
+    _, vectors = data
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vectors)
+    criterion = build_loss(cfg.loss, [10] * len(CLASSES), 100)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=4, epochs=2)
+    ctx = StepContext(model, criterion, optimizer, scheduler, grad_clip=1e-3)
+    images = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    targets = (torch.rand(8, len(CLASSES)) < 0.3).float()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = train_step(ctx, images, targets)
+    assert {"loss/loss", "loss/bce", "grad_norm", "lr/head", "lr/backbone"} <= set(metrics)
+    assert metrics["grad_norm"] > 1e-3  # the norm before clipping
+    assert metrics["lr/head"] == optimizer.param_groups[-1]["lr"] == pytest.approx(cfg.optim.lr_head * 2 / 4)
+    assert not torch.equal(before["head.radius"], model.state_dict()["head.radius"])
+    ctx.grad_clip = 0.0
+    assert "grad_norm" not in train_step(ctx, images, targets)
 
 
 def test_a_missing_or_damaged_checkpoint_is_named(tmp_path):

@@ -54,6 +54,7 @@ from pipeline.data.sources import (
 )
 from pipeline.data.synthetic import generate
 from pipeline.io import file_digest, file_size, read_json, write_json
+from pipeline.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def check_source(cfg: DownloadConfig) -> None:
         )
     if source_kind(cfg.source) == "dir" and not Path(cfg.source).is_dir():
         raise DownloadError(
-            f"download.source {cfg.source!r} is neither synthetic, nih, an s3:// or http(s):// URL, "
+            f"download.source {redact_uri(cfg.source)!r} is neither synthetic, nih, an s3:// or http(s):// URL, "
             "nor an existing folder"
         )
 
@@ -143,7 +144,9 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
 
     Raises:
         DownloadError: naming the file, URL or key that failed and what to do.
-        UnsafeArchiveError: naming the archive member that was refused.
+        UnsafeArchiveError: naming the archive member that was refused (unsafe, outside images/,
+            a label or list file, or colliding with another member or a file already there).
+        DamagedArchiveError: naming the archive that ends early or is corrupt.
     """
     check_source(cfg)
     out_dir = Path(out_dir)
@@ -226,7 +229,8 @@ def _getter(location: str, cfg: DownloadConfig, xfer: Transfer) -> Getter:
     folder = Path(location)
     if not folder.is_dir():
         raise DownloadError(
-            f"metadata location {location!r} is not a URL or an existing folder; set download.nih.metadata_url"
+            f"metadata location {redact_uri(location)!r} is not a URL or an existing folder; "
+            "set download.nih.metadata_url"
         )
 
     def get(name: str, dest: Path) -> None:
@@ -267,7 +271,7 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool
         missing = [name for _, name, _ in wanted if name not in objects]
         if missing:
             raise DownloadError(
-                f"{cfg.source}: missing {', '.join(missing)}; upload them or list the archives "
+                f"{redact_uri(cfg.source)}: missing {', '.join(missing)}; upload them or list the archives "
                 "the bucket holds in download.nih.archives"
             )
         jobs = [
@@ -277,7 +281,7 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool
     images = {rel: o for rel, o in objects.items() if rel.startswith(f"{RAW_IMAGES}/") and rel.endswith(".png")}
     if not images:
         raise DownloadError(
-            f"{cfg.source}: holds neither NIH archives ({wanted[0][1]} ...) nor "
+            f"{redact_uri(cfg.source)}: holds neither NIH archives ({wanted[0][1]} ...) nor "
             f"{RAW_IMAGES}/*.png; check download.source"
         )
     return _fetch_s3_images(remote, images, out_dir, cfg)
@@ -355,7 +359,7 @@ def _check_layout(out_dir: Path, source: str) -> None:
         missing.append(f"{RAW_IMAGES}/*.png")
     if missing:
         raise DownloadError(
-            f"{out_dir}: after fetching from {source!r}, missing "
+            f"{out_dir}: after fetching from {redact_uri(source)!r}, missing "
             f"{', '.join(missing)}; check that the source is laid out like NIH"
         )
 
@@ -412,6 +416,7 @@ def _dataset_files(out_dir: Path) -> Iterable[Path]:
 def _summary(
     source: str, manifest: dict, transferred: int, seconds: float, report: dict, progress: bool
 ) -> dict[str, Any]:
+    source = redact_uri(source)  # the line is printed and logged; the summary may be recorded
     total = sum(e["size"] for e in manifest.values())
     images = sum(rel.startswith(f"{RAW_IMAGES}/") for rel in manifest)
     rate = transferred / 1e6 / max(seconds, 1e-9)

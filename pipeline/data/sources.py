@@ -22,6 +22,7 @@ import requests
 from urllib3.exceptions import HTTPError
 
 from pipeline.io import file_digest, file_size
+from pipeline.tracking import redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class HttpRemote:
         self.fetch_url(self.url(name), dest, md5)
 
     def fetch_url(self, url: str, dest: Path, md5: str | None = None) -> None:
-        resumable_copy(lambda offset: self._open(url, offset), dest, url, self.xfer, md5)
+        resumable_copy(lambda offset: self._open(url, offset), dest, redact_uri(url), self.xfer, md5)
 
     def _session(self) -> requests.Session:
         # requests.Session is not thread-safe; each worker keeps its own connection pool.
@@ -192,7 +193,7 @@ class HttpRemote:
         try:
             r = self._session().get(url, headers=headers, stream=True, timeout=self.xfer.timeout_s)
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise TransientError(str(e)) from None
+            raise TransientError(redact_text(str(e))) from None
         if r.status_code == 416 and offset:
             # Nothing past `offset`: the part holds the whole file, or is stale and too long.
             r.close()
@@ -205,7 +206,7 @@ class HttpRemote:
             r.close()
             error = NotFound if r.status_code in (404, 410) else DownloadError
             raise error(
-                f"{url}: HTTP {r.status_code} {r.reason}; check the URL (download.source, "
+                f"{redact_uri(url)}: HTTP {r.status_code} {r.reason}; check the URL (download.source, "
                 "download.nih.base_url or download.nih.metadata_url) and that the file exists"
             )
         start, total = _content_range(r)
@@ -227,7 +228,7 @@ def _iter_http(r: requests.Response) -> Iterator[bytes]:
         # decode_content=False: an archive must arrive byte for byte, never gunzipped on the way.
         yield from r.raw.stream(CHUNK, decode_content=False)
     except (requests.ConnectionError, requests.Timeout, OSError, HTTPError) as e:
-        raise TransientError(f"transfer interrupted: {e}") from None
+        raise TransientError(f"transfer interrupted: {redact_text(str(e))}") from None
     finally:
         r.close()
 
@@ -297,7 +298,7 @@ class S3Remote:
             raise DownloadError(self._explain(e)) from None
         except BotoCoreError as e:
             raise DownloadError(
-                f"{self.url}: {e}. Configure AWS credentials (environment, ~/.aws or "
+                f"{self.url}: {redact_text(str(e))}. Configure AWS credentials (environment, ~/.aws or "
                 "download.s3.profile), or set download.s3.anonymous: true for a public bucket; "
                 "check download.s3.endpoint_url"
             ) from None
@@ -319,11 +320,11 @@ class S3Remote:
         except ClientError as e:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status >= 500:
-                raise TransientError(str(e)) from None
+                raise TransientError(redact_text(str(e))) from None
             error = NotFound if status == 404 else DownloadError
             raise error(self._explain(e, obj.key)) from None
         except BotoCoreError as e:
-            raise TransientError(str(e)) from None
+            raise TransientError(redact_text(str(e))) from None
         # "bytes 100-199/200"; absent when the whole object came back.
         served = r.get("ContentRange") or "bytes 0-"
         return int(served.split()[-1].split("-")[0]), obj.size, _iter_s3(r["Body"])
@@ -331,7 +332,7 @@ class S3Remote:
     def _explain(self, e: Exception, key: str | None = None) -> str:
         code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
         where = f"s3://{self.bucket}/{key}" if key else self.url
-        at = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        at = f" at {redact_uri(self.endpoint_url)}" if self.endpoint_url else ""
         if code == "NoSuchBucket":
             return (
                 f"{where}: bucket '{self.bucket}' does not exist{at}; check download.source "
@@ -342,7 +343,7 @@ class S3Remote:
                 f"{where}: access denied ({code}){at}; check your AWS credentials or "
                 "download.s3.profile, or set download.s3.anonymous: true for a public bucket"
             )
-        return f"{where}: {e}"
+        return f"{where}: {redact_text(str(e))}"
 
 
 def _iter_s3(body) -> Iterator[bytes]:
@@ -351,7 +352,7 @@ def _iter_s3(body) -> Iterator[bytes]:
     try:
         yield from body.iter_chunks(CHUNK)
     except (BotoCoreError, HTTPError, OSError) as e:
-        raise TransientError(f"transfer interrupted: {e}") from None
+        raise TransientError(f"transfer interrupted: {redact_text(str(e))}") from None
     finally:
         body.close()
 

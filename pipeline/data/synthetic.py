@@ -27,7 +27,6 @@ import functools
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -549,7 +548,7 @@ def _label_csv(meta: _Metadata, size: int) -> str:
 def _save_png(path: Path, image: np.ndarray) -> None:
     # Temp name + rename so a killed run never leaves a truncated PNG; no fsync per file, which
     # would dominate the cost of thousands of small images.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = io.create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(image).save(f, format="PNG")

@@ -7,20 +7,23 @@ run resumed from the checkpoint of epoch e-1 replays epoch e exactly as an unint
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..classes import CLASSES
 from ..config import TrainConfig
 from ..data.dataset import CachedImageDataset, build_loader
+from ..data.layout import CACHE_DIR, CACHE_INDEX, CLASS_COUNTS
 from ..inference import autocast, autocast_dtype, predict, resolve_device
 from ..io import load_checkpoint, read_json
 from ..losses import build_loss
@@ -47,8 +50,89 @@ class TrainResult:
     model: torch.nn.Module | None = field(default=None, repr=False)  # the last weights, on every rank
 
 
-class TrainingInterrupted(RuntimeError):
-    """Raised by the `interrupt_after_steps` hook, standing in for a killed process in tests."""
+@dataclass
+class TrainState:
+    """Where a run stands; `last.pt` holds it as a plain dict under "state", and resume restores it."""
+
+    epoch: int = 0  # the last completed epoch
+    step: int = 0  # optimisation steps over all epochs: the step axis of the logged metrics
+    best_auc: float = -math.inf  # best validation mean AUC so far
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the validation mean AUC last improved
+    history: list[dict] = field(default_factory=list)  # one record per completed epoch
+    finished: bool = False  # the last epoch ran, or early stopping ended the run
+    stopped_early: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainState:
+        """The state saved by `as_dict`; keys a checkpoint lacks keep their defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class StepContext:
+    """What one optimisation step (`train_step`) reads and updates."""
+
+    net: torch.nn.Module  # the module called: the model, or its DDP / torch.compile wrapper
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None  # an LR scheduler stepped after every optimiser step, or None
+    scaler: torch.amp.GradScaler | None = None  # float16 loss scaling; None: a disabled scaler
+    ema: Any = None  # timm's ModelEmaV3, updated after every step, or None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None  # autocast dtype of the forward pass; None = float32
+    grad_clip: float = 0.0  # max global gradient norm; 0 turns clipping off
+    channels_last: bool = False  # images in channels_last memory format (CUDA)
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+
+def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """One optimisation step: forward, loss, backward, clipping, optimiser, scheduler, scaler and EMA.
+
+    Args:
+        ctx: the network, loss, optimiser and their companions.
+        images: (B, 1, H, W) uint8 batch, on any device.
+        targets: (B, C) 0/1 labels.
+
+    Returns:
+        `loss/<term>` for each scalar term of the loss (`loss/loss` is the optimised total),
+        `lr/<group>` of each parameter group after the scheduler step, and `grad_norm` (before
+        clipping) when clipping is on.
+    """
+    images = images.to(ctx.device, non_blocking=True)  # (B, 1, H, W) uint8
+    targets = targets.to(ctx.device, non_blocking=True)  # (B, C)
+    if ctx.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(ctx.device, ctx.amp_dtype):
+        out = ctx.net(images, return_embeddings=True)
+    # the loss runs in float32 whatever the autocast dtype: it owns the numerics of sigmoid/softplus
+    terms = ctx.criterion(out.logits.float(), targets, prototypes=out.prototypes, return_terms=True)
+    scaler, optimizer = ctx.scaler, ctx.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    grad_norm = math.nan
+    if ctx.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.net.parameters(), ctx.grad_clip))
+    scaler.step(optimizer)
+    scaler.update()
+    if ctx.scheduler is not None:
+        ctx.scheduler.step()
+    if ctx.ema is not None:
+        ctx.ema.update(unwrap(ctx.net))
+    metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+    for i, group in enumerate(optimizer.param_groups):
+        metrics[f"lr/{group.get('name', i)}"] = group["lr"]
+    if math.isfinite(grad_norm):
+        metrics["grad_norm"] = grad_norm
+    return metrics
 
 
 def model_bundle(model: CxrNet, cfg: TrainConfig, text_vectors: np.ndarray, **extra) -> dict:
@@ -63,6 +147,36 @@ def model_bundle(model: CxrNet, cfg: TrainConfig, text_vectors: np.ndarray, **ex
     }
 
 
+@dataclass
+class _Data:
+    """The splits as training reads them, and the training split's label counts."""
+
+    train: CachedImageDataset
+    sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    steps_per_epoch: int
+    pos_counts: np.ndarray  # (C,) positives per class, CLASSES order
+    num_images: int
+    image_size: int  # side of the cached images, before cropping
+
+
+@dataclass
+class _Run:
+    """What `train` sets up once and every epoch uses."""
+
+    cfg: TrainConfig
+    dist: D.DistInfo
+    data: _Data
+    step: StepContext
+    model: CxrNet  # the plain network under any wrapper: validated (without EMA) and saved
+    out_dir: Path
+    text_vectors: np.ndarray
+    fingerprint: str
+    log: Logger
+    progress: bool  # show bars (the main rank only)
+
+
 def train(
     cfg: TrainConfig,
     prepared_dir: Path,
@@ -71,7 +185,6 @@ def train(
     fingerprint: str = "",
     log: Logger | None = None,
     progress: bool = True,
-    interrupt_after_steps: int | None = None,
 ) -> TrainResult:
     """Train on `prepared_dir`'s train split, select on val, write best.pt/last.pt into `out_dir`.
 
@@ -83,8 +196,53 @@ def train(
         fingerprint: identifies config + inputs; a checkpoint from other settings is not resumed.
         log: called as log(metrics, step) on the main rank (MLflow in the component).
         progress: show tqdm bars.
-        interrupt_after_steps: test hook, raise TrainingInterrupted after this many steps.
     """
+    device, dist = _init_device(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _load_data(cfg, Path(prepared_dir), device, dist)
+    model, ctx = _build(cfg, data, text_vectors, device)
+    state = _maybe_resume(cfg, out_dir / LAST, fingerprint, ctx, dist)
+    resumed_from = None if state is None else state.epoch
+    state = state or TrainState()
+    ctx.net = _wrap(model, cfg, dist, device)
+    run = _Run(
+        cfg,
+        dist,
+        data,
+        ctx,
+        model,
+        out_dir,
+        text_vectors,
+        fingerprint,
+        log if (log and dist.is_main) else (lambda metrics, step: None),
+        progress and dist.is_main,
+    )
+
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.finished:
+            break
+        _seed_epoch(run, epoch)
+        train_metrics = _train_epoch(run, epoch, state)
+        if _end_epoch(run, epoch, state, train_metrics):
+            break
+
+    D.cleanup(dist)
+    return TrainResult(
+        best_auc=float(state.best_auc),
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        stopped_early=state.stopped_early,
+        history=state.history,
+        best_path=out_dir / BEST,
+        last_path=out_dir / LAST,
+        resumed_from=resumed_from,
+        model=model,
+    )
+
+
+def _init_device(cfg: TrainConfig) -> tuple[torch.device, D.DistInfo]:
+    """This process's device (its own GPU under DDP), the process group, threads and cuDNN modes."""
     device = resolve_device(cfg.device)
     dist = D.init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
@@ -96,38 +254,21 @@ def train(
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = log if (log and dist.is_main) else (lambda metrics, step: None)
+    return device, dist
 
+
+def _load_data(cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist: D.DistInfo) -> _Data:
     train_ds = CachedImageDataset(prepared_dir, "train", cfg.augment, train=True)
     val_ds = CachedImageDataset(prepared_dir, "val", cfg.augment, train=False)
-    counts = read_json(Path(prepared_dir) / "class_counts.json")
-    pos_counts = np.asarray(counts["positives_list"], dtype=np.int64)  # (C,) in CLASSES order
-    num_images = int(counts["num_images"])
-    image_size = int(read_json(Path(prepared_dir) / "cache" / "index.json")["size"])  # side before cropping
+    counts = read_json(prepared_dir / CLASS_COUNTS)
+    image_size = int(read_json(prepared_dir / CACHE_DIR / CACHE_INDEX)["size"])
     sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    pin = device.type == "cuda"
-    train_loader = build_loader(
-        train_ds,
-        cfg.batch_size,
-        shuffle=False,
-        workers=cfg.workers,
-        seed=cfg.seed,
-        sampler=sampler,
-        pin_memory=pin,
-        drop_last=True,
+    loader = functools.partial(
+        build_loader, shuffle=False, workers=cfg.workers, seed=cfg.seed, pin_memory=device.type == "cuda"
     )
+    train_loader = loader(train_ds, cfg.batch_size, sampler=sampler, drop_last=True)
     val_sampler = DistributedSampler(val_ds, dist.world_size, dist.rank, shuffle=False) if dist.enabled else None
-    val_loader = build_loader(
-        val_ds,
-        cfg.eval_batch_size,
-        shuffle=False,
-        workers=cfg.workers,
-        seed=cfg.seed,
-        sampler=val_sampler,
-        pin_memory=pin,
-    )
+    val_loader = loader(val_ds, cfg.eval_batch_size, sampler=val_sampler)
     if len(val_ds) == 0:
         raise ValueError(f"{prepared_dir}: the val split is empty; raise prepare.val_fraction and rerun prepare")
     steps_per_epoch = len(train_loader)
@@ -138,190 +279,133 @@ def train(
             f"{prepared_dir}: the train split has {len(train_ds)} images, fewer than one batch of "
             f"{cfg.batch_size} per process; lower train.batch_size or add data"
         )
+    return _Data(
+        train_ds,
+        sampler,
+        train_loader,
+        val_loader,
+        steps_per_epoch,
+        pos_counts=np.asarray(counts["positives_list"], dtype=np.int64),
+        num_images=int(counts["num_images"]),
+        image_size=image_size,
+    )
 
+
+def _build(cfg: TrainConfig, data: _Data, text_vectors: np.ndarray, device: torch.device) -> tuple[CxrNet, StepContext]:
+    """The network (seeded, prior-initialised), its loss and optimiser, before any wrapper."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, text_vectors).to(device)
-    criterion = build_loss(cfg.loss, pos_counts.tolist(), num_images).to(device)
+    criterion = build_loss(cfg.loss, data.pos_counts.tolist(), data.num_images).to(device)
     init_prior(
-        model, criterion, pos_counts / max(1, num_images), prior_sample(train_ds, cfg), batch_size=cfg.eval_batch_size
+        model,
+        criterion,
+        data.pos_counts / max(1, data.num_images),
+        prior_sample(data.train, cfg),
+        batch_size=cfg.eval_batch_size,
     )
-    if cfg.channels_last and device.type == "cuda":
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.epochs)
+    scheduler = build_scheduler(optimizer, cfg.optim, data.steps_per_epoch, cfg.epochs)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     ema = _build_ema(model, cfg.ema_decay, device)
-
-    state = {"epoch": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "step": 0}
-    resumed_from = _maybe_resume(
-        cfg, out_dir / LAST, fingerprint, model, criterion, optimizer, scheduler, scaler, ema, state, dist
+    ctx = StepContext(
+        model, criterion, optimizer, scheduler, scaler, ema, device, amp_dtype, cfg.optim.grad_clip, channels_last
     )
+    return model, ctx
 
-    net = model
+
+def _wrap(model: CxrNet, cfg: TrainConfig, dist: D.DistInfo, device: torch.device) -> torch.nn.Module:
+    """The module the steps call: DDP across processes, torch.compile when asked."""
+    net: torch.nn.Module = model
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if cfg.compile:
         net = torch.compile(net)
-
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if state.get("finished"):
-            break
-        # every random draw of this epoch is a function of (seed, epoch, rank): see module docstring
-        seed = epoch_seed(cfg.seed, epoch, dist.rank)
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        sampler.set_epoch(epoch)
-        if train_loader.generator is not None:  # worker augmentation seeds come from it
-            train_loader.generator.manual_seed(seed)
-        train_metrics = _train_epoch(
-            net,
-            criterion,
-            optimizer,
-            scheduler,
-            scaler,
-            ema,
-            train_loader,
-            steps_per_epoch,
-            device,
-            amp_dtype,
-            cfg,
-            epoch,
-            state,
-            log,
-            progress and dist.is_main,
-            interrupt_after_steps,
-            dist.world_size,
-        )
-        eval_model = ema.module if ema is not None else model
-        val = _validate(eval_model, val_loader, device, amp_dtype, dist, progress and dist.is_main)
-        improved = val["val_mean_auc"] > state["best_auc"]
-        if improved:
-            state.update(best_auc=val["val_mean_auc"], best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        record = {"epoch": epoch, **train_metrics, **val}
-        state["history"].append(record)
-        state["epoch"] = epoch
-        log({k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, epoch)
-        stop = cfg.early_stopping_patience > 0 and state["bad_epochs"] >= cfg.early_stopping_patience
-        stop = D.broadcast_flag(dist, stop)
-        state["finished"] = stop or epoch == cfg.epochs
-        state["stopped_early"] = stop
-        if dist.is_main:
-            if improved:
-                save_checkpoint(
-                    out_dir / BEST,
-                    model_bundle(
-                        eval_model,
-                        cfg,
-                        text_vectors,
-                        epoch=epoch,
-                        val_mean_auc=val["val_mean_auc"],
-                        image_size=image_size,
-                        fingerprint=fingerprint,
-                    ),
-                )
-            save_checkpoint(
-                out_dir / LAST,
-                _full_state(model, criterion, optimizer, scheduler, scaler, ema, state, cfg, fingerprint),
-            )
-        D.barrier(dist)
-        if stop:
-            break
-
-    D.cleanup(dist)
-    return TrainResult(
-        best_auc=float(state["best_auc"]),
-        best_epoch=state["best_epoch"],
-        epochs_run=state["epoch"],
-        stopped_early=bool(state.get("stopped_early")),
-        history=state["history"],
-        best_path=out_dir / BEST,
-        last_path=out_dir / LAST,
-        resumed_from=resumed_from,
-        model=model,
-    )
+    return net
 
 
-def _train_epoch(
-    net,
-    criterion,
-    optimizer,
-    scheduler,
-    scaler,
-    ema,
-    loader,
-    steps,
-    device,
-    amp_dtype,
-    cfg: TrainConfig,
-    epoch: int,
-    state: dict,
-    log: Logger,
-    progress: bool,
-    interrupt_after_steps: int | None,
-    world_size: int = 1,
-) -> dict:
-    net.train()
+def _seed_epoch(run: _Run, epoch: int) -> None:
+    # every random draw of this epoch is a function of (seed, epoch, rank): see module docstring
+    seed = epoch_seed(run.cfg.seed, epoch, run.dist.rank)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    run.data.sampler.set_epoch(epoch)
+    if run.data.train_loader.generator is not None:  # worker augmentation seeds come from it
+        run.data.train_loader.generator.manual_seed(seed)
+
+
+def _train_epoch(run: _Run, epoch: int, state: TrainState) -> dict:
+    """One pass over the training split, capped at `steps_per_epoch` batches; the epoch's figures."""
+    ctx, steps, world_size = run.step, run.data.steps_per_epoch, run.dist.world_size
+    ctx.net.train()
     seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
-    for i, (images, targets) in enumerate(loader):
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{run.cfg.epochs}", unit="batch", disable=not run.progress, leave=False)
+    for i, (images, targets) in enumerate(run.data.train_loader):
         if i >= steps:
             break
-        images = images.to(device, non_blocking=True)  # (B, 1, H, W) uint8
-        targets = targets.to(device, non_blocking=True)  # (B, C)
-        if cfg.channels_last and device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            out = net(images, return_embeddings=True)
-        # the loss runs in float32 whatever the autocast dtype: it owns the numerics of sigmoid/softplus
-        terms = criterion(out.logits.float(), targets, prototypes=out.prototypes, return_terms=True)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip))
-        else:
-            grad_norm = float("nan")
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update(unwrap(net))
-        state["step"] += 1
+        metrics = train_step(ctx, images, targets)
+        state.step += 1
         seen += images.shape[0]
-        loss = float(terms["loss"].detach())
+        loss = metrics["loss/loss"]
         loss_sum += loss * images.shape[0]
         rate = world_size * seen / max(1e-9, time.perf_counter() - t0)  # all ranks together
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
         bar.update(1)
-        if state["step"] % cfg.log_every == 0:
-            log(_step_metrics(terms, optimizer, grad_norm, rate, device), state["step"])
-        if interrupt_after_steps is not None and state["step"] >= interrupt_after_steps:
-            raise TrainingInterrupted(f"interrupted after {state['step']} steps")
+        if state.step % run.cfg.log_every == 0:
+            metrics["images_per_s"] = rate
+            if ctx.device.type == "cuda":
+                metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+            run.log(metrics, state.step)
     bar.close()
     elapsed = time.perf_counter() - t0
     return {
         "train_loss": loss_sum / max(1, seen),
         "train_images_per_s": world_size * seen / max(1e-9, elapsed),
         # per-epoch keys differ from the per-step ones (lr/head): MLflow keeps one step axis per key
-        "train_lr_head": optimizer.param_groups[-1]["lr"],
+        "train_lr_head": ctx.optimizer.param_groups[-1]["lr"],
     }
 
 
-def _step_metrics(terms: dict, optimizer, grad_norm: float, rate: float, device) -> dict:
-    metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
-    for group in optimizer.param_groups:
-        metrics[f"lr/{group['name']}"] = group["lr"]
-    metrics["images_per_s"] = rate
-    if np.isfinite(grad_norm):
-        metrics["grad_norm"] = grad_norm
-    if device.type == "cuda":
-        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return metrics
+def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) -> bool:
+    """Validate, record the epoch in `state`, log it and write the checkpoints; True when training stops."""
+    cfg, ctx = run.cfg, run.step
+    eval_model = ctx.ema.module if ctx.ema is not None else run.model
+    val = _validate(eval_model, run.data.val_loader, ctx.device, ctx.amp_dtype, run.dist, run.progress)
+    improved = val["val_mean_auc"] > state.best_auc
+    if improved:
+        state.best_auc, state.best_epoch, state.bad_epochs = val["val_mean_auc"], epoch, 0
+    else:
+        state.bad_epochs += 1
+    record = {"epoch": epoch, **train_metrics, **val}
+    state.history.append(record)
+    state.epoch = epoch
+    run.log({k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, epoch)
+    stop = cfg.early_stopping_patience > 0 and state.bad_epochs >= cfg.early_stopping_patience
+    stop = D.broadcast_flag(run.dist, stop)
+    state.finished = stop or epoch == cfg.epochs
+    state.stopped_early = stop
+    if run.dist.is_main:
+        if improved:
+            save_checkpoint(
+                run.out_dir / BEST,
+                model_bundle(
+                    eval_model,
+                    cfg,
+                    run.text_vectors,
+                    epoch=epoch,
+                    val_mean_auc=val["val_mean_auc"],
+                    image_size=run.data.image_size,
+                    fingerprint=run.fingerprint,
+                ),
+            )
+        save_checkpoint(run.out_dir / LAST, _full_state(ctx, state, cfg, run.fingerprint))
+    D.barrier(run.dist)
+    return stop
 
 
 def _validate(model, loader, device, amp_dtype, dist, progress: bool) -> dict:
@@ -336,24 +420,25 @@ def _validate(model, loader, device, amp_dtype, dist, progress: bool) -> dict:
     return out
 
 
-def _full_state(model, criterion, optimizer, scheduler, scaler, ema, state, cfg, fingerprint) -> dict:
+def _full_state(ctx: StepContext, state: TrainState, cfg: TrainConfig, fingerprint: str) -> dict:
     return {
-        "model_state": unwrap(model).state_dict(),
-        "criterion": criterion.state_dict(),  # running statistics of the loss's weights
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
+        "model_state": unwrap(ctx.net).state_dict(),
+        "criterion": ctx.criterion.state_dict(),  # running statistics of the loss's weights
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.scheduler.state_dict(),
+        "scaler": ctx.scaler.state_dict(),
+        "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
         "rng": rng_state(),
-        "state": state,
+        "state": state.as_dict(),
         "config": cfg.model_dump(),
         "fingerprint": fingerprint,
     }
 
 
 def _maybe_resume(
-    cfg, path: Path, fingerprint: str, model, criterion, optimizer, scheduler, scaler, ema, state, dist: D.DistInfo
-) -> int | None:
+    cfg: TrainConfig, path: Path, fingerprint: str, ctx: StepContext, dist: D.DistInfo
+) -> TrainState | None:
+    """Restore `ctx` and the RNGs from `path`; the saved state, or None when there is nothing to resume."""
     # rank 0 decides and shares the checkpoint: other nodes may not see rank 0's disk, and ranks
     # that disagreed about the starting epoch would wait on each other forever
     ckpt = load_checkpoint(path) if (dist.is_main and cfg.resume and path.exists()) else None
@@ -364,20 +449,19 @@ def _maybe_resume(
         if dist.is_main:
             print(f"[train] {path} was written with other settings or data; starting from scratch")
         return None
-    model.load_state_dict(ckpt["model_state"])
+    unwrap(ctx.net).load_state_dict(ckpt["model_state"])
     if "criterion" in ckpt:
-        criterion.load_state_dict(ckpt["criterion"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema") is not None:
-        ema.load_state_dict(ckpt["ema"])
+        ctx.criterion.load_state_dict(ckpt["criterion"])
+    ctx.optimizer.load_state_dict(ckpt["optimizer"])
+    ctx.scheduler.load_state_dict(ckpt["scheduler"])
+    ctx.scaler.load_state_dict(ckpt["scaler"])
+    if ctx.ema is not None and ckpt.get("ema") is not None:
+        ctx.ema.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"])
-    state.update(ckpt["state"])
-    done = "finished" if state.get("finished") else "continuing"
+    state = TrainState.from_dict(ckpt["state"])
     if dist.is_main:
-        print(f"[train] resumed {path} at epoch {state['epoch']} ({done})")
-    return int(state["epoch"])
+        print(f"[train] resumed {path} at epoch {state.epoch} ({'finished' if state.finished else 'continuing'})")
+    return state
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

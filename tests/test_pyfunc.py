@@ -1,0 +1,126 @@
+"""The served pyfunc's `predict` on its own, with a tiny untrained model: one result per input row.
+
+A batch mixing good images with garbage bytes, a decompression-bomb PNG and bad base64 is scored
+row by row; the bad rows carry a one-line `error` naming the row, and the good rows score exactly
+as they do alone. The JSON MLflow's server makes of the answer is checked with MLflow's own
+encoder (the REST path itself is exercised by the slow test in test_serving.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.classes import CLASSES
+from pipeline.models import build_model
+from pipeline.serving import BUNDLE, ERROR_COLUMN, LABELS_COLUMN, THRESHOLDS, CxrDwmlModel
+from tests.conftest import settings
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def pyfunc(tmp_path_factory) -> CxrDwmlModel:
+    """The pyfunc loaded as MLflow loads it: from a bundle and a thresholds file."""
+    from mlflow.pyfunc import PythonModelContext
+
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    cfg = settings("train.model", {"embed_dim": 16, "hidden_dim": 32, "backbone.name": "convnext_atto"})
+    text_vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)
+    model = build_model(cfg, text_vectors).eval()
+    bundle = {
+        "classes": list(CLASSES),
+        "model_config": cfg.model_dump(),
+        "model_state": model.state_dict(),
+        "text_vectors": text_vectors,
+        "image_size": SIZE,
+        "crop_size": SIZE,
+    }
+    torch.save(bundle, folder / "best.pt")
+    (folder / "thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
+    loaded = CxrDwmlModel()
+    artifacts = {BUNDLE: str(folder / "best.pt"), THRESHOLDS: str(folder / "thresholds.json")}
+    loaded.load_context(PythonModelContext(artifacts=artifacts, model_config={}))
+    return loaded
+
+
+def png(seed: int, size: int = 48) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(side: int = 30_000) -> bytes:
+    """A few hundred bytes declaring a side x side 1-bit image: far past Pillow's pixel limit."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # width, height, 1 bit, gray
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_bad_rows_get_an_error_and_the_good_rows_are_scored(pyfunc: CxrDwmlModel) -> None:
+    good = [png(1), png(2), png(3)]
+    batch = [good[0], b"this is not an image", bomb_png(), good[1], "not base64!", png(4)[:120], good[2]]
+    out = pyfunc.predict(None, pd.DataFrame({"image": batch}))
+
+    assert list(out.columns) == [*CLASSES, LABELS_COLUMN, ERROR_COLUMN] and len(out) == len(batch)
+    errors = out[ERROR_COLUMN].tolist()
+    assert [e is None for e in errors] == [True, False, False, True, False, False, True]
+    assert errors[1].startswith("row 1: unreadable: not a PNG, JPEG or DICOM image")
+    assert errors[2].startswith("row 2: too_large: Image size (900000000 pixels) exceeds limit")
+    assert errors[4].startswith("row 4: corrupt: neither image bytes nor valid base64 text")
+    assert errors[5].startswith(("row 5: truncated:", "row 5: corrupt:"))
+    for e in filter(None, errors):
+        assert "\n" not in e and "Traceback" not in e and len(e) <= 320, e
+
+    bad = out[ERROR_COLUMN].notna()
+    assert out.loc[bad, [*CLASSES, LABELS_COLUMN]].isna().all().all()
+    # the good rows score as they do on their own, in the order sent
+    alone = pyfunc.predict(None, pd.DataFrame({"image": good}))
+    np.testing.assert_allclose(out.loc[~bad, list(CLASSES)].to_numpy(float), alone[list(CLASSES)], atol=1e-6)
+    assert out.loc[~bad, LABELS_COLUMN].tolist() == alone[LABELS_COLUMN].tolist()
+    assert alone[list(CLASSES)].dtypes.eq(np.float64).all() and alone[ERROR_COLUMN].isna().all()
+
+
+def test_a_batch_of_only_bad_rows_answers_instead_of_failing(pyfunc: CxrDwmlModel) -> None:
+    out = pyfunc.predict(None, pd.DataFrame({"image": [b"", bomb_png()]}))
+    assert [e.split(":")[0] for e in out[ERROR_COLUMN]] == ["row 0", "row 1"]
+
+
+def test_the_answer_mlflow_serves_is_strict_json_with_an_error_per_bad_row(pyfunc: CxrDwmlModel) -> None:
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    good = base64.b64encode(png(5)).decode("ascii")
+    out = pyfunc.predict(None, pd.DataFrame({"image": [good, base64.b64encode(b"garbage").decode("ascii")]}))
+    body = io.StringIO()
+    predictions_to_json(out, body)
+
+    def no_nan(name: str):
+        raise AssertionError(f"{name} in the JSON answer")
+
+    rows = json.loads(body.getvalue(), parse_constant=no_nan)["predictions"]
+    assert rows[0][ERROR_COLUMN] is None and isinstance(rows[0][CLASSES[0]], float) and rows[0][LABELS_COLUMN]
+    assert rows[1][ERROR_COLUMN].startswith("row 1: unreadable: ")
+    assert rows[1][CLASSES[0]] is None and rows[1][LABELS_COLUMN] is None
+
+
+def test_an_array_of_the_wrong_shape_is_a_row_error(pyfunc: CxrDwmlModel, tmp_path: Path) -> None:
+    arrays = [np.zeros((40, 40), np.uint8), np.zeros((40, 40, 2), np.uint8)]
+    out = pyfunc.predict(None, arrays)
+    assert out[ERROR_COLUMN][0] is None
+    assert out[ERROR_COLUMN][1] == "row 1: corrupt: an image array must be (H, W) or (H, W, 3|4), got shape (40, 40, 2)"
