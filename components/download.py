@@ -21,7 +21,7 @@ from pipeline.tracking import redact_uri
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.data.download import fetch
+    from pipeline.data.download import check_source, fetch
 
     p = parser(__doc__)
     p.add_argument("--out", default="data/raw", help="raw data folder (default: %(default)s)")
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.source:
         cfg = cfg.replace(source=args.source)
     out = Path(args.out)
+    check_source(cfg)  # a source that cannot be fetched fails before any MLflow run is made
     with mlflow_run(args, params, "download") as run:
         t0 = time.perf_counter()
         summary = fetch(cfg, out, progress=not args.no_progress)

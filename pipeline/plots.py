@@ -2,7 +2,7 @@
 label prototype similarity, ablation.
 
 Figures are drawn on an Agg canvas without pyplot's global state and saved atomically, with no
-metadata: the same numbers always give the same bytes, so DVC sees an unchanged plot as unchanged.
+metadata: the same numbers always give the same bytes, so an unchanged plot is an unchanged file.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ interrupted build resumes: chunks with a done-marker are kept, the rest are deco
 marker is written only after its rows are flushed, so a crash never marks unwritten rows done.
 
 A build writes rows in place, so it first replaces a data file that is shared (a hard link, e.g.
-into DVC's cache) or read-only by a private copy: it never writes through a link. `publish_cache`
-puts a complete cache elsewhere as hard links to its files: the prepare step builds (and resumes)
-its cache in a work folder that DVC never deletes, then publishes it into the step's output.
+into a content-addressed store) or read-only by a private copy: it never writes through a link.
+`publish_cache` puts a complete cache elsewhere as hard links to its files: the prepare step builds
+(and resumes) its cache in a work folder that outlives the step's output folder, then publishes
+it there.
 
 Conversion to 8-bit single channel at size x size: `pipeline.data.images.decode_image` (16-bit
 images scaled from their own range, colour to luminance, antialiased bicubic resize).
@@ -185,8 +186,9 @@ def _fill(
 
 
 def _own(path: Path) -> None:
-    """Make `path` safe to write in place: a file with other names (a hard link into DVC's cache,
-    or a published copy) or without write permission is replaced by a private, writable copy."""
+    """Make `path` safe to write in place: a file with other names (a hard link into a
+    content-addressed store, or a published copy) or without write permission is replaced by a
+    private, writable copy."""
     st = path.stat()
     if st.st_nlink == 1 and st.st_mode & stat.S_IWUSR:
         return

@@ -42,9 +42,9 @@ def prepare(
     """Run the prepare step; returns the statistics written to split_stats.json.
 
     `work_dir`: where the image cache is built and resumed (`<work_dir>/cache`), to be published
-    into `out_dir` as hard links once complete; None builds it in `out_dir` itself. Under DVC the
-    output folder is deleted before the step runs, so only a work folder outside the outputs lets
-    an interrupted build resume (and a re-split reuse the decoded images).
+    into `out_dir` as hard links once complete; None builds it in `out_dir` itself. When the output
+    folder is deleted before each run, only a work folder outside it lets an interrupted build
+    resume (and a re-split reuse the decoded images).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     table, train_val, test = read_inputs(raw_dir)
