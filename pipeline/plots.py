@@ -205,6 +205,10 @@ def ablation_plot(summary: dict, path: str | Path) -> None:
     _save(fig, path)
 
 
+def _classes(n: int) -> str:
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
 def subgroup_forest(report: dict, overall: float | None, path: str | Path) -> None:
     """Mean test AUC with its interval for every subgroup, one row each, grouped by attribute.
 
@@ -221,7 +225,7 @@ def subgroup_forest(report: dict, overall: float | None, path: str | Path) -> No
                 rows.append((label, np.nan, np.nan, np.nan, g["status"]))
             else:
                 low, high = (np.nan if v is None else v for v in g["mean_auc_ci"])
-                rows.append((label, g["mean_auc"], low, high, f"{len(g['classes_in_mean'])} classes"))
+                rows.append((label, g["mean_auc"], low, high, _classes(len(g["classes_in_mean"]))))
     y = np.arange(len(rows))[::-1]  # first row on top
     fig = _figure(8, 0.38 * len(rows) + 1.4)
     ax = fig.subplots()
