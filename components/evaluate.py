@@ -2,8 +2,9 @@
 
 Run:
     python -m components.evaluate --prepared data/prepared --model artifacts/model --out reports
-Writes reports/metrics.json (DVC metric), per_class_auc.csv, thresholds.json, comparison.md,
-predictions/{val,test}.parquet and plots/*.png|csv, and logs them all to the training run in MLflow.
+Writes reports/metrics.json and subgroups.json (DVC metrics), per_class_auc.csv, thresholds.json,
+comparison.md, predictions/{val,test}.parquet and plots/*.png|csv (subgroups.png among them),
+and logs them all to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def _log(out: Path, metrics: dict) -> None:
     }
     values.update({f"test_auc_{c}": metrics["per_class_auc"][c] for c in CLASSES})
     mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
-    for name in ("metrics.json", "per_class_auc.csv", "thresholds.json", "comparison.md", "evaluate_config.json"):
+    names = ("metrics.json", "subgroups.json", "per_class_auc.csv", "thresholds.json", "comparison.md")
+    for name in (*names, "evaluate_config.json"):
         mlflow.log_artifact(str(out / name), artifact_path="evaluation")
     mlflow.log_artifacts(str(out / "plots"), artifact_path="evaluation/plots")
     mlflow.log_artifacts(str(out / "predictions"), artifact_path="evaluation/predictions")

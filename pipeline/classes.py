@@ -58,6 +58,9 @@ LABEL_CSV_HEADER = (
     "OriginalImagePixelSpacing[x",
     "y]",
 )
+# The oldest plausible age in years: the 2017 label file has a few impossible ages above it (e.g. 414),
+# which the v2020 file corrects (its ages run 0-95); they are counted, never binned.
+MAX_AGE = 100
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 

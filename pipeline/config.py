@@ -507,6 +507,8 @@ class EvaluateConfig(Section):
         batch_size: images per prediction batch.
         workers: data-loading processes.
         device: "auto" or a torch device string.
+        subgroup_min_cases: fewest positives, and fewest negatives, a class needs in a test
+            subgroup (sex, age band, view, follow-up) to get an AUC there; fewer is reported as null.
     """
 
     bootstrap_resamples: PosInt
@@ -516,6 +518,7 @@ class EvaluateConfig(Section):
     batch_size: PosInt
     workers: NonNegInt
     device: str
+    subgroup_min_cases: PosInt
 
 
 class RegisterConfig(Section):

@@ -20,6 +20,7 @@ from . import plots
 from .classes import CLASSES, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
 from .config import EvaluateConfig
 from .data.dataset import CachedImageDataset, build_loader
+from .data.layout import MANIFEST
 from .inference import predict, resolve_device
 from .io import save_dataframe, write_json, write_text
 from .metrics import (
@@ -33,6 +34,7 @@ from .metrics import (
     threshold_metrics,
 )
 from .models import load_bundle
+from .subgroups import read_subgroup_meta, subgroup_report
 
 
 @dataclass
@@ -71,9 +73,10 @@ def predictions_frame(scores: SplitScores) -> pd.DataFrame:
 
 
 def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, progress: bool = True) -> dict:
-    """Write reports/metrics.json, per_class_auc.csv, thresholds.json, predictions and plots.
+    """Write reports/metrics.json, per_class_auc.csv, thresholds.json, subgroups.json, predictions and plots.
 
     Thresholds are chosen on the validation split and applied unchanged to the test split.
+    subgroups.json holds test AUC per sex, age band, view and visit (see `pipeline.subgroups`).
     """
     device = resolve_device(cfg.device)
     model, bundle = load_bundle(model_path, device)
@@ -89,9 +92,16 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
         at_thr = threshold_metrics(test.y, test.probs, thresholds)
     for w in caught:
         print(f"[evaluate] warning: {w.message}")
+    meta = read_subgroup_meta(Path(prepared_dir) / MANIFEST, test.images)
+    subgroups = subgroup_report(
+        test.y, test.probs, test.patients, meta, cfg.subgroup_min_cases, cfg.bootstrap_resamples, cfg.ci, cfg.seed
+    )
     metrics = _metrics_json(boot, ap, at_thr, test, val_mean, cfg, bundle)
+    subgroups["overall"] = {"mean_auc": metrics["mean_auc"], "mean_auc_ci": metrics["mean_auc_ci"]}
     table = _per_class_table(boot, ap, at_thr, test)
     _write_reports(out_dir, metrics, table, thresholds, val, test, boot, ap, cfg)
+    write_json(Path(out_dir) / "subgroups.json", subgroups)
+    plots.subgroup_forest(subgroups, metrics["mean_auc"], Path(out_dir) / "plots" / "subgroups.png")
     return metrics
 
 

@@ -205,3 +205,62 @@ def ablation_plot(summary: dict, path: str | Path) -> None:
     for ax in (ax1, ax2):
         ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
+
+
+def _classes(n: int) -> str:
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
+def subgroup_forest(report: dict, overall: float | None, path: str | Path) -> None:
+    """Mean test AUC with its interval for every subgroup, one row each, grouped by attribute.
+
+    Args:
+        report: `pipeline.subgroups.subgroup_report`'s dict.
+        overall: the whole test split's mean AUC, drawn as a dashed reference line (None: no line).
+        path: the PNG to write.
+    """
+    rows = []  # (label, mean, low, high, note)
+    for attribute, entry in report["attributes"].items():
+        for group, g in entry["groups"].items():
+            label = f"{attribute}: {group} (n={g['images']})"
+            if g["mean_auc"] is None:
+                rows.append((label, np.nan, np.nan, np.nan, g["status"]))
+            else:
+                low, high = (np.nan if v is None else v for v in g["mean_auc_ci"])
+                rows.append((label, g["mean_auc"], low, high, _classes(len(g["classes_in_mean"]))))
+    y = np.arange(len(rows))[::-1]  # first row on top
+    fig = _figure(8, 0.38 * len(rows) + 1.4)
+    ax = fig.subplots()
+    for yi, (_, mean, low, high, note) in zip(y, rows):
+        if np.isfinite(mean):
+            err = [[mean - low if np.isfinite(low) else 0.0], [high - mean if np.isfinite(high) else 0.0]]
+            ax.errorbar(mean, yi, xerr=err, fmt="o", color="tab:blue", capsize=3)
+            ax.annotate(
+                note,
+                (1.0, yi),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+                color="grey",
+            )
+        else:
+            ax.annotate(
+                note,
+                (0.5, yi),
+                xycoords=("axes fraction", "data"),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="tab:red",
+            )
+    if overall is not None and np.isfinite(overall):
+        ax.axvline(overall, ls="--", color="tab:red", lw=1, label=f"all test images {overall:.3f}")
+        ax.legend(fontsize=8, loc="lower left")
+    ax.set_yticks(y, [r[0] for r in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    level = round(100 * report["ci_level"])
+    ax.set(xlabel=f"mean ROC AUC ({level}% CI, patient bootstrap)", title="Test mean AUC per subgroup")
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)

@@ -59,6 +59,12 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     assert list(predictions.columns) == ["image", "patient", *CLASSES]
     test_rows = manifest[manifest["split"] == "test"]
     assert metrics["bootstrap_unit"] == "patient" and metrics["test_patients"] == test_rows["patient"].nunique()
+    subgroups = json.loads((demo_repo / "reports/subgroups.json").read_text())
+    assert set(subgroups["attributes"]) == {"sex", "age", "view", "followup"}
+    sexes = subgroups["attributes"]["sex"]["groups"]
+    assert sexes["M"]["images"] + sexes["F"]["images"] == len(test_rows)  # the demo label file gives every sex
+    assert subgroups["overall"]["mean_auc"] == metrics["mean_auc"]
+    assert (demo_repo / "reports/plots/subgroups.png").stat().st_size > 10_000
 
     registration = json.loads((demo_repo / "reports/registration.json").read_text())
     assert registration["version"] == "1" and registration["promote"] is True

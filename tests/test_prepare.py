@@ -270,7 +270,7 @@ def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
     assert saved["listed_missing"]["count"] == 1 and saved["num_images"] == 35
 
     manifest = pd.read_csv(out / "manifest.csv")
-    expected = ["image", "patient", "followup", "view", "split", *CLASSES, "cache_index"]
+    expected = ["image", "patient", "followup", "view", "sex", "age", "split", *CLASSES, "cache_index"]
     assert list(manifest.columns) == expected
     assert set(manifest["split"]) == {"train", "val", "test"}
     assert_patient_disjoint(manifest)
@@ -287,6 +287,42 @@ def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
     assert len(long) == 3 * 15
     got = long[(long["split"] == "test") & (long["class"] == "Effusion")]["count"].item()
     assert got == manifest.loc[manifest["split"] == "test", "Effusion"].sum()
+
+
+def test_manifest_carries_sex_and_age_from_the_label_file(raw: Path):
+    csv = raw / "Data_Entry_2017_v2020.csv"
+    rows = pd.read_csv(csv, dtype=str)
+    ages = ["7", "058Y", "", "abc", "414", "-3", "61.5"]  # ok, ok, missing, unparseable, impossible, bad, bad
+    sexes = ["F", "m", "", "X", "M", "F", "M"]
+    rows.loc[: len(ages) - 1, "Patient Age"] = ages
+    rows.loc[: len(sexes) - 1, "Patient Gender"] = sexes
+    rows.loc[len(ages) :, "Patient Gender"] = "F"
+    write_label_csv(csv, rows)
+    out = raw.parent / "out"
+    stats = prepare(raw, out, cfg(), progress=False)
+
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False, dtype={"sex": str, "age": str})
+    by_image = manifest.set_index("image")
+    names = rows["Image Index"].tolist()
+    got_age = [by_image.at[n, "age"] for n in names[: len(ages)]]
+    got_sex = [by_image.at[n, "sex"] for n in names[: len(sexes)]]
+    assert got_age == ["7", "58", "", "", "414", "", ""]
+    assert got_sex == ["F", "M", "", "", "M", "F", "M"]
+    assert (by_image.loc[names[len(ages) :], "age"] == "50").all()
+    assert (by_image.loc[names[len(ages) :], "sex"] == "F").all()
+
+    demo = stats["demographics"]
+    assert demo["age_missing"]["count"] == 4 and set(demo["age_missing"]["first"]) == {names[i] for i in (2, 3, 5, 6)}
+    assert demo["sex_missing"] == {"count": 2, "first": sorted([names[2], names[3]])}
+    assert demo["age_over_max"]["count"] == 1 and demo["age_over_max"]["first"] == [names[4]]
+
+
+def test_label_file_without_age_and_sex_columns_gives_empty_values(tmp_path: Path):
+    rows = label_rows(2, 2, seed=0).drop(columns=["Patient Age", "Patient Gender"])
+    write_label_csv(tmp_path / "labels.csv", rows)
+    table = L.read_label_csv(tmp_path / "labels.csv")
+    assert L.parse_sex(table).tolist() == [""] * 4
+    assert L.parse_age(table).isna().all()
 
 
 def test_patient_in_both_official_lists_is_an_error(raw: Path):

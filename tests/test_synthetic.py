@@ -25,6 +25,7 @@ from pipeline.classes import (
 )
 from pipeline.config import ConfigError
 from pipeline.data.synthetic import (
+    _sample_metadata,
     followup_counts,
     generate,
     real_prevalence,
@@ -86,6 +87,21 @@ def test_csv_rows_describe_every_image(dataset):
     counts = {c: sum(c in r["Finding Labels"].split("|") for r in rows) for c in CLASSES}
     assert counts == summary["class_counts"]
     assert summary["no_finding"] == sum(r["Finding Labels"] == NO_FINDING for r in rows)
+
+
+def test_demographics_match_the_nih_file_and_fill_every_age_band():
+    from pipeline.subgroups import age_bands
+
+    cfg = settings("download.synthetic")  # the demo's size: metadata only, no images drawn
+    meta = _sample_metadata(cfg, np.random.default_rng(cfg.seed))
+    assert 44 < meta.age.mean() < 50 and 14 < meta.age.std() < 20  # NIH: mean 46.9, s.d. 16.6
+    assert meta.age.min() >= 1 and meta.age.max() <= 100
+    assert 0.53 < (meta.gender == "M").mean() < 0.60  # NIH: 56.5% of images male
+    for patient in np.unique(meta.patient)[:200]:
+        assert len(set(meta.gender[meta.patient == patient])) == 1  # sex is fixed per patient
+    bands, left_out = age_bands(meta.age)
+    assert left_out == {"missing": 0, "impossible": 0}
+    assert min((bands == b).sum() for b in ("<20", "20-39", "40-59", "60-79", "80+")) >= 20
 
 
 def test_list_files_split_by_patient(dataset):

@@ -9,14 +9,17 @@ import pandas as pd
 
 from pipeline.classes import CLASSES, LABEL_CSV_NAMES, LABEL_SEPARATOR, NO_FINDING
 
-# The columns prepare uses; the rest of LABEL_CSV_HEADER (age, sex, original size, spacing) is
-# carried through but not required, so trimmed copies of the label file still work.
+# The columns prepare needs; age and sex are kept when present (an absent column reads as empty),
+# the rest of LABEL_CSV_HEADER (original size, spacing) is ignored, so trimmed copies still work.
 IMAGE_COL = "Image Index"
 FINDINGS_COL = "Finding Labels"
 FOLLOWUP_COL = "Follow-up #"
 PATIENT_COL = "Patient ID"
 VIEW_COL = "View Position"
+AGE_COL = "Patient Age"
+SEX_COL = "Patient Gender"
 REQUIRED_COLUMNS = (IMAGE_COL, FINDINGS_COL, FOLLOWUP_COL, PATIENT_COL, VIEW_COL)
+SEXES = ("M", "F")
 
 _CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 
@@ -65,6 +68,29 @@ def read_label_csv(path: str | Path) -> pd.DataFrame:
             raise ValueError(f"{path}: column '{col}' is not an integer for {', '.join(bad)}")
         df[col] = values.astype(np.int64)
     return df.reset_index(drop=True)
+
+
+def parse_sex(df: pd.DataFrame) -> pd.Series:
+    """ "M", "F" or "" (missing, another value, or no Patient Gender column) for each row."""
+    if SEX_COL not in df.columns:
+        return pd.Series([""] * len(df), index=df.index, dtype=object)
+    sex = df[SEX_COL].fillna("").astype(str).str.strip().str.upper()
+    return sex.where(sex.isin(SEXES), "")
+
+
+def parse_age(df: pd.DataFrame) -> pd.Series:
+    """Age in whole years (nullable Int64) for each row; <NA> when missing or unparseable.
+
+    An early copy of the label file writes ages as "058Y": a trailing Y is accepted. Negative or
+    fractional values are unparseable. Ages above `MAX_AGE` are kept as written: the evaluation
+    counts them as impossible instead of binning them.
+    """
+    if AGE_COL not in df.columns:
+        return pd.Series(pd.NA, index=df.index, dtype="Int64")
+    text = df[AGE_COL].astype(str).str.strip().str.rstrip("Yy")
+    age = pd.to_numeric(text, errors="coerce")
+    valid = age.notna() & (age >= 0) & (age == np.floor(age))
+    return age.where(valid).astype("Int64")
 
 
 def parse_findings(findings: pd.Series, source: str | Path = "label file") -> np.ndarray:

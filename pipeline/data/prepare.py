@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.classes import CLASSES, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.classes import CLASSES, MAX_AGE, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache, publish_cache
@@ -74,7 +74,11 @@ def prepare(
 
 
 def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """The label table (image, patient, followup, view, 14 classes) and the two official lists."""
+    """The label table (image, patient, followup, view, sex, age, 14 classes) and the two official lists.
+
+    Sex is "M", "F" or "" and age whole years or <NA> when the label file lacks a usable value;
+    `split_statistics` counts those rows.
+    """
     csv_path = L.find_label_csv(raw_dir)
     raw = L.read_label_csv(csv_path)
     onehot = L.parse_findings(raw[L.FINDINGS_COL], csv_path)  # (N, C)
@@ -84,6 +88,8 @@ def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
             "patient": raw[L.PATIENT_COL],
             "followup": raw[L.FOLLOWUP_COL],
             "view": raw[L.VIEW_COL].fillna("").str.strip(),
+            "sex": L.parse_sex(raw),
+            "age": L.parse_age(raw),
         }
     )
     table[list(CLASSES)] = onehot
@@ -150,9 +156,21 @@ def split_statistics(
             "by_reason": {str(k): int(v) for k, v in reasons.items()},
             "first": quarantine["image"].head(EXAMPLES).tolist(),
         },
+        "demographics": demographics(table),
         **inventory,
         "cache": {"file": cache.path.name, "size": cache.size, "count": cache.count, "skipped": cache.skipped},
         "config": cfg.model_dump(),
+    }
+
+
+def demographics(table: pd.DataFrame) -> dict[str, Any]:
+    """Rows whose sex or age the label file does not give usably, and ages above MAX_AGE."""
+    age = table["age"]
+    impossible = age.notna() & (age > MAX_AGE)
+    return {
+        "sex_missing": _examples(set(table.loc[table["sex"] == "", "image"])),
+        "age_missing": _examples(set(table.loc[age.isna(), "image"])),
+        "age_over_max": {**_examples(set(table.loc[impossible, "image"])), "max_age": MAX_AGE},
     }
 
 
@@ -190,7 +208,7 @@ def split_class_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_outputs(out_dir: Path, table: pd.DataFrame, stats: dict, quarantine: pd.DataFrame) -> None:
-    columns = ["image", "patient", "followup", "view", "split", *CLASSES, "cache_index"]
+    columns = ["image", "patient", "followup", "view", "sex", "age", "split", *CLASSES, "cache_index"]
     manifest = table.loc[table["split"] != "", columns]
     save_dataframe(out_dir / MANIFEST, manifest)
     save_dataframe(out_dir / QUARANTINE, quarantine)

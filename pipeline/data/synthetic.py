@@ -14,6 +14,12 @@ pairs (effusion with atelectasis, mass with nodule, ...), thresholded per class 
 quantile of the real prevalence. The shared loading is tuned so that about 54% of the images are
 "No Finding" and an abnormal image carries about 1.57 labels, as in the real 112,120 images.
 
+Demographics follow the real label file's figures: each patient's age is drawn once, normal with
+mean 47 and s.d. 17 years clipped to 1-92, and rises by up to 0.6 years per follow-up (so no age
+exceeds 100); 56.5% of patients are male. The images do not depend on age or sex, so any AUC
+difference between those subgroups on this data is chance. View does depend on the labels: an
+abnormal image is filmed AP more often (about 40% AP overall, as in NIH), and AP magnifies the heart.
+
 Images are drawn with numpy: a chest-like background (body, two lung fields, heart, spine, ribs,
 per-patient size/position/brightness/rotation, noise) plus one localised pattern per disease with
 random position and strength, some subtle and a few positives with no visible sign at all (the
