@@ -391,15 +391,9 @@ def mlflow_workspace(tmp_path: Path, monkeypatch, experiment: str, train: dict) 
     return uri
 
 
-def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from components.train import main
-
-    prepared, _ = data
-    uri = mlflow_workspace(tmp_path, monkeypatch, "train-test", {**TINY, "epochs": 2, "max_steps_per_epoch": 2})
-    argv = [
+def train_argv(tmp_path: Path, prepared: Path, *extra: str) -> list[str]:
+    """The train component's command line on `prepared`, writing model/ and reports/ in tmp_path."""
+    return [
         "--params",
         str(tmp_path / "params.yaml"),
         "--prepared",
@@ -411,7 +405,19 @@ def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
         "--reports",
         "reports",
         "--no-progress",
+        *extra,
     ]
+
+
+def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from components.train import main
+
+    prepared, _ = data
+    uri = mlflow_workspace(tmp_path, monkeypatch, "train-test", {**TINY, "epochs": 2, "max_steps_per_epoch": 2})
+    argv = train_argv(tmp_path, prepared)
     assert main(argv) == 0
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -454,20 +460,7 @@ def test_train_component_rewrites_a_finished_run_byte_for_byte(data, tmp_path, m
 
     prepared, _ = data
     mlflow_workspace(tmp_path, monkeypatch, "train-bytes", {**TINY, "epochs": 2, "max_steps_per_epoch": 2})
-    argv = [
-        "--params",
-        str(tmp_path / "params.yaml"),
-        "--prepared",
-        str(prepared),
-        "--prototypes",
-        str(prepared.parent / "prototypes"),
-        "--out",
-        "model",
-        "--reports",
-        "reports",
-        "--no-progress",
-        "--no-mlflow",
-    ]
+    argv = train_argv(tmp_path, prepared, "--no-mlflow")
     outputs = [
         "model/best.pt",
         "model/last.pt",
