@@ -64,6 +64,23 @@ MAX_AGE = 100
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 
+# NIH's optional box file, beside the label file: 984 boxes drawn by radiologists over 8 classes,
+# header `Image Index,Finding Label,Bbox [x,y,w,h],,,` with x, y, w, h in four columns, in pixels
+# of the 1024 x 1024 PNGs. It names Infiltration "Infiltrate".
+BBOX_CSV = "BBox_List_2017.csv"
+BBOX_CSV_HEADER = ("Image Index", "Finding Label", "Bbox [x", "y", "w", "h]")
+BBOX_IMAGE_SIZE = 1024
+BBOX_LABELS: dict[str, str] = {
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Effusion": "Effusion",
+    "Infiltrate": "Infiltration",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax",
+}  # the file's label -> ours
+
 # Mean AUC on the official test split (DESIGN.md); CheXNet's random-split 0.841 is not comparable.
 SEED_PAPER = "Jin et al. 2023, dual-weighted metric loss"  # the method this project implements
 SEED_PAPER_AUC = 0.826

@@ -5,6 +5,7 @@
     out_dir/images/<patient:08d>_<followup:03d>.png    8-bit grayscale, cfg.image_size square
     out_dir/Data_Entry_2017_v2020.csv                  the real header and columns
     out_dir/train_val_list.txt, out_dir/test_list.txt  disjoint by patient, no trailing newline
+    out_dir/BBox_List_2017.csv                         boxes around the drawn lesions, NIH's format
 
 so every later step runs unchanged on it. Everything is deterministic for a seed.
 
@@ -25,6 +26,11 @@ per-patient size/position/brightness/rotation, noise) plus one localised pattern
 random position and strength, some subtle and a few positives with no visible sign at all (the
 real labels are text-mined and noisy), so a small CNN learns them without reaching AUC 1.0.
 Patterns are at least a few pixels wide at 64 px, the demo cache size.
+
+The box file holds, like NIH's, the eight classes NIH boxed, in 1024-pixel coordinates: one box
+per connected region where a drawn lesion's own density reaches half its peak (for cardiomegaly,
+the enlarged heart's outline). Boxes are read off the drawing and draw nothing: the images are
+the same with or without them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ from tqdm.auto import tqdm
 
 from pipeline import io
 from pipeline.classes import (
+    BBOX_CSV,
+    BBOX_IMAGE_SIZE,
+    BBOX_LABELS,
     CLASS_COUNTS,
     CLASSES,
     LABEL_CSV_HEADER,
@@ -491,14 +500,69 @@ def render_image(
     Returns:
         (size, size) uint8 image.
     """
+    return render_with_boxes(labels, anatomy, rng, size, view, invisible_fraction, noise)[0]
+
+
+# The classes NIH drew boxes for, ours by name.
+BOX_CLASSES = tuple(BBOX_LABELS.values())
+
+
+def render_with_boxes(
+    labels: np.ndarray,
+    anatomy: Anatomy,
+    rng: np.random.Generator,
+    size: int = 128,
+    view: str = "PA",
+    invisible_fraction: float = 0.1,
+    noise: float = 0.03,
+) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
+    """`render_image`'s image and the boxes (class, (x, y, w, h) in pixels) of its drawn lesions.
+
+    Only the classes in BOX_CLASSES get boxes, and only when drawn (an invisible positive has none).
+    """
     sc = _Scene(size, anatomy, view, rng)
     strengths = rng.uniform(0.3, 1.0, NUM_CLASSES) * (rng.random(NUM_CLASSES) >= invisible_fraction)
+    boxes: list[tuple[str, tuple[int, int, int, int]]] = []
     for table in (_ANATOMY_CHANGES, _DENSITIES):
         for cls, draw in table.items():
             i = _IDX[cls]
             if labels[i] and strengths[i] > 0:
+                before = _densities(sc)
                 draw(sc, float(strengths[i]))
-    return sc.compose(noise)
+                if cls in BOX_CLASSES and cls != "Cardiomegaly":
+                    boxes += [(cls, b) for b in _region_boxes(np.max(np.abs(_densities(sc) - before), axis=0))]
+    if labels[_IDX["Cardiomegaly"]] and strengths[_IDX["Cardiomegaly"]] > 0:
+        heart, _ = _ellipse(sc.u, sc.v, 0.1, 0.34, sc.heart_w, sc.heart_h, edge=0.25)
+        boxes += [("Cardiomegaly", b) for b in _region_boxes(heart)]
+    return sc.compose(noise), boxes
+
+
+def _densities(sc: _Scene) -> np.ndarray:
+    """(3, S, S): what a disease drawing changes, added density, opacity and free air."""
+    return np.stack([sc.add, sc.opacity, sc.pneumothorax])
+
+
+def _region_boxes(field: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) in pixels of each connected region where `field` (S, S) reaches half its peak."""
+    from scipy import ndimage
+
+    peak = float(field.max())
+    if peak <= 0:
+        return []
+    regions, _ = ndimage.label(field >= 0.5 * peak)
+    slices = ndimage.find_objects(regions)  # (rows, cols) per region
+    return [(c.start, r.start, c.stop - c.start, r.stop - r.start) for r, c in slices]
+
+
+def bbox_csv(rows: list[tuple[str, str, tuple[int, int, int, int]]], size: int) -> str:
+    """NIH's BBox_List_2017.csv text for (image, class, (x, y, w, h) in pixels of `size`) rows."""
+    to_nih = {ours: theirs for theirs, ours in BBOX_LABELS.items()}
+    scale = BBOX_IMAGE_SIZE / size
+    lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"]
+    for name, cls, box in rows:
+        x, y, w, h = (v * scale for v in box)
+        lines.append(f"{name},{to_nih[cls]},{x:g},{y:g},{w:g},{h:g},,,")
+    return "\n".join(lines) + "\n"
 
 
 def render_images(labels: np.ndarray, rng: np.random.Generator, size: int = 128, **kwargs) -> np.ndarray:
@@ -585,9 +649,10 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
     patient_rngs = np.random.default_rng([cfg.seed, 1]).spawn(cfg.num_patients)
     anatomies = [sample_anatomy(r) for r in patient_rngs]
     names = [image_name(p, f) for p, f in zip(meta.patient, meta.followup)]
+    boxes = []
     for i in tqdm(range(cfg.num_images), desc="synthetic images", unit="img", disable=not progress):
         rng = np.random.default_rng([cfg.seed, 2, i])  # one stream per image: reproducible alone
-        img = render_image(
+        img, drawn = render_with_boxes(
             meta.labels[i],
             anatomies[patients[i]],
             rng,
@@ -597,10 +662,12 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
             cfg.noise,
         )
         _save_png(images_dir / names[i], img)
+        boxes += [(names[i], cls, box) for cls, box in drawn]
     train_val = [n for n, t in zip(names, meta.is_test) if not t]
     test = [n for n, t in zip(names, meta.is_test) if t]
     io.write_text(out_dir / TRAIN_VAL_LIST, "\n".join(train_val))  # NIH: no trailing newline
     io.write_text(out_dir / TEST_LIST, "\n".join(test))
+    io.write_text(out_dir / BBOX_CSV, bbox_csv(boxes, cfg.image_size))
     io.write_text(out_dir / LABEL_CSV_NAMES[0], _label_csv(meta, cfg.image_size))
     return {
         "images": cfg.num_images,
@@ -610,5 +677,6 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
         "test_patients": int(len(np.unique(patients[meta.is_test]))),
         "image_size": cfg.image_size,
         "no_finding": int((meta.labels.sum(1) == 0).sum()),
+        "boxes": len(boxes),
         "class_counts": {c: int(n) for c, n in zip(CLASSES, meta.labels.sum(0))},
     }
