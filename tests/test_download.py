@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.classes import LABEL_CSV_HEADER, TEST_LIST, TRAIN_VAL_LIST, image_name
+from pipeline.classes import BBOX_CSV, LABEL_CSV_HEADER, TEST_LIST, TRAIN_VAL_LIST, image_name
 from pipeline.config import ConfigError
 from pipeline.data import sources
 from pipeline.data.archives import DamagedArchiveError, UnsafeArchiveError
@@ -31,6 +31,7 @@ from tests.conftest import ROOT, settings
 from tests.servers import FileServer, moto_s3, s3_client
 
 LABEL_CSV = "Data_Entry_2017_v2020.csv"
+METADATA = (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST, BBOX_CSV)  # the release's files beside the archives
 IMAGES_PER_ARCHIVE = 3
 ARCHIVES = 2
 
@@ -46,7 +47,7 @@ class Release:
 
     def expected_manifest(self) -> dict[str, dict]:
         files = {f"images/{n}": data for n, data in self.images.items()}
-        for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+        for name in METADATA:
             files[name] = (self.root / name).read_bytes()
         return {k: {"md5": hashlib.md5(v).hexdigest(), "size": len(v)} for k, v in sorted(files.items())}
 
@@ -79,6 +80,9 @@ def _write_metadata(folder: Path, names: list[str]) -> None:
     # NIH's list files have no trailing newline.
     (folder / TRAIN_VAL_LIST).write_text("\n".join(names[:-2]))
     (folder / TEST_LIST).write_text("\n".join(names[-2:]))
+    # NIH's header spreads "Bbox [x,y,w,h]" over four columns and ends in empty ones
+    boxes = [f"{names[-1]},Infiltrate,225.08,547.02,86.78,79.19,,,", f"{names[-2]},Mass,10,20,30,40,,,"]
+    (folder / BBOX_CSV).write_text("\n".join(["Image Index,Finding Label,Bbox [x,y,w,h],,,", *boxes]) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,7 @@ def _assert_complete(out: Path, release: Release) -> None:
     """The folder holds exactly the release, byte for byte, and its manifest says so."""
     for name, data in release.images.items():
         assert (out / "images" / name).read_bytes() == data, name
-    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+    for name in METADATA:
         assert (out / name).read_bytes() == (release.root / name).read_bytes(), name
     assert _manifest(out) == release.expected_manifest()
 
@@ -129,7 +133,8 @@ def test_http_download_verifies_and_extracts(server, release, tmp_path):
     out = tmp_path / "raw"
     summary = fetch(_cfg(server.url, release), out, progress=False)
     _assert_complete(out, release)
-    assert summary["files"] == len(release.images) + 3
+    assert summary["files"] == len(release.images) + len(METADATA)
+    assert summary["box_file"] == BBOX_CSV
     assert summary["archives_fetched"] == [archive_name(1), archive_name(2)]
     assert summary["transferred_bytes"] >= sum((release.root / archive_name(a)).stat().st_size for a in (1, 2))
     assert "MB/s" in summary["line"]
@@ -232,7 +237,7 @@ def test_unsafe_archive_members_are_refused(release, tmp_path, kind):
     root.mkdir()
     outside = tmp_path / "outside"
     outside.mkdir()
-    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+    for name in METADATA:
         (root / name).write_bytes((release.root / name).read_bytes())
     good = {f"images/{n}": release.images[n] for n in release.members[archive_name(1)]}
     member = _unsafe_member(kind, outside)
@@ -267,7 +272,7 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> str:
 def _mirror(release: Release, root: Path, *archives: list[tuple[str, bytes]]) -> list[str]:
     """The release's metadata files and `archives` (archive 1 first) in `root`; their MD5s."""
     root.mkdir(parents=True)
-    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):
+    for name in METADATA:
         (root / name).write_bytes((release.root / name).read_bytes())
     return [_tar(root / archive_name(i), members) for i, members in enumerate(archives, start=1)]
 
@@ -285,7 +290,7 @@ def _fetch_refused(
     assert "\n" not in str(refused.value)
     assert not list((out / ".fetch").glob("extract-*"))  # the scratch folder is gone
     assert not (out / MANIFEST).exists()
-    for name in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST):  # the metadata files are the fetched ones
+    for name in METADATA:  # the metadata files are the fetched ones
         assert (out / name).read_bytes() == (release.root / name).read_bytes(), name
     return refused.value
 
@@ -480,6 +485,21 @@ def test_rerun_skips_completed_and_refetches_what_is_missing(server, release, tm
     _assert_complete(out, release)
 
 
+def test_a_mirror_without_the_box_file_still_downloads(release, tmp_path):
+    """The box file is optional: asked for once, its absence logged, and the rest is complete."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    for path in release.root.iterdir():
+        if path.name != BBOX_CSV:
+            os.link(path, root / path.name)
+    out = tmp_path / "raw"
+    with FileServer(root) as server:
+        summary = fetch(_cfg(server.url, release), out, progress=False)
+        assert [g.path for g in server.requests].count(BBOX_CSV) == 1
+    assert summary["box_file"] is None and not (out / BBOX_CSV).exists()
+    assert set(_manifest(out)) == set(release.expected_manifest()) - {BBOX_CSV}
+
+
 def test_nih_source_needs_metadata_url(tmp_path):
     with pytest.raises(
         DownloadError,
@@ -578,7 +598,7 @@ def _bucket(endpoint: str, name: str, files: dict[str, bytes], public: bool = Fa
 
 
 def _metadata(release: Release) -> dict[str, bytes]:
-    return {n: (release.root / n).read_bytes() for n in (LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST)}
+    return {n: (release.root / n).read_bytes() for n in METADATA}
 
 
 def test_s3_archives_with_credentials(s3_endpoint, aws_credentials, release, tmp_path):
@@ -687,10 +707,10 @@ def test_synthetic_source_calls_the_generator(tmp_path, capsys):
     pngs = sorted(p.name for p in (out / "images").glob("*.png"))
     assert len(pngs) == 12 and summary["synthetic"]["images"] == 12
     manifest = _manifest(out)
-    assert set(manifest) == {f"images/{n}" for n in pngs} | {LABEL_CSV, TRAIN_VAL_LIST, TEST_LIST}
+    assert set(manifest) == {f"images/{n}" for n in pngs} | set(METADATA)
     for rel, entry in manifest.items():
         assert entry == {
             "md5": hashlib.md5((out / rel).read_bytes()).hexdigest(),
             "size": (out / rel).stat().st_size,
         }, rel
-    assert "fetch synthetic: 15 files (12 images" in capsys.readouterr().out
+    assert "fetch synthetic: 16 files (12 images" in capsys.readouterr().out

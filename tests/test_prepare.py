@@ -563,3 +563,48 @@ def test_prepare_on_synthetic_dataset(tmp_path: Path):
     train = CachedImageDataset(tmp_path / "out", "train", settings("train.augment", crop_size=56), train=True)
     image, _ = train[0]
     assert image.shape == (1, 56, 56) and image.float().std() > 1
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def test_boxes_are_scaled_to_the_cache_and_kept_for_manifest_images(raw: Path):
+    names = sorted(p.name for p in (raw / "images").iterdir())
+    rows = [
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,",
+        f"{names[0]},Infiltrate,256,512,128,64,,,",  # NIH's name for Infiltration
+        f"{names[1]},Mass,0,1000,24,24,,,",
+        "00099999_000.png,Nodule,1,2,3,4,,,",  # an image the release does not hold
+    ]
+    (raw / "BBox_List_2017.csv").write_text("\n".join(rows) + "\n")
+    stats = prepare(raw, raw.parent / "out", cfg(), progress=False)
+    boxes = json.loads((raw.parent / "out" / "boxes.json").read_text())
+    assert boxes["source"] == "BBox_List_2017.csv" and boxes["image_size"] == SIZE and boxes["dropped"] == 1
+    scale = SIZE / 1024  # NIH's boxes are in pixels of the 1024 px PNGs
+    box = dict(zip("xywh", np.array([256, 512, 128, 64]) * scale))
+    assert boxes["boxes"] == [
+        {"image": names[0], "class": "Infiltration", **box},
+        {"image": names[1], "class": "Mass", "x": 0.0, "y": 1000 * scale, "w": 24 * scale, "h": 24 * scale},
+    ]
+    assert stats["boxes"] == {"source": "BBox_List_2017.csv", "count": 2, "dropped": 1}
+
+
+def test_without_a_box_file_boxes_are_marked_absent(raw: Path):
+    prepare(raw, raw.parent / "out", cfg(), progress=False)
+    boxes = json.loads((raw.parent / "out" / "boxes.json").read_text())
+    assert boxes == {"source": None, "image_size": SIZE, "boxes": [], "dropped": 0}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("a.png,Infiltration tissue,1,2,3,4,,,", r"unknown finding label\(s\) 'Infiltration tissue'"),
+        ("a.png,Mass,1,two,3,4,,,", r"column y is not a non-negative number for a.png \('two'\)"),
+        ("a.png,Mass,1,2,0,4,,,", r"column w is not a positive number"),
+    ],
+)
+def test_a_bad_box_row_names_the_file_and_the_row(tmp_path: Path, row: str, message: str):
+    path = tmp_path / "BBox_List_2017.csv"
+    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + row + "\n")
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        L.read_bbox_csv(path)

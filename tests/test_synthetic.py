@@ -212,3 +212,31 @@ def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match="image_size"):
         settings("download.synthetic", image_size=8)
     assert settings("download.synthetic", seed=3).seed == 3
+
+
+def test_box_file_outlines_the_drawn_lesions(dataset):
+    """NIH's format; every boxed class is a positive label of its image; a mass or nodule box holds
+    a blob brighter than the ring around it; every drawn box class has its box."""
+    from pipeline.classes import BBOX_CSV, BBOX_LABELS
+    from pipeline.data.labels import read_bbox_csv
+
+    out, summary = dataset
+    assert (out / BBOX_CSV).read_text().split("\n", 1)[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    boxes = read_bbox_csv(out / BBOX_CSV)
+    assert len(boxes) == summary["boxes"] > 0 and set(boxes["class"]) <= set(BBOX_LABELS.values())
+    labels = {r["Image Index"]: r["Finding Labels"].split("|") for r in _read_csv(out / LABEL_CSV_NAMES[0])}
+    assert all(cls in labels[image] for image, cls in zip(boxes["image"], boxes["class"]))
+    scale = SMALL.image_size / 1024
+    brighter = []
+    for row in boxes[boxes["class"].isin(["Mass", "Nodule"])].itertuples():
+        img = np.asarray(Image.open(out / "images" / row.image), dtype=np.float64)
+        x0, y0 = int(row.x * scale), int(row.y * scale)
+        x1, y1 = x0 + int(row.w * scale), y0 + int(row.h * scale)
+        inside = img[y0:y1, x0:x1].mean()
+        ring = img[max(y0 - 3, 0) : y1 + 3, max(x0 - 3, 0) : x1 + 3]
+        ring_mean = (ring.sum() - img[y0:y1, x0:x1].sum()) / (ring.size - (y1 - y0) * (x1 - x0))
+        brighter.append(inside > ring_mean)
+    assert len(brighter) >= 3 and np.mean(brighter) >= 0.8
+    # each image with a visible box class drawn has a box; invisible positives (10%) do not
+    positives = sum(c in BBOX_LABELS.values() for names in labels.values() for c in names)
+    assert 0.75 * positives <= boxes.groupby(["image", "class"]).ngroups <= positives

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.classes import LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.classes import BBOX_CSV, LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.data.layout import RAW_IMAGES
 from pipeline.data.sources import check_md5, parallel
 from pipeline.io import file_digest, file_size, read_json, write_json
@@ -40,7 +40,7 @@ CHUNK = 1 << 20
 STATE_DIR = ".fetch"  # extraction markers and scratch folders, under the output folder
 ARCHIVE_DIR = "archives"  # downloaded archives, under the output folder
 # the label CSV and split lists come from the metadata files, never from an image archive
-METADATA_FILES = frozenset(name.casefold() for name in (*LABEL_CSV_NAMES, TRAIN_VAL_LIST, TEST_LIST))
+METADATA_FILES = frozenset(name.casefold() for name in (*LABEL_CSV_NAMES, TRAIN_VAL_LIST, TEST_LIST, BBOX_CSV))
 REFETCH = "Delete the archive and download it again from a trusted source"
 
 

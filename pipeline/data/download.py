@@ -6,6 +6,7 @@ Every source ends in the same folder::
       images/*.png
       Data_Entry_2017_v2020.csv      (or Data_Entry_2017.csv)
       train_val_list.txt, test_list.txt
+      BBox_List_2017.csv             NIH's lesion boxes, when the source has them (optional)
       archives/                      the verified tar.gz files, only with keep_archives
       checksums.json                 every file's relative path -> md5 and size, written last
       .fetch/                        resume state: extraction markers, S3 ETags, hash cache
@@ -38,7 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipeline.classes import LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.classes import BBOX_CSV, LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.config import DownloadConfig, NIHConfig
 from pipeline.data.archives import STATE_DIR, ArchiveJob, fetch_archives
 from pipeline.data.layout import RAW_IMAGES
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
 LIST_FILES = (TRAIN_VAL_LIST, TEST_LIST)
+# Part of the NIH release but not needed to train: a source without them is not an error.
+OPTIONAL_FILES = (BBOX_CSV,)
 NIH_METADATA_PAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 # NIH Box ids and published MD5s of images_001.tar.gz .. images_012.tar.gz, in order.
 NIH_BOX_IDS = (
@@ -168,6 +171,7 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
     finally:
         bar.close()
     _check_layout(out_dir, cfg.source)
+    report["box_file"] = BBOX_CSV if (out_dir / BBOX_CSV).is_file() else None
     manifest = write_manifest(out_dir, cfg.workers, report.pop("hashes", {}))
     return _summary(cfg.source, manifest, xfer.bytes, time.perf_counter() - start, report, progress)
 
@@ -200,7 +204,10 @@ Getter = Callable[[str, Path], None]  # copies one named file to a path, or rais
 
 
 def fetch_metadata(get: Getter, out_dir: Path) -> list[str]:
-    """Fetch the label CSV (v2020, else 2017) and both list files unless already present."""
+    """Fetch the label CSV (v2020, else 2017), both list files and the box file unless already present.
+
+    The box file (BBox_List_2017.csv) is optional: a source without it is logged, not refused.
+    """
     fetched = []
     if not any((out_dir / name).exists() for name in LABEL_CSV_NAMES):
         for name in LABEL_CSV_NAMES:
@@ -216,6 +223,13 @@ def fetch_metadata(get: Getter, out_dir: Path) -> list[str]:
         if not (out_dir / name).exists():
             get(name, out_dir / name)
             fetched.append(name)
+    for name in OPTIONAL_FILES:
+        if not (out_dir / name).exists():
+            try:
+                get(name, out_dir / name)
+                fetched.append(name)
+            except NotFound:
+                log.warning("%s is not at the source: the localisation check will report it as not available", name)
     return fetched
 
 

@@ -141,3 +141,45 @@ def read_split_list(path: str | Path) -> list[str]:
     if dup:
         raise ValueError(f"{path}: {len(dup)} name(s) listed twice, e.g. {', '.join(dup[:5])}")
     return names
+
+
+BOX_COLUMNS = ["image", "class", "x", "y", "w", "h"]
+
+
+def read_bbox_csv(path: str | Path) -> pd.DataFrame:
+    """NIH's BBox_List_2017.csv as (image, class, x, y, w, h): our class names, pixels of the 1024 px PNG.
+
+    The file's header splits `Bbox [x,y,w,h]` over four columns and ends in empty ones; the first
+    six columns are read by position. Labels are mapped to ours (`Infiltrate` -> `Infiltration`).
+
+    Raises:
+        ValueError: naming the file and the first rows with an unknown label, a coordinate that is
+            not a number, or a box without area.
+    """
+    from pipeline.classes import BBOX_LABELS
+
+    path = Path(path)
+    raw = pd.read_csv(path, header=0, dtype=str, keep_default_na=False)
+    if raw.shape[1] < len(BOX_COLUMNS):
+        raise ValueError(
+            f"{path}: {raw.shape[1]} column(s); a box file needs Image Index, Finding Label and x, y, w, h "
+            "(NIH's header: Image Index,Finding Label,Bbox [x,y,w,h],,,)"
+        )
+    df = raw.iloc[:, : len(BOX_COLUMNS)].copy()
+    df.columns = BOX_COLUMNS
+    df["image"] = df["image"].str.strip()
+    label = df["class"].str.strip()
+    unknown = sorted(set(label) - set(BBOX_LABELS) - set(CLASSES))
+    if unknown:
+        names = ", ".join(map(repr, unknown[:5]))
+        raise ValueError(f"{path}: unknown finding label(s) {names}; expected {', '.join(BBOX_LABELS)}")
+    df["class"] = label.map(lambda s: BBOX_LABELS.get(s, s))
+    for col in ("x", "y", "w", "h"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | (values < 0) | (values.eq(0) & (col in ("w", "h")))
+        if bad.any():
+            rows = ", ".join(f"{df['image'].iat[i]} ({df[col].iat[i]!r})" for i in np.flatnonzero(bad)[:3])
+            kind = "positive" if col in ("w", "h") else "non-negative"
+            raise ValueError(f"{path}: column {col} is not a {kind} number for {rows}")
+        df[col] = values.astype(float)
+    return df.reset_index(drop=True)

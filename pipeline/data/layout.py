@@ -9,6 +9,8 @@ The raw folder holds the NIH layout: `images/*.png` beside the label CSV and the
     class_counts.json       training-split positives per class (the loss's category weights)
     split_class_counts.csv  split, class, count, prevalence (long format, for a bar plot)
     quarantine.csv          image, reason, detail for every file that would not decode
+    boxes.json              the raw folder's BBox_List_2017.csv (when present) for the manifest's
+                            images, in pixels of the cached images; `source` null when absent
     cache/                  images_<size>.u8 + index.json (see `pipeline.data.cache`)
 
 `pipeline.data.prepare` writes them; the dataset, training, evaluation and registration read them.
@@ -24,5 +26,6 @@ SPLIT_STATS = "split_stats.json"
 CLASS_COUNTS = "class_counts.json"
 SPLIT_CLASS_COUNTS = "split_class_counts.csv"
 QUARANTINE = "quarantine.csv"
+BOXES = "boxes.json"
 CACHE_DIR = "cache"
 CACHE_INDEX = "index.json"  # inside CACHE_DIR: size, count, file order, fingerprint, completeness

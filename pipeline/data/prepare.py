@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.classes import CLASSES, MAX_AGE, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
+from pipeline.classes import BBOX_CSV, BBOX_IMAGE_SIZE, CLASSES, MAX_AGE, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache, publish_cache
 from pipeline.data.layout import (
+    BOXES,
     CACHE_DIR,
     CLASS_COUNTS,
     MANIFEST,
@@ -68,9 +69,29 @@ def prepare(
         table["image"], table["patient"], labels, train_val, test, cfg.val_fraction, cfg.seed, cfg.stratify
     )
     assert_patient_disjoint(table)
+    boxes = prepared_boxes(raw_dir, table.loc[table["split"] != "", "image"], cfg.image_size)
     stats = split_statistics(table, cfg, quarantine, inventory, cache)
+    stats["boxes"] = {"source": boxes["source"], "count": len(boxes["boxes"]), "dropped": boxes["dropped"]}
     write_outputs(out_dir, table, stats, quarantine)
+    write_json(out_dir / BOXES, boxes)
     return stats
+
+
+def prepared_boxes(raw_dir: Path, images: pd.Series, image_size: int) -> dict[str, Any]:
+    """The raw folder's box file, for `images`, scaled from the 1024 px PNGs to the cache's `image_size`.
+
+    Returns:
+        {"source": file name or None when there is none, "image_size", "boxes": [{image, class, x, y,
+        w, h}], "dropped": boxes of images not in `images`}.
+    """
+    path = Path(raw_dir) / BBOX_CSV
+    if not path.is_file():
+        return {"source": None, "image_size": image_size, "boxes": [], "dropped": 0}
+    df = L.read_bbox_csv(path)
+    keep = df["image"].isin(set(images))
+    df = df[keep].sort_values(["image", "class", "y", "x"], ignore_index=True)
+    df[["x", "y", "w", "h"]] = (df[["x", "y", "w", "h"]] * (image_size / BBOX_IMAGE_SIZE)).round(3)
+    return {"source": BBOX_CSV, "image_size": image_size, "boxes": df.to_dict("records"), "dropped": int((~keep).sum())}
 
 
 def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
