@@ -2,9 +2,10 @@
 
 Run:
     python -m components.evaluate --prepared data/prepared --model artifacts/model --out reports
-Writes reports/metrics.json and subgroups.json (DVC metrics), per_class_auc.csv, thresholds.json,
-comparison.md, predictions/{val,test}.parquet and plots/*.png|csv (subgroups.png among them),
-and logs them all to the training run in MLflow.
+Writes reports/metrics.json, subgroups.json and localization.json (DVC metrics), per_class_auc.csv,
+thresholds.json, comparison.md, predictions/{val,test}.parquet, plots/*.png|csv (subgroups.png
+among them) and the heatmap gallery heatmaps/<image>.png, and logs them all to the training run in
+MLflow.
 """
 
 from __future__ import annotations
@@ -52,10 +53,18 @@ def _log(out: Path, metrics: dict) -> None:
     }
     values.update({f"test_auc_{c}": metrics["per_class_auc"][c] for c in CLASSES})
     mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
-    names = ("metrics.json", "subgroups.json", "per_class_auc.csv", "thresholds.json", "comparison.md")
+    names = (
+        "metrics.json",
+        "subgroups.json",
+        "localization.json",
+        "per_class_auc.csv",
+        "thresholds.json",
+        "comparison.md",
+    )
     for name in (*names, "evaluate_config.json"):
         mlflow.log_artifact(str(out / name), artifact_path="evaluation")
     mlflow.log_artifacts(str(out / "plots"), artifact_path="evaluation/plots")
+    mlflow.log_artifacts(str(out / "heatmaps"), artifact_path="evaluation/heatmaps")
     mlflow.log_artifacts(str(out / "predictions"), artifact_path="evaluation/predictions")
     mlflow.set_tag("cxr.test_mean_auc", f"{metrics['mean_auc']:.4f}" if metrics["mean_auc"] is not None else "nan")
 

@@ -496,6 +496,21 @@ class TrainConfig(Section):
 # ----------------------------------------------------------------------------- evaluation, registry
 
 
+class ExplainConfig(Section):
+    """`evaluate.explain`: the heatmap gallery and the localisation check.
+
+    Attributes:
+        gallery_images: test images drawn in the gallery, images with boxes first.
+        top_k: findings drawn per gallery image, by predicted probability.
+        iou_threshold: a map (scaled to [0, 1]) is "on" where it is at least this; its IoU with the
+            union of an image's boxes for the class is the localisation IoU.
+    """
+
+    gallery_images: NonNegInt
+    top_k: PosInt
+    iou_threshold: Probability
+
+
 class EvaluateConfig(Section):
     """`evaluate`: test metrics, intervals and thresholds.
 
@@ -509,6 +524,7 @@ class EvaluateConfig(Section):
         device: "auto" or a torch device string.
         subgroup_min_cases: fewest positives, and fewest negatives, a class needs in a test
             subgroup (sex, age band, view, follow-up) to get an AUC there; fewer is reported as null.
+        explain: the heatmap gallery and the localisation check.
     """
 
     bootstrap_resamples: PosInt
@@ -519,6 +535,7 @@ class EvaluateConfig(Section):
     workers: NonNegInt
     device: str
     subgroup_min_cases: PosInt
+    explain: ExplainConfig
 
 
 class RegisterConfig(Section):

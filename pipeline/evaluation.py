@@ -73,7 +73,8 @@ def predictions_frame(scores: SplitScores) -> pd.DataFrame:
 
 
 def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, progress: bool = True) -> dict:
-    """Write reports/metrics.json, per_class_auc.csv, thresholds.json, subgroups.json, predictions and plots.
+    """Write reports/metrics.json, per_class_auc.csv, thresholds.json, subgroups.json, predictions, plots,
+    the heatmap gallery and localization.json.
 
     Thresholds are chosen on the validation split and applied unchanged to the test split.
     subgroups.json holds test AUC per sex, age band, view and visit (see `pipeline.subgroups`).
@@ -102,7 +103,28 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     _write_reports(out_dir, metrics, table, thresholds, val, test, boot, ap, cfg)
     write_json(Path(out_dir) / "subgroups.json", subgroups)
     plots.subgroup_forest(subgroups, metrics["mean_auc"], Path(out_dir) / "plots" / "subgroups.png")
+    explain_test(model, Path(prepared_dir), Path(out_dir), cfg, test, crop)
     return metrics
+
+
+def explain_test(model, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, test: SplitScores, crop: int) -> dict:
+    """The heatmap gallery (reports/heatmaps/) and localization.json, its section added to comparison.md."""
+    import shutil
+
+    from .explain import explainer
+    from .heatmaps import HEATMAPS, LOCALIZATION, draw_gallery, localization, localization_markdown
+
+    ds = CachedImageDataset(prepared_dir, "test", crop, train=False)
+    row = {name: i for i, name in enumerate(test.images)}
+    probs = test.probs[[row[name] for name in ds.image_names]]  # (N, C) in the dataset's order
+    shutil.rmtree(out_dir / HEATMAPS, ignore_errors=True)  # images of an earlier run would linger
+    ex = explainer(model, crop)
+    draw_gallery(ex, ds, probs, prepared_dir, cfg.explain, out_dir)
+    report = localization(ex, ds, prepared_dir, cfg.explain.iou_threshold)
+    write_json(out_dir / LOCALIZATION, report)
+    comparison = out_dir / "comparison.md"
+    write_text(comparison, comparison.read_text(encoding="utf-8") + localization_markdown(report))
+    return report
 
 
 def _finite(x: float) -> float | None:
