@@ -9,6 +9,14 @@ Folders are searched recursively for .png, .jpg, .jpeg, .dcm and .dicom files. D
 (`pip install pydicom`); without it DICOM files are skipped with that reason.
 Files that cannot be read are skipped, never fatal: each is printed with its reason and listed in
 <out>.skipped.csv (file, reason, detail). The exit status is 1 when no file could be scored.
+
+Where the model looked:
+    python -m components.predict --model models:/cxr-dwml@champion scans/ --explain --explain-top 2 \
+        --explain-out heatmaps/
+writes, per image and for its K most probable findings, <stem>_<class>_gradcam.png and (metric head)
+<stem>_<class>_prototype.png: Grad-CAM and the prototype-distance map over the network's input
+(docs/evaluation.md says how to read them). The model must have been registered by a version that
+serves explanations (its signature has the `explain` param).
 """
 
 from __future__ import annotations
@@ -33,9 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     files, skipped = collect_files(args.inputs)
     model = load_model(args.model)
-    scored, unreadable = predict_files(model, files, args.batch_size, progress=not args.no_progress)
+    top_k = args.explain_top if args.explain else 0
+    progress = not args.no_progress
+    scored, unreadable = predict_files(model, files, args.batch_size, progress=progress, explain_top_k=top_k)
     skipped += unreadable
     out = Path(args.out)
+    if args.explain:
+        from pipeline.serving import EXPLANATION_COLUMN  # loads MLflow: not before it is needed
+
+        written = write_explanations(scored, Path(args.explain_out))
+        print(f"[predict] {len(written)} heatmap(s) -> {args.explain_out}")
+        scored = scored.drop(columns=EXPLANATION_COLUMN)
     save_dataframe(out, scored)
     side = skipped_path(out)
     _write_skipped(side, skipped)
@@ -54,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="output CSV (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--explain", action="store_true", help="also write heatmaps of where the model looked")
+    p.add_argument(
+        "--explain-top", type=int, default=3, help="findings per image with --explain (default: %(default)s)"
+    )
+    p.add_argument("--explain-out", default="heatmaps", help="folder for the heatmaps (default: %(default)s)")
     return p
 
 
@@ -106,22 +127,34 @@ def load_model(uri: str):
         ) from e
 
 
-def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool = True):
+def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool = True, explain_top_k: int = 0):
     """Score `files` with a loaded pyfunc.
 
+    Args:
+        explain_top_k: when > 0, ask the model for the maps of each image's top findings too.
+
     Returns:
-        (scored, skipped): a DataFrame with `file`, the 14 class probabilities and `labels`, one row
-        per readable file; and a list of {file, reason, detail} for the others.
+        (scored, skipped): a DataFrame with `file`, the 14 class probabilities and `labels` (and
+        `explanation` when asked), one row per readable file; and a list of {file, reason, detail}
+        for the others.
     """
     import pandas as pd
     from tqdm.auto import tqdm
+
+    from pipeline.serving import EXPLANATION_COLUMN
 
     frames, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
     for names, images, failures in _batches(files, batch_size):
         skipped += failures
         if images:
-            out = model.predict(pd.DataFrame({"image": images})).reset_index(drop=True)
+            params = {"explain": True, "explain_top_k": explain_top_k} if explain_top_k else None
+            out = model.predict(pd.DataFrame({"image": images}), params=params).reset_index(drop=True)
+            if explain_top_k and EXPLANATION_COLUMN not in out.columns:
+                raise RuntimeError(
+                    "the model returned no explanations: it was registered by a version without them "
+                    "(its signature lacks the `explain` param); register it again to use --explain"
+                )
             out.insert(0, "file", names)
             if "error" in out.columns:  # a row the model could not score is skipped, with its reason
                 failed = out["error"].notna()
@@ -130,9 +163,36 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
             frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
-    columns = ["file", *CLASSES, "labels"]
+    columns = ["file", *CLASSES, "labels"] + ([EXPLANATION_COLUMN] if explain_top_k else [])
     scored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return scored, skipped
+
+
+def write_explanations(scored, folder: Path) -> list[Path]:
+    """<stem>_<class>_{gradcam,prototype}.png for every map in `scored`'s `explanation` column.
+
+    Two inputs with the same file stem (from different folders) get `<stem>-2`, ... for the second on.
+    """
+    import base64
+    import json
+
+    from pipeline.io import atomic_open
+    from pipeline.serving import EXPLANATION_COLUMN
+
+    written: list[Path] = []
+    seen: dict[str, int] = {}
+    for file, text in zip(scored["file"], scored[EXPLANATION_COLUMN]):
+        stem = Path(file).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stem = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+        for finding in json.loads(text):
+            for method in ("gradcam", "prototype"):
+                if finding[method] is not None:
+                    path = folder / f"{stem}_{finding['class']}_{method}.png"
+                    with atomic_open(path, "wb") as f:
+                        f.write(base64.b64decode(finding[method]))
+                    written.append(path)
+    return written
 
 
 def _batches(files: list[Path], size: int) -> Iterator[tuple[list[str], list[np.ndarray], list[dict[str, Any]]]]:

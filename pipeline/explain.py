@@ -148,20 +148,28 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The jet colormap of heat (H, W) in [0, 1] over a grey image (H, W) uint8: (H', W', 3) uint8.
+    """A jet colormap of heat (H, W) in [0, 1] over a grey image (H, W) uint8: (H', W', 3) uint8.
 
     Drawn at least `DISPLAY_SIZE` px (an integer multiple, bicubic for the image, bilinear for the map).
     """
-    from matplotlib import colormaps
     from PIL import Image
 
     factor = max(1, -(-DISPLAY_SIZE // max(image.shape)))
     size = (image.shape[1] * factor, image.shape[0] * factor)
     grey = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
     hot = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
-    colour = colormaps["jet"](np.clip(hot, 0, 1))[..., :3]  # (H', W', 3)
+    colour = jet(hot)  # (H', W', 3)
     mixed = (1 - alpha) * grey[..., None] + alpha * colour
     return np.clip(mixed * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """A jet colormap (blue, cyan, yellow, red) of x in [0, 1]: (...) -> (..., 3) floats in [0, 1].
+
+    Piecewise linear, in numpy: the served model draws overlays without matplotlib.
+    """
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    return np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

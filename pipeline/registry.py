@@ -82,7 +82,7 @@ def log_pyfunc(bundle_path: Path, thresholds_path: Path, example: bytes, name: s
         python_model=serving.CxrDwmlModel(),
         artifacts={serving.BUNDLE: str(bundle_path), serving.THRESHOLDS: str(thresholds_path)},
         code_paths=[str(code)],
-        signature=infer_signature(example_in, example_out),
+        signature=infer_signature(example_in, example_out, params=serving.PARAMS),
         input_example=example_in,
         pip_requirements=_requirements(),
     )

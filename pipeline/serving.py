@@ -10,6 +10,12 @@ DICOM needs pydicom where the model is served).
 `Predictor` and `CxrDwmlModel.predict` themselves also take a plain list of those or a uint8 ndarray
 (N, H, W) / (H, W); MLflow's schema check rejects those before they reach the pyfunc.
 
+Where the model looked, on request: `model.predict(df, params={"explain": True, "explain_top_k": 3})`
+adds a column `explanation`, per row a JSON list over its `explain_top_k` most probable findings of
+{"class", "probability", "gradcam", "prototype"}: Grad-CAM and the prototype-distance map
+(`pipeline.explain`) as base64 PNG overlays on the network's input (prototype null for a linear
+head; the whole cell null for a row with an error). Without the flag the output is unchanged.
+
 Each row is scored on its own. The output has one row per input row, in order: the 14 class
 probabilities, `labels` ("A|B", or "No Finding") and `error`, null for a scored row. A row that
 cannot be decoded (not an image, truncated, a decompression bomb, DICOM without pydicom) does not
@@ -30,6 +36,9 @@ import pandas as pd
 BUNDLE, THRESHOLDS = "bundle", "thresholds"
 LABELS_COLUMN = "labels"
 ERROR_COLUMN = "error"
+EXPLANATION_COLUMN = "explanation"
+# The pyfunc's params (names and defaults, in its signature): explanations are off unless asked for.
+PARAMS = {"explain": False, "explain_top_k": 3}
 MAX_ERROR_CHARS = 300
 
 
@@ -96,7 +105,9 @@ class Predictor:
 
         self.classes = list(bundle["classes"])
         self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
-        self.crop = eval_transform(int(bundle.get("crop_size", self.image_size)))
+        self.crop_size = int(bundle.get("crop_size", self.image_size))
+        self.crop = eval_transform(self.crop_size)
+        self._explainer = None  # built on the first request for explanations
         self.device = resolve_device(device)
         self.model = model_from_bundle(bundle, self.device)
         self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])
@@ -139,6 +150,38 @@ class Predictor:
                 probs[rows] = probabilities(self.model, torch.stack(batch), self.device)  # (B, C)
         return self.frame(probs, errors)
 
+    def explanations(self, images: list[Any], scored: pd.DataFrame, top_k: int) -> list[str | None]:
+        """Per row of `score`'s output, the JSON text of its `top_k` findings' maps (see the module doc)."""
+        import torch
+
+        from pipeline.explain import explainer, overlay_base64
+
+        if self._explainer is None:
+            self._explainer = explainer(self.model, self.crop_size)
+        out: list[str | None] = []
+        for value, (_, row) in zip(images, scored.iterrows()):
+            if row[ERROR_COLUMN] is not None:
+                out.append(None)
+                continue
+            probs = row[self.classes].to_numpy(dtype=np.float64)
+            top = np.argsort(-probs, kind="stable")[:top_k]
+            image = self._tensor(value)  # (1, crop, crop) uint8, what the network saw
+            maps = self._explainer.maps(image[None], torch.as_tensor(top)[None])
+            grey = image[0].numpy()
+            findings = []
+            for k, c in enumerate(top):
+                proto = maps["prototype"]
+                findings.append(
+                    {
+                        "class": self.classes[c],
+                        "probability": float(probs[c]),
+                        "gradcam": overlay_base64(grey, maps["gradcam"][0, k].cpu().numpy()),
+                        "prototype": None if proto is None else overlay_base64(grey, proto[0, k].cpu().numpy()),
+                    }
+                )
+            out.append(json.dumps(findings))
+        return out
+
     def frame(self, probs: np.ndarray, errors: list[str | None] | None = None) -> pd.DataFrame:
         """The pyfunc's output: the class probabilities, `labels` and `error`, one row per image.
 
@@ -178,5 +221,16 @@ class CxrDwmlModel(PythonModel):
         self.predictor = Predictor(bundle, thresholds, "auto")
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        """One output row per input row; an undecodable row gets `error` instead of failing the batch."""
-        return self.predictor.score(as_image_list(model_input))
+        """One output row per input row; an undecodable row gets `error` instead of failing the batch.
+
+        `params` {"explain": true, "explain_top_k": k} adds the `explanation` column.
+        """
+        images = as_image_list(model_input)
+        scored = self.predictor.score(images)
+        params = {**PARAMS, **(params or {})}
+        if params["explain"]:
+            top_k = int(params["explain_top_k"])
+            if top_k < 1:
+                raise ValueError(f"params explain_top_k must be at least 1, got {top_k}")
+            scored[EXPLANATION_COLUMN] = pd.Series(self.predictor.explanations(images, scored, top_k), dtype=object)
+        return scored

@@ -23,17 +23,15 @@ from PIL import Image
 
 from pipeline.classes import CLASSES
 from pipeline.models import build_model
-from pipeline.serving import BUNDLE, ERROR_COLUMN, LABELS_COLUMN, THRESHOLDS, CxrDwmlModel
+from pipeline.serving import BUNDLE, ERROR_COLUMN, EXPLANATION_COLUMN, LABELS_COLUMN, THRESHOLDS, CxrDwmlModel
 from tests.conftest import settings
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def pyfunc(tmp_path_factory) -> CxrDwmlModel:
-    """The pyfunc loaded as MLflow loads it: from a bundle and a thresholds file."""
-    from mlflow.pyfunc import PythonModelContext
-
+def model_files(tmp_path_factory) -> Path:
+    """A folder with best.pt (a tiny untrained metric-head model) and thresholds.json."""
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     cfg = settings("train.model", {"embed_dim": 16, "hidden_dim": 32, "backbone.name": "convnext_atto"})
@@ -49,8 +47,16 @@ def pyfunc(tmp_path_factory) -> CxrDwmlModel:
     }
     torch.save(bundle, folder / "best.pt")
     (folder / "thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pyfunc(model_files: Path) -> CxrDwmlModel:
+    """The pyfunc loaded as MLflow loads it: from a bundle and a thresholds file."""
+    from mlflow.pyfunc import PythonModelContext
+
     loaded = CxrDwmlModel()
-    artifacts = {BUNDLE: str(folder / "best.pt"), THRESHOLDS: str(folder / "thresholds.json")}
+    artifacts = {BUNDLE: str(model_files / "best.pt"), THRESHOLDS: str(model_files / "thresholds.json")}
     loaded.load_context(PythonModelContext(artifacts=artifacts, model_config={}))
     return loaded
 
@@ -124,3 +130,55 @@ def test_an_array_of_the_wrong_shape_is_a_row_error(pyfunc: CxrDwmlModel, tmp_pa
     out = pyfunc.predict(None, arrays)
     assert out[ERROR_COLUMN][0] is None
     assert out[ERROR_COLUMN][1] == "row 1: corrupt: an image array must be (H, W) or (H, W, 3|4), got shape (40, 40, 2)"
+
+
+def _decoded_png(text: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    image.load()
+    return image
+
+
+def test_explanations_come_only_when_asked_as_base64_pngs_of_the_top_findings(pyfunc: CxrDwmlModel) -> None:
+    batch = [png(11), b"not an image", png(12)]
+    plain = pyfunc.predict(None, pd.DataFrame({"image": batch}))
+    assert EXPLANATION_COLUMN not in plain.columns
+    out = pyfunc.predict(None, pd.DataFrame({"image": batch}), params={"explain": True, "explain_top_k": 2})
+    assert list(out.columns) == [*CLASSES, LABELS_COLUMN, ERROR_COLUMN, EXPLANATION_COLUMN]
+    pd.testing.assert_frame_equal(out.drop(columns=EXPLANATION_COLUMN), plain)  # the scores are unchanged
+    assert out[EXPLANATION_COLUMN][1] is None  # the row with an error
+    for i in (0, 2):
+        findings = json.loads(out[EXPLANATION_COLUMN][i])
+        probs = out.loc[i, list(CLASSES)].to_numpy(float)
+        top = [CLASSES[c] for c in np.argsort(-probs, kind="stable")[:2]]
+        assert [f["class"] for f in findings] == top
+        assert [f["probability"] for f in findings] == pytest.approx(sorted(probs, reverse=True)[:2])
+        for f in findings:
+            for method in ("gradcam", "prototype"):  # the fixture's model has the metric head
+                image = _decoded_png(f[method])
+                assert image.format == "PNG" and image.mode == "RGB" and image.size == (224, 224)
+    with pytest.raises(ValueError, match="explain_top_k must be at least 1"):
+        pyfunc.predict(None, pd.DataFrame({"image": batch}), params={"explain": True, "explain_top_k": 0})
+
+
+def test_the_logged_model_takes_the_explain_param_through_mlflow(model_files: Path, tmp_path: Path) -> None:
+    """MLflow drops params a signature does not declare: the logged signature must carry `explain`."""
+    import mlflow
+
+    from pipeline.registry import log_pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run():
+            info = log_pyfunc(model_files / "best.pt", model_files / "thresholds.json", png(21, SIZE))
+        model = mlflow.pyfunc.load_model(info.model_uri)
+        assert {p.name: p.default for p in model.metadata.get_params_schema().params} == {
+            "explain": False,
+            "explain_top_k": 3,
+        }
+        frame = pd.DataFrame({"image": [png(22)]})
+        assert EXPLANATION_COLUMN not in model.predict(frame).columns
+        out = model.predict(frame, params={"explain": True, "explain_top_k": 1})
+        (finding,) = json.loads(out[EXPLANATION_COLUMN][0])
+        assert _decoded_png(finding["gradcam"]).size == (224, 224)
+    finally:
+        mlflow.set_tracking_uri(None)
