@@ -25,7 +25,7 @@ from .classes import BBOX_CSV, CLASSES
 from .config import ExplainConfig
 from .data.dataset import CachedImageDataset
 from .data.layout import BOXES
-from .explain import METHODS, Explainer, box_iou, pointing_hit
+from .explain import METHODS, Explainer, box_iou, overlay, pointing_hit
 from .io import read_json
 
 HEATMAPS = "heatmaps"  # reports/heatmaps/<image stem>.png
@@ -127,21 +127,25 @@ def draw_gallery(
         image, target = ds[i]
         top = np.argsort(-probs[i], kind="stable")[: cfg.top_k]
         maps = explainer.maps(image[None], torch.as_tensor(top)[None])
+        grey = image[0].numpy()
+        plain = overlay(grey, np.zeros(grey.shape, np.float32), alpha=0.0)  # the image alone, as large
         panels = []
         for k, c in enumerate(top):
             mine = df[(df["image"] == name) & (df["class"] == CLASSES[c])]
             truth = "positive" if target[c] > 0 else "negative"
+            proto = maps["prototype"]
             panels.append(
                 {
                     "label": f"{CLASSES[c]} p={probs[i, c]:.2f} ({truth})",
-                    "gradcam": maps["gradcam"][0, k].cpu().numpy(),
-                    "prototype": None if maps["prototype"] is None else maps["prototype"][0, k].cpu().numpy(),
+                    "image": plain,
+                    "gradcam": overlay(grey, maps["gradcam"][0, k].cpu().numpy()),
+                    "prototype": None if proto is None else overlay(grey, proto[0, k].cpu().numpy()),
                     "boxes": mine[["x", "y", "w", "h"]].to_numpy(),
                 }
             )
         labels = "|".join(c for c, t in zip(CLASSES, target) if t > 0) or "No Finding"
         path = Path(out_dir) / HEATMAPS / f"{Path(name).stem}.png"
-        plots.heatmap_panel(image[0].numpy(), panels, f"{name}: {labels}", path)
+        plots.heatmap_panel(panels, plain.shape[0] / grey.shape[0], f"{name}: {labels}", path)
         written.append(path)
     return written
 

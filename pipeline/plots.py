@@ -266,38 +266,31 @@ def subgroup_forest(report: dict, overall: float | None, path: str | Path) -> No
     _save(fig, path)
 
 
-def heatmap_panel(image: np.ndarray, rows: Sequence[dict], title: str, path: str | Path) -> None:
+def heatmap_panel(rows: Sequence[dict], scale: float, title: str, path: str | Path) -> None:
     """One test image's findings, a row each: the image with the class's boxes, Grad-CAM, prototype map.
 
     Args:
-        image: (H, W) uint8, the network's input.
-        rows: per finding {"label": title text, "gradcam": (H, W) in [0, 1], "prototype": (H, W) or
-            None (linear head), "boxes": (n, 4) x, y, w, h in pixels, possibly empty}.
+        rows: per finding {"label": title text, "image", "gradcam", "prototype": (H', W', 3) uint8
+            renderings (`pipeline.explain.overlay`; prototype None for a linear head), "boxes": (n, 4)
+            x, y, w, h in pixels of the network's input, possibly empty}.
+        scale: rendering pixels per input pixel (for the boxes).
         title: the figure's title (the image's name and labels).
         path: the PNG to write.
     """
     from matplotlib.patches import Rectangle
 
-    from .explain import overlay
-
     cols = 3
     fig = _figure(3 * cols, 3.1 * len(rows) + 0.4)
-    axes = np.atleast_2d(fig.subplots(len(rows), cols, squeeze=False))
-    grey = overlay(image, np.zeros(image.shape, np.float32), alpha=0.0)  # (H', W', 3), drawn as large
-    factor = grey.shape[0] / image.shape[0]
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     for ax_row, row in zip(axes, rows):
-        panels = [
-            ("image", grey),
-            ("Grad-CAM", overlay(image, row["gradcam"])),
-            ("prototype distance", None if row["prototype"] is None else overlay(image, row["prototype"])),
-        ]
+        panels = [("image", row["image"]), ("Grad-CAM", row["gradcam"]), ("prototype distance", row["prototype"])]
         for ax, (name, rgb) in zip(ax_row, panels):
             ax.set_axis_off()
             if rgb is None:
                 ax.text(0.5, 0.5, "linear head:\nno prototypes", ha="center", va="center", fontsize=9)
                 continue
             ax.imshow(rgb, interpolation="nearest")
-            for x, y, w, h in np.asarray(row["boxes"], dtype=float).reshape(-1, 4) * factor:
+            for x, y, w, h in np.asarray(row["boxes"], dtype=float).reshape(-1, 4) * scale:
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="white", lw=1.2, ls="--"))
             ax.set_title(f"{row['label']}\n{name}" if name != "image" else row["label"], fontsize=9)
     fig.suptitle(title, fontsize=10)

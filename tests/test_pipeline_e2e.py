@@ -65,6 +65,15 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     assert sexes["M"]["images"] + sexes["F"]["images"] == len(test_rows)  # the demo label file gives every sex
     assert subgroups["overall"]["mean_auc"] == metrics["mean_auc"]
     assert (demo_repo / "reports/plots/subgroups.png").stat().st_size > 10_000
+    # where it looked: the gallery, and the localisation check against the synthetic source's boxes
+    heatmaps = sorted((demo_repo / "reports/heatmaps").glob("*.png"))
+    assert len(heatmaps) == 4 and all(p.stat().st_size > 10_000 for p in heatmaps)
+    localization = json.loads((demo_repo / "reports/localization.json").read_text())
+    assert localization["available"] is True and localization["source"] == "BBox_List_2017.csv"
+    assert set(localization["methods"]) == {"gradcam", "prototype", "centre"}
+    for method in localization["methods"].values():
+        assert 0.0 <= method["mean_pointing_accuracy"] <= 1.0 and 0.0 <= method["mean_iou"] <= 1.0
+    assert "## Localisation (where the model looked)" in (demo_repo / "reports/comparison.md").read_text()
 
     registration = json.loads((demo_repo / "reports/registration.json").read_text())
     assert registration["version"] == "1" and registration["promote"] is True

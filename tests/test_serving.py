@@ -272,6 +272,26 @@ def test_predict_cli_exit_status_when_nothing_can_be_scored(served: Served, tmp_
     assert pd.read_csv(tmp_path / "none.skipped.csv")["reason"].tolist() == ["unreadable"]
 
 
+def test_predict_cli_explain_writes_the_heatmaps_of_the_top_findings(served: Served, tmp_path: Path) -> None:
+    from components import predict
+
+    paths = served.test_images(2)
+    out, heat = tmp_path / "scored.csv", tmp_path / "heat"
+    argv = ["--model", CHAMPION, *map(str, paths), "--out", str(out), "--no-progress"]
+    with tracking_env(served.tracking_uri, served.repo):
+        assert predict.main([*argv, "--explain", "--explain-top", "2", "--explain-out", str(heat)]) == 0
+    scored = pd.read_csv(out)
+    assert list(scored.columns) == ["file", *CLASSES, "labels"]  # the CSV is the same as without --explain
+    expected = set()
+    for _, row in scored.iterrows():
+        top = row[list(CLASSES)].astype(float).sort_values(ascending=False, kind="stable").index[:2]
+        expected |= {f"{Path(row['file']).stem}_{c}_{m}.png" for c in top for m in ("gradcam", "prototype")}
+    assert {p.name for p in heat.iterdir()} == expected
+    for path in heat.iterdir():
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and min(image.size) >= 224
+
+
 def test_predict_reports_an_unknown_model_clearly(
     served: Served, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
