@@ -63,7 +63,8 @@ class Explainer:
         Returns:
             {"gradcam": (B, K, H, W), "prototype": (B, K, H, W) or None for a linear head}, in [0, 1].
         """
-        feats = self.model.forward_features(images.to(self.model.mean.device))  # (B, F, h, w)
+        with torch.no_grad():  # gradients are taken from the last feature map onwards only
+            feats = self.model.forward_features(images.to(self.model.mean.device))  # (B, F, h, w)
         size = tuple(images.shape[-2:])
         cam = normalise(upsample(gradcam(self.model, feats, classes), size))
         proto = prototype_scores(self.model, feats.detach(), classes) if self.has_prototypes else None
