@@ -140,7 +140,7 @@ def read_run(files: RunFiles) -> CardData:
         if key not in metrics:
             raise ValueError(f"{reports / 'metrics.json'} has no '{key}': rerun the evaluate step")
     plots = reports / "plots"
-    figures = {name: plots / f"{name}.png" for name in ("subgroups", "reliability", "heatmaps")}
+    figures = {name: plots / f"{name}.png" for name in ("subgroups", "reliability", "calibration", "heatmaps")}
     heat_dir = reports / "heatmaps"
     return CardData(
         files=files,
@@ -198,8 +198,9 @@ def _level(metrics: Mapping[str, Any]) -> str:
     return f"{round(100 * float(metrics.get('ci_level', 0.95)))}%"
 
 
-def _missing(what: str, why: str) -> Paragraph:
-    return Paragraph(f"**{NOT_AVAILABLE}**: {what} {why}")
+def _missing(why: str, what: str = "") -> Paragraph:
+    """A section, or the part `what` of one, that the run has no data for, and why."""
+    return Paragraph(f"**{NOT_AVAILABLE}**: {what} {why}" if what else f"**{NOT_AVAILABLE}**: {why}")
 
 
 # ----------------------------------------------------------------------------- the card
@@ -296,8 +297,8 @@ def _intended_use(data: CardData) -> list[Block]:
                 "Split: the official patient-wise split (`train_val_list.txt`, `test_list.txt`); validation "
                 "is carved out of train_val by patient. The best epoch, the thresholds and the registry "
                 "gate use validation only; test is reported, never selected on.",
-                "Population: one hospital's frontal films; lateral views, other hospitals, other devices, "
-                "children's films and photographs of films are outside what it was tested on.",
+                "Population: frontal films from one hospital (the NIH Clinical Center); lateral views, other "
+                "hospitals and devices, and photographs or scans of films are outside what it was tested on.",
                 source,
             )
         ),
@@ -308,7 +309,7 @@ def _data_section(data: CardData) -> list[Block]:
     blocks: list[Block] = [Heading("Data and split")]
     stats = data.split_stats
     if stats is None:
-        return blocks + [_missing("split counts:", f"{Path(data.files.prepared) / SPLIT_STATS} was not found.")]
+        return blocks + [_missing(f"{Path(data.files.prepared) / SPLIT_STATS} was not found.")]
     splits = stats.get("splits", {})
     names = [s for s in ("train", "val", "test") if s in splits]
     blocks.append(
@@ -346,7 +347,7 @@ def _training_section(data: CardData) -> list[Block]:
     if config is None or "train" not in config:
         epoch = data.metrics.get("checkpoint_epoch")
         why = f"{Path(data.files.model_dir) / 'resolved_config.json'} was not found"
-        return blocks + [_missing("training settings:", f"{why}; the evaluated checkpoint is from epoch {epoch}.")]
+        return blocks + [_missing(f"{why}; the evaluated checkpoint is from epoch {epoch}.")]
     train = config["train"]
     model, loss = train.get("model", {}), train.get("loss", {})
     rows = [
@@ -437,7 +438,7 @@ def _results_section(data: CardData) -> list[Block]:
             )
         )
     if data.per_class_csv is None:
-        blocks.append(_missing("test positives, sensitivity and specificity:", "per_class_auc.csv was not found."))
+        blocks.append(_missing("per_class_auc.csv was not found.", "test positives, sensitivity and specificity:"))
     return blocks
 
 
@@ -482,7 +483,7 @@ def _subgroup_section(data: CardData) -> list[Block]:
     blocks: list[Block] = [Heading("Subgroups")]
     sub = data.subgroups
     if sub is None:
-        return blocks + [_missing("subgroup AUCs:", f"{Path(data.files.reports) / 'subgroups.json'} was not found.")]
+        return blocks + [_missing(f"{Path(data.files.reports) / 'subgroups.json'} was not found.")]
     blocks.append(
         Paragraph(
             f"Test mean AUC per sex, age band, view and visit, with {round(100 * sub.get('ci_level', 0.95))}% "
@@ -521,7 +522,7 @@ def _subgroup_section(data: CardData) -> list[Block]:
             Figure(data.figures["subgroups"], "Subgroup mean AUC with intervals; dashed: the whole test split")
         )
     else:
-        blocks.append(_missing("forest plot:", "plots/subgroups.png was not found."))
+        blocks.append(_missing("plots/subgroups.png was not found.", "forest plot:"))
     return blocks
 
 
@@ -531,7 +532,6 @@ def _calibration_section(data: CardData) -> list[Block]:
     if cal is None:
         blocks.append(
             _missing(
-                "calibration:",
                 f"{Path(data.files.reports) / 'calibration.json'} was not found (the run measured no expected "
                 "calibration error). Read the probabilities as scores for ranking, not as risks.",
             )
@@ -540,6 +540,9 @@ def _calibration_section(data: CardData) -> list[Block]:
         blocks += _calibration_table(cal)
     if "reliability" in data.figures:
         blocks.append(Figure(data.figures["reliability"], "Reliability diagrams on the test split"))
+    elif "calibration" in data.figures:  # the evaluation's own diagram, every finding in one
+        caption = "Reliability diagram on the test split, all findings pooled: dashed, perfect calibration"
+        blocks.append(Figure(data.figures["calibration"], caption))
     return blocks
 
 
@@ -579,9 +582,7 @@ def _heatmap_section(data: CardData) -> list[Block]:
     shown += [Figure(p, p.stem.replace("_", " ")) for p in data.heatmaps]
     if not shown:
         return blocks + [
-            _missing(
-                "heatmaps:", f"the run wrote no {Path(data.files.reports) / 'heatmaps'} folder or plots/heatmaps.png."
-            )
+            _missing(f"the run wrote no {Path(data.files.reports) / 'heatmaps'} folder or plots/heatmaps.png.")
         ]
     return blocks + [
         Paragraph(
@@ -599,8 +600,7 @@ def _localization_section(data: CardData) -> list[Block]:
     if loc is None:
         return blocks + [
             _missing(
-                "localisation:",
-                f"{Path(data.files.reports) / 'localization.json'} was not found (no bounding-box file with the run).",
+                f"{Path(data.files.reports) / 'localization.json'} was not found (no bounding-box file with the run)."
             )
         ]
     per_class = loc.get("per_class") or {}
@@ -626,7 +626,7 @@ def _localization_section(data: CardData) -> list[Block]:
     if rows:
         blocks.append(Table(("Finding", "Boxes", "Pointing game", "IoU"), tuple(rows)))
     else:
-        blocks.append(_missing("per-finding localisation:", "localization.json lists no finding."))
+        blocks.append(_missing("localization.json lists no finding.", "per-finding localisation:"))
     return blocks
 
 

@@ -419,6 +419,8 @@ def _register(repo: Path, model_dir: Path, reports: Path, out: Path) -> dict:
             str(repo / "data/prepared"),
             "--out",
             str(out),
+            "--card",
+            str(out.with_name(f"{out.stem}.card.md")),
         ]
     )
     assert code == 0
@@ -664,7 +666,14 @@ def small_workspace(tmp_path: Path) -> Path:
     pd.DataFrame({"image": val["image"].to_numpy(), **dict(zip(CLASSES, scores.T))}).to_parquet(
         repo / "reports/predictions/val.parquet", index=False
     )
-    metrics = {"val_mean_auc": 0.5, "mean_auc": 0.5, "mean_auc_ci": [0.4, 0.6], "per_class_auc": {}}
+    metrics = {
+        "val_mean_auc": 0.5,
+        "mean_auc": 0.5,
+        "mean_auc_ci": [0.4, 0.6],
+        "test_patients": 20,
+        "per_class_auc": {c: 0.5 + 0.01 * i for i, c in enumerate(CLASSES)},
+        "per_class_auc_ci": {c: [0.3 + 0.01 * i, 0.7 + 0.01 * i] for i, c in enumerate(CLASSES)},
+    }
     (repo / "reports/metrics.json").write_text(json.dumps(metrics))
     (repo / "reports/thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -711,3 +720,52 @@ def test_register_never_makes_a_second_version_of_the_same_weights(
     assert reg3["weights_sha256"] == reg1["weights_sha256"] and reg3["aliases"] == ["champion"]
     assert "cxr-dwml v1 already holds these weights" in out and "aliases unchanged" in out
     assert logged3 == []  # nothing logged into the new run: no second model, no registration artifact
+
+
+def test_register_describes_the_version_and_logs_its_model_card(small_workspace: Path, tmp_path: Path) -> None:
+    """Read back from the registry: each new version's description gives the test mean AUC with its
+    interval, the validation figure and the gate's decision against the champion, and its run holds the
+    model card under model_card/; weights registered again change no description."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    repo, work = small_workspace, tmp_path / "work"
+    reports = repo / "reports"
+    _bundle(work / "a" / "best.pt", seed=1)
+    _bundle(work / "b" / "best.pt", seed=2)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    with tracking_env(uri, repo):
+        run1 = _training_run(work / "model1", work / "a" / "best.pt", "train-a")
+        reg1 = _register(repo, work / "model1", reports, work / "v1" / "registration.json")
+        client = MlflowClient(tracking_uri=uri)
+        # the champion's validation predictions where its evaluate step logs them, for the gate to compare
+        client.log_artifacts(run1, str(reports / "predictions"), "evaluation/predictions")
+        _training_run(work / "model2", work / "b" / "best.pt", "train-b")
+        reg2 = _register(repo, work / "model2", reports, work / "v2" / "registration.json")
+        v1, v2 = (client.get_model_version(MODEL_NAME, v) for v in ("1", "2"))
+        logged = sorted(a.path for a in client.list_artifacts(run1, "model_card"))
+        card = Path(mlflow.artifacts.download_artifacts(run_id=run1, artifact_path="model_card", dst_path=tmp_path))
+        _training_run(work / "model3", work / "a" / "best.pt", "train-a-again")
+        reg3 = _register(repo, work / "model3", reports, work / "v3" / "registration.json")
+        v1_after = client.get_model_version(MODEL_NAME, "1")
+    assert (reg1["promote"], reg2["promote"], reg3["registered"]) == (True, False, False)
+    # v1: the first champion
+    assert v1.description.startswith("**Test mean AUC 0.500 [0.400, 0.600]** (95% interval")
+    assert f"Selected on validation: val mean AUC {reg1['val_mean_auc']:.3f}" in v1.description
+    assert "Gate: **promoted to champion**" in v1.description
+    assert f"`model_card/registration.card.html` (and `registration.card.md`) in the artifacts of run `{run1}`" in (
+        v1.description
+    )
+    # v2: the same validation predictions as the champion: no gain, kept as challenger, with the comparison
+    lo, hi = reg2["delta_ci"]
+    assert "Gate: **kept as challenger**; against champion v1 on val" in v2.description
+    assert f"delta {reg2['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}], p={reg2['p_value']:.3f}" in v2.description
+    # the card travels with the model: what the run holds is what the step wrote
+    assert logged == ["model_card/registration.card.html", "model_card/registration.card.md"]
+    written = work / "v1" / "registration.card.md"
+    assert (card / "registration.card.md").read_text() == written.read_text()
+    assert v1.description.splitlines()[0] in written.read_text()
+    # the same weights again: nothing registered, the description left as it was, the card still written
+    assert v1_after.description == v1.description
+    assert "Already registered as v1" in (work / "v3" / "registration.card.md").read_text()
