@@ -260,14 +260,18 @@ def _gate_line(record: Mapping[str, Any]) -> str:
     verdict = "**promoted to champion**" if record.get("promote") else "**kept as challenger**"
     champ = record.get("champion_version")
     if champ is None:
-        return f"Gate: {verdict}: {record.get('reason', 'no reason recorded')}."
+        return f"Gate: {verdict}: {_reason(record)}."
     if record.get("delta") is None:  # not compared: the reason says why
-        return f"Gate: {verdict}: {record.get('reason', 'no reason recorded')}."
+        return f"Gate: {verdict}: {_reason(record)}."
     return (
         f"Gate: {verdict}; against champion v{champ} on {record.get('selected_on', 'val')}: "
         f"delta {_signed(record['delta'])} {_interval(record.get('delta_ci'), 4, signed=True)}, "
         f"p={_num(record.get('p_value'))} (margin {record.get('margin')}, max p {record.get('max_p_value')})."
     )
+
+
+def _reason(record: Mapping[str, Any]) -> str:
+    return str(record.get("reason") or "none recorded").rstrip(".")
 
 
 def _intended_use(data: CardData) -> list[Block]:
@@ -657,7 +661,7 @@ def _registry_section(data: CardData, record: Mapping[str, Any]) -> list[Block]:
     else:
         items.append(f"Not compared with champion v{champ}: see the reason below.")
     verdict = "became **champion**" if record.get("promote") else f"stayed **challenger** (champion: v{champ})"
-    items.append(f"Decision: v{version} {verdict}. Reason: {record.get('reason', 'none recorded')}.")
+    items.append(f"Decision: v{version} {verdict}. Reason: {_reason(record)}.")
     if record.get("aliases") is not None:
         items.append(f"Aliases of v{version} when registered: {', '.join(record['aliases']) or 'none'}.")
     tags = record.get("tags") or {}
@@ -734,7 +738,7 @@ figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { color: #59636e; font-size: 13px; }
 li { margin: 4px 0; }
 """
-_NUMERIC = re.compile(r"^[\s\d.,+\-\[\]n/a*]+$")
+_NUMERIC = re.compile(r"^(n/a|[\s\d.,+\-\[\]*]+)$")  # a count, a figure, an interval
 
 
 def to_html(card: Card) -> str:
@@ -768,10 +772,12 @@ def to_html(card: Card) -> str:
 
 def _html_table(table: Table) -> str:
     head = "".join(f"<th>{_inline_html(h)}</th>" for h in table.header)
+    # right-align a column of numbers (and n/a) only, so that a text column keeps one alignment
+    numeric = [j > 0 and all(_NUMERIC.match(str(row[j])) for row in table.rows) for j in range(len(table.header))]
     rows = []
     for row in table.rows:
         cells = "".join(
-            f'<td class="num">{_inline_html(v)}</td>' if j and _NUMERIC.match(str(v)) else f"<td>{_inline_html(v)}</td>"
+            f'<td class="num">{_inline_html(v)}</td>' if numeric[j] else f"<td>{_inline_html(v)}</td>"
             for j, v in enumerate(row)
         )
         rows.append(f"<tr>{cells}</tr>")
