@@ -281,7 +281,7 @@ class _Checker(HTMLParser):
 
 def test_html_parses_and_embeds_every_image_the_markdown_links(run_folder: Path) -> None:
     reports = run_folder / "reports"
-    card = model_card.build_card(model_card.read_run(_files(run_folder)), RECORD, "`x` <of> run & co")
+    card = model_card.build_card(model_card.read_run(_files(run_folder)), RECORD, "<of> `x` & <co>")
     markdown, page = model_card.write_card(card, reports / "model_card.md")
     assert page == reports / "model_card.html"
     checker = _Checker()
@@ -295,7 +295,7 @@ def test_html_parses_and_embeds_every_image_the_markdown_links(run_folder: Path)
     assert all(src.startswith("data:image/png;base64,") for src in checker.images)
     assert embedded == [(markdown.parent / link).read_bytes() for link in links]
     text = page.read_text(encoding="utf-8")
-    assert "&lt;of&gt; run &amp; co" in text and "<of>" not in text  # text is escaped, markup is not
+    assert "&lt;of&gt; <code>x</code> &amp; &lt;co&gt;" in text and "<of>" not in text  # text escaped, markup not
     assert "<strong>Test mean AUC 0.731 [0.701, 0.760]</strong>" in text
     with pytest.raises(ValueError, match=r"model_card.html: name a .md file"):
         model_card.write_card(card, reports / "model_card.html")
