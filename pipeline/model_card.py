@@ -551,31 +551,42 @@ def _calibration_section(data: CardData) -> list[Block]:
 
 
 def _calibration_table(cal: Mapping[str, Any]) -> list[Block]:
-    """Per-finding expected calibration error before and after the fitted calibration."""
+    """Per-finding expected calibration error on test before and after the calibration fitted on validation."""
+    method = cal.get("method", "none")
+    if method != "none":
+        applied = (
+            f"The registered model applies **{method}** calibration fitted on {cal.get('fitted_on', 'val')}: "
+            "the probabilities it returns are the calibrated ones."
+        )
+    else:
+        applied = "No calibration is applied: the registered model returns the network's own probabilities."
+    chosen = (cal.get("chosen_by") or {}).get("setting")
+    if chosen is not None and chosen != method:
+        applied += f" The setting `{chosen}` chose it by cross-validated negative log-likelihood on validation."
+    if cal.get("unfitted"):
+        applied += f" Left as they were (no positives or no negatives in validation): {', '.join(cal['unfitted'])}."
+    blocks: list[Block] = [
+        Paragraph(
+            f"Expected calibration error (ECE, {cal.get('bins', 'n/a')} equal-width bins) on the test split, "
+            f"before and after calibration; lower is better. {applied}"
+        )
+    ]
     per_class = cal.get("per_class") or {}
-    method = cal.get("method")
-    applied = (
-        f"The registered model applies **{method}** calibration fitted on validation: its probabilities are the "
-        "calibrated ones."
-        if method and method != "none"
-        else "No calibration is applied: the registered model returns the network's own probabilities."
-    )
-    blocks: list[Block] = [Paragraph(f"Expected calibration error (ECE) on the test split; lower is better. {applied}")]
-    rows = []
-    for c in CLASSES:
-        entry = per_class.get(c) or {}
-        rows.append((c, _num(_ece(entry, "raw")), _num(_ece(entry, "calibrated"))))
     if per_class:
+        rows = [
+            (c, _num((per_class.get(c) or {}).get("ece_raw")), _num((per_class.get(c) or {}).get("ece_calibrated")))
+            for c in CLASSES
+        ]
+        rows.append(("**mean**", _num(cal.get("mean_ece_raw")), _num(cal.get("mean_ece_calibrated"))))
         blocks.append(Table(("Finding", "ECE raw", "ECE calibrated"), tuple(rows)))
-    means = [(k, cal[k]) for k in ("mean_ece_raw", "mean_ece_calibrated") if cal.get(k) is not None]
-    if means:
-        blocks.append(Paragraph("; ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in means) + "."))
+    if cal.get("val_nll_raw") is not None:
+        blocks.append(
+            Paragraph(
+                f"Validation negative log-likelihood: {_num(cal['val_nll_raw'], 4)} raw, "
+                f"{_num(cal.get('val_nll_calibrated'), 4)} calibrated."
+            )
+        )
     return blocks
-
-
-def _ece(entry: Mapping[str, Any], which: str) -> Any:
-    value = entry.get(f"ece_{which}", entry.get(which))
-    return value.get("ece") if isinstance(value, Mapping) else value
 
 
 def _heatmap_section(data: CardData) -> list[Block]:
@@ -598,6 +609,9 @@ def _heatmap_section(data: CardData) -> list[Block]:
     ]
 
 
+LOCALIZATION_METHODS = {"gradcam": "Grad-CAM", "prototype": "prototype distance", "centre": "centre (baseline)"}
+
+
 def _localization_section(data: CardData) -> list[Block]:
     blocks: list[Block] = [Heading("Localisation")]
     loc = data.localization
@@ -607,31 +621,37 @@ def _localization_section(data: CardData) -> list[Block]:
                 f"{Path(data.files.reports) / 'localization.json'} was not found (no bounding-box file with the run)."
             )
         ]
-    per_class = loc.get("per_class") or {}
-    rows = []
-    for c in CLASSES:
-        entry = per_class.get(c)
-        if not entry:
-            continue
-        rows.append(
-            (
-                c,
-                _count(entry.get("boxes", entry.get("images"))),
-                _num(entry.get("pointing_game", entry.get("pointing_accuracy"))),
-                _num(entry.get("iou", entry.get("mean_iou"))),
-            )
-        )
+    if not loc.get("available", True):
+        return blocks + [_missing(f"{str(loc.get('reason', 'no reason recorded')).rstrip('.')}.")]
+    methods = {m: v for m, v in (loc.get("methods") or {}).items() if isinstance(v, Mapping)}
     blocks.append(
         Paragraph(
-            "On test images with a radiologist's bounding box: the share whose heatmap maximum falls inside a box "
-            "(pointing game) and the overlap of the heatmap's top region with the box (IoU)."
+            f"{_count(loc.get('pairs'))} (image, finding) pairs with a bounding box on {_count(loc.get('images'))} "
+            f"{loc.get('split', 'test')} images (boxes from `{loc.get('source')}`): the share of pairs whose map has "
+            f"its maximum inside a box (pointing game), and the IoU of the map above {loc.get('iou_threshold')} of "
+            "its maximum with the boxes. The centre baseline points at the image centre; a map that beats it found "
+            "more than where findings usually lie."
         )
     )
-    if rows:
-        blocks.append(Table(("Finding", "Boxes", "Pointing game", "IoU"), tuple(rows)))
-    else:
-        blocks.append(_missing("localization.json lists no finding.", "per-finding localisation:"))
-    return blocks
+    if not methods:
+        return blocks + [_missing("localization.json scores no method.", "per-finding localisation:")]
+    header = ["Finding", "Pairs"]
+    for m in methods:
+        name = LOCALIZATION_METHODS.get(m, m)
+        header += [f"{name}: pointing", f"{name}: IoU"]
+    found = [c for c in CLASSES if any(c in (v.get("per_class") or {}) for v in methods.values())]
+    rows = []
+    for c in found:
+        entries = [(v.get("per_class") or {}).get(c) or {} for v in methods.values()]
+        row = [c, _count(next((e.get("pairs") for e in entries if e.get("pairs") is not None), None))]
+        for e in entries:
+            row += [_num(e.get("pointing_accuracy")), _num(e.get("mean_iou"))]
+        rows.append(tuple(row))
+    mean = ["**mean over findings**", ""]
+    for v in methods.values():
+        mean += [_num(v.get("mean_pointing_accuracy")), _num(v.get("mean_iou"))]
+    rows.append(tuple(mean))
+    return blocks + [Table(tuple(header), tuple(rows))]
 
 
 def _registry_section(data: CardData, record: Mapping[str, Any]) -> list[Block]:
@@ -738,7 +758,7 @@ figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { color: #59636e; font-size: 13px; }
 li { margin: 4px 0; }
 """
-_NUMERIC = re.compile(r"^(n/a|[\s\d.,+\-\[\]*]+)$")  # a count, a figure, an interval
+_NUMERIC = re.compile(r"^(n/a|[\s\d.,+\-\[\]*]*)$")  # a count, a figure, an interval
 
 
 def to_html(card: Card) -> str:

@@ -222,8 +222,18 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     root = tmp_path / "run"
     shutil.copytree(run_folder, root)
     reports = root / "reports"
+    # as the evaluation writes them: calibration fitted on validation, localisation per method
     calibration = {
         "method": "temperature",
+        "calibrated": True,
+        "chosen_by": {"setting": "auto", "cross_validated_nll": {"temperature": 0.2, "isotonic": 0.21}},
+        "fitted_on": "val",
+        "bins": 10,
+        "unfitted": ["Hernia"],
+        "mean_ece_raw": 0.1071,
+        "mean_ece_calibrated": 0.0561,
+        "val_nll_raw": 0.31,
+        "val_nll_calibrated": 0.27,
         "per_class": {
             c: {"ece_raw": 0.1 + 0.001 * i, "ece_calibrated": 0.05 + 0.001 * i} for i, c in enumerate(CLASSES)
         },
@@ -233,16 +243,44 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     (reports / "heatmaps").mkdir()
     for name in ("00000001_000", "00000002_001"):
         Image.new("RGB", (32, 32), (30, 30, 200)).save(reports / "heatmaps" / f"{name}.png")
-    localization = {"per_class": {"Mass": {"boxes": 12, "pointing_game": 0.75, "iou": 0.31}}}
+    per_method = lambda hit, iou: {  # noqa: E731
+        "mean_pointing_accuracy": hit,
+        "mean_iou": iou,
+        "per_class": {
+            "Mass": {"pairs": 12, "pointing_accuracy": hit, "mean_iou": iou},
+            "Atelectasis": {"pairs": 3, "pointing_accuracy": hit / 2, "mean_iou": iou / 2},
+        },
+    }
+    localization = {
+        "available": True,
+        "source": "BBox_List_2017.csv",
+        "split": "test",
+        "images": 14,
+        "pairs": 15,
+        "iou_threshold": 0.5,
+        "methods": {
+            "gradcam": per_method(0.75, 0.31),
+            "prototype": per_method(0.5, 0.2),
+            "centre": per_method(0.25, 0.1),
+        },
+    }
     (reports / "localization.json").write_text(json.dumps(localization))
 
     card = model_card.build_card(model_card.read_run(_files(root)), RECORD, None)
     md = model_card.to_markdown(card, reports)
-    assert "| Effusion | 0.102 | 0.052 |" in _section(md, "Calibration")
-    assert "**temperature**" in _section(md, "Calibration") and "(plots/reliability.png)" in md
+    calibration_md = _section(md, "Calibration")
+    assert "| Effusion | 0.102 | 0.052 |" in calibration_md and "| **mean** | 0.107 | 0.056 |" in calibration_md
+    assert "applies **temperature** calibration fitted on val" in calibration_md and "`auto` chose it" in calibration_md
+    assert "validation): Hernia." in calibration_md and "0.3100 raw, 0.2700 calibrated" in calibration_md
+    assert "(plots/reliability.png)" in calibration_md
     heat = _section(md, "Where the model looked")
     assert "(heatmaps/00000001_000.png)" in heat and "(heatmaps/00000002_001.png)" in heat
-    assert "| Mass | 12 | 0.750 | 0.310 |" in _section(md, "Localisation")
+    loc_md = _section(md, "Localisation")
+    assert "| Finding | Pairs | Grad-CAM: pointing | Grad-CAM: IoU | prototype distance: pointing |" in loc_md
+    assert "| Atelectasis | 3 | 0.375 | 0.155 | 0.250 | 0.100 | 0.125 | 0.050 |" in loc_md
+    assert "| Mass | 12 | 0.750 | 0.310 | 0.500 | 0.200 | 0.250 | 0.100 |" in loc_md
+    assert loc_md.index("| Atelectasis |") < loc_md.index("| Mass |")  # the canonical class order
+    assert "| **mean over findings** |  | 0.750 | 0.310 | 0.500 | 0.200 | 0.250 | 0.100 |" in loc_md
     assert "Not available" not in md.split("## Registry decision")[0].split("## Calibration")[1]
     # every figure is logged beside the Markdown in the folder its link names
     assert sorted(str(Path(sub) / f.name) for f, sub in model_card.figure_files(card, reports)) == [
@@ -310,6 +348,17 @@ def test_metrics_without_the_per_class_intervals_is_refused(tmp_path: Path) -> N
         model_card.read_run(_files(tmp_path))
     with pytest.raises(FileNotFoundError, match="metrics.json does not exist"):
         model_card.read_run(_files(tmp_path / "nowhere"))
+
+
+def test_localisation_without_boxes_says_why(run_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(run_folder, root)
+    reason = "no BBox_List_2017.csv in the raw data (the download step found none)"
+    (root / "reports/localization.json").write_text(json.dumps({"available": False, "reason": reason}))
+    md = model_card.to_markdown(model_card.build_card(model_card.read_run(_files(root)), RECORD, None), root)
+    assert f"**Not available**: {reason}." in _section(md, "Localisation")
 
 
 def test_a_version_already_registered_changes_nothing_in_its_card(run_folder: Path) -> None:
