@@ -594,7 +594,7 @@ def _heatmap_section(data: CardData) -> list[Block]:
     shown: list[Block] = []
     if "heatmaps" in data.figures:
         shown.append(Figure(data.figures["heatmaps"], "Heatmaps of test images for their top findings"))
-    shown += [Figure(p, p.stem.replace("_", " ")) for p in data.heatmaps]
+    shown += [Figure(p, f"Test image {p.stem}.png") for p in data.heatmaps]  # the gallery names files by image
     if not shown:
         return blocks + [
             _missing(f"the run wrote no {Path(data.files.reports) / 'heatmaps'} folder or plots/heatmaps.png.")
