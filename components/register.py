@@ -7,8 +7,9 @@ The version (registered model `register.model_name`, default cxr-dwml) always ge
 and it beats the current champion on the same validation images (paired bootstrap over patients,
 `register.margin`, `register.max_p_value`). The gate reads reports/predictions/val.parquet and the
 champion's evaluation/predictions/val.parquet, never test predictions: test AUCs are only recorded
-as version tags. After the decision it writes the model card (--card, and the .html beside it), logs
-it into the version's run under model_card/ and makes its summary the version's description.
+as version tags. After the decision it writes the model card (model_card.md and model_card.html in
+--reports), logs it into the version's run under model_card/ and makes its summary the version's
+description.
 Manual promotion or rollback: python -m components.promote --version N
 """
 
@@ -33,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reports", default="reports", help="evaluate step output (default: %(default)s)")
     p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")
     p.add_argument("--out", default="reports/registration.json", help="decision file (default: %(default)s)")
-    p.add_argument("--card", default="reports/model_card.md", help="model card; .html beside it (default: %(default)s)")
     args = p.parse_args(argv)
     if args.no_mlflow:
         raise ValueError("register needs MLflow: drop --no-mlflow")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if same is not None:  # e.g. a finished training resumed and evaluated again: no second version
             record = _already_registered(client, cfg.model_name, same, digest, run.info.run_id)
             write_json(args.out, record)  # nothing goes to MLflow: the version and its run stay as they are
-            model_card.write_card(model_card.build_card(card_data, record, None), Path(args.card))
+            model_card.write_card(model_card.build_card(card_data, record, None), reports)
             print(f"[register] {record['reason']}")
             return 0
         info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         mlflow.log_artifact(args.out, artifact_path="registration")
-        card = _publish_card(client, card_data, record, Path(args.card))
-    _report(record, Path(args.card), card)
+        card = _publish_card(client, card_data, record, reports)
+    _report(record, reports / model_card.CARD_MD, card)
     return 0
 
 
@@ -151,7 +151,7 @@ def _aliases(client, name: str, version: str) -> list[str]:
     return sorted(client.get_model_version(name, version).aliases)
 
 
-def _publish_card(client, data, record: dict, path: Path):
+def _publish_card(client, data, record: dict, reports: Path):
     """Write the version's model card, log it (with its figures) into the version's run under
     model_card/, and make its summary the version's description."""
     import mlflow
@@ -159,11 +159,10 @@ def _publish_card(client, data, record: dict, path: Path):
     from pipeline import model_card
 
     folder = model_card.ARTIFACT_DIR
-    note = (
-        f"`{folder}/{path.with_suffix('.html').name}` (and `{path.name}`) in the artifacts of run `{record['run_id']}`"
-    )
+    run = record["run_id"]
+    note = f"`{folder}/{model_card.CARD_HTML}` (and `{model_card.CARD_MD}`) in the artifacts of run `{run}`"
     card = model_card.build_card(data, record, note)
-    markdown, html = model_card.write_card(card, path)
+    markdown, html = model_card.write_card(card, reports)
     for file in (markdown, html):
         mlflow.log_artifact(str(file), artifact_path=folder)
     for file, sub in model_card.figure_files(card, markdown.parent):  # what the Markdown's image links point at

@@ -33,6 +33,7 @@ from .classes import CLASSES, NO_FINDING, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
 from .data.layout import SPLIT_STATS
 from .io import read_json, write_text
 
+CARD_MD, CARD_HTML = "model_card.md", "model_card.html"  # written into the reports folder
 ARTIFACT_DIR = "model_card"  # where the card goes in the registered model's run
 NOT_AVAILABLE = "Not available"
 MAX_HEATMAPS = 8  # images of a heatmap folder shown in the card; the folder holds the rest
@@ -804,12 +805,10 @@ def _html_table(table: Table) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
 
 
-def write_card(card: Card, markdown_path: Path) -> tuple[Path, Path]:
-    """Write the Markdown card at `markdown_path` and its HTML page beside it (same name, .html)."""
-    markdown_path = Path(markdown_path)
-    if markdown_path.suffix != ".md":
-        raise ValueError(f"model card {markdown_path}: name a .md file (its HTML page is written beside it)")
-    html_path = markdown_path.with_suffix(".html")
+def write_card(card: Card, folder: Path) -> tuple[Path, Path]:
+    """Write `folder`/model_card.md and model_card.html; the folder is the run's reports folder, so the
+    Markdown's image links stay inside it (and inside the card's folder once logged with the model)."""
+    markdown_path, html_path = Path(folder) / CARD_MD, Path(folder) / CARD_HTML
     write_text(markdown_path, to_markdown(card, markdown_path.parent))
     write_text(html_path, to_html(card))
     return markdown_path, html_path
