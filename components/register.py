@@ -175,7 +175,7 @@ def _report(record: dict, card_path: Path, card) -> None:
     verdict = "promoted to champion" if record["promote"] else "kept as challenger"
     print(f"[register] {record['model_name']} v{record['version']} {verdict}: {record['reason']}")
     print(f"[register] model card: {card_path} and {card_path.with_suffix('.html')}; version description:")
-    print("\n".join(f"    {line}" for line in card.summary.splitlines()))
+    print("\n".join(f"    {line}" for line in card.summary.splitlines() if line))
     if not record["promote"]:
         print(f"[register] to promote it anyway: python -m components.promote --version {record['version']}")
 

@@ -219,7 +219,7 @@ def build_card(data: CardData, record: Mapping[str, Any], artifact_note: str | N
     """
     title = f"Model card: {record['model_name']} v{record['version']}"
     summary = version_summary(data, record, artifact_note)
-    blocks: list[Block] = [Heading(title, 1), Paragraph(summary.replace("\n", " "))]
+    blocks: list[Block] = [Heading(title, 1), Paragraph(" ".join(summary.split("\n\n")))]
     for section in (
         _intended_use,
         _data_section,
@@ -237,7 +237,7 @@ def build_card(data: CardData, record: Mapping[str, Any], artifact_note: str | N
 
 
 def version_summary(data: CardData, record: Mapping[str, Any], artifact_note: str | None) -> str:
-    """A few lines of Markdown: the test mean AUC with its interval, the validation figure it was
+    """A few short Markdown paragraphs: the test mean AUC with its interval, the validation figure it was
     selected on, the gate's decision with the comparison against the champion, and where the card is."""
     m = data.metrics
     patients = f", bootstrap over {_count(m['test_patients'])} test patients" if m.get("test_patients") else ""
@@ -252,7 +252,7 @@ def version_summary(data: CardData, record: Mapping[str, Any], artifact_note: st
         lines.append("Demo model: trained and tested on synthetic images, not on chest X-rays.")
     if artifact_note:
         lines.append(f"Full model card: {artifact_note}.")
-    return "\n".join(lines)
+    return "\n\n".join(lines)  # one paragraph each in the registry's rendering
 
 
 def _gate_line(record: Mapping[str, Any]) -> str:
@@ -260,9 +260,7 @@ def _gate_line(record: Mapping[str, Any]) -> str:
         return f"Already registered as v{record['version']}: no new version, aliases unchanged."
     verdict = "**promoted to champion**" if record.get("promote") else "**kept as challenger**"
     champ = record.get("champion_version")
-    if champ is None:
-        return f"Gate: {verdict}: {_reason(record)}."
-    if record.get("delta") is None:  # not compared: the reason says why
+    if champ is None or record.get("delta") is None:  # nothing to compare with, or not compared: the reason says why
         return f"Gate: {verdict}: {_reason(record)}."
     return (
         f"Gate: {verdict}; against champion v{champ} on {record.get('selected_on', 'val')}: "
