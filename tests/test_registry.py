@@ -507,7 +507,7 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     lo, hi = real_metrics["mean_auc_ci"]
     assert v1.description.startswith(f"**Test mean AUC {real_metrics['mean_auc']:.3f} [{lo:.3f}, {hi:.3f}]**")
     assert "Gate: **promoted to champion**: no champion yet" in v1.description
-    assert card_figures == ["model_card/plots/subgroups.png"]
+    assert card_figures == ["model_card/plots/calibration.png", "model_card/plots/subgroups.png"]
     card1 = (work / "reports1" / "model_card.md").read_text()
     assert "(plots/subgroups.png)" in card1 and "| sex | M |" in card1
 
