@@ -149,7 +149,18 @@ def push(root: Path, stage: str) -> int:
     endpoint = os.environ.get("CXR_DVC_REMOTE_ENDPOINT", "").strip()
     if rc == 0 and endpoint:
         rc = run([*dvc, "modify", "--local", REMOTE, "endpointurl", endpoint], root)
-    return rc or run(["dvc", "--wait-for-lock", "push", "--remote", REMOTE, stage], root)
+    if rc:
+        return rc
+    rc = run(["dvc", "--wait-for-lock", "push", "--remote", REMOTE, stage], root)
+    if rc:
+        where = f"{redact_uri(url)} at {redact_uri(endpoint)}" if endpoint else redact_uri(url)
+        print(
+            f"dvc_stage: error: dvc push of stage '{stage}' to the DVC remote {REMOTE} ({where}) failed; "
+            "its outputs are safe in the local cache: check that the object store is up and that "
+            "CXR_DVC_REMOTE_URL, CXR_DVC_REMOTE_ENDPOINT and the AWS_* credentials are right, then retry the task",
+            file=sys.stderr,
+        )
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
