@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -50,7 +51,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 MODEL = "cxr-dwml"
 CONF_V2 = {"epochs": 1}  # the second run: one epoch instead of the tiny demo's two
-RETRY_DELAY_MINUTES = "0.05"  # 3 s between a failed try and the next (the shipped 5 minutes is for real outages)
+# 15 s between a failed try and the next (the shipped 5 minutes is for real outages): long enough for
+# a restarted MLflow server to answer again
+RETRY_DELAY_MINUTES = "0.25"
 # Settings of .env that are not given as .env.example has them: a valid Fernet key (the example's is
 # a placeholder) and one MLflow worker process (the example's four are for a server, not a 2-core test).
 ENV_OVERRIDES = {"MLFLOW_WORKERS": "1"}
@@ -134,6 +137,7 @@ class S3Server:
     def start(self) -> None:
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
 
@@ -323,14 +327,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": databases["airflow"],
             }
 
-            # the buckets minio-init creates: its list plus the bucket of each configured s3:// URL
-            init = _environment(services["minio-init"])
-            urls = [init[k] for k in ("MLFLOW_ARTIFACTS_DESTINATION", "CXR_DVC_REMOTE_URL", "CXR_DATA_SOURCE")]
             airflow_env = on_loopback(_environment(services["airflow-scheduler"]), hosts, sql)
-            for bucket in {*init["MINIO_BUCKETS"].split(), *map(bucket_of, urls)}:
-                s3.client(airflow_env).create_bucket(Bucket=bucket)
-            publish_demo_data(repo, s3, airflow_env, airflow_env["CXR_DATA_SOURCE"])
-
             mlflow_env = {**base_environment(repo), **on_loopback(_environment(services["mlflow"]), hosts, sql)}
             # MLflow's background job runner is for GenAI jobs this project never starts
             mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -360,8 +357,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 )
                 env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "True"
 
-            # airflow-init: migrate the database, then its command (the DVC pool)
-            airflow_cli(env, "db", "migrate", timeout=420)
+            # airflow-init: migrate the database (while the buckets fill), then its command (the DVC pool)
+            migrate_cmd = [str(VENV_BIN / "airflow"), "db", "migrate"]
+            migrate = Service("airflow db migrate", migrate_cmd, env, base / "migrate.log", base).start()
+            # the buckets minio-init creates: its list plus the bucket of each configured s3:// URL
+            init = _environment(services["minio-init"])
+            urls = [init[k] for k in ("MLFLOW_ARTIFACTS_DESTINATION", "CXR_DVC_REMOTE_URL", "CXR_DATA_SOURCE")]
+            for bucket in {*init["MINIO_BUCKETS"].split(), *map(bucket_of, urls)}:
+                s3.client(airflow_env).create_bucket(Bucket=bucket)
+            publish_demo_data(repo, s3, airflow_env, airflow_env["CXR_DATA_SOURCE"])
+            assert migrate.proc.wait(timeout=420) == 0, migrate.tail()
             airflow_cli(env, *services["airflow-init"]["command"])
             for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
                 (sub,) = services[name]["command"]
@@ -391,7 +396,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def test_the_scheduler_runs_the_pipeline_from_the_shipped_schedule(stack: Stack) -> None:
     """Unpausing the DAG makes the scheduler create a run from the weekly schedule; the MLflow server
-    dies as `train` starts and comes back: `train` fails its first try, the retry finishes the run."""
+    dies once `prepare` and `prototypes` are done and comes back after `train`'s first try failed on
+    it: the retry finishes the run."""
     t0 = time.monotonic()
     api = stack.api
     code, dag = api.call("GET", f"/dags/{DAG_ID}")
@@ -411,7 +417,7 @@ def test_the_scheduler_runs_the_pipeline_from_the_shipped_schedule(stack: Stack)
 
     def mlflow_outage(tries: dict[str, dict]) -> None:
         train = tries["train"]
-        if "down" not in outage and train["state"] == "running":
+        if "down" not in outage and tries["prepare"]["state"] == tries["prototypes"]["state"] == "success":
             stack.mlflow.kill()
             outage["down"] = time.monotonic()
         elif "down" in outage and "up" not in outage and train["state"] in ("up_for_retry", "failed"):
@@ -427,9 +433,9 @@ def test_the_scheduler_runs_the_pipeline_from_the_shipped_schedule(stack: Stack)
     )
     assert state == "success", {t: (i["state"], i["try_number"]) for t, i in tries.items()}
     assert set(outage) == {"down", "up"}, "the MLflow server was never killed while train ran"
-    assert tries["train"]["try_number"] == 2, tries["train"]
+    assert tries["train"]["try_number"] >= 2, tries["train"]
     assert "tracking server is not reachable" in stack.log(run_id, "train", 1)
-    stack.results["run1"] = run_id
+    stack.results.update(run1=run_id, train_tries=tries["train"]["try_number"])
 
 
 def test_first_run_lands_in_the_buckets_and_the_registry(stack: Stack) -> None:
@@ -446,11 +452,13 @@ def test_first_run_lands_in_the_buckets_and_the_registry(stack: Stack) -> None:
     runs = client.search_runs([experiment.experiment_id], f"tags.`airflow.run_id` = '{run_id}'")
     assert {r.data.tags["airflow.task_id"] for r in runs} >= {"download", "prepare", "prototypes", "train"}
     (trained,) = [r for r in runs if r.info.run_id == registration["run_id"]]
-    assert trained.data.tags["airflow.task_id"] == "train" and trained.data.tags["airflow.try_number"] == "2"
+    assert trained.data.tags["airflow.task_id"] == "train"
+    assert trained.data.tags["airflow.try_number"] == str(stack.results["train_tries"])
     assert trained.info.artifact_uri.startswith("mlflow-artifacts:/"), "artifacts must go through the server"
     bucket = bucket_of(_environment(stack.compose["services"]["minio-init"])["MLFLOW_ARTIFACTS_DESTINATION"])
     keys = stack.s3.keys(env, bucket)
-    assert any(trained.info.run_id in k and k.endswith("MLmodel") for k in keys), keys[:20]
+    model_id = registration["model_uri"].removeprefix("models:/")
+    assert f"{experiment.experiment_id}/models/{model_id}/artifacts/MLmodel" in keys, keys[:20]
     assert any(trained.info.run_id in k and "predictions" in k for k in keys), "evaluate's predictions"
     assert not (repo / "mlartifacts").exists() and not (repo / "mlflow.db").exists()
 
