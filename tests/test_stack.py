@@ -262,7 +262,8 @@ class Stack:
             if step is not None:
                 step(self.tries(run_id))
             time.sleep(0.5)
-        raise AssertionError(f"run {run_id} did not finish in time: {self.tries(run_id)}")
+        states = {t: (i["state"], i["try_number"]) for t, i in self.tries(run_id).items()}
+        raise AssertionError(f"run {run_id} did not finish in time: {states}")
 
 
 def uncached(repo: Path) -> set[str]:
