@@ -99,18 +99,28 @@ def on_loopback(env: dict[str, str], hosts: dict[str, str], databases: dict[str,
 # --- PostgreSQL, S3, MLflow ----------------------------------------------------------------------
 
 
+def unavailable(reason: str) -> None:
+    """Skip for want of `reason`; under CI=true, where the machine must have it, fail."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(f"the stack test needs {reason}")
+
+
 @contextlib.contextmanager
 def throwaway_databases(*purposes: str) -> Iterator[dict[str, str]]:
     """One new database per purpose on 127.0.0.1:5432 (user postgres); dropped afterwards."""
+    import importlib.util
+
+    if importlib.util.find_spec("asyncpg") is None or importlib.util.find_spec("psycopg2") is None:
+        reason = "the PostgreSQL drivers psycopg2 and asyncpg (pip install -e '.[postgres]')"
+        unavailable(reason)
     try:
         import psycopg2
 
         admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
     except Exception as e:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
-        reason = f"PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) is unreachable: {e}".strip()
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(f"the stack test needs {reason}")
+        reason = f"PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) is unreachable: {str(e).strip()}"
+        unavailable(reason)
     admin.autocommit = True
     names = {p: f"cxr_stack_{p}_{uuid.uuid4().hex[:8]}" for p in purposes}
     try:
