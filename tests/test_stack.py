@@ -14,12 +14,12 @@ loopback ones, and the databases are throwaway ones on the machine's PostgreSQL.
 
 On the tiny demo, in one shared stack: the scheduler creates a run from the DAG's shipped weekly
 schedule once the DAG (paused at creation, as compose sets it) is unpaused; the MLflow server is
-killed while `train` starts and comes back (the task retries and the run completes); a second run
-with another epoch count registers v2, judged by the gate against v1, while the S3 server is down
-during `evaluate`'s `dvc push` (the task fails naming the remote, the retry pushes); a person
-promotes v2 through MLflow's REST API and `mlflow models serve` of `models:/cxr-dwml@champion`
-answers a PNG. `make stack-test` runs this file alone; under CI=true `make test` includes it.
-Without PostgreSQL it skips (it fails under CI=true).
+killed between tasks and comes back (`train` fails its first try, the retry completes the run);
+a second run with another epoch count registers v2, judged by the gate against v1, while the S3
+server is down during `evaluate`'s `dvc push` (the task fails naming the remote, the retry
+pushes); a person promotes v2 through MLflow's REST API and `mlflow models serve` of
+`models:/cxr-dwml@champion` answers a PNG. `make stack-test` runs this file alone; under CI=true
+`make test` includes it. Without PostgreSQL it skips (it fails under CI=true).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class Service:
 def mlflow_command(compose: dict, port: int) -> list[str]:
     """The mlflow service's command line with its host and port made loopback ones."""
     cmd = list(compose["services"]["mlflow"]["command"])
-    assert cmd[:2] == ["mlflow", "server"], cmd
+    assert cmd[:2] == ["mlflow", "server"] and "--artifacts-destination" in cmd, cmd
     for flag, value in (("--host", "127.0.0.1"), ("--port", str(port))):
         cmd[cmd.index(flag) + 1] = value
     return [str(VENV_BIN / "mlflow"), *cmd[1:]]
@@ -354,6 +354,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             started.append(mlflow.start())
 
             env = {**base_environment(repo), **airflow_env}
+            assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor", "compose's executor"
             env.update(
                 {
                     "AIRFLOW_HOME": str(home),
