@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 # DVC and Airflow spawn `python`/`dvc`/`airflow` subprocesses: the venv must come first on PATH
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test venv repro summary paper params dag-test lint clean help
+.PHONY: demo test venv repro summary paper params dag-test stack-test lint clean help
 
 help:
 	@echo "make demo      run the whole pipeline on the demo data (creates .venv first if missing)"
@@ -14,6 +14,7 @@ help:
 	@echo "make paper     run the paper profile (NIH data, ConvNeXt-T, BioBERT; needs data and a GPU)"
 	@echo "make params    compose params.yaml from conf/ (PROFILE=paper, SET='train.epochs=2 ...')"
 	@echo "make dag-test  run the Airflow DAG once with 'airflow dags test' in a throwaway AIRFLOW_HOME"
+	@echo "make stack-test  the compose stack as local processes, end to end (needs PostgreSQL on 127.0.0.1:5432)"
 
 # The development venv: the pipeline plus the extras the tests exercise (Airflow for the DAG,
 # the PostgreSQL drivers, the test tools and ruff); see pyproject.toml for what each extra holds.
@@ -42,8 +43,12 @@ SET ?=
 params: venv
 	$(BIN)/python -m components.params $(if $(PROFILE),--profile $(PROFILE)) $(foreach s,$(SET),--set $(s))
 
+# The stack test (tests/test_stack.py, several minutes) runs in `make test` under CI=true only;
+# `make stack-test` runs it alone.
+STACK_FILTER := $(if $(filter true,$(CI)),,-m "not stack")
+
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(STACK_FILTER)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -51,6 +56,9 @@ lint: venv
 
 dag-test: venv
 	$(BIN)/python -m pytest -q tests/test_dag.py -k dags_test
+
+stack-test: venv
+	$(BIN)/python -m pytest -q tests/test_stack.py
 
 clean:
 	rm -rf data artifacts reports mlflow.db mlartifacts

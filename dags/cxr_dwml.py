@@ -75,7 +75,7 @@ class KubernetesSettings:
 class DagSettings:
     """Scheduling and execution settings of the DAG (dags/cxr_dwml.yaml, CXR_AIRFLOW_* variables)."""
 
-    schedule: str | None = None
+    schedule: str | None = "0 3 * * 1"
     start_date: Any = "2025-01-01"
     catchup: bool = False
     max_active_runs: int = 1

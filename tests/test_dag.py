@@ -49,6 +49,8 @@ def airflow_env(home: Path, repo: Path, **extra: str) -> dict[str, str]:
             "CXR_PROJECT_DIR": str(repo),
             "CXR_VENV": str(VENV_BIN.parent),
             "CXR_AIRFLOW_RETRIES": "0",
+            # manual runs only: unpausing a scheduled DAG would start a run of its own beside the triggered ones
+            "CXR_AIRFLOW_SCHEDULE": "none",
         }
     )
     env.update(extra)
@@ -118,6 +120,7 @@ def test_dag_structure_and_defaults(parsed: dict) -> None:
     tasks = parsed["tasks"]
     assert set(tasks) == set(STAGES)
     assert parsed["catchup"] is False and parsed["max_active_runs"] == 1
+    assert parsed["schedule"] == "0 3 * * 1", "the shipped settings retrain weekly"
     for task_id, info in tasks.items():
         assert info["type"] == "BashOperator"
         assert info["pool"] == "cxr_dwml_dvc", "DVC tasks must share the one-slot pool"
