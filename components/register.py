@@ -8,6 +8,11 @@ and it beats the current champion on the same validation images (paired bootstra
 `register.margin`, `register.max_p_value`). The gate reads reports/predictions/val.parquet and the
 champion's evaluation/predictions/val.parquet, never test predictions: test AUCs are only recorded
 as version tags. Manual promotion or rollback: python -m components.promote --version N
+
+Only a registered model or alias that does not exist means "no champion". Any other failure of the
+registry (reading the champion or its predictions, moving an alias) stops the step with exit status
+2 and one line naming the model, the alias and the server, and leaves every alias where it was;
+a version registered before such a failure is gated by the next run (docs/registry.md).
 """
 
 from __future__ import annotations
@@ -62,13 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         held, champ, champ_preds = _champion_state(client, name, None if same is None else same.version)
         decision = registry.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
         tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
-        version, model_uri = same, same and same.source
-        if same is None:
-            example = _example(Path(args.prepared))
-            info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", example)
-            version, model_uri = registry.register(info.model_uri, cfg, tags), info.model_uri
-        else:  # registered by a run that stopped before its gate finished: gate that version now
-            print(f"[register] {name} v{same.version} holds these weights but was never gated: gating it now")
+        version, model_uri = _version_to_gate(same, model_dir, reports, Path(args.prepared), cfg, tags)
         _gate(client, name, version.version, decision, held)
         record = {
             "model_name": name,
@@ -111,6 +110,18 @@ def _champion_state(client, name: str, ours: str | None):
         raise registry.RegistryError(
             f"{e}; nothing registered, no alias moved: rerun the register step once the registry answers"
         ) from e
+
+
+def _version_to_gate(same, model_dir: Path, reports: Path, prepared: Path, cfg, tags: dict[str, str]):
+    """(version, model URI) the gate decides on: `same`, registered by a run that stopped before its
+    gate finished, or else a new version of the pyfunc, logged now."""
+    from pipeline import registry
+
+    if same is not None:
+        print(f"[register] {cfg.model_name} v{same.version} holds these weights but was never gated: gating it now")
+        return same, same.source
+    info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(prepared))
+    return registry.register(info.model_uri, cfg, tags), info.model_uri
 
 
 def _gate(client, name: str, version: str, decision: dict, held: dict[str, str]) -> None:
