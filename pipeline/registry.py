@@ -226,28 +226,29 @@ def gated(version) -> bool:
 
 
 def model_description(name: str) -> str:
-    """What registered model `name` is, for its description in the registry (Markdown)."""
-    return f"""Multi-label chest X-ray classifier: the 14 findings of ChestX-ray14 from one frontal radiograph.
-
-**Method.** ConvNeXt image embeddings scored by their distance to 14 label prototypes (the class names
-encoded by the text encoder of `prototypes.encoder`: BioBERT in the paper profile), trained with a
-dual-weighted metric loss (the project's formulation of Jin et al., Comput Biol Med 2023;157:106683).
-
-**Input.** A DataFrame with one column `image`: PNG, JPEG or DICOM bytes (base64 text over REST), any
-size; the model converts it to 8-bit grayscale, resizes and centre-crops it as training did.
-
-**Output.** One row per image: a probability per class, `labels` (the classes at or above their
-threshold chosen on validation, joined by `|`, or `No Finding`) and `error` (null, or why that row
-could not be read).
-
-**Classes.** {", ".join(CLASSES)}.
-
-**Aliases.** `{CHAMPION}` is the version to serve (`models:/{name}@{CHAMPION}`); `{CHALLENGER}` is the
-latest registered. A version becomes {CHAMPION} only when it clears a floor on validation mean AUC and
-beats the current {CHAMPION} on the same validation patients (paired bootstrap); test AUC is reported
-in the version tags, never used to choose. Each version's description summarises its model card
-(`model_card/` in the version's run); the gate, the tags and how to promote by hand are documented in
-docs/registry.md of the project."""
+    """What registered model `name` is, for its description in the registry (Markdown, one line per
+    paragraph: the registry shows line breaks as they are)."""
+    paragraphs = [
+        "Multi-label chest X-ray classifier: the 14 findings of ChestX-ray14 from one frontal radiograph.",
+        "**Method.** ConvNeXt image embeddings scored by their distance to 14 label prototypes (the class "
+        "names encoded by the text encoder of `prototypes.encoder`: BioBERT in the paper profile), trained "
+        "with a dual-weighted metric loss (the project's formulation of Jin et al., Comput Biol Med "
+        "2023;157:106683).",
+        "**Input.** A DataFrame with one column `image`: PNG, JPEG or DICOM bytes (base64 text over REST), "
+        "any size; the model converts it to 8-bit grayscale, resizes and centre-crops it as training did.",
+        "**Output.** One row per image: a probability per class, `labels` (the classes at or above their "
+        "threshold chosen on validation, joined by `|`, or `No Finding`) and `error` (null, or why that "
+        "row could not be read).",
+        f"**Classes.** {', '.join(CLASSES)}.",
+        f"**Aliases.** `{CHAMPION}` is the version to serve (`models:/{name}@{CHAMPION}`); `{CHALLENGER}` "
+        f"is the latest registered. A version becomes {CHAMPION} only when it clears a floor on validation "
+        f"mean AUC and beats the current {CHAMPION} on the same validation patients (paired bootstrap); "
+        "test AUC is reported in the version tags, never used to choose.",
+        "**More.** Each version's description summarises its model card (`model_card/` in the version's "
+        "run); the promotion gate, the version tags and how to promote by hand are documented in "
+        "docs/registry.md of the project.",
+    ]
+    return "\n\n".join(paragraphs)
 
 
 def describe_model(client, name: str, description: str) -> bool:
