@@ -64,23 +64,63 @@ def fingerprint(*parts: Any) -> str:
 def mlflow_run(
     args, params: Params, step: str, run_id: str | None = None, run_name: str | None = None
 ) -> Iterator[Any]:
-    """A run of this step (or the existing `run_id`, to add to it); yields None with --no-mlflow."""
+    """A run of this step (or the existing `run_id`, to add to it); yields None with --no-mlflow.
+
+    A step of a pipeline execution (`components.provenance.pipeline_run`: a DAG run, a `dvc repro`,
+    or CXR_PIPELINE_RUN) nests its new run under the execution's parent run, found or created by
+    its key, and shows its state on the parent while it runs. A step that adds to an earlier run
+    (evaluate and register add to the training run) leaves that run where it is.
+    """
     if args.no_mlflow:
         yield None
         return
     check_tracking_store(tracking.default_tracking_uri())  # before importing mlflow: seconds count here
     import mlflow
 
-    from components.provenance import run_tags
+    from components.provenance import pipeline_run, run_tags
 
-    tracking.setup(params.mlflow.experiment)
+    experiment_id = tracking.setup(params.mlflow.experiment)
     tags = run_tags(step, params.profile)
+    execution = pipeline_run()
     if run_id:
         # adding to another step's run: keep its identity, record this step's context beside it
         tags = {f"{k.replace('airflow.', f'airflow.{step}.')}": v for k, v in tags.items() if k.startswith("airflow.")}
         tags[f"cxr.step.{step}"] = "done"
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or step), tags=tags) as run:
-        yield run
+        parent = execution and tracking.find_pipeline_parent(experiment_id, execution.key)
+    else:
+        parent = execution and _pipeline_parent(experiment_id, execution, params.profile)
+        if parent:
+            tags[tracking.PIPELINE_TAG] = execution.key
+    with _parent_state(parent):
+        with mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else (run_name or step),
+            parent_run_id=None if run_id else parent,
+            tags=tags,
+        ) as run:
+            yield run
+
+
+def _pipeline_parent(experiment_id: str, execution, profile: str) -> str:
+    from components.provenance import pipeline_tags
+
+    return tracking.pipeline_parent(experiment_id, execution.key, execution.name, pipeline_tags(profile))
+
+
+@contextlib.contextmanager
+def _parent_state(parent: str | None) -> Iterator[None]:
+    """The parent run shows RUNNING while the body runs, then FINISHED, or FAILED when it raised."""
+    if not parent:
+        yield
+        return
+    tracking.mark_parent(parent, "RUNNING")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the step's own error is the one to report
+            tracking.mark_parent(parent, "FAILED")
+        raise
+    tracking.mark_parent(parent, "FINISHED")
 
 
 class TrackingStoreError(RuntimeError):

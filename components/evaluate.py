@@ -15,6 +15,7 @@ from pathlib import Path
 from components.common import mlflow_run, parser, run_main, save_resolved, stage_config
 from pipeline import tracking
 from pipeline.classes import CLASSES
+from pipeline.data.layout import MANIFEST
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         save_resolved(out / "evaluate_config.json", "evaluate", cfg, params)
         if run is not None:
             _log(out, metrics)
+            tracking.log_splits(Path(args.prepared) / MANIFEST, ("val", "test"))  # thresholds, and the report
     print(comparison_markdown(metrics))
     return 0
 

@@ -9,8 +9,12 @@ and it beats the current champion on the same validation images (paired bootstra
 champion's evaluation/predictions/val.parquet, never test predictions: test AUCs are only recorded
 as version tags. After the decision it writes the model card (model_card.md and model_card.html in
 --reports), logs it into the version's run under model_card/ and makes its summary the version's
-description.
-Manual promotion or rollback: python -m components.promote --version N
+description. Manual promotion or rollback: python -m components.promote --version N
+
+Only a registered model or alias that does not exist means "no champion". Any other failure of the
+registry (reading the champion or its predictions, moving an alias) stops the step with exit status
+2 and one line naming the model, the alias and the server, and leaves every alias where it was;
+a version registered before such a failure is gated by the next run (docs/registry.md).
 """
 
 from __future__ import annotations
@@ -57,29 +61,29 @@ def main(argv: list[str] | None = None) -> int:
 
     with mlflow_run(args, params, "register", run_id=ref["run_id"]) as run:
         client = MlflowClient()
-        same = registry.version_with_weights(client, cfg.model_name, digest)
-        if same is not None:  # e.g. a finished training resumed and evaluated again: no second version
-            record = _already_registered(client, cfg.model_name, same, digest, run.info.run_id)
+        name = cfg.model_name
+        same = registry.version_with_weights(client, name, digest)
+        if same is not None and registry.gated(same):  # e.g. a finished training resumed and evaluated again
+            record = _already_registered(client, name, same, digest, run.info.run_id)
             write_json(args.out, record)  # nothing goes to MLflow: the version and its run stay as they are
             model_card.write_card(model_card.build_card(card_data, record, None), reports)
             print(f"[register] {record['reason']}")
             return 0
-        info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
-        tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
-        version = registry.register(info.model_uri, cfg, tags)
-        champ = registry.champion(client, cfg.model_name)
-        champ = champ if champ is None or champ.version != version.version else None
-        champ_preds = registry.champion_predictions(client, champ) if champ is not None else None
+        # everything the decision needs is read before anything is registered or moved: a registry
+        # that fails here leaves no new version and every alias where it was
+        held, champ, champ_preds = _champion_state(client, name, None if same is None else same.version)
         decision = registry.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
-        registry.apply_decision(client, cfg.model_name, version.version, decision)
+        tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
+        version, model_uri = _version_to_gate(same, model_dir, reports, Path(args.prepared), cfg, tags)
+        _gate(client, name, version.version, decision, held)
         record = {
-            "model_name": cfg.model_name,
+            "model_name": name,
             "version": str(version.version),
             "registered": True,
             registry.WEIGHTS_TAG: digest,
-            "model_uri": info.model_uri,
+            "model_uri": model_uri,
             "run_id": run.info.run_id,
-            "aliases": _aliases(client, cfg.model_name, version.version),
+            "aliases": _aliases(client, name, version.version),
             "tracking_uri": tracking.redacted_uri(),
             **decision,
             "test_mean_auc": metrics.get("mean_auc"),
@@ -93,6 +97,53 @@ def main(argv: list[str] | None = None) -> int:
         card = _publish_card(client, card_data, record, reports)
     _report(record, reports / model_card.CARD_MD, card)
     return 0
+
+
+def _champion_state(client, name: str, ours: str | None):
+    """(aliases before this step, the champion's version or None, its validation predictions or None).
+
+    "No champion" only when the registered model does not exist yet or no version holds the alias;
+    any other failure raises RegistryError, saying that nothing was registered or moved.
+    `ours`: the version being gated, when it exists already; it is never compared with itself.
+    """
+    from pipeline import registry
+
+    try:
+        held = registry.aliases(client, name)
+        champ = registry.champion(client, name, held)
+        if champ is not None and str(champ.version) == str(ours):
+            champ = None
+        return held, champ, None if champ is None else registry.champion_predictions(client, champ)
+    except registry.RegistryError as e:
+        raise registry.RegistryError(
+            f"{e}; nothing registered, no alias moved: rerun the register step once the registry answers"
+        ) from e
+
+
+def _version_to_gate(same, model_dir: Path, reports: Path, prepared: Path, cfg, tags: dict[str, str]):
+    """(version, model URI) the gate decides on: `same`, registered by a run that stopped before its
+    gate finished, or else a new version of the pyfunc, logged now."""
+    from pipeline import registry
+
+    if same is not None:
+        print(f"[register] {cfg.model_name} v{same.version} holds these weights but was never gated: gating it now")
+        return same, same.source
+    info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(prepared))
+    return registry.register(info.model_uri, cfg, tags), info.model_uri
+
+
+def _gate(client, name: str, version: str, decision: dict, held: dict[str, str]) -> None:
+    """The registered model's description, then the gate's tags and aliases on `version`; a failure
+    says that the version stays registered, ungated, until the step runs again."""
+    from pipeline import registry
+
+    try:
+        registry.describe_model(client, name, registry.model_description(name))
+        registry.apply_decision(client, name, version, decision, held)
+    except registry.RegistryError as e:
+        raise registry.RegistryError(
+            f"{e}; {name} v{version} stays registered without the gate's decision: rerun the register step to gate it"
+        ) from e
 
 
 def _selection_set(reports: Path, prepared: Path) -> SelectionSet:

@@ -20,6 +20,7 @@ from pathlib import Path
 from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
 from components.training import input_digests, load_prototypes, mlflow_logger
 from pipeline import tracking
+from pipeline.data.layout import MANIFEST
 from pipeline.io import save_dataframe, write_json
 
 
@@ -96,6 +97,7 @@ def _log_start(params, cfg, prepared: Path, protos: Path, out: Path, run) -> Non
 
     tracking.log_params(tracking.flatten({"train": cfg.model_dump()}))
     mlflow.log_param("profile", params.profile)
+    tracking.log_splits(prepared / MANIFEST, ("train", "val"))  # trained on, and selected on
     # link this run to the data steps that produced its inputs
     for step, folder in (("download", prepared.parent / "raw"), ("prepare", prepared), ("prototypes", protos)):
         ref = tracking.load_run_ref(folder)

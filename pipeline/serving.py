@@ -220,10 +220,14 @@ class CxrDwmlModel(PythonModel):
             thresholds = json.load(f)["thresholds"]
         self.predictor = Predictor(bundle, thresholds, "auto")
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row; an undecodable row gets `error` instead of failing the batch.
 
-        `params` {"explain": true, "explain_top_k": k} adds the `explanation` column.
+        MLflow passes the DataFrame its signature describes (one `image` column); called directly,
+        `model_input` may also be a list or an array of images (`as_image_list`). The DataFrame
+        type hint tells MLflow to validate the input against the logged signature, not to infer a
+        schema from the hint. `params` {"explain": true, "explain_top_k": k} adds the `explanation`
+        column.
         """
         images = as_image_list(model_input)
         scored = self.predictor.score(images)

@@ -18,13 +18,24 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .io import read_json, write_json
 
 RUN_FILE = "mlflow_run.json"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag names another kind; ours is
+# model training, whose view lists runs with their metrics, parameters and datasets
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# One pipeline execution is one parent run; its steps' runs are nested under it (MLflow's
+# `mlflow.parentRunId` tag). The parent carries the execution's key in PIPELINE_TAG and
+# `cxr.step` = PIPELINE_STEP, which is how every step, in any process, finds it.
+PIPELINE_TAG = "cxr.pipeline_run"
+PIPELINE_STEP = "pipeline"
+# the dataset context MLflow shows for each split of the prepared manifest
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
@@ -40,12 +51,100 @@ def setup(experiment: str, root: str | Path = ".") -> str:
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         exp_id = found.experiment_id
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag, or by hand
+            mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     else:
         # A local store keeps artifacts beside mlflow.db so `mlflow ui` run from the repo finds them.
         location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+        exp_id = mlflow.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def pipeline_parent(experiment_id: str, key: str, name: str, tags: Mapping[str, str]) -> str:
+    """The id of the parent run of pipeline execution `key`: found by its tags, or created.
+
+    Each step of an execution may run in its own process (or on its own machine); they agree on
+    the parent through the search, not through shared memory. Two steps creating it at the same
+    moment both keep the oldest and the other is deleted.
+
+    Args:
+        key: what identifies the execution (the PIPELINE_TAG value).
+        name: the parent's run name, what the list of runs shows for the execution.
+        tags: more tags for a new parent (the profile, the orchestrator's run).
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = _parents(client, experiment_id, key)
+    if found:
+        return found[0].info.run_id
+    tags = {**tags, PIPELINE_TAG: key, "cxr.step": PIPELINE_STEP}
+    ours = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    keep = _parents(client, experiment_id, key)[0].info.run_id
+    if keep != ours:
+        client.delete_run(ours)
+    return keep
+
+
+def find_pipeline_parent(experiment_id: str, key: str) -> str | None:
+    """The id of the parent run of execution `key`, or None when no step of it has made one."""
+    from mlflow import MlflowClient
+
+    found = _parents(MlflowClient(), experiment_id, key)
+    return found[0].info.run_id if found else None
+
+
+def _parents(client, experiment_id: str, key: str) -> list:
+    """The live parent runs of execution `key`, oldest first."""
+    if "'" in key:
+        raise ValueError(f"pipeline run key {key!r}: a quote cannot be searched for; leave it out")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' AND tags.`cxr.step` = '{PIPELINE_STEP}'",
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def mark_parent(run_id: str, status: str) -> None:
+    """Show a step's state on its execution's parent: RUNNING while a step runs, then FINISHED (or
+    FAILED) with the end time of the step that finished last, so the parent spans the execution."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if status == "RUNNING":
+        client.update_run(run_id, status=status)
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+def log_splits(manifest_path: str | Path, splits: Iterable[str]) -> str:
+    """Log `splits` of the prepared manifest as dataset inputs of the active run; returns the digest.
+
+    One dataset per split, named `prepared-<split>`, with its rows' schema and count, the manifest
+    as source, and as digest the md5 of the manifest file: the hash the pipeline's lock file
+    records for that output, so the Dataset column of the runs list says which prepared data a
+    model was trained (context `training`), selected (`validation`) and tested (`test`) on.
+    """
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    from .io import file_digest
+
+    digest = file_digest(manifest_path)
+    manifest = pd.read_csv(manifest_path)
+    with warnings.catch_warnings():  # MLflow's hints about a local path and integer label columns
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        for split in splits:
+            rows = manifest[manifest["split"] == split].reset_index(drop=True)
+            dataset = mlflow.data.from_pandas(rows, source=str(manifest_path), name=f"prepared-{split}", digest=digest)
+            mlflow.log_input(dataset, context=SPLIT_CONTEXTS[split])
+    return digest
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""Real servers on 127.0.0.1 for tests: a static file server with byte ranges, and moto's S3.
+"""Real servers on 127.0.0.1 for tests: a static file server with byte ranges, a reverse proxy
+that fails chosen requests, and moto's S3.
 
 with FileServer(folder) as server:
     server.cut_once("images_001.tar.gz", after=1000)  # the next GET dies after 1000 bytes
     requests.get(f"{server.url}/images_001.tar.gz")
+
+with FaultProxy("http://127.0.0.1:5000") as proxy:   # e.g. an `mlflow server`
+    proxy.fail("registered-models/get", times=20)     # the next 20 matching requests get 503
+    MlflowClient(proxy.url).get_registered_model("m")
 
 with moto_s3() as endpoint:
     s3 = s3_client(endpoint)   # boto3 with moto's test credentials
@@ -20,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 
 @dataclass
@@ -30,7 +36,45 @@ class Request:
     status: int
 
 
-class FileServer(ThreadingHTTPServer):
+class LoopbackServer(ThreadingHTTPServer):
+    """An HTTP server on a free loopback port, served from a background thread (`with` starts and
+    stops it); `requests` records what it was asked."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0):
+        super().__init__((host, port), handler)
+        self.requests: list = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _record(self, request) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+
+class FileServer(LoopbackServer):
     """Serve a folder over HTTP/1.1 with `Range: bytes=a-b` (206/416) and injectable failures.
 
     Every request is recorded in `requests`. `cut_once` makes the next GET of a file send its
@@ -38,20 +82,11 @@ class FileServer(ThreadingHTTPServer):
     `fail_once` answers the next GETs of a file with an error status.
     """
 
-    daemon_threads = True
-
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0):
-        super().__init__((host, port), _Handler)
+        super().__init__(_Handler, host, port)
         self.root = Path(root).resolve()
-        self.requests: list[Request] = []
         self._cuts: dict[str, int] = {}
         self._failures: dict[str, list[int]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
 
     def cut_once(self, path: str, after: int) -> None:
         with self._lock:
@@ -65,27 +100,6 @@ class FileServer(ThreadingHTTPServer):
         """The GET requests of one file so far."""
         with self._lock:
             return [r for r in self.requests if r.method == "GET" and r.path == path]
-
-    def start(self) -> FileServer:
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        if self._thread is not None:
-            self._thread.join()
-
-    def __enter__(self) -> FileServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _record(self, request: Request) -> None:
-        with self._lock:
-            self.requests.append(request)
 
     def _take_failure(self, path: str) -> int | None:
         with self._lock:
@@ -169,6 +183,108 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int]:
     if a == "":  # the last b bytes
         return max(size - int(b), 0), size - 1
     return int(a), min(int(b), size - 1) if b else size - 1
+
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+@dataclass
+class Forwarded:
+    method: str
+    path: str  # with its query, e.g. "/api/2.0/mlflow/registered-models/get?name=m"
+    status: int
+    injected: bool  # answered by the proxy itself, never reaching the server
+
+
+class FaultProxy(LoopbackServer):
+    """A reverse proxy to the HTTP server at `target` that answers chosen requests with an error.
+
+    Every request is forwarded as it came (method, path, query, headers, body) and the answer sent
+    back, except while a failure is pending for it: `fail(pattern, status, times)` makes the next
+    `times` requests whose path and query contain `pattern` get `status` without reaching the
+    server (a proxy whose backend is overloaded, or a server restarting). Every request is
+    recorded in `requests`, with the status it got; `after` lets the first matching requests through
+    (fail the second of two alias moves).
+    """
+
+    def __init__(self, target: str, host: str = "127.0.0.1", port: int = 0):
+        super().__init__(_ProxyHandler, host, port)
+        parts = urllib.parse.urlsplit(target)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self._failures: list[list] = []  # [pattern, status, how many to let through first, how many to fail]
+
+    def fail(self, pattern: str, status: int = 503, times: int = 1, after: int = 0) -> None:
+        """Answer `status` to `times` requests matching `pattern`, after letting `after` of them through."""
+        with self._lock:
+            self._failures.append([pattern, status, after, times])
+
+    def clear(self) -> None:
+        """Forward everything again."""
+        with self._lock:
+            self._failures.clear()
+
+    def failed(self, pattern: str) -> list[Forwarded]:
+        """The requests matching `pattern` that were answered with an injected failure."""
+        with self._lock:
+            return [r for r in self.requests if pattern in r.path and r.injected]
+
+    def _take_failure(self, path: str) -> int | None:
+        with self._lock:
+            for pending in self._failures:
+                if pending[0] not in path:
+                    continue
+                if pending[2] > 0:  # still letting requests through
+                    pending[2] -= 1
+                elif pending[3] > 0:
+                    pending[3] -= 1
+                    return pending[1]
+        return None
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FaultProxy
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
+
+    def log_message(self, format: str, *args) -> None:  # keep test output quiet
+        pass
+
+    def _forward(self) -> None:
+        import http.client
+
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        status = self.server._take_failure(self.path)
+        if status is not None:
+            self.server._record(Forwarded(self.command, self.path, status, injected=True))
+            payload = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected failure"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        conn = http.client.HTTPConnection(*self.server.target, timeout=120)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            answer = conn.getresponse()
+            data = answer.read()
+        finally:
+            conn.close()
+        self.server._record(Forwarded(self.command, self.path, answer.status, injected=False))
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
 
 def s3_client(endpoint: str):

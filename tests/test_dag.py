@@ -427,16 +427,21 @@ def test_dags_test_runs_the_pipeline_and_registers_a_model(dags_test_run: dict) 
     client = registry(repo)
     champion = client.get_model_version_by_alias("cxr-dwml", "champion")
     assert str(champion.version) == "1"
-    # the MLflow runs name the Airflow run that made them
+    # the MLflow runs name the Airflow run that made them: one parent run for the DAG run
     runs = client.search_runs([client.get_experiment_by_name("cxr-dwml").experiment_id])
-    assert champion.run_id in {r.info.run_id for r in runs}
-    # one run per step up to train; evaluate and register add to the training run
-    assert sorted(r.data.tags.get("airflow.task_id") for r in runs) == sorted(STAGES[:4])
-    for r in runs:
+    (parent,) = [r for r in runs if r.data.tags.get("cxr.step") == "pipeline"]
+    steps = [r for r in runs if r is not parent]
+    assert champion.run_id in {r.info.run_id for r in steps}
+    # one run per step up to train, nested under it; evaluate and register add to the training run
+    assert sorted(r.data.tags.get("airflow.task_id") for r in steps) == sorted(STAGES[:4])
+    for r in steps:
         tags = r.data.tags
         assert tags["airflow.dag_id"] == DAG_ID and tags["airflow.try_number"] == "1"
         assert tags["airflow.run_id"].startswith("manual__")
-    assert len({r.data.tags["airflow.run_id"] for r in runs}) == 1
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+    (run_id,) = {r.data.tags["airflow.run_id"] for r in runs}
+    assert parent.info.run_name == f"dag {run_id}" and parent.info.status == "FINISHED"
+    assert parent.data.tags["cxr.pipeline_run"] == f"airflow:{DAG_ID}:{run_id}"
     # the conf ran (dvc.lock says so) and held for this run only (params.yaml is as committed)
     assert lock_params(repo, "train")["train"]["epochs"] == 1
     assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]

@@ -778,3 +778,121 @@ def test_register_describes_the_version_and_logs_its_model_card(small_workspace:
     # the same weights again: nothing registered, the description left as it was, the card still written
     assert v1_after.description == v1.description
     assert "Already registered as v1" in (reports / "model_card.md").read_text()
+
+
+# ----------------------------------------------------------------------------- a registry that fails
+
+# MLflow's client retries a 5xx for minutes by default; here once, at once, so a failure shows in seconds
+FAST_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+}
+
+
+def _register_command(repo: Path, model_dir: Path, reports: Path, out: Path, uri: str) -> subprocess.CompletedProcess:
+    """`python -m components.register` as a stage runs it, against the tracking server at `uri`."""
+    env = {**os.environ, **FAST_RETRIES, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    env.pop("CXR_DEBUG", None)
+    args = ["--params", "params.yaml", "--model", str(model_dir), "--reports", str(reports)]
+    args += ["--prepared", "data/prepared", "--out", str(out)]
+    return subprocess.run(
+        [sys.executable, "-m", "components.register", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _better_reports(repo: Path, reports: Path, out: Path) -> Path:
+    """`reports` with validation scores that follow the labels: a version the gate promotes."""
+    shutil.copytree(reports, out)
+    path = out / "predictions/val.parquet"
+    preds = pd.read_parquet(path)
+    y = labels_of(repo, preds["image"])
+    preds[list(CLASSES)] = 0.2 + 0.6 * y + 0.1 * np.random.default_rng(5).random(y.shape)
+    preds.to_parquet(path, index=False)
+    return out
+
+
+def _state(client, name: str = MODEL_NAME) -> tuple[dict[str, str], list[int]]:
+    """The aliases and the version numbers of `name`, read from the server itself."""
+    aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    return aliases, sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cxr-dwml register: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_registry_failure_fails_register_and_moves_no_alias(small_workspace: Path, tmp_path: Path) -> None:
+    """Only "no such alias" means no champion: a champion lookup, a read of the champion's
+    predictions or an alias move that the server answers with 503 fails the step in one line naming
+    the model, the alias and the server, and the aliases stay where they were; the next run, with
+    the server answering again, gates the version without registering it twice."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tests.servers import FaultProxy
+
+    repo, work = small_workspace, tmp_path / "work"
+    _bundle(work / "a" / "best.pt", seed=1)
+    _bundle(work / "b" / "best.pt", seed=2)
+    better = _better_reports(repo, repo / "reports", work / "reports-better")
+    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
+        with tracking_env(url, repo):  # v1, champion, with the predictions the gate compares against
+            run1 = _training_run(work / "model1", work / "a" / "best.pt", "train-a")
+            with mlflow.start_run(run_id=run1):
+                mlflow.log_artifacts(str(repo / "reports/predictions"), artifact_path="evaluation/predictions")
+            _register(repo, work / "model1", repo / "reports", work / "registration1.json")
+            _training_run(work / "model2", work / "b" / "best.pt", "train-b")
+        client = MlflowClient(tracking_uri=url)  # straight to the server, never through the proxy
+        before = _state(client)
+        assert before == ({"challenger": "1", "champion": "1"}, [1])
+
+        outcomes = {}
+        with FaultProxy(url) as proxy:  # the register commands talk to the server through it
+            for fault in ("registered-models/get", "mlflow-artifacts/artifacts"):
+                proxy.fail(fault, status=503, times=50)
+                t0 = time.monotonic()
+                result = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+                proxy.clear()
+                outcomes[fault] = (result, time.monotonic() - t0, len(proxy.failed(fault)), _state(client))
+            # the challenger moves, the champion move fails (both attempts): the challenger goes back
+            proxy.fail("registered-models/alias", status=503, times=2, after=1)
+            moved = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+            proxy.clear()
+            after_alias_fault = _state(client)
+            v2_tags = client.get_model_version(MODEL_NAME, "2").tags
+            retried = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+        final = _state(client)
+
+    for fault, what in (
+        ("registered-models/get", "reading its aliases (challenger, champion) failed"),
+        ("mlflow-artifacts/artifacts", "reading alias champion's predictions (v1, evaluation/predictions/val.parquet)"),
+    ):
+        result, seconds, failed, state = outcomes[fault]
+        assert state == before, (fault, state)  # nothing registered, champion and challenger where they were
+        line = _error_line(result)
+        assert result.returncode == 2 and seconds < 120, (fault, seconds, line)
+        assert failed == 2, (fault, failed)  # one try and MLflow's one retry, both answered 503
+        assert f"registered model {MODEL_NAME} on {proxy.url}: {what}" in line, line
+        assert "503" in line and "nothing registered, no alias moved" in line, line
+
+    assert after_alias_fault == ({"challenger": "1", "champion": "1"}, [1, 2])  # the challenger went back
+    line = _error_line(moved)
+    assert moved.returncode == 2 and f"{proxy.url}: setting alias champion to v2 failed" in line, line
+    assert "aliases left as they were (challenger -> v1, champion -> v1)" in line, line
+    assert "v2 stays registered without the gate's decision" in line, line
+    assert "gate.promoted" not in v2_tags and v2_tags["gate.champion_version"] == "1"
+
+    assert retried.returncode == 0, retried.stdout[-2000:] + retried.stderr[-2000:]
+    assert "v2 holds these weights but was never gated: gating it now" in retried.stdout
+    assert final == ({"challenger": "2", "champion": "2"}, [1, 2])  # gated, promoted, not registered twice
+    record = json.loads((work / "registration2.json").read_text())
+    assert record["version"] == "2" and record["promote"] is True and record["champion_version"] == "1"

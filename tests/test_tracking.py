@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from components.provenance import PipelineRun, pipeline_run
 from pipeline import tracking
 from pipeline.classes import CLASSES
 from pipeline.tracking import redact_text, redact_uri
@@ -140,3 +141,25 @@ def test_predict_names_an_unreachable_tracking_server_without_its_password(
     err = capsys.readouterr().err
     assert code == 2 and "cannot load model 'models:/cxr-dwml@champion' from http://***@127.0.0.1:9/" in err
     assert "p@ss" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"AIRFLOW_CTX_DAG_ID": "cxr_dwml"}, None),  # no DAG run: not an execution
+        (
+            {"CXR_PIPELINE_RUN": "nightly 2026-11-30", "AIRFLOW_CTX_DAG_RUN_ID": "manual__1"},
+            PipelineRun("nightly_2026-11-30", "pipeline nightly_2026-11-30"),
+        ),
+        (
+            {"AIRFLOW_CTX_DAG_ID": "cxr_dwml", "AIRFLOW_CTX_DAG_RUN_ID": "scheduled__2026-11-30T00:00:00+00:00"},
+            PipelineRun(
+                "airflow:cxr_dwml:scheduled__2026-11-30T00:00:00+00:00", "dag scheduled__2026-11-30T00:00:00+00:00"
+            ),
+        ),
+        ({"DVC_STAGE": "train"}, None),  # a DVC stage without a dvc process above it (here: pytest)
+    ],
+)
+def test_what_makes_one_pipeline_execution(environ: dict, expected: PipelineRun | None) -> None:
+    assert pipeline_run(environ) == expected
