@@ -2,9 +2,9 @@
 
 Run:
     python -m components.evaluate --prepared data/prepared --model artifacts/model --out reports
-Writes reports/metrics.json and subgroups.json (DVC metrics), per_class_auc.csv, thresholds.json,
-comparison.md, predictions/{val,test}.parquet and plots/*.png|csv (subgroups.png among them),
-and logs them all to the training run in MLflow.
+Writes reports/metrics.json, subgroups.json and calibration.json (DVC metrics), per_class_auc.csv,
+thresholds.json, comparison.md, predictions/{val,test}.parquet and plots/*.png|csv (subgroups.png
+and reliability.png among them), and logs them all to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from components.common import mlflow_run, parser, run_main, save_resolved, stage_config
 from pipeline import tracking
 from pipeline.classes import CLASSES
+from pipeline.io import read_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +52,25 @@ def _log(out: Path, metrics: dict) -> None:
         "test_mean_specificity": metrics["mean_specificity"],
     }
     values.update({f"test_auc_{c}": metrics["per_class_auc"][c] for c in CLASSES})
+    calibration = read_json(out / "calibration.json")
+    values.update(
+        {
+            "test_mean_ece_raw": calibration["mean_ece_raw"],
+            "test_mean_ece_calibrated": calibration["mean_ece_calibrated"],
+            "val_nll_raw": calibration["val_nll_raw"],
+            "val_nll_calibrated": calibration["val_nll_calibrated"],
+        }
+    )
     mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
-    names = ("metrics.json", "subgroups.json", "per_class_auc.csv", "thresholds.json", "comparison.md")
+    mlflow.set_tag("cxr.calibration", calibration["method"])
+    names = (
+        "metrics.json",
+        "subgroups.json",
+        "calibration.json",
+        "per_class_auc.csv",
+        "thresholds.json",
+        "comparison.md",
+    )
     for name in (*names, "evaluate_config.json"):
         mlflow.log_artifact(str(out / name), artifact_path="evaluation")
     mlflow.log_artifacts(str(out / "plots"), artifact_path="evaluation/plots")

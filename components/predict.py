@@ -9,6 +9,12 @@ Folders are searched recursively for .png, .jpg, .jpeg, .dcm and .dicom files. D
 (`pip install pydicom`); without it DICOM files are skipped with that reason.
 Files that cannot be read are skipped, never fatal: each is printed with its reason and listed in
 <out>.skipped.csv (file, reason, detail). The exit status is 1 when no file could be scored.
+
+Drift: a model trained with a drift reference adds `drift_image` and `drift_embedding` (each image's
+distance from the training data) and `drift` (a warning, or empty) to the CSV. Every image over a
+threshold is printed with its distance, and the whole set of files is checked as one batch:
+"[predict] drift: batch unlike the training images: 5 of 5 images over the image statistics
+distance threshold 4.6 ...". A warning does not stop the scores from being written.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from components.common import TrackingStoreError, check_tracking_store, run_main
 from pipeline.classes import CLASSES
 from pipeline.data.images import DICOM_SUFFIXES, classify_error, decode_image
 from pipeline.io import save_dataframe
+from pipeline.serving import DRIFT_COLUMNS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SKIPPED_COLUMNS = ["file", "reason", "detail"]
@@ -35,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     scored, unreadable = predict_files(model, files, args.batch_size, progress=not args.no_progress)
     skipped += unreadable
+    for line in drift_report(model, scored):
+        print(line)
     out = Path(args.out)
     save_dataframe(out, scored)
     side = skipped_path(out)
@@ -126,13 +135,32 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
             if "error" in out.columns:  # a row the model could not score is skipped, with its reason
                 failed = out["error"].notna()
                 skipped += [_model_error(f, e) for f, e in zip(out.loc[failed, "file"], out.loc[failed, "error"])]
-                out = out.loc[~failed].drop(columns="error").astype({c: float for c in CLASSES})
+                numeric = [c for c in (*CLASSES, *DRIFT_COLUMNS) if c in out.columns]
+                out = out.loc[~failed].drop(columns="error").astype(dict.fromkeys(numeric, float))
             frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
     columns = ["file", *CLASSES, "labels"]
     scored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return scored, skipped
+
+
+def drift_report(model, scored) -> list[str]:
+    """Lines naming each image unlike the training data and, when the scored files as a whole look
+    unlike it, the batch; empty when the model has no drift reference or nothing was scored."""
+    from pipeline.serving import DRIFT_WARNING_COLUMN
+
+    reference = getattr(getattr(model.unwrap_python_model(), "predictor", None), "drift", None)
+    if reference is None or DRIFT_WARNING_COLUMN not in scored.columns or not len(scored):
+        return []
+    lines = [
+        f"[predict] drift: {f}: {w}" for f, w in zip(scored["file"], scored[DRIFT_WARNING_COLUMN]) if isinstance(w, str)
+    ]
+    image, embedding = (scored[c].to_numpy(float) for c in DRIFT_COLUMNS)
+    batch = reference.batch_check({"image": image, "embedding": embedding})
+    if batch["warning"]:
+        lines.append(f"[predict] drift: {batch['warning']}")
+    return lines
 
 
 def _batches(files: list[Path], size: int) -> Iterator[tuple[list[str], list[np.ndarray], list[dict[str, Any]]]]:

@@ -2,7 +2,9 @@
 
 Run:
     python -m components.register --model artifacts/model --reports reports --out reports/registration.json
-The version (registered model `register.model_name`, default cxr-dwml) always gets the alias
+The model serves the probabilities calibrated by reports/calibration.json (fitted on validation by
+the evaluate step) and labels them with reports/thresholds.json. The version (registered model
+`register.model_name`, default cxr-dwml) always gets the alias
 `challenger`; `champion` moves to it only when its validation mean AUC clears `register.min_auc`
 and it beats the current champion on the same validation images (paired bootstrap over patients,
 `register.margin`, `register.max_p_value`). The gate reads reports/predictions/val.parquet and the
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if ref is None:
         raise FileNotFoundError(f"{model_dir}/{tracking.RUN_FILE} not found: run the train step with MLflow first")
     metrics = read_json(reports / "metrics.json")  # test numbers: reported in tags, never selected on
+    if not (reports / "calibration.json").exists():
+        raise FileNotFoundError(
+            f"{reports / 'calibration.json'} not found: rerun the evaluate step, which fits the calibration "
+            "the registered model serves its probabilities through"
+        )
     ours = _selection_set(reports, Path(args.prepared))
 
     digest = registry.weights_digest(model_dir / "best.pt")
@@ -56,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.out, record)  # nothing goes to MLflow: the version and its run stay as they are
             print(f"[register] {record['reason']}")
             return 0
-        info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(Path(args.prepared)))
+        info = registry.log_pyfunc(
+            model_dir / "best.pt",
+            reports / "thresholds.json",
+            _example(Path(args.prepared)),
+            calibration_path=reports / "calibration.json",
+        )
         tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
         version = registry.register(info.model_uri, cfg, tags)
         champ = registry.champion(client, cfg.model_name)
