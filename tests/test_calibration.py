@@ -183,7 +183,9 @@ def test_registered_pyfunc_serves_the_calibrated_probabilities(tmp_path: Path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with _use_tracking_uri(uri):
-        mlflow.set_experiment("calibration-test")
+        mlflow.set_experiment(
+            experiment_id=mlflow.create_experiment("calibration-test", artifact_location=(tmp_path / "mlruns").as_uri())
+        )
         with mlflow.start_run():
             info = log_pyfunc(
                 tmp_path / "best.pt",

@@ -65,6 +65,13 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     assert sexes["M"]["images"] + sexes["F"]["images"] == len(test_rows)  # the demo label file gives every sex
     assert subgroups["overall"]["mean_auc"] == metrics["mean_auc"]
     assert (demo_repo / "reports/plots/subgroups.png").stat().st_size > 10_000
+    calibration = json.loads((demo_repo / "reports/calibration.json").read_text())
+    assert calibration["fitted_on"] == "val" and set(calibration["per_class"]) == set(CLASSES)
+    assert calibration["chosen_by"]["setting"] == "auto"
+    assert min(calibration["chosen_by"]["cross_validated_nll"].values()) == pytest.approx(
+        calibration["chosen_by"]["cross_validated_nll"][calibration["method"]]
+    )
+    assert (demo_repo / "reports/plots/reliability.png").stat().st_size > 20_000
 
     registration = json.loads((demo_repo / "reports/registration.json").read_text())
     assert registration["version"] == "1" and registration["promote"] is True

@@ -128,8 +128,19 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
     evaluated = pd.read_parquet(served.repo / "reports/predictions/test.parquet").set_index("image")
     np.testing.assert_allclose(sigmoid(z), evaluated.loc[[p.name for p in paths], list(CLASSES)], rtol=0, atol=1e-6)
 
+    # the thresholds were chosen on the calibrated validation probabilities, the scale the model serves
+    from pipeline.calibration import logit
+    from pipeline.metrics import select_thresholds
+    from tests.test_registry import labels_of
+
+    val = pd.read_parquet(served.repo / "reports/predictions/val.parquet")
+    chosen = select_thresholds(labels_of(served.repo, val["image"]), cal.probabilities(logit(val[list(CLASSES)])))
+    saved = json.loads((served.repo / "reports/thresholds.json").read_text())
+    assert saved["probabilities"] == "calibrated" and saved["calibration"] == cal.method
+    np.testing.assert_allclose([saved["thresholds"][c] for c in CLASSES], chosen, rtol=1e-6)
+
     # labels are the validation thresholds carried inside the model
-    thresholds = json.loads((served.repo / "reports/thresholds.json").read_text())["thresholds"]
+    thresholds = saved["thresholds"]
     expected = ["|".join(c for c in CLASSES if row[c] >= thresholds[c]) or "No Finding" for _, row in out.iterrows()]
     assert list(out["labels"]) == expected
 
