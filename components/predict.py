@@ -30,7 +30,6 @@ from components.common import TrackingStoreError, check_tracking_store, run_main
 from pipeline.classes import CLASSES
 from pipeline.data.images import DICOM_SUFFIXES, classify_error, decode_image
 from pipeline.io import save_dataframe
-from pipeline.serving import DRIFT_COLUMNS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SKIPPED_COLUMNS = ["file", "reason", "detail"]
@@ -125,6 +124,8 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from pipeline.serving import DRIFT_COLUMNS  # imports mlflow: not at module import (--help stays fast)
+
     frames, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
     for names, images, failures in _batches(files, batch_size):
@@ -148,7 +149,7 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
 def drift_report(model, scored) -> list[str]:
     """Lines naming each image unlike the training data and, when the scored files as a whole look
     unlike it, the batch; empty when the model has no drift reference or nothing was scored."""
-    from pipeline.serving import DRIFT_WARNING_COLUMN
+    from pipeline.serving import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN
 
     reference = getattr(getattr(model.unwrap_python_model(), "predictor", None), "drift", None)
     if reference is None or DRIFT_WARNING_COLUMN not in scored.columns or not len(scored):
