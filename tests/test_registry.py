@@ -647,6 +647,7 @@ def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
 @pytest.fixture
 def small_workspace(tmp_path: Path) -> Path:
     """What register reads, made without a pipeline run: prepared data, evaluate's reports, params."""
+    from pipeline.calibration import Calibration
     from pipeline.data.prepare import prepare
     from pipeline.data.synthetic import generate
 
@@ -667,6 +668,7 @@ def small_workspace(tmp_path: Path) -> Path:
     metrics = {"val_mean_auc": 0.5, "mean_auc": 0.5, "mean_auc_ci": [0.4, 0.6], "per_class_auc": {}}
     (repo / "reports/metrics.json").write_text(json.dumps(metrics))
     (repo / "reports/thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
+    (repo / "reports/calibration.json").write_text(json.dumps(Calibration("none", tuple(CLASSES)).to_json()))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["register"].update(min_auc=0.0, bootstrap_resamples=100)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
