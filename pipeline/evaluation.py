@@ -131,11 +131,14 @@ def fit_calibration(val: SplitScores, cfg: EvaluateConfig) -> tuple[calibration.
     "auto" compares none, temperature and isotonic by their NLL on held-out validation patients.
     """
     setting = cfg.calibration.method
-    chosen_by: dict = {"setting": setting, "cross_validated_nll": None}
+    chosen_by: dict = {"setting": setting, "cross_validated_nll": None, "reason": f"set: {setting}"}
     method = setting
     if setting == "auto":
-        method, scores = calibration.choose_method(val.y, val.logits, val.patients, cfg.calibration.folds)
-        chosen_by.update(cross_validated_nll=scores, folds=cfg.calibration.folds, unit="patient")
+        folds = cfg.calibration.folds
+        method, scores = calibration.choose_method(val.y, val.logits, val.patients, folds)
+        ranked = " < ".join(f"{m} {v:.4f}" for m, v in sorted(scores.items(), key=lambda kv: kv[1]))
+        reason = f"lowest validation NLL held out over {folds} patient folds: {ranked}"
+        chosen_by.update(cross_validated_nll=scores, folds=folds, unit="patient", reason=reason)
     return calibration.fit(method, val.y, val.logits, CLASSES), chosen_by
 
 
