@@ -9,7 +9,10 @@ the evaluate step) and labels them with reports/thresholds.json. The version (re
 and it beats the current champion on the same validation images (paired bootstrap over patients,
 `register.margin`, `register.max_p_value`). The gate reads reports/predictions/val.parquet and the
 champion's evaluation/predictions/val.parquet, never test predictions: test AUCs are only recorded
-as version tags. Manual promotion or rollback: python -m components.promote --version N
+as version tags. After the decision it writes the model card (model_card.md and model_card.html in
+--reports), logs it into the version's run under model_card/ and makes its summary the version's
+description.
+Manual promotion or rollback: python -m components.promote --version N
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params = stage_config(args, "register")
     from mlflow import MlflowClient
 
-    from pipeline import registry
+    from pipeline import model_card, registry
 
     model_dir, reports = Path(args.model), Path(args.reports)
     ref = tracking.load_run_ref(model_dir)
@@ -52,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             "the registered model serves its probabilities through"
         )
     ours = _selection_set(reports, Path(args.prepared))
+    # read before anything is registered: a bad report file fails the step while the registry is untouched
+    card_data = model_card.read_run(
+        model_card.RunFiles(reports, model_dir, Path(args.prepared), params.download.source)
+    )
 
     digest = registry.weights_digest(model_dir / "best.pt")
 
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if same is not None:  # e.g. a finished training resumed and evaluated again: no second version
             record = _already_registered(client, cfg.model_name, same, digest, run.info.run_id)
             write_json(args.out, record)  # nothing goes to MLflow: the version and its run stay as they are
+            model_card.write_card(model_card.build_card(card_data, record, None), reports)
             print(f"[register] {record['reason']}")
             return 0
         info = registry.log_pyfunc(
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         mlflow.log_artifact(args.out, artifact_path="registration")
-    _report(record)
+        card = _publish_card(client, card_data, record, reports)
+    _report(record, reports / model_card.CARD_MD, card)
     return 0
 
 
@@ -154,9 +163,31 @@ def _aliases(client, name: str, version: str) -> list[str]:
     return sorted(client.get_model_version(name, version).aliases)
 
 
-def _report(record: dict) -> None:
+def _publish_card(client, data, record: dict, reports: Path):
+    """Write the version's model card, log it (with its figures) into the version's run under
+    model_card/, and make its summary the version's description."""
+    import mlflow
+
+    from pipeline import model_card
+
+    folder = model_card.ARTIFACT_DIR
+    run = record["run_id"]
+    note = f"`{folder}/{model_card.CARD_HTML}` (and `{model_card.CARD_MD}`) in the artifacts of run `{run}`"
+    card = model_card.build_card(data, record, note)
+    markdown, html = model_card.write_card(card, reports)
+    for file in (markdown, html):
+        mlflow.log_artifact(str(file), artifact_path=folder)
+    for file, sub in model_card.figure_files(card, markdown.parent):  # what the Markdown's image links point at
+        mlflow.log_artifact(str(file), artifact_path=f"{folder}/{sub}" if sub else folder)
+    client.update_model_version(record["model_name"], record["version"], description=card.summary)
+    return card
+
+
+def _report(record: dict, card_path: Path, card) -> None:
     verdict = "promoted to champion" if record["promote"] else "kept as challenger"
     print(f"[register] {record['model_name']} v{record['version']} {verdict}: {record['reason']}")
+    print(f"[register] model card: {card_path} and {card_path.with_suffix('.html')}; version description:")
+    print("\n".join(f"    {line}" for line in card.summary.splitlines() if line))
     if not record["promote"]:
         print(f"[register] to promote it anyway: python -m components.promote --version {record['version']}")
 

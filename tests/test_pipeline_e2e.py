@@ -89,6 +89,14 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     assert train_run.data.tags["cxr.step"] == "train"
     assert "test_mean_auc" in train_run.data.metrics and "val_mean_auc" in train_run.data.metrics
     assert {"cxr.run.download", "cxr.run.prepare", "cxr.run.prototypes"} <= set(train_run.data.tags)
+    # the model card beside the reports and with the model; its summary is the version's description
+    assert champion.description.startswith(f"**Test mean AUC {metrics['mean_auc']:.3f} [{lo:.3f}, {hi:.3f}]**")
+    assert "Gate: **promoted to champion**" in champion.description and "synthetic images" in champion.description
+    card = (demo_repo / "reports/model_card.md").read_text()
+    assert champion.description.split("\n\n")[0] in card and "(plots/subgroups.png)" in card
+    assert (demo_repo / "reports/model_card.html").stat().st_size > 10_000  # the forest plot embedded
+    logged = {a.path for a in client.list_artifacts(champion.run_id, "model_card")}
+    assert {"model_card/model_card.md", "model_card/model_card.html", "model_card/plots"} <= logged
 
     # a second run has nothing to do and says so
     second = dvc(demo_repo, "repro")

@@ -476,6 +476,7 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
         challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger").version
         params_hash = fingerprint(load_params(repo / "params.yaml").model_dump())
         logged = [a.path for a in client.list_artifacts(run1, "registration")]
+        card_figures = [a.path for a in client.list_artifacts(run1, "model_card/plots")]
     real_metrics = json.loads((work / "reports1/metrics.json").read_text())
     manifest = pd.read_csv(repo / "data/prepared/manifest.csv")
     manifest_val = manifest[manifest["split"] == "val"]
@@ -502,6 +503,13 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
         assert v1.tags[f"test_auc.{c}"] == str(expected)
     assert v1.tags["gate.promoted"] == "true"
     assert reg1["tags"]["git_commit"] == head and "registration/registration.json" in logged
+    # its description and model card: the test figures of the real evaluation, the forest plot beside the card
+    lo, hi = real_metrics["mean_auc_ci"]
+    assert v1.description.startswith(f"**Test mean AUC {real_metrics['mean_auc']:.3f} [{lo:.3f}, {hi:.3f}]**")
+    assert "Gate: **promoted to champion**: no champion yet" in v1.description
+    assert card_figures == ["model_card/plots/calibration.png", "model_card/plots/subgroups.png"]
+    card1 = (work / "reports1" / "model_card.md").read_text()
+    assert "(plots/subgroups.png)" in card1 and "| sex | M |" in card1
 
     # v2: worse on the same validation patients: stays challenger, the decision and its numbers are recorded
     assert reg2["version"] == "2" and reg2["promote"] is False and reg2["champion_version"] == "1"
@@ -516,11 +524,15 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     assert float(v2.tags["gate.p_value"]) == pytest.approx(reg2["p_value"])
     assert float(v2.tags["gate.delta"]) == pytest.approx(reg2["delta"])
     assert json.loads(v2.tags["gate.delta_ci"]) == pytest.approx(reg2["delta_ci"])
+    lo, hi = reg2["delta_ci"]
+    assert f"Gate: **kept as challenger**; against champion v1 on val: delta {reg2['delta']:+.4f} " in v2.description
+    assert f"[{lo:+.4f}, {hi:+.4f}], p={reg2['p_value']:.3f}" in v2.description
 
     # v3: better than the champion by the paired bootstrap: takes the champion alias
     assert reg3["version"] == "3" and reg3["promote"] is True and reg3["champion_version"] == "1"
     assert reg3["delta"] > 0 and reg3["p_value"] <= 0.05 and reg3["delta_ci"][0] > 0
     assert champion_after_3 == "3" and v3.run_id == run3 and v3.tags["gate.promoted"] == "true"
+    assert "Gate: **promoted to champion**; against champion v1 on val" in v3.description
 
     # manual rollback through the promote component, and its listing
     assert champion_after_rollback == "1" and challenger == "3"
@@ -665,7 +677,14 @@ def small_workspace(tmp_path: Path) -> Path:
     pd.DataFrame({"image": val["image"].to_numpy(), **dict(zip(CLASSES, scores.T))}).to_parquet(
         repo / "reports/predictions/val.parquet", index=False
     )
-    metrics = {"val_mean_auc": 0.5, "mean_auc": 0.5, "mean_auc_ci": [0.4, 0.6], "per_class_auc": {}}
+    metrics = {
+        "val_mean_auc": 0.5,
+        "mean_auc": 0.5,
+        "mean_auc_ci": [0.4, 0.6],
+        "test_patients": 20,
+        "per_class_auc": {c: 0.5 + 0.01 * i for i, c in enumerate(CLASSES)},
+        "per_class_auc_ci": {c: [0.3 + 0.01 * i, 0.7 + 0.01 * i] for i, c in enumerate(CLASSES)},
+    }
     (repo / "reports/metrics.json").write_text(json.dumps(metrics))
     (repo / "reports/thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
     (repo / "reports/calibration.json").write_text(json.dumps(Calibration("none", tuple(CLASSES)).to_json()))
@@ -713,3 +732,51 @@ def test_register_never_makes_a_second_version_of_the_same_weights(
     assert reg3["weights_sha256"] == reg1["weights_sha256"] and reg3["aliases"] == ["champion"]
     assert "cxr-dwml v1 already holds these weights" in out and "aliases unchanged" in out
     assert logged3 == []  # nothing logged into the new run: no second model, no registration artifact
+
+
+def test_register_describes_the_version_and_logs_its_model_card(small_workspace: Path, tmp_path: Path) -> None:
+    """Read back from the registry: each new version's description gives the test mean AUC with its
+    interval, the validation figure and the gate's decision against the champion, and its run holds the
+    model card under model_card/; weights registered again change no description."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    repo, work = small_workspace, tmp_path / "work"
+    reports = repo / "reports"
+    _bundle(work / "a" / "best.pt", seed=1)
+    _bundle(work / "b" / "best.pt", seed=2)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    with tracking_env(uri, repo):
+        run1 = _training_run(work / "model1", work / "a" / "best.pt", "train-a")
+        reg1 = _register(repo, work / "model1", reports, work / "registration1.json")
+        card1 = (reports / "model_card.md").read_text()
+        client = MlflowClient(tracking_uri=uri)
+        # the champion's validation predictions where its evaluate step logs them, for the gate to compare
+        client.log_artifacts(run1, str(reports / "predictions"), "evaluation/predictions")
+        _training_run(work / "model2", work / "b" / "best.pt", "train-b")
+        reg2 = _register(repo, work / "model2", reports, work / "registration2.json")
+        v1, v2 = (client.get_model_version(MODEL_NAME, v) for v in ("1", "2"))
+        logged = sorted(a.path for a in client.list_artifacts(run1, "model_card"))
+        logged_card = mlflow.artifacts.download_artifacts(
+            run_id=run1, artifact_path="model_card/model_card.md", dst_path=str(tmp_path / "download")
+        )
+        _training_run(work / "model3", work / "a" / "best.pt", "train-a-again")
+        reg3 = _register(repo, work / "model3", reports, work / "registration3.json")
+        v1_after = client.get_model_version(MODEL_NAME, "1")
+    assert (reg1["promote"], reg2["promote"], reg3["registered"]) == (True, False, False)
+    # v1: the first champion
+    assert v1.description.startswith("**Test mean AUC 0.500 [0.400, 0.600]** (95% interval")
+    assert f"Selected on validation: val mean AUC {reg1['val_mean_auc']:.3f}" in v1.description
+    assert "Gate: **promoted to champion**" in v1.description
+    assert f"`model_card/model_card.html` (and `model_card.md`) in the artifacts of run `{run1}`" in v1.description
+    # v2: the same validation predictions as the champion: no gain, kept as challenger, with the comparison
+    lo, hi = reg2["delta_ci"]
+    assert "Gate: **kept as challenger**; against champion v1 on val" in v2.description
+    assert f"delta {reg2['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}], p={reg2['p_value']:.3f}" in v2.description
+    # the card travels with the model: what the run holds is what the step wrote
+    assert logged == ["model_card/model_card.html", "model_card/model_card.md"]
+    assert Path(logged_card).read_text() == card1 and v1.description.splitlines()[0] in card1
+    # the same weights again: nothing registered, the description left as it was, the card still written
+    assert v1_after.description == v1.description
+    assert "Already registered as v1" in (reports / "model_card.md").read_text()
