@@ -226,18 +226,18 @@ def fit_reference(
 
     model.eval()
     rng = np.random.default_rng(seed)
-    fitted, patients = {}, 0
+    fitted, patients = {}, {}
     for split in ("train", "val"):
         ds = CachedImageDataset(prepared_dir, split, crop_size, train=False)
         rows = np.sort(rng.permutation(len(ds))[:max_images])
-        fitted[split] = _collect(model, ds, rows, device, batch_size)
-        patients = len(np.unique(ds.patients[rows]))  # the validation split's, after the loop
+        fitted[split] = _collect(model, ds, rows, device, batch_size)  # (stats (N, S), pooled (N, F))
+        patients[split] = len(np.unique(ds.patients[rows]))
     image, embedding = Gaussian.fit(fitted["train"][0]), Gaussian.fit(fitted["train"][1])
     val = {"image": image.distance(fitted["val"][0]), "embedding": embedding.distance(fitted["val"][1])}
     return Reference(
         image=image,
         embedding=embedding,
-        thresholds={k: threshold(d, alarm_rate, patients) for k, d in val.items()},
+        thresholds={k: threshold(d, alarm_rate, patients["val"]) for k, d in val.items()},
         val_means={k: float(d.mean()) for k, d in val.items()},
         alarm_rate=alarm_rate,
         train_images=len(fitted["train"][0]),
