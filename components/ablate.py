@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                         prepared,
                         text_vectors,
                         Path(args.out) / variant / f"seed_{seed}",
-                        fingerprint(cfg.model_dump(), digests),
+                        # the drift reference is not fitted for ablation runs: its settings change nothing here
+                        fingerprint(cfg.model_dump(exclude={"drift"}), digests),
                         parent is not None,
                         not args.no_progress,
                     )

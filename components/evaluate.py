@@ -2,10 +2,10 @@
 
 Run:
     python -m components.evaluate --prepared data/prepared --model artifacts/model --out reports
-Writes reports/metrics.json, subgroups.json and localization.json (DVC metrics), per_class_auc.csv,
-thresholds.json, comparison.md, predictions/{val,test}.parquet, plots/*.png|csv (subgroups.png
-among them) and the heatmap gallery heatmaps/<image>.png, and logs them all to the training run in
-MLflow.
+Writes reports/metrics.json, subgroups.json, calibration.json and localization.json (DVC metrics),
+per_class_auc.csv, thresholds.json, comparison.md, predictions/{val,test}.parquet, plots/*.png|csv
+(subgroups.png and reliability.png among them) and the heatmap gallery heatmaps/<image>.png, and
+logs them all to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from components.common import mlflow_run, parser, run_main, save_resolved, stage
 from pipeline import tracking
 from pipeline.classes import CLASSES
 from pipeline.data.layout import MANIFEST
+from pipeline.io import read_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +55,22 @@ def _log(out: Path, metrics: dict) -> None:
         "test_mean_specificity": metrics["mean_specificity"],
     }
     values.update({f"test_auc_{c}": metrics["per_class_auc"][c] for c in CLASSES})
+    calibration = read_json(out / "calibration.json")
+    values.update(
+        {
+            "test_mean_ece_raw": calibration["mean_ece_raw"],
+            "test_mean_ece_calibrated": calibration["mean_ece_calibrated"],
+            "val_nll_raw": calibration["val_nll_raw"],
+            "val_nll_calibrated": calibration["val_nll_calibrated"],
+        }
+    )
     mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
+    mlflow.set_tag("cxr.calibration", calibration["method"])
     names = (
         "metrics.json",
         "subgroups.json",
         "localization.json",
+        "calibration.json",
         "per_class_auc.csv",
         "thresholds.json",
         "comparison.md",

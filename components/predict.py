@@ -17,6 +17,12 @@ writes, per image and for its K most probable findings, <stem>_<class>_gradcam.p
 <stem>_<class>_prototype.png: Grad-CAM and the prototype-distance map over the network's input
 (docs/evaluation.md says how to read them). The model must have been registered by a version that
 serves explanations (its signature has the `explain` param).
+
+Drift: a model trained with a drift reference adds `drift_image` and `drift_embedding` (each image's
+distance from the training data) and `drift` (a warning, or empty) to the CSV. Every image over a
+threshold is printed with its distance, and the whole set of files is checked as one batch:
+"[predict] drift: batch unlike the training images: 5 of 5 images over the image statistics
+distance threshold 4.6 ...". A warning does not stop the scores from being written.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     scored, unreadable = predict_files(model, files, args.batch_size, progress=progress, explain_top_k=top_k)
     skipped += unreadable
+    for line in drift_report(model, scored):
+        print(line)
     out = Path(args.out)
     if args.explain:
         from pipeline.serving import EXPLANATION_COLUMN  # loads MLflow: not before it is needed
@@ -141,7 +149,8 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from pipeline.serving import EXPLANATION_COLUMN
+    # imports mlflow: not at module import (--help stays fast)
+    from pipeline.serving import DRIFT_COLUMNS, EXPLANATION_COLUMN
 
     frames, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
@@ -159,7 +168,8 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
             if "error" in out.columns:  # a row the model could not score is skipped, with its reason
                 failed = out["error"].notna()
                 skipped += [_model_error(f, e) for f, e in zip(out.loc[failed, "file"], out.loc[failed, "error"])]
-                out = out.loc[~failed].drop(columns="error").astype({c: float for c in CLASSES})
+                numeric = [c for c in (*CLASSES, *DRIFT_COLUMNS) if c in out.columns]
+                out = out.loc[~failed].drop(columns="error").astype(dict.fromkeys(numeric, float))
             frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
@@ -193,6 +203,24 @@ def write_explanations(scored, folder: Path) -> list[Path]:
                         f.write(base64.b64decode(finding[method]))
                     written.append(path)
     return written
+
+
+def drift_report(model, scored) -> list[str]:
+    """Lines naming each image unlike the training data and, when the scored files as a whole look
+    unlike it, the batch; empty when the model has no drift reference or nothing was scored."""
+    from pipeline.serving import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN
+
+    reference = getattr(getattr(model.unwrap_python_model(), "predictor", None), "drift", None)
+    if reference is None or DRIFT_WARNING_COLUMN not in scored.columns or not len(scored):
+        return []
+    lines = [
+        f"[predict] drift: {f}: {w}" for f, w in zip(scored["file"], scored[DRIFT_WARNING_COLUMN]) if isinstance(w, str)
+    ]
+    image, embedding = (scored[c].to_numpy(float) for c in DRIFT_COLUMNS)
+    batch = reference.batch_check({"image": image, "embedding": embedding})
+    if batch["warning"]:
+        lines.append(f"[predict] drift: {batch['warning']}")
+    return lines
 
 
 def _batches(files: list[Path], size: int) -> Iterator[tuple[list[str], list[np.ndarray], list[dict[str, Any]]]]:

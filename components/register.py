@@ -2,7 +2,9 @@
 
 Run:
     python -m components.register --model artifacts/model --reports reports --out reports/registration.json
-The version (registered model `register.model_name`, default cxr-dwml) always gets the alias
+The model serves the probabilities calibrated by reports/calibration.json (fitted on validation by
+the evaluate step) and labels them with reports/thresholds.json. The version (registered model
+`register.model_name`, default cxr-dwml) always gets the alias
 `challenger`; `champion` moves to it only when its validation mean AUC clears `register.min_auc`
 and it beats the current champion on the same validation images (paired bootstrap over patients,
 `register.margin`, `register.max_p_value`). The gate reads reports/predictions/val.parquet and the
@@ -51,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if ref is None:
         raise FileNotFoundError(f"{model_dir}/{tracking.RUN_FILE} not found: run the train step with MLflow first")
     metrics = read_json(reports / "metrics.json")  # test numbers: reported in tags, never selected on
+    if not (reports / "calibration.json").exists():
+        raise FileNotFoundError(
+            f"{reports / 'calibration.json'} not found: rerun the evaluate step, which fits the calibration "
+            "the registered model serves its probabilities through"
+        )
     ours = _selection_set(reports, Path(args.prepared))
     # read before anything is registered: a bad report file fails the step while the registry is untouched
     card_data = model_card.read_run(
@@ -128,7 +135,12 @@ def _version_to_gate(same, model_dir: Path, reports: Path, prepared: Path, cfg, 
     if same is not None:
         print(f"[register] {cfg.model_name} v{same.version} holds these weights but was never gated: gating it now")
         return same, same.source
-    info = registry.log_pyfunc(model_dir / "best.pt", reports / "thresholds.json", _example(prepared))
+    info = registry.log_pyfunc(
+        model_dir / "best.pt",
+        reports / "thresholds.json",
+        _example(prepared),
+        calibration_path=reports / "calibration.json",
+    )
     return registry.register(info.model_uri, cfg, tags), info.model_uri
 
 

@@ -4,7 +4,8 @@ Run:
     python -m components.train --prepared data/prepared --prototypes artifacts/prototypes --out artifacts/model
     torchrun --nproc_per_node 4 -m components.train ...        # DDP on 4 GPUs (rank 0 logs and saves)
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m components.train ...
-Writes best.pt (inference bundle), last.pt (full state for resume), train_summary.json and
+Writes best.pt (inference bundle, with the drift reference `predict` compares new images with),
+last.pt (full state for resume), train_summary.json and
 resolved_config.json into --out, and history.csv and training_curves.png into --reports. A `last.pt`
 written with the same settings and inputs is resumed (an interrupted run continues; a finished one
 does nothing). The files describe the trained model, not how the run went: a finished run resumed
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(resume=False)
     prepared, protos_dir, out = Path(args.prepared), Path(args.prototypes), Path(args.out)
     text_vectors = load_prototypes(protos_dir)
-    fp = fingerprint(cfg.model_dump(), input_digests(prepared, protos_dir))
+    # the drift reference is fitted after training: its settings must not make last.pt unresumable
+    fp = fingerprint(cfg.model_dump(exclude={"drift"}), input_digests(prepared, protos_dir))
     is_main = int(os.environ.get("RANK", "0")) == 0
     previous = tracking.load_run_ref(out) if (is_main and cfg.resume and _resumable(out, fp)) else None
     run_args = args if is_main else _without_mlflow(args)
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         if is_main:
+            _attach_drift_reference(out, prepared, cfg)
             summary = _write_outputs(out, Path(args.reports), result, cfg, params, fp)
             if run is not None:
                 _log_end(out, Path(args.reports), summary)
@@ -71,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
             f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''})"
         )
     return 0
+
+
+def _attach_drift_reference(out: Path, prepared: Path, cfg) -> None:
+    """Save the summary of the training data that `predict` compares new images with into best.pt."""
+    from pipeline.drift import attach_reference
+    from pipeline.inference import resolve_device
+
+    drift = cfg.drift
+    device = resolve_device(cfg.device)
+    if attach_reference(
+        out / "best.pt", prepared, drift.max_images, drift.alarm_rate, cfg.seed, device, cfg.eval_batch_size
+    ):
+        print(f"[train] drift reference saved into {out / 'best.pt'}")
 
 
 def _resumable(out: Path, fp: str) -> bool:

@@ -448,6 +448,20 @@ class AugmentConfig(Section):
         return scale
 
 
+class DriftConfig(Section):
+    """`train.drift`: the reference of the prediction-time drift check, saved into best.pt.
+
+    Attributes:
+        max_images: random training images the reference Gaussians are fitted on, and random
+            validation images the thresholds come from (at most this many of each).
+        alarm_rate: share of images like the training data that a per-image threshold lets
+            through as "unlike" (the thresholds' tail, e.g. 0.001 = 1 in 1,000).
+    """
+
+    max_images: Annotated[int, Field(ge=16)]
+    alarm_rate: Annotated[float, Field(gt=0.0, lt=0.5, allow_inf_nan=False)]
+
+
 class TrainConfig(Section):
     """`train`: the model, its loss and the optimisation.
 
@@ -468,6 +482,8 @@ class TrainConfig(Section):
         threads: torch intra-op threads on CPU; 0 leaves torch's default.
         max_steps_per_epoch: cap on steps per epoch for quick trials; 0 = the whole split.
         prior_images: training images (one per patient, at random) the prior init looks at.
+        drift: the drift reference saved with the model (see `DriftConfig`); not part of the
+            training fingerprint, so changing it re-fits the reference without retraining.
     """
 
     model: ModelConfig
@@ -491,6 +507,7 @@ class TrainConfig(Section):
     threads: NonNegInt
     max_steps_per_epoch: NonNegInt
     prior_images: PosInt
+    drift: DriftConfig
 
 
 # ----------------------------------------------------------------------------- evaluation, registry
@@ -511,6 +528,21 @@ class ExplainConfig(Section):
     iou_threshold: Probability
 
 
+class CalibrationConfig(Section):
+    """`evaluate.calibration`: post-hoc calibration fitted on validation, and its report.
+
+    Attributes:
+        method: temperature or platt (per class, rank-preserving), isotonic, none, or auto: the
+            one of these four with the lowest validation NLL cross-validated over patient folds.
+        bins: equal-width probability bins of the ECE and the reliability diagrams.
+        folds: patient folds of the validation split that auto compares the methods on.
+    """
+
+    method: Literal["auto", "none", "temperature", "platt", "isotonic"]
+    bins: Annotated[int, Field(ge=2)]
+    folds: Annotated[int, Field(ge=2)]
+
+
 class EvaluateConfig(Section):
     """`evaluate`: test metrics, intervals and thresholds.
 
@@ -525,6 +557,7 @@ class EvaluateConfig(Section):
         subgroup_min_cases: fewest positives, and fewest negatives, a class needs in a test
             subgroup (sex, age band, view, follow-up) to get an AUC there; fewer is reported as null.
         explain: the heatmap gallery and the localisation check.
+        calibration: post-hoc calibration and its report (see `CalibrationConfig`).
     """
 
     bootstrap_resamples: PosInt
@@ -536,6 +569,7 @@ class EvaluateConfig(Section):
     device: str
     subgroup_min_cases: PosInt
     explain: ExplainConfig
+    calibration: CalibrationConfig
 
 
 class RegisterConfig(Section):

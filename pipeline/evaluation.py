@@ -1,7 +1,10 @@
 """Evaluation: score val/test with the best checkpoint, compute AUC with bootstrap CIs, thresholds,
 plots and the comparison with published ChestX-ray14 results.
 
-Nothing here is chosen on test: thresholds come from the validation split and are applied unchanged.
+Nothing here is chosen on test: the calibration map and the thresholds come from the validation
+split and are applied unchanged. AUC and average precision rank the model's raw scores; the
+thresholds, and every thresholded figure, are on the calibrated probabilities the registered model
+serves (`pipeline.calibration`).
 The bootstrap resamples test *patients* (the official split has ~9 images per patient, so
 resampling images would give intervals that are too narrow).
 """
@@ -16,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import plots
+from . import calibration, plots
 from .classes import CLASSES, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
 from .config import EvaluateConfig
 from .data.dataset import CachedImageDataset, build_loader
@@ -43,8 +46,13 @@ class SplitScores:
 
     images: list[str]
     y: np.ndarray  # (N, C) labels
-    probs: np.ndarray  # (N, C) sigmoid scores
+    logits: np.ndarray  # (N, C) the network's raw outputs
     patients: np.ndarray  # (N,) patient id of each image: the bootstrap's resampling unit
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(N, C) sigmoid scores, uncalibrated."""
+        return calibration.sigmoid(self.logits)
 
 
 def score_split(
@@ -60,12 +68,12 @@ def score_split(
     if len(ds) == 0:
         raise ValueError(f"{prepared_dir}: the {split} split is empty; check the prepare step's split_stats.json")
     loader = build_loader(ds, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed)
-    index, probs = predict(model, loader, device, progress=progress, desc=f"score {split}")
-    return SplitScores([ds.image_names[i] for i in index], ds.targets[index].astype(np.int8), probs, ds.patients[index])
+    index, z = predict(model, loader, device, progress=progress, desc=f"score {split}", raw=True)
+    return SplitScores([ds.image_names[i] for i in index], ds.targets[index].astype(np.int8), z, ds.patients[index])
 
 
 def predictions_frame(scores: SplitScores) -> pd.DataFrame:
-    """(N, 2 + C): `image`, `patient`, then one probability column per class in CLASSES order."""
+    """(N, 2 + C): `image`, `patient`, then one raw (uncalibrated) probability column per class in CLASSES order."""
     df = pd.DataFrame(scores.probs, columns=list(CLASSES))
     df.insert(0, "image", scores.images)
     df.insert(1, "patient", scores.patients)
@@ -73,24 +81,27 @@ def predictions_frame(scores: SplitScores) -> pd.DataFrame:
 
 
 def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, progress: bool = True) -> dict:
-    """Write reports/metrics.json, per_class_auc.csv, thresholds.json, subgroups.json, predictions, plots,
-    the heatmap gallery and localization.json.
+    """Write reports/metrics.json, per_class_auc.csv, thresholds.json, subgroups.json,
+    calibration.json, predictions, plots, the heatmap gallery and localization.json.
 
-    Thresholds are chosen on the validation split and applied unchanged to the test split.
-    subgroups.json holds test AUC per sex, age band, view and visit (see `pipeline.subgroups`).
+    The calibration and the thresholds are chosen on the validation split and applied unchanged
+    to the test split. subgroups.json holds test AUC per sex, age band, view and visit (see
+    `pipeline.subgroups`); calibration.json the fitted calibration and its ECE on test.
     """
     device = resolve_device(cfg.device)
     model, bundle = load_bundle(model_path, device)
     crop = int(bundle.get("crop_size", 224))
     val = score_split(model, prepared_dir, "val", crop, cfg, device, progress)
     test = score_split(model, prepared_dir, "test", crop, cfg, device, progress)
+    cal, chosen_by = fit_calibration(val, cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         boot = bootstrap_auc(test.y, test.probs, cfg.bootstrap_resamples, cfg.ci, cfg.seed, groups=test.patients)
         val_mean = mean_auc(roc_auc(val.y, val.probs))
         ap = average_precision(test.y, test.probs)
-        thresholds = select_thresholds(val.y, val.probs, cfg.threshold_method)
-        at_thr = threshold_metrics(test.y, test.probs, thresholds)
+        # chosen on the probabilities the registered model serves, so its labels match the report
+        thresholds = select_thresholds(val.y, cal.probabilities(val.logits), cfg.threshold_method)
+        at_thr = threshold_metrics(test.y, cal.probabilities(test.logits), thresholds)
     for w in caught:
         print(f"[evaluate] warning: {w.message}")
     meta = read_subgroup_meta(Path(prepared_dir) / MANIFEST, test.images)
@@ -100,9 +111,17 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     metrics = _metrics_json(boot, ap, at_thr, test, val_mean, cfg, bundle)
     subgroups["overall"] = {"mean_auc": metrics["mean_auc"], "mean_auc_ci": metrics["mean_auc_ci"]}
     table = _per_class_table(boot, ap, at_thr, test)
-    _write_reports(out_dir, metrics, table, thresholds, val, test, boot, ap, cfg)
+    _write_reports(out_dir, metrics, table, thresholds, val, test, boot, ap, cfg, cal)
     write_json(Path(out_dir) / "subgroups.json", subgroups)
     plots.subgroup_forest(subgroups, metrics["mean_auc"], Path(out_dir) / "plots" / "subgroups.png")
+    report = calibration.calibration_report(
+        cal, chosen_by, (val.y, val.logits), (test.y, test.logits), thresholds, cfg.calibration.bins
+    )
+    write_json(Path(out_dir) / "calibration.json", report)
+    bins = cfg.calibration.bins
+    before = calibration.reliability_bins(test.y, test.probs, bins)
+    after = calibration.reliability_bins(test.y, cal.probabilities(test.logits), bins)
+    plots.reliability_grid(before, after, thresholds, report, Path(out_dir) / "plots" / "reliability.png")
     explain_test(model, Path(prepared_dir), Path(out_dir), cfg, test, crop)
     return metrics
 
@@ -125,6 +144,23 @@ def explain_test(model, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, 
     comparison = out_dir / "comparison.md"
     write_text(comparison, comparison.read_text(encoding="utf-8") + localization_markdown(report))
     return report
+
+
+def fit_calibration(val: SplitScores, cfg: EvaluateConfig) -> tuple[calibration.Calibration, dict]:
+    """The calibration map of `cfg.calibration.method`, fitted on the validation logits, and how it was chosen.
+
+    "auto" compares none, temperature and isotonic by their NLL on held-out validation patients.
+    """
+    setting = cfg.calibration.method
+    chosen_by: dict = {"setting": setting, "cross_validated_nll": None, "reason": f"set: {setting}"}
+    method = setting
+    if setting == "auto":
+        folds = cfg.calibration.folds
+        method, scores = calibration.choose_method(val.y, val.logits, val.patients, folds)
+        ranked = " < ".join(f"{m} {v:.4f}" for m, v in sorted(scores.items(), key=lambda kv: kv[1]))
+        reason = f"lowest validation NLL held out over {folds} patient folds: {ranked}"
+        chosen_by.update(cross_validated_nll=scores, folds=folds, unit="patient", reason=reason)
+    return calibration.fit(method, val.y, val.logits, CLASSES), chosen_by
 
 
 def _finite(x: float) -> float | None:
@@ -202,7 +238,7 @@ def comparison_markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, ap, cfg) -> None:
+def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, ap, cfg, cal) -> None:
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"
     write_json(out_dir / "metrics.json", metrics)
@@ -212,6 +248,9 @@ def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, a
         {
             "method": cfg.threshold_method,
             "chosen_on": "val",
+            # the scale the thresholds apply to: the registered model's (calibrated) probabilities
+            "probabilities": "calibrated" if cal.calibrated else "raw",
+            "calibration": cal.method,
             "thresholds": {c: float(t) for c, t in zip(CLASSES, thresholds)},
         },
     )
@@ -220,7 +259,7 @@ def _write_reports(out_dir: Path, metrics, table, thresholds, val, test, boot, a
     write_text(out_dir / "comparison.md", comparison_markdown(metrics))
     plots.curve_grid(roc_curve_points(test.y, test.probs), boot["auc"], CLASSES, plot_dir / "roc.png", "roc")
     plots.curve_grid(pr_curve_points(test.y, test.probs), ap, CLASSES, plot_dir / "pr.png", "pr")
-    calib = plots.calibration(test.y, test.probs, plot_dir / "calibration.png")
+    calib = plots.calibration(test.y, cal.probabilities(test.logits), plot_dir / "calibration.png")
     save_dataframe(plot_dir / "calibration.csv", pd.DataFrame(calib))
     plots.per_class_bars(
         list(CLASSES), boot["auc"], boot["low"], boot["high"], plot_dir / "per_class_auc.png", reference=SEED_PAPER_AUC

@@ -44,13 +44,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
 
 
 @torch.no_grad()
+def logits(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> np.ndarray:
+    """Logits (B, C) float32 of one batch of images (B, 1, H, W), on the CPU."""
+    with autocast(device, amp_dtype):
+        z = model(images.to(device, non_blocking=True))  # (B, C)
+    return z.float().cpu().numpy()
+
+
+@torch.no_grad()
 def probabilities(
     model: torch.nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> np.ndarray:
     """Sigmoid scores (B, C) float32 of one batch of images (B, 1, H, W), on the CPU."""
-    with autocast(device, amp_dtype):
-        logits = model(images.to(device, non_blocking=True))  # (B, C)
-    return torch.sigmoid(logits.float()).cpu().numpy()
+    return torch.sigmoid(torch.from_numpy(logits(model, images, device, amp_dtype))).numpy()
 
 
 def predict(
@@ -60,8 +68,10 @@ def predict(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "predict",
+    raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores (N, C) and the dataset indices they belong to, in loader order.
+    """Sigmoid scores (N, C), or with `raw` the logits, and the dataset indices they belong to,
+    in loader order.
 
     The indices are read off the loader's sampler, so the sampler must give the same order each
     time it is iterated: sequential, or a DistributedSampler (its order is fixed by seed and epoch).
@@ -75,8 +85,9 @@ def predict(
         )
     model.eval()
     order = np.fromiter(iter(loader.sampler), dtype=np.int64)  # (N,) dataset index of each row
+    score = logits if raw else probabilities
     probs = [
-        probabilities(model, images, device, amp_dtype)
+        score(model, images, device, amp_dtype)
         for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)
     ]
     num_classes = len(CLASSES)

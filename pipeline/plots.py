@@ -116,6 +116,61 @@ def calibration(y: np.ndarray, scores: np.ndarray, path: str | Path, bins: int =
     return rows
 
 
+def reliability_grid(before: dict, after: dict, thresholds: np.ndarray, report: dict, path: str | Path) -> None:
+    """Reliability diagram per class: fraction positive against mean predicted probability per bin.
+
+    Each panel shows the raw scores (grey, dashed) and the calibrated probabilities (blue) on the
+    diagonal's scale, the validation threshold (red dotted line), and how many images fall in each
+    bin of the calibrated probabilities (pale bars, scaled to the panel's largest bin).
+
+    Args:
+        before: `pipeline.calibration.reliability_bins` of the raw test probabilities.
+        after: the same of the calibrated test probabilities.
+        thresholds: (C,) validation thresholds on the calibrated scale.
+        report: `pipeline.calibration.calibration_report`'s dict (classes, bins, method, ECE per class).
+        path: the PNG to write.
+    """
+    from matplotlib.lines import Line2D
+
+    classes, bins = report["classes"], report["bins"]
+    cols = 5
+    rows = math.ceil(len(classes) / cols)
+    fig = _figure(3.0 * cols, 3.0 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    centres = (after["edges"][:-1] + after["edges"][1:]) / 2
+    for i, (ax, name) in enumerate(zip(axes, classes)):
+        counts = after["count"][i]
+        if counts.max() > 0:
+            ax.bar(centres, 0.25 * counts / counts.max(), width=1 / bins, color="tab:blue", alpha=0.15, lw=0)
+        ax.plot([0, 1], [0, 1], ls="--", color="black", lw=0.6)
+        ax.plot(before["mean_predicted"][i], before["fraction_positive"][i], "o--", color="grey", ms=3, lw=1)
+        ax.plot(after["mean_predicted"][i], after["fraction_positive"][i], "o-", color="tab:blue", ms=3, lw=1.4)
+        if np.isfinite(thresholds[i]):
+            ax.axvline(thresholds[i], ls=":", color="tab:red", lw=1)
+        ece = report["per_class"][name]
+        text = (
+            f"ECE {ece['ece_raw']:.3f} -> {ece['ece_calibrated']:.3f}"
+            if ece["ece_raw"] is not None and ece["ece_calibrated"] is not None
+            else "ECE undefined"
+        )
+        ax.set_title(f"{readable_name(name)}\n{text}", fontsize=9)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(classes) :]:
+        ax.axis("off")
+    handles = [
+        Line2D([], [], ls="--", marker="o", ms=3, color="grey", label="raw"),
+        Line2D([], [], marker="o", ms=3, color="tab:blue", label=f"calibrated ({report['method']})"),
+        Line2D([], [], ls=":", color="tab:red", label="validation threshold"),
+    ]
+    fig.legend(handles=handles, loc="lower right", fontsize=9, frameon=False, bbox_to_anchor=(0.98, 0.08))
+    fig.supxlabel(f"mean predicted probability ({bins} equal-width bins)")
+    fig.supylabel("fraction positive (test)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def per_class_bars(
     names: Sequence[str],
     values: np.ndarray,

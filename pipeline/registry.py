@@ -83,27 +83,55 @@ def example_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def log_pyfunc(bundle_path: Path, thresholds_path: Path, example: bytes, name: str = "model"):
-    """Log the pyfunc into the active run; returns MLflow's ModelInfo."""
+def log_pyfunc(
+    bundle_path: Path, thresholds_path: Path, example: bytes, name: str = "model", calibration_path: Path | None = None
+):
+    """Log the pyfunc into the active run; returns MLflow's ModelInfo.
+
+    With `calibration_path` (evaluate's calibration.json) the model serves calibrated
+    probabilities; the thresholds file must say which probabilities its thresholds apply to, and
+    that must match. The model's metadata records `calibration` (the method) and `calibrated`.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
     from . import serving
     from .io import load_checkpoint
 
-    predictor = serving.Predictor(load_checkpoint(bundle_path), _read_thresholds(thresholds_path))
+    calibration = serving.read_calibration(None if calibration_path is None else str(calibration_path))
+    _check_threshold_scale(thresholds_path, calibration, calibration_path)
+    bundle = load_checkpoint(bundle_path)
+    predictor = serving.Predictor(bundle, _read_thresholds(thresholds_path), calibration=calibration)
     example_in = pd.DataFrame({"image": [example]})
-    example_out = predictor.frame(predictor.probabilities([example]))
+    example_out = predictor.score([example])
+    artifacts = {serving.BUNDLE: str(bundle_path), serving.THRESHOLDS: str(thresholds_path)}
+    if calibration_path is not None:
+        artifacts[serving.CALIBRATION] = str(calibration_path)
+    method = calibration.method if calibration is not None else "none"
     code = Path(__file__).resolve().parent  # the pipeline package travels with the model
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
-        artifacts={serving.BUNDLE: str(bundle_path), serving.THRESHOLDS: str(thresholds_path)},
+        artifacts=artifacts,
         code_paths=[str(code)],
         signature=infer_signature(example_in, example_out, params=serving.PARAMS),
         input_example=example_in,
         pip_requirements=_requirements(),
+        metadata={"calibration": method, "calibrated": method != "none", "drift_check": predictor.drift is not None},
     )
+
+
+def _check_threshold_scale(thresholds_path: Path, calibration, calibration_path: Path | None) -> None:
+    """The thresholds must be on the scale the model will serve: calibrated by this calibration, or raw."""
+    data = json.loads(Path(thresholds_path).read_text())
+    expected = calibration.method if calibration is not None else "none"
+    stated = data.get("calibration", "none")  # a thresholds file from before calibration: raw scores
+    if stated != expected:
+        raise ValueError(
+            f"{thresholds_path} holds thresholds for {stated!r}-calibrated probabilities, but the model would "
+            f"serve {expected!r} ({calibration_path or 'no calibration file'}): pass the calibration.json "
+            "written by the same evaluate run"
+        )
 
 
 def weights_digest(bundle_path: Path) -> str:

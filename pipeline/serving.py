@@ -1,7 +1,8 @@
-"""The MLflow pyfunc: images in, 14 probabilities, thresholded labels and an error column out.
+"""The MLflow pyfunc: images in, 14 probabilities, thresholded labels, drift and error columns out.
 
 Preprocessing (8-bit grayscale, resize to the training cache size, centre crop), the network, the
-label prototypes, the class names and the validation thresholds all travel inside the logged model:
+label prototypes, the class names, the calibration and the validation thresholds (on the calibrated
+probabilities) and the drift reference all travel inside the logged model:
     model = mlflow.pyfunc.load_model("models:/cxr-dwml@champion")
     model.predict(pd.DataFrame({"image": [png_bytes, ...]}))
 The pyfunc's signature is one binary column `image`: pass a DataFrame whose `image` column holds
@@ -17,7 +18,11 @@ adds a column `explanation`, per row a JSON list over its `explain_top_k` most p
 head; the whole cell null for a row with an error). Without the flag the output is unchanged.
 
 Each row is scored on its own. The output has one row per input row, in order: the 14 class
-probabilities, `labels` ("A|B", or "No Finding") and `error`, null for a scored row. A row that
+probabilities (calibrated when the model was registered with a calibration: its metadata says
+`calibrated`), `labels` ("A|B", or "No Finding"), and, for a model whose bundle holds a drift
+reference (`pipeline.drift`), `drift_image` and `drift_embedding` (the image's distances from the
+training data) and `drift` (a one-line warning naming the distance and its threshold, null for an
+image like the training images); then `error`, null for a scored row. A row that
 cannot be decoded (not an image, truncated, a decompression bomb, DICOM without pydicom) does not
 fail the batch: its probabilities and labels are null and `error` says, in one line, which row
 (0-based, in the order sent) and why, e.g. "row 2: too_large: Image size (900000000 pixels)
@@ -33,12 +38,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-BUNDLE, THRESHOLDS = "bundle", "thresholds"
+BUNDLE, THRESHOLDS, CALIBRATION = "bundle", "thresholds", "calibration"
 LABELS_COLUMN = "labels"
 ERROR_COLUMN = "error"
 EXPLANATION_COLUMN = "explanation"
 # The pyfunc's params (names and defaults, in its signature): explanations are off unless asked for.
 PARAMS = {"explain": False, "explain_top_k": 3}
+DRIFT_COLUMNS = ("drift_image", "drift_embedding")
+DRIFT_WARNING_COLUMN = "drift"
 MAX_ERROR_CHARS = 300
 
 
@@ -97,8 +104,11 @@ def as_image_list(model_input: Any) -> list[Any]:
 class Predictor:
     """The network and its preprocessing, usable with or without MLflow."""
 
-    def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu") -> None:
-        """`device`: a torch device string, or "auto" for the first GPU when there is one."""
+    def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu", calibration=None) -> None:
+        """`device`: a torch device string, or "auto" for the first GPU when there is one;
+        `calibration`: a `pipeline.calibration.Calibration` the probabilities go through (None: raw
+        sigmoid scores). `thresholds` must be on the scale of those probabilities."""
+        from pipeline import drift
         from pipeline.data.dataset import eval_transform
         from pipeline.inference import resolve_device
         from pipeline.models import model_from_bundle
@@ -111,6 +121,10 @@ class Predictor:
         self.device = resolve_device(device)
         self.model = model_from_bundle(bundle, self.device)
         self.thresholds = np.array([thresholds.get(c, 0.5) for c in self.classes])
+        if calibration is not None and list(calibration.classes) != self.classes:
+            raise ValueError(f"the calibration's classes {list(calibration.classes)} differ from the model's")
+        self.calibration = calibration
+        self.drift = drift.from_bundle(bundle)
 
     def _tensor(self, value: Any):
         """One input value -> (1, crop, crop) uint8 tensor, as evaluation preprocesses."""
@@ -118,25 +132,31 @@ class Predictor:
 
         return self.crop(torch.from_numpy(decode_input(value, self.image_size)).unsqueeze(0))
 
-    def probabilities(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
-        """(N, C) probabilities; the first image that cannot be decoded raises."""
+    def _batch(self, batch: list) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """Probabilities (B, C), calibrated when the model has a calibration, and the drift
+        distances (per kind, (B,)) of decoded images, from one forward pass."""
         import torch
 
-        from pipeline.inference import probabilities
+        from pipeline import drift
+        from pipeline.calibration import sigmoid
 
-        out = []
-        for i in range(0, len(images), batch_size):
-            batch = [self._tensor(v) for v in images[i : i + batch_size]]
-            out.append(probabilities(self.model, torch.stack(batch), self.device))  # (B, C)
-        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
+        x = torch.stack(batch)  # (B, 1, crop, crop) uint8
+        z, pooled, stats = drift.features(self.model, x, self.device)  # (B, C), (B, F), (B, S)
+        probs = sigmoid(z) if self.calibration is None else self.calibration.probabilities(z)
+        return probs, None if self.drift is None else self.drift.distances(stats, pooled)
+
+    def probabilities(self, images: list[Any], batch_size: int = 64) -> np.ndarray:
+        """(N, C) probabilities; the first image that cannot be decoded raises."""
+        out = [
+            self._batch([self._tensor(v) for v in images[i : i + batch_size]])[0]
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def score(self, images: list[Any], batch_size: int = 64) -> pd.DataFrame:
         """Each image scored on its own: see `frame`; a row that cannot be decoded gets `error`."""
-        import torch
-
-        from pipeline.inference import probabilities
-
         probs = np.full((len(images), len(self.classes)), np.nan)
+        distances = {k: np.full(len(images), np.nan) for k in ("image", "embedding")}
         errors: list[str | None] = [None] * len(images)
         for start in range(0, len(images), batch_size):
             rows, batch = [], []
@@ -147,8 +167,10 @@ class Predictor:
                 except Exception as e:  # one bad row must not cost the others their scores
                     errors[i] = row_error(i, e)
             if batch:
-                probs[rows] = probabilities(self.model, torch.stack(batch), self.device)  # (B, C)
-        return self.frame(probs, errors)
+                probs[rows], found = self._batch(batch)
+                for kind, d in (found or {}).items():
+                    distances[kind][rows] = d
+        return self.frame(probs, errors, distances if self.drift is not None else None)
 
     def explanations(self, images: list[Any], scored: pd.DataFrame, top_k: int) -> list[str | None]:
         """Per row of `score`'s output, the JSON text of its `top_k` findings' maps (see the module doc)."""
@@ -182,25 +204,44 @@ class Predictor:
             out.append(json.dumps(findings))
         return out
 
-    def frame(self, probs: np.ndarray, errors: list[str | None] | None = None) -> pd.DataFrame:
-        """The pyfunc's output: the class probabilities, `labels` and `error`, one row per image.
+    def frame(
+        self,
+        probs: np.ndarray,
+        errors: list[str | None] | None = None,
+        distances: dict[str, np.ndarray] | None = None,
+    ) -> pd.DataFrame:
+        """The pyfunc's output: the class probabilities, `labels`, the drift columns (with
+        `distances`, per kind (N,)) and `error`, one row per image.
 
-        Rows with an error have null (None) probabilities and labels, so a JSON answer holds
-        `null` there, never NaN; the class columns are then of object dtype.
+        Rows with an error have null (None) probabilities, labels and drift values, so a JSON answer
+        holds `null` there, never NaN; those columns are then of object dtype.
         """
         errors = [None] * len(probs) if errors is None else list(errors)
         df = pd.DataFrame(probs, columns=self.classes)
         positive = probs >= self.thresholds
         labels = ["|".join(c for c, p in zip(self.classes, row) if p) or "No Finding" for row in positive]
+        df[LABELS_COLUMN] = pd.Series(labels, dtype=object)
+        if distances is not None:
+            for column, kind in zip(DRIFT_COLUMNS, ("image", "embedding")):
+                df[column] = distances[kind]
+            df[DRIFT_WARNING_COLUMN] = pd.Series(self.drift.image_warnings(distances), dtype=object)
         bad = [i for i, e in enumerate(errors) if e is not None]
         if bad:
             df = df.astype(object)
-            df.loc[bad, self.classes] = None
-            for i in bad:
-                labels[i] = None
-        df[LABELS_COLUMN] = pd.Series(labels, dtype=object)
+            df.loc[bad, [c for c in df.columns if c != LABELS_COLUMN]] = None
+            df.loc[bad, LABELS_COLUMN] = None
         df[ERROR_COLUMN] = pd.Series(errors, dtype=object)
         return df
+
+
+def read_calibration(path: str | None):
+    """The `pipeline.calibration.Calibration` saved at `path` (evaluate's calibration.json), or None."""
+    if path is None:
+        return None
+    from pipeline.calibration import Calibration
+
+    with open(path, encoding="utf-8") as f:
+        return Calibration.from_json(json.load(f), source=str(path))
 
 
 try:
@@ -218,7 +259,7 @@ class CxrDwmlModel(PythonModel):
         bundle = load_checkpoint(context.artifacts[BUNDLE])
         with open(context.artifacts[THRESHOLDS], encoding="utf-8") as f:
             thresholds = json.load(f)["thresholds"]
-        self.predictor = Predictor(bundle, thresholds, "auto")
+        self.predictor = Predictor(bundle, thresholds, "auto", read_calibration(context.artifacts.get(CALIBRATION)))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row; an undecodable row gets `error` instead of failing the batch.

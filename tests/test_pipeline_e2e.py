@@ -74,6 +74,13 @@ def test_dvc_repro_runs_every_stage_and_registers(demo_repo: Path) -> None:
     for method in localization["methods"].values():
         assert 0.0 <= method["mean_pointing_accuracy"] <= 1.0 and 0.0 <= method["mean_iou"] <= 1.0
     assert "## Localisation (where the model looked)" in (demo_repo / "reports/comparison.md").read_text()
+    calibration = json.loads((demo_repo / "reports/calibration.json").read_text())
+    assert calibration["fitted_on"] == "val" and set(calibration["per_class"]) == set(CLASSES)
+    assert calibration["chosen_by"]["setting"] == "auto"
+    assert min(calibration["chosen_by"]["cross_validated_nll"].values()) == pytest.approx(
+        calibration["chosen_by"]["cross_validated_nll"][calibration["method"]]
+    )
+    assert (demo_repo / "reports/plots/reliability.png").stat().st_size > 20_000
 
     registration = json.loads((demo_repo / "reports/registration.json").read_text())
     assert registration["version"] == "1" and registration["promote"] is True

@@ -507,9 +507,10 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     lo, hi = real_metrics["mean_auc_ci"]
     assert v1.description.startswith(f"**Test mean AUC {real_metrics['mean_auc']:.3f} [{lo:.3f}, {hi:.3f}]**")
     assert "Gate: **promoted to champion**: no champion yet" in v1.description
-    assert card_figures == ["model_card/plots/calibration.png", "model_card/plots/subgroups.png"]
+    assert card_figures == ["model_card/plots/reliability.png", "model_card/plots/subgroups.png"]
     card1 = (work / "reports1" / "model_card.md").read_text()
     assert "(plots/subgroups.png)" in card1 and "| sex | M |" in card1
+    assert "(plots/reliability.png)" in card1 and "ECE calibrated" in card1  # the evaluation's calibration.json
 
     # v2: worse on the same validation patients: stays challenger, the decision and its numbers are recorded
     assert reg2["version"] == "2" and reg2["promote"] is False and reg2["champion_version"] == "1"
@@ -659,6 +660,7 @@ def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
 @pytest.fixture
 def small_workspace(tmp_path: Path) -> Path:
     """What register reads, made without a pipeline run: prepared data, evaluate's reports, params."""
+    from pipeline.calibration import Calibration
     from pipeline.data.prepare import prepare
     from pipeline.data.synthetic import generate
 
@@ -686,6 +688,7 @@ def small_workspace(tmp_path: Path) -> Path:
     }
     (repo / "reports/metrics.json").write_text(json.dumps(metrics))
     (repo / "reports/thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
+    (repo / "reports/calibration.json").write_text(json.dumps(Calibration("none", tuple(CLASSES)).to_json()))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["register"].update(min_auc=0.0, bootstrap_resamples=100)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

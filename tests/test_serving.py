@@ -75,8 +75,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     return Served(repo, uri, model, registration)
 
 
-def checkpoint_probabilities(repo: Path, paths: list[Path]) -> np.ndarray:
-    """(N, C) probabilities straight from best.pt, preprocessed as the evaluate step does."""
+def checkpoint_logits(repo: Path, paths: list[Path]) -> np.ndarray:
+    """(N, C) logits straight from best.pt, preprocessed as the evaluate step does."""
     import torch
 
     from pipeline.data.dataset import eval_transform
@@ -89,7 +89,14 @@ def checkpoint_probabilities(repo: Path, paths: list[Path]) -> np.ndarray:
         [crop(torch.from_numpy(decode_image(p, bundle["image_size"]))[None]) for p in paths]
     )  # (N, 1, S, S)
     with torch.inference_mode():
-        return torch.sigmoid(net(x)).numpy()  # (N, C)
+        return net(x).double().numpy()  # (N, C)
+
+
+def fitted_calibration(repo: Path):
+    """The calibration the evaluate step fitted on validation (reports/calibration.json)."""
+    from pipeline.calibration import Calibration
+
+    return Calibration.from_json(json.loads((repo / "reports/calibration.json").read_text()))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -98,20 +105,42 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+OUTPUT = [*CLASSES, "labels", "drift_image", "drift_embedding", "drift", "error"]
+
+
 def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
+    from pipeline.calibration import sigmoid
+
     paths = served.test_images(12)
     out = served.model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
-    assert list(out.columns) == [*CLASSES, "labels", "error"] and len(out) == len(paths)
+    assert list(out.columns) == OUTPUT and len(out) == len(paths)
     assert out["error"].isna().all()
     probs = out[list(CLASSES)].to_numpy()
-    np.testing.assert_allclose(probs, checkpoint_probabilities(served.repo, paths), rtol=0, atol=1e-6)
+    # the served probabilities are the checkpoint's logits through the calibration fitted on validation
+    cal = fitted_calibration(served.repo)
+    z = checkpoint_logits(served.repo, paths)
+    np.testing.assert_allclose(probs, cal.probabilities(z), rtol=0, atol=1e-6)
+    metadata = served.model.metadata.metadata
+    assert metadata["calibration"] == cal.method and metadata["calibrated"] is cal.calibrated
+    assert metadata["drift_check"] is True
 
-    # the evaluate step scored the same images from the uint8 cache
+    # the evaluate step scored the same images from the uint8 cache (its predictions are uncalibrated)
     evaluated = pd.read_parquet(served.repo / "reports/predictions/test.parquet").set_index("image")
-    np.testing.assert_allclose(probs, evaluated.loc[[p.name for p in paths], list(CLASSES)], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sigmoid(z), evaluated.loc[[p.name for p in paths], list(CLASSES)], rtol=0, atol=1e-6)
+
+    # the thresholds were chosen on the calibrated validation probabilities, the scale the model serves
+    from pipeline.calibration import logit
+    from pipeline.metrics import select_thresholds
+    from tests.test_registry import labels_of
+
+    val = pd.read_parquet(served.repo / "reports/predictions/val.parquet")
+    chosen = select_thresholds(labels_of(served.repo, val["image"]), cal.probabilities(logit(val[list(CLASSES)])))
+    saved = json.loads((served.repo / "reports/thresholds.json").read_text())
+    assert saved["probabilities"] == "calibrated" and saved["calibration"] == cal.method
+    np.testing.assert_allclose([saved["thresholds"][c] for c in CLASSES], chosen, rtol=1e-6)
 
     # labels are the validation thresholds carried inside the model
-    thresholds = json.loads((served.repo / "reports/thresholds.json").read_text())["thresholds"]
+    thresholds = saved["thresholds"]
     expected = ["|".join(c for c in CLASSES if row[c] >= thresholds[c]) or "No Finding" for _, row in out.iterrows()]
     assert list(out["labels"]) == expected
 
@@ -122,7 +151,7 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
 
     schema = served.model.metadata.get_input_schema()
     assert schema.input_names() == ["image"] and schema.input_types()[0].name == "binary"
-    assert served.model.metadata.get_output_schema().input_names() == [*CLASSES, "labels", "error"]
+    assert served.model.metadata.get_output_schema().input_names() == OUTPUT
 
 
 def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> None:
@@ -166,7 +195,7 @@ def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> No
     finally:
         stop(proc)
     predictions = pd.DataFrame(r.json()["predictions"])
-    assert list(predictions.columns) == [*CLASSES, "labels", "error"] and len(predictions) == 2
+    assert list(predictions.columns) == OUTPUT and len(predictions) == 2
     np.testing.assert_allclose(predictions[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-6)
     np.testing.assert_allclose(predictions.loc[0, list(CLASSES)], predictions.loc[1, list(CLASSES)], atol=1e-6)
     assert predictions.loc[0, "labels"] == expected.loc[0, "labels"] and predictions["error"].isna().all()
@@ -232,7 +261,7 @@ def test_predict_cli_scores_awkward_pngs_and_skips_broken_files(served: Served, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     scored = pd.read_csv(out)
-    assert list(scored.columns) == ["file", *CLASSES, "labels"]
+    assert list(scored.columns) == ["file", *CLASSES, "labels", "drift_image", "drift_embedding", "drift"]
     good = ["rgba.png", "rgb.png", "gray16.png", "big.png", "nested/photo.jpg"]
     assert sorted(scored["file"]) == sorted(str(files[n]) for n in good)
     # each file scores as the registered model scores its bytes (the model's own decoding)
@@ -308,3 +337,39 @@ def test_predict_reports_an_unknown_model_clearly(
         )
     assert code == 2 and "cannot load model 'models:/no-such-model@champion'" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
+
+
+def _predict_cli(served: Served, inputs: list[Path], out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "components.predict", "--model", CHAMPION, *map(str, inputs), "--out", str(out)]
+    return subprocess.run(cmd, cwd=served.repo, env=run_env(served.repo), capture_output=True, text=True, timeout=300)
+
+
+def test_predict_warns_of_drift_on_inverted_and_noise_images(served: Served, tmp_path: Path) -> None:
+    films = served.test_images(3)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    rng = np.random.default_rng(0)
+    for p in films:
+        pixels = np.asarray(Image.open(p).convert("L"))
+        Image.fromarray(255 - pixels).save(odd / f"inverted_{p.name}")
+        Image.fromarray(rng.integers(0, 256, pixels.shape, dtype=np.uint8)).save(odd / f"noise_{p.name}")
+    result = _predict_cli(served, [odd], tmp_path / "odd.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scored = pd.read_csv(tmp_path / "odd.csv").set_index("file")
+    assert scored["drift"].notna().all()
+    for file, row in scored.iterrows():
+        # each image is named with its distance and the threshold it is over
+        line = f"[predict] drift: {file}: unlike the training images: "
+        assert line in result.stdout and (f"distance {row['drift_image']:.1f} > " in result.stdout)
+    assert "[predict] drift: batch unlike the training images: 6 of 6 images over" in result.stdout
+
+
+def test_predict_does_not_warn_of_drift_on_test_films(served: Served, tmp_path: Path) -> None:
+    films = served.test_images(40)
+    result = _predict_cli(served, films, tmp_path / "films.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "batch unlike the training images" not in result.stdout, result.stdout
+    scored = pd.read_csv(tmp_path / "films.csv")
+    # the reference of the tiny test model has ~40 validation images of ~17 patients: one film in
+    # a few dozen may sit past a per-image threshold, a batch of them may not
+    assert scored["drift"].notna().sum() <= 2, scored.loc[scored["drift"].notna(), ["file", "drift"]]

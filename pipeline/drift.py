@@ -1,0 +1,276 @@
+"""Does an image look like the ones the model was trained on? A reference saved at training time,
+and a distance per image and per batch at prediction time.
+
+A classifier answers for any input: a lateral film, a photograph, an inverted image or noise still
+get 14 probabilities. Two summaries of the training data travel inside the model bundle (`best.pt`,
+key "drift_reference") and every prediction is measured against them:
+
+- image statistics of the network's input (the centre crop in [0, 1]): mean, standard deviation,
+  share of dark (< 0.05) and bright (> 0.95) pixels, the 5/25/50/75/95th percentiles and the
+  mean absolute difference between neighbouring pixels (noise and photographs have far more fine
+  texture than a film);
+- the pooled backbone features (the vector the head reads), which move when the content is
+  unlike anything the network saw.
+
+Each is a Gaussian fitted on up to `max_images` training images: per-feature mean and scale, and
+a Ledoit-Wolf shrunk covariance of the standardised features (well conditioned even with fewer
+images than dimensions). An image's distance is its Mahalanobis distance from that Gaussian.
+
+The thresholds come from images the weights never saw but that belong to the training
+population: the validation split. The per-image threshold is the upper (1 - alarm_rate)
+prediction bound of a log-normal fitted to the validation distances (Student's t with the number
+of validation *patients* as the sample size: a patient's images are not independent, and a small
+reference must not give a tight threshold), or the empirical quantile when that is further out
+(the empirical quantile of a few hundred images does not reach 1 in 1,000, and distances have a
+long right tail). A batch of n images is flagged when k of them are over the per-image threshold
+and k or more would happen by chance less often than alarm_rate (binomial tail with p =
+alarm_rate): one odd image is an image warning, a batch of them is a batch warning. Nothing is
+tuned on test images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATISTICS = ("mean", "std", "dark", "bright", "q05", "q25", "q50", "q75", "q95", "edge")
+DARK, BRIGHT = 0.05, 0.95
+REFERENCE_KEY = "drift_reference"
+# a feature that never varied in training still gets this spread: otherwise any change is infinite
+MIN_SCALE = 1e-3
+KINDS = {"image": "image statistics", "embedding": "embedding"}
+
+
+def image_statistics(images: torch.Tensor) -> np.ndarray:
+    """Per-image intensity statistics (B, len(STATISTICS)) of network inputs (B, 1, H, W), uint8 or [0, 1]."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    flat = x.flatten(1)  # (B, H*W)
+    quantiles = torch.quantile(flat, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]), dim=1).T  # (B, 5)
+    vertical = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)  # (B,)
+    horizontal = (x[..., 1:] - x[..., :-1]).abs().flatten(1).mean(1)  # (B,)
+    edge = vertical + horizontal
+    stats = torch.cat(
+        [
+            flat.mean(1, keepdim=True),
+            flat.std(1, keepdim=True),
+            (flat < DARK).float().mean(1, keepdim=True),
+            (flat > BRIGHT).float().mean(1, keepdim=True),
+            quantiles,
+            edge[:, None],
+        ],
+        dim=1,
+    )
+    return stats.double().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """A reference distribution of one feature vector: distances are Mahalanobis distances.
+
+    Attributes:
+        mean: (F,) feature means.
+        scale: (F,) feature standard deviations (at least MIN_SCALE).
+        precision: (F, F) inverse of the shrunk covariance of the standardised features.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    precision: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Gaussian:
+        """Fit on (N, F) features, N >= 2."""
+        from sklearn.covariance import LedoitWolf
+
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"a drift reference needs at least 2 images of (N, F) features, got {x.shape}")
+        mean = x.mean(axis=0)
+        scale = np.maximum(x.std(axis=0), MIN_SCALE)
+        cov = LedoitWolf().fit((x - mean) / scale).covariance_
+        return cls(mean, scale, np.linalg.inv(cov))
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        """Mahalanobis distances (N,) of features (N, F)."""
+        u = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale  # (N, F)
+        return np.sqrt(np.maximum(np.einsum("nf,fg,ng->n", u, self.precision, u), 0.0))
+
+
+def threshold(distances: np.ndarray, alarm_rate: float, samples: int | None = None) -> float:
+    """Per-image threshold: the larger of the empirical (1 - alarm_rate) quantile of `distances`
+    and the (1 - alarm_rate) upper prediction bound of a log-normal fitted to them,
+    exp(mean + t_{1 - alarm_rate, m - 1} * sd * sqrt(1 + 1 / m)) of the log distances.
+
+    Args:
+        distances: (N,) reference distances.
+        alarm_rate: the tail share.
+        samples: m, the number of independent units among them (patients); N when None.
+    """
+    from scipy.stats import t
+
+    d = np.asarray(distances, dtype=np.float64)
+    empirical = float(np.quantile(d, 1.0 - alarm_rate))
+    m = len(d) if samples is None else min(samples, len(d))
+    if m < 2:
+        return empirical
+    logs = np.log(np.maximum(d, 1e-12))
+    bound = t.ppf(1.0 - alarm_rate, df=m - 1) * logs.std(ddof=1) * math.sqrt(1.0 + 1.0 / m)
+    return max(empirical, math.exp(logs.mean() + bound))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the model bundle keeps of its training data, and the thresholds derived from it.
+
+    Attributes:
+        image / embedding: the training Gaussians of the image statistics and the pooled features.
+        thresholds: per kind, the per-image distance threshold.
+        val_means: per kind, the mean validation distance (for comparison with a batch's mean).
+        alarm_rate: the tail share of in-distribution images a threshold lets through.
+        train_images / val_images: how many images the Gaussians and the thresholds were fitted on.
+        settings: the settings that made it (a changed setting makes it again).
+    """
+
+    image: Gaussian
+    embedding: Gaussian
+    thresholds: dict[str, float]
+    val_means: dict[str, float]
+    alarm_rate: float
+    train_images: int
+    val_images: int
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "image": asdict(self.image), "embedding": asdict(self.embedding)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Reference:
+        return cls(**{**data, "image": Gaussian(**data["image"]), "embedding": Gaussian(**data["embedding"])})
+
+    def distances(self, stats: np.ndarray, pooled: np.ndarray) -> dict[str, np.ndarray]:
+        """Per kind, the distances (B,) of images with statistics (B, S) and pooled features (B, F)."""
+        return {"image": self.image.distance(stats), "embedding": self.embedding.distance(pooled)}
+
+    def image_warnings(self, distances: dict[str, np.ndarray]) -> list[str | None]:
+        """One line per image naming each distance above its threshold, or None."""
+        out: list[str | None] = []
+        for i in range(len(distances["image"])):
+            over = [
+                f"{KINDS[k]} distance {distances[k][i]:.1f} > {self.thresholds[k]:.1f}"
+                for k in KINDS
+                if distances[k][i] > self.thresholds[k]
+            ]
+            out.append(f"unlike the training images: {'; '.join(over)}" if over else None)
+        return out
+
+    def batch_check(self, distances: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Per kind, the batch's mean distance, how many images are over the per-image threshold
+        and the chance of that many or more among images like the training data (binomial, p =
+        alarm_rate); and a one-line `warning` when that chance is below alarm_rate (else None)."""
+        from scipy.stats import binom
+
+        n = len(distances["image"])
+        result: dict[str, Any] = {"images": n, "alarm_rate": self.alarm_rate}
+        over = []
+        for kind in KINDS:
+            flagged = int(np.sum(distances[kind] > self.thresholds[kind]))
+            chance = float(binom.sf(flagged - 1, n, self.alarm_rate)) if flagged else 1.0  # P(X >= flagged)
+            result[kind] = {
+                "mean_distance": float(np.mean(distances[kind])) if n else None,
+                "threshold": self.thresholds[kind],
+                "images_over": flagged,
+                "chance": chance,
+            }
+            if chance < self.alarm_rate:
+                over.append(
+                    f"{flagged} of {n} images over the {KINDS[kind]} distance threshold {self.thresholds[kind]:.1f} "
+                    f"(mean distance {result[kind]['mean_distance']:.1f}; chance {chance:.1e} for training-like images)"
+                )
+        result["warning"] = f"batch unlike the training images: {'; '.join(over)}" if over else None
+        return result
+
+
+@torch.no_grad()
+def features(model, images: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One forward pass of a CxrNet: logits (B, C), pooled backbone features (B, F), and the image
+    statistics (B, S) of the input batch (B, 1, H, W)."""
+    x = images.to(device)
+    pooled = model.backbone.forward_head(model.forward_features(x), pre_logits=True)  # (B, F)
+    logits = model.head(pooled).logits  # (B, C)
+    return logits.float().cpu().numpy(), pooled.float().cpu().numpy(), image_statistics(images)
+
+
+def _collect(model, dataset, rows: np.ndarray, device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image statistics (N, S) and pooled features (N, F) of `dataset`'s `rows`."""
+    stats, pooled = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = torch.stack([dataset[int(i)][0] for i in rows[start : start + batch_size]])
+        _, p, s = features(model, batch, device)
+        stats.append(s)
+        pooled.append(p)
+    return np.concatenate(stats), np.concatenate(pooled)
+
+
+def fit_reference(
+    model, prepared_dir: Path, crop_size: int, max_images: int, alarm_rate: float, seed: int, device, batch_size: int
+) -> Reference:
+    """The drift reference of a trained model: Gaussians on up to `max_images` random training
+    images, thresholds from up to `max_images` random validation images, both centre-cropped as
+    evaluation and serving crop them."""
+    from .data.dataset import CachedImageDataset
+
+    model.eval()
+    rng = np.random.default_rng(seed)
+    fitted, patients = {}, {}
+    for split in ("train", "val"):
+        ds = CachedImageDataset(prepared_dir, split, crop_size, train=False)
+        rows = np.sort(rng.permutation(len(ds))[:max_images])
+        fitted[split] = _collect(model, ds, rows, device, batch_size)  # (stats (N, S), pooled (N, F))
+        patients[split] = len(np.unique(ds.patients[rows]))
+    image, embedding = Gaussian.fit(fitted["train"][0]), Gaussian.fit(fitted["train"][1])
+    val = {"image": image.distance(fitted["val"][0]), "embedding": embedding.distance(fitted["val"][1])}
+    return Reference(
+        image=image,
+        embedding=embedding,
+        thresholds={k: threshold(d, alarm_rate, patients["val"]) for k, d in val.items()},
+        val_means={k: float(d.mean()) for k, d in val.items()},
+        alarm_rate=alarm_rate,
+        train_images=len(fitted["train"][0]),
+        val_images=len(fitted["val"][0]),
+        settings={"max_images": max_images, "alarm_rate": alarm_rate, "seed": seed},
+    )
+
+
+def attach_reference(
+    bundle_path: Path, prepared_dir: Path, max_images: int, alarm_rate: float, seed: int, device, batch_size: int
+) -> bool:
+    """Add the drift reference to the model bundle at `bundle_path` unless it holds one made with
+    these settings; True when the bundle was rewritten.
+
+    Only a bundle without a reference, or with one from other settings or other code (this
+    file's digest), is rewritten: a resumed finished training leaves `best.pt` byte for byte as it was.
+    """
+    from .io import file_digest, load_checkpoint
+    from .models import model_from_bundle
+    from .training.checkpoint import save_checkpoint
+
+    bundle = load_checkpoint(bundle_path)
+    settings = {"max_images": max_images, "alarm_rate": alarm_rate, "seed": seed, "code": file_digest(__file__)}
+    if (bundle.get(REFERENCE_KEY) or {}).get("settings") == settings:
+        return False
+    model = model_from_bundle(bundle, device, source=str(bundle_path))
+    crop = int(bundle.get("crop_size", 224))
+    ref = fit_reference(model, prepared_dir, crop, max_images, alarm_rate, seed, device, batch_size)
+    save_checkpoint(bundle_path, {**bundle, REFERENCE_KEY: {**ref.to_dict(), "settings": settings}})
+    return True
+
+
+def from_bundle(bundle: dict) -> Reference | None:
+    """The bundle's drift reference; None for a bundle trained before references were saved."""
+    data = bundle.get(REFERENCE_KEY)
+    return None if data is None else Reference.from_dict(data)
