@@ -48,7 +48,7 @@ params: venv
 STACK_FILTER := $(if $(filter true,$(CI)),,-m "not stack")
 
 test: venv
-	$(BIN)/python -m pytest -q $(STACK_FILTER)
+	$(BIN)/python -m pytest -q --durations=25 $(STACK_FILTER)
 
 lint: venv
 	$(BIN)/ruff check .
