@@ -152,24 +152,11 @@ def test_registered_pyfunc_serves_the_calibrated_probabilities(tmp_path: Path):
 
     from pipeline.data.dataset import eval_transform
     from pipeline.inference import logits
-    from pipeline.models import build_model
     from pipeline.registry import log_pyfunc
     from pipeline.serving import decode_input
-    from tests.conftest import settings
+    from tests.conftest import tiny_bundle
 
-    torch.manual_seed(0)
-    cfg = settings("train.model", {"embed_dim": 16, "hidden_dim": 32})
-    text_vectors = np.random.default_rng(0).normal(size=(C, 16)).astype(np.float32)
-    net = build_model(cfg, text_vectors).eval()
-    bundle = {
-        "classes": list(CLASSES),
-        "model_config": cfg.model_dump(),
-        "model_state": net.state_dict(),
-        "text_vectors": text_vectors,
-        "image_size": 32,
-        "crop_size": 32,
-    }
-    torch.save(bundle, tmp_path / "best.pt")
+    net = tiny_bundle(tmp_path / "best.pt")
     images = [_png(i) for i in range(40)]
     crop = eval_transform(32)
     x = torch.stack([crop(torch.from_numpy(decode_input(b, 32))[None]) for b in images])  # (N, 1, 32, 32)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import drift
 from pipeline.classes import CLASSES
-from tests.conftest import settings
+from tests.conftest import settings, tiny_bundle
 
 
 def test_image_statistics_of_constructed_images():
@@ -71,26 +71,13 @@ def trained_like(tmp_path_factory):
     drift reference attached as the train step attaches it."""
     from pipeline.data.prepare import prepare
     from pipeline.data.synthetic import generate
-    from pipeline.models import build_model
 
     root = tmp_path_factory.mktemp("drift")
     synthetic = settings("download.synthetic", num_images=300, num_patients=120, image_size=64, seed=5)
     generate(root / "raw", synthetic, progress=False)
     prepare_cfg = settings("prepare", image_size=32, workers=1, chunk_size=64, val_fraction=0.25)
     prepare(root / "raw", root / "prepared", prepare_cfg, progress=False)
-    torch.manual_seed(0)
-    cfg = settings("train.model", {"embed_dim": 16, "hidden_dim": 32})
-    text_vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)
-    net = build_model(cfg, text_vectors).eval()
-    bundle = {
-        "classes": list(CLASSES),
-        "model_config": cfg.model_dump(),
-        "model_state": net.state_dict(),
-        "text_vectors": text_vectors,
-        "image_size": 32,
-        "crop_size": 32,
-    }
-    torch.save(bundle, root / "best.pt")
+    tiny_bundle(root / "best.pt")
     args = (root / "prepared", 2000, 0.001, 0, torch.device("cpu"), 64)
     assert drift.attach_reference(root / "best.pt", *args) is True
     return root, args

@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.classes import CLASSES
-from pipeline.models import build_model
 from pipeline.serving import BUNDLE, ERROR_COLUMN, EXPLANATION_COLUMN, LABELS_COLUMN, THRESHOLDS, CxrDwmlModel
-from tests.conftest import settings
+from tests.conftest import tiny_bundle
 
 SIZE = 32
 
@@ -33,19 +31,7 @@ SIZE = 32
 def model_files(tmp_path_factory) -> Path:
     """A folder with best.pt (a tiny untrained metric-head model) and thresholds.json."""
     folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    cfg = settings("train.model", {"embed_dim": 16, "hidden_dim": 32, "backbone.name": "convnext_atto"})
-    text_vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)
-    model = build_model(cfg, text_vectors).eval()
-    bundle = {
-        "classes": list(CLASSES),
-        "model_config": cfg.model_dump(),
-        "model_state": model.state_dict(),
-        "text_vectors": text_vectors,
-        "image_size": SIZE,
-        "crop_size": SIZE,
-    }
-    torch.save(bundle, folder / "best.pt")
+    tiny_bundle(folder / "best.pt", SIZE, **{"backbone.name": "convnext_atto"})
     (folder / "thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
     return folder
 
