@@ -469,8 +469,13 @@ def test_first_run_lands_in_the_buckets_and_the_registry(stack: Stack) -> None:
     # MLflow runs carry the DAG run; artifacts went through the server into the bucket
     experiment = client.get_experiment_by_name(MODEL)
     runs = client.search_runs([experiment.experiment_id], f"tags.`airflow.run_id` = '{run_id}'")
-    assert {r.data.tags["airflow.task_id"] for r in runs} >= {"download", "prepare", "prototypes", "train"}
-    (trained,) = [r for r in runs if r.info.run_id == registration["run_id"]]
+    # one parent run for the DAG run (its retried train task included), the step runs nested under it
+    (parent,) = [r for r in runs if r.data.tags.get("cxr.step") == "pipeline"]
+    steps = [r for r in runs if r is not parent]
+    assert parent.info.run_name == f"dag {run_id}" and parent.info.status == "FINISHED"
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
+    assert {r.data.tags["airflow.task_id"] for r in steps} >= {"download", "prepare", "prototypes", "train"}
+    (trained,) = [r for r in steps if r.info.run_id == registration["run_id"]]
     assert trained.data.tags["airflow.task_id"] == "train"
     assert trained.data.tags["airflow.try_number"] == str(stack.results["train_tries"])
     assert trained.info.artifact_uri.startswith("mlflow-artifacts:/"), "artifacts must go through the server"
