@@ -43,6 +43,7 @@ import requests
 import yaml
 
 from pipeline.classes import CLASSES
+from pipeline.serving import read_calibration
 from tests.conftest import VENV_BIN, copy_repo
 from tests.test_dag import DAG_ID, Api, free_port, stop_tree, task_log
 from tests.test_docker import COMPOSE, ENV_EXAMPLE, _environment, _read_env_file, _resolve
@@ -579,5 +580,9 @@ def test_promotion_through_the_rest_api_then_the_champion_serves_a_png(stack: St
     assert row["error"] is None
     probs = np.array([row[c] for c in CLASSES], dtype=float)
     assert probs.shape == (14,) and ((probs >= 0) & (probs <= 1)).all()
-    np.testing.assert_allclose(probs, scored.loc[image, list(CLASSES)].to_numpy(float), rtol=0, atol=1e-5)
+    # evaluate stores raw probabilities; the registered model serves them through its calibration
+    raw = np.clip(scored.loc[image, list(CLASSES)].to_numpy(float), 1e-12, 1 - 1e-12)
+    calibration = read_calibration(str(stack.repo / "reports" / "calibration.json"))
+    expected = calibration.probabilities(np.log(raw / (1 - raw))[None])[0]
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-4)
     assert stack.versions() == ["1", "2"], "serving must not register anything"
