@@ -154,9 +154,10 @@ def test_the_logged_model_takes_the_explain_param_through_mlflow(model_files: Pa
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        # an experiment of this store: an earlier test may have left another store's experiment active
-        experiment = mlflow.set_experiment("explain-param")
-        with mlflow.start_run(experiment_id=experiment.experiment_id):
+        # an experiment of this store, its artifacts under tmp_path (not ./mlruns of the checkout): an
+        # earlier test may have left another store's experiment active
+        experiment_id = mlflow.create_experiment("explain-param", artifact_location=(tmp_path / "mlruns").as_uri())
+        with mlflow.start_run(experiment_id=experiment_id):
             info = log_pyfunc(model_files / "best.pt", model_files / "thresholds.json", png(21, SIZE))
         model = mlflow.pyfunc.load_model(info.model_uri)
         assert {p.name: p.default for p in model.metadata.get_params_schema().params} == {
