@@ -46,7 +46,7 @@ class RunScores:
     variant: str
     seed: int
     best_epoch: int
-    val: object  # pipeline.evaluation.SplitScores
+    val: object  # pipeline.evaluation.scoring.SplitScores
     test: object
 
 
@@ -155,7 +155,7 @@ def run_variant(
 
 
 def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> RunScores:
-    from pipeline.evaluation import score_split
+    from pipeline.evaluation.scoring import score_split
     from pipeline.inference import resolve_device
     from pipeline.models import load_bundle
 
@@ -269,7 +269,7 @@ def summary_markdown(summary: dict) -> str:
 
 
 def write_reports(table: pd.DataFrame, summary: dict, reports: Path) -> None:
-    from pipeline.plots import ablation_plot
+    from pipeline.evaluation.plots import ablation_plot
 
     save_dataframe(reports / "ablation_runs.csv", table)
     write_json(reports / "ablation.json", summary)

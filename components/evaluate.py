@@ -20,7 +20,7 @@ from pipeline.io import read_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.evaluation import comparison_markdown, evaluate
+    from pipeline.evaluation.scoring import comparison_markdown, evaluate
 
     p = parser(__doc__)
     p.add_argument("--prepared", default="data/prepared", help="prepare step output (default: %(default)s)")

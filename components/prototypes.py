@@ -19,7 +19,7 @@ from pipeline.io import save_npy, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.plots import similarity_heatmap
+    from pipeline.evaluation.plots import similarity_heatmap
     from pipeline.prototypes import build_prototypes, cosine_matrix, write_similarity_csv
 
     p = parser(__doc__)

@@ -125,7 +125,7 @@ def _log_start(params, cfg, prepared: Path, protos: Path, out: Path, run) -> Non
 def _write_outputs(out: Path, reports: Path, result, cfg, params, fp: str) -> dict:
     import pandas as pd
 
-    from pipeline.plots import training_curves
+    from pipeline.evaluation.plots import training_curves
 
     history = pd.DataFrame(result.history)
     save_dataframe(reports / "history.csv", history)

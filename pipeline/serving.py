@@ -14,7 +14,7 @@ DICOM needs pydicom where the model is served).
 Where the model looked, on request: `model.predict(df, params={"explain": True, "explain_top_k": 3})`
 adds a column `explanation`, per row a JSON list over its `explain_top_k` most probable findings of
 {"class", "probability", "gradcam", "prototype"}: Grad-CAM and the prototype-distance map
-(`pipeline.explain`) as base64 PNG overlays on the network's input (prototype null for a linear
+(`pipeline.evaluation.explain`) as base64 PNG overlays on the network's input (prototype null for a linear
 head; the whole cell null for a row with an error). Without the flag the output is unchanged.
 
 Each row is scored on its own. The output has one row per input row, in order: the 14 class
@@ -106,7 +106,7 @@ class Predictor:
 
     def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu", calibration=None) -> None:
         """`device`: a torch device string, or "auto" for the first GPU when there is one;
-        `calibration`: a `pipeline.calibration.Calibration` the probabilities go through (None: raw
+        `calibration`: a `pipeline.evaluation.calibration.Calibration` the probabilities go through (None: raw
         sigmoid scores). `thresholds` must be on the scale of those probabilities."""
         from pipeline import drift
         from pipeline.data.dataset import eval_transform
@@ -138,7 +138,7 @@ class Predictor:
         import torch
 
         from pipeline import drift
-        from pipeline.calibration import sigmoid
+        from pipeline.evaluation.calibration import sigmoid
 
         x = torch.stack(batch)  # (B, 1, crop, crop) uint8
         z, pooled, stats = drift.features(self.model, x, self.device)  # (B, C), (B, F), (B, S)
@@ -176,7 +176,7 @@ class Predictor:
         """Per row of `score`'s output, the JSON text of its `top_k` findings' maps (see the module doc)."""
         import torch
 
-        from pipeline.explain import explainer, overlay_base64
+        from pipeline.evaluation.explain import explainer, overlay_base64
 
         if self._explainer is None:
             self._explainer = explainer(self.model, self.crop_size)
@@ -235,10 +235,10 @@ class Predictor:
 
 
 def read_calibration(path: str | None):
-    """The `pipeline.calibration.Calibration` saved at `path` (evaluate's calibration.json), or None."""
+    """The `pipeline.evaluation.calibration.Calibration` saved at `path` (evaluate's calibration.json), or None."""
     if path is None:
         return None
-    from pipeline.calibration import Calibration
+    from pipeline.evaluation.calibration import Calibration
 
     with open(path, encoding="utf-8") as f:
         return Calibration.from_json(json.load(f), source=str(path))

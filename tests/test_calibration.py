@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline import calibration as cb
 from pipeline.classes import CLASSES
+from pipeline.evaluation import calibration as cb
 from pipeline.metrics import select_thresholds
 
 C = len(CLASSES)
@@ -122,7 +122,7 @@ def test_a_broken_calibration_file_is_named():
 
 
 def test_reliability_grid_draws(tmp_path: Path):
-    from pipeline import plots
+    from pipeline.evaluation import plots
 
     y, z, _ = overconfident(n=500)
     cal = cb.fit("temperature", y, z, CLASSES)

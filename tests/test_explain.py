@@ -15,15 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.classes import CLASSES
-from pipeline.explain import (
-    Explainer,
-    box_iou,
-    box_mask,
-    dense_model,
-    explainer,
-    overlay,
-    pointing_hit,
-)
+from pipeline.evaluation.explain import Explainer, box_iou, box_mask, dense_model, explainer, overlay, pointing_hit
 from pipeline.models import CxrNet, LinearHead, MetricHead, build_model
 from tests.conftest import settings
 
@@ -102,7 +94,7 @@ def test_maps_peak_in_the_quadrant_holding_the_evidence(quadrant: int, head: str
 def test_prototype_map_is_the_heads_own_score_of_each_location() -> None:
     """A uniform image: every location is the whole image, so each cell scores the image's logit."""
     model = CxrNet(BrightnessBackbone(), metric_head(), 0.0, 1.0).eval()
-    from pipeline.explain import prototype_scores
+    from pipeline.evaluation.explain import prototype_scores
 
     x = torch.full((1, 1, SIZE, SIZE), 0.6)
     cells = prototype_scores(model, model.forward_features(x), torch.tensor([[TARGET, 0]]))  # (1, 2, 8, 8)

@@ -430,7 +430,7 @@ def test_curve_points_for_plotting():
 
 def test_comparison_table_marks_the_seed_paper_once_in_auc_order():
     from pipeline.classes import PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
-    from pipeline.evaluation import comparison_markdown
+    from pipeline.evaluation.scoring import comparison_markdown
 
     per_class = {c: 0.7 + 0.01 * i for i, c in enumerate(CLASSES)}
     per_class["Hernia"] = None  # undefined on this test split

@@ -51,10 +51,10 @@ def _metrics(n: int = len(CLASSES)) -> dict:
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete run: prepared data, the training's files, and the evaluation's reports."""
-    from pipeline import plots
     from pipeline.data.prepare import prepare
     from pipeline.data.synthetic import generate
-    from pipeline.subgroups import read_subgroup_meta, subgroup_report
+    from pipeline.evaluation import plots
+    from pipeline.evaluation.subgroups import read_subgroup_meta, subgroup_report
 
     root = tmp_path_factory.mktemp("run")
     generate(

@@ -335,7 +335,7 @@ def test_random_minilm_weights_miss_paraphrases(minilm):
 
 
 def test_heatmap_and_similarity_csv(minilm, tmp_path):
-    from pipeline.plots import similarity_heatmap
+    from pipeline.evaluation.plots import similarity_heatmap
 
     protos = minilm[0]
     png = tmp_path / "plots" / "prototype_similarity.png"

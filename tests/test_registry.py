@@ -660,9 +660,9 @@ def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
 @pytest.fixture
 def small_workspace(tmp_path: Path) -> Path:
     """What register reads, made without a pipeline run: prepared data, evaluate's reports, params."""
-    from pipeline.calibration import Calibration
     from pipeline.data.prepare import prepare
     from pipeline.data.synthetic import generate
+    from pipeline.evaluation.calibration import Calibration
 
     repo = tmp_path / "repo"
     generate(

@@ -94,7 +94,7 @@ def checkpoint_logits(repo: Path, paths: list[Path]) -> np.ndarray:
 
 def fitted_calibration(repo: Path):
     """The calibration the evaluate step fitted on validation (reports/calibration.json)."""
-    from pipeline.calibration import Calibration
+    from pipeline.evaluation.calibration import Calibration
 
     return Calibration.from_json(json.loads((repo / "reports/calibration.json").read_text()))
 
@@ -109,7 +109,7 @@ OUTPUT = [*CLASSES, "labels", "drift_image", "drift_embedding", "drift", "error"
 
 
 def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
-    from pipeline.calibration import sigmoid
+    from pipeline.evaluation.calibration import sigmoid
 
     paths = served.test_images(12)
     out = served.model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
@@ -129,7 +129,7 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
     np.testing.assert_allclose(sigmoid(z), evaluated.loc[[p.name for p in paths], list(CLASSES)], rtol=0, atol=1e-6)
 
     # the thresholds were chosen on the calibrated validation probabilities, the scale the model serves
-    from pipeline.calibration import logit
+    from pipeline.evaluation.calibration import logit
     from pipeline.metrics import select_thresholds
     from tests.test_registry import labels_of
 

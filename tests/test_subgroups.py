@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline import plots
 from pipeline.classes import CLASSES
+from pipeline.evaluation import plots
+from pipeline.evaluation.subgroups import age_bands, group_report, read_subgroup_meta, subgroup_report
 from pipeline.io import write_json
-from pipeline.subgroups import age_bands, group_report, read_subgroup_meta, subgroup_report
 
 C = len(CLASSES)
 

@@ -90,7 +90,7 @@ def test_csv_rows_describe_every_image(dataset):
 
 
 def test_demographics_match_the_nih_file_and_fill_every_age_band():
-    from pipeline.subgroups import age_bands
+    from pipeline.evaluation.subgroups import age_bands
 
     cfg = settings("download.synthetic")  # the demo's size: metadata only, no images drawn
     meta = _sample_metadata(cfg, np.random.default_rng(cfg.seed))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import readable_name
-from .io import atomic_open
+from ..classes import readable_name
+from ..io import atomic_open
 
 
 def _figure(width: float, height: float):
@@ -124,10 +124,10 @@ def reliability_grid(before: dict, after: dict, thresholds: np.ndarray, report: 
     bin of the calibrated probabilities (pale bars, scaled to the panel's largest bin).
 
     Args:
-        before: `pipeline.calibration.reliability_bins` of the raw test probabilities.
+        before: `pipeline.evaluation.calibration.reliability_bins` of the raw test probabilities.
         after: the same of the calibrated test probabilities.
         thresholds: (C,) validation thresholds on the calibrated scale.
-        report: `pipeline.calibration.calibration_report`'s dict (classes, bins, method, ECE per class).
+        report: `pipeline.evaluation.calibration.calibration_report`'s dict (classes, bins, method, ECE per class).
         path: the PNG to write.
     """
     from matplotlib.lines import Line2D
@@ -270,7 +270,7 @@ def subgroup_forest(report: dict, overall: float | None, path: str | Path) -> No
     """Mean test AUC with its interval for every subgroup, one row each, grouped by attribute.
 
     Args:
-        report: `pipeline.subgroups.subgroup_report`'s dict.
+        report: `pipeline.evaluation.subgroups.subgroup_report`'s dict.
         overall: the whole test split's mean AUC, drawn as a dashed reference line (None: no line).
         path: the PNG to write.
     """
@@ -326,7 +326,7 @@ def heatmap_panel(rows: Sequence[dict], scale: float, title: str, path: str | Pa
 
     Args:
         rows: per finding {"label": title text, "image", "gradcam", "prototype": (H', W', 3) uint8
-            renderings (`pipeline.explain.overlay`; prototype None for a linear head), "boxes": (n, 4)
+            renderings (`pipeline.evaluation.explain.overlay`; prototype None for a linear head), "boxes": (n, 4)
             x, y, w, h in pixels of the network's input, possibly empty}.
         scale: rendering pixels per input pixel (for the boxes).
         title: the figure's title (the image's name and labels).

@@ -2,7 +2,7 @@
 
 - Gallery: `gallery_images` test images (those with boxes first, then the most confident true
   findings), each drawn as reports/heatmaps/<image stem>.png with its `top_k` most probable findings:
-  the image (with the class's boxes, if any), Grad-CAM and the prototype map (`pipeline.explain`).
+  the image (with the class's boxes, if any), Grad-CAM and the prototype map (`pipeline.evaluation.explain`).
 - Localisation: for every (test image, class) with a box in the prepare step's boxes.json (NIH's
   BBox_List_2017.csv, or the synthetic source's), the class's maps are scored against the boxes:
   pointing game (the map's maximum inside a box) and IoU of the map at `iou_threshold` with the
@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..classes import BBOX_CSV, CLASSES
+from ..config import ExplainConfig
+from ..data.dataset import CachedImageDataset
+from ..data.layout import BOXES
+from ..io import read_json
 from . import plots
-from .classes import BBOX_CSV, CLASSES
-from .config import ExplainConfig
-from .data.dataset import CachedImageDataset
-from .data.layout import BOXES
 from .explain import METHODS, Explainer, box_iou, overlay, pointing_hit
-from .io import read_json
 
 HEATMAPS = "heatmaps"  # reports/heatmaps/<image stem>.png
 LOCALIZATION = "localization.json"

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .classes import CLASSES, MAX_AGE
-from .metrics import bootstrap_auc
+from ..classes import CLASSES, MAX_AGE
+from ..metrics import bootstrap_auc
 
 # Age bands in whole years, (label, lowest, highest) both ends included; 80+ runs to MAX_AGE.
 AGE_BANDS: tuple[tuple[str, int, int], ...] = (

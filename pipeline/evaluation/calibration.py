@@ -169,7 +169,7 @@ class Calibration:
         """The calibrated-scale thresholds (C,) equivalent to raw-score thresholds (C,) (not isotonic).
 
         Exact for a strictly increasing map; isotonic maps merge scores, so their thresholds are
-        re-chosen on calibrated validation probabilities instead (see `pipeline.evaluation`).
+        re-chosen on calibrated validation probabilities instead (see `pipeline.evaluation.scoring`).
         """
         if self.method == "isotonic":
             raise ValueError("isotonic calibration merges scores: choose thresholds on calibrated probabilities")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import CxrNet, MetricHead
+from ..models import CxrNet, MetricHead
 
 # ConvNeXt's last-stage grid at its native 224 px input: maps at least this fine, per side.
 MIN_MAP_CELLS = 7

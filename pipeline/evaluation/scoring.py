@@ -4,7 +4,7 @@ plots and the comparison with published ChestX-ray14 results.
 Nothing here is chosen on test: the calibration map and the thresholds come from the validation
 split and are applied unchanged. AUC and average precision rank the model's raw scores; the
 thresholds, and every thresholded figure, are on the calibrated probabilities the registered model
-serves (`pipeline.calibration`).
+serves (`pipeline.evaluation.calibration`).
 The bootstrap resamples test *patients* (the official split has ~9 images per patient, so
 resampling images would give intervals that are too narrow).
 """
@@ -19,14 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import calibration, plots
-from .classes import CLASSES, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
-from .config import EvaluateConfig
-from .data.dataset import CachedImageDataset, build_loader
-from .data.layout import MANIFEST
-from .inference import predict, resolve_device
-from .io import save_dataframe, write_json, write_text
-from .metrics import (
+from ..classes import CLASSES, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
+from ..config import EvaluateConfig
+from ..data.dataset import CachedImageDataset, build_loader
+from ..data.layout import MANIFEST
+from ..inference import predict, resolve_device
+from ..io import save_dataframe, write_json, write_text
+from ..metrics import (
     average_precision,
     bootstrap_auc,
     mean_auc,
@@ -36,7 +35,8 @@ from .metrics import (
     select_thresholds,
     threshold_metrics,
 )
-from .models import load_bundle
+from ..models import load_bundle
+from . import calibration, plots
 from .subgroups import read_subgroup_meta, subgroup_report
 
 
@@ -86,7 +86,7 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
 
     The calibration and the thresholds are chosen on the validation split and applied unchanged
     to the test split. subgroups.json holds test AUC per sex, age band, view and visit (see
-    `pipeline.subgroups`); calibration.json the fitted calibration and its ECE on test.
+    `pipeline.evaluation.subgroups`); calibration.json the fitted calibration and its ECE on test.
     """
     device = resolve_device(cfg.device)
     model, bundle = load_bundle(model_path, device)
