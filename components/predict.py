@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     out = Path(args.out)
     if args.explain:
-        from pipeline.serving import EXPLANATION_COLUMN  # loads MLflow: not before it is needed
+        from pipeline.serving.predictor import EXPLANATION_COLUMN  # loads MLflow: not before it is needed
 
         written = write_explanations(scored, Path(args.explain_out))
         print(f"[predict] {len(written)} heatmap(s) -> {args.explain_out}")
@@ -150,7 +150,7 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
     from tqdm.auto import tqdm
 
     # imports mlflow: not at module import (--help stays fast)
-    from pipeline.serving import DRIFT_COLUMNS, EXPLANATION_COLUMN
+    from pipeline.serving.predictor import DRIFT_COLUMNS, EXPLANATION_COLUMN
 
     frames, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
@@ -187,7 +187,7 @@ def write_explanations(scored, folder: Path) -> list[Path]:
     import json
 
     from pipeline.io import atomic_open
-    from pipeline.serving import EXPLANATION_COLUMN
+    from pipeline.serving.predictor import EXPLANATION_COLUMN
 
     written: list[Path] = []
     seen: dict[str, int] = {}
@@ -208,7 +208,7 @@ def write_explanations(scored, folder: Path) -> list[Path]:
 def drift_report(model, scored) -> list[str]:
     """Lines naming each image unlike the training data and, when the scored files as a whole look
     unlike it, the batch; empty when the model has no drift reference or nothing was scored."""
-    from pipeline.serving import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN
+    from pipeline.serving.predictor import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN
 
     reference = getattr(getattr(model.unwrap_python_model(), "predictor", None), "drift", None)
     if reference is None or DRIFT_WARNING_COLUMN not in scored.columns or not len(scored):

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _attach_drift_reference(out: Path, prepared: Path, cfg) -> None:
     """Save the summary of the training data that `predict` compares new images with into best.pt."""
-    from pipeline.drift import attach_reference
     from pipeline.inference import resolve_device
+    from pipeline.serving.drift import attach_reference
 
     drift = cfg.drift
     device = resolve_device(cfg.device)

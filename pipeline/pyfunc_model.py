@@ -9,6 +9,6 @@ read by `CxrDwmlModel.load_context`.
 
 import mlflow
 
-from pipeline.serving import CxrDwmlModel
+from pipeline.serving.predictor import CxrDwmlModel
 
 mlflow.models.set_model(CxrDwmlModel())

@@ -95,8 +95,8 @@ def log_pyfunc(
     import mlflow
     from mlflow.models import infer_signature
 
-    from . import serving
     from .io import load_checkpoint
+    from .serving import predictor as serving
 
     calibration = serving.read_calibration(None if calibration_path is None else str(calibration_path))
     _check_threshold_scale(thresholds_path, calibration, calibration_path)

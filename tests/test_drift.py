@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import drift
 from pipeline.classes import CLASSES
+from pipeline.serving import drift
 from tests.conftest import settings, tiny_bundle
 
 
@@ -94,7 +94,7 @@ def test_attaching_the_reference_is_idempotent(trained_like):
 
 def test_inverted_and_noise_images_warn_and_test_films_do_not(trained_like):
     from pipeline.io import load_checkpoint
-    from pipeline.serving import DRIFT_COLUMNS, Predictor
+    from pipeline.serving.predictor import DRIFT_COLUMNS, Predictor
 
     root, _ = trained_like
     manifest = pd.read_csv(root / "prepared/manifest.csv")

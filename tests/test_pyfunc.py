@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from pipeline.classes import CLASSES
-from pipeline.serving import BUNDLE, ERROR_COLUMN, EXPLANATION_COLUMN, LABELS_COLUMN, THRESHOLDS, CxrDwmlModel
+from pipeline.serving.predictor import BUNDLE, ERROR_COLUMN, EXPLANATION_COLUMN, LABELS_COLUMN, THRESHOLDS, CxrDwmlModel
 from tests.conftest import tiny_bundle
 
 SIZE = 32

@@ -43,7 +43,7 @@ import requests
 import yaml
 
 from pipeline.classes import CLASSES
-from pipeline.serving import read_calibration
+from pipeline.serving.predictor import read_calibration
 from tests.conftest import VENV_BIN, copy_repo
 from tests.test_dag import DAG_ID, Api, free_port, stop_tree, task_log
 from tests.test_docker import COMPOSE, ENV_EXAMPLE, _environment, _read_env_file, _resolve

@@ -20,7 +20,7 @@ head; the whole cell null for a row with an error). Without the flag the output 
 Each row is scored on its own. The output has one row per input row, in order: the 14 class
 probabilities (calibrated when the model was registered with a calibration: its metadata says
 `calibrated`), `labels` ("A|B", or "No Finding"), and, for a model whose bundle holds a drift
-reference (`pipeline.drift`), `drift_image` and `drift_embedding` (the image's distances from the
+reference (`pipeline.serving.drift`), `drift_image` and `drift_embedding` (the image's distances from the
 training data) and `drift` (a one-line warning naming the distance and its threshold, null for an
 image like the training images); then `error`, null for a scored row. A row that
 cannot be decoded (not an image, truncated, a decompression bomb, DICOM without pydicom) does not
@@ -108,10 +108,10 @@ class Predictor:
         """`device`: a torch device string, or "auto" for the first GPU when there is one;
         `calibration`: a `pipeline.evaluation.calibration.Calibration` the probabilities go through (None: raw
         sigmoid scores). `thresholds` must be on the scale of those probabilities."""
-        from pipeline import drift
         from pipeline.data.dataset import eval_transform
         from pipeline.inference import resolve_device
         from pipeline.models import model_from_bundle
+        from pipeline.serving import drift
 
         self.classes = list(bundle["classes"])
         self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
@@ -137,8 +137,8 @@ class Predictor:
         distances (per kind, (B,)) of decoded images, from one forward pass."""
         import torch
 
-        from pipeline import drift
         from pipeline.evaluation.calibration import sigmoid
+        from pipeline.serving import drift
 
         x = torch.stack(batch)  # (B, 1, crop, crop) uint8
         z, pooled, stats = drift.features(self.model, x, self.device)  # (B, C), (B, F), (B, S)

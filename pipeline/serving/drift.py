@@ -222,7 +222,7 @@ def fit_reference(
     """The drift reference of a trained model: Gaussians on up to `max_images` random training
     images, thresholds from up to `max_images` random validation images, both centre-cropped as
     evaluation and serving crop them."""
-    from .data.dataset import CachedImageDataset
+    from ..data.dataset import CachedImageDataset
 
     model.eval()
     rng = np.random.default_rng(seed)
@@ -255,9 +255,9 @@ def attach_reference(
     Only a bundle without a reference, or with one from other settings or other code (this
     file's digest), is rewritten: a resumed finished training leaves `best.pt` byte for byte as it was.
     """
-    from .io import file_digest, load_checkpoint
-    from .models import model_from_bundle
-    from .training.checkpoint import save_checkpoint
+    from ..io import file_digest, load_checkpoint
+    from ..models import model_from_bundle
+    from ..training.checkpoint import save_checkpoint
 
     bundle = load_checkpoint(bundle_path)
     settings = {"max_images": max_images, "alarm_rate": alarm_rate, "seed": seed, "code": file_digest(__file__)}
