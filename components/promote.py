@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline.registry import set_alias
+    from pipeline.registry.client import set_alias
 
     mlflow.set_tracking_uri(tracking.default_tracking_uri())  # the registry needs no experiment
     try:

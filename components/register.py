@@ -31,7 +31,7 @@ from pipeline import tracking
 from pipeline.io import read_json, write_json
 
 if TYPE_CHECKING:
-    from pipeline.registry import SelectionSet
+    from pipeline.registry.client import SelectionSet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params = stage_config(args, "register")
     from mlflow import MlflowClient
 
-    from pipeline import model_card, registry
+    from pipeline import model_card
+    from pipeline.registry import client as registry
 
     model_dir, reports = Path(args.model), Path(args.reports)
     ref = tracking.load_run_ref(model_dir)
@@ -113,7 +114,7 @@ def _champion_state(client, name: str, ours: str | None):
     any other failure raises RegistryError, saying that nothing was registered or moved.
     `ours`: the version being gated, when it exists already; it is never compared with itself.
     """
-    from pipeline import registry
+    from pipeline.registry import client as registry
 
     try:
         held = registry.aliases(client, name)
@@ -130,7 +131,7 @@ def _champion_state(client, name: str, ours: str | None):
 def _version_to_gate(same, model_dir: Path, reports: Path, prepared: Path, cfg, tags: dict[str, str]):
     """(version, model URI) the gate decides on: `same`, registered by a run that stopped before its
     gate finished, or else a new version of the pyfunc, logged now."""
-    from pipeline import registry
+    from pipeline.registry import client as registry
 
     if same is not None:
         print(f"[register] {cfg.model_name} v{same.version} holds these weights but was never gated: gating it now")
@@ -147,7 +148,7 @@ def _version_to_gate(same, model_dir: Path, reports: Path, prepared: Path, cfg, 
 def _gate(client, name: str, version: str, decision: dict, held: dict[str, str]) -> None:
     """The registered model's description, then the gate's tags and aliases on `version`; a failure
     says that the version stays registered, ungated, until the step runs again."""
-    from pipeline import registry
+    from pipeline.registry import client as registry
 
     try:
         registry.describe_model(client, name, registry.model_description(name))
@@ -163,7 +164,7 @@ def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
     import pandas as pd
 
     from pipeline.data.layout import MANIFEST
-    from pipeline.registry import SELECTION_SPLIT, selection_set
+    from pipeline.registry.client import SELECTION_SPLIT, selection_set
 
     path = reports / "predictions" / f"{SELECTION_SPLIT}.parquet"
     if not path.exists():
@@ -177,7 +178,7 @@ def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
 def _example(prepared: Path) -> bytes:
     from pipeline.data.cache import open_cache
     from pipeline.data.layout import CACHE_DIR
-    from pipeline.registry import example_png
+    from pipeline.registry.client import example_png
 
     return example_png(np.asarray(open_cache(prepared / CACHE_DIR)[0]))
 
@@ -191,7 +192,7 @@ def _provenance(params: dict) -> dict[str, str]:
 
 def _already_registered(client, name: str, version, digest: str, run_id: str) -> dict:
     """The record of a register step that found its weights already registered as `version`."""
-    from pipeline.registry import WEIGHTS_TAG
+    from pipeline.registry.client import WEIGHTS_TAG
 
     aliases = {alias: str(v) for alias, v in sorted(client.get_registered_model(name).aliases.items())}
     held = ", ".join(f"{a} -> v{v}" for a, v in aliases.items()) or "none"

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .classes import CLASSES
-from .config import RegisterConfig
-from .metrics import mean_auc, paired_bootstrap_delta, roc_auc
+from ..classes import CLASSES
+from ..config import RegisterConfig
+from ..metrics import mean_auc, paired_bootstrap_delta, roc_auc
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # version tag: sha256 of the network's weights; no two versions of a model hold the same weights
@@ -95,8 +95,8 @@ def log_pyfunc(
     import mlflow
     from mlflow.models import infer_signature
 
-    from .io import load_checkpoint
-    from .serving import predictor as serving
+    from ..io import load_checkpoint
+    from ..serving import predictor as serving
 
     calibration = serving.read_calibration(None if calibration_path is None else str(calibration_path))
     _check_threshold_scale(thresholds_path, calibration, calibration_path)
@@ -108,7 +108,7 @@ def log_pyfunc(
     if calibration_path is not None:
         artifacts[serving.CALIBRATION] = str(calibration_path)
     method = calibration.method if calibration is not None else "none"
-    code = Path(__file__).resolve().parent  # the pipeline package travels with the model
+    code = Path(__file__).resolve().parents[1]  # the pipeline package travels with the model
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
@@ -140,7 +140,7 @@ def weights_digest(bundle_path: Path) -> str:
     else the file holds (the epoch, the settings fingerprint) and however torch laid the file out."""
     import torch
 
-    from .io import load_checkpoint
+    from ..io import load_checkpoint
 
     state = load_checkpoint(bundle_path, mmap=True)["model_state"]
     h = hashlib.sha256()
@@ -190,7 +190,7 @@ def _one_line(text: str, limit: int = 400) -> str:
 def _error(action: str, name: str, e: BaseException, after: str = "") -> RegistryError:
     """One line: what was being done (`action`, naming the alias) to which model, on which server,
     the cause, and `after` (what state that leaves)."""
-    from . import tracking
+    from .. import tracking
 
     cause = tracking.redact_text(_one_line(getattr(e, "message", None) or e))
     return RegistryError(
