@@ -272,7 +272,7 @@ def local_task(task_id: str, settings: DagSettings, **kwargs: Any) -> BashOperat
         task_id=task_id,
         bash_command=stage_command(task_id),
         # Airflow's environment plus ours; BashOperator adds AIRFLOW_CTX_DAG_ID, _DAG_RUN_ID,
-        # _TRY_NUMBER, ... which pipeline/tracking.py turns into MLflow run tags
+        # _TRY_NUMBER, ... which pipeline/tracking/ turns into MLflow run tags
         env=task_env(project, settings.venv or project / ".venv"),
         append_env=True,
         skip_on_exit_code=None,  # exit 99 must fail the task like any other error, not skip it

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .io import read_json, write_json
+from ..io import read_json, write_json
 
 RUN_FILE = "mlflow_run.json"
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag names another kind; ours is
@@ -133,7 +133,7 @@ def log_splits(manifest_path: str | Path, splits: Iterable[str]) -> str:
     import mlflow
     import pandas as pd
 
-    from .io import file_digest
+    from ..io import file_digest
 
     digest = file_digest(manifest_path)
     manifest = pd.read_csv(manifest_path)
