@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from components.common import TrackingStoreError, check_tracking_store, run_main
+from components.common import run_main
 from pipeline.classes import CLASSES
 from pipeline.data.images import DICOM_SUFFIXES, classify_error, decode_image
 from pipeline.io import save_dataframe
+from pipeline.tracking.store import TrackingStoreError, check_tracking_store
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SKIPPED_COLUMNS = ["file", "reason", "detail"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from components.common import check_tracking_store, run_main
+from components.common import run_main
 from pipeline import tracking
 from pipeline.config import load_params
+from pipeline.tracking.store import check_tracking_store
 
 
 def main(argv: list[str] | None = None) -> int:

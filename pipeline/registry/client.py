@@ -182,17 +182,12 @@ class RegistryError(RuntimeError):
     without moving an alias, and the message names the model, the alias and the server."""
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _error(action: str, name: str, e: BaseException, after: str = "") -> RegistryError:
     """One line: what was being done (`action`, naming the alias) to which model, on which server,
     the cause, and `after` (what state that leaves)."""
     from .. import tracking
 
-    cause = tracking.redact_text(_one_line(getattr(e, "message", None) or e))
+    cause = tracking.redact_text(tracking.one_line(getattr(e, "message", None) or e, 400))
     return RegistryError(
         f"registered model {name} on {tracking.redacted_uri()}: {action} failed ({type(e).__name__}: {cause})"
         + (f"; {after}" if after else "")

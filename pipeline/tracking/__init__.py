@@ -270,3 +270,10 @@ def _mask_pair(m: re.Match) -> str:
     if value and value != MASK and SECRET_KEY.search(urllib.parse.unquote_plus(key)):
         return f"{key}={MASK}"
     return m.group(0)
+
+
+def one_line(text: object, limit: int = 600) -> str:
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters with "...": for
+    an error message that must stay one line in a log."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
