@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params = stage_config(args, "register")
     from mlflow import MlflowClient
 
-    from pipeline import model_card
+    from pipeline.card import sections as model_card
     from pipeline.registry import client as registry
 
     model_dir, reports = Path(args.model), Path(args.reports)
@@ -220,7 +220,7 @@ def _publish_card(client, data, record: dict, reports: Path):
     model_card/, and make its summary the version's description."""
     import mlflow
 
-    from pipeline import model_card
+    from pipeline.card import sections as model_card
 
     folder = model_card.ARTIFACT_DIR
     run = record["run_id"]

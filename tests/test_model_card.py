@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import model_card
+from pipeline.card import sections as model_card
 from pipeline.classes import CLASSES, SEED_PAPER_AUC
 from tests.conftest import settings
 

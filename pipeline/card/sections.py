@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .classes import CLASSES, NO_FINDING, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
-from .data.layout import SPLIT_STATS
-from .io import read_json, write_text
+from ..classes import CLASSES, NO_FINDING, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
+from ..data.layout import SPLIT_STATS
+from ..io import read_json, write_text
 
 CARD_MD, CARD_HTML = "model_card.md", "model_card.html"  # written into the reports folder
 ARTIFACT_DIR = "model_card"  # where the card goes in the registered model's run
