@@ -31,7 +31,7 @@ from pipeline import tracking
 from pipeline.io import read_json, write_json
 
 if TYPE_CHECKING:
-    from pipeline.registry.client import SelectionSet
+    from pipeline.registry.gate import SelectionSet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.card import sections as model_card
     from pipeline.registry import client as registry
+    from pipeline.registry import gate, packaging
 
     model_dir, reports = Path(args.model), Path(args.reports)
     ref = tracking.load_run_ref(model_dir)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         model_card.RunFiles(reports, model_dir, Path(args.prepared), params.download.source)
     )
 
-    digest = registry.weights_digest(model_dir / "best.pt")
+    digest = packaging.weights_digest(model_dir / "best.pt")
 
     with mlflow_run(args, params, "register", run_id=ref["run_id"]) as run:
         client = MlflowClient()
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         # everything the decision needs is read before anything is registered or moved: a registry
         # that fails here leaves no new version and every alias where it was
         held, champ, champ_preds = _champion_state(client, name, None if same is None else same.version)
-        decision = registry.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
+        decision = gate.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
         tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
         version, model_uri = _version_to_gate(same, model_dir, reports, Path(args.prepared), cfg, tags)
         _gate(client, name, version.version, decision, held)
@@ -132,11 +133,12 @@ def _version_to_gate(same, model_dir: Path, reports: Path, prepared: Path, cfg, 
     """(version, model URI) the gate decides on: `same`, registered by a run that stopped before its
     gate finished, or else a new version of the pyfunc, logged now."""
     from pipeline.registry import client as registry
+    from pipeline.registry import packaging
 
     if same is not None:
         print(f"[register] {cfg.model_name} v{same.version} holds these weights but was never gated: gating it now")
         return same, same.source
-    info = registry.log_pyfunc(
+    info = packaging.log_pyfunc(
         model_dir / "best.pt",
         reports / "thresholds.json",
         _example(prepared),
@@ -164,7 +166,7 @@ def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
     import pandas as pd
 
     from pipeline.data.layout import MANIFEST
-    from pipeline.registry.client import SELECTION_SPLIT, selection_set
+    from pipeline.registry.gate import SELECTION_SPLIT, selection_set
 
     path = reports / "predictions" / f"{SELECTION_SPLIT}.parquet"
     if not path.exists():
@@ -178,7 +180,7 @@ def _selection_set(reports: Path, prepared: Path) -> SelectionSet:
 def _example(prepared: Path) -> bytes:
     from pipeline.data.cache import open_cache
     from pipeline.data.layout import CACHE_DIR
-    from pipeline.registry.client import example_png
+    from pipeline.registry.packaging import example_png
 
     return example_png(np.asarray(open_cache(prepared / CACHE_DIR)[0]))
 

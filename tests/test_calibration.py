@@ -152,7 +152,7 @@ def test_registered_pyfunc_serves_the_calibrated_probabilities(tmp_path: Path):
 
     from pipeline.data.dataset import eval_transform
     from pipeline.inference import logits
-    from pipeline.registry.client import log_pyfunc
+    from pipeline.registry.packaging import log_pyfunc
     from pipeline.serving.predictor import decode_input
     from tests.conftest import tiny_bundle
 

@@ -150,7 +150,7 @@ def test_the_logged_model_takes_the_explain_param_through_mlflow(model_files: Pa
     """MLflow drops params a signature does not declare: the logged signature must carry `explain`."""
     import mlflow
 
-    from pipeline.registry.client import log_pyfunc
+    from pipeline.registry.packaging import log_pyfunc
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:

@@ -33,7 +33,8 @@ import yaml
 
 from components.provenance import airflow_tags, dvc_data_hash, git_commit, run_tags
 from pipeline.classes import CLASSES
-from pipeline.registry.client import SelectionSet, decide, selection_set, version_tags
+from pipeline.registry.client import version_tags
+from pipeline.registry.gate import SelectionSet, decide, selection_set
 from tests.conftest import ROOT, TINY_PARAMS, VENV_BIN, copy_repo, deep_update, run_env, settings
 
 MODEL_NAME = "cxr-dwml"

@@ -1,39 +1,26 @@
-"""Model registration and the gated promotion (aliases `challenger` and `champion`, never stages).
+"""The registry's MLflow calls: versions, their tags, the aliases and putting them back.
 
-Every new version gets `challenger`. `champion` moves to it only if (a) its *validation* mean AUC
-clears an absolute floor and (b) a paired bootstrap over validation *patients*, on both models'
-validation predictions, says it beats the current champion by at least `margin` (p-value of "not
-better by margin" <= max_p_value). A failed gate is a decision, not an error: it is recorded in
-tags and in registration.json.
-
-Selection uses validation only. The test split is reported (version tags `test_mean_auc`, ...) and
-never decides anything: choosing the champion on test would make the reported test AUC of the
-champion an optimistic, selected number. The bootstrap resamples patients because images of one
-patient are not independent (ChestX-ray14 has several images per patient).
+Every new version gets `challenger`; `champion` moves to it when the gate (`pipeline.registry.gate`)
+says so. Aliases, never stages. A failure of a registry call is one RegistryError line naming the
+model, the alias and the server; aliases this step moved are put back where they were.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..classes import CLASSES
 from ..config import RegisterConfig
-from ..metrics import mean_auc, paired_bootstrap_delta, roc_auc
+from .gate import PREDICTIONS_ARTIFACT
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # version tag: sha256 of the network's weights; no two versions of a model hold the same weights
 WEIGHTS_TAG = "weights_sha256"
-SELECTION_SPLIT = "val"  # the only split the gate ever reads
 # version tag written last when the gate has set the aliases: a version without it is gated again
 GATE_TAG = "gate.promoted"
 # the decision's numbers recorded as `gate.<key>` version tags
@@ -51,8 +38,6 @@ GATE_KEYS = (
     "delta_ci",
     "p_value",
 )
-# The champion's predictions, logged into its run by its evaluate step.
-PREDICTIONS_ARTIFACT = f"evaluation/predictions/{SELECTION_SPLIT}.parquet"
 
 
 def version_tags(metrics: Mapping[str, Any], training_run_id: str, provenance: Mapping[str, str]) -> dict[str, str]:
@@ -73,86 +58,6 @@ def version_tags(metrics: Mapping[str, Any], training_run_id: str, provenance: M
     }
     tags.update({f"test_auc.{c}": str(v) for c, v in metrics.get("per_class_auc", {}).items()})
     return tags
-
-
-def example_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def log_pyfunc(
-    bundle_path: Path, thresholds_path: Path, example: bytes, name: str = "model", calibration_path: Path | None = None
-):
-    """Log the pyfunc into the active run; returns MLflow's ModelInfo.
-
-    With `calibration_path` (evaluate's calibration.json) the model serves calibrated
-    probabilities; the thresholds file must say which probabilities its thresholds apply to, and
-    that must match. The model's metadata records `calibration` (the method) and `calibrated`.
-    """
-    import mlflow
-    from mlflow.models import infer_signature
-
-    from ..io import load_checkpoint
-    from ..serving import predictor as serving
-
-    calibration = serving.read_calibration(None if calibration_path is None else str(calibration_path))
-    _check_threshold_scale(thresholds_path, calibration, calibration_path)
-    bundle = load_checkpoint(bundle_path)
-    predictor = serving.Predictor(bundle, _read_thresholds(thresholds_path), calibration=calibration)
-    example_in = pd.DataFrame({"image": [example]})
-    example_out = predictor.score([example])
-    artifacts = {serving.BUNDLE: str(bundle_path), serving.THRESHOLDS: str(thresholds_path)}
-    if calibration_path is not None:
-        artifacts[serving.CALIBRATION] = str(calibration_path)
-    method = calibration.method if calibration is not None else "none"
-    code = Path(__file__).resolve().parents[1]  # the pipeline package travels with the model
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
-        artifacts=artifacts,
-        code_paths=[str(code)],
-        signature=infer_signature(example_in, example_out, params=serving.PARAMS),
-        input_example=example_in,
-        pip_requirements=_requirements(),
-        metadata={"calibration": method, "calibrated": method != "none", "drift_check": predictor.drift is not None},
-    )
-
-
-def _check_threshold_scale(thresholds_path: Path, calibration, calibration_path: Path | None) -> None:
-    """The thresholds must be on the scale the model will serve: calibrated by this calibration, or raw."""
-    data = json.loads(Path(thresholds_path).read_text())
-    expected = calibration.method if calibration is not None else "none"
-    stated = data.get("calibration", "none")  # a thresholds file from before calibration: raw scores
-    if stated != expected:
-        raise ValueError(
-            f"{thresholds_path} holds thresholds for {stated!r}-calibrated probabilities, but the model would "
-            f"serve {expected!r} ({calibration_path or 'no calibration file'}): pass the calibration.json "
-            "written by the same evaluate run"
-        )
-
-
-def weights_digest(bundle_path: Path) -> str:
-    """sha256 of the network's weights in a model bundle (`best.pt`): every tensor of its
-    `model_state` by name, with its dtype and shape. The same weights give the same digest whatever
-    else the file holds (the epoch, the settings fingerprint) and however torch laid the file out."""
-    import torch
-
-    from ..io import load_checkpoint
-
-    state = load_checkpoint(bundle_path, mmap=True)["model_state"]
-    h = hashlib.sha256()
-    for name in sorted(state):
-        value = state[name]
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{name}|{t.dtype}|{tuple(value.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        else:  # a module's extra state
-            h.update(f"{name}|{value!r}|".encode())
-    return h.hexdigest()
 
 
 def version_with_weights(client, name: str, digest: str):
@@ -283,146 +188,6 @@ def describe_model(client, name: str, description: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class SelectionSet:
-    """The predictions the gate decides on, row by row with their labels and patients.
-
-    Attributes:
-        predictions: (N, 1 + C) or wider: `image`, then one score column per class (CLASSES order).
-        y: (N, C) labels in {0, 1}.
-        patients: (N,) patient id of each row: the unit the paired bootstrap resamples.
-        split: the manifest split every row belongs to.
-    """
-
-    predictions: pd.DataFrame
-    y: np.ndarray
-    patients: np.ndarray
-    split: str = SELECTION_SPLIT
-
-    @property
-    def scores(self) -> np.ndarray:
-        """(N, C) scores in CLASSES order."""
-        return self.predictions[list(CLASSES)].to_numpy()
-
-
-def selection_set(predictions: pd.DataFrame, manifest: pd.DataFrame, source: str) -> SelectionSet:
-    """Validation predictions aligned with their labels and patients from the prepared manifest.
-
-    Args:
-        predictions: evaluate's `predictions/val.parquet`: `image` and one score column per class.
-        manifest: `data/prepared/manifest.csv`: `image`, `patient`, `split` and one label column per class.
-        source: where the predictions came from, named in errors.
-
-    Raises:
-        ValueError: a column is missing, an image is not in the manifest, or not in the validation split.
-    """
-    missing = [c for c in ("image", *CLASSES) if c not in predictions.columns]
-    if missing:
-        raise ValueError(f"{source} has no column {', '.join(missing)}: rerun the evaluate step")
-    indexed = manifest.set_index("image")
-    unknown = predictions["image"][~predictions["image"].isin(indexed.index)]
-    if len(unknown):
-        raise ValueError(
-            f"{len(unknown)} images of {source} are not in the prepared manifest (e.g. "
-            f"{unknown.iloc[0]}): rerun evaluate on the current prepared data"
-        )
-    rows = indexed.loc[predictions["image"]]
-    outside = rows[rows["split"] != SELECTION_SPLIT]
-    if len(outside):
-        raise ValueError(
-            f"{len(outside)} images of {source} are not in the {SELECTION_SPLIT} split (e.g. "
-            f"{outside.index[0]} in {outside['split'].iloc[0]}): the gate selects on validation "
-            f"only; pass evaluate's predictions/{SELECTION_SPLIT}.parquet"
-        )
-    return SelectionSet(predictions.reset_index(drop=True), rows[list(CLASSES)].to_numpy(), rows["patient"].to_numpy())
-
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
-def decide(
-    cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame | None, champ_version: str | None
-) -> dict[str, Any]:
-    """The promotion decision and its numbers, all on `ours.split` (pure: no MLflow calls).
-
-    Args:
-        cfg: the register settings (floor, margin, max_p_value, resamples, seed).
-        ours: the new version's validation predictions with labels and patients.
-        champ_predictions: the champion's predictions on the same split (`image` and class columns),
-            or None when they could not be found.
-        champ_version: the champion's version, or None when there is no champion yet.
-    """
-    val_mean_auc = _finite_or_none(mean_auc(roc_auc(ours.y, ours.scores)))
-    decision: dict[str, Any] = {
-        "selected_on": ours.split,
-        "val_mean_auc": val_mean_auc,
-        "floor": cfg.min_auc,
-        "margin": cfg.margin,
-        "max_p_value": cfg.max_p_value,
-        "bootstrap_unit": "patient",
-        "n_patients": int(pd.unique(ours.patients).size),
-        "champion_version": champ_version,
-    }
-    if val_mean_auc is None or not val_mean_auc >= cfg.min_auc:
-        return {
-            **decision,
-            "promote": False,
-            "reason": f"validation mean AUC {val_mean_auc} is below the floor {cfg.min_auc}",
-        }
-    if champ_version is None:
-        return {**decision, "promote": True, "reason": "no champion yet and the floor is met on validation"}
-    if champ_predictions is None:  # never replace a champion without comparing against it
-        return {
-            **decision,
-            "promote": False,
-            "reason": f"champion v{champ_version} has no {PREDICTIONS_ARTIFACT} in its run to compare "
-            "against; promote manually if intended",
-        }
-    return {**decision, **_compare(cfg, ours, champ_predictions, champ_version)}
-
-
-def _compare(
-    cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame, champ_version: str
-) -> dict[str, Any]:
-    """Paired patient bootstrap of our mean AUC minus the champion's, on the images both scored."""
-    # the champion's scores in our row order; NaN rows for images it never scored
-    champ = champ_predictions.set_index("image").reindex(ours.predictions["image"])[list(CLASSES)]  # (N, C)
-    shared = int(champ.notna().all(axis=1).sum())
-    if shared != len(champ):
-        return {
-            "promote": False,
-            "reason": f"champion v{champ_version} was evaluated on another {ours.split} set "
-            f"({shared} of {len(champ)} images shared); promote manually if intended",
-        }
-    paired = paired_bootstrap_delta(
-        ours.y,
-        champ.to_numpy(),
-        ours.scores,
-        cfg.bootstrap_resamples,
-        seed=cfg.seed,
-        margin=cfg.margin,
-        groups=ours.patients,
-    )
-    delta, p_value = paired["delta"], paired["p_value"]
-    better = delta > cfg.margin and p_value <= cfg.max_p_value
-    on = f"on {ours.split} ({paired['n_groups']} patients)"
-    reason = (
-        f"beats champion v{champ_version} by {delta:+.4f} {on} (p={p_value:.3f})"
-        if better
-        else f"does not beat champion v{champ_version} by > {cfg.margin} with p <= {cfg.max_p_value} {on} "
-        f"(delta {delta:+.4f}, p={p_value:.3f})"
-    )
-    return {
-        "delta": delta,
-        "delta_ci": [paired["low"], paired["high"]],
-        "p_value": p_value,
-        "champion_val_mean_auc": paired["mean_auc_a"],
-        "promote": bool(better),
-        "reason": reason,
-    }
-
-
 def champion_predictions(client, version) -> pd.DataFrame | None:
     """The champion's validation predictions, logged by its evaluate step into its run; None if
     its run has no such file (or no longer exists). A failure to list or read them raises
@@ -522,20 +287,3 @@ def set_alias(name: str, alias: str, version: str) -> None:
     client = MlflowClient()
     client.get_model_version(name, version)  # raises a clear MLflow error for a missing version
     client.set_registered_model_alias(name, alias, version)
-
-
-def _read_thresholds(path: Path) -> dict[str, float]:
-    return json.loads(Path(path).read_text())["thresholds"]
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    names = ["torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pyarrow", "mlflow"]
-    pins = []
-    for n in names:
-        try:
-            pins.append(f"{n}=={version(n).split('+')[0]}")
-        except Exception:
-            pins.append(n)
-    return pins
