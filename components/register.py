@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params = stage_config(args, "register")
     from mlflow import MlflowClient
 
+    from pipeline.card import render as card_render
     from pipeline.card import sections as model_card
     from pipeline.registry import client as registry
     from pipeline.registry import gate, packaging
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if same is not None and registry.gated(same):  # e.g. a finished training resumed and evaluated again
             record = _already_registered(client, name, same, digest, run.info.run_id)
             write_json(args.out, record)  # nothing goes to MLflow: the version and its run stay as they are
-            model_card.write_card(model_card.build_card(card_data, record, None), reports)
+            card_render.write_card(model_card.build_card(card_data, record, None), reports)
             print(f"[register] {record['reason']}")
             return 0
         # everything the decision needs is read before anything is registered or moved: a registry
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mlflow.log_artifact(args.out, artifact_path="registration")
         card = _publish_card(client, card_data, record, reports)
-    _report(record, reports / model_card.CARD_MD, card)
+    _report(record, reports / card_render.CARD_MD, card)
     return 0
 
 
@@ -222,16 +223,17 @@ def _publish_card(client, data, record: dict, reports: Path):
     model_card/, and make its summary the version's description."""
     import mlflow
 
+    from pipeline.card import render as card_render
     from pipeline.card import sections as model_card
 
     folder = model_card.ARTIFACT_DIR
     run = record["run_id"]
-    note = f"`{folder}/{model_card.CARD_HTML}` (and `{model_card.CARD_MD}`) in the artifacts of run `{run}`"
+    note = f"`{folder}/{card_render.CARD_HTML}` (and `{card_render.CARD_MD}`) in the artifacts of run `{run}`"
     card = model_card.build_card(data, record, note)
-    markdown, html = model_card.write_card(card, reports)
+    markdown, html = card_render.write_card(card, reports)
     for file in (markdown, html):
         mlflow.log_artifact(str(file), artifact_path=folder)
-    for file, sub in model_card.figure_files(card, markdown.parent):  # what the Markdown's image links point at
+    for file, sub in card_render.figure_files(card, markdown.parent):  # what the Markdown's image links point at
         mlflow.log_artifact(str(file), artifact_path=f"{folder}/{sub}" if sub else folder)
     client.update_model_version(record["model_name"], record["version"], description=card.summary)
     return card

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.card import render
 from pipeline.card import sections as model_card
 from pipeline.classes import CLASSES, SEED_PAPER_AUC
 from tests.conftest import settings
@@ -141,7 +142,7 @@ def _table_rows(section: str) -> dict[str, list[str]]:
 def test_per_class_table_shows_the_values_of_metrics_json(run_folder: Path, tmp_path: Path) -> None:
     data = model_card.read_run(_files(run_folder))
     card = model_card.build_card(data, RECORD, "`model_card/model_card.html` of run `0123abcd`")
-    md = model_card.to_markdown(card, run_folder / "reports")
+    md = render.to_markdown(card, run_folder / "reports")
     metrics = json.loads((run_folder / "reports/metrics.json").read_text())
     rows = _table_rows(_section(md, "Test results per finding"))
     assert set(CLASSES) <= set(rows)
@@ -183,15 +184,13 @@ def test_per_class_table_shows_the_values_of_metrics_json(run_folder: Path, tmp_
 
 def test_the_seed_paper_is_placed_against_the_interval_on_real_data(run_folder: Path) -> None:
     data = model_card.read_run(_files(run_folder, source="nih"))
-    md = model_card.to_markdown(model_card.build_card(data, RECORD, None), run_folder)
+    md = render.to_markdown(model_card.build_card(data, RECORD, None), run_folder)
     assert f"The seed paper's {SEED_PAPER_AUC} lies above this model's interval." in md
     assert "synthetic" not in model_card.build_card(data, RECORD, None).summary
 
 
 def test_sections_without_their_files_say_not_available(run_folder: Path, tmp_path: Path) -> None:
-    full = model_card.to_markdown(
-        model_card.build_card(model_card.read_run(_files(run_folder)), RECORD, None), tmp_path
-    )
+    full = render.to_markdown(model_card.build_card(model_card.read_run(_files(run_folder)), RECORD, None), tmp_path)
     # what the run folder lacks (calibration, heatmaps, localisation) is said to be missing, and why
     for title, file in (
         ("Calibration", "calibration.json"),
@@ -205,7 +204,7 @@ def test_sections_without_their_files_say_not_available(run_folder: Path, tmp_pa
     bare = tmp_path / "bare"
     (bare / "reports").mkdir(parents=True)
     (bare / "reports/metrics.json").write_text(json.dumps(_metrics()))
-    md = model_card.to_markdown(model_card.build_card(model_card.read_run(_files(bare)), RECORD, None), bare)
+    md = render.to_markdown(model_card.build_card(model_card.read_run(_files(bare)), RECORD, None), bare)
     assert "split_stats.json was not found" in _section(md, "Data and split")
     assert "resolved_config.json was not found" in _section(md, "Training")
     assert "subgroups.json was not found" in _section(md, "Subgroups")
@@ -267,7 +266,7 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     (reports / "localization.json").write_text(json.dumps(localization))
 
     card = model_card.build_card(model_card.read_run(_files(root)), RECORD, None)
-    md = model_card.to_markdown(card, reports)
+    md = render.to_markdown(card, reports)
     calibration_md = _section(md, "Calibration")
     assert "| Effusion | 0.102 | 0.052 |" in calibration_md and "| **mean** | 0.107 | 0.056 |" in calibration_md
     assert "applies **temperature** calibration fitted on val" in calibration_md and "`auto` chose it" in calibration_md
@@ -283,7 +282,7 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     assert "| **mean over findings** |  | 0.750 | 0.310 | 0.500 | 0.200 | 0.250 | 0.100 |" in loc_md
     assert "Not available" not in md.split("## Registry decision")[0].split("## Calibration")[1]
     # every figure is logged beside the Markdown in the folder its link names
-    assert sorted(str(Path(sub) / f.name) for f, sub in model_card.figure_files(card, reports)) == [
+    assert sorted(str(Path(sub) / f.name) for f, sub in render.figure_files(card, reports)) == [
         "heatmaps/00000001_000.png",
         "heatmaps/00000002_001.png",
         "plots/reliability.png",
@@ -320,7 +319,7 @@ class _Checker(HTMLParser):
 def test_html_parses_and_embeds_every_image_the_markdown_links(run_folder: Path) -> None:
     reports = run_folder / "reports"
     card = model_card.build_card(model_card.read_run(_files(run_folder)), RECORD, "<of> `x` & <co>")
-    markdown, page = model_card.write_card(card, reports)
+    markdown, page = render.write_card(card, reports)
     assert (markdown, page) == (reports / "model_card.md", reports / "model_card.html")
     checker = _Checker()
     checker.feed(page.read_text(encoding="utf-8"))
@@ -355,13 +354,13 @@ def test_localisation_without_boxes_says_why(run_folder: Path, tmp_path: Path) -
     shutil.copytree(run_folder, root)
     reason = "no BBox_List_2017.csv in the raw data (the download step found none)"
     (root / "reports/localization.json").write_text(json.dumps({"available": False, "reason": reason}))
-    md = model_card.to_markdown(model_card.build_card(model_card.read_run(_files(root)), RECORD, None), root)
+    md = render.to_markdown(model_card.build_card(model_card.read_run(_files(root)), RECORD, None), root)
     assert f"**Not available**: {reason}." in _section(md, "Localisation")
 
 
 def test_a_version_already_registered_changes_nothing_in_its_card(run_folder: Path) -> None:
     record = {"model_name": "cxr-dwml", "version": "2", "registered": False, "reason": "v2 already holds these"}
     card = model_card.build_card(model_card.read_run(_files(run_folder)), record, None)
-    md = model_card.to_markdown(card, run_folder)
+    md = render.to_markdown(card, run_folder)
     assert "Already registered as v2" in card.summary
     assert "no new version was made, no alias moved" in _section(md, "Registry decision")

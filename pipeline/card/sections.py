@@ -19,76 +19,23 @@ Inputs, all optional except the evaluation's metrics and the registration record
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-import os
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..classes import CLASSES, NO_FINDING, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
 from ..data.layout import SPLIT_STATS
-from ..io import read_json, write_text
+from ..io import read_json
+from .document import Block, Bullets, Card, Figure, Heading, Paragraph, Table
 
-CARD_MD, CARD_HTML = "model_card.md", "model_card.html"  # written into the reports folder
 ARTIFACT_DIR = "model_card"  # where the card goes in the registered model's run
 NOT_AVAILABLE = "Not available"
 MAX_HEATMAPS = 8  # images of a heatmap folder shown in the card; the folder holds the rest
 SYNTHETIC_SOURCE = "synthetic"
 # version tags that say what a model was made from, shown in the registry section
 PROVENANCE_TAGS = ("git_commit", "dvc_data_hash", "params_hash", "weights_sha256")
-
-
-# ----------------------------------------------------------------------------- the document
-
-
-@dataclass(frozen=True)
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass(frozen=True)
-class Paragraph:
-    """Text with `**bold**` and `` `code` `` as the only inline markup."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Table:
-    header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class Figure:
-    """A PNG shown in the card; `path` is where it is, read when the HTML embeds it."""
-
-    path: Path
-    caption: str
-
-
-Block = Heading | Paragraph | Bullets | Table | Figure
-
-
-@dataclass(frozen=True)
-class Card:
-    title: str
-    summary: str  # a few lines of Markdown: the registry version's description
-    blocks: tuple[Block, ...]
-
-    @property
-    def figures(self) -> list[Figure]:
-        return [b for b in self.blocks if isinstance(b, Figure)]
 
 
 # ----------------------------------------------------------------------------- what the card reads
@@ -690,132 +637,3 @@ def _registry_section(data: CardData, record: Mapping[str, Any]) -> list[Block]:
     if provenance:
         items.append("Provenance: " + ", ".join(provenance) + ".")
     return blocks + [Bullets(tuple(items))]
-
-
-# ----------------------------------------------------------------------------- rendering
-
-_INLINE = re.compile(r"\*\*(.+?)\*\*|`([^`]+)`")
-
-
-def to_markdown(card: Card, folder: Path) -> str:
-    """The card as Markdown whose images are linked relative to `folder`, where it will be written."""
-    out: list[str] = []
-    for block in card.blocks:
-        if isinstance(block, Heading):
-            out.append(f"{'#' * block.level} {block.text}")
-        elif isinstance(block, Paragraph):
-            out.append(block.text)
-        elif isinstance(block, Bullets):
-            out.append("\n".join(f"- {item}" for item in block.items))
-        elif isinstance(block, Table):
-            out.append(_markdown_table(block))
-        elif isinstance(block, Figure):
-            out.append(f"![{block.caption}]({figure_link(block, folder)})")
-    return "\n\n".join(out) + "\n"
-
-
-def figure_link(figure: Figure, folder: Path) -> str:
-    """Where `figure` is, relative to `folder`, with forward slashes."""
-    return Path(os.path.relpath(Path(figure.path).resolve(), Path(folder).resolve())).as_posix()
-
-
-def _markdown_table(table: Table) -> str:
-    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(cell(h) for h in table.header) + " |", "|" + "---|" * len(table.header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.rows]
-    return "\n".join(lines)
-
-
-def _inline_html(text: str) -> str:
-    """Escape `text` for HTML, then turn `**bold**` and `` `code` `` into tags."""
-    parts, last = [], 0
-    for m in _INLINE.finditer(text):
-        parts.append(html.escape(text[last : m.start()]))
-        if m.group(1) is not None:
-            parts.append(f"<strong>{_inline_html(m.group(1))}</strong>")
-        else:
-            parts.append(f"<code>{html.escape(m.group(2))}</code>")
-        last = m.end()
-    parts.append(html.escape(text[last:]))
-    return "".join(parts)
-
-
-_STYLE = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0; }
-main { max-width: 1040px; margin: 0 auto; padding: 24px 32px 48px; }
-h1 { font-size: 26px; border-bottom: 2px solid #d0d7de; padding-bottom: 8px; }
-h2 { font-size: 20px; margin-top: 32px; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
-p.summary { background: #f6f8fa; border-left: 4px solid #0969da; padding: 10px 14px; }
-table { border-collapse: collapse; margin: 12px 0; font-size: 14px; }
-th, td { border: 1px solid #d0d7de; padding: 4px 10px; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; }
-tr:nth-child(even) td { background: #fbfcfd; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-code { background: #eff1f3; padding: 1px 4px; border-radius: 4px; font-size: 90%; word-break: break-all; }
-figure { margin: 16px 0; }
-figure img { max-width: 100%; border: 1px solid #d0d7de; }
-figcaption { color: #59636e; font-size: 13px; }
-li { margin: 4px 0; }
-"""
-_NUMERIC = re.compile(r"^(n/a|[\s\d.,+\-\[\]*]*)$")  # a count, a figure, an interval
-
-
-def to_html(card: Card) -> str:
-    """The card as one HTML page with its images embedded (base64), readable wherever it is opened."""
-    body: list[str] = []
-    for i, block in enumerate(card.blocks):
-        if isinstance(block, Heading):
-            body.append(f"<h{block.level}>{_inline_html(block.text)}</h{block.level}>")
-        elif isinstance(block, Paragraph):
-            summary = ' class="summary"' if i == 1 else ""  # the version's summary, right under the title
-            body.append(f"<p{summary}>{_inline_html(block.text)}</p>")
-        elif isinstance(block, Bullets):
-            body.append("<ul>" + "".join(f"<li>{_inline_html(item)}</li>" for item in block.items) + "</ul>")
-        elif isinstance(block, Table):
-            body.append(_html_table(block))
-        elif isinstance(block, Figure):
-            data = base64.b64encode(Path(block.path).read_bytes()).decode("ascii")
-            caption = html.escape(block.caption)
-            body.append(
-                f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
-                f"<figcaption>{caption}</figcaption></figure>"
-            )
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{html.escape(card.title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n<main>\n"
-        + "\n".join(body)
-        + "\n</main>\n</body>\n</html>\n"
-    )
-
-
-def _html_table(table: Table) -> str:
-    head = "".join(f"<th>{_inline_html(h)}</th>" for h in table.header)
-    # right-align a column of numbers (and n/a) only, so that a text column keeps one alignment
-    numeric = [j > 0 and all(_NUMERIC.match(str(row[j])) for row in table.rows) for j in range(len(table.header))]
-    rows = []
-    for row in table.rows:
-        cells = "".join(
-            f'<td class="num">{_inline_html(v)}</td>' if numeric[j] else f"<td>{_inline_html(v)}</td>"
-            for j, v in enumerate(row)
-        )
-        rows.append(f"<tr>{cells}</tr>")
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
-
-
-def write_card(card: Card, folder: Path) -> tuple[Path, Path]:
-    """Write `folder`/model_card.md and model_card.html; the folder is the run's reports folder, so the
-    Markdown's image links stay inside it (and inside the card's folder once logged with the model)."""
-    markdown_path, html_path = Path(folder) / CARD_MD, Path(folder) / CARD_HTML
-    write_text(markdown_path, to_markdown(card, markdown_path.parent))
-    write_text(html_path, to_html(card))
-    return markdown_path, html_path
-
-
-def figure_files(card: Card, folder: Path) -> Iterable[tuple[Path, str]]:
-    """(file, folder relative to the card's) of each figure that lies inside the card's folder: what
-    must travel with the Markdown for its links to hold."""
-    for figure in card.figures:
-        link = figure_link(figure, folder)
-        if not link.startswith("../"):
-            yield Path(figure.path), str(Path(link).parent) if "/" in link else ""
