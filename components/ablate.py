@@ -3,9 +3,10 @@
 Run:
     python -m components.ablate --seeds 3                          # all variants, params.yaml's `train`
     python -m components.ablate --variants bce_head,dual --seeds 2 --epochs 4
-Variants (pipeline.losses.ABLATIONS), each differing from `dual` only in what its name says:
-bce_head (linear head + BCE), metric_unweighted, image_only, category_only, dual (the method),
-dual_random_prototypes (random label vectors instead of the text encoder's), asl, focal.
+Variants are the files of conf/ablation/, each laid over the train section and differing from
+`dual` only in what its name says: bce_head (linear head + BCE), metric_unweighted, image_only,
+category_only, dual (the method), dual_random_prototypes (random label vectors instead of the text
+encoder's), asl, focal.
 Seeds are train.seed, train.seed + 1, ...; each (variant, seed) is one nested MLflow run tagged
 `cxr.ablation=<variant>` under a parent run named `ablation`, with its checkpoints in
 --out/<variant>/seed_<s> (an interrupted ablation resumes each run where it stopped).
@@ -16,9 +17,10 @@ delta against bce_head (same seeds, same resampled patients, 95% percentile inte
 --bootstrap patient resamples). Writes ablation.json, ablation.md, ablation_runs.csv and
 ablation.png into --reports and prints the table.
 
-The same comparison through DVC experiments, one queued experiment per variant:
-    dvc exp run --queue -n dual -S train.loss.name=dwml
-    dvc exp run --queue -n bce_head -S train.model.head=linear -S train.loss.name=bce
+The same comparison through DVC experiments, one queued experiment per variant (the same files,
+composed into params.yaml as the `ablation` group):
+    dvc exp run --queue -n dual -S ablation=dual
+    dvc exp run --queue -n bce_head -S ablation=bce_head
     dvc exp run --run-all && dvc exp show
 """
 
@@ -32,10 +34,11 @@ import numpy as np
 import pandas as pd
 
 from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
+from pipeline.config import read_yaml
 from pipeline.io import save_dataframe, write_json, write_text
-from pipeline.losses import ABLATIONS, ablation_config
 
 BASELINE = "bce_head"
+VARIANTS = Path("conf/ablation")  # one file per variant, laid over the train section
 RUN_COLUMNS = ["variant", "seed", "head", "loss", "prototypes", "best_epoch", "val_mean_auc", "test_mean_auc"]
 
 
@@ -45,6 +48,9 @@ class RunScores:
 
     variant: str
     seed: int
+    head: str
+    loss: str
+    prototypes: str
     best_epoch: int
     val: object  # pipeline.evaluation.scoring.SplitScores
     test: object
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prototypes", default="artifacts/prototypes", help="prototypes step output")
     p.add_argument("--out", default="artifacts/ablation", help="checkpoints, one folder per variant and seed")
     p.add_argument("--reports", default="reports", help="where the ablation reports go (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(ABLATIONS), help="comma-separated (default: all)")
+    p.add_argument("--variants", default=None, help="comma-separated, of --variants-dir (default: all)")
+    p.add_argument("--variants-dir", default=str(VARIANTS), help="one YAML file per variant (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs for every variant")
     p.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the deltas")
@@ -68,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     base, params = stage_config(args, "train")
     if args.epochs is not None:
         base = base.replace(epochs=args.epochs)
-    variants = parse_variants(args.variants)
+    folder = Path(args.variants_dir)
+    variants = parse_variants(args.variants, folder) if args.variants else known_variants(folder)
     seeds = [base.seed + i for i in range(args.seeds)]
     prepared, protos = Path(args.prepared), Path(args.prototypes)
     text_vectors = load_prototypes(protos)
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     with mlflow_run(args, params, "ablation", run_name="ablation") as parent:
         for variant in variants:
             for seed in seeds:
-                cfg = variant_config(base, variant, seed)
+                cfg = variant_config(base, variant, seed, folder)
                 print(
                     f"[ablate] {variant} seed {seed}: head {cfg.model.head}, loss {cfg.loss.name}, "
                     f"prototypes {cfg.model.prototypes}"
@@ -110,21 +118,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_variants(text: str) -> list[str]:
-    """`a,b` -> ["a", "b"], each checked against ABLATIONS."""
+def known_variants(folder: Path = VARIANTS) -> list[str]:
+    """The variants in `folder` (conf/ablation/), the baseline first."""
+    names = sorted(p.stem for p in Path(folder).glob("*.yaml"))
+    return sorted(names, key=lambda name: name != BASELINE)
+
+
+def parse_variants(text: str, folder: Path = VARIANTS) -> list[str]:
+    """`a,b` -> ["a", "b"], each checked against the files of `folder` (conf/ablation/)."""
+    known = known_variants(folder)
     variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ABLATIONS]
+    unknown = [v for v in variants if v not in known]
     if unknown or not variants:
         raise ValueError(
-            f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ABLATIONS)}"
+            f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)} "
+            f"(the files of {folder})"
         )
     return variants
 
 
-def variant_config(base, variant: str, seed: int | None = None):
-    """`base` (the train section) with the variant's loss, head and prototypes, and `seed`."""
-    loss, head, prototypes = ablation_config(variant, base.loss)
-    changes = {"loss": loss.model_dump(), "model.head": head, "model.prototypes": prototypes}
+def variant_config(base, variant: str, seed: int | None = None, folder: Path = VARIANTS):
+    """`base` (the train section) with `folder`/<variant>.yaml's train settings laid over it (the
+    file's `train` section, as the `ablation` group composes it into params.yaml), and `seed`."""
+    path = Path(folder) / f"{variant}.yaml"
+    overlay = read_yaml(path).get("train")
+    if not isinstance(overlay, dict):
+        raise ValueError(f"{path}: no train section; an ablation variant sets train.* keys only")
+    from pipeline.tracking import flatten
+
+    changes = flatten(overlay)
     if seed is not None:
         changes["seed"] = seed
     return base.replace(changes)
@@ -164,7 +186,9 @@ def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> 
     crop = int(bundle["crop_size"])
     val = score_split(model, prepared, "val", crop, ecfg, device, progress)
     test = score_split(model, prepared, "test", crop, ecfg, device, progress)
-    return RunScores(variant, cfg.seed, result.best_epoch, val, test)
+    return RunScores(
+        variant, cfg.seed, cfg.model.head, cfg.loss.name, cfg.model.prototypes, result.best_epoch, val, test
+    )
 
 
 def _mean_auc(split) -> float:
@@ -178,14 +202,13 @@ def _mean_auc(split) -> float:
 def runs_table(runs: list[RunScores]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        named = ABLATIONS[r.variant]
         rows.append(
             {
                 "variant": r.variant,
                 "seed": r.seed,
-                "head": named["head"],
-                "loss": named["name"],
-                "prototypes": named.get("prototypes", "text"),
+                "head": r.head,
+                "loss": r.loss,
+                "prototypes": r.prototypes,
                 "best_epoch": r.best_epoch,
                 "val_mean_auc": _mean_auc(r.val),
                 "test_mean_auc": _mean_auc(r.test),

@@ -622,6 +622,17 @@ class Params(Section):
     evaluate: EvaluateConfig
     register: RegisterConfig = Field(...)  # `...`: required, not ABCMeta.register as a default
 
+    @model_validator(mode="after")
+    def _crop_fits_the_cache(self) -> Self:
+        # training crops from the prepared cache: a larger crop would fail in the first batch
+        crop, size = self.train.augment.crop_size, self.prepare.image_size
+        if crop > size:
+            raise ValueError(
+                f"train.augment.crop_size is {crop} but prepare.image_size is {size}: the crop is taken "
+                "from the prepared cache, so lower train.augment.crop_size or raise prepare.image_size"
+            )
+        return self
+
 
 # ----------------------------------------------------------------------------- loading
 

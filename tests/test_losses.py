@@ -10,14 +10,12 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError
 from pipeline.losses import (
-    ABLATIONS,
     TERMS,
     AsymmetricLoss,
     BinaryCrossEntropy,
     ClassWeightedBinaryCrossEntropy,
     DualWeightedMetricLoss,
     FocalLoss,
-    ablation_config,
     build_loss,
     category_weights,
     image_weights,
@@ -27,7 +25,7 @@ from pipeline.losses import (
     stationary_offsets,
 )
 from pipeline.losses.dwml import cell_sums
-from tests.conftest import settings
+from tests.conftest import ROOT, settings
 
 DWML_KEYS = {
     "beta",
@@ -68,6 +66,14 @@ def loss_cfg(**flat):
 
 B, C, N = 6, 5, 1000
 POS_COUNTS = [300, 40, 0, 999, 120]  # a class with no positives and one with a single negative
+SEPARATION_KEYS = ("separation_weight", "separation_margin")
+
+
+def family(name: str, pos_counts=POS_COUNTS, n: int = N, **changes):
+    """Loss family `name` built as training builds it (`build_loss`): the committed train.loss
+    settings, with `changes` to that family's keys (and to the separation keys of the section)."""
+    dotted = {key if key in SEPARATION_KEYS else f"{name}.{key}": value for key, value in changes.items()}
+    return build_loss(settings("train.loss", {"name": name, **dotted}), pos_counts, n)
 
 
 def _batch(seed: int = 0, scale: float = 3.0, dtype=torch.float64):
@@ -151,14 +157,14 @@ def test_pair_terms_are_softplus():
         dict(image_weighting=False, category_weighting=False, gamma=2.0, beta=1.0),
         dict(gamma=0.0, beta=0.0),
         dict(gamma=0.0, beta=0.0, effective_number=True),
-        dict(gamma=0.0, beta=0.0, image_weight_cap=1.0, momentum=0.0),
+        dict(gamma=0.0, beta=0.0, image_weight_cap=1.0, image_weight_momentum=0.0),
     ],
     ids=["weights_off", "neutral_params", "neutral_effective_number", "neutral_tight_cap"],
 )
 @pytest.mark.parametrize("seed", [0, 1])
 def test_unweighted_dwml_equals_bce(kw, seed):
     z, y = _batch(seed)
-    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, **kw)
+    loss_fn = family("dwml", **kw)
     value, grad = _grad(loss_fn, z, y)
     ref_value, ref_grad = _grad(F.binary_cross_entropy_with_logits, z, y)
     assert value.dtype == torch.float64
@@ -173,7 +179,7 @@ NIH_POS = [8280, 1707, 8659, 13782, 4034, 4708, 876, 2637, 2852, 1378, 1423, 125
 
 @pytest.mark.parametrize("beta", [0.25, 0.5, 1.0])
 def test_category_weight_ratio_is_exact_on_nih_counts(beta):
-    b_pos, b_neg = category_weights(NIH_POS, NIH_N, beta)
+    b_pos, b_neg = category_weights(NIH_POS, NIH_N, beta, False, None)
     assert b_pos.dtype == torch.float64 and b_neg.dtype == torch.float64
     pos = torch.tensor(NIH_POS, dtype=torch.float64)
     expected = ((NIH_N - pos) / pos) ** beta
@@ -186,7 +192,7 @@ def test_category_weight_ratio_is_exact_on_nih_counts(beta):
 
 
 def test_category_ratio_cap_bounds_every_class():
-    b_pos, b_neg = category_weights(NIH_POS, NIH_N, 1.0, max_ratio=20.0)
+    b_pos, b_neg = category_weights(NIH_POS, NIH_N, 1.0, False, 20.0)
     ratio = b_pos / b_neg
     assert ratio.max().item() == pytest.approx(20.0)  # Hernia (1 in 614) is capped
     pos = torch.tensor(NIH_POS, dtype=torch.float64)
@@ -194,8 +200,6 @@ def test_category_ratio_cap_bounds_every_class():
     torch.testing.assert_close(ratio[uncapped < 20], uncapped[uncapped < 20], rtol=1e-12, atol=0)
     pair_mean = (pos * b_pos + (NIH_N - pos) * b_neg).sum() / (NIH_N * len(NIH_POS))
     assert abs(pair_mean.item() - 1.0) < 1e-12
-    with pytest.raises(ValueError, match="max_ratio"):
-        category_weights(NIH_POS, NIH_N, 1.0, max_ratio=0.5)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
@@ -203,7 +207,7 @@ def test_category_ratio_cap_bounds_every_class():
 def test_first_batch_image_weights_match_reference(gamma, normalize_image):
     z, y = _batch(seed=3)
     z = z.detach()
-    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, gamma=gamma, normalize_image=normalize_image, image_weight_cap=1e9)
+    loss_fn = family("dwml", gamma=gamma, normalize_image=normalize_image, image_weight_cap=1e9)
     a, _ = loss_fn.get_weights(z, y, update=True)  # the first batch sets the running means
     expected = ref_image_weights(z.tolist(), y.tolist(), gamma, normalize_image)
     torch.testing.assert_close(a, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
@@ -218,7 +222,7 @@ def test_first_batch_image_weights_match_reference(gamma, normalize_image):
 def test_image_weights_average_one_per_cell_and_respect_the_cap():
     """Over many batches from one distribution, the running means make every cell average ~1."""
     cap, batches = 4.0, 400
-    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, gamma=1.0, image_weight_cap=cap, momentum=0.9)
+    loss_fn = family("dwml", gamma=1.0, image_weight_cap=cap, image_weight_momentum=0.9)
     g = torch.Generator().manual_seed(21)
     prevalence = torch.tensor([0.3, 0.1, 0.5, 0.7, 0.2])
     totals, counts = torch.zeros(2, C, dtype=torch.float64), torch.zeros(2, C, dtype=torch.float64)
@@ -234,13 +238,13 @@ def test_image_weights_average_one_per_cell_and_respect_the_cap():
     cell_means = totals / counts
     # within the running mean's tolerance (momentum 0.9 averages ~10 batches) and the cap's bite
     assert (cell_means - 1).abs().max().item() < 0.03, cell_means
-    capped = DualWeightedMetricLoss(POS_COUNTS, N, gamma=1.0, image_weight_cap=1.0)
+    capped = family("dwml", gamma=1.0, image_weight_cap=1.0)
     a, _ = capped.get_weights(z, y, update=True)
     assert a.max().item() <= 1.0
 
 
 def test_running_cell_means_keep_their_history_and_skip_absent_cells():
-    loss_fn = DualWeightedMetricLoss([1] * C, N, gamma=1.0, momentum=0.5)
+    loss_fn = family("dwml", [1] * C, N, gamma=1.0, image_weight_momentum=0.5)
     y = torch.zeros(4, C, dtype=torch.float64)
     y[0, 0] = 1
     loss_fn.get_weights(torch.zeros(4, C, dtype=torch.float64), y, update=True)  # q = 0.5: m = 0.5
@@ -261,7 +265,7 @@ def test_image_normalisation_option_balances_each_image():
 
 @pytest.mark.parametrize("effective_number,beta", [(False, 0.5), (False, 1.0), (True, 0.99)])
 def test_category_weights_match_reference(effective_number, beta):
-    b_pos, b_neg = category_weights(POS_COUNTS, N, beta, effective_number)
+    b_pos, b_neg = category_weights(POS_COUNTS, N, beta, effective_number, None)
     ref_pos, ref_neg = ref_category_weights(POS_COUNTS, N, beta, effective_number)
     torch.testing.assert_close(b_pos, torch.tensor(ref_pos, dtype=torch.float64))
     torch.testing.assert_close(b_neg, torch.tensor(ref_neg, dtype=torch.float64))
@@ -271,7 +275,7 @@ def test_category_weights_match_reference(effective_number, beta):
 
 def test_category_weights_zero_beta_is_uniform():
     for effective_number in (False, True):
-        b_pos, b_neg = category_weights(POS_COUNTS, N, 0.0, effective_number)
+        b_pos, b_neg = category_weights(POS_COUNTS, N, 0.0, effective_number, None)
         assert torch.equal(b_pos, torch.ones(C, dtype=torch.float64))
         assert torch.equal(b_neg, torch.ones(C, dtype=torch.float64))
 
@@ -282,9 +286,8 @@ def test_dwml_matches_reference_with_detached_weights(gamma, beta, normalize_ima
     g = torch.Generator().manual_seed(0)
     p = F.normalize(torch.randn(C, 8, dtype=torch.float64, generator=g), dim=1)  # (C, D)
     p[1] = p[0]  # one coincident pair so the separation term is active
-    loss_fn = DualWeightedMetricLoss(
-        POS_COUNTS,
-        N,
+    loss_fn = family(
+        "dwml",
         gamma=gamma,
         beta=beta,
         normalize_image=normalize_image,
@@ -311,7 +314,7 @@ def test_dwml_matches_reference_with_detached_weights(gamma, beta, normalize_ima
 
 def test_running_means_update_only_in_training_steps():
     z, y = _batch(seed=6)
-    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N)
+    loss_fn = family("dwml")
     with torch.no_grad():
         loss_fn(z, y)  # e.g. a validation loss: no update
     assert not loss_fn.cell_seen.any()
@@ -436,7 +439,7 @@ def test_stationary_offsets_match_closed_forms_without_features(cfg, expected):
     counts = [300, 40, 10, 600, 120]
     loss_fn = build_loss(loss_cfg(**cfg), counts, N)
     if cfg["name"] == "dwml":
-        b_pos, b_neg = category_weights(counts, N, loss_fn.beta)
+        b_pos, b_neg = category_weights(counts, N, loss_fn.beta, False, None)
     else:
         b_pos = b_neg = torch.ones(C, dtype=torch.float64)
     pi = torch.tensor(counts, dtype=torch.float64) / N
@@ -480,7 +483,7 @@ def test_separation_gradient_pushes_prototypes_apart():
 def test_dwml_return_terms():
     z, y = _batch()
     p = F.normalize(torch.randn(C, 8, dtype=torch.float64), dim=1)
-    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N, separation_weight=0.5)
+    loss_fn = family("dwml", separation_weight=0.5)
     terms = loss_fn(z, y, prototypes=p, return_terms=True)
     assert tuple(terms) == TERMS
     assert terms["loss"].requires_grad
@@ -493,11 +496,11 @@ def test_dwml_return_terms():
 
 
 def test_dwml_rejects_wrong_class_count():
-    loss_fn = DualWeightedMetricLoss(POS_COUNTS, N)
+    loss_fn = family("dwml")
     with pytest.raises(ValueError, match="pos_counts"):
         loss_fn(torch.zeros(2, C + 1), torch.zeros(2, C + 1))
     with pytest.raises(ValueError, match="num_images"):
-        DualWeightedMetricLoss([5, 2000], N)
+        family("dwml", [5, 2000], N)
 
 
 # --- baselines -------------------------------------------------------------------------------
@@ -505,7 +508,7 @@ def test_dwml_rejects_wrong_class_count():
 
 @pytest.mark.parametrize(
     "loss_fn",
-    [BinaryCrossEntropy(), AsymmetricLoss(0.0, 0.0, 0.0), FocalLoss(0.0, None)],
+    [family("bce"), family("asl", gamma_neg=0.0, gamma_pos=0.0, clip=0.0), family("focal", gamma=0.0, alpha=None)],
     ids=["bce", "asl_neutral", "focal_neutral"],
 )
 def test_neutral_baselines_equal_bce(loss_fn):
@@ -527,7 +530,7 @@ def test_asl_matches_reference(gamma_neg, gamma_pos, clip):
         neg = -(p_m**gamma_neg) * torch.log(1 - p_m)
         return (yy * pos + (1 - yy) * neg).mean()
 
-    value, grad = _grad(AsymmetricLoss(gamma_neg, gamma_pos, clip), z, y)
+    value, grad = _grad(family("asl", gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip), z, y)
     ref_value, ref_grad = _grad(reference, z, y)
     torch.testing.assert_close(value, ref_value)
     torch.testing.assert_close(grad, ref_grad)
@@ -543,7 +546,7 @@ def test_focal_matches_reference(gamma, alpha):
         alpha_t = 1.0 if alpha is None else yy * alpha + (1 - yy) * (1 - alpha)
         return (-alpha_t * (1 - p_t) ** gamma * torch.log(p_t)).mean()
 
-    value, grad = _grad(FocalLoss(gamma, alpha), z, y)
+    value, grad = _grad(family("focal", gamma=gamma, alpha=alpha), z, y)
     ref_value, ref_grad = _grad(reference, z, y)
     torch.testing.assert_close(value, ref_value)
     torch.testing.assert_close(grad, ref_grad)
@@ -551,7 +554,7 @@ def test_focal_matches_reference(gamma, alpha):
 
 @pytest.mark.parametrize("cap", [None, 5.0])
 def test_weighted_bce_pos_weight(cap):
-    loss_fn = ClassWeightedBinaryCrossEntropy(POS_COUNTS, N, cap=cap)
+    loss_fn = family("weighted_bce", pos_weight_cap=cap)
     expected = [max(N - k, 1) / max(k, 1) for k in POS_COUNTS]
     if cap is not None:
         expected = [min(w, cap) for w in expected]
@@ -565,6 +568,7 @@ def test_weighted_bce_pos_weight(cap):
 
 
 LOSS_NAMES = ["dwml", "bce", "weighted_bce", "focal", "asl"]
+ABLATION_VARIANTS = sorted(p.stem for p in (ROOT / "conf" / "ablation").glob("*.yaml"))
 
 
 def _extreme_logits():
@@ -610,7 +614,7 @@ def test_image_weights_when_every_pair_is_solved():
     m = modulation(z.detach(), y, gamma=1.0)
     w = image_weights(m, y, torch.zeros(2, C, dtype=torch.float64), cap=10.0)
     assert torch.equal(w, torch.zeros(B, C))  # nothing left to learn, and no 0 / 0
-    loss = DualWeightedMetricLoss(POS_COUNTS, N)(z, y)
+    loss = family("dwml")(z, y)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
 
@@ -620,7 +624,7 @@ def test_image_weights_when_every_pair_is_solved():
 def test_asl_finite_at_saturation(clip, gamma):
     z = _extreme_logits().requires_grad_()
     y = (torch.rand(B, C, generator=torch.Generator().manual_seed(17)) < 0.5).float()
-    loss = AsymmetricLoss(gamma_neg=gamma, gamma_pos=gamma, clip=clip)(z, y)
+    loss = family("asl", gamma_neg=gamma, gamma_pos=gamma, clip=clip)(z, y)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
 
@@ -671,57 +675,62 @@ def test_default_config_is_full_dual_loss():
     assert loss_fn.gamma == 1.0 and loss_fn.beta == 0.5
 
 
-@pytest.mark.parametrize("variant", list(ABLATIONS))
+def _variant(name: str):
+    from components.ablate import variant_config
+
+    return variant_config(settings("train"), name, folder=ROOT / "conf" / "ablation")
+
+
+@pytest.mark.parametrize("variant", ABLATION_VARIANTS)
 def test_build_loss_each_ablation(variant):
-    cfg, head, prototypes = ablation_config(variant, settings("train.loss"))
-    assert head == ABLATIONS[variant]["head"]
-    assert head in ("linear", "metric") and prototypes in ("text", "random")
-    loss_fn = build_loss(cfg, POS_COUNTS, N)
+    cfg = _variant(variant)
+    assert cfg.model.head in ("linear", "metric") and cfg.model.prototypes in ("text", "random")
+    loss_fn = build_loss(cfg.loss, POS_COUNTS, N)
     z, y = _batch(seed=15)
     protos = None
-    if head == "metric":
+    if cfg.model.head == "metric":
         protos = F.normalize(torch.randn(C, 8, dtype=torch.float64), dim=1)  # (C, D)
     assert torch.isfinite(loss_fn(z, y, prototypes=protos))
 
 
-def _flat(cfg) -> dict:
-    out = {}
-    for key, value in cfg.model_dump().items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
 def _differences(a, b) -> set[str]:
-    fa, fb = _flat(a), _flat(b)
+    from pipeline.tracking import flatten
+
+    fa, fb = flatten(a.model_dump()), flatten(b.model_dump())
     return {k for k in fa if fa[k] != fb[k]}
 
 
 def test_ablation_variants_differ_as_named():
-    base = settings("train.loss")
-    dual = ablation_config("dual", base)
-    assert dual == (base, "metric", "text")
-    assert ablation_config("bce_head", base) == (loss_cfg(name="bce"), "linear", "text")
-    # each metric variant differs from dual only in what its name says
-    assert _differences(ablation_config("metric_unweighted", base).loss, dual.loss) == {
-        "dwml.image_weighting",
-        "dwml.category_weighting",
+    """Each variant of conf/ablation/ differs from dual in what its name says, and only that."""
+    base = settings("train")
+    dual = _variant("dual")
+    assert dual == base  # the committed settings are the method
+    assert _differences(_variant("bce_head"), dual) == {"model.head", "loss.name"}
+    assert _variant("bce_head").model.head == "linear" and _variant("bce_head").loss.name == "bce"
+    assert _differences(_variant("metric_unweighted"), dual) == {
+        "loss.dwml.image_weighting",
+        "loss.dwml.category_weighting",
     }
-    assert _differences(ablation_config("image_only", base).loss, dual.loss) == {"dwml.category_weighting"}
-    assert _differences(ablation_config("category_only", base).loss, dual.loss) == {"dwml.image_weighting"}
-    random = ablation_config("dual_random_prototypes", base)
-    assert random.loss == dual.loss and random.head == "metric" and random.prototypes == "random"
+    assert _differences(_variant("image_only"), dual) == {"loss.dwml.category_weighting"}
+    assert _differences(_variant("category_only"), dual) == {"loss.dwml.image_weighting"}
+    assert _differences(_variant("dual_random_prototypes"), dual) == {"model.prototypes"}
     # focal and ASL: their own weighting, detached like DWML's, on the same head and separation term
     for name in ("focal", "asl"):
-        variant = ablation_config(name, base)
-        assert variant.head == "metric" and variant.prototypes == "text"
+        variant = _variant(name)
+        changed = _differences(variant, dual)
+        assert changed and all(k == "loss.name" or k.startswith(f"loss.{name}.") for k in changed), changed
         assert getattr(variant.loss, name).detach_modulation
         assert variant.loss.separation_weight == dual.loss.separation_weight > 0
-        assert "separation_weight" not in _differences(variant.loss, dual.loss)
-    with pytest.raises(ValueError, match="unknown ablation"):
-        ablation_config("nope", base)
+    # the values the variant names, written in its file (Lin et al.'s gamma 2, alpha 0.25)
+    assert (_variant("focal").loss.focal.gamma, _variant("focal").loss.focal.alpha) == (2.0, 0.25)
+
+
+def test_unknown_ablation_names_the_folder():
+    from components.ablate import parse_variants
+
+    with pytest.raises(ValueError, match="conf/ablation"):
+        parse_variants("dual,nope", ROOT / "conf" / "ablation")
+    assert parse_variants("bce_head,dual", ROOT / "conf" / "ablation") == ["bce_head", "dual"]
 
 
 @pytest.mark.parametrize("name", ["focal", "asl"])
@@ -729,7 +738,7 @@ def test_focal_and_asl_add_the_separation_term_on_the_metric_head(name):
     z, y = _batch(seed=16)
     p = torch.eye(C, 8, dtype=torch.float64)
     p[1] = p[0]  # one coincident pair
-    loss_fn = build_loss(ablation_config(name, settings("train.loss")).loss, POS_COUNTS, N)
+    loss_fn = build_loss(_variant(name).loss, POS_COUNTS, N)
     terms = loss_fn(z, y, prototypes=p, return_terms=True)
     assert terms["separation"].item() > 0
     torch.testing.assert_close(terms["loss"], terms["pair"] + loss_fn.separation_weight * terms["separation"])
@@ -737,7 +746,7 @@ def test_focal_and_asl_add_the_separation_term_on_the_metric_head(name):
 
 def test_detached_focal_modulation_is_a_weight_not_a_direction():
     z, y = _batch(seed=17, scale=2.0)
-    value, grad = _grad(FocalLoss(2.0, 0.25, detach_modulation=True), z, y)
+    value, grad = _grad(family("focal", gamma=2.0, alpha=0.25, detach_modulation=True), z, y)
     p = torch.sigmoid(z.detach())
     p_t = y * p + (1 - y) * (1 - p)
     weight = (1 - p_t) ** 2 * (y * 0.25 + (1 - y) * 0.75)  # constants
@@ -748,7 +757,7 @@ def test_detached_focal_modulation_is_a_weight_not_a_direction():
     ref_value, ref_grad = _grad(reference, z, y)
     torch.testing.assert_close(value, ref_value)
     torch.testing.assert_close(grad, ref_grad)
-    _, attached = _grad(FocalLoss(2.0, 0.25), z, y)
+    _, attached = _grad(family("focal", gamma=2.0, alpha=0.25), z, y)
     assert not torch.allclose(grad, attached)
 
 

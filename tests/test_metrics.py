@@ -11,7 +11,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.classes import CLASSES
 from pipeline.metrics import (
-    BootstrapConfig,
     UndefinedMetricWarning,
     average_precision,
     bootstrap_auc,
@@ -354,8 +353,7 @@ def test_bootstrap_settings_are_validated():
     with pytest.raises(ValueError, match="ci"):
         bootstrap_auc(*_predictions(15), ci=1.5)
     with pytest.raises(ValueError, match="n_resamples must be >= 1"):
-        BootstrapConfig(n_resamples=0).validate()
-    BootstrapConfig(ci=0.9).validate()
+        bootstrap_auc(*_predictions(15), n_resamples=0)
 
 
 def _brute_force_objective(y, s, t, method):

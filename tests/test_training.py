@@ -300,13 +300,16 @@ def test_prior_sample_takes_one_random_image_per_patient(data):
 CELL_MEAN_WORKER = """
 import os, sys, torch, torch.distributed as dist
 from pipeline.losses import DualWeightedMetricLoss
+LOSS = dict(beta=0.5, image_weighting=True, category_weighting=True, effective_number=False, normalize_image=False,
+            image_weight_cap=10.0, image_weight_momentum=0.9, category_ratio_cap=None, separation_weight=0.0,
+            separation_margin=1.0)
 rank = int(sys.argv[1])
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=rank, world_size=2)
 g = torch.Generator().manual_seed(rank)
 y = (torch.rand(8 + 8 * rank, 3, generator=g) < 0.5).double()
 z = torch.randn(8 + 8 * rank, 3, generator=g, dtype=torch.float64)
-loss = DualWeightedMetricLoss([10, 10, 10], 100, gamma=1.0)
+loss = DualWeightedMetricLoss([10, 10, 10], 100, gamma=1.0, **LOSS)
 loss.get_weights(z, y, update=True)
 torch.save({"y": y, "z": z, "cell_mean": loss.cell_mean}, sys.argv[3] + f"/rank{rank}.pt")
 dist.destroy_process_group()
@@ -506,6 +509,8 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
         "reports",
         "--variants",
         "bce_head,dual,dual_random_prototypes",
+        "--variants-dir",
+        str(ROOT / "conf" / "ablation"),
         "--seeds",
         "2",
         "--epochs",
@@ -563,5 +568,5 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     assert dual_run.data.params["train.loss.dwml.image_weighting"] == "True"
     assert runs[f"bce_head-seed{TINY['seed']}"].data.params["train.model.head"] == "linear"
 
-    with pytest.raises(ValueError, match="unknown nope; choose from bce_head"):
-        parse_variants("dual,nope")
+    with pytest.raises(ValueError, match="unknown nope; choose from bce_head, "):
+        parse_variants("dual,nope", ROOT / "conf" / "ablation")

@@ -32,22 +32,20 @@ class AsymmetricLoss(PairLoss):
         clip: probability margin m in [0, 1) shifted off the negatives (0 turns shifting off).
         detach_modulation: treat the focusing factors as constant weights (the ASL authors' code
             offers the same switch), as the dual-weighted loss treats its image weights.
-        **kwargs: separation settings of `PairLoss`.
+        separation_weight, separation_margin: the prototype term of `PairLoss`.
     """
 
     def __init__(
         self,
-        gamma_neg: float = 4.0,
-        gamma_pos: float = 0.0,
-        clip: float = 0.05,
-        detach_modulation: bool = False,
-        **kwargs,
+        *,
+        gamma_neg: float,
+        gamma_pos: float,
+        clip: float,
+        detach_modulation: bool,
+        separation_weight: float,
+        separation_margin: float,
     ):
-        super().__init__(**kwargs)
-        if gamma_neg < 0 or gamma_pos < 0:
-            raise ValueError(f"AsymmetricLoss: gammas ({gamma_neg}, {gamma_pos}) must be >= 0")
-        if not 0.0 <= clip < 1.0:
-            raise ValueError(f"AsymmetricLoss: clip is {clip}; use a value in [0, 1)")
+        super().__init__(num_classes=None, separation_weight=separation_weight, separation_margin=separation_margin)
         self.gamma_neg = gamma_neg
         self.gamma_pos = gamma_pos
         self.clip = clip

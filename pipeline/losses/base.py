@@ -90,21 +90,17 @@ def prototype_separation(p: torch.Tensor, margin: float) -> torch.Tensor:
 class PairLoss(nn.Module):
     """Base of every loss: `pair_losses` says what a pair costs, `forward` reduces and logs.
 
+    Every setting is keyword-only and has no default: a loss is built from its `train.loss`
+    section (`pipeline.losses.build_loss`), where the values and their ranges live, validated once.
+
     Args:
         num_classes: C when the loss holds per-class state (checked against the logits), else None.
         separation_weight: eta of the prototype separation term, added when prototypes are passed.
         separation_margin: m_p of that term.
     """
 
-    def __init__(
-        self,
-        num_classes: int | None = None,
-        separation_weight: float = 0.0,
-        separation_margin: float = 1.0,
-    ) -> None:
+    def __init__(self, *, num_classes: int | None, separation_weight: float, separation_margin: float) -> None:
         super().__init__()
-        if separation_weight < 0:
-            raise ValueError(f"{type(self).__name__}: separation_weight is {separation_weight}; use >= 0")
         self.num_classes = num_classes
         self.separation_weight = separation_weight
         self.separation_margin = separation_margin

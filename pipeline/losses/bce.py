@@ -12,7 +12,14 @@ __all__ = ["BinaryCrossEntropy", "ClassWeightedBinaryCrossEntropy", "counts_tens
 
 
 class BinaryCrossEntropy(PairLoss):
-    """Mean binary cross-entropy over all pairs: the BCE-head baseline."""
+    """Mean binary cross-entropy over all pairs: the BCE-head baseline.
+
+    Args:
+        separation_weight, separation_margin: the prototype term of `PairLoss`.
+    """
+
+    def __init__(self, *, separation_weight: float, separation_margin: float) -> None:
+        super().__init__(num_classes=None, separation_weight=separation_weight, separation_margin=separation_margin)
 
     def pair_losses(self, z: torch.Tensor, y: torch.Tensor, update: bool = False):
         return pair_terms(z, y), {}  # (B, C)
@@ -27,22 +34,26 @@ class ClassWeightedBinaryCrossEntropy(PairLoss):
     Args:
         pos_counts: (C,) training images positive for each class.
         num_images: training images in all.
-        cap: upper bound on each pos_weight, or None for none.
-        **kwargs: separation settings of `PairLoss`.
+        pos_weight_cap: upper bound on each pos_weight, or None for none.
+        separation_weight, separation_margin: the prototype term of `PairLoss`.
     """
 
     def __init__(
         self,
         pos_counts: Sequence[int] | torch.Tensor,
         num_images: int,
-        cap: float | None = None,
-        **kwargs,
+        *,
+        pos_weight_cap: float | None,
+        separation_weight: float,
+        separation_margin: float,
     ):
         counts = counts_tensor(pos_counts, num_images)
-        super().__init__(num_classes=counts.numel(), **kwargs)
+        super().__init__(
+            num_classes=counts.numel(), separation_weight=separation_weight, separation_margin=separation_margin
+        )
         pos_weight = (num_images - counts).clamp_min(1) / counts.clamp_min(1)  # (C,)
-        if cap is not None:
-            pos_weight = pos_weight.clamp_max(cap)
+        if pos_weight_cap is not None:
+            pos_weight = pos_weight.clamp_max(pos_weight_cap)
         self.register_buffer("pos_weight", pos_weight.float())
 
     def pair_losses(self, z: torch.Tensor, y: torch.Tensor, update: bool = False):

@@ -117,8 +117,8 @@ def category_weights(
     class_pos_counts: Sequence[int] | torch.Tensor,
     n: int,
     beta: float,
-    effective_number: bool = False,
-    max_ratio: float | None = None,
+    effective_number: bool,
+    max_ratio: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Category-level weights (b^+, b^-) from training-split counts, with one shared normaliser.
 
@@ -141,15 +141,11 @@ def category_weights(
     counts = torch.stack([pos, n - pos])  # (2, C): positives, negatives
     clamped = counts.clamp_min(1)
     if effective_number:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"category_weights: effective-number beta is {beta}; use [0, 1)")
         # -expm1(c log beta) = 1 - beta^c without cancellation for beta close to 1
         w = (1.0 - beta) / -torch.expm1(clamped * torch.log(torch.tensor(beta, dtype=counts.dtype)))
     else:
         w = (n / clamped).pow(beta)
     if max_ratio is not None:
-        if not max_ratio >= 1.0:
-            raise ValueError(f"category_weights: max_ratio is {max_ratio}; use a number >= 1 or None")
         # cap the ratio by lowering the heavier side of each class
         w = torch.stack([torch.minimum(w[0], w[1] * max_ratio), torch.minimum(w[1], w[0] * max_ratio)])
     z = (counts * w).sum() / (n * counts.shape[1])  # the one shared normaliser
@@ -173,9 +169,10 @@ class DualWeightedMetricLoss(PairLoss):
         category_weighting: apply b_c (off: b = 1).
         effective_number: category weights by Cui et al.'s effective number.
         normalize_image: divide the hardness by the image's positive / negative count
-            (rank-distorting; off by default).
+            (rank-distorting; off in every shipped config).
         image_weight_cap: a_max.
-        momentum: weight of the old value in the running cell means (0: this batch's means only).
+        image_weight_momentum: weight of the old value in the running cell means (0: this batch's
+            means only).
         category_ratio_cap: cap on b^+/b^- per class, or None.
         separation_weight: eta; the separation term is added only when prototypes are passed.
         separation_margin: m_p.
@@ -185,27 +182,23 @@ class DualWeightedMetricLoss(PairLoss):
         self,
         pos_counts: Sequence[int] | torch.Tensor,
         num_images: int,
-        gamma: float = 1.0,
-        beta: float = 0.5,
-        image_weighting: bool = True,
-        category_weighting: bool = True,
-        effective_number: bool = False,
-        normalize_image: bool = False,
-        image_weight_cap: float = 10.0,
-        momentum: float = 0.9,
-        category_ratio_cap: float | None = None,
-        separation_weight: float = 0.1,
-        separation_margin: float = 1.0,
+        *,
+        gamma: float,
+        beta: float,
+        image_weighting: bool,
+        category_weighting: bool,
+        effective_number: bool,
+        normalize_image: bool,
+        image_weight_cap: float,
+        image_weight_momentum: float,
+        category_ratio_cap: float | None,
+        separation_weight: float,
+        separation_margin: float,
     ):
         counts = counts_tensor(pos_counts, num_images)
-        super().__init__(counts.numel(), separation_weight, separation_margin)
-        if gamma < 0 or beta < 0:
-            raise ValueError(f"DualWeightedMetricLoss: gamma ({gamma}) and beta ({beta}) must be >= 0")
-        if not image_weight_cap >= 1.0 or not 0.0 <= momentum < 1.0:
-            raise ValueError(
-                f"DualWeightedMetricLoss: image_weight_cap ({image_weight_cap}) must be >= 1 and "
-                f"momentum ({momentum}) in [0, 1)"
-            )
+        super().__init__(
+            num_classes=counts.numel(), separation_weight=separation_weight, separation_margin=separation_margin
+        )
         self.gamma = gamma
         self.beta = beta
         self.image_weighting = image_weighting
@@ -213,7 +206,7 @@ class DualWeightedMetricLoss(PairLoss):
         self.effective_number = effective_number
         self.normalize_image = normalize_image
         self.image_weight_cap = image_weight_cap
-        self.momentum = momentum
+        self.momentum = image_weight_momentum
         b_pos, b_neg = category_weights(counts, num_images, beta, effective_number, category_ratio_cap)
         self.register_buffer("pos_counts", counts.float())  # (C,)
         self.register_buffer("num_images", torch.tensor(num_images))

@@ -26,15 +26,19 @@ class FocalLoss(PairLoss):
         gamma: focusing exponent (0 turns focusing off).
         alpha: weight of positives in [0, 1] (negatives get 1 - alpha), or None for none.
         detach_modulation: treat (1 - p_t)^gamma as a constant weight.
-        **kwargs: separation settings of `PairLoss`.
+        separation_weight, separation_margin: the prototype term of `PairLoss`.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, detach_modulation: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        if gamma < 0:
-            raise ValueError(f"FocalLoss: gamma is {gamma}; it must be >= 0")
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"FocalLoss: alpha is {alpha}; use a value in [0, 1] or None")
+    def __init__(
+        self,
+        *,
+        gamma: float,
+        alpha: float | None,
+        detach_modulation: bool,
+        separation_weight: float,
+        separation_margin: float,
+    ):
+        super().__init__(num_classes=None, separation_weight=separation_weight, separation_margin=separation_margin)
         self.gamma = gamma
         self.alpha = alpha
         self.detach_modulation = detach_modulation

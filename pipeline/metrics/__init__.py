@@ -1,7 +1,6 @@
 """Evaluation metrics for (N, C) multi-label predictions in the canonical class order (numpy only)."""
 
 from pipeline.metrics.auc import (
-    BootstrapConfig,
     UndefinedMetricWarning,
     average_precision,
     bootstrap_auc,
@@ -21,7 +20,6 @@ from pipeline.metrics.thresholds import (
 )
 
 __all__ = [
-    "BootstrapConfig",
     "UndefinedMetricWarning",
     "average_precision",
     "bootstrap_auc",
