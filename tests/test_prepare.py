@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from pipeline.data.dataset import (
 )
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.splits import assert_patient_disjoint, official_split, split_by_patient
-from tests.conftest import settings
+from tests.conftest import ROOT, settings
 
 SIZE = 32  # cached side in the fixtures: small enough to keep every test well under a second
 
@@ -608,3 +609,28 @@ def test_a_bad_box_row_names_the_file_and_the_row(tmp_path: Path, row: str, mess
     path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + row + "\n")
     with pytest.raises(ValueError, match=f"{path}: {message}"):
         L.read_bbox_csv(path)
+
+
+# ----------------------------------------------------------------------------- component
+
+
+def test_a_file_given_as_the_raw_folder_is_named_as_a_file(tmp_path: Path, capsys, monkeypatch):
+    from components.common import run_main
+    from components.prepare import main
+
+    monkeypatch.delenv("CXR_DEBUG", raising=False)
+    params = ROOT / "params.yaml"
+    args = ["--params", str(params), "--raw", str(params), "--out", str(tmp_path / "out"), "--no-mlflow"]
+    assert run_main("prepare", main, args) == 2
+    (line, hint) = capsys.readouterr().err.splitlines()
+    assert hint.startswith("cxr-dwml prepare: (set CXR_DEBUG=1") and line == (
+        f"cxr-dwml prepare: error: --raw {params} is a file, not a folder: give the raw data folder the "
+        "download step fills (default data/raw)"
+    )
+    assert not (tmp_path / "out").exists()
+    # the library says the same of an images "folder" that is a file
+    raw = make_raw(tmp_path / "raw", num_patients=3, per_patient=1)
+    shutil.rmtree(raw / "images")
+    (raw / "images").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=f"{raw / 'images'} is a file, not the folder of images"):
+        prepare(raw, tmp_path / "out", cfg(), progress=False)

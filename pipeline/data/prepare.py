@@ -121,6 +121,8 @@ def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
 
 def list_images(images_dir: Path) -> set[str]:
     """PNG file names in the images folder (one directory scan; 112k stats would be slower)."""
+    if images_dir.exists() and not images_dir.is_dir():
+        raise NotADirectoryError(f"{images_dir} is a file, not the folder of images: run the download step again")
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir} does not exist: run the download step first")
     with os.scandir(images_dir) as it:
