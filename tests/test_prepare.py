@@ -575,6 +575,7 @@ def test_boxes_are_scaled_to_the_cache_and_kept_for_manifest_images(raw: Path):
         "Image Index,Finding Label,Bbox [x,y,w,h],,,",
         f"{names[0]},Infiltrate,256,512,128,64,,,",  # NIH's name for Infiltration
         f"{names[1]},Mass,0,1000,24,24,,,",
+        f"{names[2]},Nodule,1000,32,50,32,,,",  # 26 px past the right edge
         "00099999_000.png,Nodule,1,2,3,4,,,",  # an image the release does not hold
     ]
     (raw / "BBox_List_2017.csv").write_text("\n".join(rows) + "\n")
@@ -586,29 +587,39 @@ def test_boxes_are_scaled_to_the_cache_and_kept_for_manifest_images(raw: Path):
     assert boxes["boxes"] == [
         {"image": names[0], "class": "Infiltration", **box},
         {"image": names[1], "class": "Mass", "x": 0.0, "y": 1000 * scale, "w": 24 * scale, "h": 24 * scale},
+        # cut at the image's edge, and counted
+        {"image": names[2], "class": "Nodule", "x": 1000 * scale, "y": 1.0, "w": 24 * scale, "h": 1.0},
     ]
-    assert stats["boxes"] == {"source": "BBox_List_2017.csv", "count": 2, "dropped": 1}
+    assert stats["boxes"] == {"source": "BBox_List_2017.csv", "count": 3, "dropped": 1, "clipped": 1}
+    assert boxes["clipped"] == 1
 
 
 def test_without_a_box_file_boxes_are_marked_absent(raw: Path):
     prepare(raw, raw.parent / "out", cfg(), progress=False)
     boxes = json.loads((raw.parent / "out" / "boxes.json").read_text())
-    assert boxes == {"source": None, "image_size": SIZE, "boxes": [], "dropped": 0}
+    assert boxes == {"source": None, "image_size": SIZE, "boxes": [], "dropped": 0, "clipped": 0}
 
 
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("a.png,Infiltration tissue,1,2,3,4,,,", r"unknown finding label\(s\) 'Infiltration tissue'"),
-        ("a.png,Mass,1,two,3,4,,,", r"column y is not a non-negative number for a.png \('two'\)"),
-        ("a.png,Mass,1,2,0,4,,,", r"column w is not a positive number"),
+        ("a.png,Infiltration tissue,1,2,3,4,,,", r"line 3: unknown finding label\(s\) 'Infiltration tissue'"),
+        ("a.png,Mass,1,two,3,4,,,", r"column y must be a number from 0 to below 1024 .*: line 3 \(a.png: 'two'\)"),
+        ("a.png,Mass,1,2,0,4,,,", r"column w must be a finite positive number .*: line 3 \(a.png: '0'\)"),
+        ("a.png,Mass,1,2,inf,4,,,", r"column w must be a finite positive number .*: line 3 \(a.png: 'inf'\)"),
+        ("a.png,Mass,1,2,3,nan,,,", r"column h must be a finite positive number .*: line 3 \(a.png: 'nan'\)"),
+        ("a.png,Mass,1,1024,3,4,,,", r"column y must be a number from 0 to below 1024 .*: line 3 \(a.png: '1024'\)"),
+        ("a.png,Mass,-1e9,2,3,4,,,", r"column x must be a number from 0 to below 1024 .*: line 3 \(a.png: '-1e9'\)"),
+        ('a.png,"Mass,1,2,3,4,,,\nb.png,Mass,1,2,3,4,,,', r"line 3 is not valid CSV \(unexpected end of data\)"),
+        ("a.png,Mass,1,2", r"line 3: too few columns"),
     ],
 )
 def test_a_bad_box_row_names_the_file_and_the_row(tmp_path: Path, row: str, message: str):
     path = tmp_path / "BBox_List_2017.csv"
-    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + row + "\n")
-    with pytest.raises(ValueError, match=f"{path}: {message}"):
+    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Mass,1,2,3,4,,,\n" + row + "\n")
+    with pytest.raises(ValueError, match=f"^{path}: .*{message}") as refused:
         L.read_bbox_csv(path)
+    assert "\n" not in str(refused.value)
 
 
 # ----------------------------------------------------------------------------- component
