@@ -199,8 +199,9 @@ def claim_folder(out_dir: Path, source: str) -> str | None:
     Files are kept between runs so that a download resumes; but a label file or an image left by
     another source would be taken as this one's (a label file present is not fetched again), and
     pair one dataset's images with the other's labels. The record (`.fetch/source.json`) lies in
-    the folder, so a DVC-tracked copy carries its own. A folder from before the record existed is
-    recognised by the `download_config.json` the download step writes; one with neither is kept.
+    the folder, so a versioned copy of the folder carries its own. A folder from before the record
+    existed is recognised by the `download_config.json` the download step writes; one with neither
+    is kept.
 
     Returns:
         The other source, whose files were removed; None when there was none.
@@ -211,7 +212,7 @@ def claim_folder(out_dir: Path, source: str) -> str | None:
     if old is not None and old != new:
         log.warning(
             "%s held the dataset from %s; download.source is now %s: removing those files first (a "
-            "DVC-tracked copy stays in the DVC cache)",
+            "versioned copy stays in its cache)",
             out_dir,
             old,
             new,
@@ -415,7 +416,8 @@ def inside(root: Path, path: Path) -> Path:
     """`path` with its links resolved, which must be a regular file inside the folder `root`.
 
     A link inside a local source may point anywhere on the machine (a private key, another
-    user's data): copying what it points at would put that file into data/raw and the DVC cache.
+    user's data): copying what it points at would put that file into the output folder, and from
+    there into every copy made of it.
 
     Raises:
         DownloadError: naming `path` when it, or a folder on its way, links outside `root`, or

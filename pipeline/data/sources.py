@@ -382,9 +382,9 @@ def copy_file(src: Path, dest: Path) -> None:
     """Copy the bytes of `src` (opened without following a link) to `dest`, keeping its mtime.
 
     Never a hard link: a link would share the file's inode, and with it its mode, with the output
-    folder, where DVC makes every file read-only, and would put whatever else has that inode into
-    the DVC cache. The kernel copies (`copy_file_range`): where the file system shares extents
-    (Btrfs, XFS) that is a reflink, with no second copy of the bytes on disk.
+    folder, whose files a versioning cache links and makes read-only (0444), and would hand it
+    whatever else shares that inode. The kernel copies (`copy_file_range`): where the file system
+    shares extents (Btrfs, XFS) that is a reflink, with no second copy of the bytes on disk.
 
     Raises:
         DownloadError: `src` is a link or not a regular file.
