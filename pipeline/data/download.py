@@ -400,15 +400,16 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     # NIH's extracted layout, and Kaggle's images_001/images/*.png.
     images = [*src.glob(f"{RAW_IMAGES}/*.png"), *src.glob(f"images_*/{RAW_IMAGES}/*.png")]
     files = {p.name: inside(src, p) for p in images}
+    if files:
+        fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
+        return _copy_images(files, out_dir, cfg.workers, xfer)
     archives = [(name, md5, src / name) for _, name, md5 in selected_archives(cfg.nih) if (src / name).exists()]
     jobs = [ArchiveJob(name, md5, local=inside(src, path)) for name, md5, path in archives]
-    if not files and not jobs:
+    if not jobs:
         raise DownloadError(
             f"{src}: holds neither {RAW_IMAGES}/*.png nor NIH archives ({archive_name(1)} ...); check download.source"
         )
     fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
-    if files:
-        return _copy_images(files, out_dir, cfg.workers, xfer)
     return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
 
 
