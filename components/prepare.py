@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params = stage_config(args, "prepare")
     raw, out = Path(args.raw), Path(args.out)
     work = Path(args.work) if args.work else out.with_name(f"{out.name}-work")
+    if raw.exists() and not raw.is_dir():
+        raise NotADirectoryError(
+            f"--raw {raw} is a file, not a folder: give the raw data folder the download step fills (default data/raw)"
+        )
     if not raw.is_dir():
         raise FileNotFoundError(f"{raw} does not exist: run the download step first (dvc repro download)")
     with mlflow_run(args, params, "prepare") as run:

@@ -7,12 +7,14 @@ passed in the config as the published ones would be.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,11 +459,13 @@ def test_a_password_in_the_source_url_stays_out_of_messages_and_records(server, 
     assert f"fetch {shown}: " in printed.out
     record = (out / "download_config.json").read_text()
     assert json.loads(record)["download"]["source"] == shown
+    marker = (out / ".fetch" / "source.json").read_text()  # which source filled the folder
+    assert json.loads(marker) == {"source": shown}
     # an archive the mirror lacks: the error names the URL, without the password
     missing = _download_component(_params_file(tmp_path, [*release.md5, "0" * 32]), out, source, monkeypatch)
     err = capsys.readouterr().err
     assert missing == 2 and f"{shown}/{archive_name(3)}: HTTP 404" in err
-    assert not [text for text in (printed.out, printed.err, record, err) if "s3cr" in text]
+    assert not [text for text in (printed.out, printed.err, record, marker, err) if "s3cr" in text]
 
 
 def test_rerun_skips_completed_and_refetches_what_is_missing(server, release, tmp_path):
@@ -663,20 +667,110 @@ def test_s3_missing_bucket_is_a_clear_error(s3_endpoint, aws_credentials, releas
 # --- local folder and synthetic ---------------------------------------------------------------
 
 
-def test_local_folder_is_hard_linked(release, tmp_path):
-    src = tmp_path / "nih"
+def _local_release(release: Release, src: Path) -> Path:
+    """The release's images and metadata as a local folder in NIH layout."""
     (src / "images").mkdir(parents=True)
     for name, data in release.images.items():
         (src / "images" / name).write_bytes(data)
     _write_metadata(src, list(release.images))
-    out = tmp_path / "raw"
+    return src
+
+
+def test_local_folder_is_copied_never_linked_so_dvc_leaves_its_modes_alone(release, tmp_path):
+    src = _local_release(release, tmp_path / "nih")
+    (src / "images").chmod(0o755)
+    modes = {p: p.stat().st_mode for p in src.rglob("*")}
+    out = tmp_path / "project" / "raw"
     summary = fetch(_cfg(str(src), release), out, progress=False)
+    # what `dvc repro` does with the output: into the DVC cache as hard links, made read-only
+    dvc = [str(Path(sys.executable).parent / "dvc"), "--cd", str(out.parent)]
+    for args in (["init", "--no-scm", "-q"], ["config", "cache.type", "hardlink,symlink"], ["add", "-q", "raw"]):
+        subprocess.run([*dvc, *args], check=True, capture_output=True, timeout=300)
+    assert (out / "images" / next(iter(release.images))).stat().st_mode & 0o777 == 0o444
+    assert {p: p.stat().st_mode for p in src.rglob("*")} == modes
     _assert_complete(out, release)
-    assert summary["images_linked"] == len(release.images)
-    for name in release.images:
-        assert (out / "images" / name).stat().st_ino == (src / "images" / name).stat().st_ino
+    assert summary["images_copied"] == len(release.images)
     again = fetch(_cfg(str(src), release), out, progress=False)
     assert again["images_skipped"] == len(release.images)
+
+
+def _outside_link(src: Path, secret: Path, where: str) -> Path:
+    """Make `where` in the local source a symbolic link to the private file `secret` (or its folder)."""
+    if where == "images folder":
+        images = secret.parent / "images"
+        images.mkdir()
+        os.rename(secret, images / "00000099_000.png")
+        shutil.rmtree(src / "images")
+        (src / "images").symlink_to(images)
+        return src / "images" / "00000099_000.png"
+    link = src / ("images/00000099_000.png" if where == "image" else LABEL_CSV)
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret)
+    return link
+
+
+@pytest.mark.parametrize("where", ["image", "images folder", "label file"])
+def test_a_link_out_of_a_local_source_is_refused_and_its_target_untouched(release, tmp_path, where):
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_bytes(b"-----BEGIN PRIVATE KEY-----\n" + os.urandom(64))
+    secret.chmod(0o600)
+    content = secret.read_bytes()
+    src = _local_release(release, tmp_path / "nih")
+    link = _outside_link(src, secret, where)
+    target = link.resolve()
+    out = tmp_path / "project" / "raw"
+    with pytest.raises(DownloadError) as refused:
+        fetch(_cfg(str(src), release), out, progress=False)
+    assert str(refused.value).startswith(f"{link}: a link to outside the source folder {src}")
+    assert "\n" not in str(refused.value)
+    assert target.stat().st_mode & 0o777 == 0o600 and target.read_bytes() == content
+    copied = [p for p in out.rglob("*") if p.is_file() and p.read_bytes() == content]
+    assert copied == [] and not (out / "images").exists()
+
+
+def test_a_link_inside_a_local_source_is_copied_by_content(release, tmp_path):
+    src = _local_release(release, tmp_path / "nih")
+    first = sorted(release.images)[0]
+    (src / "spare").mkdir()
+    os.rename(src / "images" / first, src / "spare" / first)
+    (src / "images" / first).symlink_to(Path("..") / "spare" / first)
+    out = tmp_path / "raw"
+    fetch(_cfg(str(src), release), out, progress=False)
+    _assert_complete(out, release)
+    assert not (out / "images" / first).is_symlink()
+
+
+def test_copy_file_never_follows_a_link_put_in_place_of_the_file(tmp_path):
+    """`inside` resolves links first; a link that appears after that is refused, never followed."""
+    (tmp_path / "secret").write_text("private")
+    (tmp_path / "a.png").symlink_to(tmp_path / "secret")
+    with pytest.raises(DownloadError, match=r"a.png: is a link; only regular files are copied"):
+        sources.copy_file(tmp_path / "a.png", tmp_path / "out" / "a.png")
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+def test_switching_the_source_never_mixes_two_datasets(release, tmp_path, caplog):
+    out = tmp_path / "raw"
+    (out / "images").mkdir(parents=True)
+    (tmp_path / "raw" / "notes.txt").write_text("mine")
+    synthetic = settings("download.synthetic", num_images=12, num_patients=6, image_size=32)
+    fetch(settings("download", synthetic=synthetic), out, progress=False)
+    assert json.loads((out / ".fetch" / "source.json").read_text()) == {"source": "synthetic"}
+    src = _local_release(release, tmp_path / "nih")
+    summary = fetch(_cfg(str(src), release), out, progress=False)
+    # the release alone, image for image and label for label: nothing of the synthetic set is left
+    assert _manifest(out) == {
+        **release.expected_manifest(),
+        "notes.txt": {"md5": hashlib.md5(b"mine").hexdigest(), "size": 4},
+    }
+    assert summary["replaced_source"] == "synthetic" and (out / "notes.txt").read_text() == "mine"
+    assert f"{out} held the dataset from synthetic; download.source is now {src}" in caplog.text
+    assert json.loads((out / ".fetch" / "source.json").read_text()) == {"source": str(src)}
+    # back to the synthetic source: its own set again, none of the release
+    fetch(settings("download", synthetic=synthetic), out, progress=False)
+    names = {p.name for p in (out / "images").iterdir()}
+    assert len(names) == 12 and not names & set(release.images)
 
 
 def test_local_folder_of_archives_is_verified_and_extracted(release, tmp_path):
@@ -685,19 +779,6 @@ def test_local_folder_of_archives_is_verified_and_extracted(release, tmp_path):
     _assert_complete(out, release)
     assert summary["archives_fetched"] == [archive_name(1), archive_name(2)]
     assert (release.root / archive_name(1)).exists()  # the source is never moved or deleted
-
-
-def test_copy_when_hard_links_fail(monkeypatch, tmp_path):
-    src = tmp_path / "a.png"
-    src.write_bytes(b"png")
-
-    def cross_device(a, b):
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
-
-    monkeypatch.setattr(os, "link", cross_device)
-    assert sources.link_or_copy(src, tmp_path / "out" / "a.png") is False
-    assert (tmp_path / "out" / "a.png").read_bytes() == b"png"
-    assert (tmp_path / "out" / "a.png").stat().st_ino != src.stat().st_ino
 
 
 def test_synthetic_source_calls_the_generator(tmp_path, capsys):

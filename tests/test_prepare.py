@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -27,7 +32,7 @@ from pipeline.data.dataset import (
 )
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.splits import assert_patient_disjoint, official_split, split_by_patient
-from tests.conftest import settings
+from tests.conftest import ROOT, settings
 
 SIZE = 32  # cached side in the fixtures: small enough to keep every test well under a second
 
@@ -574,6 +579,7 @@ def test_boxes_are_scaled_to_the_cache_and_kept_for_manifest_images(raw: Path):
         "Image Index,Finding Label,Bbox [x,y,w,h],,,",
         f"{names[0]},Infiltrate,256,512,128,64,,,",  # NIH's name for Infiltration
         f"{names[1]},Mass,0,1000,24,24,,,",
+        f"{names[2]},Nodule,1000,32,50,32,,,",  # 26 px past the right edge
         "00099999_000.png,Nodule,1,2,3,4,,,",  # an image the release does not hold
     ]
     (raw / "BBox_List_2017.csv").write_text("\n".join(rows) + "\n")
@@ -585,26 +591,141 @@ def test_boxes_are_scaled_to_the_cache_and_kept_for_manifest_images(raw: Path):
     assert boxes["boxes"] == [
         {"image": names[0], "class": "Infiltration", **box},
         {"image": names[1], "class": "Mass", "x": 0.0, "y": 1000 * scale, "w": 24 * scale, "h": 24 * scale},
+        # cut at the image's edge, and counted
+        {"image": names[2], "class": "Nodule", "x": 1000 * scale, "y": 1.0, "w": 24 * scale, "h": 1.0},
     ]
-    assert stats["boxes"] == {"source": "BBox_List_2017.csv", "count": 2, "dropped": 1}
+    assert stats["boxes"] == {"source": "BBox_List_2017.csv", "count": 3, "dropped": 1, "clipped": 1}
+    assert boxes["clipped"] == 1
 
 
 def test_without_a_box_file_boxes_are_marked_absent(raw: Path):
     prepare(raw, raw.parent / "out", cfg(), progress=False)
     boxes = json.loads((raw.parent / "out" / "boxes.json").read_text())
-    assert boxes == {"source": None, "image_size": SIZE, "boxes": [], "dropped": 0}
+    assert boxes == {"source": None, "image_size": SIZE, "boxes": [], "dropped": 0, "clipped": 0}
 
 
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("a.png,Infiltration tissue,1,2,3,4,,,", r"unknown finding label\(s\) 'Infiltration tissue'"),
-        ("a.png,Mass,1,two,3,4,,,", r"column y is not a non-negative number for a.png \('two'\)"),
-        ("a.png,Mass,1,2,0,4,,,", r"column w is not a positive number"),
+        ("a.png,Infiltration tissue,1,2,3,4,,,", r"line 3: unknown finding label\(s\) 'Infiltration tissue'"),
+        ("a.png,Mass,1,two,3,4,,,", r"column y must be a number from 0 to below 1024 .*: line 3 \(a.png: 'two'\)"),
+        ("a.png,Mass,1,2,0,4,,,", r"column w must be a finite positive number .*: line 3 \(a.png: '0'\)"),
+        ("a.png,Mass,1,2,inf,4,,,", r"column w must be a finite positive number .*: line 3 \(a.png: 'inf'\)"),
+        ("a.png,Mass,1,2,3,nan,,,", r"column h must be a finite positive number .*: line 3 \(a.png: 'nan'\)"),
+        ("a.png,Mass,1,1024,3,4,,,", r"column y must be a number from 0 to below 1024 .*: line 3 \(a.png: '1024'\)"),
+        ("a.png,Mass,-1e9,2,3,4,,,", r"column x must be a number from 0 to below 1024 .*: line 3 \(a.png: '-1e9'\)"),
+        ('a.png,"Mass,1,2,3,4,,,\nb.png,Mass,1,2,3,4,,,', r"line 3 is not valid CSV \(unexpected end of data\)"),
+        ("a.png,Mass,1,2", r"line 3: too few columns"),
     ],
 )
 def test_a_bad_box_row_names_the_file_and_the_row(tmp_path: Path, row: str, message: str):
     path = tmp_path / "BBox_List_2017.csv"
-    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n" + row + "\n")
-    with pytest.raises(ValueError, match=f"{path}: {message}"):
+    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Mass,1,2,3,4,,,\n" + row + "\n")
+    with pytest.raises(ValueError, match=f"^{path}: .*{message}") as refused:
         L.read_bbox_csv(path)
+    assert "\n" not in str(refused.value)
+
+
+# ----------------------------------------------------------------------------- component
+
+
+def test_a_file_given_as_the_raw_folder_is_named_as_a_file(tmp_path: Path, capsys, monkeypatch):
+    from components.common import run_main
+    from components.prepare import main
+
+    monkeypatch.delenv("CXR_DEBUG", raising=False)
+    params = ROOT / "params.yaml"
+    args = ["--params", str(params), "--raw", str(params), "--out", str(tmp_path / "out"), "--no-mlflow"]
+    assert run_main("prepare", main, args) == 2
+    (line, hint) = capsys.readouterr().err.splitlines()
+    assert hint.startswith("cxr-dwml prepare: (set CXR_DEBUG=1") and line == (
+        f"cxr-dwml prepare: error: --raw {params} is a file, not a folder: give the raw data folder the "
+        "download step fills (default data/raw)"
+    )
+    assert not (tmp_path / "out").exists()
+    # the library says the same of an images "folder" that is a file
+    raw = make_raw(tmp_path / "raw", num_patients=3, per_patient=1)
+    shutil.rmtree(raw / "images")
+    (raw / "images").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=f"{raw / 'images'} is a file, not the folder of images"):
+        prepare(raw, tmp_path / "out", cfg(), progress=False)
+
+
+SMALL_DISK = """
+mount -t tmpfs -o size={first}k tmpfs "$WORK" || exit 90
+$PREPARE 2> "$OUT/first.err"; echo $? > "$OUT/first.rc"
+# room for the data file but not for every done-marker: the disk fills up half way
+mount -o remount,size={second}k "$WORK" || exit 91
+$PREPARE 2> "$OUT/second.err"; echo $? > "$OUT/second.rc"
+stat -c '%n %i' "$WORK"/cache/chunks_*/*.json > "$OUT/second.markers"
+mount -o remount,size={third}k "$WORK" || exit 92
+$PREPARE 2> "$OUT/third.err"; echo $? > "$OUT/third.rc"
+stat -c '%n %i' "$WORK"/cache/chunks_*/*.json > "$OUT/third.markers"
+"""
+
+
+def _small_disk_available(folder: Path) -> str | None:
+    """Why a tmpfs cannot be mounted in a user namespace here, or None when it can."""
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "tmpfs", str(folder)]
+    try:
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        return "util-linux `unshare` is not installed"
+    if done.returncode == 0:
+        return None
+    return done.stderr.strip() or f"exit status {done.returncode}"
+
+
+def _bytes(text: str) -> float:
+    """'187kB' -> 187000.0 (tqdm's units)."""
+    number, unit = re.fullmatch(r"([\d.]+)([kMGT]?)B", text).groups()
+    return float(number) * 1000 ** " kMGT".index(unit or " ")
+
+
+def test_a_full_disk_names_the_cache_folder_and_the_space_needed_and_a_rerun_resumes(raw: Path, tmp_path: Path):
+    """A real full disk: a tmpfs of a few pages, mounted in a user namespace of its own (no root on
+    the machine; nothing outside the test's processes sees it, and it vanishes with them)."""
+    work, out, logs = tmp_path / "work", tmp_path / "out", tmp_path / "logs"
+    work.mkdir()
+    logs.mkdir()
+    why = _small_disk_available(work)
+    if why:
+        pytest.skip(f"cannot mount a small tmpfs in a user namespace here: {why}")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"].update(image_size=64, workers=1, chunk_size=1)  # a row and a marker: a 4 KiB page each
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    images = len(list((raw / "images").iterdir()))
+    args = f"--params {tmp_path / 'params.yaml'} --raw {raw} --out {out} --work {work} --no-mlflow --no-progress"
+    env = {**os.environ, "WORK": str(work), "OUT": str(logs)}
+    env["PREPARE"] = f"{sys.executable} -m components.prepare {args}"
+    env.pop("CXR_DEBUG", None)
+    script = SMALL_DISK.format(first=images * 4 // 2, second=(images + 12) * 4, third=images * 3 * 4)
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rc = {run: int((logs / f"{run}.rc").read_text()) for run in ("first", "second", "third")}
+    assert rc == {"first": 2, "second": 2, "third": 0}, {run: (logs / f"{run}.err").read_text() for run in rc}
+    line = re.compile(
+        rf"cxr-dwml prepare: error: {re.escape(str(work / 'cache'))}: no space left on the device for the "
+        r"image cache: it needs about (\S+) more there, (\S+) is free\. Free space on that disk \(or build "
+        r"the cache on another one\) and rerun: the chunks already built are kept"
+    )
+    for run, needed in (("first", images * 64 * 64), ("second", 4096)):
+        err = (logs / f"{run}.err").read_text().splitlines()
+        found = line.fullmatch(err[0])
+        assert len(err) == 2 and found, err
+        assert _bytes(found[1]) >= needed and _bytes(found[2]) < _bytes(found[1])
+    # the chunks the second run finished were kept, not decoded again
+    before = dict(entry.split() for entry in (logs / "second.markers").read_text().splitlines())
+    after = dict(entry.split() for entry in (logs / "third.markers").read_text().splitlines())
+    assert 0 < len(before) < images == len(after) and all(after[name] == ino for name, ino in before.items())
+    # and the resumed cache is the one a build on a roomy disk makes
+    prepare(raw, tmp_path / "reference", cfg(image_size=64), progress=False)
+    built = (out / "cache" / "images_64.u8").read_bytes()
+    assert built == (tmp_path / "reference" / "cache" / "images_64.u8").read_bytes()

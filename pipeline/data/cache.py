@@ -11,6 +11,11 @@ modification times, the target size and the conversion version) matches a comple
 interrupted build resumes: chunks with a done-marker are kept, the rest are decoded again. A chunk's
 marker is written only after its rows are flushed, so a crash never marks unwritten rows done.
 
+Rows are written through a memory map, where a full disk kills the writing process (SIGBUS)
+instead of raising: so the data file's blocks are allocated before any row is written, and a full
+disk (ENOSPC, or a quota) ends the build in a NoSpaceError that names the folder, the space still
+needed and the space free; a rerun resumes.
+
 A build writes rows in place, so it first replaces a data file that is shared (a hard link, e.g.
 into a content-addressed store) or read-only by a private copy: it never writes through a link.
 `publish_cache` puts a complete cache elsewhere as hard links to its files: the prepare step builds
@@ -25,11 +30,14 @@ Unreadable or truncated files are quarantined with their reason (never raise); t
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,18 +122,60 @@ def build_cache(
     marker_dir = cache_dir / f"chunks_{size}"
     index = _read_index(cache_dir)
     expected_bytes = len(paths) * size * size
-    if not (index and index.get("fingerprint") == fp and file_size(data_path) == expected_bytes):
-        _start_fresh(cache_dir, data_path, marker_dir, paths, size, fp, chunk_size)
-        index = _read_index(cache_dir)
-    chunk_size = int(index["chunk_size"])  # resume with the chunking the build began with
-    num_chunks = -(-len(paths) // chunk_size)
-    all_marked = all(_marker_path(marker_dir, k).exists() for k in range(num_chunks))
-    if index.get("complete") and all_marked:
-        failures = _failures_from_json(index["failures"])
-        return CacheResult(data_path, size, len(paths), failures, skipped=True)
-    if index.get("complete"):  # markers were removed: say so before rebuilding those chunks
-        _write_index(cache_dir, paths, size, fp, chunk_size, False, _failures_from_json(index["failures"]))
-    return _fill(paths, data_path, marker_dir, size, fp, chunk_size, workers, progress, max_chunks)
+    with _disk_full_named(cache_dir, lambda: _still_needed(data_path, len(paths), size, chunk_size)):
+        if not (index and index.get("fingerprint") == fp and file_size(data_path) == expected_bytes):
+            _start_fresh(cache_dir, data_path, marker_dir, paths, size, fp, chunk_size)
+            index = _read_index(cache_dir)
+        chunk_size = int(index["chunk_size"])  # resume with the chunking the build began with
+        num_chunks = -(-len(paths) // chunk_size)
+        all_marked = all(_marker_path(marker_dir, k).exists() for k in range(num_chunks))
+        if index.get("complete") and all_marked:
+            failures = _failures_from_json(index["failures"])
+            return CacheResult(data_path, size, len(paths), failures, skipped=True)
+        if index.get("complete"):  # markers were removed: say so before rebuilding those chunks
+            _write_index(cache_dir, paths, size, fp, chunk_size, False, _failures_from_json(index["failures"]))
+        return _fill(paths, data_path, marker_dir, size, fp, chunk_size, workers, progress, max_chunks)
+
+
+class NoSpaceError(OSError):
+    """The disk holding the image cache is full; the message names the folder and the space needed."""
+
+
+@contextlib.contextmanager
+def _disk_full_named(folder: Path, needed: Callable[[], int]) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, or a quota: EDQUOT) into a NoSpaceError naming `folder`, the space
+    the cache still `needed` there and what is free."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(_existing(folder)).free
+        raise NoSpaceError(
+            f"{folder}: no space left on the device for the image cache: it needs about {_size(needed())} more "
+            f"there, {_size(free)} is free. Free space on that disk (or build the cache on another one) and "
+            "rerun: the chunks already built are kept"
+        ) from None
+
+
+def _still_needed(data_path: Path, count: int, size: int, chunk_size: int) -> int:
+    """Bytes the cache has yet to take on its disk: the data file's blocks not yet allocated, plus
+    room for the index (a line per image) and a block per done-marker."""
+    try:
+        held = os.stat(data_path).st_blocks * 512
+    except FileNotFoundError:
+        held = 0
+    return max(count * size * size - held, 0) + count * 64 + -(-count // chunk_size) * 4096
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(n: int) -> str:
+    return tqdm.format_sizeof(n, suffix="B")
 
 
 def _start_fresh(
@@ -157,6 +207,7 @@ def _fill(
     n = len(paths)
     starts = list(range(0, n, chunk_size))
     _own(data_path)
+    _reserve(data_path, n * size * size)
     failures: dict[int, tuple[str, str]] = {}
     todo = []
     for k, start in enumerate(starts):
@@ -195,6 +246,22 @@ def _own(path: Path) -> None:
     tmp = path.with_name(f".{path.name}.own")
     shutil.copyfile(path, tmp)  # a new file: its own inode, this process's default mode
     os.replace(tmp, path)
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Allocate the data file's blocks before any row is written. Rows go in through a memory map,
+    and a write into a page the disk has no room for kills the writing process (SIGBUS) instead of
+    raising ENOSPC; allocated up front, a full disk is an error here, with the folder named."""
+    if os.stat(path).st_blocks * 512 >= nbytes or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: write as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def publish_cache(cache_dir: str | Path, dest: str | Path) -> None:
@@ -237,6 +304,14 @@ def _run(jobs: list[tuple], workers: int):
         try:
             for fut in futures:
                 yield fut.result()
+        except cf.process.BrokenProcessPool:
+            folder = Path(jobs[0][0]).parent
+            free = shutil.disk_usage(folder).free
+            raise RuntimeError(
+                f"{folder}: a process decoding images into the cache died; the system kills one that runs "
+                f"out of memory (lower prepare.workers) or writes to a full disk ({_size(free)} free there). "
+                "Rerun to resume from the chunks already built"
+            ) from None
         finally:
             for fut in futures:
                 fut.cancel()

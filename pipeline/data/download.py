@@ -9,7 +9,8 @@ Every source ends in the same folder::
       BBox_List_2017.csv             NIH's lesion boxes, when the source has them (optional)
       archives/                      the verified tar.gz files, only with keep_archives
       checksums.json                 every file's relative path -> md5 and size, written last
-      .fetch/                        resume state: extraction markers, S3 ETags, hash cache
+      .fetch/                        resume state: extraction markers, S3 ETags, hash cache, and
+                                     source.json, the source that filled the folder
 
 `DownloadConfig.source` picks where the files come from:
 
@@ -18,7 +19,8 @@ Every source ends in the same folder::
   and split lists from `nih.metadata_url` (NIH serves those from a folder page, not links).
 - `s3://bucket/prefix`: a mirror holding the archives, or `images/*.png`, plus the metadata files.
 - `http(s)://host/path`: a mirror laid out like NIH (archives and metadata files side by side).
-- a local folder laid out like NIH: hard-linked into `out_dir` (copied across file systems).
+- a local folder laid out like NIH: copied into `out_dir`, never hard-linked (`sources.copy_file`);
+  a link to outside the folder is refused (`inside`).
 
 A rerun skips what is complete and verified; an interrupted transfer resumes where it stopped.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from pipeline.classes import BBOX_CSV, LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.config import DownloadConfig, NIHConfig
-from pipeline.data.archives import STATE_DIR, ArchiveJob, fetch_archives
+from pipeline.data.archives import ARCHIVE_DIR, STATE_DIR, ArchiveJob, fetch_archives
 from pipeline.data.layout import RAW_IMAGES
 from pipeline.data.sources import (
     DownloadError,
@@ -50,7 +53,7 @@ from pipeline.data.sources import (
     S3Object,
     S3Remote,
     Transfer,
-    link_or_copy,
+    copy_file,
     parallel,
 )
 from pipeline.data.synthetic import generate
@@ -60,6 +63,9 @@ from pipeline.tracking import redact_uri
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
+SOURCE_RECORD = "source.json"  # in STATE_DIR: which source filled the folder
+# written beside the data by the download component (its settings and MLflow run), not data
+STEP_RECORDS = ("download_config.json", "mlflow_run.json")
 LIST_FILES = (TRAIN_VAL_LIST, TEST_LIST)
 # Part of the NIH release but not needed to train: a source without them is not an error.
 OPTIONAL_FILES = (BBOX_CSV,)
@@ -138,12 +144,13 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
 
     Args:
         cfg: the download config.
-        out_dir: the output folder; what a previous run completed there is verified and kept.
+        out_dir: the output folder; what a previous run from the same source completed there is
+            verified and kept. A folder another source filled is emptied first (`claim_folder`).
         progress: show a tqdm bar (bytes and rate) and print the summary line.
 
     Returns:
         A summary: source, files, bytes, transferred bytes, seconds, MB/s, archives fetched and
-        skipped, and the summary line.
+        skipped, the source whose files were removed first (or None), and the summary line.
 
     Raises:
         DownloadError: naming the file, URL or key that failed and what to do.
@@ -154,6 +161,7 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
     check_source(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    replaced = claim_folder(out_dir, cfg.source)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # present only when the folder is complete
     start = time.perf_counter()
     kind = source_kind(cfg.source)
@@ -172,8 +180,65 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
         bar.close()
     _check_layout(out_dir, cfg.source)
     report["box_file"] = BBOX_CSV if (out_dir / BBOX_CSV).is_file() else None
+    report["replaced_source"] = replaced
     manifest = write_manifest(out_dir, cfg.workers, report.pop("hashes", {}))
     return _summary(cfg.source, manifest, xfer.bytes, time.perf_counter() - start, report, progress)
+
+
+def source_id(source: str) -> str:
+    """How a source is recorded and compared: a local folder by its real path, a URL without the
+    credentials or tokens in it (the same data whoever reads it)."""
+    if source_kind(source) == "dir":
+        return str(Path(source).resolve())
+    return redact_uri(source)
+
+
+def claim_folder(out_dir: Path, source: str) -> str | None:
+    """Record in `out_dir` that `source` fills it; empty it first when another source did.
+
+    Files are kept between runs so that a download resumes; but a label file or an image left by
+    another source would be taken as this one's (a label file present is not fetched again), and
+    pair one dataset's images with the other's labels. The record (`.fetch/source.json`) lies in
+    the folder, so a versioned copy of the folder carries its own. A folder from before the record
+    existed is recognised by the `download_config.json` the download step writes; one with neither
+    is kept.
+
+    Returns:
+        The other source, whose files were removed; None when there was none.
+    """
+    record = out_dir / STATE_DIR / SOURCE_RECORD
+    new = source_id(source)
+    old = _recorded_source(out_dir)
+    if old is not None and old != new:
+        log.warning(
+            "%s held the dataset from %s; download.source is now %s: removing those files first (a "
+            "versioned copy stays in its cache)",
+            out_dir,
+            old,
+            new,
+        )
+        _remove_dataset(out_dir)
+    write_json(record, {"source": new})
+    return old if old != new else None
+
+
+def _recorded_source(out_dir: Path) -> str | None:
+    record, legacy = out_dir / STATE_DIR / SOURCE_RECORD, out_dir / STEP_RECORDS[0]
+    if record.is_file():
+        return read_json(record).get("source")
+    if legacy.is_file():
+        source = read_json(legacy).get("download", {}).get("source")
+        return source_id(source) if isinstance(source, str) else None
+    return None
+
+
+def _remove_dataset(out_dir: Path) -> None:
+    """Remove what a download writes in `out_dir` (the NIH layout, its state and records); any
+    other file there is left alone."""
+    for name in (RAW_IMAGES, STATE_DIR, ARCHIVE_DIR):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in (*LABEL_CSV_NAMES, *LIST_FILES, *OPTIONAL_FILES, MANIFEST, *STEP_RECORDS):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def _grow(bar: tqdm, n: int) -> None:
@@ -248,9 +313,9 @@ def _getter(location: str, cfg: DownloadConfig, xfer: Transfer) -> Getter:
         )
 
     def get(name: str, dest: Path) -> None:
-        if not (folder / name).is_file():
+        if not (folder / name).exists():
             raise NotFound(f"{folder / name} does not exist")
-        link_or_copy(folder / name, dest)
+        copy_file(inside(folder, folder / name), dest)
 
     return get
 
@@ -326,40 +391,70 @@ def _fetch_s3_images(remote: S3Remote, images: dict[str, S3Object], out_dir: Pat
 
 
 def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool) -> dict:
-    """A local folder laid out like NIH: images hard-linked, or archives extracted in place."""
+    """A local folder laid out like NIH: images copied, or archives extracted in place.
+
+    Every file is checked before anything is copied: one that is, or lies under, a link to outside
+    the source folder is refused (`inside`).
+    """
     src = Path(cfg.source)
-    fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
     # NIH's extracted layout, and Kaggle's images_001/images/*.png.
     images = [*src.glob(f"{RAW_IMAGES}/*.png"), *src.glob(f"images_*/{RAW_IMAGES}/*.png")]
-    if images:
-        return _link_images(images, out_dir, cfg.workers, xfer)
-    jobs = [
-        ArchiveJob(name, md5, local=src / name) for _, name, md5 in selected_archives(cfg.nih) if (src / name).exists()
-    ]
+    files = {p.name: inside(src, p) for p in images}
+    if files:
+        fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
+        return _copy_images(files, out_dir, cfg.workers, xfer)
+    archives = [(name, md5, src / name) for _, name, md5 in selected_archives(cfg.nih) if (src / name).exists()]
+    jobs = [ArchiveJob(name, md5, local=inside(src, path)) for name, md5, path in archives]
     if not jobs:
         raise DownloadError(
             f"{src}: holds neither {RAW_IMAGES}/*.png nor NIH archives ({archive_name(1)} ...); check download.source"
         )
+    fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
     return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
 
 
-def _link_images(images: list[Path], out_dir: Path, workers: int, xfer: Transfer) -> dict:
-    def one(src: Path) -> str:
-        dest = out_dir / RAW_IMAGES / src.name
+def inside(root: Path, path: Path) -> Path:
+    """`path` with its links resolved, which must be a regular file inside the folder `root`.
+
+    A link inside a local source may point anywhere on the machine (a private key, another
+    user's data): copying what it points at would put that file into the output folder, and from
+    there into every copy made of it.
+
+    Raises:
+        DownloadError: naming `path` when it, or a folder on its way, links outside `root`, or
+            it is not a regular file.
+    """
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise DownloadError(
+            f"{path}: a link to outside the source folder {root}; only files inside it are copied. "
+            "Replace the link by the file itself, or remove it"
+        )
+    if not real.is_file():
+        raise DownloadError(f"{path}: not a regular file; a local source holds only files and folders")
+    return real
+
+
+def _copy_images(files: dict[str, Path], out_dir: Path, workers: int, xfer: Transfer) -> dict:
+    """Copy each image (name -> its real path in the source); a copy already there is skipped."""
+
+    def one(item: tuple[str, Path]) -> str:
+        name, src = item
+        dest = out_dir / RAW_IMAGES / name
         if dest.exists() and (os.path.samefile(src, dest) or _same_copy(src, dest)):
             return "skipped"
-        linked = link_or_copy(src, dest)
+        copy_file(src, dest)
         xfer.count(src.stat().st_size)
-        return "linked" if linked else "copied"
+        return "copied"
 
-    xfer.add_total(sum(p.stat().st_size for p in images))
-    done = parallel(one, images, workers)
-    return {f"images_{k}": done.count(k) for k in ("linked", "copied", "skipped")}
+    xfer.add_total(sum(p.stat().st_size for p in files.values()))
+    done = parallel(one, files.items(), workers)
+    return {f"images_{k}": done.count(k) for k in ("copied", "skipped")}
 
 
 def _same_copy(a: Path, b: Path) -> bool:
     sa, sb = a.stat(), b.stat()
-    return sa.st_size == sb.st_size and sa.st_mtime_ns == sb.st_mtime_ns  # copy2 keeps mtime
+    return sa.st_size == sb.st_size and sa.st_mtime_ns == sb.st_mtime_ns  # copy_file keeps mtime
 
 
 # --- layout check, manifest, summary ----------------------------------------------------------
@@ -409,10 +504,6 @@ def write_manifest(out_dir: Path, workers: int = 4, known: dict[str, tuple[int, 
     manifest = {rel: {"md5": e[2], "size": e[0]} for rel, e in sorted(entries.items())}
     write_json(out_dir / MANIFEST, manifest)
     return manifest
-
-
-# written beside the data by the download component (its settings and MLflow run), not data
-STEP_RECORDS = ("download_config.json", "mlflow_run.json")
 
 
 def _dataset_files(out_dir: Path) -> Iterable[Path]:

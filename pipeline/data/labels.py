@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.classes import CLASSES, LABEL_CSV_NAMES, LABEL_SEPARATOR, NO_FINDING
+from pipeline.classes import BBOX_IMAGE_SIZE, BBOX_LABELS, CLASSES, LABEL_CSV_NAMES, LABEL_SEPARATOR, NO_FINDING
 
 # The columns prepare needs; age and sex are kept when present (an absent column reads as empty),
 # the rest of LABEL_CSV_HEADER (original size, spacing) is ignored, so trimmed copies still work.
@@ -144,6 +146,7 @@ def read_split_list(path: str | Path) -> list[str]:
 
 
 BOX_COLUMNS = ["image", "class", "x", "y", "w", "h"]
+ROWS_NAMED = 3  # bad rows named in an error
 
 
 def read_bbox_csv(path: str | Path) -> pd.DataFrame:
@@ -151,35 +154,84 @@ def read_bbox_csv(path: str | Path) -> pd.DataFrame:
 
     The file's header splits `Bbox [x,y,w,h]` over four columns and ends in empty ones; the first
     six columns are read by position. Labels are mapped to ours (`Infiltrate` -> `Infiltration`).
+    A box must start inside the image (0 <= x, y < BBOX_IMAGE_SIZE) and have a finite, positive
+    width and height; one that runs past the image's edge is kept as drawn (`clip_boxes` clips it).
 
     Raises:
-        ValueError: naming the file and the first rows with an unknown label, a coordinate that is
-            not a number, or a box without area.
+        ValueError: naming the file and the line of the first rows that are not valid CSV (an
+            unclosed quote), lack a column, carry an unknown label, or a coordinate that is not a
+            finite number or lies outside those bounds.
     """
-    from pipeline.classes import BBOX_LABELS
-
     path = Path(path)
-    raw = pd.read_csv(path, header=0, dtype=str, keep_default_na=False)
-    if raw.shape[1] < len(BOX_COLUMNS):
+    lines, rows = _csv_rows(path)
+    if not rows or len(rows[0]) < len(BOX_COLUMNS):
         raise ValueError(
-            f"{path}: {raw.shape[1]} column(s); a box file needs Image Index, Finding Label and x, y, w, h "
-            "(NIH's header: Image Index,Finding Label,Bbox [x,y,w,h],,,)"
+            f"{path}: {len(rows[0]) if rows else 0} column(s); a box file needs Image Index, Finding Label and "
+            "x, y, w, h (NIH's header: Image Index,Finding Label,Bbox [x,y,w,h],,,)"
         )
-    df = raw.iloc[:, : len(BOX_COLUMNS)].copy()
-    df.columns = BOX_COLUMNS
+    short = [n for n, fields in zip(lines[1:], rows[1:]) if len(fields) < len(BOX_COLUMNS)]
+    if short:
+        raise ValueError(f"{path}: {_lines(short)}: too few columns; a box row is image, label, x, y, w, h")
+    df = pd.DataFrame([fields[: len(BOX_COLUMNS)] for fields in rows[1:]], columns=BOX_COLUMNS)
     df["image"] = df["image"].str.strip()
     label = df["class"].str.strip()
-    unknown = sorted(set(label) - set(BBOX_LABELS) - set(CLASSES))
-    if unknown:
-        names = ", ".join(map(repr, unknown[:5]))
-        raise ValueError(f"{path}: unknown finding label(s) {names}; expected {', '.join(BBOX_LABELS)}")
+    unknown = ~label.isin([*BBOX_LABELS, *CLASSES])
+    if unknown.any():
+        names = ", ".join(map(repr, sorted(set(label[unknown]))[:ROWS_NAMED]))
+        at = _lines(np.asarray(lines[1:])[unknown.to_numpy()])
+        raise ValueError(f"{path}: {at}: unknown finding label(s) {names}; expected {', '.join(BBOX_LABELS)}")
     df["class"] = label.map(lambda s: BBOX_LABELS.get(s, s))
     for col in ("x", "y", "w", "h"):
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() | (values < 0) | (values.eq(0) & (col in ("w", "h")))
-        if bad.any():
-            rows = ", ".join(f"{df['image'].iat[i]} ({df[col].iat[i]!r})" for i in np.flatnonzero(bad)[:3])
-            kind = "positive" if col in ("w", "h") else "non-negative"
-            raise ValueError(f"{path}: column {col} is not a {kind} number for {rows}")
-        df[col] = values.astype(float)
-    return df.reset_index(drop=True)
+        df[col] = _box_coordinate(path, df, col, lines[1:])
+    return df
+
+
+def _csv_rows(path: Path) -> tuple[list[int], list[list[str]]]:
+    """Each non-empty row of the file, with the line it starts on (a quoted field may span lines)."""
+    numbers, rows, start = [], [], 1
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, strict=True)
+            for fields in reader:
+                if any(field.strip() for field in fields):
+                    numbers.append(start)
+                    rows.append(fields)
+                start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {start} is not valid CSV ({e}): check its quotes") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: line {start} is not UTF-8 text ({e})") from None
+    return numbers, rows
+
+
+def _box_coordinate(path: Path, df: pd.DataFrame, col: str, lines: list[int]) -> pd.Series:
+    """Column `col` as floats, refusing what cannot be a box in the 1024 px image."""
+    text = df[col].str.strip()
+    values = pd.to_numeric(text, errors="coerce")
+    if col in ("x", "y"):
+        bad, rule = ~((values >= 0) & (values < BBOX_IMAGE_SIZE)), f"a number from 0 to below {BBOX_IMAGE_SIZE}"
+    else:  # NaN and inf fail these comparisons too
+        bad, rule = ~((values > 0) & np.isfinite(values)), "a finite positive number"
+    if bad.any():
+        rows = np.flatnonzero(bad.to_numpy())[:ROWS_NAMED]
+        named = ", ".join(f"line {lines[i]} ({df['image'].iat[i]}: {text.iat[i]!r})" for i in rows)
+        raise ValueError(
+            f"{path}: column {col} must be {rule} (pixels of the {BBOX_IMAGE_SIZE} px image): {named}; "
+            "fix or remove those rows"
+        )
+    return values.astype(float)
+
+
+def clip_boxes(df: pd.DataFrame, size: int) -> tuple[pd.DataFrame, int]:
+    """Boxes (x, y, w, h) cut at the edges of the `size` px image, and how many had to be cut."""
+    over = (df["x"] + df["w"] > size) | (df["y"] + df["h"] > size)
+    df = df.assign(w=np.minimum(df["w"], size - df["x"]), h=np.minimum(df["h"], size - df["y"]))
+    return df, int(over.sum())
+
+
+def _lines(numbers: Iterable[int]) -> str:
+    """'line 3' or 'lines 3, 7, 9 and 2 more'."""
+    numbers = [int(n) for n in numbers]
+    more = len(numbers) - ROWS_NAMED
+    listed = ", ".join(map(str, numbers[:ROWS_NAMED])) + (f" and {more} more" if more > 0 else "")
+    return f"line {listed}" if len(numbers) == 1 else f"lines {listed}"

@@ -71,7 +71,8 @@ def prepare(
     assert_patient_disjoint(table)
     boxes = prepared_boxes(raw_dir, table.loc[table["split"] != "", "image"], cfg.image_size)
     stats = split_statistics(table, cfg, quarantine, inventory, cache)
-    stats["boxes"] = {"source": boxes["source"], "count": len(boxes["boxes"]), "dropped": boxes["dropped"]}
+    stats["boxes"] = {"source": boxes["source"], "count": len(boxes["boxes"])}
+    stats["boxes"].update({key: boxes[key] for key in ("dropped", "clipped")})
     write_outputs(out_dir, table, stats, quarantine)
     write_json(out_dir / BOXES, boxes)
     return stats
@@ -82,16 +83,20 @@ def prepared_boxes(raw_dir: Path, images: pd.Series, image_size: int) -> dict[st
 
     Returns:
         {"source": file name or None when there is none, "image_size", "boxes": [{image, class, x, y,
-        w, h}], "dropped": boxes of images not in `images`}.
+        w, h}], "dropped": boxes of images not in `images`, "clipped": kept boxes cut at the image's
+        edge}.
     """
     path = Path(raw_dir) / BBOX_CSV
     if not path.is_file():
-        return {"source": None, "image_size": image_size, "boxes": [], "dropped": 0}
+        return {"source": None, "image_size": image_size, "boxes": [], "dropped": 0, "clipped": 0}
     df = L.read_bbox_csv(path)
     keep = df["image"].isin(set(images))
-    df = df[keep].sort_values(["image", "class", "y", "x"], ignore_index=True)
+    df, clipped = L.clip_boxes(df[keep], BBOX_IMAGE_SIZE)
+    df = df.sort_values(["image", "class", "y", "x"], ignore_index=True)
     df[["x", "y", "w", "h"]] = (df[["x", "y", "w", "h"]] * (image_size / BBOX_IMAGE_SIZE)).round(3)
-    return {"source": BBOX_CSV, "image_size": image_size, "boxes": df.to_dict("records"), "dropped": int((~keep).sum())}
+    boxes = df.to_dict("records")
+    dropped = int((~keep).sum())
+    return {"source": BBOX_CSV, "image_size": image_size, "boxes": boxes, "dropped": dropped, "clipped": clipped}
 
 
 def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -121,6 +126,8 @@ def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
 
 def list_images(images_dir: Path) -> set[str]:
     """PNG file names in the images folder (one directory scan; 112k stats would be slower)."""
+    if images_dir.exists() and not images_dir.is_dir():
+        raise NotADirectoryError(f"{images_dir} is a file, not the folder of images: run the download step again")
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir} does not exist: run the download step first")
     with os.scandir(images_dir) as it:

@@ -8,15 +8,18 @@ it is complete (and, when its MD5 is known, verified).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
 from urllib3.exceptions import HTTPError
@@ -375,20 +378,46 @@ def parallel(fn: Callable, items: Iterable, workers: int) -> list:
 # --- local folders ----------------------------------------------------------------------------
 
 
-def link_or_copy(src: Path, dest: Path) -> bool:
-    """Hard-link `src` to `dest` (same bytes, no extra space), copying where links can't be made.
+def copy_file(src: Path, dest: Path) -> None:
+    """Copy the bytes of `src` (opened without following a link) to `dest`, keeping its mtime.
 
-    Returns:
-        True when a hard link was made.
+    Never a hard link: a link would share the file's inode, and with it its mode, with the output
+    folder, whose files a versioning cache links and makes read-only (0444), and would hand it
+    whatever else shares that inode. The kernel copies (`copy_file_range`): where the file system
+    shares extents (Btrfs, XFS) that is a reflink, with no second copy of the bytes on disk.
+
+    Raises:
+        DownloadError: `src` is a link or not a regular file.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = part_path(dest)
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-        linked = True
-    except OSError:  # another file system, or one without hard links
-        shutil.copy2(src, tmp)
-        linked = False
+        # O_NONBLOCK: a fifo put where a file should be is refused below instead of blocking the open
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise DownloadError(f"{src}: is a link; only regular files are copied from a local source") from None
+    with open(fd, "rb") as fin, open(tmp, "wb") as fout:
+        st = os.fstat(fin.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise DownloadError(f"{src}: not a regular file; only regular files are copied from a local source")
+        _copy_bytes(fin, fout, st.st_size)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # a rerun recognises the copy by size and mtime
     os.replace(tmp, dest)
-    return linked
+
+
+def _copy_bytes(fin: BinaryIO, fout: BinaryIO, size: int) -> None:
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except OSError as e:
+        # no in-kernel copy between these two files (an older kernel, some network file systems)
+        if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        shutil.copyfileobj(fin, fout, CHUNK)
