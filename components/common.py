@@ -38,7 +38,10 @@ def stage_config(args: argparse.Namespace, step: str) -> tuple[Any, Params]:
     """
     if not getattr(args, "no_mlflow", True):
         _check_store_once()
+    from components.params import check_profile  # components.params imports this module
+
     params = load_params(args.params)
+    check_profile(params.profile, args.params, Path.cwd())  # the project whose conf/ composed it
     return getattr(params, step), params
 
 
