@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -155,3 +156,28 @@ def test_mlflow_and_database_errors_are_reported_in_one_line(
         monkeypatch.setenv("CXR_DEBUG", "1")
         with pytest.raises(MlflowException, match="readonly database"):
             run_main("evaluate", step, [])
+
+
+def test_promote_lists_each_versions_aliases_from_a_database_store(sqlite_store: str, tmp_path: Path) -> None:
+    """A database store hands version numbers over as ints, a tracking server as strings."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=sqlite_store)
+    client.create_registered_model("cxr-dwml")
+    run = client.create_run(client.get_experiment_by_name("cxr-dwml").experiment_id)
+    for _ in range(3):
+        client.create_model_version("cxr-dwml", (tmp_path / "model").as_uri(), run.info.run_id)
+    client.set_registered_model_alias("cxr-dwml", "champion", "2")
+    client.set_registered_model_alias("cxr-dwml", "challenger", "3")
+    client.set_registered_model_alias("cxr-dwml", "stable", "2")
+    done = subprocess.run(
+        [sys.executable, "-m", "components.promote", "--params", PARAMS, "--list"],
+        cwd=tmp_path,
+        env=run_env(ROOT, MLFLOW_TRACKING_URI=sqlite_store),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = dict(re.findall(r"^v\s*(\d+)\s+aliases=(\S+)", done.stdout, flags=re.MULTILINE))
+    assert listed == {"1": "-", "2": "champion,stable", "3": "challenger"}, done.stdout
