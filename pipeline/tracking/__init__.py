@@ -226,7 +226,7 @@ def redact_uri(uri: str) -> str:
     found = _SCHEME.match(uri)
     scheme, rest = found.groups() if found else ("", uri)
     end = _userinfo_end(rest)
-    # without a scheme, only `user:password@` is user info: `git@host:repo` and `a@b.org` are not
+    # without a scheme, only `user:password@` is user info: `deploy@host:repo` and `a@b.org` are not
     if end >= 0 and (found or ":" in rest[:end]):
         rest = f"{MASK}@{rest[end + 1 :]}"
     return scheme + _mask_query(rest)
