@@ -97,6 +97,9 @@ def mlflow_run(
         yield None
         return
     _check_store_once()  # before importing mlflow: seconds count here
+    # MLflow prints "View run <name> at: <tracking URI>/..." as each run ends, password included, into
+    # the step's output and so into the orchestrator's task log; _print_run_link prints it masked
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     import mlflow
 
     from components.provenance import pipeline_run, run_tags
@@ -120,11 +123,19 @@ def mlflow_run(
             parent_run_id=None if run_id else parent,
             tags=tags,
         ) as run:
+            _print_run_link(step, run)
             try:
                 yield run
             except (Terminated, KeyboardInterrupt):
                 mlflow.end_run("KILLED")  # stopped from outside; start_run's exit would say FAILED
                 raise
+
+
+def _print_run_link(step: str, run: Any) -> None:
+    """Where the run shows in the tracking server's UI, its credentials masked (`tracking.run_url`)."""
+    url = tracking.run_url(run)
+    if url:
+        print(f"[{step}] MLflow run {run.info.run_name}: {url}", flush=True)
 
 
 def _pipeline_parent(experiment_id: str, execution, profile: str) -> str:

@@ -194,6 +194,17 @@ def redacted_uri() -> str:
     return redact_uri(mlflow.get_tracking_uri())
 
 
+def run_url(run: Any) -> str | None:
+    """The page of `run` in the tracking server's UI, its credentials masked; None for a store that
+    has no UI of its own (a local database or folder: `mlflow ui` shows it)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.lower().startswith(("http://", "https://")):
+        return None
+    return f"{redact_uri(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
 # --- secrets out of URIs ---------------------------------------------------------------------
 
 MASK = "***"
