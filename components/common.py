@@ -47,7 +47,8 @@ def stage_config(args: argparse.Namespace, step: str) -> tuple[Any, Params]:
     """The validated section `step` of the params file, and the whole file.
 
     A step that logs to MLflow first checks that the tracking store answers: in seconds, before
-    the params are validated (which imports the model library) or any work starts.
+    the params are validated (which imports the model library) or any work starts. The file's
+    `profile` must name a profile of the project's conf/profile/ (the working directory's).
     """
     if not getattr(args, "no_mlflow", True):
         _check_store_once()
