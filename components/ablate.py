@@ -181,7 +181,7 @@ def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> 
     from pipeline.inference import resolve_device
     from pipeline.models import load_bundle
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     model, bundle = load_bundle(result.best_path, device)
     crop = int(bundle["crop_size"])
     val = score_split(model, prepared, "val", crop, ecfg, device, progress)

@@ -8,7 +8,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +22,17 @@ from pipeline.tracking import store
 
 T = TypeVar("T")
 RESOLVED = "resolved_config.json"
+# exit status of a step stopped by SIGTERM, as a shell reports a process killed by it
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: an orchestrator stopped the task (a timeout, a task marked failed).
+
+    Raised in the main thread so the step unwinds like Ctrl-C does: every `with` closes, and
+    `mlflow_run` ends the step's run and shows its parent as KILLED instead of leaving them RUNNING.
+    A BaseException, so that no `except Exception` (a retry loop, say) swallows it.
+    """
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -34,11 +47,15 @@ def stage_config(args: argparse.Namespace, step: str) -> tuple[Any, Params]:
     """The validated section `step` of the params file, and the whole file.
 
     A step that logs to MLflow first checks that the tracking store answers: in seconds, before
-    the params are validated (which imports the model library) or any work starts.
+    the params are validated (which imports the model library) or any work starts. The file's
+    `profile` must name a profile of the project's conf/profile/ (the working directory's).
     """
     if not getattr(args, "no_mlflow", True):
         _check_store_once()
+    from components.params import check_profile  # components.params imports this module
+
     params = load_params(args.params)
+    check_profile(params.profile, args.params, Path.cwd())  # the project whose conf/ composed it
     return getattr(params, step), params
 
 
@@ -81,6 +98,9 @@ def mlflow_run(
         yield None
         return
     _check_store_once()  # before importing mlflow: seconds count here
+    # MLflow prints "View run <name> at: <tracking URI>/..." as each run ends, password included, into
+    # the step's output and so into the orchestrator's task log; _print_run_link prints it masked
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     import mlflow
 
     from components.provenance import pipeline_run, run_tags
@@ -104,7 +124,19 @@ def mlflow_run(
             parent_run_id=None if run_id else parent,
             tags=tags,
         ) as run:
-            yield run
+            _print_run_link(step, run)
+            try:
+                yield run
+            except (Terminated, KeyboardInterrupt):
+                mlflow.end_run("KILLED")  # stopped from outside; start_run's exit would say FAILED
+                raise
+
+
+def _print_run_link(step: str, run: Any) -> None:
+    """Where the run shows in the tracking server's UI, its credentials masked (`tracking.run_url`)."""
+    url = tracking.run_url(run)
+    if url:
+        print(f"[{step}] MLflow run {run.info.run_name}: {url}", flush=True)
 
 
 def _pipeline_parent(experiment_id: str, execution, profile: str) -> str:
@@ -115,28 +147,60 @@ def _pipeline_parent(experiment_id: str, execution, profile: str) -> str:
 
 @contextlib.contextmanager
 def _parent_state(parent: str | None) -> Iterator[None]:
-    """The parent run shows RUNNING while the body runs, then FINISHED, or FAILED when it raised."""
+    """The parent run shows RUNNING while the body runs, then FINISHED, FAILED when it raised, or
+    KILLED when the step was stopped from outside (SIGTERM, Ctrl-C)."""
     if not parent:
         yield
         return
     tracking.mark_parent(parent, "RUNNING")
     try:
         yield
-    except BaseException:
+    except BaseException as e:
+        stopped = isinstance(e, (Terminated, KeyboardInterrupt))
         with contextlib.suppress(Exception):  # the step's own error is the one to report
-            tracking.mark_parent(parent, "FAILED")
+            tracking.mark_parent(parent, "KILLED" if stopped else "FAILED")
         raise
     tracking.mark_parent(parent, "FINISHED")
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises Terminated in this process while the body runs (Python's default would end
+    the process at once, leaving its MLflow runs RUNNING); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    ours = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != ours:  # a forked worker (data loading): end as it would have without us
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        # the orchestrator may signal the whole process group again: let the clean-up finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_main(step: str, fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a component; user errors, and errors of the MLflow store, print one actionable line
-    instead of a traceback (CXR_DEBUG=1 shows the traceback)."""
+    instead of a traceback (CXR_DEBUG=1 shows the traceback). SIGTERM ends the step's MLflow runs
+    as KILLED, then exits with status 143."""
     if not os.environ.get("CXR_DEBUG"):
         # MLflow logs a database error's traceback before raising it; the raised error is reported below
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
-        return fn(argv) or 0
+        with _sigterm_unwinds():
+            return fn(argv) or 0
+    except Terminated:
+        print(f"cxr-dwml {step}: stopped by SIGTERM (a task timeout or stop); rerun the step", file=sys.stderr)
+        return TERMINATED_EXIT
     except Exception as e:
         if not isinstance(e, (ConfigError, ValueError, OSError, RuntimeError, *store.tracking_errors())):
             raise

@@ -56,8 +56,9 @@ def _list_versions(client, name: str) -> None:
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        # a version number is an int from a database store and a str from a tracking server
         print(
-            f"v{v.version:>3}  aliases={','.join(sorted(aliases.get(v.version, []))) or '-':<22} "
+            f"v{v.version:>3}  aliases={','.join(sorted(aliases.get(str(v.version), []))) or '-':<22} "
             f"val_mean_auc={v.tags.get('val_mean_auc')}  test_mean_auc={v.tags.get('test_mean_auc')}  "
             f"promoted={v.tags.get('gate.promoted')}"
         )

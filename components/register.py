@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             "the registered model serves its probabilities through"
         )
     ours = _selection_set(reports, Path(args.prepared))
-    # read before anything is registered: a bad report file fails the step while the registry is untouched
+    # read before anything is registered: a bad report file fails the step while the registry is untouched;
+    # the card names the data source, whose credentials (user info, tokens) it must not publish
     card_data = model_card.read_run(
-        model_card.RunFiles(reports, model_dir, Path(args.prepared), params.download.source)
+        model_card.RunFiles(reports, model_dir, Path(args.prepared), tracking.redact_uri(params.download.source))
     )
 
     digest = packaging.weights_digest(model_dir / "best.pt")

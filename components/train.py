@@ -82,7 +82,7 @@ def _attach_drift_reference(out: Path, prepared: Path, cfg) -> None:
     from pipeline.serving.drift import attach_reference
 
     drift = cfg.drift
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     if attach_reference(
         out / "best.pt", prepared, drift.max_images, drift.alarm_rate, cfg.seed, device, cfg.eval_batch_size
     ):

@@ -42,6 +42,11 @@ STAGES: dict[str, tuple[str, ...]] = {
     "register": ("evaluate",),
 }
 
+# A run's string values are literals: a `${...}` (OmegaConf interpolation, e.g. `${oc.env:SECRET}`)
+# would be resolved on the worker while params.yaml is composed. scripts/dvc_stage.py refuses one
+# too; the schema refuses it at trigger time already, naming the key.
+LITERAL = r"^(?!.*\$\{)"
+
 # DAG param -> dotted params.yaml key it overrides for one run.
 PARAM_KEYS = {
     "profile": "profile",
@@ -218,6 +223,7 @@ def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param
             data_source,
             type=["null", "string"],
             minLength=1,
+            pattern=LITERAL,
             description="download.source: synthetic | nih | s3://bucket/prefix | https://mirror | /folder",
         ),
         "epochs": Param(None, type=["null", "integer"], minimum=1, description="train.epochs"),
@@ -238,7 +244,7 @@ def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param
             type="object",
             description='any other params.yaml keys, dotted: {"train.optim.lr_head": 0.001}',
             propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
-            additionalProperties={"type": ["string", "number", "boolean", "null"]},
+            additionalProperties={"type": ["string", "number", "boolean", "null"], "pattern": LITERAL},
         ),
     }
 

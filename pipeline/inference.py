@@ -15,13 +15,35 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from .classes import CLASSES
+from .config import ConfigError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`"auto"`: the first CUDA device when there is one, else the CPU; anything else as torch reads it."""
+def resolve_device(name: str = "auto", key: str = "device") -> torch.device:
+    """`"auto"`: the first CUDA device when there is one, else the CPU; anything else as torch reads it.
+
+    Args:
+        name: "auto" or a torch device string ("cpu", "cuda", "cuda:1", ...).
+        key: the setting `name` came from (e.g. "train.device"), named in the error.
+
+    Raises:
+        ConfigError: `name` is no device string, or names a CUDA device this machine does not have
+            (torch would only fail at the first tensor moved there, naming no setting).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"'{key}' is {name!r}, not a device: use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device (or no driver for one)"
+            raise ConfigError(
+                f"'{key}' is {name!r} but torch finds {have} on this machine: set {key} to auto "
+                "(CUDA when present, else the CPU) or cpu, or run on a machine with that GPU"
+            )
+    return device
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

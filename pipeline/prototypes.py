@@ -296,7 +296,7 @@ def build_prototypes(cfg: PrototypeConfig) -> tuple[np.ndarray, dict[str, Any]]:
         (prototypes (C, E) float32 in `CLASSES` order, meta) where meta holds the class order,
         encoder, resolved path, revision, pooling, normalize, texts, dimension and device.
     """
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "prototypes.device")
     tokenizer, model, info = load_encoder(cfg)
     protos = class_prototypes(
         cfg.texts,

@@ -217,6 +217,52 @@ def test_params_command_composes_checks_and_refuses_bad_overrides(tmp_path: Path
     assert params_cmd("--check").returncode == 0
 
 
+def test_set_values_are_literals_and_stay_inside_the_project(tmp_path: Path) -> None:
+    """An override cannot read the environment (`${oc.env:...}`) or load a config from elsewhere."""
+    secret = "hunter2-not-for-params"
+    outside = tmp_path / "elsewhere"
+    (outside / "profile").mkdir(parents=True)
+    (outside / "profile" / "evil.yaml").write_text("# @package _global_\nprofile: evil\nmlflow:\n  experiment: evil\n")
+    out = tmp_path / "params.yaml"
+    out.write_text("kept\n")
+    env = {**run_env(ROOT), "CXR_TEST_SECRET": secret}
+    for args, named in (
+        (["--set", "mlflow.experiment=${oc.env:CXR_TEST_SECRET}"], "'mlflow.experiment' holds an interpolation"),
+        (["--set", "mlflow.experiment=\\${oc.env:CXR_TEST_SECRET}"], "'mlflow.experiment' holds an interpolation"),
+        (["--set", "train.optim.betas=[0.9, '${oc.env:CXR_TEST_SECRET}']"], "'train.optim.betas' holds"),
+        (["--set", "download.source=${now:%Y}"], "'download.source' holds an interpolation"),
+        (
+            ["--set", f"hydra.searchpath=[{outside.as_uri()}]", "--profile", "evil"],
+            "'hydra.searchpath' is not a params",
+        ),
+        (["--profile", f"../../../../../../../..{outside}/profile/evil"], "is not a profile name"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "components.params", *args, "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+        assert done.returncode == 2 and len(errors) == 1 and named in errors[0], (args, done.stderr[-2000:])
+        assert secret not in done.stdout + done.stderr
+        assert out.read_text() == "kept\n", "a refused override leaves the file as it was"
+
+
+def test_a_params_file_naming_no_profile_of_conf_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:
+    from components.common import run_main
+    from components.prepare import main
+
+    monkeypatch.chdir(ROOT)  # the project whose conf/profile/ names the profiles
+    path = edited(tmp_path, "profile", "papr")
+    argv = ["--params", str(path), "--raw", str(tmp_path), "--out", str(tmp_path / "out"), "--no-mlflow"]
+    code = run_main("prepare", main, argv)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert code == 2 and f"{path}: 'profile' is 'papr'" in line and "(demo, paper)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_dvc_records_the_values_each_profile_ran_with(tmp_path: Path) -> None:
     """A demo and a paper-profile experiment side by side: DVC shows what each stage resolved."""

@@ -385,6 +385,46 @@ def test_stage_killed_mid_run_puts_params_back(tmp_path: Path) -> None:
     assert (root / "params.yaml").read_bytes() == committed and not backup.exists()
 
 
+def test_run_conf_values_are_literals(tmp_path: Path) -> None:
+    """A `${...}` in a run's conf could read the worker's environment into params.yaml, dvc.lock and
+    MLflow: the schema refuses it when the run is triggered, and the task refuses it again."""
+    got = probe(
+        """
+import cxr_dwml as m
+import copy
+def check(conf):
+    params = copy.deepcopy(m.cxr_dwml.params)
+    try:
+        params.update(conf)
+        params.validate()
+        return "accepted"
+    except Exception as e:
+        return type(e).__name__
+confs = ({"source": "${oc.env:HOME}"}, {"overrides": {"mlflow.experiment": "x-${oc.env:HOME}"}},
+         {"source": "/data/$x{y}"})
+print(json.dumps([check(c) for c in confs]))
+""",
+        TMP_HOME=str(tmp_path),
+    )
+    assert got == ["ParamValidationError", "ParamValidationError", "accepted"]
+
+    secret = "hunter2-not-for-dvc-lock"
+    root = scratch_project(tmp_path / "p", "touch out.txt")
+    committed = (root / "params.yaml").read_bytes()
+    for overrides, args, named in (
+        ('{"mlflow.experiment": "${oc.env:CXR_TEST_SECRET}"}', [], "'mlflow.experiment' holds an interpolation"),
+        ("{}", ["--set", "train.seed=${oc.env:CXR_TEST_SECRET}"], "'train.seed' holds an interpolation"),
+        ('{"hydra.searchpath": "file:///tmp"}', [], "'hydra.searchpath' is not a params.yaml key"),
+        ('{"profile": "../../../tmp/profile/x"}', [], "is not a profile name"),
+    ):
+        # PYTHONPATH: the script composes with this checkout's components, whatever the venv points at
+        proc = dvc_stage(root, "step", *args, CXR_RUN_OVERRIDES=overrides, CXR_TEST_SECRET=secret, PYTHONPATH=str(ROOT))
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and named in out and secret not in out, out
+        assert (root / "params.yaml").read_bytes() == committed
+        assert not (root / "dvc.lock").exists() and not (root / "out.txt").exists()
+
+
 # --- the slow part: the real pipeline under Airflow --------------------------------------------
 
 

@@ -620,6 +620,54 @@ def test_register_never_opens_test_predictions(tmp_path_factory: pytest.TempPath
 
 
 @pytest.mark.slow
+def test_register_keeps_credentials_out_of_its_output_card_and_registry(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The tracking server's password (MLflow prints its "View run ... at" link with it) and a data
+    source's credentials appear nowhere the register step writes: its output, the card, the registry."""
+    from mlflow import MlflowClient
+
+    repo = trained_repo(tmp_path_factory)
+    secrets = ("trk-s3cret", "src-s3cret", "tok-s3cret")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["download"]["source"] = "https://mirror:src-s3cret@mirror.example.org/nih?token=tok-s3cret"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    reports = shutil.copytree(repo / "reports", tmp_path / "reports")  # the card is written there
+    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
+        with_password = url.replace("http://", "http://alice:trk-s3cret@")
+        with tracking_env(with_password, repo):
+            run_id = _training_run(tmp_path / "model", repo / "artifacts/model/best.pt", "train-credentials")
+        argv = ["--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "model")]
+        argv += ["--reports", str(reports), "--prepared", str(repo / "data/prepared")]
+        done = subprocess.run(
+            [sys.executable, "-m", "components.register", *argv, "--out", str(tmp_path / "registration.json")],
+            cwd=repo,
+            env=run_env(repo, MLFLOW_TRACKING_URI=with_password),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        client = MlflowClient(tracking_uri=url)
+        version = client.get_model_version(MODEL_NAME, "1")
+        run = client.get_run(run_id)
+        recorded = [
+            version.description,
+            json.dumps(version.tags),
+            json.dumps(run.data.params),
+            json.dumps(run.data.tags),
+        ]
+    shown = url.replace("http://", "http://***@")
+    assert f"[register] MLflow run train-credentials: {shown}/#/experiments/" in done.stdout, done.stdout[-3000:]
+    card = (reports / "model_card.md").read_text()
+    assert "fetched from `https://***@mirror.example.org/nih?token=***`" in card
+    written = [done.stdout, done.stderr, card, (reports / "model_card.html").read_text()]
+    written.append((tmp_path / "registration.json").read_text())
+    for text in written + recorded:
+        assert not any(secret in text for secret in secrets), text[-3000:]
+
+
+@pytest.mark.slow
 def test_register_gate_on_mlflow_server_sqlite(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -37,6 +37,13 @@ from tests.conftest import ROOT
             "http://u:p@host:5000/path?signature=s&access_key=k",
             "http://***@host:5000/path?signature=***&access_key=***",
         ),
+        # a token in the fragment (OAuth's implicit flow puts access_token there)
+        ("http://host/x#token=abc", "http://host/x#token=***"),
+        ("https://host/cb#access_token=t&state=s", "https://host/cb#access_token=***&state=s"),
+        ("http://host/?run=3#token=abc", "http://host/?run=3#token=***"),
+        # no scheme: user:password@host
+        ("user:pw@host:5000", "***@host:5000"),
+        ("alice:p@ss@mlflow.internal:5000/x?token=t", "***@mlflow.internal:5000/x?token=***"),
     ],
 )
 def test_redact_uri_masks_user_info_and_secret_query_values(uri: str, shown: str) -> None:
@@ -57,6 +64,10 @@ def test_redact_uri_masks_user_info_and_secret_query_values(uri: str, shown: str
         "http://host/a@b/c",  # an '@' in the path is no user info
         "http://host:5000/x?email=a@b.org&run=3",
         "https://nihcc.box.com/shared/static/{id}.gz",
+        "http://mlflow:5000/#/experiments/1/runs/abc",  # a UI link's fragment holds no secret
+        "git@github.com:org/repo.git",  # no scheme and no password: a user name, not a secret
+        "ops@example.org",
+        "/data/nih@v2/images",
         "",
     ],
 )
@@ -72,6 +83,9 @@ def test_redact_text_masks_uris_and_query_pairs_inside_a_message() -> None:
     assert redact_text(message) == (
         "HTTPConnectionPool(host='h', port=80): Max retries exceeded with url: /a.tar.gz?token=***&part=2 "
         "(Caused by NewConnectionError) via https://***@proxy:3128/"
+    )
+    assert redact_text("connecting to alice:p@ss@db.internal:5432, page login#token=abc as ops@example.org") == (
+        "connecting to ***@db.internal:5432, page login#token=*** as ops@example.org"
     )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, run_env
 
@@ -155,3 +158,64 @@ def test_mlflow_and_database_errors_are_reported_in_one_line(
         monkeypatch.setenv("CXR_DEBUG", "1")
         with pytest.raises(MlflowException, match="readonly database"):
             run_main("evaluate", step, [])
+
+
+def test_promote_lists_each_versions_aliases_from_a_database_store(sqlite_store: str, tmp_path: Path) -> None:
+    """A database store hands version numbers over as ints, a tracking server as strings."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=sqlite_store)
+    client.create_registered_model("cxr-dwml")
+    run = client.create_run(client.get_experiment_by_name("cxr-dwml").experiment_id)
+    for _ in range(3):
+        client.create_model_version("cxr-dwml", (tmp_path / "model").as_uri(), run.info.run_id)
+    client.set_registered_model_alias("cxr-dwml", "champion", "2")
+    client.set_registered_model_alias("cxr-dwml", "challenger", "3")
+    client.set_registered_model_alias("cxr-dwml", "stable", "2")
+    done = subprocess.run(
+        [sys.executable, "-m", "components.promote", "--params", PARAMS, "--list"],
+        cwd=tmp_path,
+        env=run_env(ROOT, MLFLOW_TRACKING_URI=sqlite_store),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = dict(re.findall(r"^v\s*(\d+)\s+aliases=(\S+)", done.stdout, flags=re.MULTILINE))
+    assert listed == {"1": "-", "2": "champion,stable", "3": "challenger"}, done.stdout
+
+
+def test_a_step_stopped_by_sigterm_ends_its_runs_as_killed(sqlite_store: str, tmp_path: Path) -> None:
+    """What Airflow sends a task's process group when the task times out or is marked failed."""
+    from mlflow import MlflowClient
+
+    params = yaml.safe_load(Path(PARAMS).read_text())
+    with socket.socket() as server:  # a mirror that takes the connection and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(120)
+        params["download"].update(source=f"http://127.0.0.1:{server.getsockname()[1]}/nih", timeout_s=600.0)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        step = subprocess.Popen(
+            [sys.executable, "-m", "components.download", "--params", "params.yaml", "--out", "raw", "--no-progress"],
+            cwd=tmp_path,
+            env=run_env(ROOT, MLFLOW_TRACKING_URI=sqlite_store, CXR_PIPELINE_RUN="stopped-by-sigterm"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            conn, _ = server.accept()  # the step is fetching: its run and the parent are RUNNING
+        except TimeoutError:
+            step.kill()
+            pytest.fail(f"the step never asked the mirror: {step.communicate()[1][-3000:]}")
+        with conn:
+            os.killpg(step.pid, signal.SIGTERM)
+            _, stderr = step.communicate(timeout=120)
+    assert step.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    client = MlflowClient(tracking_uri=sqlite_store)
+    runs = client.search_runs([client.get_experiment_by_name("cxr-dwml").experiment_id])
+    states = {r.data.tags.get("cxr.step"): (r.info.status, r.info.end_time is not None) for r in runs}
+    assert states == {"download": ("KILLED", True), "pipeline": ("KILLED", True)}, states

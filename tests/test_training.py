@@ -487,6 +487,20 @@ def test_train_component_rewrites_a_finished_run_byte_for_byte(data, tmp_path, m
 # ----------------------------------------------------------------------------- ablation
 
 
+def test_a_cuda_device_the_machine_lacks_is_named_by_its_key(data, tmp_path, monkeypatch, capsys):
+    from components.common import run_main
+    from components.train import main
+
+    prepared, _ = data
+    # plain "cuda" where there is none; else an index past the last GPU
+    absent = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    mlflow_workspace(tmp_path, monkeypatch, "device-test", {**TINY, "device": absent})
+    assert run_main("train", main, train_argv(tmp_path, prepared, "--no-mlflow")) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert f"'train.device' is '{absent}' but torch finds" in line and "set train.device to auto" in line, line
+    assert not (tmp_path / "model").exists()
+
+
 def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, monkeypatch, capsys):
     import json
 

@@ -88,7 +88,7 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     to the test split. subgroups.json holds test AUC per sex, age band, view and visit (see
     `pipeline.evaluation.subgroups`); calibration.json the fitted calibration and its ECE on test.
     """
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "evaluate.device")
     model, bundle = load_bundle(model_path, device)
     crop = int(bundle.get("crop_size", 224))
     val = score_split(model, prepared_dir, "val", crop, cfg, device, progress)

@@ -9,8 +9,10 @@ and files:
     redact_uri("http://user:p@ss@host:5000/path?token=abc&run=3")
     # 'http://***@host:5000/path?token=***&run=3'
 
-The scheme, host, port, path, fragment and every other query value are kept, so the result still
-says where things went; a URI with nothing secret comes back unchanged.
+The scheme, host, port, path and every other query or fragment value are kept, so the result
+still says where things went; a URI with nothing secret comes back unchanged. A `#token=...`
+fragment (OAuth's implicit flow puts `access_token` there) and the user info of a scheme-less
+`user:pw@host:5000` are masked too.
 """
 
 from __future__ import annotations
@@ -192,6 +194,17 @@ def redacted_uri() -> str:
     return redact_uri(mlflow.get_tracking_uri())
 
 
+def run_url(run: Any) -> str | None:
+    """The page of `run` in the tracking server's UI, its credentials masked; None for a store that
+    has no UI of its own (a local database or folder: `mlflow ui` shows it)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.lower().startswith(("http://", "https://")):
+        return None
+    return f"{redact_uri(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
 # --- secrets out of URIs ---------------------------------------------------------------------
 
 MASK = "***"
@@ -206,24 +219,26 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)(.*)$", re.DOTALL)
 # what may stand before the path: a host name or address, an optional port
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9._~%!$&'()*+,;=-]*)(:\d*)?$")
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-_QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&;#\s'\"]+)=([^&;#\s'\"]*)")
+_QUERY_PAIR = re.compile(r"(?<=[?&;#])([^=&;#\s'\"]+)=([^&;#\s'\"]*)")
+# `user:password@host[:port]` with no scheme before it, inside a text (not part of a longer word)
+_BARE_USERINFO = re.compile(r"(?<![\w.:/@%-])[\w.~%+-]+:[^\s/'\"<>]+@(?=[A-Za-z0-9\[][\w.:\]-]*(?![\w.:\]@-]))")
 
 
 def redact_uri(uri: str) -> str:
-    """`uri` with its user info and secret-looking query values masked.
+    """`uri` with its user info and secret-looking query and fragment values masked.
 
-    The user info is everything between `://` and the last `@` before the host, so a password
-    holding `@` (or `/`) is masked whole. Query values whose key names a secret (token, password,
-    secret, key, signature, credential, auth, session, ... in any case) become `***`.
+    The user info is everything between `://` (or, without a scheme, the start) and the last `@`
+    before the host, so a password holding `@` (or `/`) is masked whole. Query and fragment values
+    whose key names a secret (token, password, secret, key, signature, credential, auth, session,
+    ... in any case) become `***`.
     """
     if not isinstance(uri, str) or not uri:
         return uri
     found = _SCHEME.match(uri)
-    if found is None:
-        return _mask_query(uri) if "?" in uri else uri
-    scheme, rest = found.groups()
+    scheme, rest = found.groups() if found else ("", uri)
     end = _userinfo_end(rest)
-    if end >= 0:
+    # without a scheme, only `user:password@` is user info: `deploy@host:repo` and `a@b.org` are not
+    if end >= 0 and (found or ":" in rest[:end]):
         rest = f"{MASK}@{rest[end + 1 :]}"
     return scheme + _mask_query(rest)
 
@@ -232,6 +247,7 @@ def redact_text(text: str) -> str:
     """`text` (an error message, a command line) with every URI in it passed through `redact_uri`,
     and secret-looking `key=value` query pairs masked where no scheme marks them as a URI."""
     text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+    text = _BARE_USERINFO.sub(f"{MASK}@", text)
     return _QUERY_PAIR.sub(_mask_pair, text)
 
 
@@ -252,17 +268,20 @@ def _userinfo_end(rest: str) -> int:
 
 
 def _mask_query(rest: str) -> str:
-    before, mark, after = rest.partition("?")
-    if not mark:
-        return rest
-    query, hash_, fragment = after.partition("#")
+    """`rest` with the secret-looking values of its query and of its fragment's `key=value` pairs masked."""
+    rest, hash_, fragment = rest.partition("#")
+    before, mark, query = rest.partition("?")
+    return f"{before}{mark}{_mask_pairs(query)}{hash_}{_mask_pairs(fragment)}"
+
+
+def _mask_pairs(text: str) -> str:
     pairs = []
-    for pair in re.split(r"([&;])", query):
+    for pair in re.split(r"([&;])", text):
         key, eq, value = pair.partition("=")
         if eq and value and SECRET_KEY.search(urllib.parse.unquote_plus(key)):
             pair = f"{key}={MASK}"
         pairs.append(pair)
-    return f"{before}?{''.join(pairs)}{hash_}{fragment}"
+    return "".join(pairs)
 
 
 def _mask_pair(m: re.Match) -> str:

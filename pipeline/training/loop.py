@@ -243,7 +243,7 @@ def train(
 
 def _init_device(cfg: TrainConfig) -> tuple[torch.device, D.DistInfo]:
     """This process's device (its own GPU under DDP), the process group, threads and cuDNN modes."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     dist = D.init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
