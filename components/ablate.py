@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--seeds ({args.seeds}) and --bootstrap ({args.bootstrap}) must be >= 1")
     base, params = stage_config(args, "train")
     if args.epochs is not None:
-        base = base.replace(epochs=args.epochs)
+        base = base.replace(epochs=args.epochs, at="train")
     folder = Path(args.variants_dir)
     variants = parse_variants(args.variants, folder) if args.variants else known_variants(folder)
     seeds = [base.seed + i for i in range(args.seeds)]
@@ -149,7 +149,7 @@ def variant_config(base, variant: str, seed: int | None = None, folder: Path = V
     changes = flatten(overlay)
     if seed is not None:
         changes["seed"] = seed
-    return base.replace(changes)
+    return base.replace(changes, at="train")
 
 
 def run_variant(

@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params = stage_config(args, "download")
     # deployments (docker/compose.yaml) name their S3 endpoint in the environment
     if os.environ.get("CXR_S3_ENDPOINT_URL") and not cfg.s3.endpoint_url:
-        cfg = cfg.replace({"s3.endpoint_url": os.environ["CXR_S3_ENDPOINT_URL"]})
+        cfg = cfg.replace({"s3.endpoint_url": os.environ["CXR_S3_ENDPOINT_URL"]}, at="download")
     if args.source:
-        cfg = cfg.replace(source=args.source)
+        cfg = cfg.replace(source=args.source, at="download")
     out = Path(args.out)
     check_source(cfg)  # a source that cannot be fetched fails before any MLflow run is made
     with mlflow_run(args, params, "download") as run:

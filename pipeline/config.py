@@ -170,6 +170,20 @@ class DownloadConfig(Section):
     timeout_s: PosFloat
     keep_archives: bool
 
+    @field_validator("source")
+    @classmethod
+    def _no_credentials(cls, source: str) -> str:
+        # params.yaml and dvc.lock are committed: a secret written here would be in every clone
+        from .tracking import redact_uri
+
+        if redact_uri(source) != source:
+            raise ValueError(
+                f"{redact_uri(source)} holds credentials (user:password@ or a token in the URL), and "
+                "params.yaml and dvc.lock are committed: give them to the client instead, in ~/.netrc "
+                "for an HTTP mirror or AWS_* variables / an AWS profile for S3"
+            )
+        return source
+
     @model_validator(mode="after")
     def _archives_listed(self) -> Self:
         if self.source == "nih" and len(self.nih.box_ids) != len(self.nih.md5):

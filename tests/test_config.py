@@ -304,3 +304,15 @@ def test_dvc_records_the_values_each_profile_ran_with(tmp_path: Path) -> None:
     diff = json.loads(dvc("params", "diff", "demo", "paper", "--json"))["params.yaml"]
     assert (diff["prepare.image_size"]["old"], diff["prepare.image_size"]["new"]) == (32, 256)
     assert diff["train.model.backbone.name"]["new"] == "convnext_tiny.fb_in1k"
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["https://u:s3cr@t@mirror.org/nih", "https://mirror.org/nih?token=s3cr@t", "https://mirror.org/nih#sig=s3cr@t"],
+)
+def test_a_source_with_credentials_is_refused_without_showing_them(source) -> None:
+    """params.yaml and dvc.lock are committed: a secret in download.source would be in every clone."""
+    with pytest.raises(ConfigError, match=r"download\.source.*~/\.netrc") as error:
+        settings("download").replace(source=source, at="download")
+    assert "s3cr" not in str(error.value)
+    assert settings("download").replace(source="https://mirror.org/nih", at="download").source.endswith("/nih")
