@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import configparser
 import json
-import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ import yaml
 
 from components.common import run_main
 from pipeline.config import ConfigError, Params, validate
+from pipeline.io import write_text
 
 PARAMS = "params.yaml"
 PROFILE_KEY = "profile"  # the config group that selects a profile (conf/profile/<name>.yaml)
@@ -177,12 +177,6 @@ def _first_line(e: BaseException) -> str:
     return " ".join(text.split("\n")[:2])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     """`key=value` strings (values read as YAML scalars) as a dict of dotted keys."""
     out: dict[str, Any] = {}
@@ -223,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"[params] {target} matches conf/ (profile {params.profile})")
         return 0
-    write_atomic(target, text)
+    write_text(target, text)
     print(f"[params] wrote {target} (profile {params.profile}{', ' + json.dumps(overrides) if overrides else ''})")
     return 0
 

@@ -34,10 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from components.params import compose, override_strings
+from components.params import compose, override_strings, parse_sets
 from pipeline.config import ConfigError
+from pipeline.io import write_text
 from pipeline.tracking import redact_uri
 
 PARAMS = "params.yaml"
@@ -60,11 +59,10 @@ def parse_overrides(env_json: str | None, sets: list[str]) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise StageError('CXR_RUN_OVERRIDES must be a JSON object such as {"train.epochs": 2}')
         out.update(loaded)
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise StageError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=2")
-        out[key] = yaml.safe_load(value)  # YAML scalars: 2 -> int, true -> bool, nih -> str
+    try:
+        out.update(parse_sets(sets))
+    except ConfigError as e:
+        raise StageError(str(e)) from None
     for key in out:
         if not key or any(not part for part in key.split(".")):
             raise StageError(f"override key {key!r} is not a dotted params key such as 'train.epochs'")
@@ -117,9 +115,7 @@ def applied(root: Path, text: str) -> Iterator[None]:
     try:
         saved.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, saved)  # the backup exists before the file changes
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, text)
         yield
     finally:
         restore_backups(root)
