@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     files, skipped = collect_files(args.inputs)
     model = load_model(args.model)
-    top_k = args.explain_top if args.explain else 0
+    top_k = args.explain_top if args.explain else None
     progress = not args.no_progress
     scored, unreadable = predict_files(model, files, args.batch_size, progress=progress, explain_top_k=top_k)
     skipped += unreadable
@@ -81,10 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--explain", action="store_true", help="also write heatmaps of where the model looked")
     p.add_argument(
-        "--explain-top", type=int, default=3, help="findings per image with --explain (default: %(default)s)"
+        "--explain-top",
+        type=_count,
+        default=3,
+        help="findings per image with --explain; 0: none (default: %(default)s)",
     )
     p.add_argument("--explain-out", default="heatmaps", help="folder for the heatmaps (default: %(default)s)")
     return p
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more; got {text!r}")
+    return value
 
 
 def skipped_path(out: Path) -> Path:
@@ -136,11 +150,14 @@ def load_model(uri: str):
         ) from e
 
 
-def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool = True, explain_top_k: int = 0):
+def predict_files(
+    model, files: list[Path], batch_size: int = 16, progress: bool = True, explain_top_k: int | None = None
+):
     """Score `files` with a loaded pyfunc.
 
     Args:
-        explain_top_k: when > 0, ask the model for the maps of each image's top findings too.
+        explain_top_k: when not None, ask the model for the maps of each image's top findings too
+            (0: an `explanation` column without maps).
 
     Returns:
         (scored, skipped): a DataFrame with `file`, the 14 class probabilities and `labels` (and
@@ -158,9 +175,10 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
     for names, images, failures in _batches(files, batch_size):
         skipped += failures
         if images:
-            params = {"explain": True, "explain_top_k": explain_top_k} if explain_top_k else None
+            explain = explain_top_k is not None
+            params = {"explain": True, "explain_top_k": explain_top_k} if explain else None
             out = model.predict(pd.DataFrame({"image": images}), params=params).reset_index(drop=True)
-            if explain_top_k and EXPLANATION_COLUMN not in out.columns:
+            if explain and EXPLANATION_COLUMN not in out.columns:
                 raise RuntimeError(
                     "the model returned no explanations: it was registered by a version without them "
                     "(its signature lacks the `explain` param); register it again to use --explain"
@@ -174,7 +192,7 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
             frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
-    columns = ["file", *CLASSES, "labels"] + ([EXPLANATION_COLUMN] if explain_top_k else [])
+    columns = ["file", *CLASSES, "labels"] + ([EXPLANATION_COLUMN] if explain_top_k is not None else [])
     scored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return scored, skipped
 
