@@ -19,7 +19,8 @@ writes, per image and for its K most probable findings, <stem>_<class>_gradcam.p
 serves explanations (its signature has the `explain` param).
 
 Drift: a model trained with a drift reference adds `drift_image` and `drift_embedding` (each image's
-distance from the training data) and `drift` (a warning, or empty) to the CSV. Every image over a
+distance from the training data), `image_width` and `image_height` (its own size, which a rule holds
+to the training images' range) and `drift` (a warning, or empty) to the CSV. Every image over a
 threshold is printed with its distance, and the whole set of files is checked as one batch:
 "[predict] drift: batch unlike the training images: 5 of 5 images over the image statistics
 distance threshold 4.6 ...". A warning does not stop the scores from being written.
@@ -168,7 +169,7 @@ def predict_files(
     from tqdm.auto import tqdm
 
     # imports mlflow: not at module import (--help stays fast)
-    from pipeline.serving.predictor import DRIFT_COLUMNS, EXPLANATION_COLUMN
+    from pipeline.serving.predictor import DRIFT_COLUMNS, EXPLANATION_COLUMN, SIZE_COLUMNS
 
     frames, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
@@ -187,8 +188,9 @@ def predict_files(
             if "error" in out.columns:  # a row the model could not score is skipped, with its reason
                 failed = out["error"].notna()
                 skipped += [_model_error(f, e) for f, e in zip(out.loc[failed, "file"], out.loc[failed, "error"])]
-                numeric = [c for c in (*CLASSES, *DRIFT_COLUMNS) if c in out.columns]
-                out = out.loc[~failed].drop(columns="error").astype(dict.fromkeys(numeric, float))
+                numeric = {c: float for c in (*CLASSES, *DRIFT_COLUMNS) if c in out.columns}
+                numeric |= {c: int for c in SIZE_COLUMNS if c in out.columns}
+                out = out.loc[~failed].drop(columns="error").astype(numeric)
             frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
@@ -227,7 +229,7 @@ def write_explanations(scored, folder: Path) -> list[Path]:
 def drift_report(model, scored) -> list[str]:
     """Lines naming each image unlike the training data and, when the scored files as a whole look
     unlike it, the batch; empty when the model has no drift reference or nothing was scored."""
-    from pipeline.serving.predictor import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN
+    from pipeline.serving.predictor import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN, SIZE_COLUMNS
 
     reference = getattr(getattr(model.unwrap_python_model(), "predictor", None), "drift", None)
     if reference is None or DRIFT_WARNING_COLUMN not in scored.columns or not len(scored):
@@ -236,7 +238,8 @@ def drift_report(model, scored) -> list[str]:
         f"[predict] drift: {f}: {w}" for f, w in zip(scored["file"], scored[DRIFT_WARNING_COLUMN]) if isinstance(w, str)
     ]
     image, embedding = (scored[c].to_numpy(float) for c in DRIFT_COLUMNS)
-    batch = reference.batch_check({"image": image, "embedding": embedding})
+    sizes = scored[list(SIZE_COLUMNS)].to_numpy(float) if set(SIZE_COLUMNS) <= set(scored.columns) else None
+    batch = reference.batch_check({"image": image, "embedding": embedding}, sizes)
     if batch["warning"]:
         lines.append(f"[predict] drift: {batch['warning']}")
     return lines

@@ -22,8 +22,9 @@ Each row is scored on its own. The output has one row per input row, in order: t
 probabilities (calibrated when the model was registered with a calibration: its metadata says
 `calibrated`), `labels` ("A|B", or "No Finding"), and, for a model whose bundle holds a drift
 reference (`pipeline.serving.drift`), `drift_image` and `drift_embedding` (the image's distances from the
-training data) and `drift` (a one-line warning naming the distance and its threshold, null for an
-image like the training images); then `error`, null for a scored row. A row that
+training data), `image_width` and `image_height` (its size as sent) and `drift` (a one-line warning
+naming each distance over its threshold and a size or aspect ratio outside the training images',
+null for an image like the training images); then `error`, null for a scored row. A row that
 cannot be decoded (not an image, truncated, a decompression bomb, DICOM without pydicom) does not
 fail the batch: its probabilities and labels are null and `error` says, in one line, which row
 (0-based, in the order sent) and why, e.g. "row 2: too_large: Image size (900000000 pixels)
@@ -46,6 +47,7 @@ EXPLANATION_COLUMN = "explanation"
 # The pyfunc's params (names and defaults, in its signature): explanations are off unless asked for.
 PARAMS = {"explain": False, "explain_top_k": 3}
 DRIFT_COLUMNS = ("drift_image", "drift_embedding")
+SIZE_COLUMNS = ("image_width", "image_height")  # as sent, before the resize: the drift check's size rule
 DRIFT_WARNING_COLUMN = "drift"
 MAX_ERROR_CHARS = 300
 
@@ -153,9 +155,17 @@ class Predictor:
 
     def _tensor(self, value: Any):
         """One input value -> (1, crop, crop) uint8 tensor, as evaluation preprocesses."""
+        return self._decoded(value)[0]
+
+    def _decoded(self, value: Any):
+        """One input value -> its (1, crop, crop) uint8 tensor and its own (width, height)."""
         import torch
 
-        return self.crop(torch.from_numpy(decode_input(value, self.image_size)).unsqueeze(0))
+        from pipeline.data.images import decode_image
+
+        pixels = decode_input(value)  # (H, W) at its own size, which the drift check's size rule reads
+        square = decode_image(pixels, self.image_size)  # the same pixels as decoding straight to the size
+        return self.crop(torch.from_numpy(square).unsqueeze(0)), (pixels.shape[1], pixels.shape[0])
 
     def _batch(self, batch: list) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """Probabilities (B, C), calibrated when the model has a calibration, and the drift
@@ -182,12 +192,14 @@ class Predictor:
         """Each image scored on its own: see `frame`; a row that cannot be decoded gets `error`."""
         probs = np.full((len(images), len(self.classes)), np.nan)
         distances = {k: np.full(len(images), np.nan) for k in ("image", "embedding")}
+        sizes = np.full((len(images), 2), np.nan)  # (N, 2) width, height as sent
         errors: list[str | None] = [None] * len(images)
         for start in range(0, len(images), batch_size):
             rows, batch = [], []
             for i in range(start, min(start + batch_size, len(images))):
                 try:
-                    batch.append(self._tensor(images[i]))
+                    tensor, sizes[i] = self._decoded(images[i])
+                    batch.append(tensor)
                     rows.append(i)
                 except Exception as e:  # one bad row must not cost the others their scores
                     errors[i] = row_error(i, e)
@@ -195,7 +207,9 @@ class Predictor:
                 probs[rows], found = self._batch(batch)
                 for kind, d in (found or {}).items():
                     distances[kind][rows] = d
-        return self.frame(probs, errors, distances if self.drift is not None else None)
+        if self.drift is None:
+            return self.frame(probs, errors)
+        return self.frame(probs, errors, distances, sizes)
 
     def explanations(self, images: list[Any], scored: pd.DataFrame, top_k: int) -> list[str | None]:
         """Per row of `score`'s output, the JSON text of its `top_k` findings' maps (see the module doc):
@@ -237,9 +251,10 @@ class Predictor:
         probs: np.ndarray,
         errors: list[str | None] | None = None,
         distances: dict[str, np.ndarray] | None = None,
+        sizes: np.ndarray | None = None,
     ) -> pd.DataFrame:
         """The pyfunc's output: the class probabilities, `labels`, the drift columns (with
-        `distances`, per kind (N,)) and `error`, one row per image.
+        `distances`, per kind (N,), and `sizes`, (N, 2) width and height) and `error`, one row per image.
 
         Rows with an error have null (None) probabilities, labels and drift values, so a JSON answer
         holds `null` there, never NaN; those columns are then of object dtype.
@@ -252,7 +267,11 @@ class Predictor:
         if distances is not None:
             for column, kind in zip(DRIFT_COLUMNS, ("image", "embedding")):
                 df[column] = distances[kind]
-            df[DRIFT_WARNING_COLUMN] = pd.Series(self.drift.image_warnings(distances), dtype=object)
+            if sizes is not None:
+                for column, values in zip(SIZE_COLUMNS, np.asarray(sizes).T):
+                    df[column] = np.nan_to_num(values).astype(np.int64)  # NaN only in error rows, nulled below
+            warnings = self.drift.image_warnings(distances, sizes)
+            df[DRIFT_WARNING_COLUMN] = pd.Series(warnings, dtype=object)
         bad = [i for i, e in enumerate(errors) if e is not None]
         if bad:
             df = df.astype(object)
