@@ -173,19 +173,18 @@ class SizeRange:
 
     @property
     def aspect_limit(self) -> float:
+        """The largest aspect ratio (long side / short side) an image may have."""
         return self.max_aspect * self.aspect_margin
 
     def outside(self, sizes: np.ndarray) -> np.ndarray:
         """(B,) True for the images of `sizes` (B, 2), (width, height), outside the limits; NaN rows
         (images that could not be decoded) are not."""
         sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
-        short, long = sizes.min(axis=1), sizes.max(axis=1)
-        lo, hi = self.side_limits
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (short < lo) | (long > hi) | (long / short > self.aspect_limit)
+        return np.array([bool(self.reasons(w, h)) for w, h in sizes], dtype=bool)
 
     def reasons(self, width: float, height: float) -> list[str]:
-        """Why an image of `width` x `height` is outside the limits; empty when it is not."""
+        """Why an image of `width` x `height` is outside the limits; empty when it is not (or the
+        size is NaN: every comparison with NaN is false)."""
         short, long = min(width, height), max(width, height)
         lo, hi = self.side_limits
         out = []
@@ -202,6 +201,7 @@ class SizeRange:
         return out
 
     def describe(self) -> str:
+        """The limits in words, for a batch warning."""
         lo, hi = self.side_limits
         return f"sides {lo:.0f}-{hi:.0f} px, aspect ratio up to {self.aspect_limit:.2f}"
 
