@@ -19,7 +19,8 @@ writes, per image and for its K most probable findings, <stem>_<class>_gradcam.p
 serves explanations (its signature has the `explain` param).
 
 Drift: a model trained with a drift reference adds `drift_image` and `drift_embedding` (each image's
-distance from the training data) and `drift` (a warning, or empty) to the CSV. Every image over a
+distance from the training data), `image_width` and `image_height` (its own size, which a rule holds
+to the training images' range) and `drift` (a warning, or empty) to the CSV. Every image over a
 threshold is printed with its distance, and the whole set of files is checked as one batch:
 "[predict] drift: batch unlike the training images: 5 of 5 images over the image statistics
 distance threshold 4.6 ...". A warning does not stop the scores from being written.
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     files, skipped = collect_files(args.inputs)
     model = load_model(args.model)
-    top_k = args.explain_top if args.explain else 0
+    top_k = args.explain_top if args.explain else None
     progress = not args.no_progress
     scored, unreadable = predict_files(model, files, args.batch_size, progress=progress, explain_top_k=top_k)
     skipped += unreadable
@@ -81,10 +82,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--explain", action="store_true", help="also write heatmaps of where the model looked")
     p.add_argument(
-        "--explain-top", type=int, default=3, help="findings per image with --explain (default: %(default)s)"
+        "--explain-top",
+        type=_count,
+        default=3,
+        help="findings per image with --explain; 0: none (default: %(default)s)",
     )
     p.add_argument("--explain-out", default="heatmaps", help="folder for the heatmaps (default: %(default)s)")
     return p
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more; got {text!r}")
+    return value
 
 
 def skipped_path(out: Path) -> Path:
@@ -136,11 +151,14 @@ def load_model(uri: str):
         ) from e
 
 
-def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool = True, explain_top_k: int = 0):
+def predict_files(
+    model, files: list[Path], batch_size: int = 16, progress: bool = True, explain_top_k: int | None = None
+):
     """Score `files` with a loaded pyfunc.
 
     Args:
-        explain_top_k: when > 0, ask the model for the maps of each image's top findings too.
+        explain_top_k: when not None, ask the model for the maps of each image's top findings too
+            (0: an `explanation` column without maps).
 
     Returns:
         (scored, skipped): a DataFrame with `file`, the 14 class probabilities and `labels` (and
@@ -151,16 +169,17 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
     from tqdm.auto import tqdm
 
     # imports mlflow: not at module import (--help stays fast)
-    from pipeline.serving.predictor import DRIFT_COLUMNS, EXPLANATION_COLUMN
+    from pipeline.serving.predictor import DRIFT_COLUMNS, EXPLANATION_COLUMN, SIZE_COLUMNS
 
     frames, skipped = [], []
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
     for names, images, failures in _batches(files, batch_size):
         skipped += failures
         if images:
-            params = {"explain": True, "explain_top_k": explain_top_k} if explain_top_k else None
+            explain = explain_top_k is not None
+            params = {"explain": True, "explain_top_k": explain_top_k} if explain else None
             out = model.predict(pd.DataFrame({"image": images}), params=params).reset_index(drop=True)
-            if explain_top_k and EXPLANATION_COLUMN not in out.columns:
+            if explain and EXPLANATION_COLUMN not in out.columns:
                 raise RuntimeError(
                     "the model returned no explanations: it was registered by a version without them "
                     "(its signature lacks the `explain` param); register it again to use --explain"
@@ -169,12 +188,13 @@ def predict_files(model, files: list[Path], batch_size: int = 16, progress: bool
             if "error" in out.columns:  # a row the model could not score is skipped, with its reason
                 failed = out["error"].notna()
                 skipped += [_model_error(f, e) for f, e in zip(out.loc[failed, "file"], out.loc[failed, "error"])]
-                numeric = [c for c in (*CLASSES, *DRIFT_COLUMNS) if c in out.columns]
-                out = out.loc[~failed].drop(columns="error").astype(dict.fromkeys(numeric, float))
+                numeric = {c: float for c in (*CLASSES, *DRIFT_COLUMNS) if c in out.columns}
+                numeric |= {c: int for c in SIZE_COLUMNS if c in out.columns}
+                out = out.loc[~failed].drop(columns="error").astype(numeric)
             frames.append(out)
         bar.update(len(names) + len(failures))
     bar.close()
-    columns = ["file", *CLASSES, "labels"] + ([EXPLANATION_COLUMN] if explain_top_k else [])
+    columns = ["file", *CLASSES, "labels"] + ([EXPLANATION_COLUMN] if explain_top_k is not None else [])
     scored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return scored, skipped
 
@@ -209,7 +229,7 @@ def write_explanations(scored, folder: Path) -> list[Path]:
 def drift_report(model, scored) -> list[str]:
     """Lines naming each image unlike the training data and, when the scored files as a whole look
     unlike it, the batch; empty when the model has no drift reference or nothing was scored."""
-    from pipeline.serving.predictor import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN
+    from pipeline.serving.predictor import DRIFT_COLUMNS, DRIFT_WARNING_COLUMN, SIZE_COLUMNS
 
     reference = getattr(getattr(model.unwrap_python_model(), "predictor", None), "drift", None)
     if reference is None or DRIFT_WARNING_COLUMN not in scored.columns or not len(scored):
@@ -218,7 +238,8 @@ def drift_report(model, scored) -> list[str]:
         f"[predict] drift: {f}: {w}" for f, w in zip(scored["file"], scored[DRIFT_WARNING_COLUMN]) if isinstance(w, str)
     ]
     image, embedding = (scored[c].to_numpy(float) for c in DRIFT_COLUMNS)
-    batch = reference.batch_check({"image": image, "embedding": embedding})
+    sizes = scored[list(SIZE_COLUMNS)].to_numpy(float) if set(SIZE_COLUMNS) <= set(scored.columns) else None
+    batch = reference.batch_check({"image": image, "embedding": embedding}, sizes)
     if batch["warning"]:
         lines.append(f"[predict] drift: {batch['warning']}")
     return lines

@@ -81,11 +81,8 @@ def _attach_drift_reference(out: Path, prepared: Path, cfg) -> None:
     from pipeline.inference import resolve_device
     from pipeline.serving.drift import attach_reference
 
-    drift = cfg.drift
     device = resolve_device(cfg.device, "train.device")
-    if attach_reference(
-        out / "best.pt", prepared, drift.max_images, drift.alarm_rate, cfg.seed, device, cfg.eval_batch_size
-    ):
+    if attach_reference(out / "best.pt", prepared, cfg.drift, cfg.seed, device, cfg.eval_batch_size):
         print(f"[train] drift reference saved into {out / 'best.pt'}")
 
 

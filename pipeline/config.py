@@ -470,10 +470,16 @@ class DriftConfig(Section):
             validation images the thresholds come from (at most this many of each).
         alarm_rate: share of images like the training data that a per-image threshold lets
             through as "unlike" (the thresholds' tail, e.g. 0.001 = 1 in 1,000).
+        size_margin: how many times smaller (shorter side) or larger (longer side) than every
+            training image an image may be before it is flagged by rule.
+        aspect_margin: how many times the training images' largest aspect ratio (long side /
+            short side) an image may have before it is flagged by rule.
     """
 
     max_images: Annotated[int, Field(ge=16)]
     alarm_rate: Annotated[float, Field(gt=0.0, lt=0.5, allow_inf_nan=False)]
+    size_margin: Annotated[float, Field(ge=1.0, allow_inf_nan=False)]
+    aspect_margin: Annotated[float, Field(ge=1.0, allow_inf_nan=False)]
 
 
 class TrainConfig(Section):

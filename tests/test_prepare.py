@@ -265,6 +265,7 @@ def test_decode_image_recognises_dicom_and_names_its_missing_dependency(tmp_path
 def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
     (raw / "images" / image_name(1, 0)).unlink()  # listed but missing
     Image.fromarray(chest_like(SIZE, 0)).save(raw / "images" / "00099999_000.png")  # present, unlisted
+    Image.fromarray(chest_like(SIZE * 3, 1)[:SIZE]).save(raw / "images" / image_name(2, 0))  # wide: 96 x 32
     out = raw.parent / "out"
     stats = prepare(raw, out, cfg(), progress=False)
 
@@ -275,8 +276,24 @@ def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
     assert saved["listed_missing"]["count"] == 1 and saved["num_images"] == 35
 
     manifest = pd.read_csv(out / "manifest.csv")
-    expected = ["image", "patient", "followup", "view", "sex", "age", "split", *CLASSES, "cache_index"]
+    expected = [
+        "image",
+        "patient",
+        "followup",
+        "view",
+        "sex",
+        "age",
+        "split",
+        *CLASSES,
+        "cache_index",
+        "width",
+        "height",
+    ]
     assert list(manifest.columns) == expected
+    # each file's own size, before the square cache (the drift check's size rule is fitted on it)
+    sizes = manifest.set_index("image")[["width", "height"]]
+    assert sizes.loc[image_name(2, 0)].tolist() == [SIZE * 3, SIZE]
+    assert (sizes.drop(index=image_name(2, 0)) == SIZE * 2).all().all()
     assert set(manifest["split"]) == {"train", "val", "test"}
     assert_patient_disjoint(manifest)
     assert set(manifest[list(CLASSES)].values.ravel()) <= {0, 1}

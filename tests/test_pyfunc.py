@@ -142,8 +142,10 @@ def test_explanations_come_only_when_asked_as_base64_pngs_of_the_top_findings(py
             for method in ("gradcam", "prototype"):  # the fixture's model has the metric head
                 image = _decoded_png(f[method])
                 assert image.format == "PNG" and image.mode == "RGB" and image.size == (224, 224)
-    with pytest.raises(ValueError, match="explain_top_k must be at least 1"):
-        pyfunc.predict(None, pd.DataFrame({"image": batch}), params={"explain": True, "explain_top_k": 0})
+    # 0 asks for no maps: an empty list per scored row, the scores unchanged
+    none = pyfunc.predict(None, pd.DataFrame({"image": batch}), params={"explain": True, "explain_top_k": 0})
+    assert none[EXPLANATION_COLUMN].tolist() == ["[]", None, "[]"]
+    pd.testing.assert_frame_equal(none.drop(columns=EXPLANATION_COLUMN), plain)
 
 
 def test_the_logged_model_takes_the_explain_param_through_mlflow(model_files: Path, tmp_path: Path) -> None:
@@ -171,3 +173,101 @@ def test_the_logged_model_takes_the_explain_param_through_mlflow(model_files: Pa
         assert _decoded_png(finding["gradcam"]).size == (224, 224)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def scoring_app(model_files: Path, tmp_path_factory: pytest.TempPathFactory):
+    """MLflow's own scoring server app (what `mlflow models serve` runs) around the pyfunc logged as
+    the register step logs it."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    from pipeline.registry.client import log_pyfunc
+
+    folder = tmp_path_factory.mktemp("scoring")
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    try:
+        experiment_id = mlflow.create_experiment("scoring", artifact_location=(folder / "mlruns").as_uri())
+        with mlflow.start_run(experiment_id=experiment_id):
+            info = log_pyfunc(model_files / "best.pt", model_files / "thresholds.json", png(21, SIZE))
+        model = mlflow.pyfunc.load_model(info.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    with TestClient(scoring_server.init(model)) as client:
+        yield client
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# each of MLflow's JSON request formats, from the values of the rows to send
+REQUESTS = {
+    "dataframe_split": lambda rows: {"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}},
+    "dataframe_records": lambda rows: {"dataframe_records": [{"image": r} for r in rows]},
+    "instances": lambda rows: {"instances": rows},
+    "instances_records": lambda rows: {"instances": [{"image": r} for r in rows]},
+    "inputs": lambda rows: {"inputs": {"image": rows}},
+    "inputs_list": lambda rows: {"inputs": rows},
+}
+
+
+# MLflow reads a bare list of objects as records whose keys are column names: there an object is
+# {"image": ...}, and {"b64": ...} goes inside it (see the last test)
+BARE_LISTS = {"instances", "inputs_list"}
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize(
+    ("request_format", "wrap"),
+    [(f, w) for f in sorted(REQUESTS) for w in ("text", "b64_object") if not (w == "b64_object" and f in BARE_LISTS)],
+)
+def test_every_request_format_scores_base64_pngs(
+    pyfunc: CxrDwmlModel, scoring_app, request_format: str, wrap: str, count: int
+) -> None:
+    images = [png(30 + i) for i in range(count)]
+    rows = [_b64(b) if wrap == "text" else {"b64": _b64(b)} for b in images]
+    r = scoring_app.post("/invocations", json=REQUESTS[request_format](rows))
+    assert r.status_code == 200, r.text[:2000]
+    answer = pd.DataFrame(r.json()["predictions"])
+    expected = pyfunc.predict(None, pd.DataFrame({"image": images}))
+    assert answer[ERROR_COLUMN].isna().all(), answer[ERROR_COLUMN].tolist()
+    np.testing.assert_allclose(answer[list(CLASSES)].to_numpy(float), expected[list(CLASSES)], atol=1e-6)
+    assert answer[LABELS_COLUMN].tolist() == expected[LABELS_COLUMN].tolist()
+
+
+@pytest.mark.parametrize("request_format", sorted(REQUESTS))
+def test_a_null_row_is_that_rows_error_in_every_request_format(
+    pyfunc: CxrDwmlModel, scoring_app, request_format: str
+) -> None:
+    good = png(40)
+    last = _b64(good) if request_format in BARE_LISTS else {"b64": _b64(good)}
+    r = scoring_app.post("/invocations", json=REQUESTS[request_format]([_b64(good), None, last]))
+    assert r.status_code == 200, r.text[:2000]
+    first, null, last = r.json()["predictions"]
+    assert null[ERROR_COLUMN] == "row 1: missing: null instead of an image"
+    assert null[LABELS_COLUMN] is None and null[CLASSES[0]] is None
+    expected = pyfunc.predict(None, pd.DataFrame({"image": [good]}))
+    for row in (first, last):
+        assert row[ERROR_COLUMN] is None
+        np.testing.assert_allclose([row[c] for c in CLASSES], expected.loc[0, list(CLASSES)].to_numpy(float), atol=1e-6)
+
+
+def test_explain_top_k_zero_answers_without_maps_and_a_negative_one_is_a_clear_400(scoring_app) -> None:
+    body = REQUESTS["dataframe_split"]([_b64(png(50)), "bm90IGFuIGltYWdl"])
+    r = scoring_app.post("/invocations", json={**body, "params": {"explain": True, "explain_top_k": 0}})
+    assert r.status_code == 200, r.text[:2000]
+    assert [row[EXPLANATION_COLUMN] for row in r.json()["predictions"]] == ["[]", None]
+
+    r = scoring_app.post("/invocations", json={**body, "params": {"explain": True, "explain_top_k": -1}})
+    assert r.status_code == 400
+    answer = r.json()
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in answer
+    assert answer["message"].endswith("params explain_top_k must be 0 (no maps) or more, got -1")
+    assert "Traceback" not in r.text
+
+
+def test_a_bare_b64_object_is_mlflows_400_naming_the_image_column(scoring_app) -> None:
+    r = scoring_app.post("/invocations", json={"instances": [{"b64": _b64(png(60))}]})
+    assert r.status_code == 400 and "['image']" in r.json()["message"] and "stack_trace" not in r.json()

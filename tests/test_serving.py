@@ -12,6 +12,7 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +106,14 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-OUTPUT = [*CLASSES, "labels", "drift_image", "drift_embedding", "drift", "error"]
+DRIFT = ["drift_image", "drift_embedding", "image_width", "image_height", "drift"]
+OUTPUT = [*CLASSES, "labels", *DRIFT, "error"]
+CSV_COLUMNS = ["file", *CLASSES, "labels", *DRIFT]
 
 
 def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
+    from mlflow.types.schema import AnyType
+
     from pipeline.evaluation.calibration import sigmoid
 
     paths = served.test_images(12)
@@ -150,17 +155,15 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
     np.testing.assert_allclose(from_arrays[list(CLASSES)], probs, rtol=0, atol=1e-6)
 
     schema = served.model.metadata.get_input_schema()
-    assert schema.input_names() == ["image"] and schema.input_types()[0].name == "binary"
+    # any value: the pyfunc decodes bytes, base64 text and {"b64": text} itself (predictor.signature)
+    assert schema.input_names() == ["image"] and isinstance(schema.input_types()[0], AnyType)
     assert served.model.metadata.get_output_schema().input_names() == OUTPUT
 
 
-def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> None:
-    gray = Image.open(served.test_images(1)[0])
-    rgba = Image.merge("RGBA", [gray, gray, gray, Image.new("L", gray.size, 255)])
-    bodies = [png_bytes(gray), png_bytes(rgba)]
-    expected = served.model.predict(pd.DataFrame({"image": bodies}))
-
-    port, log = free_port(), tmp_path / "serve.log"
+@pytest.fixture(scope="module")
+def model_server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow models serve` of the champion on a free loopback port; yields its URL."""
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [
         str(VENV_BIN / "mlflow"),
         "models",
@@ -180,20 +183,27 @@ def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> No
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
-        payload = {
-            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode("ascii")] for b in bodies]}
-        }
-        r = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
-        assert r.status_code == 200, r.text
-        # "not an image" (base64) beside a good image: that row gets an error, the other its scores
-        rows = [payload["dataframe_split"]["data"][0], ["bm90IGFuIGltYWdl"]]
-        mixed = requests.post(
-            f"http://127.0.0.1:{port}/invocations",
-            timeout=60,
-            json={"dataframe_split": {"columns": ["image"], "data": rows}},
-        )
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+def test_models_serve_answers_a_posted_png(served: Served, model_server: str) -> None:
+    gray = Image.open(served.test_images(1)[0])
+    rgba = Image.merge("RGBA", [gray, gray, gray, Image.new("L", gray.size, 255)])
+    bodies = [png_bytes(gray), png_bytes(rgba)]
+    expected = served.model.predict(pd.DataFrame({"image": bodies}))
+
+    payload = {
+        "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode("ascii")] for b in bodies]}
+    }
+    r = requests.post(f"{model_server}/invocations", json=payload, timeout=60)
+    assert r.status_code == 200, r.text
+    # "not an image" (base64) beside a good image: that row gets an error, the other its scores
+    rows = [payload["dataframe_split"]["data"][0], ["bm90IGFuIGltYWdl"]]
+    mixed = requests.post(
+        f"{model_server}/invocations", timeout=60, json={"dataframe_split": {"columns": ["image"], "data": rows}}
+    )
     predictions = pd.DataFrame(r.json()["predictions"])
     assert list(predictions.columns) == OUTPUT and len(predictions) == 2
     np.testing.assert_allclose(predictions[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-6)
@@ -204,6 +214,33 @@ def test_models_serve_answers_a_posted_png(served: Served, tmp_path: Path) -> No
     assert good["error"] is None and good["labels"] == expected.loc[0, "labels"]
     np.testing.assert_allclose([good[c] for c in CLASSES], expected.loc[0, list(CLASSES)].to_numpy(float), atol=1e-6)
     assert bad["error"].startswith("row 1: unreadable: ") and bad["labels"] is None and bad[CLASSES[0]] is None
+
+
+def test_models_serve_answers_every_documented_request_format(served: Served, model_server: str) -> None:
+    """The bodies docs/registry.md shows: base64 text or {"b64": text} per image, a null row beside it."""
+    film = served.test_images(1)[0].read_bytes()
+    text = base64.b64encode(film).decode("ascii")
+    expected = served.model.predict(pd.DataFrame({"image": [film]})).loc[0, list(CLASSES)].to_numpy(float)
+    bodies = {
+        "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[text], [None]]}},
+        "dataframe_records": {"dataframe_records": [{"image": {"b64": text}}, {"image": None}]},
+        "instances": {"instances": [text, None]},
+        "instances_records": {"instances": [{"image": {"b64": text}}, {"image": None}]},
+        "inputs": {"inputs": {"image": [text, None]}},
+        "inputs_b64": {"inputs": {"image": [{"b64": text}, None]}},
+    }
+    for name, body in bodies.items():
+        r = requests.post(f"{model_server}/invocations", json=body, timeout=60)
+        assert r.status_code == 200, (name, r.text[:2000])
+        scored, null = r.json()["predictions"]
+        assert scored["error"] is None, (name, scored["error"])
+        np.testing.assert_allclose([scored[c] for c in CLASSES], expected, rtol=0, atol=1e-6, err_msg=name)
+        assert null["error"] == "row 1: missing: null instead of an image" and null["labels"] is None, name
+
+    explain = {**bodies["inputs"], "params": {"explain": True, "explain_top_k": 0}}
+    r = requests.post(f"{model_server}/invocations", json=explain, timeout=60)
+    assert r.status_code == 200, r.text[:2000]
+    assert [row["explanation"] for row in r.json()["predictions"]] == ["[]", None]
 
 
 def _awkward_files(served: Served, folder: Path) -> dict[str, Path]:
@@ -261,7 +298,7 @@ def test_predict_cli_scores_awkward_pngs_and_skips_broken_files(served: Served, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     scored = pd.read_csv(out)
-    assert list(scored.columns) == ["file", *CLASSES, "labels", "drift_image", "drift_embedding", "drift"]
+    assert list(scored.columns) == CSV_COLUMNS
     good = ["rgba.png", "rgb.png", "gray16.png", "big.png", "nested/photo.jpg"]
     assert sorted(scored["file"]) == sorted(str(files[n]) for n in good)
     # each file scores as the registered model scores its bytes (the model's own decoding)
@@ -312,7 +349,7 @@ def test_predict_cli_explain_writes_the_heatmaps_of_the_top_findings(served: Ser
         assert predict.main([*argv, "--explain", "--explain-top", "2", "--explain-out", str(heat)]) == 0
     scored = pd.read_csv(out)
     # the CSV is the same as without --explain
-    assert list(scored.columns) == ["file", *CLASSES, "labels", "drift_image", "drift_embedding", "drift"]
+    assert list(scored.columns) == CSV_COLUMNS
     expected = set()
     for _, row in scored.iterrows():
         top = row[list(CLASSES)].astype(float).sort_values(ascending=False, kind="stable").index[:2]
@@ -321,6 +358,26 @@ def test_predict_cli_explain_writes_the_heatmaps_of_the_top_findings(served: Ser
     for path in heat.iterdir():
         with Image.open(path) as image:
             assert image.format == "PNG" and image.mode == "RGB" and min(image.size) >= 224
+
+
+def test_predict_cli_explain_top_zero_writes_the_scores_and_no_heatmaps(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from components import predict
+
+    out, heat = tmp_path / "scored.csv", tmp_path / "heat"
+    argv = ["--model", CHAMPION, *map(str, served.test_images(2)), "--out", str(out), "--no-progress", "--explain"]
+    with tracking_env(served.tracking_uri, served.repo):
+        assert predict.main([*argv, "--explain-top", "0", "--explain-out", str(heat)]) == 0
+    scored = pd.read_csv(out)
+    assert len(scored) == 2 and list(scored.columns) == CSV_COLUMNS
+    assert not heat.exists()
+    assert "[predict] 0 heatmap(s)" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as stopped:
+        predict.main([*argv, "--explain-top", "-1"])
+    assert stopped.value.code == 2
+    assert "--explain-top: must be a whole number, 0 or more; got '-1'" in capsys.readouterr().err
 
 
 def test_predict_reports_an_unknown_model_clearly(
@@ -375,3 +432,28 @@ def test_predict_does_not_warn_of_drift_on_test_films(served: Served, tmp_path: 
     # the reference of the tiny test model has ~40 validation images of ~17 patients: one film in
     # a few dozen may sit past a per-image threshold, a batch of them may not
     assert scored["drift"].notna().sum() <= 2, scored.loc[scored["drift"].notna(), ["file", "drift"]]
+
+
+def test_predict_warns_of_drift_on_odd_sizes(served: Served, tmp_path: Path) -> None:
+    """A 1-pixel grey PNG, noise at 1024 px and a 10000 x 10 strip: the resize to the network's input
+    hides them from the distances, the size rule does not."""
+    manifest = pd.read_csv(served.repo / "data/prepared/manifest.csv")
+    side = int(manifest.loc[manifest["split"] == "train", "width"].max())
+    assert side < 1024 // 4  # the synthetic films are small: 1024 px is past the 4x margin
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    rng = np.random.default_rng(0)
+    Image.new("L", (1, 1), 128).save(odd / "grey_1px.png")
+    Image.fromarray(rng.integers(0, 256, (1024, 1024), dtype=np.uint8)).save(odd / "noise_1024.png")
+    Image.fromarray(rng.integers(0, 256, (10, 10000), dtype=np.uint8)).save(odd / "strip_10000x10.png")
+    result = _predict_cli(served, [odd], tmp_path / "odd.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scored = pd.read_csv(tmp_path / "odd.csv").set_index("file")
+    assert scored.loc[str(odd / "strip_10000x10.png"), ["image_width", "image_height"]].tolist() == [10000, 10]
+    for name, size in (("grey_1px", "1 x 1"), ("noise_1024", "1024 x 1024"), ("strip_10000x10", "10000 x 10")):
+        assert f"size {size} px outside " in scored.loc[str(odd / f"{name}.png"), "drift"]
+        assert f"[predict] drift: {odd / name}.png: unlike the training images: " in result.stdout
+    assert "aspect ratio 1000.00 > " in scored.loc[str(odd / "strip_10000x10.png"), "drift"]
+    assert "[predict] drift: batch unlike the training images: 3 of 3 images outside the training images' sizes" in (
+        result.stdout
+    )

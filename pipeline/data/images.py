@@ -60,6 +60,12 @@ def decode_image(source: ImageSource, size: int | None = None) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a PNG/JPEG file, from its header: no pixel is decoded."""
+    with Image.open(path) as img:
+        return img.size
+
+
 def to_uint8_gray(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> mode "L" (see the module docstring for 16-bit scaling)."""
     if img.mode == "L":

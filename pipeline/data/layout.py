@@ -4,7 +4,7 @@ The raw folder holds the NIH layout: `images/*.png` beside the label CSV and the
 (`pipeline.classes` names those). The prepared folder:
 
     manifest.csv            image, patient, followup, view, sex (M/F/empty), age (years/empty), split,
-                            the 14 classes (0/1), cache_index
+                            the 14 classes (0/1), cache_index, width and height (the file's own size in pixels)
     split_stats.json        images/patients/positives per split, quarantine and inventory counts
     class_counts.json       training-split positives per class (the loss's category weights)
     split_class_counts.csv  split, class, count, prevalence (long format, for a bar plot)

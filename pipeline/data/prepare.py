@@ -21,6 +21,7 @@ from pipeline.classes import BBOX_CSV, BBOX_IMAGE_SIZE, CLASSES, MAX_AGE, NO_FIN
 from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache, publish_cache
+from pipeline.data.images import image_size
 from pipeline.data.layout import (
     BOXES,
     CACHE_DIR,
@@ -63,6 +64,9 @@ def prepare(
     table["cache_index"] = np.arange(len(table))
     quarantine = quarantine_table(table, cache)
     table = table[~table["cache_index"].isin(list(cache.failures))].reset_index(drop=True)
+    # the images' own sizes, which the square cache loses: the drift check's size rule is fitted on them
+    sizes = [image_size(raw_dir / RAW_IMAGES / name) for name in table["image"]]
+    table["width"], table["height"] = [w for w, _ in sizes], [h for _, h in sizes]
 
     labels = table[list(CLASSES)].to_numpy()
     table["split"] = assign_splits(
@@ -236,7 +240,19 @@ def split_class_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_outputs(out_dir: Path, table: pd.DataFrame, stats: dict, quarantine: pd.DataFrame) -> None:
-    columns = ["image", "patient", "followup", "view", "sex", "age", "split", *CLASSES, "cache_index"]
+    columns = [
+        "image",
+        "patient",
+        "followup",
+        "view",
+        "sex",
+        "age",
+        "split",
+        *CLASSES,
+        "cache_index",
+        "width",
+        "height",
+    ]
     manifest = table.loc[table["split"] != "", columns]
     save_dataframe(out_dir / MANIFEST, manifest)
     save_dataframe(out_dir / QUARANTINE, quarantine)

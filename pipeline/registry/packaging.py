@@ -35,7 +35,6 @@ def log_pyfunc(
     that must match. The model's metadata records `calibration` (the method) and `calibrated`.
     """
     import mlflow
-    from mlflow.models import infer_signature
 
     from ..io import load_checkpoint
     from ..serving import predictor as serving
@@ -56,7 +55,7 @@ def log_pyfunc(
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
         artifacts=artifacts,
         code_paths=[str(code)],
-        signature=infer_signature(example_in, example_out, params=serving.PARAMS),
+        signature=serving.signature(example_in, example_out),
         input_example=example_in,
         pip_requirements=_requirements(),
         metadata={"calibration": method, "calibrated": method != "none", "drift_check": predictor.drift is not None},

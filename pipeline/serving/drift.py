@@ -26,6 +26,16 @@ long right tail). A batch of n images is flagged when k of them are over the per
 and k or more would happen by chance less often than alarm_rate (binomial tail with p =
 alarm_rate): one odd image is an image warning, a batch of them is a batch warning. Nothing is
 tuned on test images.
+
+Distances are blind to what the resize to the network's input removes: a 1-pixel grey PNG, noise
+at 1024 px (averaged to a flat grey) or a 10000 x 10 strip all become a smooth square that can sit
+near the training images' statistics. So the size of the image as sent is checked by rule, against
+the range of the training images' own sizes (the prepare step's manifest, `width` and `height`):
+an image is flagged when its shorter side is under the smallest training image's shorter side
+divided by `size_margin`, its longer side over the largest training image's longer side times
+`size_margin`, or its aspect ratio (long side / short side) over the training images' largest
+times `aspect_margin` (`SizeRange`). No training image is outside its own range, so the rule adds
+no false alarms on the training population.
 """
 
 from __future__ import annotations
@@ -33,10 +43,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ..config import DriftConfig
 
 STATISTICS = ("mean", "std", "dark", "bright", "q05", "q25", "q50", "q75", "q95", "edge")
 DARK, BRIGHT = 0.05, 0.95
@@ -124,6 +137,76 @@ def threshold(distances: np.ndarray, alarm_rate: float, samples: int | None = No
 
 
 @dataclass(frozen=True)
+class SizeRange:
+    """The training images' own sizes (pixels, as stored, before the resize to the cache) and how
+    far outside them an image may be before it is flagged.
+
+    Attributes:
+        min_side: the smallest shorter side among the training images.
+        max_side: the largest longer side.
+        max_aspect: the largest aspect ratio, long side / short side (1 for squares).
+        size_margin: a side under min_side / size_margin or over max_side * size_margin is flagged.
+        aspect_margin: an aspect ratio over max_aspect * aspect_margin is flagged.
+    """
+
+    min_side: int
+    max_side: int
+    max_aspect: float
+    size_margin: float
+    aspect_margin: float
+
+    @classmethod
+    def fit(cls, widths: np.ndarray, heights: np.ndarray, size_margin: float, aspect_margin: float) -> SizeRange:
+        """The range of training images of sizes `widths` x `heights` (N,), N >= 1."""
+        sides = np.stack([np.asarray(widths), np.asarray(heights)], axis=1).astype(np.int64)  # (N, 2)
+        if len(sides) == 0 or sides.min() < 1:
+            raise ValueError(f"a size range needs at least one image of positive size, got {len(sides)} images")
+        short, long = sides.min(axis=1), sides.max(axis=1)
+        return cls(
+            int(short.min()), int(long.max()), float((long / short).max()), float(size_margin), float(aspect_margin)
+        )
+
+    @property
+    def side_limits(self) -> tuple[float, float]:
+        """(smallest, largest) side an image may have."""
+        return self.min_side / self.size_margin, self.max_side * self.size_margin
+
+    @property
+    def aspect_limit(self) -> float:
+        """The largest aspect ratio (long side / short side) an image may have."""
+        return self.max_aspect * self.aspect_margin
+
+    def outside(self, sizes: np.ndarray) -> np.ndarray:
+        """(B,) True for the images of `sizes` (B, 2), (width, height), outside the limits; NaN rows
+        (images that could not be decoded) are not."""
+        sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+        return np.array([bool(self.reasons(w, h)) for w, h in sizes], dtype=bool)
+
+    def reasons(self, width: float, height: float) -> list[str]:
+        """Why an image of `width` x `height` is outside the limits; empty when it is not (or the
+        size is NaN: every comparison with NaN is false)."""
+        short, long = min(width, height), max(width, height)
+        lo, hi = self.side_limits
+        out = []
+        if short < lo or long > hi:
+            out.append(
+                f"size {width:.0f} x {height:.0f} px outside {lo:.0f}-{hi:.0f} px "
+                f"(training images {self.min_side}-{self.max_side} px)"
+            )
+        if short > 0 and long / short > self.aspect_limit:
+            aspect = long / short
+            out.append(
+                f"aspect ratio {aspect:.2f} > {self.aspect_limit:.2f} (training images at most {self.max_aspect:.2f})"
+            )
+        return out
+
+    def describe(self) -> str:
+        """The limits in words, for a batch warning."""
+        lo, hi = self.side_limits
+        return f"sides {lo:.0f}-{hi:.0f} px, aspect ratio up to {self.aspect_limit:.2f}"
+
+
+@dataclass(frozen=True)
 class Reference:
     """What the model bundle keeps of its training data, and the thresholds derived from it.
 
@@ -134,6 +217,8 @@ class Reference:
         alarm_rate: the tail share of in-distribution images a threshold lets through.
         train_images / val_images: how many images the Gaussians and the thresholds were fitted on.
         settings: the settings that made it (a changed setting makes it again).
+        sizes: the training images' size range the rule holds images to; None in a reference saved
+            before it existed (no size rule then).
     """
 
     image: Gaussian
@@ -144,20 +229,30 @@ class Reference:
     train_images: int
     val_images: int
     settings: dict[str, Any]
+    sizes: SizeRange | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "image": asdict(self.image), "embedding": asdict(self.embedding)}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Reference:
-        return cls(**{**data, "image": Gaussian(**data["image"]), "embedding": Gaussian(**data["embedding"])})
+        sizes = data.get("sizes")
+        return cls(
+            **{
+                **data,
+                "image": Gaussian(**data["image"]),
+                "embedding": Gaussian(**data["embedding"]),
+                "sizes": None if sizes is None else SizeRange(**sizes),
+            }
+        )
 
     def distances(self, stats: np.ndarray, pooled: np.ndarray) -> dict[str, np.ndarray]:
         """Per kind, the distances (B,) of images with statistics (B, S) and pooled features (B, F)."""
         return {"image": self.image.distance(stats), "embedding": self.embedding.distance(pooled)}
 
-    def image_warnings(self, distances: dict[str, np.ndarray]) -> list[str | None]:
-        """One line per image naming each distance above its threshold, or None."""
+    def image_warnings(self, distances: dict[str, np.ndarray], sizes: np.ndarray | None = None) -> list[str | None]:
+        """One line per image naming each distance above its threshold and, with `sizes` (B, 2)
+        (width, height), a size outside the training range; None for an image like the training images."""
         out: list[str | None] = []
         for i in range(len(distances["image"])):
             over = [
@@ -165,21 +260,32 @@ class Reference:
                 for k in KINDS
                 if distances[k][i] > self.thresholds[k]
             ]
+            if sizes is not None and self.sizes is not None:
+                over += self.sizes.reasons(*np.asarray(sizes, dtype=np.float64)[i])
             out.append(f"unlike the training images: {'; '.join(over)}" if over else None)
         return out
 
-    def batch_check(self, distances: dict[str, np.ndarray]) -> dict[str, Any]:
+    def batch_check(self, distances: dict[str, np.ndarray], sizes: np.ndarray | None = None) -> dict[str, Any]:
         """Per kind, the batch's mean distance, how many images are over the per-image threshold
         and the chance of that many or more among images like the training data (binomial, p =
-        alarm_rate); and a one-line `warning` when that chance is below alarm_rate (else None)."""
-        from scipy.stats import binom
-
+        alarm_rate); with `sizes` (B, 2) (width, height) the same count of images outside the size
+        range ("size"; alarm_rate bounds a training image's chance of that from above); and a
+        one-line `warning` when one of those chances is below alarm_rate (else None)."""
         n = len(distances["image"])
         result: dict[str, Any] = {"images": n, "alarm_rate": self.alarm_rate}
         over = []
+        if sizes is not None and self.sizes is not None:
+            outside = int(self.sizes.outside(sizes).sum())
+            result["size"] = {
+                "limits": self.sizes.describe(),
+                "images_outside": outside,
+                "chance": self._chance(outside, n),
+            }
+            if result["size"]["chance"] < self.alarm_rate:
+                over.append(f"{outside} of {n} images outside the training images' sizes ({self.sizes.describe()})")
         for kind in KINDS:
             flagged = int(np.sum(distances[kind] > self.thresholds[kind]))
-            chance = float(binom.sf(flagged - 1, n, self.alarm_rate)) if flagged else 1.0  # P(X >= flagged)
+            chance = self._chance(flagged, n)
             result[kind] = {
                 "mean_distance": float(np.mean(distances[kind])) if n else None,
                 "threshold": self.thresholds[kind],
@@ -193,6 +299,13 @@ class Reference:
                 )
         result["warning"] = f"batch unlike the training images: {'; '.join(over)}" if over else None
         return result
+
+    def _chance(self, flagged: int, n: int) -> float:
+        """P(X >= flagged) for X ~ Binomial(n, alarm_rate): how often images like the training data
+        would flag that many."""
+        from scipy.stats import binom
+
+        return float(binom.sf(flagged - 1, n, self.alarm_rate)) if flagged else 1.0
 
 
 @torch.no_grad()
@@ -216,12 +329,29 @@ def _collect(model, dataset, rows: np.ndarray, device, batch_size: int) -> tuple
     return np.concatenate(stats), np.concatenate(pooled)
 
 
+def training_sizes(prepared_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Widths and heights (N,) of the training split's images, as the prepare step recorded them."""
+    import pandas as pd
+
+    from ..data.layout import MANIFEST
+
+    path = Path(prepared_dir) / MANIFEST
+    manifest = pd.read_csv(path, usecols=lambda c: c in {"split", "width", "height"})
+    if not {"width", "height"} <= set(manifest.columns):
+        raise ValueError(
+            f"{path} has no width and height columns (prepared before image sizes were recorded): "
+            "rerun the prepare step"
+        )
+    train = manifest[manifest["split"] == "train"]
+    return train["width"].to_numpy(), train["height"].to_numpy()
+
+
 def fit_reference(
-    model, prepared_dir: Path, crop_size: int, max_images: int, alarm_rate: float, seed: int, device, batch_size: int
+    model, prepared_dir: Path, crop_size: int, cfg: DriftConfig, seed: int, device, batch_size: int
 ) -> Reference:
-    """The drift reference of a trained model: Gaussians on up to `max_images` random training
-    images, thresholds from up to `max_images` random validation images, both centre-cropped as
-    evaluation and serving crop them."""
+    """The drift reference of a trained model: Gaussians on up to `cfg.max_images` random training
+    images, thresholds from up to as many random validation images, both centre-cropped as
+    evaluation and serving crop them, and the size range of all training images."""
     from ..data.dataset import CachedImageDataset
 
     model.eval()
@@ -229,7 +359,7 @@ def fit_reference(
     fitted, patients = {}, {}
     for split in ("train", "val"):
         ds = CachedImageDataset(prepared_dir, split, crop_size, train=False)
-        rows = np.sort(rng.permutation(len(ds))[:max_images])
+        rows = np.sort(rng.permutation(len(ds))[: cfg.max_images])
         fitted[split] = _collect(model, ds, rows, device, batch_size)  # (stats (N, S), pooled (N, F))
         patients[split] = len(np.unique(ds.patients[rows]))
     image, embedding = Gaussian.fit(fitted["train"][0]), Gaussian.fit(fitted["train"][1])
@@ -237,17 +367,18 @@ def fit_reference(
     return Reference(
         image=image,
         embedding=embedding,
-        thresholds={k: threshold(d, alarm_rate, patients["val"]) for k, d in val.items()},
+        thresholds={k: threshold(d, cfg.alarm_rate, patients["val"]) for k, d in val.items()},
         val_means={k: float(d.mean()) for k, d in val.items()},
-        alarm_rate=alarm_rate,
+        alarm_rate=cfg.alarm_rate,
         train_images=len(fitted["train"][0]),
         val_images=len(fitted["val"][0]),
-        settings={"max_images": max_images, "alarm_rate": alarm_rate, "seed": seed},
+        settings={**cfg.model_dump(), "seed": seed},
+        sizes=SizeRange.fit(*training_sizes(prepared_dir), cfg.size_margin, cfg.aspect_margin),
     )
 
 
 def attach_reference(
-    bundle_path: Path, prepared_dir: Path, max_images: int, alarm_rate: float, seed: int, device, batch_size: int
+    bundle_path: Path, prepared_dir: Path, cfg: DriftConfig, seed: int, device, batch_size: int
 ) -> bool:
     """Add the drift reference to the model bundle at `bundle_path` unless it holds one made with
     these settings; True when the bundle was rewritten.
@@ -260,12 +391,12 @@ def attach_reference(
     from ..training.checkpoint import save_checkpoint
 
     bundle = load_checkpoint(bundle_path)
-    settings = {"max_images": max_images, "alarm_rate": alarm_rate, "seed": seed, "code": file_digest(__file__)}
+    settings = {**cfg.model_dump(), "seed": seed, "code": file_digest(__file__)}
     if (bundle.get(REFERENCE_KEY) or {}).get("settings") == settings:
         return False
     model = model_from_bundle(bundle, device, source=str(bundle_path))
     crop = int(bundle.get("crop_size", 224))
-    ref = fit_reference(model, prepared_dir, crop, max_images, alarm_rate, seed, device, batch_size)
+    ref = fit_reference(model, prepared_dir, crop, cfg, seed, device, batch_size)
     save_checkpoint(bundle_path, {**bundle, REFERENCE_KEY: {**ref.to_dict(), "settings": settings}})
     return True
 

@@ -5,15 +5,16 @@ label prototypes, the class names, the calibration and the validation thresholds
 probabilities) and the drift reference all travel inside the logged model:
     model = mlflow.pyfunc.load_model("models:/cxr-dwml@champion")
     model.predict(pd.DataFrame({"image": [png_bytes, ...]}))
-The pyfunc's signature is one binary column `image`: pass a DataFrame whose `image` column holds
-PNG/JPEG/DICOM bytes or uint8 arrays (H, W) / (H, W, 3|4) (base64 text in JSON for `mlflow models serve`;
-DICOM needs pydicom where the model is served).
+The pyfunc's signature is one column `image` (`signature`): pass a DataFrame whose `image` column
+holds PNG/JPEG/DICOM bytes or uint8 arrays (H, W) / (H, W, 3|4); in JSON for `mlflow models serve`,
+base64 text of the bytes, alone or as {"b64": "<text>"}, in any of MLflow's request formats
+(DICOM needs pydicom where the model is served). A null row is a row error, not a failed batch.
 `Predictor` and `CxrDwmlModel.predict` themselves also take a plain list of those or a uint8 ndarray
 (N, H, W) / (H, W); MLflow's schema check rejects those before they reach the pyfunc.
 
 Where the model looked, on request: `model.predict(df, params={"explain": True, "explain_top_k": 3})`
-adds a column `explanation`, per row a JSON list over its `explain_top_k` most probable findings of
-{"class", "probability", "gradcam", "prototype"}: Grad-CAM and the prototype-distance map
+adds a column `explanation`, per row a JSON list over its `explain_top_k` most probable findings
+(none for 0) of {"class", "probability", "gradcam", "prototype"}: Grad-CAM and the prototype-distance map
 (`pipeline.evaluation.explain`) as base64 PNG overlays on the network's input (prototype null for a linear
 head; the whole cell null for a row with an error). Without the flag the output is unchanged.
 
@@ -21,8 +22,9 @@ Each row is scored on its own. The output has one row per input row, in order: t
 probabilities (calibrated when the model was registered with a calibration: its metadata says
 `calibrated`), `labels` ("A|B", or "No Finding"), and, for a model whose bundle holds a drift
 reference (`pipeline.serving.drift`), `drift_image` and `drift_embedding` (the image's distances from the
-training data) and `drift` (a one-line warning naming the distance and its threshold, null for an
-image like the training images); then `error`, null for a scored row. A row that
+training data), `image_width` and `image_height` (its size as sent) and `drift` (a one-line warning
+naming each distance over its threshold and a size or aspect ratio outside the training images',
+null for an image like the training images); then `error`, null for a scored row. A row that
 cannot be decoded (not an image, truncated, a decompression bomb, DICOM without pydicom) does not
 fail the batch: its probabilities and labels are null and `error` says, in one line, which row
 (0-based, in the order sent) and why, e.g. "row 2: too_large: Image size (900000000 pixels)
@@ -45,18 +47,35 @@ EXPLANATION_COLUMN = "explanation"
 # The pyfunc's params (names and defaults, in its signature): explanations are off unless asked for.
 PARAMS = {"explain": False, "explain_top_k": 3}
 DRIFT_COLUMNS = ("drift_image", "drift_embedding")
+SIZE_COLUMNS = ("image_width", "image_height")  # as sent, before the resize: the drift check's size rule
 DRIFT_WARNING_COLUMN = "drift"
 MAX_ERROR_CHARS = 300
 
 
-def decode_input(value: Any, size: int) -> np.ndarray:
-    """One `image` value -> (size, size) uint8, decoded as the prepare step decodes its files.
+class MissingImage(ValueError):
+    """A row without an image: null in a JSON request, None or NaN in a DataFrame."""
 
-    `value`: PNG/JPEG/DICOM bytes, their base64 text, or a uint8 array (H, W) / (H, W, 3|4); see
+
+def decode_input(value: Any, size: int | None = None) -> np.ndarray:
+    """One `image` value -> (H, W) uint8 at its own size, or (size, size), decoded as the prepare step
+    decodes its files.
+
+    `value`: PNG/JPEG/DICOM bytes; their base64 text, alone or as {"b64": text} (the convention of
+    TF Serving's JSON for binary values); or a uint8 array (H, W) / (H, W, 3|4); see
     `pipeline.data.images.decode_image`.
+
+    Raises:
+        MissingImage: for None or NaN.
+        ValueError, OSError, ImportError: as `decode_image`, or for text that is not base64.
     """
     from pipeline.data.images import decode_image
 
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        raise MissingImage("null instead of an image")
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise ValueError(f'an object in `image` must be {{"b64": "<base64 text>"}}, got keys {sorted(value)}')
+        value = value["b64"]
     if isinstance(value, str):
         try:
             value = base64.b64decode(value)
@@ -71,12 +90,14 @@ def row_error(index: int, exc: BaseException) -> str:
     """One line saying why input row `index` could not be scored: `row <i>: <reason>: <detail>`.
 
     The reasons are those of `pipeline.data.images.classify_error` (unreadable, too_large,
-    truncated, corrupt), plus unsupported for DICOM without pydicom.
+    truncated, corrupt), plus unsupported for DICOM without pydicom and missing for a null row.
     """
     from pipeline.data.images import classify_error
 
     if isinstance(exc, ImportError):
         reason, detail = "unsupported", str(exc)
+    elif isinstance(exc, MissingImage):
+        reason, detail = "missing", str(exc)
     else:
         reason, detail = classify_error(exc)
         if reason == "unreadable":
@@ -90,10 +111,16 @@ def row_error(index: int, exc: BaseException) -> str:
 
 
 def as_image_list(model_input: Any) -> list[Any]:
+    """The `image` values of a DataFrame, a {"image": ...} dict, an (N, H, W) / (H, W) array or a list."""
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
             raise ValueError(f"input DataFrame needs an 'image' column; got {list(model_input.columns)}")
-        return list(model_input["image"])
+        images = list(model_input["image"])
+        # MLflow's server makes {"image": [text, ...]} (`inputs`, or `instances` of plain strings) ONE
+        # row holding the list; a list of strings is never one image, so it is the rows that were sent
+        if len(images) == 1 and isinstance(images[0], list) and all(isinstance(v, str) for v in images[0]):
+            return images[0]
+        return images
     if isinstance(model_input, np.ndarray):
         return [model_input] if model_input.ndim == 2 else list(model_input)
     if isinstance(model_input, dict) and "image" in model_input:
@@ -128,9 +155,17 @@ class Predictor:
 
     def _tensor(self, value: Any):
         """One input value -> (1, crop, crop) uint8 tensor, as evaluation preprocesses."""
+        return self._decoded(value)[0]
+
+    def _decoded(self, value: Any):
+        """One input value -> its (1, crop, crop) uint8 tensor and its own (width, height)."""
         import torch
 
-        return self.crop(torch.from_numpy(decode_input(value, self.image_size)).unsqueeze(0))
+        from pipeline.data.images import decode_image
+
+        pixels = decode_input(value)  # (H, W) at its own size, which the drift check's size rule reads
+        square = decode_image(pixels, self.image_size)  # the same pixels as decoding straight to the size
+        return self.crop(torch.from_numpy(square).unsqueeze(0)), (pixels.shape[1], pixels.shape[0])
 
     def _batch(self, batch: list) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """Probabilities (B, C), calibrated when the model has a calibration, and the drift
@@ -157,12 +192,14 @@ class Predictor:
         """Each image scored on its own: see `frame`; a row that cannot be decoded gets `error`."""
         probs = np.full((len(images), len(self.classes)), np.nan)
         distances = {k: np.full(len(images), np.nan) for k in ("image", "embedding")}
+        sizes = np.full((len(images), 2), np.nan)  # (N, 2) width, height as sent
         errors: list[str | None] = [None] * len(images)
         for start in range(0, len(images), batch_size):
             rows, batch = [], []
             for i in range(start, min(start + batch_size, len(images))):
                 try:
-                    batch.append(self._tensor(images[i]))
+                    tensor, sizes[i] = self._decoded(images[i])
+                    batch.append(tensor)
                     rows.append(i)
                 except Exception as e:  # one bad row must not cost the others their scores
                     errors[i] = row_error(i, e)
@@ -170,14 +207,19 @@ class Predictor:
                 probs[rows], found = self._batch(batch)
                 for kind, d in (found or {}).items():
                     distances[kind][rows] = d
-        return self.frame(probs, errors, distances if self.drift is not None else None)
+        if self.drift is None:
+            return self.frame(probs, errors)
+        return self.frame(probs, errors, distances, sizes)
 
     def explanations(self, images: list[Any], scored: pd.DataFrame, top_k: int) -> list[str | None]:
-        """Per row of `score`'s output, the JSON text of its `top_k` findings' maps (see the module doc)."""
+        """Per row of `score`'s output, the JSON text of its `top_k` findings' maps (see the module doc):
+        null for a row with an error, "[]" for every scored row when `top_k` is 0."""
         import torch
 
         from pipeline.evaluation.explain import explainer, overlay_base64
 
+        if top_k == 0:  # no maps asked for: no explainer to build, no backward pass
+            return [None if e is not None else "[]" for e in scored[ERROR_COLUMN]]
         if self._explainer is None:
             self._explainer = explainer(self.model, self.crop_size)
         out: list[str | None] = []
@@ -209,9 +251,10 @@ class Predictor:
         probs: np.ndarray,
         errors: list[str | None] | None = None,
         distances: dict[str, np.ndarray] | None = None,
+        sizes: np.ndarray | None = None,
     ) -> pd.DataFrame:
         """The pyfunc's output: the class probabilities, `labels`, the drift columns (with
-        `distances`, per kind (N,)) and `error`, one row per image.
+        `distances`, per kind (N,), and `sizes`, (N, 2) width and height) and `error`, one row per image.
 
         Rows with an error have null (None) probabilities, labels and drift values, so a JSON answer
         holds `null` there, never NaN; those columns are then of object dtype.
@@ -224,7 +267,11 @@ class Predictor:
         if distances is not None:
             for column, kind in zip(DRIFT_COLUMNS, ("image", "embedding")):
                 df[column] = distances[kind]
-            df[DRIFT_WARNING_COLUMN] = pd.Series(self.drift.image_warnings(distances), dtype=object)
+            if sizes is not None:
+                for column, values in zip(SIZE_COLUMNS, np.asarray(sizes).T):
+                    df[column] = np.nan_to_num(values).astype(np.int64)  # NaN only in error rows, nulled below
+            warnings = self.drift.image_warnings(distances, sizes)
+            df[DRIFT_WARNING_COLUMN] = pd.Series(warnings, dtype=object)
         bad = [i for i, e in enumerate(errors) if e is not None]
         if bad:
             df = df.astype(object)
@@ -232,6 +279,34 @@ class Predictor:
             df.loc[bad, LABELS_COLUMN] = None
         df[ERROR_COLUMN] = pd.Series(errors, dtype=object)
         return df
+
+
+def signature(example_in: pd.DataFrame, example_out: pd.DataFrame):
+    """The pyfunc's MLflow signature: the input column `image` of any type, the output columns of
+    `example_out`, and PARAMS.
+
+    `image` is not declared binary: for a binary column MLflow's server base64-decodes
+    `dataframe_split`/`dataframe_records` values itself and answers the whole request with a 400 when
+    one of them is null, and in `instances`/`inputs` it passes the base64 text on as bytes (and
+    {"b64": ...} as the bytes of its repr). Declared as any value, each row reaches `decode_input` as
+    it was sent, and a row that is not an image is that row's error.
+    """
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    inferred = infer_signature(example_in, example_out, params=PARAMS)
+    return ModelSignature(Schema([ColSpec(AnyType(), "image")]), inferred.outputs, inferred.params)
+
+
+def invalid_param(message: str) -> Exception:
+    """The exception for a bad request param: MLflow's INVALID_PARAMETER_VALUE, so its server answers
+    400 with `message` and no stack trace (a ValueError becomes a 400 carrying a traceback)."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    except ImportError:
+        return ValueError(message)
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def read_calibration(path: str | None):
@@ -268,14 +343,14 @@ class CxrDwmlModel(PythonModel):
         `model_input` may also be a list or an array of images (`as_image_list`). The DataFrame
         type hint tells MLflow to validate the input against the logged signature, not to infer a
         schema from the hint. `params` {"explain": true, "explain_top_k": k} adds the `explanation`
-        column.
+        column (an empty list per scored row for k = 0).
         """
         images = as_image_list(model_input)
         scored = self.predictor.score(images)
         params = {**PARAMS, **(params or {})}
         if params["explain"]:
             top_k = int(params["explain_top_k"])
-            if top_k < 1:
-                raise ValueError(f"params explain_top_k must be at least 1, got {top_k}")
+            if top_k < 0:
+                raise invalid_param(f"params explain_top_k must be 0 (no maps) or more, got {top_k}")
             scored[EXPLANATION_COLUMN] = pd.Series(self.predictor.explanations(images, scored, top_k), dtype=object)
         return scored
