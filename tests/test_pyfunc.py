@@ -183,7 +183,7 @@ def scoring_app(model_files: Path, tmp_path_factory: pytest.TempPathFactory):
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
-    from pipeline.registry.client import log_pyfunc
+    from pipeline.registry.packaging import log_pyfunc
 
     folder = tmp_path_factory.mktemp("scoring")
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
