@@ -17,8 +17,8 @@ help:
 	@echo "make stack-test  the compose stack as local processes, end to end (needs PostgreSQL on 127.0.0.1:5432)"
 
 # The development venv: the pipeline plus the extras the tests exercise (Airflow for the DAG,
-# the PostgreSQL drivers, the test tools and ruff); see pyproject.toml for what each extra holds.
-EXTRAS := dev,airflow,postgres
+# the PostgreSQL drivers, DICOM reading, the test tools and ruff); see pyproject.toml for each extra.
+EXTRAS := dev,airflow,postgres,dicom
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -5,8 +5,9 @@ Run:
     python -m components.predict --model models:/cxr-dwml@3 a.png b.jpg c.dcm
 The model is any MLflow model URI (`models:/<name>@<alias>`, `models:/<name>/<version>`, `runs:/...`,
 a local folder); `models:/` URIs are looked up in MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db).
-Folders are searched recursively for .png, .jpg, .jpeg, .dcm and .dicom files. DICOM needs pydicom
-(`pip install pydicom`); without it DICOM files are skipped with that reason.
+Folders are searched recursively for .png, .jpg, .jpeg, .dcm and .dicom files. DICOM needs the
+`dicom` extra (docs/dicom.md); without it DICOM files are skipped with that reason, and a DICOM
+object that is not a single-frame chest radiograph is skipped as `refused`, with why.
 Files that cannot be read are skipped, never fatal: each is printed with its reason and listed in
 <out>.skipped.csv (file, reason, detail). The exit status is 1 when no file could be scored.
 

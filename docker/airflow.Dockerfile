@@ -6,9 +6,9 @@
 #
 # Airflow runs in its own interpreter, which gets the project's `airflow` and `postgres` extras
 # (pyproject.toml); the DAG's tasks run the component commands (through DVC) in the project venv,
-# which holds the core dependencies only, so the ML stack (torch, timm, DVC, ...) never shares
-# Airflow's process or has to agree with Airflow's constraints. The venv is not on PATH: the DAG
-# puts it first for each task (CXR_VENV), and Airflow's own interpreter stays the default.
+# which holds the core dependencies and the `dicom` extra, so the ML stack (torch, timm, DVC, ...)
+# never shares Airflow's process or has to agree with Airflow's constraints. The venv is not on
+# PATH: the DAG puts it first for each task (CXR_VENV), and Airflow's own interpreter stays the default.
 
 ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11
 
@@ -30,10 +30,10 @@ ARG PIP_EXTRA_INDEX_URL
 WORKDIR /opt/cxr-dwml
 COPY --chown=50000:0 pyproject.toml requirements.lock ./
 # The venv is made by the system interpreter, not by Airflow's (which has Airflow's packages
-# in its user site): the project's core dependencies (no extra) are resolved against the lock
-# file alone.
+# in its user site): the project's core dependencies and the `dicom` extra (DICOM sources for
+# prepare) are resolved against the lock file alone.
 RUN /usr/local/bin/python -m venv .venv \
-    && .venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    && .venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['dicom']))" \
         > /tmp/requirements.txt \
     && .venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt -c requirements.lock \
     && rm /tmp/requirements.txt

@@ -7,9 +7,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -116,3 +120,141 @@ def tiny_bundle(path: Path, size: int = 32, **model_changes):
     }
     torch.save(bundle, path)
     return net
+
+
+# --- DICOM files: real ones written by pydicom, as a DX modality writes them, with patient and study
+# values that nothing the project writes may contain.
+PATIENT_STUDY = {
+    "PatientName": "Quixote^Dulcinea",
+    "PatientID": "PID-7Q4X9Z",
+    "PatientBirthDate": "19431107",
+    "PatientAddress": "12 Rue Zola Lyon",
+    "OtherPatientIDs": "OPID-55K2",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.9.7777.1",
+    "SeriesInstanceUID": "1.2.826.0.1.3680043.9.7777.2",
+    "StudyDate": "20240229",
+    "StudyTime": "134201",
+    "AccessionNumber": "ACC8842917",
+    "StudyID": "STU99173",
+    "StudyDescription": "THORAX QX7 WARD",
+    "ReferringPhysicianName": "Kildare^James",
+    "InstitutionName": "Saint Elsewhere Hospital",
+}
+
+
+def write_dicom(
+    path: Path, stored: np.ndarray, syntax: str = "1.2.840.10008.1.2.1", instance: int = 1, **attributes
+) -> Path:
+    """A single-frame DX file at `path` holding the stored values `stored` ((H, W) uint8 or uint16).
+
+    Args:
+        syntax: transfer syntax UID (explicit VR little endian by default); a compressed one is
+            encoded by pydicom's plugins, with `j2k_cr`/`j2k_psnr` in `attributes` for lossy JPEG 2000.
+        instance: makes the SOP Instance UID unique.
+        attributes: DICOM keywords overriding the defaults (BitsStored, PhotometricInterpretation,
+            WindowCenter, ...); a value of None deletes the element.
+    """
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+
+    stored = np.ascontiguousarray(stored)
+    codec = {k: attributes.pop(k) for k in ("j2k_cr", "j2k_psnr") if k in attributes}
+    bits = 8 * stored.dtype.itemsize
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = f"{PATIENT_STUDY['SeriesInstanceUID']}.{instance}"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.update(
+        {
+            "SOPClassUID": DigitalXRayImageStorageForPresentation,
+            "SOPInstanceUID": ds.file_meta.MediaStorageSOPInstanceUID,
+            **PATIENT_STUDY,
+            "PatientSex": "F",
+            "Modality": "DX",
+            "BodyPartExamined": "CHEST",
+            "ViewPosition": "PA",
+            "PresentationIntentType": "FOR PRESENTATION",
+            "SamplesPerPixel": 1,
+            "PhotometricInterpretation": "MONOCHROME2",
+            "Rows": stored.shape[0],
+            "Columns": stored.shape[1],
+            "BitsAllocated": bits,
+            "BitsStored": bits,
+            "HighBit": bits - 1,
+            "PixelRepresentation": 0,
+        }
+    )
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelData = stored.tobytes()
+    if syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax, stored, generate_instance_uid=False, **codec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def voi_lut(entries: list[int], bits: int) -> object:
+    """A VOI LUT Sequence item mapping input i (from 0) to entries[i], `bits` per entry."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.add_new(0x00283002, "US", [len(entries), 0, bits])  # LUT Descriptor: entries, first input, bits
+    item.add_new(0x00283006, "US", entries)  # LUT Data
+    return item
+
+
+def dicom_twins(x: np.ndarray) -> dict[str, tuple[np.ndarray, dict]]:
+    """Stored values and `write_dicom` header of files that a viewer shows exactly as the (H, W)
+    uint8 image `x`: {name: (stored, header)}."""
+    import numpy as np
+
+    twelve = x.astype(np.uint16) * 16  # 0..4080 of 4095
+    inverted = (255 - x.astype(np.uint16)) * 257  # 0..65535, dark where x is bright
+    exact = {"VOILUTFunction": "LINEAR_EXACT"}
+    return {
+        "8-bit window": (x, {"WindowCenter": 127.5, "WindowWidth": 255, **exact}),
+        "12-bit window": (twelve, {"BitsStored": 12, "WindowCenter": 2040, "WindowWidth": 4080, **exact}),
+        # modality LUT 2 s - 1000 spans [-1000, 130070] and the window is exactly that span; DX
+        # writes INVERSE beside MONOCHROME1, which restates the inversion rather than adding one
+        "16-bit MONOCHROME1 rescale window": (
+            inverted,
+            {
+                "PhotometricInterpretation": "MONOCHROME1",
+                "PresentationLUTShape": "INVERSE",
+                "RescaleSlope": 2,
+                "RescaleIntercept": -1000,
+                "WindowCenter": 64535,
+                "WindowWidth": 131070,
+                **exact,
+            },
+        ),
+        # 8-bit entries looked up by 12-bit values (pydicom 3.0.2 alone wraps the index past 255)
+        "12-bit VOI LUT": (twelve, {"BitsStored": 12, "VOILUTSequence": [voi_lut([i // 16 for i in range(4096)], 8)]}),
+    }
+
+
+def identifiers() -> list[str]:
+    """Every patient and study value the test files carry, and each part of a person's name."""
+    values = set(PATIENT_STUDY.values())
+    values |= {part for v in PATIENT_STUDY.values() if "^" in v for part in v.split("^")}
+    return sorted(values)
+
+
+def assert_no_identifier(folder: Path, logs: str, inputs: Path) -> None:
+    """No file under `folder` (but the input DICOMs themselves), nor `logs`, holds a value from the
+    patient or study modules."""
+    given = {p.read_bytes() for p in inputs.iterdir()}  # the download step links or copies them
+    files = [p for p in folder.rglob("*") if p.is_file() and p.read_bytes() not in given]
+    assert files, f"nothing under {folder}"
+    for path in files:
+        data = path.read_bytes()
+        found = [v for v in identifiers() if v.encode() in data]
+        assert not found, f"{path} holds {found}"
+    assert not [v for v in identifiers() if v in logs], logs

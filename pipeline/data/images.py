@@ -6,8 +6,9 @@ Conversion to 8-bit single channel:
     16/32-bit (I;16, I, F) -> linearly scaled from the image's own [min, max] to [0, 255]. Many
     16-bit X-ray PNGs use 10-14 bits of the range, so a fixed `>> 8` would leave them nearly
     black; scaling the actual range keeps their contrast.
-    DICOM (pydicom) -> rescale slope/intercept applied, then scaled from its own range; MONOCHROME1
-    inverted; of a colour or multi-frame image the first plane.
+    DICOM (the `[dicom]` extra) -> as a viewer shows it: modality LUT, then VOI LUT or window,
+    MONOCHROME1 inverted; anything but a single-frame chest radiograph is refused with its reason
+    (`pipeline.data.dicom`).
     With a `size`: -> size x size with an antialiasing bicubic filter (Pillow first reduces by an
     integer factor with `Image.reduce`, which is fast and exact for 1024 -> 256). Non-square images
     are stretched, as the NIH images are all square.
@@ -23,8 +24,9 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.dicom import DicomRefused, read_dicom
+
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
-PYDICOM_MISSING = "pydicom is not installed: pip install pydicom to read DICOM files"
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | np.ndarray
 
@@ -39,13 +41,15 @@ def decode_image(source: ImageSource, size: int | None = None) -> np.ndarray:
         size: side of the square output; None keeps the image's own size.
 
     Raises:
-        ImportError: DICOM input without pydicom installed (the message says how to install it).
+        ImportError: DICOM input without pydicom, or without the plugin for its compression,
+            installed (the message says how to install them).
+        DicomRefused: a DICOM file that is not a single-frame chest radiograph (says why).
         OSError, ValueError: an unreadable, truncated or unsupported image (see `classify_error`).
     """
     if isinstance(source, np.ndarray):
         image = _from_array(source)
     elif _is_dicom(source):
-        image = Image.fromarray(_read_dicom(source))
+        image = Image.fromarray(read_dicom(source))
     else:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(bytes(source))
@@ -79,8 +83,10 @@ def to_uint8_gray(img: Image.Image) -> Image.Image:
 
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
-    """(reason, detail) for a decode failure: missing, unreadable, too_large, truncated or corrupt."""
+    """(reason, detail) for a decode failure: missing, unreadable, refused, too_large, truncated or corrupt."""
     detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, DicomRefused):
+        return "refused", str(exc)
     if isinstance(exc, FileNotFoundError):
         return "missing", detail
     if isinstance(exc, UnidentifiedImageError):
@@ -106,25 +112,6 @@ def _is_dicom(source: ImageSource) -> bool:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source[128:132]) == b"DICM"
     return False
-
-
-def _read_dicom(source: ImageSource) -> np.ndarray:
-    """A DICOM image -> (H, W) uint8, scaled from its own range; MONOCHROME1 inverted."""
-    try:
-        import pydicom
-    except ImportError as e:
-        raise ImportError(PYDICOM_MISSING) from e
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        source = io.BytesIO(bytes(source))
-    ds = pydicom.dcmread(source)
-    pixels = ds.pixel_array.astype(np.float64)
-    if pixels.ndim == 3:  # colour or multi-frame: keep the first plane
-        pixels = pixels[..., 0] if pixels.shape[-1] in (3, 4) else pixels[0]
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
-    scaled = _own_range(pixels)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # 0 is white there
-        scaled = 255.0 - scaled
-    return np.rint(scaled).astype(np.uint8)
 
 
 def _own_range(a: np.ndarray) -> np.ndarray:

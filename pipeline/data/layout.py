@@ -1,7 +1,8 @@
 """Where the data lies: the raw folder's image folder, and the names inside the prepared folder.
 
 The raw folder holds the NIH layout: `images/*.png` beside the label CSV and the two list files
-(`pipeline.classes` names those). The prepared folder:
+(`pipeline.classes` names those); the images may also be DICOM files (`.dcm`, `.dicom`) that the
+label CSV names. The prepared folder:
 
     manifest.csv            image, patient, followup, view, sex (M/F/empty), age (years/empty), split,
                             the 14 classes (0/1), cache_index, width and height (the file's own size in pixels)
@@ -21,6 +22,7 @@ The prepare component builds the cache in a work folder beside the prepared fold
 from __future__ import annotations
 
 RAW_IMAGES = "images"  # in the raw folder: every image, flat
+RAW_SUFFIXES = (".png", ".dcm", ".dicom")  # the images a raw folder may hold (lower case)
 MANIFEST = "manifest.csv"
 SPLIT_STATS = "split_stats.json"
 CLASS_COUNTS = "class_counts.json"

@@ -29,6 +29,7 @@ from pipeline.data.layout import (
     MANIFEST,
     QUARANTINE,
     RAW_IMAGES,
+    RAW_SUFFIXES,
     SPLIT_CLASS_COUNTS,
     SPLIT_STATS,
 )
@@ -129,13 +130,13 @@ def read_inputs(raw_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
 
 
 def list_images(images_dir: Path) -> set[str]:
-    """PNG file names in the images folder (one directory scan; 112k stats would be slower)."""
+    """PNG and DICOM file names in the images folder (one directory scan; 112k stats would be slower)."""
     if images_dir.exists() and not images_dir.is_dir():
         raise NotADirectoryError(f"{images_dir} is a file, not the folder of images: run the download step again")
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir} does not exist: run the download step first")
     with os.scandir(images_dir) as it:
-        return {e.name for e in it if e.name.lower().endswith(".png") and e.is_file()}
+        return {e.name for e in it if e.name.lower().endswith(RAW_SUFFIXES) and e.is_file()}
 
 
 def take_inventory(table: pd.DataFrame, train_val: list[str], test: list[str], present: set[str]) -> dict:

@@ -103,7 +103,9 @@ def _read_thresholds(path: Path) -> dict[str, float]:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    names = ["torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pyarrow", "mlflow"]
+    from ..data.dicom import PACKAGES as DICOM  # DICOM requests decode where the model is served
+
+    names = ["torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pyarrow", "mlflow", *DICOM]
     pins = []
     for n in names:
         try:
