@@ -102,6 +102,13 @@ def read_dicom(source: str | os.PathLike | bytes | bytearray | memoryview | IO[b
     return display_values(ds, ds.pixel_array)
 
 
+def dicom_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a DICOM file from its Rows and Columns: no pixel is read."""
+    pydicom, _ = _pydicom()
+    ds = pydicom.dcmread(path, specific_tags=["Rows", "Columns"], stop_before_pixels=True)
+    return int(ds.Columns), int(ds.Rows)
+
+
 def check_radiograph(ds: Any) -> None:
     """Raise DicomRefused unless `ds` is a single-frame chest radiograph for presentation."""
     if "PixelData" not in ds:

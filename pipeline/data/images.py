@@ -24,7 +24,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.dicom import DicomRefused, read_dicom
+from pipeline.data.dicom import DicomRefused, dicom_size, read_dicom
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 
@@ -65,7 +65,9 @@ def decode_image(source: ImageSource, size: int | None = None) -> np.ndarray:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of a PNG/JPEG file, from its header: no pixel is decoded."""
+    """(width, height) of a PNG/JPEG/DICOM file, from its header: no pixel is decoded."""
+    if _is_dicom(path):
+        return dicom_size(path)
     with Image.open(path) as img:
         return img.size
 
