@@ -173,13 +173,13 @@ class DownloadConfig(Section):
     @field_validator("source")
     @classmethod
     def _no_credentials(cls, source: str) -> str:
-        # params.yaml and dvc.lock are committed: a secret written here would be in every clone
+        # params.yaml, and the lock file that records its values, are committed: a secret here is in every clone
         from .tracking import redact_uri
 
         if redact_uri(source) != source:
             raise ValueError(
                 f"{redact_uri(source)} holds credentials (user:password@ or a token in the URL), and "
-                "params.yaml and dvc.lock are committed: give them to the client instead, in ~/.netrc "
+                "params.yaml and the lock file recording it are committed: give them to the client instead, in ~/.netrc "
                 "for an HTTP mirror or AWS_* variables / an AWS profile for S3"
             )
         return source

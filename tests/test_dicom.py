@@ -6,6 +6,7 @@ waveforms, multi-frame objects), and a folder of DICOMs through the download and
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -153,7 +154,6 @@ def test_pydicoms_jpeg_baseline_file_decodes_like_its_lossless_twin_within_the_c
     ("name", "syntax"),
     [
         ("JPEGLSNearLossless_16.dcm", "JPEG-LS Lossy (Near-Lossless) Image Compression"),
-        ("JPGExtended.dcm", "JPEG Extended (Process 2 and 4)"),  # 12-bit
         ("image_dfl.dcm", "Deflated Explicit VR Little Endian"),
     ],
 )
@@ -243,6 +243,16 @@ def test_pixel_data_no_decoder_reads_is_refused(tmp_path: Path):
         decode_image(path)
 
 
+def test_12_bit_jpeg_extended_names_the_decoder_left_out(tmp_path: Path):
+    """Only the GPL-3.0 pylibjpeg-libjpeg reads it; the extra leaves it out, so the file is refused
+    as unsupported in one line that names it (and is skipped where libjpeg is installed)."""
+    if importlib.util.find_spec("libjpeg") is not None:
+        pytest.skip("pylibjpeg-libjpeg is installed here: the file decodes")
+    with pytest.raises(ImportError, match=r"12-bit JPEG Extended .*pip install pylibjpeg-libjpeg$") as e:
+        decode_image(as_radiograph("JPGExtended.dcm", tmp_path))
+    assert classify_error(e.value)[0] == "unsupported"
+
+
 def test_a_file_that_is_not_dicom_is_unreadable(tmp_path: Path):
     (tmp_path / "x.dcm").write_bytes(b"not a DICOM file at all" * 10)
     with pytest.raises(OSError) as e:
@@ -260,13 +270,18 @@ def test_a_file_that_is_not_dicom_is_unreadable(tmp_path: Path):
             'pydicom is not installed: pip install -c requirements.lock -e ".[dicom]"',
         ),
         # pydicom without its JPEG plugins (what `pip install pydicom` alone gives)
-        ("pylibjpeg", "JPEGLSNearLossless_16.dcm", "no decoder for JPEG-LS Lossy (Near-Lossless) Image Compression"),
+        (
+            "pylibjpeg,gdcm",
+            "JPEGLSNearLossless_16.dcm",
+            "no decoder for JPEG-LS Lossy (Near-Lossless) Image Compression",
+        ),
     ],
 )
 def test_a_missing_package_is_named_with_the_install_that_brings_it(blocked: str, name: str, message: str):
     code = (
         "import sys\n"
-        f"sys.modules[{blocked!r}] = None  # as if it were not installed\n"
+        f"for name in {blocked!r}.split(','):\n"
+        "    sys.modules[name] = None  # as if it were not installed\n"
         "from pipeline.data.images import decode_image\n"
         "try:\n"
         f"    decode_image({str(BUNDLED / name)!r})\n"

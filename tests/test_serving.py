@@ -495,8 +495,8 @@ def test_models_serve_scores_a_posted_dicom_as_its_png(served: Served, tmp_path:
     with tracking_env(served.tracking_uri, served.repo):
         requirements = Path(mlflow.pyfunc.get_model_dependencies(CHAMPION)).read_text().split()
     lock = set((ROOT / "requirements.lock").read_text().split())
-    assert {r for r in requirements if r.startswith(("pydicom==", "pylibjpeg"))} == {
-        pin for pin in lock if pin.startswith(("pydicom==", "pylibjpeg"))
+    assert {r for r in requirements if r.startswith(("pydicom==", "pylibjpeg", "python-gdcm"))} == {
+        pin for pin in lock if pin.startswith(("pydicom==", "pylibjpeg", "python-gdcm"))
     }
 
     port, log = free_port(), tmp_path / "serve.log"

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 # The `[dicom]` extra (pyproject.toml): the served model's pip requirements name them too.
-PACKAGES = ("pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle")
+PACKAGES = ("pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm")
 INSTALL_HINT = 'pip install -c requirements.lock -e ".[dicom]"'
 PYDICOM_MISSING = f"pydicom is not installed: {INSTALL_HINT} (pydicom and its JPEG plugins) to read DICOM files"
 
@@ -97,9 +97,25 @@ def read_dicom(source: str | os.PathLike | bytes | bytearray | memoryview | IO[b
         raise UnidentifiedImageError("not a DICOM file (no 'DICM' preamble and file meta header)") from None
     check_radiograph(ds)
     _check_decoder(ds)
+    pixels = _pixels(ds)
     if ds.PhotometricInterpretation in COLOUR:
-        return _luminance(ds.pixel_array)
-    return display_values(ds, ds.pixel_array)
+        return _luminance(pixels)
+    return display_values(ds, pixels)
+
+
+def _pixels(ds: Any) -> np.ndarray:
+    """The stored values; ImportError when every installed decoder turns the file down, which for
+    12-bit JPEG Extended only the GPL-3.0 pylibjpeg-libjpeg (left out of the extra) reads."""
+    try:
+        return ds.pixel_array
+    except RuntimeError as e:
+        if "Unable to decode" not in str(e):
+            raise
+        syntax = ds.file_meta.TransferSyntaxUID.name
+        raise ImportError(
+            f"no installed decoder reads {ds.get('BitsStored', '?')}-bit {syntax} pixel data; "
+            "pylibjpeg-libjpeg does (GPL-3.0, so not in the dicom extra): pip install pylibjpeg-libjpeg"
+        ) from None
 
 
 def dicom_size(path: str | os.PathLike) -> tuple[int, int]:

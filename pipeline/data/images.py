@@ -85,10 +85,13 @@ def to_uint8_gray(img: Image.Image) -> Image.Image:
 
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
-    """(reason, detail) for a decode failure: missing, unreadable, refused, too_large, truncated or corrupt."""
+    """(reason, detail) for a decode failure: missing, unreadable, refused, unsupported, too_large, truncated
+    or corrupt."""
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, DicomRefused):
         return "refused", str(exc)
+    if isinstance(exc, ImportError):  # a readable file whose decoder is not installed: not corrupt
+        return "unsupported", str(exc)
     if isinstance(exc, FileNotFoundError):
         return "missing", detail
     if isinstance(exc, UnidentifiedImageError):
