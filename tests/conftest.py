@@ -98,27 +98,30 @@ def demo_repo(tmp_path: Path) -> Path:
 
 
 def tiny_bundle(path: Path, size: int = 32, **model_changes):
-    """Save an untrained test-sized metric-head model as best.pt holds it (`size` px images); returns
-    the network, in eval mode. `model_changes`: dotted `train.model` settings, e.g. backbone.name."""
+    """Save an untrained test-sized metric-head model as training saves best.pt (`size` px images);
+    returns the network, in eval mode. `model_changes`: dotted `train.model` settings, e.g. backbone.name."""
     import numpy as np
     import torch
 
     from pipeline.classes import CLASSES
-    from pipeline.models import build_model
+    from pipeline.models import ModelBundle, build_model
 
     torch.manual_seed(0)
     cfg = settings("train.model", {"embed_dim": 16, "hidden_dim": 32, **model_changes})
     text_vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)
     net = build_model(cfg, text_vectors).eval()
-    bundle = {
-        "classes": list(CLASSES),
-        "model_config": cfg.model_dump(),
-        "model_state": net.state_dict(),
-        "text_vectors": text_vectors,
-        "image_size": size,
-        "crop_size": size,
-    }
-    torch.save(bundle, path)
+    bundle = ModelBundle(
+        model_config=cfg,
+        model_state=net.state_dict(),
+        text_vectors=text_vectors,
+        classes=tuple(CLASSES),
+        image_size=size,
+        crop_size=size,
+        epoch=1,
+        val_mean_auc=0.5,
+        fingerprint="tiny",
+    )
+    bundle.save(path)
     return net
 
 

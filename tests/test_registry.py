@@ -366,13 +366,12 @@ def _other_weights(best: Path, out: Path, seed: int) -> Path:
     the same for the gate, which reads only the rewritten predictions."""
     import torch
 
-    from pipeline.io import load_checkpoint
-    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.models import ModelBundle
 
-    bundle = load_checkpoint(best)
-    bundle["model_state"]["head.radius"] = bundle["model_state"]["head.radius"] + 1e-3 * seed
-    save_checkpoint(out, bundle)
-    assert not torch.equal(bundle["model_state"]["head.radius"], load_checkpoint(best)["model_state"]["head.radius"])
+    bundle = ModelBundle.load(best)
+    state = {**bundle.model_state, "head.radius": bundle.model_state["head.radius"] + 1e-3 * seed}
+    bundle.replace(model_state=state).save(out)
+    assert not torch.equal(state["head.radius"], ModelBundle.load(best).model_state["head.radius"])
     return out
 
 
@@ -695,7 +694,6 @@ def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
     import torch
 
     from pipeline.models import build_model
-    from pipeline.training.checkpoint import save_checkpoint
     from pipeline.training.loop import model_bundle
 
     tiny = {"model.embed_dim": 16, "model.hidden_dim": 32, "model.backbone.name": "test_convnext"}
@@ -704,7 +702,7 @@ def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
     torch.manual_seed(seed)
     model = build_model(cfg.model, vectors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model_bundle(model, cfg, vectors, epoch=epoch, val_mean_auc=0.6, image_size=32))
+    model_bundle(model, cfg, vectors, epoch=epoch, val_mean_auc=0.6, image_size=32, fingerprint="test").save(path)
 
 
 @pytest.fixture
