@@ -261,3 +261,25 @@ def assert_no_identifier(folder: Path, logs: str, inputs: Path) -> None:
         found = [v for v in identifiers() if v.encode() in data]
         assert not found, f"{path} holds {found}"
     assert not [v for v in identifiers() if v in logs], logs
+
+
+class _RunsACommand:
+    """Unpickling this runs `touch <marker>`: what a crafted model file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def crafted_checkpoint(path: Path, marker: Path, **keys) -> Path:
+    """A torch file at `path` shaped like a model bundle (`keys` added) whose unpickling would
+    create `marker`; nothing may ever load it that way."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"format": "cxr-dwml model bundle", "format_version": 2, **keys, "model_state": _RunsACommand(marker)}, path
+    )
+    return path
