@@ -275,7 +275,6 @@ class BackboneConfig(Section):
     grad_checkpointing: bool
 
 
-
 class ModelConfig(Section):
     """`train.model`: backbone, head and metric space.
 
