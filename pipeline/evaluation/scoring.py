@@ -186,7 +186,7 @@ def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle
         "val_mean_auc": _finite(val_mean_auc),
         "test_images": len(test.images),
         "test_patients": boot["n_groups"],
-        "checkpoint_epoch": bundle.get("epoch"),
+        "checkpoint_epoch": bundle.epoch,
     }
 
 
