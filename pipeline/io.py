@@ -168,7 +168,7 @@ def _unsafe_message(path: Path, error: Exception) -> str:
     return (
         f"checkpoint {path} was not loaded: {needs} a model file of this version never holds (it was "
         "written by an older version of cxr-dwml, or crafted); nothing in it was run. Retrain with this "
-        "version: delete it and rerun the train step (dvc repro train)"
+        "version: delete it and rerun the train step"
     )
 
 

@@ -119,7 +119,7 @@ def test_a_bundle_written_by_an_older_version_is_refused_without_unpickling(tmp_
         ModelBundle.load(tmp_path / "best.pt")
     line = str(caught.value)
     assert "\n" not in line and f"checkpoint {tmp_path / 'best.pt'} was not loaded" in line
-    assert "numpy" in line and "older version of cxr-dwml" in line and UNSAFE in line and "dvc repro train" in line
+    assert "numpy" in line and "older version of cxr-dwml" in line and UNSAFE in line and "rerun the train step" in line
 
 
 # ----------------------------------------------------------------------------- crafted files

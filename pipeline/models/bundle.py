@@ -27,7 +27,7 @@ from ..io import arrays, load_checkpoint, save_checkpoint, storable
 FORMAT = "cxr-dwml model bundle"
 # 2: the first versioned layout (tensors only, image_size required); unversioned files were 1
 FORMAT_VERSION = 2
-RETRAIN = "retrain it with this version (dvc repro train), or load it with the version of cxr-dwml that wrote it"
+RETRAIN = "retrain it with this version (rerun the train step), or load it with the version of cxr-dwml that wrote it"
 
 
 class BundleError(RuntimeError):
