@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.classes import CLASSES
 from pipeline.models import BundleError, ModelBundle, load_bundle
-from tests.conftest import ROOT, crafted_checkpoint, run_env, tiny_bundle
+from tests.conftest import ROOT, crafted_checkpoint, run_env, settings, tiny_bundle
 
 UNSAFE = "nothing in it was run"
 
@@ -146,7 +146,7 @@ def test_no_library_reader_runs_a_crafted_bundle(tmp_path: Path) -> None:
         "load_checkpoint mmap": lambda: load_checkpoint(path, mmap=True),
         "ModelBundle.load": lambda: ModelBundle.load(path),
         "load_bundle": lambda: load_bundle(path),
-        "attach_reference": lambda: drift.attach_reference(path, tmp_path, 10, 0.01, 0, "cpu", 8),
+        "attach_reference": lambda: drift.attach_reference(path, tmp_path, settings("train.drift"), 0, "cpu", 8),
         "weights_digest": lambda: weights_digest(path),
         "pyfunc load_context": lambda: CxrDwmlModel().load_context(context),
     }
