@@ -183,7 +183,7 @@ def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> 
 
     device = resolve_device(cfg.device, "train.device")
     model, bundle = load_bundle(result.best_path, device)
-    crop = int(bundle["crop_size"])
+    crop = bundle.crop_size
     val = score_split(model, prepared, "val", crop, ecfg, device, progress)
     test = score_split(model, prepared, "test", crop, ecfg, device, progress)
     return RunScores(

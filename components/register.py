@@ -16,7 +16,9 @@ description. Manual promotion or rollback: python -m components.promote --versio
 Only a registered model or alias that does not exist means "no champion". Any other failure of the
 registry (reading the champion or its predictions, moving an alias) stops the step with exit status
 2 and one line naming the model, the alias and the server, and leaves every alias where it was;
-a version registered before such a failure is gated by the next run (docs/registry.md).
+a version registered before such a failure is gated by the next run (docs/registry.md). Weights
+already registered make no new version, even when two register steps race (docs/registry.md,
+"One version per weights").
 """
 
 from __future__ import annotations
@@ -75,17 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         name = cfg.model_name
         same = registry.version_with_weights(client, name, digest)
         if same is not None and registry.gated(same):  # e.g. a finished training resumed and evaluated again
-            record = _already_registered(client, name, same, digest, run.info.run_id)
-            write_json(args.out, record)  # nothing goes to MLflow: the version and its run stay as they are
-            card_render.write_card(model_card.build_card(card_data, record, None), reports)
-            print(f"[register] {record['reason']}")
-            return 0
+            # nothing goes to MLflow: the version and its run stay as they are
+            return _report_registered(client, same, digest, run.info.run_id, args.out, card_data, reports)
         # everything the decision needs is read before anything is registered or moved: a registry
         # that fails here leaves no new version and every alias where it was
         held, champ, champ_preds = _champion_state(client, name, None if same is None else same.version)
         decision = gate.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
         tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
-        version, model_uri = _version_to_gate(same, model_dir, reports, Path(args.prepared), cfg, tags)
+        version, model_uri, model_id = _version_to_gate(same, model_dir, reports, Path(args.prepared), cfg, tags)
+        first = None if same is not None else registry.keep_first(client, name, version, digest, model_id)
+        if first is not None:  # another register step took these weights while this one registered them
+            return _report_registered(client, first, digest, run.info.run_id, args.out, card_data, reports)
         _gate(client, name, version.version, decision, held)
         record = {
             "model_name": name,
@@ -132,21 +134,21 @@ def _champion_state(client, name: str, ours: str | None):
 
 
 def _version_to_gate(same, model_dir: Path, reports: Path, prepared: Path, cfg, tags: dict[str, str]):
-    """(version, model URI) the gate decides on: `same`, registered by a run that stopped before its
-    gate finished, or else a new version of the pyfunc, logged now."""
+    """(version, model URI, logged model id or None) the gate decides on: `same`, registered by a run
+    that stopped before its gate finished, or else a new version of the pyfunc, logged now."""
     from pipeline.registry import client as registry
     from pipeline.registry import packaging
 
     if same is not None:
         print(f"[register] {cfg.model_name} v{same.version} holds these weights but was never gated: gating it now")
-        return same, same.source
+        return same, same.source, None
     info = packaging.log_pyfunc(
         model_dir / "best.pt",
         reports / "thresholds.json",
         _example(prepared),
         calibration_path=reports / "calibration.json",
     )
-    return registry.register(info.model_uri, cfg, tags), info.model_uri
+    return registry.register(info.model_uri, cfg, tags), info.model_uri, info.model_id
 
 
 def _gate(client, name: str, version: str, decision: dict, held: dict[str, str]) -> None:
@@ -192,6 +194,18 @@ def _provenance(params: dict) -> dict[str, str]:
     from components.provenance import version_provenance
 
     return {**version_provenance(), "params_hash": fingerprint(params.model_dump()), "profile": params.profile}
+
+
+def _report_registered(client, version, digest: str, run_id: str, out: str, card_data, reports: Path) -> int:
+    """Write the record and the model card of a step that found its weights registered as `version`."""
+    from pipeline.card import render as card_render
+    from pipeline.card import sections as model_card
+
+    record = _already_registered(client, version.name, version, digest, run_id)
+    write_json(out, record)
+    card_render.write_card(model_card.build_card(card_data, record, None), reports)
+    print(f"[register] {record['reason']}")
+    return 0
 
 
 def _already_registered(client, name: str, version, digest: str, run_id: str) -> dict:

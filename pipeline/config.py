@@ -257,6 +257,9 @@ class PrototypeConfig(Section):
 class BackboneConfig(Section):
     """`train.model.backbone`: the timm image encoder.
 
+    The name and the checkpoint file are checked where the backbone is built
+    (`pipeline.models.backbone.create_backbone`): validating settings imports nothing and reads no file.
+
     Attributes:
         name: a timm model name, optionally with a pretrained tag (convnext_tiny.fb_in1k).
         pretrained: load the name's pretrained weights (hub or local cache).
@@ -270,24 +273,6 @@ class BackboneConfig(Section):
     checkpoint_path: str | None
     drop_path_rate: Fraction
     grad_checkpointing: bool
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        import timm
-
-        # is_model accepts pretrained tags ("convnext_atto.d2_in1k"), which list_models() omits
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-            raise ValueError(f"unknown timm model name '{name}'; similar: {', '.join(close)}")
-        return name
-
-    @field_validator("checkpoint_path")
-    @classmethod
-    def _exists(cls, path: str | None) -> str | None:
-        if path and not Path(path).is_file():
-            raise ValueError(f"{path} does not exist")
-        return path
 
 
 class ModelConfig(Section):

@@ -1,4 +1,4 @@
-"""Atomic file writes, checksums, file sizes and reading the checkpoints training writes.
+"""Atomic file writes, checksums, file sizes and the checkpoints training writes and reads.
 
 Every output is written to a temporary file beside its destination and renamed into place, so a
 crash or a bad input never leaves a half-written file where a complete one is expected. The file
@@ -107,8 +107,24 @@ def file_size(path: str | os.PathLike, missing: int = -1) -> int:
         return missing
 
 
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """torch.save into a temporary file, then rename: a kill mid-save leaves the old checkpoint.
+
+    `state` must hold only what `load_checkpoint` reads back: tensors and plain Python values.
+    """
+    import torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """A checkpoint or model bundle that training wrote (`last.pt`, `best.pt`): a dict.
+
+    Read with `weights_only=True` and torch's own allow-list (tensors, dicts, lists, tuples, str,
+    int, float, bool, None), which is everything these files hold: a file that needs any other
+    type (numpy arrays of an older version, or a crafted object whose unpickling would run code)
+    is refused before anything in it runs.
 
     Args:
         path: the file.
@@ -117,25 +133,75 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
 
     Raises:
         FileNotFoundError: naming `path` when it does not exist.
-        RuntimeError: naming `path` when it is damaged, truncated or not a checkpoint.
+        RuntimeError: naming `path` when it is damaged, truncated, unsafe or not a checkpoint.
     """
+    import pickle
+
     import torch
 
     path = Path(path)
     try:
-        # weights_only=False: the files hold optimiser and RNG states and numpy arrays we wrote ourselves
-        obj = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} not found: run the train step first") from None
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(_unsafe_message(path, e)) from None
     except Exception as e:  # torch raises several types for a damaged file
         raise RuntimeError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and rerun the train step"
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {_first_line(e)}); "
+            "delete it and rerun the train step"
         ) from None
     if not isinstance(obj, dict):
         raise RuntimeError(
             f"checkpoint {path} holds a {type(obj).__name__}, not a training checkpoint; "
             "point to the train step's best.pt or last.pt"
         )
+    return obj
+
+
+def _unsafe_message(path: Path, error: Exception) -> str:
+    """One line for a file that the weights-only loader refused, naming what it asked for."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    needs = f"it needs {found.group(1)}, which" if found else "it holds something that"
+    return (
+        f"checkpoint {path} was not loaded: {needs} a model file of this version never holds (it was "
+        "written by an older version of cxr-dwml, or crafted); nothing in it was run. Retrain with this "
+        "version: delete it and rerun the train step"
+    )
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def storable(obj: Any) -> Any:
+    """`obj` with every numpy array turned into a tensor and every numpy scalar into a Python one,
+    through dicts, lists and tuples: what `torch.load(weights_only=True)` reads back."""
+    import torch
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj).copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: storable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(storable(v) for v in obj)
+    return obj
+
+
+def arrays(obj: Any) -> Any:
+    """The inverse of `storable`: every tensor in `obj` back to a numpy array."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(arrays(v) for v in obj)
     return obj
 
 

@@ -98,27 +98,30 @@ def demo_repo(tmp_path: Path) -> Path:
 
 
 def tiny_bundle(path: Path, size: int = 32, **model_changes):
-    """Save an untrained test-sized metric-head model as best.pt holds it (`size` px images); returns
-    the network, in eval mode. `model_changes`: dotted `train.model` settings, e.g. backbone.name."""
+    """Save an untrained test-sized metric-head model as training saves best.pt (`size` px images);
+    returns the network, in eval mode. `model_changes`: dotted `train.model` settings, e.g. backbone.name."""
     import numpy as np
     import torch
 
     from pipeline.classes import CLASSES
-    from pipeline.models import build_model
+    from pipeline.models import ModelBundle, build_model
 
     torch.manual_seed(0)
     cfg = settings("train.model", {"embed_dim": 16, "hidden_dim": 32, **model_changes})
     text_vectors = np.random.default_rng(0).normal(size=(len(CLASSES), 16)).astype(np.float32)
     net = build_model(cfg, text_vectors).eval()
-    bundle = {
-        "classes": list(CLASSES),
-        "model_config": cfg.model_dump(),
-        "model_state": net.state_dict(),
-        "text_vectors": text_vectors,
-        "image_size": size,
-        "crop_size": size,
-    }
-    torch.save(bundle, path)
+    bundle = ModelBundle(
+        model_config=cfg,
+        model_state=net.state_dict(),
+        text_vectors=text_vectors,
+        classes=tuple(CLASSES),
+        image_size=size,
+        crop_size=size,
+        epoch=1,
+        val_mean_auc=0.5,
+        fingerprint="tiny",
+    )
+    bundle.save(path)
     return net
 
 
@@ -258,3 +261,25 @@ def assert_no_identifier(folder: Path, logs: str, inputs: Path) -> None:
         found = [v for v in identifiers() if v.encode() in data]
         assert not found, f"{path} holds {found}"
     assert not [v for v in identifiers() if v in logs], logs
+
+
+class _RunsACommand:
+    """Unpickling this runs `touch <marker>`: what a crafted model file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def crafted_checkpoint(path: Path, marker: Path, **keys) -> Path:
+    """A torch file at `path` shaped like a model bundle (`keys` added) whose unpickling would
+    create `marker`; nothing may ever load it that way."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"format": "cxr-dwml model bundle", "format_version": 2, **keys, "model_state": _RunsACommand(marker)}, path
+    )
+    return path

@@ -8,6 +8,7 @@ with FileServer(folder) as server:
 with FaultProxy("http://127.0.0.1:5000") as proxy:   # e.g. an `mlflow server`
     proxy.fail("registered-models/get", times=20)     # the next 20 matching requests get 503
     MlflowClient(proxy.url).get_registered_model("m")
+    proxy.hold("model-versions/create", count=2)      # two processes made to race: both forwarded together
 
 with moto_s3() as endpoint:
     s3 = s3_client(endpoint)   # boto3 with moto's test credentials
@@ -204,7 +205,8 @@ class FaultProxy(LoopbackServer):
     `times` requests whose path and query contain `pattern` get `status` without reaching the
     server (a proxy whose backend is overloaded, or a server restarting). Every request is
     recorded in `requests`, with the status it got; `after` lets the first matching requests through
-    (fail the second of two alias moves).
+    (fail the second of two alias moves). `hold(pattern, count)` keeps matching requests until
+    `count` of them wait, then forwards them together: two processes made to race at one call.
     """
 
     def __init__(self, target: str, host: str = "127.0.0.1", port: int = 0):
@@ -212,16 +214,39 @@ class FaultProxy(LoopbackServer):
         parts = urllib.parse.urlsplit(target)
         self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
         self._failures: list[list] = []  # [pattern, status, how many to let through first, how many to fail]
+        self._holds: list[tuple[str, threading.Barrier]] = []
+        self.released: list[str] = []  # paths of held requests forwarded once all `count` were waiting
 
     def fail(self, pattern: str, status: int = 503, times: int = 1, after: int = 0) -> None:
         """Answer `status` to `times` requests matching `pattern`, after letting `after` of them through."""
         with self._lock:
             self._failures.append([pattern, status, after, times])
 
+    def hold(self, pattern: str, count: int, timeout: float = 600.0) -> None:
+        """Keep requests matching `pattern` until `count` wait, then forward them all; requests
+        that waited `timeout` s without the others are forwarded alone (not in `released`)."""
+        with self._lock:
+            self._holds.append((pattern, threading.Barrier(count, timeout=timeout)))
+
     def clear(self) -> None:
         """Forward everything again."""
         with self._lock:
             self._failures.clear()
+            self._holds.clear()
+
+    def _wait_for_the_others(self, path: str) -> None:
+        with self._lock:
+            barriers = [b for pattern, b in self._holds if pattern in path]
+        for barrier in barriers:
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                continue
+            self._record_release(path)
+
+    def _record_release(self, path: str) -> None:
+        with self._lock:
+            self.released.append(path)
 
     def failed(self, pattern: str) -> list[Forwarded]:
         """The requests matching `pattern` that were answered with an injected failure."""
@@ -258,6 +283,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        self.server._wait_for_the_others(self.path)
         status = self.server._take_failure(self.path)
         if status is not None:
             self.server._record(Forwarded(self.command, self.path, status, injected=True))

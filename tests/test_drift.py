@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.classes import CLASSES
+from pipeline.models import ModelBundle
 from pipeline.serving import drift
 from tests.conftest import settings, tiny_bundle
 
@@ -138,19 +139,18 @@ def test_attaching_the_reference_is_idempotent(trained_like):
     before = (root / "best.pt").read_bytes()
     assert drift.attach_reference(root / "best.pt", *args) is False
     assert (root / "best.pt").read_bytes() == before  # a resumed finished training changes nothing
-    ref = drift.from_bundle(torch.load(root / "best.pt", weights_only=False))
+    ref = drift.from_bundle(ModelBundle.load(root / "best.pt"))
     assert ref.train_images > ref.val_images > 0 and ref.thresholds["image"] > ref.val_means["image"]
 
 
 def test_inverted_and_noise_images_warn_and_test_films_do_not(trained_like):
-    from pipeline.io import load_checkpoint
     from pipeline.serving.predictor import DRIFT_COLUMNS, SIZE_COLUMNS, Predictor
 
     root, _ = trained_like
     manifest = pd.read_csv(root / "prepared/manifest.csv")
     names = manifest.loc[manifest["split"] == "test", "image"]
     films = [np.asarray(Image.open(root / "raw/images" / n)) for n in names]
-    predictor = Predictor(load_checkpoint(root / "best.pt"), dict.fromkeys(CLASSES, 0.5))
+    predictor = Predictor(ModelBundle.load(root / "best.pt"), dict.fromkeys(CLASSES, 0.5))
     ref = predictor.drift
 
     test = predictor.score(films)
@@ -174,7 +174,6 @@ def test_inverted_and_noise_images_warn_and_test_films_do_not(trained_like):
 def test_odd_sizes_warn_by_rule_where_distances_may_not(trained_like):
     """The synthetic films are 64 x 64 px: a 1-px grey PNG, noise at 1024 px, a 10000 x 10 strip and
     a film stretched to 64 x 120 are flagged by the size rule; a film at 100 px is not."""
-    from pipeline.io import load_checkpoint
     from pipeline.serving.predictor import Predictor
 
     root, _ = trained_like
@@ -189,7 +188,7 @@ def test_odd_sizes_warn_by_rule_where_distances_may_not(trained_like):
         "film_64x120": np.asarray(film.resize((64, 120), Image.Resampling.BICUBIC)),
         "film_100": np.asarray(film.resize((100, 100), Image.Resampling.BICUBIC)),
     }
-    predictor = Predictor(load_checkpoint(root / "best.pt"), dict.fromkeys(CLASSES, 0.5))
+    predictor = Predictor(ModelBundle.load(root / "best.pt"), dict.fromkeys(CLASSES, 0.5))
     assert predictor.drift.sizes == drift.SizeRange(64, 64, 1.0, 4.0, 1.5)
     out = predictor.score(list(odd.values()))
     out.index = list(odd)

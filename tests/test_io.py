@@ -18,7 +18,7 @@ from tests.conftest import settings
 def _checkpoint(path: Path) -> None:
     import torch
 
-    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.io import save_checkpoint
 
     save_checkpoint(path, {"epoch": 1, "weights": torch.zeros(3)})
 

@@ -8,19 +8,20 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from pipeline.classes import CLASSES
 from pipeline.config import ConfigError
 from pipeline.models import (
     CxrNet,
     LinearHead,
     MetricHead,
+    ModelBundle,
     ModelConfig,
     ModelOutput,
     build_model,
     init_prior,
-    model_from_bundle,
 )
 from pipeline.models.backbone import create_backbone
-from tests.conftest import settings
+from tests.conftest import ROOT, settings
 
 C, E = 14, 16
 
@@ -206,23 +207,56 @@ def test_backbone_from_local_checkpoint_without_network(tmp_path, monkeypatch):
     assert not torch.equal(fresh["stages.0.blocks.0.conv_dw.weight"], src["stages.0.blocks.0.conv_dw.weight"])
 
 
-def test_backbone_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown timm model name 'convnext_nope'"):
-        settings("train.model.backbone", {"name": "convnext_nope"})
-    with pytest.raises(ConfigError, match="does_not_exist.pth"):
-        settings("train.model.backbone", {"checkpoint_path": str(tmp_path / "does_not_exist.pth")})
+def test_backbone_name_and_checkpoint_are_checked_where_the_backbone_is_built(tmp_path):
+    """Validating the settings reads no file and needs no timm; building the backbone names the key."""
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "does_not_exist.pth")
+    nope = settings("train.model.backbone", {"name": "convnext_nope"})  # valid settings, until built
+    with pytest.raises(ConfigError, match=r"^'train\.model\.backbone\.name': unknown timm model name 'convnext_nope'"):
+        create_backbone(nope)
+    gone = settings("train.model.backbone", {"checkpoint_path": missing})
+    with pytest.raises(
+        ConfigError, match=r"^'train\.model\.backbone\.checkpoint_path': .*does_not_exist\.pth does not"
+    ):
+        create_backbone(gone)
     assert settings("train.model.backbone", {"name": "convnext_atto.d2_in1k"}).name == "convnext_atto.d2_in1k"
+    check = (
+        "import sys; from pipeline.config import load_params; p = load_params('params.yaml'); "
+        f"p.train.replace({{'model.backbone.checkpoint_path': {missing!r}}}); "
+        "assert 'timm' not in sys.modules and 'torch' not in sys.modules, 'validation imported timm'"
+    )
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True)
+
+
+def bundle_of(cfg: ModelConfig, model: CxrNet, text_vectors: np.ndarray, state: dict | None = None) -> ModelBundle:
+    """`model` as training saves it (`state`: other weights in its place)."""
+    return ModelBundle(
+        model_config=cfg,
+        model_state=model.state_dict() if state is None else state,
+        text_vectors=text_vectors,
+        classes=tuple(CLASSES),
+        image_size=32,
+        crop_size=32,
+        epoch=1,
+        val_mean_auc=0.5,
+        fingerprint="test",
+    )
 
 
 def test_bundle_round_trip_ignores_a_missing_checkpoint_file(tmp_path, text_vectors):
+    from pipeline.models import load_bundle
+
     path = tmp_path / "weights.pth"
     torch.save(timm.create_model("convnext_atto").state_dict(), path)
     cfg = tiny_config().replace({"backbone.checkpoint_path": str(path)})
     model = build_model(cfg, text_vectors).eval()
-    bundle = {"model_config": cfg.model_dump(), "model_state": model.state_dict(), "text_vectors": text_vectors}
+    bundle_of(cfg, model, text_vectors).save(tmp_path / "best.pt")
     path.unlink()  # the serving host has only the bundle
-    rebuilt = model_from_bundle(bundle)
+    rebuilt, bundle = load_bundle(tmp_path / "best.pt")
     assert isinstance(rebuilt, CxrNet) and not rebuilt.training
+    assert bundle.model_config == cfg and bundle.text_vectors.dtype == np.float32
     x = images(torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
@@ -232,10 +266,10 @@ def test_a_bundle_from_another_model_version_fails_with_its_name(tmp_path, text_
     from pipeline.models import load_bundle
 
     cfg = tiny_config()
-    state = build_model(cfg, text_vectors).state_dict()
+    model = build_model(cfg, text_vectors)
     # the text projection of an earlier version: a two-layer MLP with other parameter names
-    old = {k.replace("text_proj.linear.", "text_proj.0."): v for k, v in state.items()}
+    old = {k.replace("text_proj.linear.", "text_proj.0."): v for k, v in model.state_dict().items()}
     path = tmp_path / "best.pt"
-    torch.save({"model_config": cfg.model_dump(), "model_state": old, "text_vectors": text_vectors}, path)
+    bundle_of(cfg, model, text_vectors, state=old).save(path)
     with pytest.raises(ValueError, match=r"best\.pt: its weights do not fit.*text_proj\.linear\.weight.*retrain"):
         load_bundle(path)

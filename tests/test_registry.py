@@ -366,13 +366,12 @@ def _other_weights(best: Path, out: Path, seed: int) -> Path:
     the same for the gate, which reads only the rewritten predictions."""
     import torch
 
-    from pipeline.io import load_checkpoint
-    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.models import ModelBundle
 
-    bundle = load_checkpoint(best)
-    bundle["model_state"]["head.radius"] = bundle["model_state"]["head.radius"] + 1e-3 * seed
-    save_checkpoint(out, bundle)
-    assert not torch.equal(bundle["model_state"]["head.radius"], load_checkpoint(best)["model_state"]["head.radius"])
+    bundle = ModelBundle.load(best)
+    state = {**bundle.model_state, "head.radius": bundle.model_state["head.radius"] + 1e-3 * seed}
+    bundle.replace(model_state=state).save(out)
+    assert not torch.equal(state["head.radius"], ModelBundle.load(best).model_state["head.radius"])
     return out
 
 
@@ -695,7 +694,6 @@ def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
     import torch
 
     from pipeline.models import build_model
-    from pipeline.training.checkpoint import save_checkpoint
     from pipeline.training.loop import model_bundle
 
     tiny = {"model.embed_dim": 16, "model.hidden_dim": 32, "model.backbone.name": "test_convnext"}
@@ -704,7 +702,7 @@ def _bundle(path: Path, seed: int, epoch: int = 1) -> None:
     torch.manual_seed(seed)
     model = build_model(cfg.model, vectors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model_bundle(model, cfg, vectors, epoch=epoch, val_mean_auc=0.6, image_size=32))
+    model_bundle(model, cfg, vectors, epoch=epoch, val_mean_auc=0.6, image_size=32, fingerprint="test").save(path)
 
 
 @pytest.fixture
@@ -843,20 +841,29 @@ FAST_RETRIES = {
 }
 
 
-def _register_command(repo: Path, model_dir: Path, reports: Path, out: Path, uri: str) -> subprocess.CompletedProcess:
+def _start_register(repo: Path, model_dir: Path, reports: Path, out: Path, uri: str, **env: str) -> subprocess.Popen:
     """`python -m components.register` as a stage runs it, against the tracking server at `uri`."""
-    env = {**os.environ, **FAST_RETRIES, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **FAST_RETRIES, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), **env}
     env.pop("CXR_DEBUG", None)
     args = ["--params", "params.yaml", "--model", str(model_dir), "--reports", str(reports)]
     args += ["--prepared", "data/prepared", "--out", str(out)]
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "components.register", *args],
         cwd=repo,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _register_command(repo: Path, model_dir: Path, reports: Path, out: Path, uri: str) -> subprocess.CompletedProcess:
+    return _finish(_start_register(repo, model_dir, reports, out, uri))
 
 
 def _better_reports(repo: Path, reports: Path, out: Path) -> Path:
@@ -949,3 +956,54 @@ def test_a_registry_failure_fails_register_and_moves_no_alias(small_workspace: P
     assert final == ({"challenger": "2", "champion": "2"}, [1, 2])  # gated, promoted, not registered twice
     record = json.loads((work / "registration2.json").read_text())
     assert record["version"] == "2" and record["promote"] is True and record["champion_version"] == "1"
+
+
+@pytest.mark.slow
+def test_two_register_steps_racing_with_the_same_weights_leave_one_version(
+    small_workspace: Path, tmp_path: Path
+) -> None:
+    """Two register processes with the same weights, both past their "already registered?" look-up
+    and held by the proxy until both ask to create a version: both register, and the one that got
+    the later version deletes it (and its logged model) and ends as "already registered"."""
+    from mlflow import MlflowClient
+
+    from tests.servers import FaultProxy
+
+    repo, work = small_workspace, tmp_path / "work"
+    _bundle(work / "a" / "best.pt", seed=1)
+    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
+        with tracking_env(url, repo):  # two trainings that ended with the same weights
+            runs = [_training_run(work / f"model{i}", work / "a" / "best.pt", f"train-{i}") for i in (1, 2)]
+        with FaultProxy(url) as proxy:
+            proxy.hold("model-versions/create", count=2)
+            # a held request must outwait the other process's start, not time out in MLflow's client
+            procs = [
+                _start_register(
+                    repo,
+                    work / f"model{i}",
+                    repo / "reports",
+                    work / f"registration{i}.json",
+                    proxy.url,
+                    MLFLOW_HTTP_REQUEST_TIMEOUT="900",
+                )
+                for i in (1, 2)
+            ]
+            results = [_finish(p, timeout=900) for p in procs]
+            released = list(proxy.released)
+        client = MlflowClient(tracking_uri=url)
+        aliases, versions = _state(client)
+        kept = client.get_model_version(MODEL_NAME, "1")
+        live_models = client.search_logged_models(experiment_ids=[client.get_run(runs[0]).info.experiment_id])
+
+    for result in results:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(released) == 2  # both asked to create a version at once: the race happened
+    assert versions == [1] and aliases == {"challenger": "1", "champion": "1"}
+    records = sorted(
+        (json.loads((work / f"registration{i}.json").read_text()) for i in (1, 2)), key=lambda r: not r["registered"]
+    )
+    assert [(r["registered"], r["version"]) for r in records] == [(True, "1"), (False, "1")]
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"] == kept.tags["weights_sha256"]
+    assert "cxr-dwml v1 already holds these weights" in records[1]["reason"]
+    # the withdrawn version's logged model went with it
+    assert [f"models:/{m.model_id}" for m in live_models] == [records[0]["model_uri"]]

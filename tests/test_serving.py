@@ -85,10 +85,8 @@ def checkpoint_logits(repo: Path, paths: list[Path]) -> np.ndarray:
     from pipeline.models import load_bundle
 
     net, bundle = load_bundle(repo / "artifacts/model/best.pt")
-    crop = eval_transform(int(bundle["crop_size"]))
-    x = torch.stack(
-        [crop(torch.from_numpy(decode_image(p, bundle["image_size"]))[None]) for p in paths]
-    )  # (N, 1, S, S)
+    crop = eval_transform(bundle.crop_size)
+    x = torch.stack([crop(torch.from_numpy(decode_image(p, bundle.image_size))[None]) for p in paths])  # (N, 1, S, S)
     with torch.inference_mode():
         return net(x).double().numpy()  # (N, C)
 

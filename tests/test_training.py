@@ -23,7 +23,7 @@ from pipeline.io import load_checkpoint
 from pipeline.models import build_model
 from pipeline.training import TrainConfig, train
 from pipeline.training.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
-from tests.conftest import settings
+from tests.conftest import crafted_checkpoint, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # timm's own test-sized ConvNeXt (0.2 M parameters) keeps every loop test to seconds on a CPU
@@ -344,7 +344,7 @@ def test_running_cell_means_are_all_reduced_across_ranks(tmp_path):
 DDP_WORKER = """
 import os, sys, numpy as np, torch
 from pathlib import Path
-from tests.conftest import settings
+from tests.conftest import crafted_checkpoint, settings
 from pipeline.training import train
 cfg = settings("train", {config!r})
 rank = int(os.environ["RANK"])
@@ -482,6 +482,26 @@ def test_train_component_rewrites_a_finished_run_byte_for_byte(data, tmp_path, m
     assert [p for p in outputs if again[p] != first[p]] == []
     # no tool version in the figure: a matplotlib upgrade alone does not change the plot's bytes
     assert b"Matplotlib" not in first["reports/training_curves.png"]
+
+
+def test_train_refuses_a_crafted_last_pt_in_one_line_and_runs_nothing(data, tmp_path, monkeypatch, capsys):
+    """Resume reads last.pt: a file whose unpickling would run a command stops the step in one
+    line naming it (delete it to start again), and the command never runs."""
+    from components.common import run_main
+    from components.train import main
+
+    prepared, _ = data
+    mlflow_workspace(tmp_path, monkeypatch, "train-crafted", {**TINY, "epochs": 1, "max_steps_per_epoch": 1})
+    marker = tmp_path / "marker"
+    crafted_checkpoint(tmp_path / "model" / "last.pt", marker, fingerprint="any")
+    capsys.readouterr()
+    assert run_main("train", main, train_argv(tmp_path, prepared, "--no-mlflow")) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cxr-dwml train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"{Path('model') / 'last.pt'} was not loaded" in lines[0] and "nothing in it was run" in lines[0]
+    assert "delete it and rerun the train step" in lines[0]
+    assert not marker.exists() and not (tmp_path / "model" / "best.pt").exists()
 
 
 # ----------------------------------------------------------------------------- ablation

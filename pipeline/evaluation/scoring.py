@@ -90,7 +90,7 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     """
     device = resolve_device(cfg.device, "evaluate.device")
     model, bundle = load_bundle(model_path, device)
-    crop = int(bundle.get("crop_size", 224))
+    crop = bundle.crop_size
     val = score_split(model, prepared_dir, "val", crop, cfg, device, progress)
     test = score_split(model, prepared_dir, "test", crop, cfg, device, progress)
     cal, chosen_by = fit_calibration(val, cfg)
@@ -186,7 +186,7 @@ def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle
         "val_mean_auc": _finite(val_mean_auc),
         "test_images": len(test.images),
         "test_patients": boot["n_groups"],
-        "checkpoint_epoch": bundle.get("epoch"),
+        "checkpoint_epoch": bundle.epoch,
     }
 
 

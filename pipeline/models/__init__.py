@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from .backbone import BackboneConfig, create_backbone
+from .bundle import BundleError, ModelBundle
 from .heads import LinearHead, MetricHead, ModelOutput, centre_text_vectors
 
 
@@ -103,22 +106,22 @@ def backbone_norm(backbone: nn.Module) -> tuple[float, float]:
     return float(np.mean(mean)), float(np.mean(std))
 
 
-def model_from_bundle(bundle: dict, device: str | torch.device = "cpu", source: str = "the model bundle") -> CxrNet:
+def model_from_bundle(
+    bundle: ModelBundle, device: str | torch.device = "cpu", source: str = "the model bundle"
+) -> CxrNet:
     """Rebuild the network saved by training (`best.pt`) in eval mode, without any download.
 
     Raises:
         ValueError: naming `source` when its weights do not fit this version's network (a bundle
             written by another version of the project, e.g. before the text projection changed).
     """
-    from ..config import validate
-
-    values = dict(bundle["model_config"])
-    # the weights come from the bundle: never fetch pretrained ones for the skeleton, nor require
-    # the training host's checkpoint file to exist here
-    values["backbone"] = {**values.get("backbone", {}), "pretrained": False, "checkpoint_path": None}
-    cfg = validate(ModelConfig, values, where=f"{source}: model_config")
-    model = build_model(cfg, np.asarray(bundle["text_vectors"]))
-    missing, unexpected = model.load_state_dict(bundle["model_state"], strict=False)
+    # the weights come from the bundle: never fetch pretrained ones for the skeleton, nor read
+    # the training host's checkpoint file
+    cfg = bundle.model_config.replace(
+        {"backbone.pretrained": False, "backbone.checkpoint_path": None}, at="train.model"
+    )
+    model = build_model(cfg, bundle.text_vectors)
+    missing, unexpected = model.load_state_dict(bundle.model_state, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{source}: its weights do not fit this version's model (missing {', '.join(missing[:3]) or '-'}; "
@@ -128,19 +131,19 @@ def model_from_bundle(bundle: dict, device: str | torch.device = "cpu", source: 
     return model.to(device).eval()
 
 
-def load_bundle(path, device: str | torch.device = "cpu") -> tuple[CxrNet, dict]:
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CxrNet, ModelBundle]:
     """The network saved in a model bundle (`best.pt`), on `device`, and the bundle itself."""
-    from ..io import load_checkpoint
-
-    bundle = load_checkpoint(path)
+    bundle = ModelBundle.load(path)
     return model_from_bundle(bundle, device, source=str(path)), bundle
 
 
 __all__ = [
     "BackboneConfig",
+    "BundleError",
     "CxrNet",
     "LinearHead",
     "MetricHead",
+    "ModelBundle",
     "ModelConfig",
     "ModelOutput",
     "build_model",

@@ -7,7 +7,9 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from ..config import BackboneConfig
+from ..config import BackboneConfig, ConfigError
+
+KEY = "train.model.backbone"
 
 
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
@@ -17,6 +19,7 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
     its input channels, which equals feeding the same image replicated to three channels, at a
     third of the stem's cost.
     """
+    check_backbone(cfg)
     kwargs = dict(num_classes=0, in_chans=1, drop_path_rate=cfg.drop_path_rate)
     pretrained = cfg.pretrained or bool(cfg.checkpoint_path)
     if cfg.checkpoint_path:
@@ -25,3 +28,20 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def check_backbone(cfg: BackboneConfig) -> None:
+    """The backbone can be built here: timm knows its name, and its checkpoint file exists.
+
+    Raises:
+        ConfigError: one line naming the key and what to do.
+    """
+    # is_model accepts pretrained tags ("convnext_atto.d2_in1k"), which list_models() omits
+    if not timm.is_model(cfg.name):
+        close = ", ".join(timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]) or "-"
+        raise ConfigError(f"'{KEY}.name': unknown timm model name '{cfg.name}'; similar: {close}")
+    if cfg.checkpoint_path and not Path(cfg.checkpoint_path).is_file():
+        raise ConfigError(
+            f"'{KEY}.checkpoint_path': {cfg.checkpoint_path} does not exist on this machine; "
+            "point it to a local .safetensors/.bin/.pth file, or set it to null to use the hub"
+        )

@@ -82,6 +82,27 @@ def register(model_uri: str, cfg: RegisterConfig, tags: dict[str, str]):
     return mlflow.register_model(model_uri, cfg.model_name, tags=tags)
 
 
+def keep_first(client, name: str, version, digest: str, logged_model_id: str | None):
+    """The compare-and-set that makes one version per weights hold when register steps race.
+
+    Called right after `version` was registered with the weights tag `digest` from the logged model
+    `logged_model_id`. Versions are numbered
+    in the order they are created, so of racing steps that each found no version with these weights
+    and registered one, all see the same oldest version once they have registered: that one stays.
+    A step whose `version` is not the oldest deletes it, and the model it logged, and gets the
+    oldest back; a step whose `version` is the oldest gets None and gates it.
+    """
+    first = version_with_weights(client, name, digest)
+    if first is None or str(first.version) == str(version.version):
+        return None
+    action = f"deleting v{version.version}, registered while v{first.version} took the same weights"
+    with _failing_clearly(action, name):
+        client.delete_model_version(name, version.version)
+        if logged_model_id:
+            client.delete_logged_model(logged_model_id)
+    return first
+
+
 class RegistryError(RuntimeError):
     """A registry call failed for a reason other than "no such model or alias": the step stops
     without moving an alias, and the message names the model, the alias and the server."""

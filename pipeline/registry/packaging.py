@@ -36,12 +36,12 @@ def log_pyfunc(
     """
     import mlflow
 
-    from ..io import load_checkpoint
+    from ..models import ModelBundle
     from ..serving import predictor as serving
 
     calibration = serving.read_calibration(None if calibration_path is None else str(calibration_path))
     _check_threshold_scale(thresholds_path, calibration, calibration_path)
-    bundle = load_checkpoint(bundle_path)
+    bundle = ModelBundle.load(bundle_path)
     predictor = serving.Predictor(bundle, _read_thresholds(thresholds_path), calibration=calibration)
     example_in = pd.DataFrame({"image": [example]})
     example_out = predictor.score([example])
@@ -81,9 +81,9 @@ def weights_digest(bundle_path: Path) -> str:
     else the file holds (the epoch, the settings fingerprint) and however torch laid the file out."""
     import torch
 
-    from ..io import load_checkpoint
+    from ..models import ModelBundle
 
-    state = load_checkpoint(bundle_path, mmap=True)["model_state"]
+    state = ModelBundle.load(bundle_path, mmap=True).model_state
     h = hashlib.sha256()
     for name in sorted(state):
         value = state[name]

@@ -3,7 +3,7 @@ and a distance per image and per batch at prediction time.
 
 A classifier answers for any input: a lateral film, a photograph, an inverted image or noise still
 get 14 probabilities. Two summaries of the training data travel inside the model bundle (`best.pt`,
-key "drift_reference") and every prediction is measured against them:
+`ModelBundle.drift_reference`) and every prediction is measured against them:
 
 - image statistics of the network's input (the centre crop in [0, 1]): mean, standard deviation,
   share of dark (< 0.05) and bright (> 0.95) pixels, the 5/25/50/75/95th percentiles and the
@@ -50,10 +50,10 @@ import torch
 
 if TYPE_CHECKING:
     from ..config import DriftConfig
+    from ..models import ModelBundle
 
 STATISTICS = ("mean", "std", "dark", "bright", "q05", "q25", "q50", "q75", "q95", "edge")
 DARK, BRIGHT = 0.05, 0.95
-REFERENCE_KEY = "drift_reference"
 # a feature that never varied in training still gets this spread: otherwise any change is infinite
 MIN_SCALE = 1e-3
 KINDS = {"image": "image statistics", "embedding": "embedding"}
@@ -386,22 +386,20 @@ def attach_reference(
     Only a bundle without a reference, or with one from other settings or other code (this
     file's digest), is rewritten: a resumed finished training leaves `best.pt` byte for byte as it was.
     """
-    from ..io import file_digest, load_checkpoint
-    from ..models import model_from_bundle
-    from ..training.checkpoint import save_checkpoint
+    from ..io import file_digest
+    from ..models import ModelBundle, model_from_bundle
 
-    bundle = load_checkpoint(bundle_path)
+    bundle = ModelBundle.load(bundle_path)
     settings = {**cfg.model_dump(), "seed": seed, "code": file_digest(__file__)}
-    if (bundle.get(REFERENCE_KEY) or {}).get("settings") == settings:
+    if (bundle.drift_reference or {}).get("settings") == settings:
         return False
     model = model_from_bundle(bundle, device, source=str(bundle_path))
-    crop = int(bundle.get("crop_size", 224))
-    ref = fit_reference(model, prepared_dir, crop, cfg, seed, device, batch_size)
-    save_checkpoint(bundle_path, {**bundle, REFERENCE_KEY: {**ref.to_dict(), "settings": settings}})
+    ref = fit_reference(model, prepared_dir, bundle.crop_size, cfg, seed, device, batch_size)
+    bundle.replace(drift_reference={**ref.to_dict(), "settings": settings}).save(bundle_path)
     return True
 
 
-def from_bundle(bundle: dict) -> Reference | None:
+def from_bundle(bundle: ModelBundle) -> Reference | None:
     """The bundle's drift reference; None for a bundle trained before references were saved."""
-    data = bundle.get(REFERENCE_KEY)
+    data = bundle.drift_reference
     return None if data is None else Reference.from_dict(data)

@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from pipeline.models import ModelBundle
 
 BUNDLE, THRESHOLDS, CALIBRATION = "bundle", "thresholds", "calibration"
 LABELS_COLUMN = "labels"
@@ -131,18 +134,21 @@ def as_image_list(model_input: Any) -> list[Any]:
 class Predictor:
     """The network and its preprocessing, usable with or without MLflow."""
 
-    def __init__(self, bundle: dict, thresholds: dict[str, float], device: str = "cpu", calibration=None) -> None:
+    def __init__(
+        self, bundle: ModelBundle, thresholds: dict[str, float], device: str = "cpu", calibration=None
+    ) -> None:
         """`device`: a torch device string, or "auto" for the first GPU when there is one;
         `calibration`: a `pipeline.evaluation.calibration.Calibration` the probabilities go through (None: raw
-        sigmoid scores). `thresholds` must be on the scale of those probabilities."""
+        sigmoid scores). `thresholds` must be on the scale of those probabilities. The input size
+        comes from the bundle (`image_size`, `crop_size`), never from a default."""
         from pipeline.data.dataset import eval_transform
         from pipeline.inference import resolve_device
         from pipeline.models import model_from_bundle
         from pipeline.serving import drift
 
-        self.classes = list(bundle["classes"])
-        self.image_size = int(bundle.get("image_size", bundle.get("crop_size", 224)))
-        self.crop_size = int(bundle.get("crop_size", self.image_size))
+        self.classes = list(bundle.classes)
+        self.image_size = bundle.image_size
+        self.crop_size = bundle.crop_size
         self.crop = eval_transform(self.crop_size)
         self._explainer = None  # built on the first request for explanations
         self.device = resolve_device(device)
@@ -329,9 +335,10 @@ class CxrDwmlModel(PythonModel):
     """MLflow pyfunc wrapper around Predictor."""
 
     def load_context(self, context) -> None:
-        from pipeline.io import load_checkpoint
+        """Read the model's artifacts; the bundle through `ModelBundle.load`, which runs nothing in it."""
+        from pipeline.models import ModelBundle
 
-        bundle = load_checkpoint(context.artifacts[BUNDLE])
+        bundle = ModelBundle.load(context.artifacts[BUNDLE])
         with open(context.artifacts[THRESHOLDS], encoding="utf-8") as f:
             thresholds = json.load(f)["thresholds"]
         self.predictor = Predictor(bundle, thresholds, "auto", read_calibration(context.artifacts.get(CALIBRATION)))

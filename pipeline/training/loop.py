@@ -25,12 +25,12 @@ from ..config import TrainConfig
 from ..data.dataset import CachedImageDataset, build_loader
 from ..data.layout import CACHE_DIR, CACHE_INDEX, CLASS_COUNTS
 from ..inference import autocast, autocast_dtype, predict, resolve_device
-from ..io import load_checkpoint, read_json
+from ..io import load_checkpoint, read_json, save_checkpoint
 from ..losses import build_loss
 from ..metrics import mean_auc, roc_auc
-from ..models import CxrNet, build_model, init_prior
+from ..models import CxrNet, ModelBundle, build_model, init_prior
 from . import distributed as D
-from .checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
+from .checkpoint import rng_state, set_rng_state, unwrap
 from .optim import build_optimizer, build_scheduler
 
 Logger = Callable[[dict, int], None]
@@ -135,16 +135,29 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     return metrics
 
 
-def model_bundle(model: CxrNet, cfg: TrainConfig, text_vectors: np.ndarray, **extra) -> dict:
-    """Everything inference needs, in one file: weights, architecture, label vectors, class order."""
-    return {
-        "model_state": unwrap(model).state_dict(),
-        "model_config": cfg.model.model_dump(),
-        "text_vectors": np.asarray(text_vectors, dtype=np.float32),
-        "classes": list(CLASSES),
-        "crop_size": cfg.augment.crop_size,
-        **extra,
-    }
+def model_bundle(
+    model: CxrNet,
+    cfg: TrainConfig,
+    text_vectors: np.ndarray,
+    *,
+    epoch: int,
+    val_mean_auc: float,
+    image_size: int,
+    fingerprint: str,
+) -> ModelBundle:
+    """Everything inference needs, in one file: weights, architecture, label vectors, class order,
+    the input size (`image_size`: the side of the cached training images) and where it came from."""
+    return ModelBundle(
+        model_config=cfg.model,
+        model_state=unwrap(model).state_dict(),
+        text_vectors=np.asarray(text_vectors, dtype=np.float32),
+        classes=tuple(CLASSES),
+        image_size=image_size,
+        crop_size=cfg.augment.crop_size,
+        epoch=epoch,
+        val_mean_auc=val_mean_auc,
+        fingerprint=fingerprint,
+    )
 
 
 @dataclass
@@ -391,18 +404,15 @@ def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) ->
     state.stopped_early = stop
     if run.dist.is_main:
         if improved:
-            save_checkpoint(
-                run.out_dir / BEST,
-                model_bundle(
-                    eval_model,
-                    cfg,
-                    run.text_vectors,
-                    epoch=epoch,
-                    val_mean_auc=val["val_mean_auc"],
-                    image_size=run.data.image_size,
-                    fingerprint=run.fingerprint,
-                ),
-            )
+            model_bundle(
+                eval_model,
+                cfg,
+                run.text_vectors,
+                epoch=epoch,
+                val_mean_auc=val["val_mean_auc"],
+                image_size=run.data.image_size,
+                fingerprint=run.fingerprint,
+            ).save(run.out_dir / BEST)
         save_checkpoint(run.out_dir / LAST, _full_state(ctx, state, cfg, run.fingerprint))
     D.barrier(run.dist)
     return stop
