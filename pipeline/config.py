@@ -179,8 +179,8 @@ class DownloadConfig(Section):
         if redact_uri(source) != source:
             raise ValueError(
                 f"{redact_uri(source)} holds credentials (user:password@ or a token in the URL), and "
-                "params.yaml and the lock file recording it are committed: give them to the client instead, in ~/.netrc "
-                "for an HTTP mirror or AWS_* variables / an AWS profile for S3"
+                "params.yaml and the lock file recording it are committed: give them to the client "
+                "instead, in ~/.netrc for an HTTP mirror or AWS_* variables / an AWS profile for S3"
             )
         return source
 
