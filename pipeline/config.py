@@ -554,8 +554,11 @@ class EvaluateConfig(Section):
         batch_size: images per prediction batch.
         workers: data-loading processes.
         device: "auto" or a torch device string.
-        subgroup_min_cases: fewest positives, and fewest negatives, a class needs in a test
-            subgroup (sex, age band, view, follow-up) to get an AUC there; fewer is reported as null.
+        min_positive_patients: fewest patients with a positive image, and fewest with a negative
+            one, a class needs in a split (or a test subgroup) to be in its mean AUC: one class set
+            for the point estimate and every bootstrap resample; the others are named, not averaged.
+            Validation's set is also what training selects its best epoch on and the registry gate
+            decides on.
         explain: the heatmap gallery and the localisation check.
         calibration: post-hoc calibration and its report (see `CalibrationConfig`).
     """
@@ -567,7 +570,7 @@ class EvaluateConfig(Section):
     batch_size: PosInt
     workers: NonNegInt
     device: str
-    subgroup_min_cases: PosInt
+    min_positive_patients: PosInt
     explain: ExplainConfig
     calibration: CalibrationConfig
 

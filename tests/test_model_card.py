@@ -40,6 +40,15 @@ def _metrics(n: int = len(CLASSES)) -> dict:
             c: [None, None] if v is None else [round(v - 0.05, 4), round(v + 0.04, 4)] for c, v in auc.items()
         },
         "undefined_classes": ["Hernia"],
+        "min_positive_patients": 10,
+        "classes_in_mean": [c for c in CLASSES if c not in ("Pneumonia", "Hernia")],
+        "excluded_classes": {
+            "Pneumonia": "4 positive patients (fewer than 10)",
+            "Hernia": "0 positive patients (fewer than 10)",
+        },
+        "bootstrap_dropped_resamples": 3,
+        "val_classes_in_mean": [c for c in CLASSES if c != "Hernia"],
+        "val_excluded_classes": {"Hernia": "1 positive patient (fewer than 10)"},
         "per_class_average_precision": {c: round(0.11 + 0.01 * i, 4) for i, c in enumerate(CLASSES)},
         "threshold_method": "youden",
         "val_mean_auc": 0.7421,
@@ -156,6 +165,14 @@ def test_per_class_table_shows_the_values_of_metrics_json(run_folder: Path, tmp_
         assert ap == f"{metrics['per_class_average_precision'][c]:.3f}"
         assert (positives, sens, spec) == (str(40 + i), f"{0.5 + 0.01 * i:.3f}", f"{0.8 - 0.01 * i:.3f}")
     assert "No AUC for Hernia" in md
+    # the classes left out of the means, by name and why, never silently averaged
+    assert (
+        "The test mean AUC is over 12 of 14 findings, those with at least 10 positive and 10 negative test patients; "
+        "left out: Pneumonia: 4 positive patients (fewer than 10); Hernia: 0 positive patients (fewer than 10)."
+    ) in _section(md, "Test results per finding")
+    assert "3 resamples lacked a positive or a negative patient" in md
+    assert "over 12 of 14 findings, Pneumonia, Hernia left out" in card.summary
+    assert "val mean AUC 0.742 (over 13 of 14 findings, Hernia left out" in card.summary
     assert "**0.731 [0.701, 0.760]**" in _section(md, "Test results per finding")
     # the summary: test mean with its interval, the validation figure, the gate against the champion
     assert card.summary.splitlines()[0].startswith("**Test mean AUC 0.731 [0.701, 0.760]**")
@@ -336,12 +353,13 @@ def test_html_parses_and_embeds_every_image_the_markdown_links(run_folder: Path)
     assert "<strong>Test mean AUC 0.731 [0.701, 0.760]</strong>" in text
 
 
-def test_metrics_without_the_per_class_intervals_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["per_class_auc_ci", "excluded_classes"])
+def test_metrics_without_the_per_class_intervals_or_the_class_set_is_refused(tmp_path: Path, key: str) -> None:
     (tmp_path / "reports").mkdir()
     metrics = _metrics()
-    del metrics["per_class_auc_ci"]
+    del metrics[key]
     (tmp_path / "reports/metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ValueError, match=r"reports/metrics.json has no 'per_class_auc_ci': rerun the evaluate step"):
+    with pytest.raises(ValueError, match=rf"reports/metrics.json has no '{key}': rerun the evaluate step"):
         model_card.read_run(_files(tmp_path))
     with pytest.raises(FileNotFoundError, match="metrics.json does not exist"):
         model_card.read_run(_files(tmp_path / "nowhere"))
