@@ -528,3 +528,32 @@ def test_comparison_table_marks_the_seed_paper_once_in_auc_order():
         "The test mean AUC is over 13 of 14 findings, those with at least 10 positive and 10 negative test "
         "patients; left out: Hernia: 0 positive patients (fewer than 10)." in text
     )
+
+
+def test_summary_names_the_classes_left_out_of_the_mean(tmp_path, monkeypatch, capsys):
+    import json
+
+    from components import summary
+
+    metrics = {
+        "per_class_auc": {c: 0.8 for c in CLASSES},
+        "per_class_auc_ci": {c: [0.7, 0.9] for c in CLASSES},
+        "mean_auc": 0.8,
+        "mean_auc_ci": [0.75, 0.85],
+        "test_images": 10,
+        "min_positive_patients": 10,
+        "classes_in_mean": list(CLASSES[:-1]),
+        "excluded_classes": {"Hernia": "1 positive patient (fewer than 10)"},
+        "bootstrap_resamples": 1000,
+        "bootstrap_dropped_resamples": 2,
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert summary.main(["--reports", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "The test mean AUC is over 13 of 14 findings" in out and "Hernia: 1 positive patient" in out
+    assert "2 of 1000 resamples had no positive or no negative patient" in out
+    del metrics["classes_in_mean"]  # a metrics.json from before the class set: said, not passed over
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert summary.main(["--reports", str(tmp_path)]) == 0
+    assert "does not name the classes its mean AUC is over: rerun the evaluate step" in capsys.readouterr().out

@@ -543,6 +543,11 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
 
     summary = json.loads((reports / "ablation.json").read_text())
     assert summary["baseline"] == "bce_head" and summary["bootstrap_unit"] == "patient"
+    # every mean and delta of a split is over that split's one class set, the others named
+    assert summary["min_positive_patients"] == MIN_PATIENTS
+    for split in ("val", "test"):
+        named = summary[f"{split}_classes_in_mean"] + list(summary[f"{split}_excluded_classes"])
+        assert sorted(named, key=CLASSES.index) == list(CLASSES)
     entries = {v["variant"]: v for v in summary["variants"]}
     dual = entries["dual"]
     runs_of = table.set_index(["variant", "seed"])
@@ -557,6 +562,7 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     assert "test_delta_vs_bce_head" not in entries["bce_head"]
     markdown = (reports / "ablation.md").read_text()
     assert "| dual_random_prototypes |" in markdown and "patients" in markdown
+    assert "The val mean AUC is over" in markdown and "The test mean AUC is over" in markdown
     assert "| dual |" in capsys.readouterr().out
     assert (reports / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     bundle = load_checkpoint(tmp_path / "ablation" / "bce_head" / f"seed_{TINY['seed']}" / "best.pt")
