@@ -139,9 +139,12 @@ def crash_after(monkeypatch, steps: int) -> list[dict]:
     return done
 
 
-def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
+# workers = 2: persistent worker processes keep their random state from epoch to epoch, so a seed
+# set in the main process after the first epoch must still reach them
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch, workers):
     prepared, vectors = data
-    cfg = tiny_config()
+    cfg = tiny_config(workers=workers)
     straight = train(
         cfg, prepared, vectors, tmp_path / "a", fingerprint="fp", progress=False, min_patients=MIN_PATIENTS
     )

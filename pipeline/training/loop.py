@@ -2,6 +2,8 @@
 
 Determinism: the data order and every random draw of epoch e depend only on (seed, e, rank), so a
 run resumed from the checkpoint of epoch e-1 replays epoch e exactly as an uninterrupted run would.
+The augmentations' seeds travel with the sampler's indices (`SeededSampler`), so this holds with
+persistent loader workers too, which never see a reseed of the main process.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..classes import CLASSES
 from ..config import TrainConfig
-from ..data.dataset import CachedImageDataset, build_loader
+from ..data.dataset import CachedImageDataset, SeededSampler, build_loader
 from ..data.layout import CACHE_DIR, CACHE_INDEX, CLASS_COUNTS
 from ..inference import autocast, autocast_dtype, predict, resolve_device
 from ..io import load_checkpoint, read_json
@@ -151,7 +153,7 @@ class _Data:
     """The splits as training reads them, and the training split's label counts."""
 
     train: CachedImageDataset
-    sampler: DistributedSampler
+    sampler: SeededSampler  # a DistributedSampler's order, each index with its augmentation seed
     train_loader: DataLoader
     val_loader: DataLoader
     steps_per_epoch: int
@@ -272,7 +274,9 @@ def _load_data(
     val_ds = CachedImageDataset(prepared_dir, "val", cfg.augment, train=False)
     counts = read_json(prepared_dir / CLASS_COUNTS)
     image_size = int(read_json(prepared_dir / CACHE_DIR / CACHE_INDEX)["size"])
-    sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = SeededSampler(
+        DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    )
     loader = functools.partial(
         build_loader, shuffle=False, workers=cfg.workers, seed=cfg.seed, pin_memory=device.type == "cuda"
     )
@@ -352,9 +356,7 @@ def _seed_epoch(run: _Run, epoch: int) -> None:
     seed = epoch_seed(run.cfg.seed, epoch, run.dist.rank)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    run.data.sampler.set_epoch(epoch)
-    if run.data.train_loader.generator is not None:  # worker augmentation seeds come from it
-        run.data.train_loader.generator.manual_seed(seed)
+    run.data.sampler.set_epoch(epoch, seed)  # the augmentations' seeds travel with the indices
 
 
 def _train_epoch(run: _Run, epoch: int, state: TrainState) -> dict:
