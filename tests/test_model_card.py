@@ -262,9 +262,10 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     per_method = lambda hit, iou: {  # noqa: E731
         "mean_pointing_accuracy": hit,
         "mean_iou": iou,
+        "mean_iobb": 2 * iou,
         "per_class": {
-            "Mass": {"pairs": 12, "pointing_accuracy": hit, "mean_iou": iou},
-            "Atelectasis": {"pairs": 3, "pointing_accuracy": hit / 2, "mean_iou": iou / 2},
+            "Mass": {"pairs": 12, "pointing_accuracy": hit, "mean_iou": iou, "mean_iobb": 2 * iou},
+            "Atelectasis": {"pairs": 3, "pointing_accuracy": hit / 2, "mean_iou": iou / 2, "mean_iobb": iou},
         },
     }
     localization = {
@@ -274,6 +275,7 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
         "images": 14,
         "pairs": 15,
         "iou_threshold": 0.5,
+        "pointing_tolerance_px_at_224": 15.0,
         "methods": {
             "gradcam": per_method(0.75, 0.31),
             "prototype": per_method(0.5, 0.2),
@@ -292,11 +294,15 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     heat = _section(md, "Where the model looked")
     assert "(heatmaps/00000001_000.png)" in heat and "(heatmaps/00000002_001.png)" in heat
     loc_md = _section(md, "Localisation")
-    assert "| Finding | Pairs | Grad-CAM: pointing | Grad-CAM: IoU | prototype distance: pointing |" in loc_md
-    assert "| Atelectasis | 3 | 0.375 | 0.155 | 0.250 | 0.100 | 0.125 | 0.050 |" in loc_md
-    assert "| Mass | 12 | 0.750 | 0.310 | 0.500 | 0.200 | 0.250 | 0.100 |" in loc_md
+    assert (
+        "| Finding | Pairs | Grad-CAM: pointing | Grad-CAM: IoU | Grad-CAM: IoBB | prototype distance: pointing |"
+        in loc_md
+    )
+    assert "| Atelectasis | 3 | 0.375 | 0.155 | 0.310 | 0.250 | 0.100 | 0.200 | 0.125 | 0.050 | 0.100 |" in loc_md
+    assert "| Mass | 12 | 0.750 | 0.310 | 0.620 | 0.500 | 0.200 | 0.400 | 0.250 | 0.100 | 0.200 |" in loc_md
     assert loc_md.index("| Atelectasis |") < loc_md.index("| Mass |")  # the canonical class order
-    assert "| **mean over findings** |  | 0.750 | 0.310 | 0.500 | 0.200 | 0.250 | 0.100 |" in loc_md
+    mean = "| **mean over findings** |  | 0.750 | 0.310 | 0.620 | 0.500 | 0.200 | 0.400 | 0.250 | 0.100 | 0.200 |"
+    assert mean in loc_md and "within 15.0 px (at 224 px) of a box, a flat map counting as a miss" in loc_md
     assert "Not available" not in md.split("## Registry decision")[0].split("## Calibration")[1]
     # every figure is logged beside the Markdown in the folder its link names
     assert sorted(str(Path(sub) / f.name) for f, sub in render.figure_files(card, reports)) == [

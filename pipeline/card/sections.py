@@ -604,9 +604,11 @@ def _localization_section(data: CardData) -> list[Block]:
         Paragraph(
             f"{_count(loc.get('pairs'))} (image, finding) pairs with a bounding box on {_count(loc.get('images'))} "
             f"{loc.get('split', 'test')} images (boxes from `{loc.get('source')}`): the share of pairs whose map has "
-            f"its maximum inside a box (pointing game), and the IoU of the map above {loc.get('iou_threshold')} of "
-            "its maximum with the boxes. The centre baseline points at the image centre; a map that beats it found "
-            "more than where findings usually lie."
+            f"its maximum within {loc.get('pointing_tolerance_px_at_224')} px (at 224 px) of a box, a flat map "
+            f"counting as a miss (pointing game); the IoU of the map above {loc.get('iou_threshold')} of its maximum "
+            "with the boxes; and the IoBB of Wang et al. 2017, the share of the boxes around that region that lies "
+            "in the boxes. The centre baseline points at the image centre; a map that beats it found more than "
+            "where findings usually lie."
         )
     )
     if not methods:
@@ -614,18 +616,18 @@ def _localization_section(data: CardData) -> list[Block]:
     header = ["Finding", "Pairs"]
     for m in methods:
         name = LOCALIZATION_METHODS.get(m, m)
-        header += [f"{name}: pointing", f"{name}: IoU"]
+        header += [f"{name}: pointing", f"{name}: IoU", f"{name}: IoBB"]
     found = [c for c in CLASSES if any(c in (v.get("per_class") or {}) for v in methods.values())]
     rows = []
     for c in found:
         entries = [(v.get("per_class") or {}).get(c) or {} for v in methods.values()]
         row = [c, _count(next((e.get("pairs") for e in entries if e.get("pairs") is not None), None))]
         for e in entries:
-            row += [_num(e.get("pointing_accuracy")), _num(e.get("mean_iou"))]
+            row += [_num(e.get("pointing_accuracy")), _num(e.get("mean_iou")), _num(e.get("mean_iobb"))]
         rows.append(tuple(row))
     mean = ["**mean over findings**", ""]
     for v in methods.values():
-        mean += [_num(v.get("mean_pointing_accuracy")), _num(v.get("mean_iou"))]
+        mean += [_num(v.get("mean_pointing_accuracy")), _num(v.get("mean_iou")), _num(v.get("mean_iobb"))]
     rows.append(tuple(mean))
     return blocks + [Table(tuple(header), tuple(rows))]
 

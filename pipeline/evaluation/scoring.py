@@ -136,24 +136,38 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     before = calibration.reliability_bins(test.y, test.probs, bins)
     after = calibration.reliability_bins(test.y, cal.probabilities(test.logits), bins)
     plots.reliability_grid(before, after, thresholds, report, Path(out_dir) / "plots" / "reliability.png")
-    explain_test(model, Path(prepared_dir), Path(out_dir), cfg, test, crop)
+    explain_test(model, Path(prepared_dir), Path(out_dir), cfg, test, crop, (cal, thresholds))
     return metrics
 
 
-def explain_test(model, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, test: SplitScores, crop: int) -> dict:
-    """The heatmap gallery (reports/heatmaps/) and localization.json, its section added to comparison.md."""
+def explain_test(
+    model,
+    prepared_dir: Path,
+    out_dir: Path,
+    cfg: EvaluateConfig,
+    test: SplitScores,
+    crop: int,
+    served: tuple[calibration.Calibration, np.ndarray],
+) -> dict:
+    """The heatmap gallery (reports/heatmaps/) and localization.json, its section added to comparison.md.
+
+    Args:
+        served: the calibration fitted on validation and the thresholds chosen on its probabilities:
+            the gallery labels each finding by the outcome the registered model would give it.
+    """
     import shutil
 
     from .explain import explainer
     from .heatmaps import HEATMAPS, LOCALIZATION, draw_gallery, localization, localization_markdown
 
+    cal, thresholds = served
     ds = CachedImageDataset(prepared_dir, "test", crop, train=False)
     row = {name: i for i, name in enumerate(test.images)}
-    probs = test.probs[[row[name] for name in ds.image_names]]  # (N, C) in the dataset's order
+    probs = cal.probabilities(test.logits[[row[name] for name in ds.image_names]])  # (N, C) in the dataset's order
     shutil.rmtree(out_dir / HEATMAPS, ignore_errors=True)  # images of an earlier run would linger
     ex = explainer(model, crop)
-    draw_gallery(ex, ds, probs, prepared_dir, cfg.explain, out_dir)
-    report = localization(ex, ds, prepared_dir, cfg.explain.iou_threshold)
+    draw_gallery(ex, ds, (probs, np.asarray(thresholds)), prepared_dir, cfg.explain, cfg.seed, out_dir)
+    report = localization(ex, ds, prepared_dir, cfg.explain)
     write_json(out_dir / LOCALIZATION, report)
     comparison = out_dir / "comparison.md"
     write_text(comparison, comparison.read_text(encoding="utf-8") + localization_markdown(report))
