@@ -718,12 +718,18 @@ def small_workspace(tmp_path: Path) -> Path:
         "test_patients": 20,
         "per_class_auc": {c: 0.5 + 0.01 * i for i, c in enumerate(CLASSES)},
         "per_class_auc_ci": {c: [0.3 + 0.01 * i, 0.7 + 0.01 * i] for i, c in enumerate(CLASSES)},
+        "min_positive_patients": 1,
+        "classes_in_mean": list(CLASSES),
+        "excluded_classes": {},
+        "val_classes_in_mean": list(CLASSES),
+        "val_excluded_classes": {},
     }
     (repo / "reports/metrics.json").write_text(json.dumps(metrics))
     (repo / "reports/thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
     (repo / "reports/calibration.json").write_text(json.dumps(Calibration("none", tuple(CLASSES)).to_json()))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["register"].update(min_auc=0.0, bootstrap_resamples=100)
+    params["evaluate"]["min_positive_patients"] = 1  # ~9 validation patients
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     return repo
 
