@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from pipeline.classes import CLASS_COUNTS, CLASSES, TOTAL_IMAGES  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics import bootstrap_auc, resample_counts, weighted_roc_auc  # noqa: E402
 
 
@@ -107,16 +107,18 @@ def main(argv: list[str] | None = None) -> float:
         f"{int(y.sum()):,} positive labels; resampling {unit}"
     )
 
+    min_patients = load_params(Path(__file__).resolve().parents[1] / "params.yaml").evaluate.min_positive_patients
     start, start_cpu = time.perf_counter(), time.process_time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a tiny run may leave a class undefined; not timed here
-        result = bootstrap_auc(y, scores, n_resamples=args.resamples, seed=args.seed, groups=groups)
+    result = bootstrap_auc(
+        y, scores, n_resamples=args.resamples, seed=args.seed, groups=groups, min_patients=min_patients
+    )
     ours, ours_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     ours_per_1000 = ours / args.resamples * 1000
     print(
         f"ours: {args.resamples} resamples in {ours:.2f} s wall, {ours_cpu:.2f} s CPU "
         f"({ours_per_1000:.2f} s wall per 1,000); mean AUC {result['mean_auc']:.4f} "
-        f"[{result['mean_low']:.4f}, {result['mean_high']:.4f}] at {result['ci']:.0%}"
+        f"[{result['mean_low']:.4f}, {result['mean_high']:.4f}] at {result['ci']:.0%} over "
+        f"{int(result['classes'].included.sum())} classes, {result['mean_dropped']} resamples dropped"
     )
 
     start, start_cpu = time.perf_counter(), time.process_time()

@@ -14,7 +14,9 @@ Seeds are train.seed, train.seed + 1, ...; each (variant, seed) is one nested ML
 Selection stays on validation: each run's checkpoint is its best validation epoch. Test is only
 reported: per variant the mean and std over seeds of validation and test mean AUC, and the paired
 delta against bce_head (same seeds, same resampled patients, 95% percentile interval over
---bootstrap patient resamples). Writes ablation.json, ablation.md, ablation_runs.csv and
+--bootstrap patient resamples). Each split's means and deltas are over one class set, the classes
+with at least evaluate.min_positive_patients positive and negative patients there; the others are
+named in the reports. Writes ablation.json, ablation.md, ablation_runs.csv and
 ablation.png into --reports and prints the table.
 
 The same comparison through DVC experiments, one queued experiment per variant (the same files,
@@ -26,7 +28,6 @@ composed into params.yaml as the `ablation` group):
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                         text_vectors,
                         Path(args.out) / variant / f"seed_{seed}",
                         # the drift reference is not fitted for ablation runs: its settings change nothing here
-                        fingerprint(cfg.model_dump(exclude={"drift"}), digests),
+                        fingerprint(cfg.model_dump(exclude={"drift"}), digests, params.evaluate.min_positive_patients),
                         parent is not None,
                         not args.no_progress,
                     )
                 )
-        table = runs_table(runs)
-        summary = summarize(runs, args.bootstrap)
+        min_patients = params.evaluate.min_positive_patients
+        table = runs_table(runs, min_patients)
+        summary = summarize(runs, args.bootstrap, min_patients)
         write_reports(table, summary, reports)
         if parent is not None:
             import mlflow
@@ -159,8 +161,9 @@ def run_variant(
     from pipeline import tracking
     from pipeline.training import train
 
+    min_patients = ecfg.min_positive_patients
     if not track:
-        result = train(cfg, prepared, text_vectors, out, fingerprint=fp, progress=progress)
+        result = train(cfg, prepared, text_vectors, out, fingerprint=fp, progress=progress, min_patients=min_patients)
         return _scores(variant, cfg, ecfg, result, prepared, progress)
     import mlflow
 
@@ -170,9 +173,23 @@ def run_variant(
     with mlflow.start_run(run_name=f"{variant}-seed{cfg.seed}", nested=True, tags=tags):
         tracking.log_params(tracking.flatten({"train": cfg.model_dump()}))
         mlflow.log_param("ablation", variant)
-        result = train(cfg, prepared, text_vectors, out, fingerprint=fp, log=mlflow_logger(), progress=progress)
+        result = train(
+            cfg,
+            prepared,
+            text_vectors,
+            out,
+            fingerprint=fp,
+            log=mlflow_logger(),
+            progress=progress,
+            min_patients=min_patients,
+        )
         scores = _scores(variant, cfg, ecfg, result, prepared, progress)
-        mlflow.log_metrics({"best_val_mean_auc": _mean_auc(scores.val), "test_mean_auc": _mean_auc(scores.test)})
+        mlflow.log_metrics(
+            {
+                "best_val_mean_auc": _mean_auc(scores.val, min_patients),
+                "test_mean_auc": _mean_auc(scores.test, min_patients),
+            }
+        )
     return scores
 
 
@@ -191,15 +208,14 @@ def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> 
     )
 
 
-def _mean_auc(split) -> float:
-    from pipeline.metrics import mean_auc, roc_auc
+def _mean_auc(split, min_patients: int) -> float:
+    """The split's mean AUC over its class set (`pipeline.metrics.ClassSet`)."""
+    from pipeline.metrics import class_set, mean_auc, roc_auc
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a class absent from a small split is expected
-        return float(mean_auc(roc_auc(split.y, split.probs)))
+    return mean_auc(roc_auc(split.y, split.probs), class_set(split.y, split.patients, min_patients))
 
 
-def runs_table(runs: list[RunScores]) -> pd.DataFrame:
+def runs_table(runs: list[RunScores], min_patients: int) -> pd.DataFrame:
     rows = []
     for r in runs:
         rows.append(
@@ -210,16 +226,22 @@ def runs_table(runs: list[RunScores]) -> pd.DataFrame:
                 "loss": r.loss,
                 "prototypes": r.prototypes,
                 "best_epoch": r.best_epoch,
-                "val_mean_auc": _mean_auc(r.val),
-                "test_mean_auc": _mean_auc(r.test),
+                "val_mean_auc": _mean_auc(r.val, min_patients),
+                "test_mean_auc": _mean_auc(r.test, min_patients),
             }
         )
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
-def summarize(runs: list[RunScores], resamples: int) -> dict:
-    """Per variant: mean and std over seeds, and the paired patient-bootstrap delta vs bce_head."""
-    table = runs_table(runs)
+def summarize(runs: list[RunScores], resamples: int, min_patients: int) -> dict:
+    """Per variant: mean and std over seeds, and the paired patient-bootstrap delta vs bce_head.
+
+    Every mean AUC and delta of a split is over that split's one class set: the same labels and
+    patients in every run, so the same classes for every variant, seed and resample.
+    """
+    from pipeline.metrics import class_set
+
+    table = runs_table(runs, min_patients)
     by_variant: dict[str, list[RunScores]] = {}
     for r in runs:
         by_variant.setdefault(r.variant, []).append(r)
@@ -234,18 +256,27 @@ def summarize(runs: list[RunScores], resamples: int) -> dict:
             entry[f"{split}_mean_auc_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
             entry[f"{split}_mean_auc_per_seed"] = [float(v) for v in values]
             if baseline is not None and name != BASELINE:
-                entry[f"{split}_delta_vs_{BASELINE}"] = paired_delta(baseline, group, split, resamples)
+                entry[f"{split}_delta_vs_{BASELINE}"] = paired_delta(baseline, group, split, resamples, min_patients)
         variants.append(entry)
+    classes = {
+        split: class_set(getattr(runs[0], split).y, getattr(runs[0], split).patients, min_patients)
+        for split in ("val", "test")
+    }
     return {
         "baseline": BASELINE if baseline is not None else None,
         "bootstrap_resamples": resamples,
         "bootstrap_unit": "patient",
+        "min_positive_patients": min_patients,
+        **{f"{split}_classes_in_mean": c.names() for split, c in classes.items()},
+        **{f"{split}_excluded_classes": c.excluded() for split, c in classes.items()},
         "selection": "best validation epoch per run; test only reported",
         "variants": variants,
     }
 
 
-def paired_delta(baseline: list[RunScores], group: list[RunScores], split: str, resamples: int) -> dict:
+def paired_delta(
+    baseline: list[RunScores], group: list[RunScores], split: str, resamples: int, min_patients: int
+) -> dict:
     """Seed-averaged mean AUC of `group` minus `baseline` on one split, resampling patients."""
     from pipeline.metrics import paired_bootstrap_delta
 
@@ -255,14 +286,15 @@ def paired_delta(baseline: list[RunScores], group: list[RunScores], split: str, 
             raise RuntimeError(f"ablation: {r.variant} seed {r.seed} scored other {split} images than {BASELINE}")
     a = np.stack([getattr(r, split).probs for r in baseline])  # (S, N, C)
     b = np.stack([getattr(r, split).probs for r in group])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        test = paired_bootstrap_delta(ref.y, a, b, n_resamples=resamples, seed=0, groups=ref.patients)
+    test = paired_bootstrap_delta(
+        ref.y, a, b, n_resamples=resamples, seed=0, groups=ref.patients, min_patients=min_patients
+    )
     return {
         "delta": float(test["delta"]),
         "low": float(test["low"]),
         "high": float(test["high"]),
         "p_value_not_better": float(test["p_value"]),
+        "dropped_resamples": test["mean_dropped"],
     }
 
 
@@ -291,6 +323,18 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def class_sets_markdown(summary: dict) -> str:
+    """Which classes each split's means and deltas are over, the others named with why."""
+    from pipeline.metrics import describe_class_set
+
+    n = summary["min_positive_patients"]
+    lines = [
+        describe_class_set(split, summary[f"{split}_classes_in_mean"], summary[f"{split}_excluded_classes"], n)
+        for split in ("val", "test")
+    ]
+    return " ".join(lines) + "\n\n"
+
+
 def write_reports(table: pd.DataFrame, summary: dict, reports: Path) -> None:
     from pipeline.evaluation.plots import ablation_plot
 
@@ -303,6 +347,7 @@ def write_reports(table: pd.DataFrame, summary: dict, reports: Path) -> None:
         "Each run's checkpoint is its best validation epoch; test is reported, never selected on. "
         f"Deltas are seed-averaged mean AUC minus {BASELINE}'s on the same seeds, with a 95% "
         f"percentile interval over {summary['bootstrap_resamples']} resamples of patients.\n\n"
+        + class_sets_markdown(summary)
         + summary_markdown(summary),
     )
     ablation_plot(summary, reports / "ablation.png")

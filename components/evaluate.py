@@ -64,8 +64,17 @@ def _log(out: Path, metrics: dict) -> None:
             "val_nll_calibrated": calibration["val_nll_calibrated"],
         }
     )
+    values["test_mean_auc_classes"] = len(metrics["classes_in_mean"])
+    values["test_bootstrap_dropped_resamples"] = metrics["bootstrap_dropped_resamples"]
     mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
     mlflow.set_tag("cxr.calibration", calibration["method"])
+    # the classes each mean AUC leaves out, by name: a run's mean is comparable to another's only
+    # over the same classes
+    for split, prefix in (("test", ""), ("val", "val_")):
+        excluded = metrics[f"{prefix}excluded_classes"]
+        mlflow.set_tag(
+            f"cxr.{split}_mean_auc_excluded", "; ".join(f"{c}: {why}" for c, why in excluded.items()) or "none"
+        )
     names = (
         "metrics.json",
         "subgroups.json",

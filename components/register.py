@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         # everything the decision needs is read before anything is registered or moved: a registry
         # that fails here leaves no new version and every alias where it was
         held, champ, champ_preds = _champion_state(client, name, None if same is None else same.version)
-        decision = gate.decide(cfg, ours, champ_preds, champ.version if champ is not None else None)
+        champ_version = champ.version if champ is not None else None
+        decision = gate.decide(
+            cfg, ours, champ_preds, champ_version, min_patients=params.evaluate.min_positive_patients
+        )
         tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
         version, model_uri, model_id = _version_to_gate(same, model_dir, reports, Path(args.prepared), cfg, tags)
         first = None if same is not None else registry.keep_first(client, name, version, digest, model_id)

@@ -13,6 +13,7 @@ from components.common import run_main
 from pipeline import tracking
 from pipeline.classes import CLASSES, SEED_PAPER_AUC
 from pipeline.io import read_json
+from pipeline.metrics import describe_class_set
 from pipeline.tracking import redact_uri
 
 
@@ -26,12 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in CLASSES:
         auc, (lo, hi) = metrics["per_class_auc"][c], metrics["per_class_auc_ci"][c]
         print(f"{c:<20} {auc:>7.4f}   [{lo:.4f}, {hi:.4f}]" if auc is not None else f"{c:<20} {'n/a':>7}")
-    lo, hi = metrics["mean_auc_ci"]
-    print(
-        f"{'mean AUC':<20} {metrics['mean_auc']:>7.4f}   [{lo:.4f}, {hi:.4f}]  "
-        f"({metrics['test_images']} test images of {metrics.get('test_patients', '?')} patients, "
-        f"patient bootstrap; seed paper {SEED_PAPER_AUC:.3f} on NIH)"
-    )
+    print(_mean_line(metrics))
+    print(_class_set_line(metrics))
     reg = reports / "registration.json"
     if reg.exists():
         r = read_json(reg)
@@ -46,6 +43,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbrowse the runs:  .venv/bin/{browse}   (then http://127.0.0.1:5000)")
     print("compare with the previous run:  .venv/bin/dvc metrics diff  /  .venv/bin/dvc plots diff")
     return 0
+
+
+def _mean_line(metrics: dict) -> str:
+    lo, hi = metrics["mean_auc_ci"]
+    value = f"{metrics['mean_auc']:>7.4f}   [{lo:.4f}, {hi:.4f}]" if metrics["mean_auc"] is not None else f"{'n/a':>7}"
+    return (
+        f"{'mean AUC':<20} {value}  ({metrics['test_images']} test images of {metrics.get('test_patients', '?')} "
+        f"patients, patient bootstrap; seed paper {SEED_PAPER_AUC:.3f} on NIH)"
+    )
+
+
+def _class_set_line(metrics: dict) -> str:
+    """Which classes the mean is over, and the resamples its interval left out."""
+    if "classes_in_mean" not in metrics:
+        return "metrics.json does not name the classes its mean AUC is over: rerun the evaluate step"
+    kept, excluded = metrics["classes_in_mean"], metrics["excluded_classes"]
+    line = describe_class_set("test", kept, excluded, metrics["min_positive_patients"])
+    dropped = metrics["bootstrap_dropped_resamples"]
+    if dropped:
+        line += (
+            f"\n{dropped} of {metrics['bootstrap_resamples']} resamples had no positive or no negative patient "
+            "of a class in the mean and were left out of its interval"
+        )
+    return line
 
 
 if __name__ == "__main__":

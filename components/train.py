@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(resume=False)
     prepared, protos_dir, out = Path(args.prepared), Path(args.prototypes), Path(args.out)
     text_vectors = load_prototypes(protos_dir)
+    min_patients = params.evaluate.min_positive_patients  # the class set the best epoch is chosen on
     # the drift reference is fitted after training: its settings must not make last.pt unresumable
-    fp = fingerprint(cfg.model_dump(exclude={"drift"}), input_digests(prepared, protos_dir))
+    fp = fingerprint(cfg.model_dump(exclude={"drift"}), input_digests(prepared, protos_dir), min_patients)
     is_main = int(os.environ.get("RANK", "0")) == 0
     previous = tracking.load_run_ref(out) if (is_main and cfg.resume and _resumable(out, fp)) else None
     run_args = args if is_main else _without_mlflow(args)
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             fingerprint=fp,
             log=mlflow_logger() if run is not None else None,
             progress=not args.no_progress,
+            min_patients=min_patients,
         )
         if is_main:
             _attach_drift_reference(out, prepared, cfg)

@@ -522,15 +522,24 @@ class ExplainConfig(Section):
     """`evaluate.explain`: the heatmap gallery and the localisation check.
 
     Attributes:
-        gallery_images: test images drawn in the gallery, images with boxes first.
-        top_k: findings drawn per gallery image, by predicted probability.
+        gallery_images: test images drawn in the gallery, at random (evaluate.seed) whatever the
+            model predicted, images with boxes first.
+        top_k: the most probable findings drawn per gallery image, beside every true finding the
+            model missed.
         iou_threshold: a map (scaled to [0, 1]) is "on" where it is at least this; its IoU with the
-            union of an image's boxes for the class is the localisation IoU.
+            union of an image's boxes for the class is the localisation IoU, and the bounding boxes
+            of its connected regions are the detection whose IoBB is scored.
+        pointing_tolerance_px: the pointing game's tolerance in pixels of a 224 px image (15 in
+            Zhang et al. 2016), scaled to the crop.
+        iobb_thresholds: the T(IoBB) values at which localisation accuracy is reported (Wang et
+            al. 2017: 0.1 to 0.9).
     """
 
     gallery_images: NonNegInt
     top_k: PosInt
     iou_threshold: Probability
+    pointing_tolerance_px: NonNegFloat
+    iobb_thresholds: Annotated[list[Probability], Field(min_length=1)]
 
 
 class CalibrationConfig(Section):
@@ -559,8 +568,11 @@ class EvaluateConfig(Section):
         batch_size: images per prediction batch.
         workers: data-loading processes.
         device: "auto" or a torch device string.
-        subgroup_min_cases: fewest positives, and fewest negatives, a class needs in a test
-            subgroup (sex, age band, view, follow-up) to get an AUC there; fewer is reported as null.
+        min_positive_patients: fewest patients with a positive image, and fewest with a negative
+            one, a class needs in a split (or a test subgroup) to be in its mean AUC: one class set
+            for the point estimate and every bootstrap resample; the others are named, not averaged.
+            Validation's set is also what training selects its best epoch on and the registry gate
+            decides on.
         explain: the heatmap gallery and the localisation check.
         calibration: post-hoc calibration and its report (see `CalibrationConfig`).
     """
@@ -572,7 +584,7 @@ class EvaluateConfig(Section):
     batch_size: PosInt
     workers: NonNegInt
     device: str
-    subgroup_min_cases: PosInt
+    min_positive_patients: PosInt
     explain: ExplainConfig
     calibration: CalibrationConfig
 

@@ -15,7 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.classes import CLASSES
-from pipeline.evaluation.explain import Explainer, box_iou, box_mask, dense_model, explainer, overlay, pointing_hit
+from pipeline.evaluation.explain import (
+    Explainer,
+    box_iobb,
+    box_iou,
+    box_mask,
+    dense_model,
+    explainer,
+    overlay,
+    pointing_hit,
+    pointing_tolerance,
+)
+from pipeline.evaluation.heatmaps import gallery_findings, gallery_images
 from pipeline.models import CxrNet, LinearHead, MetricHead, build_model
 from tests.conftest import settings
 
@@ -122,14 +133,87 @@ def test_pointing_game_and_iou_by_hand() -> None:
     heat = np.zeros((6, 6))
     heat[1, 2] = 1.0  # the peak: row 1, column 2
     heat[1, 3] = heat[2, 2] = heat[2, 3] = 0.6
-    assert pointing_hit(heat, np.array([[2, 1, 1, 1]]))  # x 2..3, y 1..2 holds pixel centre (2.5, 1.5)
-    assert not pointing_hit(heat, np.array([[3, 1, 2, 2]]))
-    assert pointing_hit(heat, np.array([[4, 4, 1, 1], [1.9, 0.9, 1, 1]]))  # any of several boxes
+    assert pointing_hit(heat, np.array([[2, 1, 1, 1]]), 0.0)  # x 2..3, y 1..2 holds pixel centre (2.5, 1.5)
+    assert not pointing_hit(heat, np.array([[3, 1, 2, 2]]), 0.0)
+    assert pointing_hit(heat, np.array([[4, 4, 1, 1], [1.9, 0.9, 1, 1]]), 0.0)  # any of several boxes
     # active = the 2 x 2 block at rows 1-2, columns 2-3; box = rows 2-3, columns 1-3 (6 px); overlap 2
     box = np.array([[1, 2, 3, 2]])
     assert box_mask(heat.shape, box).sum() == 6
     assert box_iou(heat, box, 0.5) == pytest.approx(2 / 8)
     assert box_iou(heat, box, 1.0) == pytest.approx(0 / 7)
+
+
+def _nearest_box_distance(point: tuple[float, float], boxes: np.ndarray) -> float:
+    """Brute force: the least distance from `point` (x, y) to a fine grid of points in the boxes."""
+    best = np.inf
+    for x0, y0, w, h in boxes:
+        xs, ys = np.meshgrid(np.linspace(x0, x0 + w, 401), np.linspace(y0, y0 + h, 401))
+        best = min(best, float(np.hypot(xs - point[0], ys - point[1]).min()))
+    return best
+
+
+def test_pointing_game_tolerance_is_15_px_at_224_scaled_to_the_crop() -> None:
+    assert pointing_tolerance(224, 15.0) == 15.0 and pointing_tolerance(56, 15.0) == pytest.approx(3.75)
+    tolerance = pointing_tolerance(56, 15.0)
+    boxes = np.array([[30.0, 20.0, 10.0, 8.0]])
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # peaks anywhere: a hit exactly when the brute-force distance is within it
+        row, col = rng.integers(0, 56, 2)
+        heat = rng.random((56, 56)) * 0.5
+        heat[row, col] = 1.0
+        distance = _nearest_box_distance((col + 0.5, row + 0.5), boxes)
+        if abs(distance - tolerance) > 0.05:  # the grid's resolution
+            assert pointing_hit(heat, boxes, tolerance) == (distance <= tolerance), (row, col, distance)
+    heat = np.zeros((56, 56))
+    heat[24, 26] = 1.0  # 3.5 px left of the box: a hit within 3.75 px, a miss without tolerance
+    assert pointing_hit(heat, boxes, tolerance) and not pointing_hit(heat, boxes, 0.0)
+
+
+def test_a_flat_map_points_nowhere() -> None:
+    """A flat map's argmax is pixel (0, 0): it must not score a hit for a box in the corner."""
+    corner = np.array([[0.0, 0.0, 10.0, 10.0]])
+    for flat in (np.zeros((32, 32)), np.full((32, 32), 0.7), np.full((32, 32), np.nan)):
+        assert not pointing_hit(flat, corner, pointing_tolerance(32, 15.0))
+    peaked = np.zeros((32, 32))
+    peaked[3, 4] = 1.0
+    assert pointing_hit(peaked, corner, 0.0)
+
+
+def test_iobb_is_the_share_of_the_detected_boxes_inside_the_truth() -> None:
+    """Wang et al.'s IoBB against a hand count: two regions, each replaced by its bounding box."""
+    heat = np.zeros((20, 20))
+    heat[2, 2] = heat[4, 5] = heat[3, 3] = heat[3, 4] = 0.9  # one 8-connected region: box rows 2-4, cols 2-5
+    heat[12:14, 15:18] = 0.8  # a second region: rows 12-13, cols 15-17
+    truth = np.array([[2.0, 2.0, 2.0, 3.0]])  # pixel centres in cols 2-3, rows 2-4: 6 px
+    detected = 3 * 4 + 2 * 3  # the two bounding boxes: 12 + 6 px
+    assert box_iobb(heat, truth, 0.5) == pytest.approx(6 / detected)
+    assert box_iou(heat, truth, 0.5) == pytest.approx(2 / (6 + 10 - 2))  # IoU counts the map's own pixels
+    whole = np.array([[0.0, 0.0, 20.0, 20.0]])
+    assert box_iobb(heat, whole, 0.5) == 1.0  # every detected pixel is inside: small detections are not punished
+    assert box_iobb(np.zeros((20, 20)), whole, 0.5) == 0.0  # nothing detected
+
+
+def test_gallery_is_drawn_at_random_by_seed_whatever_the_model_predicted() -> None:
+    names = [f"{i:03d}.png" for i in range(40)]
+    boxed = {"005.png", "017.png", "033.png"}
+    rows = gallery_images(names, boxed, 6, seed=1)
+    assert {names[i] for i in rows[:3]} == boxed and len(set(rows)) == 6  # boxed first, in a random order
+    assert rows == gallery_images(names, boxed, 6, seed=1) and rows != gallery_images(names, boxed, 6, seed=2)
+    draws = [gallery_images(names, set(), 4, seed) for seed in range(300)]
+    counts = np.bincount(np.concatenate(draws), minlength=40)
+    assert counts.min() > 10  # every image is drawn now and then, not only the model's surest
+
+
+def test_gallery_findings_show_false_positives_and_misses() -> None:
+    target = np.zeros(len(CLASSES))
+    target[[0, 3, 9]] = 1.0
+    probs = np.full(len(CLASSES), 0.05)
+    probs[[0, 2, 3, 9]] = [0.9, 0.8, 0.1, 0.45]
+    thresholds = np.full(len(CLASSES), 0.5)
+    findings = gallery_findings(target, probs, thresholds, top_k=2)
+    assert findings == [(0, "true positive"), (2, "false positive"), (9, "missed"), (3, "missed")]
+    thresholds[2] = np.nan  # validation could not choose one: no outcome, only the label
+    assert gallery_findings(target, probs, thresholds, top_k=2)[1] == (2, "negative")
 
 
 def test_overlay_is_colour_on_the_grey_image() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.classes import CLASSES
 from pipeline.metrics import (
-    UndefinedMetricWarning,
     average_precision,
     bootstrap_auc,
+    class_set,
     mean_auc,
     paired_bootstrap_delta,
     pr_curve_points,
@@ -69,7 +68,7 @@ def test_average_precision_nan_without_positives():
     assert np.isnan(ap[1]) and np.isfinite(ap[[0, 2]]).all()
 
 
-def test_undefined_class_is_nan_and_left_out_of_the_mean_with_a_warning():
+def test_undefined_class_is_nan_and_left_out_of_the_class_set_by_name():
     y, scores = _predictions(4, c=len(CLASSES))
     y[:, CLASSES.index("Hernia")] = 0  # no positives
     y[:, CLASSES.index("Pneumonia")] = 1  # no negatives
@@ -77,23 +76,37 @@ def test_undefined_class_is_nan_and_left_out_of_the_mean_with_a_warning():
     undefined = [CLASSES.index("Pneumonia"), CLASSES.index("Hernia")]
     assert np.isnan(per_class[undefined]).all()
     assert np.isfinite(np.delete(per_class, undefined)).all()
-    with pytest.warns(UndefinedMetricWarning, match="Pneumonia, Hernia") as record:
-        mean = mean_auc(per_class)
-    assert "12 of 14" in str(record[0].message)
-    assert mean == pytest.approx(np.delete(per_class, undefined).mean(), abs=1e-12)
+    classes = class_set(y, None, min_patients=1)
+    assert classes.excluded() == {
+        "Pneumonia": "0 negative images (fewer than 1)",
+        "Hernia": "0 positive images (fewer than 1)",
+    }
+    assert classes.names() == [c for c in CLASSES if c not in ("Pneumonia", "Hernia")]
+    assert mean_auc(per_class, classes) == pytest.approx(np.delete(per_class, undefined).mean(), abs=1e-12)
 
 
-def test_mean_auc_names_classes_by_index_when_not_the_canonical_fourteen():
-    with pytest.warns(UndefinedMetricWarning, match="class 1"):
-        assert mean_auc(np.array([0.6, np.nan, 0.8])) == pytest.approx(0.7)
-    with pytest.warns(UndefinedMetricWarning):
-        assert math.isnan(mean_auc(np.array([np.nan, np.nan])))
+def test_class_set_counts_patients_not_images():
+    y = np.zeros((12, 2), dtype=np.int8)
+    y[:6, 0] = 1  # six positive images of class 0, all of patient 0
+    y[::2, 1] = 1  # class 1: a positive and a negative image in each of the six patients
+    patients = np.repeat(np.arange(6), 2)
+    patients[:6] = 0
+    classes = class_set(y, patients, min_patients=2)
+    assert classes.positives.tolist() == [1, 4] and classes.negatives.tolist() == [3, 4]
+    assert classes.included.tolist() == [False, True]
+    assert classes.excluded(("A", "B")) == {"A": "1 positive patient (fewer than 2)"}
+    assert class_set(y, None, min_patients=2).included.tolist() == [True, True]  # six images each way
 
 
-def test_mean_auc_is_silent_when_every_class_is_defined():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert mean_auc(np.array([0.5, 1.0])) == 0.75
+def test_mean_auc_refuses_a_class_set_of_other_labels_and_is_nan_over_no_class():
+    y, _ = _predictions(4, c=2)
+    classes = class_set(y, None, min_patients=1)
+    with pytest.raises(ValueError, match="same labels"):
+        mean_auc(np.array([0.6, np.nan]), classes)
+    empty = class_set(y, None, min_patients=10_000)
+    assert math.isnan(mean_auc(np.array([0.6, 0.8]), empty))
+    with pytest.raises(ValueError, match=">= 1"):
+        class_set(y, None, min_patients=0)
 
 
 def test_bad_inputs_are_rejected_with_a_reason():
@@ -141,7 +154,7 @@ def test_resample_counts_are_draws_with_replacement():
 
 def test_bootstrap_resamples_match_sklearn_on_the_same_rows():
     y, scores = _predictions(8, n=300, c=3, tied=True)
-    result = bootstrap_auc(y, scores, n_resamples=20, seed=3)
+    result = bootstrap_auc(y, scores, n_resamples=20, seed=3, min_patients=1)
     counts = resample_counts(np.random.default_rng(3), y.shape[0], 20)
     for r in range(20):
         rows = np.repeat(np.arange(y.shape[0]), counts[r])
@@ -153,9 +166,9 @@ def test_bootstrap_resamples_match_sklearn_on_the_same_rows():
 
 def test_bootstrap_is_reproducible_by_seed():
     y, scores = _predictions(9)
-    first = bootstrap_auc(y, scores, n_resamples=100, seed=1)
-    again = bootstrap_auc(y, scores, n_resamples=100, seed=1)
-    other = bootstrap_auc(y, scores, n_resamples=100, seed=2)
+    first = bootstrap_auc(y, scores, n_resamples=100, seed=1, min_patients=1)
+    again = bootstrap_auc(y, scores, n_resamples=100, seed=1, min_patients=1)
+    other = bootstrap_auc(y, scores, n_resamples=100, seed=2, min_patients=1)
     np.testing.assert_array_equal(first["samples"], again["samples"])
     assert not np.array_equal(first["samples"], other["samples"])
 
@@ -164,22 +177,71 @@ def test_bootstrap_ignores_resamples_without_positives():
     y, scores = _predictions(10, n=40, c=2)
     y[:, 0] = 0
     y[0, 0] = 1  # one positive: about (1 - 1/40)^40 = 36% of resamples miss it
-    result = bootstrap_auc(y, scores, n_resamples=300, seed=0)
+    result = bootstrap_auc(y, scores, n_resamples=300, seed=0, min_patients=1)
     n_valid = result["n_valid"][0]
     assert 150 < n_valid < 240
     assert np.isnan(result["samples"][:, 0]).sum() == 300 - n_valid
     assert np.isfinite([result["low"][0], result["high"][0]]).all()
-    assert np.isfinite(result["mean_samples"]).all()  # class 1 keeps every resample defined
+    # class 0 is in the mean: a resample without its positive is dropped from the mean, and counted
+    missing = np.isnan(result["samples"][:, 0])
+    np.testing.assert_array_equal(np.isnan(result["mean_samples"]), missing)
+    assert result["mean_dropped"] == missing.sum() and result["mean_n_valid"] == n_valid
 
 
 def test_bootstrap_leaves_a_class_undefined_on_the_full_data_out_of_the_mean():
     y, scores = _predictions(11, c=3)
     y[:, 2] = 0
-    with pytest.warns(UndefinedMetricWarning, match="class 2"):
-        result = bootstrap_auc(y, scores, n_resamples=50)
+    result = bootstrap_auc(y, scores, n_resamples=50, min_patients=1)
+    assert result["classes"].excluded(("a", "b", "c")) == {"c": "0 positive images (fewer than 1)"}
     assert np.isnan([result["low"][2], result["high"][2]]).all() and result["n_valid"][2] == 0
     expected = result["samples"][:, :2].mean(axis=1)
     np.testing.assert_allclose(result["mean_samples"], expected, rtol=0, atol=1e-12)
+
+
+def _one_rare_patient(n: int = 400):
+    """n patients of one image: 13 ordinary classes at AUC ~0.98, and Hernia with a single
+    positive patient, scored lowest (AUC 0), as in the demo's test split."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((n, len(CLASSES))) < 0.2).astype(np.int8)
+    y[:, -1] = 0
+    y[0, -1] = 1
+    scores = rng.normal(size=y.shape) + 2.8 * y
+    scores[0, -1] = scores[:, -1].min() - 1.0
+    return y, scores, np.arange(n)
+
+
+def test_a_class_with_one_positive_patient_no_longer_splits_the_resampled_means():
+    """Seen before: mean 0.910, interval [0.907, 0.983]: the resamples that missed the one Hernia
+    patient averaged 13 classes, the others 14, and the interval spanned both clusters."""
+    y, scores, patients = _one_rare_patient()
+    ordinary = bootstrap_auc(y[:, :-1], scores[:, :-1], 1000, seed=0, groups=patients, min_patients=10)
+    result = bootstrap_auc(y, scores, 1000, seed=0, groups=patients, min_patients=10)
+    assert result["classes"].excluded() == {"Hernia": "1 positive patient (fewer than 10)"}
+    assert result["mean_auc"] == pytest.approx(ordinary["mean_auc"], abs=1e-12)
+    assert result["mean_low"] <= result["mean_auc"] <= result["mean_high"]
+    np.testing.assert_allclose(result["mean_samples"], ordinary["mean_samples"], rtol=0, atol=1e-12)
+    assert result["mean_dropped"] == 0
+    # in the set (a minimum of 1): every kept resample is over all 14, the others dropped and counted
+    kept = bootstrap_auc(y, scores, 1000, seed=0, groups=patients, min_patients=1)
+    missing = np.isnan(kept["samples"][:, -1])
+    assert kept["mean_dropped"] == missing.sum() and 0.3 < missing.mean() < 0.45  # (1 - 1/400)^400 = 37%
+    np.testing.assert_allclose(kept["mean_samples"][~missing], kept["samples"][~missing].mean(axis=1), atol=1e-12)
+    assert kept["mean_low"] <= kept["mean_auc"] <= kept["mean_high"]
+    # one cluster: as wide as 13/14 of the ordinary classes' interval, not spanning 0.91..0.98
+    ordinary_width = ordinary["mean_high"] - ordinary["mean_low"]
+    assert kept["mean_high"] - kept["mean_low"] == pytest.approx(13 / 14 * ordinary_width, rel=0.2)
+
+
+def test_paired_delta_is_over_one_class_set():
+    y, scores, patients = _one_rare_patient()
+    better = scores + 0.5 * y  # better on every class, the rare one included
+    result = paired_bootstrap_delta(y, scores, better, 300, seed=1, groups=patients, min_patients=10)
+    assert result["classes"].excluded() == {"Hernia": "1 positive patient (fewer than 10)"}
+    alone = [bootstrap_auc(y, s, 300, seed=1, groups=patients, min_patients=10) for s in (scores, better)]
+    assert result["mean_auc_a"] == pytest.approx(alone[0]["mean_auc"]) and result["mean_dropped"] == 0
+    np.testing.assert_allclose(result["samples"], alone[1]["mean_samples"] - alone[0]["mean_samples"], atol=1e-12)
+    kept = paired_bootstrap_delta(y, scores, better, 300, seed=1, groups=patients, min_patients=1)
+    assert kept["mean_dropped"] == np.isnan(kept["samples"]).sum() > 50
 
 
 def test_bootstrap_interval_covers_the_true_auc_of_a_binormal_model():
@@ -191,7 +253,7 @@ def test_bootstrap_interval_covers_the_true_auc_of_a_binormal_model():
     covered = 0
     for trial in range(trials):
         scores = rng.normal(size=(n_pos + n_neg, 1)) + d * y
-        result = bootstrap_auc(y, scores, n_resamples=200, seed=trial)
+        result = bootstrap_auc(y, scores, n_resamples=200, seed=trial, min_patients=1)
         covered += result["low"][0] <= true_auc <= result["high"][0]
     # Binomial(200, 0.95) lies in 180..198 with probability > 0.999.
     assert 0.88 <= covered / trials <= 0.99, covered
@@ -199,7 +261,7 @@ def test_bootstrap_interval_covers_the_true_auc_of_a_binormal_model():
 
 def test_paired_delta_of_identical_models_is_zero():
     y, scores = _predictions(13)
-    result = paired_bootstrap_delta(y, scores, scores.copy(), n_resamples=200)
+    result = paired_bootstrap_delta(y, scores, scores.copy(), n_resamples=200, min_patients=1)
     assert result["delta"] == 0.0 and result["low"] == 0.0 and result["high"] == 0.0
     assert result["low"] <= 0.0 <= result["high"]
     assert result["p_value"] == 1.0  # every resample has delta <= 0: no evidence b is better
@@ -210,13 +272,15 @@ def test_paired_delta_detects_a_better_model_on_the_same_rows():
     rng = np.random.default_rng(14)
     noise = rng.normal(size=y.shape)
     weak, strong = y + 2.0 * noise, y + 0.7 * noise  # same noise: strong is a better model
-    result = paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=5)
+    result = paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=5, min_patients=1)
     assert result["delta"] > 0.05 and result["low"] > 0.0
     assert result["p_value"] < 0.01
-    assert paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=5, margin=0.9)["p_value"] == 1.0
+    assert (
+        paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=5, margin=0.9, min_patients=1)["p_value"] == 1.0
+    )
     # Paired: each delta is the difference of the two models' mean AUCs on one resample.
-    a = bootstrap_auc(y, weak, n_resamples=300, seed=5)["mean_samples"]
-    b = bootstrap_auc(y, strong, n_resamples=300, seed=5)["mean_samples"]
+    a = bootstrap_auc(y, weak, n_resamples=300, seed=5, min_patients=1)["mean_samples"]
+    b = bootstrap_auc(y, strong, n_resamples=300, seed=5, min_patients=1)["mean_samples"]
     np.testing.assert_allclose(result["samples"], b - a, rtol=0, atol=1e-12)
 
 
@@ -229,16 +293,16 @@ def _one_image_per_patient(seed: int, n: int = 300):
 
 def test_patient_bootstrap_with_one_image_per_patient_is_the_image_bootstrap():
     y, scores, _, patients = _one_image_per_patient(30)
-    images = bootstrap_auc(y, scores, n_resamples=200, seed=4)
-    by_patient = bootstrap_auc(y, scores, n_resamples=200, seed=4, groups=patients)
+    images = bootstrap_auc(y, scores, n_resamples=200, seed=4, min_patients=1)
+    by_patient = bootstrap_auc(y, scores, n_resamples=200, seed=4, groups=patients, min_patients=1)
     # ids in row order: patient j is row j, so the same draws give the same resamples
     np.testing.assert_array_equal(by_patient["samples"], images["samples"])
     assert (images["resampled"], images["n_groups"]) == ("images", 300)
     assert (by_patient["resampled"], by_patient["n_groups"]) == ("patients", 300)
     # ids as shuffled strings: other resamples of the same distribution
     names = np.array([f"p{i:05d}" for i in np.random.default_rng(0).permutation(300)])
-    shuffled = bootstrap_auc(y, scores, n_resamples=1000, seed=4, groups=names)
-    wide = bootstrap_auc(y, scores, n_resamples=1000, seed=4)
+    shuffled = bootstrap_auc(y, scores, n_resamples=1000, seed=4, groups=names, min_patients=1)
+    wide = bootstrap_auc(y, scores, n_resamples=1000, seed=4, min_patients=1)
     assert shuffled["mean_high"] - shuffled["mean_low"] == pytest.approx(wide["mean_high"] - wide["mean_low"], rel=0.15)
     np.testing.assert_allclose(shuffled["high"] - shuffled["low"], wide["high"] - wide["low"], rtol=0.2)
 
@@ -251,9 +315,9 @@ def test_intervals_widen_back_when_images_of_one_patient_are_duplicated():
     """Nine copies of every image add no information: only the patient bootstrap knows that."""
     y, scores, _, patients = _one_image_per_patient(31)
     rows = np.repeat(np.arange(y.shape[0]), 9)  # (9N,) each patient's image nine times
-    original = bootstrap_auc(y, scores, n_resamples=400, seed=6)
-    images = bootstrap_auc(y[rows], scores[rows], n_resamples=400, seed=6)
-    by_patient = bootstrap_auc(y[rows], scores[rows], n_resamples=400, seed=6, groups=patients[rows])
+    original = bootstrap_auc(y, scores, n_resamples=400, seed=6, min_patients=1)
+    images = bootstrap_auc(y[rows], scores[rows], n_resamples=400, seed=6, min_patients=1)
+    by_patient = bootstrap_auc(y[rows], scores[rows], n_resamples=400, seed=6, groups=patients[rows], min_patients=1)
     assert by_patient["auc"] == pytest.approx(original["auc"], abs=1e-12)
     assert _width(images) < 0.5 * _width(original)  # ~1/3: it believes in nine times the patients
     assert _width(by_patient) == pytest.approx(_width(original), rel=0.2)
@@ -266,7 +330,7 @@ def test_intervals_widen_back_when_images_of_one_patient_are_duplicated():
 def test_patient_bootstrap_rows_weigh_as_often_as_their_patient_was_drawn():
     y, scores = _predictions(32, n=120, c=3, tied=True)
     patients = np.random.default_rng(32).integers(0, 25, y.shape[0])  # ~5 images per patient
-    result = bootstrap_auc(y, scores, n_resamples=10, seed=2, groups=patients)
+    result = bootstrap_auc(y, scores, n_resamples=10, seed=2, groups=patients, min_patients=1)
     ids, index = np.unique(patients, return_inverse=True)
     counts = resample_counts(np.random.default_rng(2), ids.size, 10)
     for r in range(10):
@@ -279,7 +343,7 @@ def test_patient_bootstrap_sums_exactly_when_a_resample_outweighs_the_rows():
     """A patient resample's total weight is not N: drawing a big patient twice pushes it past 2^16."""
     y, scores = _predictions(36, n=65_000, c=2, tied=True)
     patients = np.r_[np.zeros(20_000, dtype=np.int64), np.arange(1, 45_001)]  # one patient, 20,000 images
-    result = bootstrap_auc(y, scores, n_resamples=8, seed=1, groups=patients)
+    result = bootstrap_auc(y, scores, n_resamples=8, seed=1, groups=patients, min_patients=1)
     ids, index = np.unique(patients, return_inverse=True)
     counts = resample_counts(np.random.default_rng(1), ids.size, 8)
     weights = counts[:, index]  # (R, N)
@@ -292,10 +356,10 @@ def test_patient_bootstrap_sums_exactly_when_a_resample_outweighs_the_rows():
 def test_paired_delta_resamples_patients_when_given_groups():
     y, weak, strong, patients = _one_image_per_patient(33)
     rows = np.repeat(np.arange(y.shape[0]), 9)
-    original = paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=7)
-    images = paired_bootstrap_delta(y[rows], weak[rows], strong[rows], n_resamples=300, seed=7)
+    original = paired_bootstrap_delta(y, weak, strong, n_resamples=300, seed=7, min_patients=1)
+    images = paired_bootstrap_delta(y[rows], weak[rows], strong[rows], n_resamples=300, seed=7, min_patients=1)
     by_patient = paired_bootstrap_delta(
-        y[rows], weak[rows], strong[rows], n_resamples=300, seed=7, groups=patients[rows]
+        y[rows], weak[rows], strong[rows], n_resamples=300, seed=7, groups=patients[rows], min_patients=1
     )
     assert by_patient["delta"] == pytest.approx(original["delta"], abs=1e-12) and by_patient["delta"] > 0
     np.testing.assert_allclose(by_patient["samples"], original["samples"], rtol=0, atol=1e-12)
@@ -303,17 +367,21 @@ def test_paired_delta_resamples_patients_when_given_groups():
     assert (by_patient["resampled"], by_patient["n_groups"]) == ("patients", 300)
     assert images["resampled"] == "images"
     # paired: each delta is the difference of the two models' patient-bootstrap means
-    a = bootstrap_auc(y[rows], weak[rows], n_resamples=300, seed=7, groups=patients[rows])["mean_samples"]
-    b = bootstrap_auc(y[rows], strong[rows], n_resamples=300, seed=7, groups=patients[rows])["mean_samples"]
+    a = bootstrap_auc(y[rows], weak[rows], n_resamples=300, seed=7, groups=patients[rows], min_patients=1)[
+        "mean_samples"
+    ]
+    b = bootstrap_auc(y[rows], strong[rows], n_resamples=300, seed=7, groups=patients[rows], min_patients=1)[
+        "mean_samples"
+    ]
     np.testing.assert_allclose(by_patient["samples"], b - a, rtol=0, atol=1e-12)
 
 
 def test_paired_delta_of_stacked_seeds_averages_runs_on_the_same_patients():
     y, weak, strong, _ = _one_image_per_patient(34)
     patients = np.arange(y.shape[0]) // 3  # three images per patient
-    one = paired_bootstrap_delta(y, weak, strong, n_resamples=200, seed=8, groups=patients)
+    one = paired_bootstrap_delta(y, weak, strong, n_resamples=200, seed=8, groups=patients, min_patients=1)
     copies = paired_bootstrap_delta(
-        y, np.stack([weak] * 3), np.stack([strong] * 2), n_resamples=200, seed=8, groups=patients
+        y, np.stack([weak] * 3), np.stack([strong] * 2), n_resamples=200, seed=8, groups=patients, min_patients=1
     )
     for key in ("delta", "low", "high", "p_value", "mean_auc_a", "mean_auc_b"):
         assert copies[key] == pytest.approx(one[key], abs=1e-12), key
@@ -321,8 +389,8 @@ def test_paired_delta_of_stacked_seeds_averages_runs_on_the_same_patients():
     # different runs: mean over b's runs minus mean over a's, each resample on the same patients
     runs_a = np.stack([weak, weak + 0.3 * np.random.default_rng(1).normal(size=y.shape)])
     runs_b = np.stack([strong, strong + 0.3 * np.random.default_rng(2).normal(size=y.shape), weak])
-    stacked = paired_bootstrap_delta(y, runs_a, runs_b, n_resamples=200, seed=8, groups=patients)
-    boot = lambda s: bootstrap_auc(y, s, n_resamples=200, seed=8, groups=patients)  # noqa: E731
+    stacked = paired_bootstrap_delta(y, runs_a, runs_b, n_resamples=200, seed=8, groups=patients, min_patients=1)
+    boot = lambda s: bootstrap_auc(y, s, n_resamples=200, seed=8, groups=patients, min_patients=1)  # noqa: E731
     mean_a = np.mean([boot(s)["mean_auc"] for s in runs_a])
     mean_b = np.mean([boot(s)["mean_auc"] for s in runs_b])
     assert stacked["mean_auc_a"] == pytest.approx(mean_a) and stacked["mean_auc_b"] == pytest.approx(mean_b)
@@ -336,24 +404,26 @@ def test_paired_delta_of_stacked_seeds_averages_runs_on_the_same_patients():
 def test_bad_groups_and_stacked_shapes_are_rejected_with_a_reason():
     y, scores = _predictions(35, n=50, c=2)
     with pytest.raises(ValueError, match=r"groups must be \(N,\) = \(50,\).*got shape \(49,\)"):
-        bootstrap_auc(y, scores, n_resamples=5, groups=np.arange(49))
+        bootstrap_auc(y, scores, n_resamples=5, groups=np.arange(49), min_patients=1)
     with pytest.raises(ValueError, match=r"groups must be .*got shape \(50, 1\)"):
-        paired_bootstrap_delta(y, scores, scores, n_resamples=5, groups=np.arange(50)[:, None])
+        paired_bootstrap_delta(y, scores, scores, n_resamples=5, groups=np.arange(50)[:, None], min_patients=1)
     with pytest.raises(ValueError, match="NaN"):
-        bootstrap_auc(y, scores, n_resamples=5, groups=np.r_[np.arange(49.0), np.nan])
+        bootstrap_auc(y, scores, n_resamples=5, groups=np.r_[np.arange(49.0), np.nan], min_patients=1)
     with pytest.raises(ValueError, match=r"scores_b must be \(N, C\).*\(S, N, C\).*got shape \(1, 1, 50, 2\)"):
-        paired_bootstrap_delta(y, scores, scores[None, None], n_resamples=5)
+        paired_bootstrap_delta(y, scores, scores[None, None], n_resamples=5, min_patients=1)
     with pytest.raises(ValueError, match="scores_a must be"):
-        paired_bootstrap_delta(y, np.empty((0, 50, 2)), scores, n_resamples=5)
+        paired_bootstrap_delta(y, np.empty((0, 50, 2)), scores, n_resamples=5, min_patients=1)
     with pytest.raises(ValueError, match="one shape"):  # a run of other rows than the labels
-        paired_bootstrap_delta(y, np.stack([scores[:40]] * 2), scores, n_resamples=5)
+        paired_bootstrap_delta(y, np.stack([scores[:40]] * 2), scores, n_resamples=5, min_patients=1)
 
 
 def test_bootstrap_settings_are_validated():
     with pytest.raises(ValueError, match="ci"):
-        bootstrap_auc(*_predictions(15), ci=1.5)
+        bootstrap_auc(*_predictions(15), ci=1.5, min_patients=1)
     with pytest.raises(ValueError, match="n_resamples must be >= 1"):
-        bootstrap_auc(*_predictions(15), n_resamples=0)
+        bootstrap_auc(*_predictions(15), n_resamples=0, min_patients=1)
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        bootstrap_auc(*_predictions(15), min_patients=0)
 
 
 def _brute_force_objective(y, s, t, method):
@@ -439,6 +509,9 @@ def test_comparison_table_marks_the_seed_paper_once_in_auc_order():
         "per_class_auc_ci": {c: [v - 0.02, v + 0.02] if v is not None else [None, None] for c, v in per_class.items()},
         "test_patients": 2797,
         "test_images": 25596,
+        "min_positive_patients": 10,
+        "classes_in_mean": list(CLASSES[:-1]),
+        "excluded_classes": {"Hernia": "0 positive patients (fewer than 10)"},
     }
     text = comparison_markdown(metrics)
     assert text.count("seed paper") == 1
@@ -451,3 +524,36 @@ def test_comparison_table_marks_the_seed_paper_once_in_auc_order():
     assert "| **this run** | **0.812** [0.800, 0.823] |" in method_rows
     assert "| Hernia | undefined | |" in text and "| Atelectasis | 0.700 | [0.680, 0.720] |" in text
     assert "2797 patients, 25596 images" in text
+    assert (
+        "The test mean AUC is over 13 of 14 findings, those with at least 10 positive and 10 negative test "
+        "patients; left out: Hernia: 0 positive patients (fewer than 10)." in text
+    )
+
+
+def test_summary_names_the_classes_left_out_of_the_mean(tmp_path, monkeypatch, capsys):
+    import json
+
+    from components import summary
+
+    metrics = {
+        "per_class_auc": {c: 0.8 for c in CLASSES},
+        "per_class_auc_ci": {c: [0.7, 0.9] for c in CLASSES},
+        "mean_auc": 0.8,
+        "mean_auc_ci": [0.75, 0.85],
+        "test_images": 10,
+        "min_positive_patients": 10,
+        "classes_in_mean": list(CLASSES[:-1]),
+        "excluded_classes": {"Hernia": "1 positive patient (fewer than 10)"},
+        "bootstrap_resamples": 1000,
+        "bootstrap_dropped_resamples": 2,
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert summary.main(["--reports", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "The test mean AUC is over 13 of 14 findings" in out and "Hernia: 1 positive patient" in out
+    assert "2 of 1000 resamples had no positive or no negative patient" in out
+    del metrics["classes_in_mean"]  # a metrics.json from before the class set: said, not passed over
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert summary.main(["--reports", str(tmp_path)]) == 0
+    assert "does not name the classes its mean AUC is over: rerun the evaluate step" in capsys.readouterr().out

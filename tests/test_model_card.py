@@ -40,6 +40,15 @@ def _metrics(n: int = len(CLASSES)) -> dict:
             c: [None, None] if v is None else [round(v - 0.05, 4), round(v + 0.04, 4)] for c, v in auc.items()
         },
         "undefined_classes": ["Hernia"],
+        "min_positive_patients": 10,
+        "classes_in_mean": [c for c in CLASSES if c not in ("Pneumonia", "Hernia")],
+        "excluded_classes": {
+            "Pneumonia": "4 positive patients (fewer than 10)",
+            "Hernia": "0 positive patients (fewer than 10)",
+        },
+        "bootstrap_dropped_resamples": 3,
+        "val_classes_in_mean": [c for c in CLASSES if c != "Hernia"],
+        "val_excluded_classes": {"Hernia": "1 positive patient (fewer than 10)"},
         "per_class_average_precision": {c: round(0.11 + 0.01 * i, 4) for i, c in enumerate(CLASSES)},
         "threshold_method": "youden",
         "val_mean_auc": 0.7421,
@@ -156,6 +165,14 @@ def test_per_class_table_shows_the_values_of_metrics_json(run_folder: Path, tmp_
         assert ap == f"{metrics['per_class_average_precision'][c]:.3f}"
         assert (positives, sens, spec) == (str(40 + i), f"{0.5 + 0.01 * i:.3f}", f"{0.8 - 0.01 * i:.3f}")
     assert "No AUC for Hernia" in md
+    # the classes left out of the means, by name and why, never silently averaged
+    assert (
+        "The test mean AUC is over 12 of 14 findings, those with at least 10 positive and 10 negative test patients; "
+        "left out: Pneumonia: 4 positive patients (fewer than 10); Hernia: 0 positive patients (fewer than 10)."
+    ) in _section(md, "Test results per finding")
+    assert "3 resamples lacked a positive or a negative patient" in md
+    assert "over 12 of 14 findings, Pneumonia, Hernia left out" in card.summary
+    assert "val mean AUC 0.742 (over 13 of 14 findings, Hernia left out" in card.summary
     assert "**0.731 [0.701, 0.760]**" in _section(md, "Test results per finding")
     # the summary: test mean with its interval, the validation figure, the gate against the champion
     assert card.summary.splitlines()[0].startswith("**Test mean AUC 0.731 [0.701, 0.760]**")
@@ -245,9 +262,10 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     per_method = lambda hit, iou: {  # noqa: E731
         "mean_pointing_accuracy": hit,
         "mean_iou": iou,
+        "mean_iobb": 2 * iou,
         "per_class": {
-            "Mass": {"pairs": 12, "pointing_accuracy": hit, "mean_iou": iou},
-            "Atelectasis": {"pairs": 3, "pointing_accuracy": hit / 2, "mean_iou": iou / 2},
+            "Mass": {"pairs": 12, "pointing_accuracy": hit, "mean_iou": iou, "mean_iobb": 2 * iou},
+            "Atelectasis": {"pairs": 3, "pointing_accuracy": hit / 2, "mean_iou": iou / 2, "mean_iobb": iou},
         },
     }
     localization = {
@@ -257,6 +275,7 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
         "images": 14,
         "pairs": 15,
         "iou_threshold": 0.5,
+        "pointing_tolerance_px_at_224": 15.0,
         "methods": {
             "gradcam": per_method(0.75, 0.31),
             "prototype": per_method(0.5, 0.2),
@@ -275,11 +294,15 @@ def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder
     heat = _section(md, "Where the model looked")
     assert "(heatmaps/00000001_000.png)" in heat and "(heatmaps/00000002_001.png)" in heat
     loc_md = _section(md, "Localisation")
-    assert "| Finding | Pairs | Grad-CAM: pointing | Grad-CAM: IoU | prototype distance: pointing |" in loc_md
-    assert "| Atelectasis | 3 | 0.375 | 0.155 | 0.250 | 0.100 | 0.125 | 0.050 |" in loc_md
-    assert "| Mass | 12 | 0.750 | 0.310 | 0.500 | 0.200 | 0.250 | 0.100 |" in loc_md
+    assert (
+        "| Finding | Pairs | Grad-CAM: pointing | Grad-CAM: IoU | Grad-CAM: IoBB | prototype distance: pointing |"
+        in loc_md
+    )
+    assert "| Atelectasis | 3 | 0.375 | 0.155 | 0.310 | 0.250 | 0.100 | 0.200 | 0.125 | 0.050 | 0.100 |" in loc_md
+    assert "| Mass | 12 | 0.750 | 0.310 | 0.620 | 0.500 | 0.200 | 0.400 | 0.250 | 0.100 | 0.200 |" in loc_md
     assert loc_md.index("| Atelectasis |") < loc_md.index("| Mass |")  # the canonical class order
-    assert "| **mean over findings** |  | 0.750 | 0.310 | 0.500 | 0.200 | 0.250 | 0.100 |" in loc_md
+    mean = "| **mean over findings** |  | 0.750 | 0.310 | 0.620 | 0.500 | 0.200 | 0.400 | 0.250 | 0.100 | 0.200 |"
+    assert mean in loc_md and "within 15.0 px (at 224 px) of a box, a flat map counting as a miss" in loc_md
     assert "Not available" not in md.split("## Registry decision")[0].split("## Calibration")[1]
     # every figure is logged beside the Markdown in the folder its link names
     assert sorted(str(Path(sub) / f.name) for f, sub in render.figure_files(card, reports)) == [
@@ -336,12 +359,13 @@ def test_html_parses_and_embeds_every_image_the_markdown_links(run_folder: Path)
     assert "<strong>Test mean AUC 0.731 [0.701, 0.760]</strong>" in text
 
 
-def test_metrics_without_the_per_class_intervals_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["per_class_auc_ci", "excluded_classes"])
+def test_metrics_without_the_per_class_intervals_or_the_class_set_is_refused(tmp_path: Path, key: str) -> None:
     (tmp_path / "reports").mkdir()
     metrics = _metrics()
-    del metrics["per_class_auc_ci"]
+    del metrics[key]
     (tmp_path / "reports/metrics.json").write_text(json.dumps(metrics))
-    with pytest.raises(ValueError, match=r"reports/metrics.json has no 'per_class_auc_ci': rerun the evaluate step"):
+    with pytest.raises(ValueError, match=rf"reports/metrics.json has no '{key}': rerun the evaluate step"):
         model_card.read_run(_files(tmp_path))
     with pytest.raises(FileNotFoundError, match="metrics.json does not exist"):
         model_card.read_run(_files(tmp_path / "nowhere"))

@@ -151,6 +151,20 @@ def test_distance_logits_are_exact_under_bf16_autocast():
         assert torch.unique(forward[:, c]).numel() >= 3900
 
 
+def test_linear_logits_are_float32_under_bf16_autocast():
+    """Validation scores the linear head under autocast too: bf16 logits would tie thousands of images."""
+    torch.manual_seed(4)
+    head = LinearHead(40, C)
+    pooled = torch.randn(4000, 40)  # (N, F)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(pooled).logits  # (N, C)
+    exact = pooled.double() @ head.fc.weight.double().t() + head.fc.bias.double()  # float64 reference
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed.double(), exact, rtol=0, atol=1e-5)
+    for c in range(C):
+        assert torch.unique(mixed[:, c]).numel() >= 3900
+
+
 @pytest.mark.parametrize("head", ["metric", "linear"])
 @pytest.mark.parametrize("loss_name", ["bce", "dwml"])
 def test_init_prior_starts_scores_at_the_loss_stationary_point(head, loss_name, text_vectors):

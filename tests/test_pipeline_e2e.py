@@ -166,6 +166,8 @@ def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
     assert 0.0 < metrics["mean_auc"] < 1.0
     lo, hi = metrics["mean_auc_ci"]
     assert lo <= metrics["mean_auc"] <= hi
+    # one class set per mean, the others named
+    assert sorted([*metrics["classes_in_mean"], *metrics["excluded_classes"]], key=CLASSES.index) == list(CLASSES)
     assert (demo_repo / "reports/plots/roc.png").stat().st_size > 10_000
     per_class = pd.read_csv(demo_repo / "reports/per_class_auc.csv")
     assert list(per_class["class"]) == list(CLASSES)
@@ -188,6 +190,7 @@ def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
     assert set(localization["methods"]) == {"gradcam", "prototype", "centre"}
     for method in localization["methods"].values():
         assert 0.0 <= method["mean_pointing_accuracy"] <= 1.0 and 0.0 <= method["mean_iou"] <= 1.0
+        assert 0.0 <= method["mean_iobb"] <= 1.0
     assert "## Localisation (where the model looked)" in (demo_repo / "reports/comparison.md").read_text()
     calibration = json.loads((demo_repo / "reports/calibration.json").read_text())
     assert calibration["fitted_on"] == "val" and set(calibration["per_class"]) == set(CLASSES)
@@ -212,6 +215,7 @@ def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
     train_run = client.get_run(champion.run_id)
     assert train_run.data.tags["cxr.step"] == "train"
     assert "test_mean_auc" in train_run.data.metrics and "val_mean_auc" in train_run.data.metrics
+    assert {"cxr.test_mean_auc_excluded", "cxr.val_mean_auc_excluded"} <= set(train_run.data.tags)
     assert {"cxr.run.download", "cxr.run.prepare", "cxr.run.prototypes"} <= set(train_run.data.tags)
     # the model card beside the reports and with the model; its summary is the version's description
     assert champion.description.startswith(f"**Test mean AUC {metrics['mean_auc']:.3f} [{lo:.3f}, {hi:.3f}]**")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import shutil
@@ -22,7 +23,6 @@ import sys
 import time
 import urllib.request
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,27 +199,31 @@ def _gate_data(n: int = 300, seed: int = 0):
     return good, weak
 
 
-def _auc(ours: SelectionSet) -> float:
-    from pipeline.metrics import mean_auc, roc_auc
+MIN_PATIENTS = settings("evaluate").min_positive_patients
 
-    return mean_auc(roc_auc(ours.y, ours.scores))
+
+def _auc(ours: SelectionSet) -> float:
+    from pipeline.metrics import class_set, mean_auc, roc_auc
+
+    return mean_auc(roc_auc(ours.y, ours.scores), class_set(ours.y, ours.patients, MIN_PATIENTS))
 
 
 def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
     good, weak = _gate_data()
     cfg = settings("register", min_auc=0.7, bootstrap_resamples=200)
-    below = decide(cfg, weak, None, None)  # the floor applies to the validation mean AUC
+    below = decide(cfg, weak, None, None, min_patients=MIN_PATIENTS)  # the floor applies to the validation mean AUC
     assert below["promote"] is False and "validation mean AUC" in below["reason"]
     assert below["val_mean_auc"] == pytest.approx(_auc(weak)) and below["selected_on"] == "val"
     undefined = SelectionSet(good.predictions, np.zeros_like(good.y), good.patients)  # no positives at all
-    with pytest.warns(UserWarning, match="AUC undefined"):
-        nan = decide(cfg, undefined, None, None)
+    nan = decide(cfg, undefined, None, None, min_patients=MIN_PATIENTS)
     assert nan["promote"] is False and nan["val_mean_auc"] is None
-    first = decide(cfg, good, None, None)
+    assert f"no finding has {MIN_PATIENTS} positive and {MIN_PATIENTS} negative val patients" in nan["reason"]
+    assert nan["val_excluded_classes"]["Hernia"] == f"0 positive patients (fewer than {MIN_PATIENTS})"
+    first = decide(cfg, good, None, None, min_patients=MIN_PATIENTS)
     assert first["promote"] is True and first["champion_version"] is None
     assert (first["bootstrap_unit"], first["n_patients"]) == ("patient", 100)
     # a champion whose predictions cannot be fetched is never replaced blindly
-    blind = decide(cfg, good, None, "3")
+    blind = decide(cfg, good, None, "3", min_patients=MIN_PATIENTS)
     assert blind["promote"] is False and "v3" in blind["reason"]
     assert "evaluation/predictions/val.parquet" in blind["reason"]
 
@@ -227,25 +231,26 @@ def test_gate_floor_first_model_and_missing_champion_predictions() -> None:
 def test_gate_paired_patient_bootstrap_margin_and_validation_set() -> None:
     good, weak = _gate_data()
     cfg = settings("register", min_auc=0.5, bootstrap_resamples=200)
-    better = decide(cfg, good, weak.predictions, "1")
+    better = decide(cfg, good, weak.predictions, "1", min_patients=MIN_PATIENTS)
     assert better["promote"] is True and better["selected_on"] == "val"
     assert better["delta"] == pytest.approx(_auc(good) - _auc(weak))
     assert better["champion_val_mean_auc"] == pytest.approx(_auc(weak))
     assert better["p_value"] <= cfg.max_p_value and better["delta_ci"][0] > 0
     assert "on val (100 patients)" in better["reason"]
-    worse = decide(cfg, weak, good.predictions, "1")
+    worse = decide(cfg, weak, good.predictions, "1", min_patients=MIN_PATIENTS)
     assert worse["promote"] is False and worse["delta"] < 0 and worse["p_value"] > 0.5
-    same = decide(cfg, good, good.predictions, "1")
+    same = decide(cfg, good, good.predictions, "1", min_patients=MIN_PATIENTS)
     assert same["promote"] is False and same["delta"] == 0 and same["p_value"] == 1.0
     # better, but not by the margin asked for
-    strict = decide(settings("register", min_auc=0.5, margin=0.5, bootstrap_resamples=200), good, weak.predictions, "1")
+    strict_cfg = settings("register", min_auc=0.5, margin=0.5, bootstrap_resamples=200)
+    strict = decide(strict_cfg, good, weak.predictions, "1", min_patients=MIN_PATIENTS)
     assert strict["promote"] is False and 0 < strict["delta"] < 0.5
     # rows in another order are matched by image name, not position; patients are the resampled unit
     flipped = SelectionSet(good.predictions.iloc[::-1].reset_index(drop=True), good.y[::-1], good.patients[::-1])
-    shuffled = decide(cfg, flipped, weak.predictions, "1")
+    shuffled = decide(cfg, flipped, weak.predictions, "1", min_patients=MIN_PATIENTS)
     assert shuffled["delta"] == pytest.approx(better["delta"])
     assert shuffled["delta_ci"] == pytest.approx(better["delta_ci"])
-    other = decide(cfg, good, weak.predictions.iloc[:100], "1")
+    other = decide(cfg, good, weak.predictions.iloc[:100], "1", min_patients=MIN_PATIENTS)
     assert other["promote"] is False and "another val set" in other["reason"]
 
 
@@ -254,12 +259,39 @@ def test_gate_resamples_patients_not_images() -> None:
 
     good, weak = _gate_data()
     cfg = settings("register", min_auc=0.5, bootstrap_resamples=300, seed=4)
-    decision = decide(cfg, good, weak.predictions, "1")
-    by_patient = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4, groups=good.patients)
-    by_image = paired_bootstrap_delta(good.y, weak.scores, good.scores, 300, seed=4)
+    decision = decide(cfg, good, weak.predictions, "1", min_patients=MIN_PATIENTS)
+    paired = functools.partial(
+        paired_bootstrap_delta, good.y, weak.scores, good.scores, 300, seed=4, min_patients=MIN_PATIENTS
+    )
+    by_patient, by_image = paired(groups=good.patients), paired()
     assert decision["delta_ci"] == [by_patient["low"], by_patient["high"]]
     assert decision["p_value"] == by_patient["p_value"] and decision["n_patients"] == 100
     assert decision["delta_ci"] != [by_image["low"], by_image["high"]]
+
+
+def test_gate_leaves_a_class_with_few_validation_patients_out_by_name() -> None:
+    """One Hernia patient in validation: the gate's means and its paired bootstrap are over the other 13."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.metrics import paired_bootstrap_delta
+
+    good, weak = _gate_data()
+    y = good.y.copy()
+    y[:, -1] = 0
+    y[:3, -1] = 1  # the three images of patient 0
+    ours = SelectionSet(good.predictions, y, good.patients)
+    cfg = settings("register", min_auc=0.5, bootstrap_resamples=200)
+    decision = decide(cfg, ours, weak.predictions, "1", min_patients=MIN_PATIENTS)
+    assert decision["val_excluded_classes"] == {"Hernia": f"1 positive patient (fewer than {MIN_PATIENTS})"}
+    assert decision["val_classes_in_mean"] == list(CLASSES[:-1])
+    expected = np.mean([roc_auc_score(y[:, k], good.scores[:, k]) for k in range(len(CLASSES) - 1)])
+    assert decision["val_mean_auc"] == pytest.approx(expected, abs=1e-12)
+    thirteen = paired_bootstrap_delta(
+        y[:, :-1], weak.scores[:, :-1], good.scores[:, :-1], 200, seed=cfg.seed, groups=good.patients, min_patients=1
+    )
+    assert decision["delta"] == pytest.approx(thirteen["delta"], abs=1e-12)
+    assert decision["delta_ci"] == pytest.approx([thirteen["low"], thirteen["high"]], abs=1e-12)
+    assert decision["bootstrap_dropped_resamples"] == 0
 
 
 def test_selection_set_reads_labels_and_patients_of_validation_images_only() -> None:
@@ -385,9 +417,9 @@ def _rewrite_split(repo: Path, reports: Path, split: str, strength: float, seed:
     noise = np.random.default_rng(seed).random(y.shape)
     preds[list(CLASSES)] = np.clip(0.5 + strength * (y - 0.5) + 0.1 * (noise - 0.5), 0, 1)
     preds.to_parquet(path, index=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # classes without positives in the tiny splits
-        return bootstrap_auc(y, preds[list(CLASSES)].to_numpy(), 100, seed=seed, groups=preds["patient"].to_numpy())
+    scores, patients = preds[list(CLASSES)].to_numpy(), preds["patient"].to_numpy()
+    min_patients = TRAIN_PARAMS["evaluate"]["min_positive_patients"]  # what the trained repo's steps use
+    return bootstrap_auc(y, scores, 100, seed=seed, groups=patients, min_patients=min_patients)
 
 
 def _rewrite_predictions(repo: Path, real: Path, out: Path, strength: float, seed: int) -> dict:
@@ -733,12 +765,18 @@ def small_workspace(tmp_path: Path) -> Path:
         "test_patients": 20,
         "per_class_auc": {c: 0.5 + 0.01 * i for i, c in enumerate(CLASSES)},
         "per_class_auc_ci": {c: [0.3 + 0.01 * i, 0.7 + 0.01 * i] for i, c in enumerate(CLASSES)},
+        "min_positive_patients": 1,
+        "classes_in_mean": list(CLASSES),
+        "excluded_classes": {},
+        "val_classes_in_mean": list(CLASSES),
+        "val_excluded_classes": {},
     }
     (repo / "reports/metrics.json").write_text(json.dumps(metrics))
     (repo / "reports/thresholds.json").write_text(json.dumps({"thresholds": dict.fromkeys(CLASSES, 0.5)}))
     (repo / "reports/calibration.json").write_text(json.dumps(Calibration("none", tuple(CLASSES)).to_json()))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["register"].update(min_auc=0.0, bootstrap_resamples=100)
+    params["evaluate"]["min_positive_patients"] = 1  # ~9 validation patients
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     return repo
 

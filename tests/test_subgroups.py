@@ -47,7 +47,7 @@ def constructed(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np
 
 def test_subgroup_auc_equals_sklearn_on_the_subgroup_rows():
     y, probs, patients, meta = constructed()
-    report = subgroup_report(y, probs, patients, meta, min_cases=5, n_resamples=50, ci=0.95, seed=0)
+    report = subgroup_report(y, probs, patients, meta, min_patients=5, n_resamples=50, ci=0.95, seed=0)
     for attribute, column, group in (("sex", "sex", "M"), ("sex", "sex", "F"), ("age", "age", "40-59")):
         value = 45 if group == "40-59" else group
         rows = (meta[column] == value).to_numpy()
@@ -65,7 +65,7 @@ def test_subgroup_auc_equals_sklearn_on_the_subgroup_rows():
 
 def test_empty_subgroup_is_reported_empty():
     y, probs, patients, meta = constructed()
-    report = subgroup_report(y, probs, patients, meta, min_cases=5, n_resamples=20, ci=0.95, seed=0)
+    report = subgroup_report(y, probs, patients, meta, min_patients=5, n_resamples=20, ci=0.95, seed=0)
     ap = report["attributes"]["view"]["groups"]["AP"]
     assert ap["status"] == "empty" and ap["images"] == 0 and ap["mean_auc"] is None and ap["mean_auc_ci"] is None
     assert all(v["auc"] is None and v["reason"] == "empty subgroup" for v in ap["per_class"].values())
@@ -81,17 +81,42 @@ def test_one_class_and_rare_classes_get_null_with_a_reason():
     y[:3, 1] = 1  # class 1: 3 positives < 5
     y[:, 2] = 1  # class 2: only positives (no negatives)
     probs = rng.random((n, C))
-    g = group_report(y, probs, np.arange(n), min_cases=5, n_resamples=20, ci=0.95, seed=0)
+    g = group_report(y, probs, np.arange(n), min_patients=5, n_resamples=20, ci=0.95, seed=0)
     pc = g["per_class"]
     assert pc[CLASSES[0]]["auc"] == pytest.approx(roc_auc_score(y[:, 0], probs[:, 0]))
-    rare = {"auc": None, "ci": None, "positives": 3, "negatives": 57, "reason": "too few positives (3 < 5)"}
+    rare = {
+        "auc": None,
+        "ci": None,
+        "positives": 3,
+        "negatives": 57,
+        "positive_patients": 3,
+        "negative_patients": 57,
+        "reason": "3 positive patients (fewer than 5)",
+    }
     assert pc[CLASSES[1]] == rare
-    assert pc[CLASSES[2]]["auc"] is None and pc[CLASSES[2]]["reason"] == "too few negatives (0 < 5)"
-    assert pc[CLASSES[3]]["reason"] == "too few positives (0 < 5)"
+    assert pc[CLASSES[2]]["auc"] is None and pc[CLASSES[2]]["reason"] == "0 negative patients (fewer than 5)"
+    assert pc[CLASSES[3]]["reason"] == "0 positive patients (fewer than 5)"
     assert g["classes_in_mean"] == [CLASSES[0]] and g["mean_auc"] == pytest.approx(pc[CLASSES[0]]["auc"])
+    assert g["excluded_classes"][CLASSES[1]] == rare["reason"] and len(g["excluded_classes"]) == C - 1
 
     none_scorable = group_report(y * 0, probs, np.arange(n), 5, 20, 0.95, 0)
     assert none_scorable["status"] == "no class scorable" and none_scorable["mean_auc"] is None
+
+
+def test_a_subgroup_counts_patients_not_images():
+    """Six positive images of one patient are one positive patient: too few for a number."""
+    rng = np.random.default_rng(2)
+    n = 60
+    y = np.zeros((n, C), dtype=np.int8)
+    y[:30, 0] = 1  # class 0: 30 positive patients
+    y[:6, 1] = 1  # class 1: six positive images, all of patient 0
+    patients = np.r_[np.zeros(6, dtype=int), np.arange(1, n - 5)]
+    probs = y + rng.random((n, C))
+    g = group_report(y, probs, patients, min_patients=5, n_resamples=50, ci=0.95, seed=0)
+    entry = g["per_class"][CLASSES[1]]
+    assert (entry["positives"], entry["positive_patients"]) == (6, 1) and entry["auc"] is None
+    assert entry["reason"] == "1 positive patient (fewer than 5)"
+    assert g["classes_in_mean"] == [CLASSES[0]] and g["mean_dropped_resamples"] == 0
 
 
 def test_unassigned_rows_are_counted_not_grouped():
@@ -99,7 +124,7 @@ def test_unassigned_rows_are_counted_not_grouped():
     meta.loc[:3, "sex"] = ""
     meta.loc[4:5, "age"] = 414
     meta.loc[6, "age"] = np.nan
-    report = subgroup_report(y, probs, patients, meta, min_cases=1, n_resamples=10, ci=0.95, seed=0)
+    report = subgroup_report(y, probs, patients, meta, min_patients=1, n_resamples=10, ci=0.95, seed=0)
     attrs = report["attributes"]
     assert attrs["sex"]["unassigned"] == {"missing": 4}
     assert sum(g["images"] for g in attrs["sex"]["groups"].values()) == 36
@@ -126,7 +151,7 @@ def test_read_subgroup_meta_orders_rows_and_names_a_stale_manifest(tmp_path: Pat
 
 def test_forest_plot_and_json_round_trip(tmp_path: Path):
     y, probs, patients, meta = constructed(n=200)
-    report = subgroup_report(y, probs, patients, meta, min_cases=5, n_resamples=20, ci=0.95, seed=0)
+    report = subgroup_report(y, probs, patients, meta, min_patients=5, n_resamples=20, ci=0.95, seed=0)
     write_json(tmp_path / "subgroups.json", report)
     assert json.loads((tmp_path / "subgroups.json").read_text())["attributes"]["view"]["groups"]["AP"]["images"] == 0
     plots.subgroup_forest(report, 0.8, tmp_path / "subgroups.png")

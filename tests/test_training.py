@@ -42,6 +42,8 @@ TINY = {
     "augment.crop_size": 32,
 }
 TIMING_KEYS = {"train_images_per_s"}
+# the test data's validation split holds ~12 patients: every class it has positives of is in its mean
+MIN_PATIENTS = 1
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -137,21 +139,33 @@ def crash_after(monkeypatch, steps: int) -> list[dict]:
     return done
 
 
-def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
+# workers = 2: persistent worker processes keep their random state from epoch to epoch, so a seed
+# set in the main process after the first epoch must still reach them
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch, workers):
     prepared, vectors = data
-    cfg = tiny_config()
-    straight = train(cfg, prepared, vectors, tmp_path / "a", fingerprint="fp", progress=False)
+    cfg = tiny_config(workers=workers)
+    straight = train(
+        cfg, prepared, vectors, tmp_path / "a", fingerprint="fp", progress=False, min_patients=MIN_PATIENTS
+    )
     assert straight.epochs_run == 2 and straight.resumed_from is None and len(straight.history) == 2
 
     logged: list[tuple[dict, int]] = []
     with monkeypatch.context() as mp:
         steps = crash_after(mp, 3)
         with pytest.raises(Killed):  # a kill in the middle of epoch 2 (two steps per epoch)
-            train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False)
+            train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False, min_patients=MIN_PATIENTS)
     assert len(steps) == 3 and all(math.isfinite(s["loss/loss"]) for s in steps)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["state"]["epoch"] == 1
     resumed = train(
-        cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False, log=lambda m, s: logged.append((m, s))
+        cfg,
+        prepared,
+        vectors,
+        tmp_path / "b",
+        fingerprint="fp",
+        progress=False,
+        log=lambda m, s: logged.append((m, s)),
+        min_patients=MIN_PATIENTS,
     )
     assert resumed.resumed_from == 1 and resumed.epochs_run == 2
     assert comparable(resumed.history) == comparable(straight.history)
@@ -167,7 +181,7 @@ def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
 
     # a finished run with the same settings does nothing
     mtime = (tmp_path / "b" / "last.pt").stat().st_mtime_ns
-    again = train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False)
+    again = train(cfg, prepared, vectors, tmp_path / "b", fingerprint="fp", progress=False, min_patients=MIN_PATIENTS)
     assert again.resumed_from == 2 and comparable(again.history) == comparable(straight.history)
     assert (tmp_path / "b" / "last.pt").stat().st_mtime_ns == mtime
 
@@ -180,6 +194,7 @@ def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path, monkeypatch):
         tmp_path / "c",
         fingerprint="other",
         progress=False,
+        min_patients=MIN_PATIENTS,
     )
     assert fresh.resumed_from is None and len(fresh.history) == 1
     assert load_checkpoint(tmp_path / "c" / "last.pt")["fingerprint"] == "other"
@@ -191,18 +206,18 @@ def test_early_stopping_with_patience(data, tmp_path):
     cfg = tiny_config(
         epochs=5, max_steps_per_epoch=1, early_stopping_patience=2, **{"optim.lr_backbone": 0.0, "optim.lr_head": 1e-30}
     )
-    result = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False)
+    result = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False, min_patients=MIN_PATIENTS)
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
     assert len({rec["val_mean_auc"] for rec in result.history}) == 1
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
-    again = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False)
+    again = train(cfg, prepared, vectors, tmp_path, fingerprint="es", progress=False, min_patients=MIN_PATIENTS)
     assert again.stopped_early and again.epochs_run == 3 and again.resumed_from == 3
 
 
 def test_ema_weights_are_validated_and_saved(data, tmp_path):
     prepared, vectors = data
     cfg = tiny_config(epochs=1, ema_decay=0.5)
-    result = train(cfg, prepared, vectors, tmp_path, fingerprint="ema", progress=False)
+    result = train(cfg, prepared, vectors, tmp_path, fingerprint="ema", progress=False, min_patients=MIN_PATIENTS)
     last = load_checkpoint(tmp_path / "last.pt")
     best = load_checkpoint(tmp_path / "best.pt")
     assert last["ema"] is not None and result.history[0]["val_mean_auc"] > 0
@@ -350,7 +365,7 @@ cfg = settings("train", {config!r})
 rank = int(os.environ["RANK"])
 out = Path(sys.argv[1])
 result = train(cfg, Path({prepared!r}), np.load({vectors!r}), out / f"rank{{rank}}", fingerprint="ddp",
-               progress=False)
+               progress=False, min_patients=1)
 torch.save(result.model.state_dict(), out / f"weights{{rank}}.pt")
 torch.save(result.history, out / f"history{{rank}}.pt")
 """
@@ -387,6 +402,7 @@ def mlflow_workspace(tmp_path: Path, monkeypatch, experiment: str, train: dict) 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["mlflow"]["experiment"] = experiment
     params["train"] = settings("train", train).model_dump()
+    params["evaluate"]["min_positive_patients"] = MIN_PATIENTS
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -564,6 +580,11 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
 
     summary = json.loads((reports / "ablation.json").read_text())
     assert summary["baseline"] == "bce_head" and summary["bootstrap_unit"] == "patient"
+    # every mean and delta of a split is over that split's one class set, the others named
+    assert summary["min_positive_patients"] == MIN_PATIENTS
+    for split in ("val", "test"):
+        named = summary[f"{split}_classes_in_mean"] + list(summary[f"{split}_excluded_classes"])
+        assert sorted(named, key=CLASSES.index) == list(CLASSES)
     entries = {v["variant"]: v for v in summary["variants"]}
     dual = entries["dual"]
     runs_of = table.set_index(["variant", "seed"])
@@ -578,6 +599,7 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     assert "test_delta_vs_bce_head" not in entries["bce_head"]
     markdown = (reports / "ablation.md").read_text()
     assert "| dual_random_prototypes |" in markdown and "patients" in markdown
+    assert "The val mean AUC is over" in markdown and "The test mean AUC is over" in markdown
     assert "| dual |" in capsys.readouterr().out
     assert (reports / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     bundle = load_checkpoint(tmp_path / "ablation" / "bce_head" / f"seed_{TINY['seed']}" / "best.pt")

@@ -28,6 +28,7 @@ from typing import Any
 from ..classes import CLASSES, NO_FINDING, PUBLISHED, SEED_PAPER, SEED_PAPER_AUC
 from ..data.layout import SPLIT_STATS
 from ..io import read_json
+from ..metrics import describe_class_set
 from .document import Block, Bullets, Card, Figure, Heading, Paragraph, Table
 
 ARTIFACT_DIR = "model_card"  # where the card goes in the registered model's run
@@ -39,6 +40,16 @@ PROVENANCE_TAGS = ("git_commit", "dvc_data_hash", "params_hash", "weights_sha256
 
 
 # ----------------------------------------------------------------------------- what the card reads
+
+
+# What metrics.json says about the classes each mean AUC is over: the card names those left out.
+CLASS_SET_KEYS = (
+    "min_positive_patients",
+    "classes_in_mean",
+    "excluded_classes",
+    "val_classes_in_mean",
+    "val_excluded_classes",
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,7 @@ def read_run(files: RunFiles) -> CardData:
     """
     reports = Path(files.reports)
     metrics = read_json(reports / "metrics.json")
-    for key in ("mean_auc", "mean_auc_ci", "per_class_auc", "per_class_auc_ci"):
+    for key in ("mean_auc", "mean_auc_ci", "per_class_auc", "per_class_auc_ci", *CLASS_SET_KEYS):
         if key not in metrics:
             raise ValueError(f"{reports / 'metrics.json'} has no '{key}': rerun the evaluate step")
     plots = reports / "plots"
@@ -190,9 +201,9 @@ def version_summary(data: CardData, record: Mapping[str, Any], artifact_note: st
     patients = f", bootstrap over {_count(m['test_patients'])} test patients" if m.get("test_patients") else ""
     lines = [
         f"**Test mean AUC {_num(m['mean_auc'])} {_interval(m['mean_auc_ci'])}** "
-        f"({_level(m)} interval{patients}; reported, never selected on).",
-        f"Selected on validation: val mean AUC {_num(record.get('val_mean_auc', m.get('val_mean_auc')))}"
-        + (f" (floor {record['floor']})." if record.get("floor") is not None else "."),
+        f"({_level(m)} interval{patients}; reported, never selected on; {_over(m, '')}).",
+        f"Selected on validation: val mean AUC {_num(record.get('val_mean_auc', m.get('val_mean_auc')))} "
+        f"({_over(m, 'val_')}" + (f"; floor {record['floor']})." if record.get("floor") is not None else ")."),
         _gate_line(record),
     ]
     if data.files.data_source == SYNTHETIC_SOURCE:
@@ -381,6 +392,7 @@ def _results_section(data: CardData) -> list[Block]:
     blocks.append(
         Table(("Finding", "Test positives", "AUC", f"{level} CI", "AP", "Sensitivity", "Specificity"), tuple(rows))
     )
+    blocks.append(Paragraph(_class_set_paragraph(m, "test", "")))
     if m.get("undefined_classes"):
         blocks.append(
             Paragraph(
@@ -390,6 +402,24 @@ def _results_section(data: CardData) -> list[Block]:
     if data.per_class_csv is None:
         blocks.append(_missing("per_class_auc.csv was not found.", "test positives, sensitivity and specificity:"))
     return blocks
+
+
+def _over(m: Mapping[str, Any], prefix: str) -> str:
+    """ "over 13 of 14 findings, Hernia left out": the class set of a mean AUC in a few words."""
+    kept, excluded = m[f"{prefix}classes_in_mean"], m[f"{prefix}excluded_classes"]
+    left_out = f", {', '.join(excluded)} left out" if excluded else ""
+    return f"over {len(kept)} of {len(kept) + len(excluded)} findings{left_out}"
+
+
+def _class_set_paragraph(m: Mapping[str, Any], split: str, prefix: str) -> str:
+    """The classes a split's mean AUC is over, those left out by name with why, and the resamples dropped."""
+    kept, excluded = m[f"{prefix}classes_in_mean"], m[f"{prefix}excluded_classes"]
+    text = describe_class_set(split, kept, excluded, m["min_positive_patients"])
+    text += " The point estimate and every bootstrap resample are over these same findings."
+    dropped = m.get("bootstrap_dropped_resamples") if split == "test" else None
+    if dropped:
+        text += f" {dropped} resamples lacked a positive or a negative patient of one of them and were left out."
+    return text
 
 
 def _float(x: Any) -> float | None:
@@ -438,8 +468,8 @@ def _subgroup_section(data: CardData) -> list[Block]:
         Paragraph(
             f"Test mean AUC per sex, age band, view and visit, with {round(100 * sub.get('ci_level', 0.95))}% "
             "intervals from a bootstrap over each subgroup's patients. A finding with fewer than "
-            f"{sub.get('min_cases')} positives or negatives in a subgroup is left out of its mean (the Findings "
-            "column counts those scored), so compare subgroups whose counts match."
+            f"{sub.get('min_positive_patients')} positive or negative patients in a subgroup is left out of its "
+            "mean (the Findings column counts those scored), so compare subgroups whose counts match."
         )
     )
     rows = []
@@ -574,9 +604,11 @@ def _localization_section(data: CardData) -> list[Block]:
         Paragraph(
             f"{_count(loc.get('pairs'))} (image, finding) pairs with a bounding box on {_count(loc.get('images'))} "
             f"{loc.get('split', 'test')} images (boxes from `{loc.get('source')}`): the share of pairs whose map has "
-            f"its maximum inside a box (pointing game), and the IoU of the map above {loc.get('iou_threshold')} of "
-            "its maximum with the boxes. The centre baseline points at the image centre; a map that beats it found "
-            "more than where findings usually lie."
+            f"its maximum within {loc.get('pointing_tolerance_px_at_224')} px (at 224 px) of a box, a flat map "
+            f"counting as a miss (pointing game); the IoU of the map above {loc.get('iou_threshold')} of its maximum "
+            "with the boxes; and the IoBB of Wang et al. 2017, the share of the boxes around that region that lies "
+            "in the boxes. The centre baseline points at the image centre; a map that beats it found more than "
+            "where findings usually lie."
         )
     )
     if not methods:
@@ -584,18 +616,18 @@ def _localization_section(data: CardData) -> list[Block]:
     header = ["Finding", "Pairs"]
     for m in methods:
         name = LOCALIZATION_METHODS.get(m, m)
-        header += [f"{name}: pointing", f"{name}: IoU"]
+        header += [f"{name}: pointing", f"{name}: IoU", f"{name}: IoBB"]
     found = [c for c in CLASSES if any(c in (v.get("per_class") or {}) for v in methods.values())]
     rows = []
     for c in found:
         entries = [(v.get("per_class") or {}).get(c) or {} for v in methods.values()]
         row = [c, _count(next((e.get("pairs") for e in entries if e.get("pairs") is not None), None))]
         for e in entries:
-            row += [_num(e.get("pointing_accuracy")), _num(e.get("mean_iou"))]
+            row += [_num(e.get("pointing_accuracy")), _num(e.get("mean_iou")), _num(e.get("mean_iobb"))]
         rows.append(tuple(row))
     mean = ["**mean over findings**", ""]
     for v in methods.values():
-        mean += [_num(v.get("mean_pointing_accuracy")), _num(v.get("mean_iou"))]
+        mean += [_num(v.get("mean_pointing_accuracy")), _num(v.get("mean_iou")), _num(v.get("mean_iobb"))]
     rows.append(tuple(mean))
     return blocks + [Table(tuple(header), tuple(rows))]
 

@@ -192,11 +192,21 @@ class CachedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_names)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `key`, or for `key = (i, seed)` (from `SeededSampler`) item i augmented by draws
+        that depend on (seed, i) only."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         pixels = np.array(self._open()[self.cache_index[i]])  # (H, W) copy out of the page cache
         image = torch.from_numpy(pixels).unsqueeze(0)  # (1, H, W) uint8
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                # the CPU generator alone, and put back after: the caller's draws (and any GPU's)
+                # are not disturbed when this runs in the main process (workers = 0)
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(item_seed(seed, i))
+                    image = self.transform(image)
         return image, torch.from_numpy(self.targets[i])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -213,6 +223,39 @@ def _read_manifest(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; rerun the prepare step")
     return df
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The seed of item `index`'s augmentations under the epoch seed `seed` (well mixed, 63 bits)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Yields `(index, seed)`: the wrapped sampler's indices, each with the seed of its augmentations.
+
+    A DataLoader worker draws augmentations from its own random state, and a persistent worker keeps
+    that state from one epoch to the next: reseeding the main process each epoch never reaches it,
+    so a run resumed at epoch e would augment differently from one that ran through. The sampler
+    runs in the main process and its indices travel to the workers, so a seed handed out with each
+    index does reach them: item i of an epoch is augmented the same way whatever the number of
+    workers, whether they persist, and whether the run was resumed.
+    """
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+        self.seed = 0
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """The epoch's order (for a DistributedSampler) and the seed its augmentations derive from."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.seed = seed
+
+    def __iter__(self):
+        return ((int(i), self.seed) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -10,7 +10,8 @@ Two maps per (image, class), both on the backbone's last feature map (the last C
   with the head's own logit `k (r_c - ||v - p_c||^2)`. Hot = close to the class prototype.
 
 Both are upsampled (bilinear) to the input size and scaled to [0, 1] per map (min to max); a flat
-map is all zeros. They show *where*, not how much: the probabilities say how much.
+map is all zeros, and points nowhere in the pointing game. They show *where*, not how much: the
+probabilities say how much.
 
 Resolution: a ConvNeXt's last stage has stride 32, 7 x 7 cells at its native 224 px but a single
 cell at the demo's 56 px crops, where no map could point anywhere. `explainer` therefore runs the
@@ -199,10 +200,31 @@ def box_mask(shape: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
     return mask
 
 
-def pointing_hit(heat: np.ndarray, boxes: np.ndarray) -> bool:
-    """Pointing game: does the map's maximum (the first, in row-major order) fall inside a box?"""
+# The pointing game's tolerance (Zhang et al. 2016, "Top-down neural attention by excitation
+# backprop"): a hit within 15 pixels of a box at 224 px, scaled with the crop (`pointing_tolerance`).
+POINTING_REFERENCE_SIDE = 224
+
+
+def pointing_tolerance(crop_size: int, px_at_224: float) -> float:
+    """The pointing game's tolerance in pixels of a `crop_size` image, from pixels at 224 px."""
+    return px_at_224 * crop_size / POINTING_REFERENCE_SIDE
+
+
+def pointing_hit(heat: np.ndarray, boxes: np.ndarray, tolerance: float) -> bool:
+    """Pointing game: is the map's maximum (the first, in row-major order) within `tolerance` pixels
+    of a box (distance from the pixel centre to the nearest box edge; 0 inside)?
+
+    A flat map (no variation, or not finite) points nowhere and is a miss: its "maximum" would be
+    pixel (0, 0), which says nothing about the image.
+    """
+    if not np.isfinite(heat).all() or heat.max() <= heat.min():
+        return False
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    return bool(box_mask(heat.shape, boxes)[row, col])
+    cx, cy = col + 0.5, row + 0.5
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)  # (n, 4) x, y, w, h
+    dx = np.maximum.reduce([b[:, 0] - cx, np.zeros(len(b)), cx - (b[:, 0] + b[:, 2])])
+    dy = np.maximum.reduce([b[:, 1] - cy, np.zeros(len(b)), cy - (b[:, 1] + b[:, 3])])
+    return bool((np.hypot(dx, dy) <= tolerance).any())
 
 
 def box_iou(heat: np.ndarray, boxes: np.ndarray, threshold: float) -> float:
@@ -210,3 +232,27 @@ def box_iou(heat: np.ndarray, boxes: np.ndarray, threshold: float) -> float:
     active, inside = heat >= threshold, box_mask(heat.shape, boxes)
     union = int((active | inside).sum())
     return float((active & inside).sum() / union) if union else 0.0
+
+
+def detected_boxes(heat: np.ndarray, threshold: float) -> np.ndarray:
+    """(H, W) bool: the union of the bounding boxes of the connected regions of {heat >= threshold},
+    as Wang et al. 2017 turn a heatmap into boxes (8-connected regions)."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(heat >= threshold, structure=np.ones((3, 3), dtype=bool))
+    mask = np.zeros(heat.shape, dtype=bool)
+    for rows, cols in ndimage.find_objects(labels):
+        mask[rows, cols] = True
+    return mask
+
+
+def box_iobb(heat: np.ndarray, boxes: np.ndarray, threshold: float) -> float:
+    """IoBB (Wang et al. 2017, ChestX-ray8): the share of the detected boxes' area that lies in the
+    ground-truth boxes, |detected & truth| / |detected|; 0 when the map detects nothing.
+
+    Unlike IoU it does not punish a detection for being smaller than the box: Wang et al. count a
+    localisation correct when IoBB exceeds T(IoBB) (0.1 to 0.9).
+    """
+    detected = detected_boxes(heat, threshold)
+    area = int(detected.sum())
+    return float((detected & box_mask(heat.shape, boxes)).sum() / area) if area else 0.0

@@ -247,14 +247,13 @@ def ablation_plot(summary: dict, path: str | Path) -> None:
         d = v.get(key)
         if d is None:
             continue
-        ax2.errorbar(
-            d["delta"],
-            yi,
-            xerr=[[d["delta"] - d["low"]], [d["high"] - d["delta"]]],
-            fmt="o",
-            color="tab:green" if d["low"] > 0 else ("tab:red" if d["high"] < 0 else "tab:gray"),
-            capsize=3,
-        )
+        color = "tab:green" if d["low"] > 0 else ("tab:red" if d["high"] < 0 else "tab:gray")
+        # the interval and the point drawn apart: a percentile interval need not contain its point
+        # estimate (few resamples left after dropping those missing a class), and error bars cannot
+        # be negative
+        ax2.hlines(yi, d["low"], d["high"], color=color)
+        ax2.plot([d["low"], d["high"]], [yi, yi], "|", color=color, markersize=8)
+        ax2.plot(d["delta"], yi, "o", color=color)
     ax2.axvline(0.0, color="black", lw=0.8)
     ax2.set(xlabel=f"test mean AUC minus {baseline} (95% CI, patient bootstrap)", title=f"Paired delta vs {baseline}")
     for ax in (ax1, ax2):

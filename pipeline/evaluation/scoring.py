@@ -6,7 +6,9 @@ split and are applied unchanged. AUC and average precision rank the model's raw 
 thresholds, and every thresholded figure, are on the calibrated probabilities the registered model
 serves (`pipeline.evaluation.calibration`).
 The bootstrap resamples test *patients* (the official split has ~9 images per patient, so
-resampling images would give intervals that are too narrow).
+resampling images would give intervals that are too narrow). Each split's mean AUC is over one
+class set, the classes with at least `evaluate.min_positive_patients` positive and negative
+patients there, in the point estimate and in every resample; metrics.json names the others.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from ..data.layout import MANIFEST
 from ..inference import predict, resolve_device
 from ..io import save_dataframe, write_json, write_text
 from ..metrics import (
+    ClassSet,
     average_precision,
     bootstrap_auc,
+    class_set,
+    describe_class_set,
     mean_auc,
     pr_curve_points,
     roc_auc,
@@ -96,8 +101,17 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     cal, chosen_by = fit_calibration(val, cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        boot = bootstrap_auc(test.y, test.probs, cfg.bootstrap_resamples, cfg.ci, cfg.seed, groups=test.patients)
-        val_mean = mean_auc(roc_auc(val.y, val.probs))
+        boot = bootstrap_auc(
+            test.y,
+            test.probs,
+            cfg.bootstrap_resamples,
+            cfg.ci,
+            cfg.seed,
+            groups=test.patients,
+            min_patients=cfg.min_positive_patients,
+        )
+        val_classes = class_set(val.y, val.patients, cfg.min_positive_patients)
+        val_mean = mean_auc(roc_auc(val.y, val.probs), val_classes)
         ap = average_precision(test.y, test.probs)
         # chosen on the probabilities the registered model serves, so its labels match the report
         thresholds = select_thresholds(val.y, cal.probabilities(val.logits), cfg.threshold_method)
@@ -106,9 +120,9 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
         print(f"[evaluate] warning: {w.message}")
     meta = read_subgroup_meta(Path(prepared_dir) / MANIFEST, test.images)
     subgroups = subgroup_report(
-        test.y, test.probs, test.patients, meta, cfg.subgroup_min_cases, cfg.bootstrap_resamples, cfg.ci, cfg.seed
+        test.y, test.probs, test.patients, meta, cfg.min_positive_patients, cfg.bootstrap_resamples, cfg.ci, cfg.seed
     )
-    metrics = _metrics_json(boot, ap, at_thr, test, val_mean, cfg, bundle)
+    metrics = _metrics_json(boot, ap, at_thr, test, (val_mean, val_classes), cfg, bundle)
     subgroups["overall"] = {"mean_auc": metrics["mean_auc"], "mean_auc_ci": metrics["mean_auc_ci"]}
     table = _per_class_table(boot, ap, at_thr, test)
     _write_reports(out_dir, metrics, table, thresholds, val, test, boot, ap, cfg, cal)
@@ -122,24 +136,38 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     before = calibration.reliability_bins(test.y, test.probs, bins)
     after = calibration.reliability_bins(test.y, cal.probabilities(test.logits), bins)
     plots.reliability_grid(before, after, thresholds, report, Path(out_dir) / "plots" / "reliability.png")
-    explain_test(model, Path(prepared_dir), Path(out_dir), cfg, test, crop)
+    explain_test(model, Path(prepared_dir), Path(out_dir), cfg, test, crop, (cal, thresholds))
     return metrics
 
 
-def explain_test(model, prepared_dir: Path, out_dir: Path, cfg: EvaluateConfig, test: SplitScores, crop: int) -> dict:
-    """The heatmap gallery (reports/heatmaps/) and localization.json, its section added to comparison.md."""
+def explain_test(
+    model,
+    prepared_dir: Path,
+    out_dir: Path,
+    cfg: EvaluateConfig,
+    test: SplitScores,
+    crop: int,
+    served: tuple[calibration.Calibration, np.ndarray],
+) -> dict:
+    """The heatmap gallery (reports/heatmaps/) and localization.json, its section added to comparison.md.
+
+    Args:
+        served: the calibration fitted on validation and the thresholds chosen on its probabilities:
+            the gallery labels each finding by the outcome the registered model would give it.
+    """
     import shutil
 
     from .explain import explainer
     from .heatmaps import HEATMAPS, LOCALIZATION, draw_gallery, localization, localization_markdown
 
+    cal, thresholds = served
     ds = CachedImageDataset(prepared_dir, "test", crop, train=False)
     row = {name: i for i, name in enumerate(test.images)}
-    probs = test.probs[[row[name] for name in ds.image_names]]  # (N, C) in the dataset's order
+    probs = cal.probabilities(test.logits[[row[name] for name in ds.image_names]])  # (N, C) in the dataset's order
     shutil.rmtree(out_dir / HEATMAPS, ignore_errors=True)  # images of an earlier run would linger
     ex = explainer(model, crop)
-    draw_gallery(ex, ds, probs, prepared_dir, cfg.explain, out_dir)
-    report = localization(ex, ds, prepared_dir, cfg.explain.iou_threshold)
+    draw_gallery(ex, ds, (probs, np.asarray(thresholds)), prepared_dir, cfg.explain, cfg.seed, out_dir)
+    report = localization(ex, ds, prepared_dir, cfg.explain)
     write_json(out_dir / LOCALIZATION, report)
     comparison = out_dir / "comparison.md"
     write_text(comparison, comparison.read_text(encoding="utf-8") + localization_markdown(report))
@@ -167,12 +195,19 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle) -> dict:
+def _metrics_json(boot, ap, at_thr, test: SplitScores, val: tuple[float, ClassSet], cfg, bundle) -> dict:
+    val_mean_auc, val_classes = val
     return {
         "mean_auc": _finite(boot["mean_auc"]),
         "mean_auc_ci": [_finite(boot["mean_low"]), _finite(boot["mean_high"])],
+        # the one class set both numbers above are over, and the classes left out of it, by name
+        "min_positive_patients": cfg.min_positive_patients,
+        "classes_in_mean": boot["classes"].names(),
+        "excluded_classes": boot["classes"].excluded(),
         "ci_level": cfg.ci,
         "bootstrap_resamples": cfg.bootstrap_resamples,
+        # resamples missing a patient of some class in the mean: left out of mean_auc_ci, counted
+        "bootstrap_dropped_resamples": boot["mean_dropped"],
         "bootstrap_unit": "patient",
         "per_class_auc": {c: _finite(v) for c, v in zip(CLASSES, boot["auc"])},
         "per_class_auc_ci": {c: [_finite(lo), _finite(hi)] for c, lo, hi in zip(CLASSES, boot["low"], boot["high"])},
@@ -184,6 +219,8 @@ def _metrics_json(boot, ap, at_thr, test: SplitScores, val_mean_auc, cfg, bundle
         "mean_specificity": _finite(np.nanmean(at_thr["specificity"])),
         "mean_f1": _finite(np.nanmean(at_thr["f1"])),
         "val_mean_auc": _finite(val_mean_auc),
+        "val_classes_in_mean": val_classes.names(),
+        "val_excluded_classes": val_classes.excluded(),
         "test_images": len(test.images),
         "test_patients": boot["n_groups"],
         "checkpoint_epoch": bundle.epoch,
@@ -229,7 +266,8 @@ def comparison_markdown(metrics: dict) -> str:
         lines.append(
             f"| {c} | {auc:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] |" if auc is not None else f"| {c} | undefined | |"
         )
-    lines.append("")
+    kept, excluded, n = metrics["classes_in_mean"], metrics["excluded_classes"], metrics["min_positive_patients"]
+    lines += ["", describe_class_set("test", kept, excluded, n), ""]
     lines.append(
         "Published figures are mean AUC on the official ChestX-ray14 test split; the demo profile's "
         "synthetic data is not comparable to them. Intervals: percentile bootstrap over test patients "

@@ -2,9 +2,11 @@
 
 Each subgroup's per-class and mean AUC come with percentile intervals from a bootstrap over the
 subgroup's own patients (`bootstrap_auc(..., groups=patients)`). A class with fewer than
-`min_cases` positives or negatives in a subgroup gets no number (`null` and a reason): an AUC from
-three positive images says nothing. A subgroup's mean AUC is over the classes it can score, so
-subgroups with different class lists are not strictly comparable; `classes_in_mean` says which.
+`min_patients` positive or negative *patients* in a subgroup gets no number (`null` and a reason):
+an AUC from three positive images of one patient says nothing, and images of one patient are not
+independent. A subgroup's mean AUC is over one class set, the classes it can score, in the point
+estimate and in every resample (`pipeline.metrics.ClassSet`); subgroups with different class
+lists are not strictly comparable, and `classes_in_mean` says which.
 
 Rows without a value for an attribute (sex not M/F, age missing, view not PA/AP) belong to none of
 its subgroups and are counted under `unassigned`; ages above `MAX_AGE` are counted as impossible
@@ -13,14 +15,13 @@ and never binned.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..classes import CLASSES, MAX_AGE
-from ..metrics import bootstrap_auc
+from ..metrics import ClassSet, bootstrap_auc, class_set
 
 # Age bands in whole years, (label, lowest, highest) both ends included; 80+ runs to MAX_AGE.
 AGE_BANDS: tuple[tuple[str, int, int], ...] = (
@@ -77,11 +78,30 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+def _per_class(y: np.ndarray, classes: ClassSet | None) -> dict[str, dict]:
+    """{class: auc and ci (None until scored), image and patient counts, why it has no number}."""
+    n = len(y)
+    positives = y.sum(axis=0).astype(int) if n else np.zeros(len(CLASSES), dtype=int)
+    reasons = classes.excluded() if classes is not None else dict.fromkeys(CLASSES, "empty subgroup")
+    return {
+        c: {
+            "auc": None,
+            "ci": None,
+            "positives": int(positives[k]),
+            "negatives": int(n - positives[k]),
+            "positive_patients": int(classes.positives[k]) if classes is not None else 0,
+            "negative_patients": int(classes.negatives[k]) if classes is not None else 0,
+            "reason": reasons.get(c),
+        }
+        for k, c in enumerate(CLASSES)
+    }
+
+
 def group_report(
     y: np.ndarray,
     probs: np.ndarray,
     patients: np.ndarray,
-    min_cases: int,
+    min_patients: int,
     n_resamples: int,
     ci: float,
     seed: int,
@@ -92,51 +112,42 @@ def group_report(
         y: (n, C) labels of the subgroup's images.
         probs: (n, C) scores.
         patients: (n,) patient of each image.
-        min_cases: fewest positives and fewest negatives a class needs to be scored.
+        min_patients: fewest positive and fewest negative patients a class needs to be scored.
         n_resamples, ci, seed: the bootstrap's settings.
 
     Returns:
         dict with images, patients, status ("ok", "empty" or "no class scorable"), mean_auc,
-        mean_auc_ci, classes_in_mean and per_class {class: auc, ci, positives, negatives, reason}.
+        mean_auc_ci, classes_in_mean, excluded_classes {class: reason}, mean_dropped_resamples
+        (resamples missing a class of the mean) and per_class {class: auc, ci, positives,
+        negatives, positive_patients, negative_patients, reason}.
     """
     n = len(y)
-    positives = y.sum(axis=0).astype(int) if n else np.zeros(len(CLASSES), dtype=int)
-    negatives = n - positives
-    per_class: dict[str, dict] = {}
-    for c, pos, neg in zip(CLASSES, positives, negatives):
-        reason = None
-        if n == 0:
-            reason = "empty subgroup"
-        elif pos < min_cases:
-            reason = f"too few positives ({pos} < {min_cases})"
-        elif neg < min_cases:
-            reason = f"too few negatives ({neg} < {min_cases})"
-        per_class[c] = {"auc": None, "ci": None, "positives": int(pos), "negatives": int(neg), "reason": reason}
-    scorable = [i for i, c in enumerate(CLASSES) if per_class[c]["reason"] is None]
+    classes = class_set(y, patients, min_patients) if n else None
     report = {
         "images": int(n),
         "patients": int(len(np.unique(patients))) if n else 0,
         "status": "ok",
         "mean_auc": None,
         "mean_auc_ci": None,
-        "classes_in_mean": [CLASSES[i] for i in scorable],
-        "per_class": per_class,
+        "classes_in_mean": classes.names() if classes is not None else [],
+        "excluded_classes": classes.excluded() if classes is not None else {},
+        "mean_dropped_resamples": 0,
+        "per_class": _per_class(y, classes),
     }
-    if n == 0:
+    if classes is None:
         report["status"] = "empty"
         return report
-    if not scorable:
+    if not classes.included.any():
         report["status"] = "no class scorable"
         return report
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # resamples missing a class are expected in small subgroups
-        boot = bootstrap_auc(y[:, scorable], probs[:, scorable], n_resamples, ci, seed, groups=patients)
-    for j, i in enumerate(scorable):
-        entry = per_class[CLASSES[i]]
-        entry["auc"] = _finite(boot["auc"][j])
-        entry["ci"] = [_finite(boot["low"][j]), _finite(boot["high"][j])]
+    boot = bootstrap_auc(y, probs, n_resamples, ci, seed, groups=patients, min_patients=min_patients)
+    for k in np.flatnonzero(classes.included):
+        entry = report["per_class"][CLASSES[k]]
+        entry["auc"] = _finite(boot["auc"][k])
+        entry["ci"] = [_finite(boot["low"][k]), _finite(boot["high"][k])]
     report["mean_auc"] = _finite(boot["mean_auc"])
     report["mean_auc_ci"] = [_finite(boot["mean_low"]), _finite(boot["mean_high"])]
+    report["mean_dropped_resamples"] = boot["mean_dropped"]
     return report
 
 
@@ -145,7 +156,7 @@ def subgroup_report(
     probs: np.ndarray,
     patients: np.ndarray,
     meta: pd.DataFrame,
-    min_cases: int,
+    min_patients: int,
     n_resamples: int,
     ci: float,
     seed: int,
@@ -163,10 +174,10 @@ def subgroup_report(
         reports = {}
         for group in groups:
             mask = labels == group
-            reports[group] = group_report(y[mask], probs[mask], patients[mask], min_cases, n_resamples, ci, seed)
+            reports[group] = group_report(y[mask], probs[mask], patients[mask], min_patients, n_resamples, ci, seed)
         attributes[name] = {"groups": reports, "unassigned": left_out}
     return {
-        "min_cases": min_cases,
+        "min_positive_patients": min_patients,
         "ci_level": ci,
         "bootstrap_resamples": n_resamples,
         "bootstrap_unit": "patient",

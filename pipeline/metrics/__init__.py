@@ -1,10 +1,12 @@
 """Evaluation metrics for (N, C) multi-label predictions in the canonical class order (numpy only)."""
 
 from pipeline.metrics.auc import (
-    UndefinedMetricWarning,
+    ClassSet,
     average_precision,
     bootstrap_auc,
     check_predictions,
+    class_set,
+    describe_class_set,
     mean_auc,
     paired_bootstrap_delta,
     resample_counts,
@@ -20,10 +22,12 @@ from pipeline.metrics.thresholds import (
 )
 
 __all__ = [
-    "UndefinedMetricWarning",
+    "ClassSet",
     "average_precision",
     "bootstrap_auc",
     "check_predictions",
+    "class_set",
+    "describe_class_set",
     "mean_auc",
     "paired_bootstrap_delta",
     "pr_curve_points",

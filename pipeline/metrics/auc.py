@@ -2,8 +2,12 @@
 
 Every function takes labels `y` (N, C) in {0, 1} and scores `scores` (N, C), columns in the
 canonical class order of `pipeline.classes.CLASSES`, and returns one value per class. A class
-with no positives or no negatives has no AUC; it comes back as NaN rather than a made-up 0.5,
-and `mean_auc` leaves it out with a warning.
+with no positives or no negatives has no AUC; it comes back as NaN rather than a made-up 0.5.
+
+A mean AUC is over one class set (`ClassSet`), the same on the full data and in every resample:
+the classes with at least `min_patients` positive and as many negative patients. Averaging each
+resample over whichever classes it happens to contain mixes class sets: a class with one positive
+patient is missing from ~37% of resamples, and the resampled means form two clusters.
 
 The bootstrap resamples patients, or images when no patient ids are given, with replacement.
 The official ChestX-ray14 test split has ~9 images per patient, and images of one patient are not
@@ -21,7 +25,6 @@ few small gathers: O(N * C) numpy work and no sorting (see `_RankPlan`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +33,6 @@ from pipeline.classes import CLASSES
 
 # Resamples processed together: bounds the (R, N * C) work arrays to ~70 MB per model at 25,596 x 14.
 _CHUNK = 64
-
-
-class UndefinedMetricWarning(UserWarning):
-    """A metric is undefined for some classes (no positives or no negatives) and was left out."""
 
 
 def check_predictions(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,30 +126,126 @@ def average_precision(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.where(n_pos > 0, ap, np.nan)
 
 
-def mean_auc(per_class: np.ndarray, class_names: tuple[str, ...] | None = None) -> float:
-    """Mean of the defined per-class AUCs, warning which classes were left out.
+@dataclass(frozen=True)
+class _Units:
+    """What a bootstrap resamples: each row's patient index, or None when rows are the units."""
+
+    index: np.ndarray | None  # (N,) in 0..G-1
+    count: int  # G patients, or N rows
+
+    @classmethod
+    def of(cls, groups: np.ndarray | None, n_rows: int) -> _Units:
+        if n_rows == 0:
+            raise ValueError("cannot bootstrap zero predictions: the evaluated split is empty")
+        return cls(*_group_index(groups, n_rows))
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """The classes a mean AUC is over: one set, the same in the point estimate and in every resample.
+
+    A class is in the set when at least `min_units` units (patients, or images when images are
+    resampled) have a positive image of it and at least as many have a negative one: the units a
+    bootstrap draws, so a class in the set is missing from a resample only with probability about
+    2 e^-min_units. A class with fewer is left out of every mean and named (`excluded`), never
+    averaged in some resamples and not in others: with one positive patient, ~37% of resamples
+    lack it and the resampled means form two clusters, one of them away from the point estimate.
+
+    Attributes:
+        included: (C,) bool, True for the classes in the mean.
+        positives: (C,) units with at least one positive image of the class.
+        negatives: (C,) units with at least one negative image of the class.
+        min_units: the fewest positive (and negative) units a class needs.
+        unit: "patient" or "image".
+    """
+
+    included: np.ndarray
+    positives: np.ndarray
+    negatives: np.ndarray
+    min_units: int
+    unit: str
+
+    def names(self, class_names: tuple[str, ...] | list[str] = CLASSES) -> list[str]:
+        """The names of the classes in the mean, in class order."""
+        return [name for name, kept in zip(class_names, self.included) if kept]
+
+    def excluded(self, class_names: tuple[str, ...] | list[str] = CLASSES) -> dict[str, str]:
+        """{name: why} for each class left out of the mean, e.g. "2 positive patients (fewer than 10)"."""
+        out = {}
+        for name, kept, pos, neg in zip(class_names, self.included, self.positives, self.negatives):
+            if not kept:
+                count, kind = (pos, "positive") if pos < self.min_units else (neg, "negative")
+                out[name] = f"{count} {kind} {self.unit}{'' if count == 1 else 's'} (fewer than {self.min_units})"
+        return out
+
+
+def _units_with(mask: np.ndarray, units: _Units) -> np.ndarray:
+    """(C,) how many units (patients, or rows) have a row where `mask` (N, C) is True."""
+    if units.index is None:
+        return mask.sum(axis=0, dtype=np.int64)
+    rows, cols = np.nonzero(mask)
+    has = np.zeros((units.count, mask.shape[1]), dtype=bool)  # (G, C)
+    has[units.index[rows], cols] = True
+    return has.sum(axis=0)
+
+
+def _class_set(y: np.ndarray, units: _Units, min_units: int) -> ClassSet:
+    if min_units < 1:
+        raise ValueError(f"the fewest positive patients a class needs must be >= 1, got {min_units}")
+    positives, negatives = _units_with(y == 1, units), _units_with(y == 0, units)
+    return ClassSet(
+        included=(positives >= min_units) & (negatives >= min_units),
+        positives=positives,
+        negatives=negatives,
+        min_units=min_units,
+        unit="image" if units.index is None else "patient",
+    )
+
+
+def class_set(y: np.ndarray, groups: np.ndarray | None, min_patients: int) -> ClassSet:
+    """The classes with at least `min_patients` positive and as many negative patients in `y`.
 
     Args:
-        per_class: (C,) AUCs with NaN for undefined classes.
-        class_names: names for the warning; defaults to CLASSES when C == 14, else indices.
+        y: (N, C) labels in {0, 1}.
+        groups: (N,) patient id of each row, or None to count images instead.
+        min_patients: evaluate.min_positive_patients.
+    """
+    y = np.asarray(y)
+    return _class_set(y, _Units(*_group_index(groups, y.shape[0])), min_patients)
 
-    Returns:
-        The mean over defined classes, or NaN when none is defined.
+
+def mean_auc(per_class: np.ndarray, classes: ClassSet) -> float:
+    """Mean of the per-class AUCs over `classes`; NaN when the set is empty.
+
+    Args:
+        per_class: (C,) AUCs, NaN where undefined.
+        classes: the class set, from the same labels (`class_set`).
+
+    Raises:
+        ValueError: a class of the set has no AUC: the set was built from other labels.
     """
     per_class = np.asarray(per_class, dtype=np.float64)
-    undefined = np.flatnonzero(np.isnan(per_class))
-    if undefined.size:
-        names = class_names or (CLASSES if per_class.size == len(CLASSES) else None)
-        named = [names[i] if names else f"class {i}" for i in undefined]
-        warnings.warn(
-            f"AUC undefined (no positives or no negatives) for {', '.join(named)}; "
-            f"mean AUC is over the other {per_class.size - undefined.size} of {per_class.size} classes",
-            UndefinedMetricWarning,
-            stacklevel=2,
-        )
-    if undefined.size == per_class.size:
-        return float("nan")
-    return float(np.nanmean(per_class))
+    kept = per_class[classes.included]
+    if np.isnan(kept).any():
+        raise ValueError("a class in the mean has no AUC: build the class set from the same labels as the AUCs")
+    return float(kept.mean()) if kept.size else float("nan")
+
+
+def describe_class_set(split: str, in_mean: list[str], excluded: dict[str, str], min_patients: int) -> str:
+    """One sentence for a report: how many classes a split's mean AUC is over, which were left out and why.
+
+    Args:
+        split: the split's name, e.g. "test".
+        in_mean: the classes in the mean (`ClassSet.names()`).
+        excluded: {class: reason} of the others (`ClassSet.excluded()`).
+        min_patients: the fewest positive (and negative) patients a class needed.
+    """
+    head = f"The {split} mean AUC is over {len(in_mean)} of {len(in_mean) + len(excluded)} findings"
+    if not excluded:
+        return head + "."
+    why = "; ".join(f"{name}: {reason}" for name, reason in excluded.items())
+    enough = f"at least {min_patients} positive and {min_patients} negative {split} patients"
+    return f"{head}, those with {enough}; left out: {why}."
 
 
 @dataclass
@@ -320,12 +415,8 @@ def _resample_weights(rng: np.random.Generator, group_index: np.ndarray | None, 
 
 
 def _bootstrap_samples(
-    y: np.ndarray,
-    score_sets: list[np.ndarray],
-    n_resamples: int,
-    seed: int,
-    groups: np.ndarray | None = None,
-) -> tuple[list[np.ndarray], int]:
+    y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int, seed: int, units: _Units
+) -> list[np.ndarray]:
     """Per-resample AUCs of several score sets on the same resampled patients (or rows).
 
     Args:
@@ -333,14 +424,11 @@ def _bootstrap_samples(
         score_sets: each (N, C), e.g. two models, or several training seeds of each.
         n_resamples: R.
         seed: resampling seed.
-        groups: (N,) patient id of each row; None resamples rows.
+        units: what is resampled.
 
     Returns:
-        (one (R, C) array of AUCs per score set, the number of units resampled: G patients or N rows).
+        One (R, C) array of AUCs per score set.
     """
-    if y.shape[0] == 0:
-        raise ValueError("cannot bootstrap zero predictions: the evaluated split is empty")
-    group_index, n_groups = _group_index(groups, y.shape[0])
     plans = [_RankPlan.build(y, s) for s in score_sets]
     for plan in plans[1:]:  # same labels, same work-array shapes; used one after another
         plan._buffers = plans[0]._buffers
@@ -348,18 +436,18 @@ def _bootstrap_samples(
     out = [np.empty((n_resamples, y.shape[1])) for _ in plans]
     for first in range(0, n_resamples, _CHUNK):
         r = min(_CHUNK, n_resamples - first)
-        weights = _resample_weights(rng, group_index, n_groups, r)  # (r, N)
+        weights = _resample_weights(rng, units.index, units.count, r)  # (r, N)
         for plan, samples in zip(plans, out):
             samples[first : first + r] = plan.aucs(weights)
-    return out, n_groups
+    return out
 
 
-def _resample_means(samples: np.ndarray, defined: np.ndarray) -> np.ndarray:
-    """Mean AUC of each resample over the classes defined on the full data and in that resample."""
-    kept = samples[:, defined]  # (R, C_defined)
-    n = (~np.isnan(kept)).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, np.nansum(kept, axis=1) / n, np.nan)
+def _resample_means(samples: np.ndarray, classes: ClassSet) -> np.ndarray:
+    """(R,) mean AUC of each resample over `classes`; NaN (the resample dropped) where one of them
+    is undefined in it, or where the set is empty."""
+    if not classes.included.any():
+        return np.full(samples.shape[0], np.nan)
+    return samples[:, classes.included].mean(axis=1)  # NaN propagates: a resample missing a class
 
 
 def _percentile_interval(samples: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray]:
@@ -383,9 +471,15 @@ def _check_bootstrap_args(n_resamples: int, ci: float) -> None:
         raise ValueError(f"ci must lie strictly between 0 and 1, got {ci}")
 
 
-def _resampled(groups: np.ndarray | None, n_groups: int) -> dict:
+def _resampled(groups: np.ndarray | None, units: _Units) -> dict:
     """What a bootstrap resampled, for its result dict and the reports built on it."""
-    return {"resampled": "images" if groups is None else "patients", "n_groups": n_groups}
+    return {"resampled": "images" if groups is None else "patients", "n_groups": units.count}
+
+
+def _mean_summary(means: np.ndarray, classes: ClassSet) -> dict:
+    """The class set a mean is over and how many resamples it kept: for the result dicts."""
+    dropped = int(np.isnan(means).sum()) if classes.included.any() else 0
+    return {"classes": classes, "mean_dropped": dropped, "mean_n_valid": int(means.size - np.isnan(means).sum())}
 
 
 def bootstrap_auc(
@@ -395,14 +489,20 @@ def bootstrap_auc(
     ci: float = 0.95,
     seed: int = 0,
     groups: np.ndarray | None = None,
+    *,
+    min_patients: int,
 ) -> dict:
     """Percentile bootstrap intervals of per-class and mean AUC, resampling patients (or images).
 
     With `groups`, each resample draws the G patients with replacement and keeps all images of each
     drawn patient, as often as it was drawn; without, it draws the N images. A resample in which a
     class has no positives (or no negatives) gives NaN for that class and is left out of that
-    class's interval; `n_valid` counts the resamples that were used. The mean AUC of a resample is
-    over the classes defined on the full data that are also defined in it. Resamples are
+    class's interval; `n_valid` counts the resamples that were used.
+
+    The mean AUC, on the full data and in every resample, is over one class set (`ClassSet`): the
+    classes with at least `min_patients` positive and as many negative patients (images without
+    `groups`). A resample in which a class of the set is undefined is dropped from the mean's
+    interval and counted in "mean_dropped". Resamples are
     `resample_counts(np.random.default_rng(seed), G, r)` drawn in chunks of r = 64 (G = N without
     groups, so that case is unchanged).
 
@@ -413,17 +513,24 @@ def bootstrap_auc(
         ci: two-sided coverage of the interval, e.g. 0.95 for the 2.5th..97.5th percentiles.
         seed: resampling seed.
         groups: (N,) patient id of each row (any hashable dtype), or None to resample images.
+        min_patients: the fewest positive, and negative, patients a class needs to be in the mean
+            (evaluate.min_positive_patients).
 
     Returns:
         dict with "auc", "low", "high", "n_valid" (C,), "mean_auc", "mean_low", "mean_high"
-        (floats), "samples" (R, C) and "mean_samples" (R,) per-resample values, "resampled"
-        ("patients" or "images"), "n_groups" (patients, or N images, drawn from), and the
-        "n_resamples", "ci", "seed" used.
+        (floats; NaN when no class is in the set), "classes" (the `ClassSet`), "mean_dropped" and
+        "mean_n_valid" (resamples left out of and used for the mean's interval), "samples" (R, C)
+        and "mean_samples" (R,) per-resample values (NaN where dropped), "resampled" ("patients"
+        or "images"), "n_groups" (patients, or N images, drawn from), and the "n_resamples",
+        "ci", "seed" used.
     """
     _check_bootstrap_args(n_resamples, ci)
     auc = roc_auc(y, scores)
-    (samples,), n_groups = _bootstrap_samples(np.asarray(y), [scores], n_resamples, seed, groups)
-    means = _resample_means(samples, ~np.isnan(auc))
+    y = np.asarray(y)
+    units = _Units.of(groups, y.shape[0])
+    classes = _class_set(y, units, min_patients)
+    (samples,) = _bootstrap_samples(y, [scores], n_resamples, seed, units)
+    means = _resample_means(samples, classes)
     low, high = _percentile_interval(samples, ci)
     (mean_low,), (mean_high,) = _percentile_interval(means[:, None], ci)
     return {
@@ -431,12 +538,13 @@ def bootstrap_auc(
         "low": low,
         "high": high,
         "n_valid": (~np.isnan(samples)).sum(axis=0),
-        "mean_auc": mean_auc(auc),
+        "mean_auc": mean_auc(auc, classes),
         "mean_low": float(mean_low),
         "mean_high": float(mean_high),
+        **_mean_summary(means, classes),
         "samples": samples,
         "mean_samples": means,
-        **_resampled(groups, n_groups),
+        **_resampled(groups, units),
         "n_resamples": n_resamples,
         "ci": ci,
         "seed": seed,
@@ -453,9 +561,9 @@ def _runs(scores: np.ndarray, name: str) -> list[np.ndarray]:
     raise ValueError(f"{name} must be (N, C) scores of one run or (S, N, C) of S >= 1 runs, got shape {scores.shape}")
 
 
-def _mean_over_runs(per_run: list[np.ndarray], defined: np.ndarray) -> np.ndarray:
+def _mean_over_runs(per_run: list[np.ndarray], classes: ClassSet) -> np.ndarray:
     """(R,) per-resample mean AUC averaged over runs, from each run's (R, C) samples."""
-    return np.mean([_resample_means(samples, defined) for samples in per_run], axis=0)
+    return np.mean([_resample_means(samples, classes) for samples in per_run], axis=0)
 
 
 def paired_bootstrap_delta(
@@ -467,6 +575,8 @@ def paired_bootstrap_delta(
     seed: int = 0,
     margin: float = 0.0,
     groups: np.ndarray | None = None,
+    *,
+    min_patients: int,
 ) -> dict:
     """Mean AUC of model b minus model a, with a paired bootstrap over the same resampled patients.
 
@@ -479,6 +589,8 @@ def paired_bootstrap_delta(
     and b. Its mean AUC is then the mean over its runs of each run's mean AUC, on the full data
     and in every resample, all runs scored on the same resampled patients: the delta compares
     the methods, and the interval carries the patient-level uncertainty shared by their runs.
+    Both means are over one class set, as in `bootstrap_auc`; the labels decide it, so it is the
+    same for every run, and a resample in which one of its classes is undefined is dropped.
 
     `p_value` is the one-sided bootstrap p-value for "b is not better than a by more than
     `margin`": the fraction of resamples whose delta is <= margin (with the default margin 0,
@@ -493,24 +605,28 @@ def paired_bootstrap_delta(
         seed: resampling seed.
         margin: the improvement the p-value is tested against.
         groups: (N,) patient id of each row (any hashable dtype), or None to resample images.
+        min_patients: the fewest positive, and negative, patients a class needs to be in the means.
 
     Returns:
         dict with "delta" (full-data mean AUC of b minus a), "low", "high", "p_value", "margin",
         "mean_auc_a", "mean_auc_b" (each averaged over its runs), "n_runs_a", "n_runs_b",
-        "samples" (R,) per-resample deltas, "resampled" ("patients" or "images"), "n_groups",
-        "n_resamples", "ci", "seed".
+        "classes" (the `ClassSet`), "mean_dropped", "mean_n_valid", "samples" (R,) per-resample
+        deltas, "resampled" ("patients" or "images"), "n_groups", "n_resamples", "ci", "seed".
+        With no class in the set, every number is NaN.
     """
     _check_bootstrap_args(n_resamples, ci)
     runs_a, runs_b = _runs(scores_a, "scores_a"), _runs(scores_b, "scores_b")
     auc_a = [roc_auc(y, s) for s in runs_a]  # each (C,)
     auc_b = [roc_auc(y, s) for s in runs_b]
-    defined = ~np.isnan(auc_a[0])  # the labels decide definedness, so every run agrees
-    samples, n_groups = _bootstrap_samples(np.asarray(y), runs_a + runs_b, n_resamples, seed, groups)
-    deltas = _mean_over_runs(samples[len(runs_a) :], defined) - _mean_over_runs(samples[: len(runs_a)], defined)
+    y = np.asarray(y)
+    units = _Units.of(groups, y.shape[0])
+    classes = _class_set(y, units, min_patients)
+    samples = _bootstrap_samples(y, runs_a + runs_b, n_resamples, seed, units)
+    deltas = _mean_over_runs(samples[len(runs_a) :], classes) - _mean_over_runs(samples[: len(runs_a)], classes)
     (low,), (high,) = _percentile_interval(deltas[:, None], ci)
     valid = deltas[~np.isnan(deltas)]
-    mean_a = float(np.mean([mean_auc(a) for a in auc_a]))
-    mean_b = float(np.mean([mean_auc(b) for b in auc_b]))
+    mean_a = float(np.mean([mean_auc(a, classes) for a in auc_a]))
+    mean_b = float(np.mean([mean_auc(b, classes) for b in auc_b]))
     return {
         "delta": mean_b - mean_a,
         "low": float(low),
@@ -521,8 +637,9 @@ def paired_bootstrap_delta(
         "mean_auc_b": mean_b,
         "n_runs_a": len(runs_a),
         "n_runs_b": len(runs_b),
+        **_mean_summary(deltas, classes),
         "samples": deltas,
-        **_resampled(groups, n_groups),
+        **_resampled(groups, units),
         "n_resamples": n_resamples,
         "ci": ci,
         "seed": seed,

@@ -148,7 +148,12 @@ class MetricHead(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """The plain baseline: one linear layer to C logits, trained with BCE-family losses."""
+    """The plain baseline: one linear layer to C logits, trained with BCE-family losses.
+
+    Computed in float32 with autocast off, as the metric head's logits are: bfloat16 logits would
+    tie thousands of validation images, and the two heads' AUCs would not be measured alike. The
+    layer is F x C, so float32 costs nothing next to the backbone.
+    """
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
@@ -160,4 +165,5 @@ class LinearHead(nn.Module):
         self.fc.bias.add_(offset.to(self.fc.bias))
 
     def forward(self, pooled: torch.Tensor) -> ModelOutput:
-        return ModelOutput(logits=self.fc(pooled))  # (B, C)
+        with torch.autocast(pooled.device.type, enabled=False):
+            return ModelOutput(logits=self.fc(pooled.float()))  # (B, C)

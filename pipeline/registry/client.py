@@ -27,6 +27,8 @@ GATE_TAG = "gate.promoted"
 GATE_KEYS = (
     "selected_on",
     "val_mean_auc",
+    "min_positive_patients",
+    "val_excluded_classes",
     "floor",
     "margin",
     "max_p_value",
@@ -37,6 +39,7 @@ GATE_KEYS = (
     "delta",
     "delta_ci",
     "p_value",
+    "bootstrap_dropped_resamples",
 )
 
 
@@ -274,7 +277,7 @@ def _gate_tags(decision: dict[str, Any]) -> dict[str, str]:
     for key in GATE_KEYS:
         value = decision.get(key)
         if value is not None:
-            tags[f"gate.{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+            tags[f"gate.{key}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return tags
 
 

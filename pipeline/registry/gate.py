@@ -8,7 +8,9 @@ max_p_value). A failed gate is a decision, not an error.
 Selection uses validation only. The test split is reported and never decides anything: choosing
 the champion on test would make the reported test AUC of the champion an optimistic, selected
 number. The bootstrap resamples patients because images of one patient are not independent
-(ChestX-ray14 has several images per patient).
+(ChestX-ray14 has several images per patient). Both mean AUCs are over one class set, the classes
+with at least `evaluate.min_positive_patients` positive and negative validation patients, the same
+in every resample (`pipeline.metrics.ClassSet`); the decision names the classes left out.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pandas as pd
 
 from ..classes import CLASSES
 from ..config import RegisterConfig
-from ..metrics import mean_auc, paired_bootstrap_delta, roc_auc
+from ..metrics import class_set, mean_auc, paired_bootstrap_delta, roc_auc
 
 SELECTION_SPLIT = "val"  # the only split the gate ever reads
 
@@ -89,7 +91,12 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def decide(
-    cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame | None, champ_version: str | None
+    cfg: RegisterConfig,
+    ours: SelectionSet,
+    champ_predictions: pd.DataFrame | None,
+    champ_version: str | None,
+    *,
+    min_patients: int,
 ) -> dict[str, Any]:
     """The promotion decision and its numbers, all on `ours.split` (pure: no MLflow calls).
 
@@ -99,11 +106,16 @@ def decide(
         champ_predictions: the champion's predictions on the same split (`image` and class columns),
             or None when they could not be found.
         champ_version: the champion's version, or None when there is no champion yet.
+        min_patients: evaluate.min_positive_patients, the class set's rule.
     """
-    val_mean_auc = _finite_or_none(mean_auc(roc_auc(ours.y, ours.scores)))
+    classes = class_set(ours.y, ours.patients, min_patients)
+    val_mean_auc = _finite_or_none(mean_auc(roc_auc(ours.y, ours.scores), classes))
     decision: dict[str, Any] = {
         "selected_on": ours.split,
         "val_mean_auc": val_mean_auc,
+        "min_positive_patients": min_patients,
+        "val_classes_in_mean": classes.names(),
+        "val_excluded_classes": classes.excluded(),
         "floor": cfg.min_auc,
         "margin": cfg.margin,
         "max_p_value": cfg.max_p_value,
@@ -111,7 +123,14 @@ def decide(
         "n_patients": int(pd.unique(ours.patients).size),
         "champion_version": champ_version,
     }
-    if val_mean_auc is None or not val_mean_auc >= cfg.min_auc:
+    if val_mean_auc is None:
+        return {
+            **decision,
+            "promote": False,
+            "reason": f"no finding has {min_patients} positive and {min_patients} negative {ours.split} patients "
+            "(evaluate.min_positive_patients): there is no validation mean AUC to decide on",
+        }
+    if not val_mean_auc >= cfg.min_auc:
         return {
             **decision,
             "promote": False,
@@ -126,11 +145,11 @@ def decide(
             "reason": f"champion v{champ_version} has no {PREDICTIONS_ARTIFACT} in its run to compare "
             "against; promote manually if intended",
         }
-    return {**decision, **_compare(cfg, ours, champ_predictions, champ_version)}
+    return {**decision, **_compare(cfg, ours, champ_predictions, champ_version, min_patients)}
 
 
 def _compare(
-    cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame, champ_version: str
+    cfg: RegisterConfig, ours: SelectionSet, champ_predictions: pd.DataFrame, champ_version: str, min_patients: int
 ) -> dict[str, Any]:
     """Paired patient bootstrap of our mean AUC minus the champion's, on the images both scored."""
     # the champion's scores in our row order; NaN rows for images it never scored
@@ -150,6 +169,7 @@ def _compare(
         seed=cfg.seed,
         margin=cfg.margin,
         groups=ours.patients,
+        min_patients=min_patients,
     )
     delta, p_value = paired["delta"], paired["p_value"]
     better = delta > cfg.margin and p_value <= cfg.max_p_value
@@ -164,6 +184,7 @@ def _compare(
         "delta": delta,
         "delta_ci": [paired["low"], paired["high"]],
         "p_value": p_value,
+        "bootstrap_dropped_resamples": paired["mean_dropped"],
         "champion_val_mean_auc": paired["mean_auc_a"],
         "promote": bool(better),
         "reason": reason,

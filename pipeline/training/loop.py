@@ -2,11 +2,12 @@
 
 Determinism: the data order and every random draw of epoch e depend only on (seed, e, rank), so a
 run resumed from the checkpoint of epoch e-1 replays epoch e exactly as an uninterrupted run would.
+The augmentations' seeds travel with the sampler's indices (`SeededSampler`), so this holds with
+persistent loader workers too, which never see a reseed of the main process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -22,12 +23,12 @@ from tqdm.auto import tqdm
 
 from ..classes import CLASSES
 from ..config import TrainConfig
-from ..data.dataset import CachedImageDataset, build_loader
+from ..data.dataset import CachedImageDataset, SeededSampler, build_loader
 from ..data.layout import CACHE_DIR, CACHE_INDEX, CLASS_COUNTS
 from ..inference import autocast, autocast_dtype, predict, resolve_device
 from ..io import load_checkpoint, read_json, save_checkpoint
 from ..losses import build_loss
-from ..metrics import mean_auc, roc_auc
+from ..metrics import ClassSet, class_set, describe_class_set, mean_auc, roc_auc
 from ..models import CxrNet, ModelBundle, build_model, init_prior
 from . import distributed as D
 from .checkpoint import rng_state, set_rng_state, unwrap
@@ -165,13 +166,14 @@ class _Data:
     """The splits as training reads them, and the training split's label counts."""
 
     train: CachedImageDataset
-    sampler: DistributedSampler
+    sampler: SeededSampler  # a DistributedSampler's order, each index with its augmentation seed
     train_loader: DataLoader
     val_loader: DataLoader
     steps_per_epoch: int
     pos_counts: np.ndarray  # (C,) positives per class, CLASSES order
     num_images: int
     image_size: int  # side of the cached images, before cropping
+    val_classes: ClassSet  # the classes every epoch's validation mean AUC is over
 
 
 @dataclass
@@ -198,6 +200,8 @@ def train(
     fingerprint: str = "",
     log: Logger | None = None,
     progress: bool = True,
+    *,
+    min_patients: int,
 ) -> TrainResult:
     """Train on `prepared_dir`'s train split, select on val, write best.pt/last.pt into `out_dir`.
 
@@ -209,11 +213,17 @@ def train(
         fingerprint: identifies config + inputs; a checkpoint from other settings is not resumed.
         log: called as log(metrics, step) on the main rank (MLflow in the component).
         progress: show tqdm bars.
+        min_patients: evaluate.min_positive_patients: the best epoch is chosen on the validation
+            mean AUC over the classes with this many positive and negative validation patients,
+            the class set the registry gate decides on.
     """
     device, dist = _init_device(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = _load_data(cfg, Path(prepared_dir), device, dist)
+    data = _load_data(cfg, Path(prepared_dir), device, dist, min_patients)
+    if dist.is_main and progress:
+        kept, excluded = data.val_classes.names(), data.val_classes.excluded()
+        print(f"[train] {describe_class_set('val', kept, excluded, min_patients)}")
     model, ctx = _build(cfg, data, text_vectors, device)
     state = _maybe_resume(cfg, out_dir / LAST, fingerprint, ctx, dist)
     resumed_from = None if state is None else state.epoch
@@ -270,12 +280,16 @@ def _init_device(cfg: TrainConfig) -> tuple[torch.device, D.DistInfo]:
     return device, dist
 
 
-def _load_data(cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist: D.DistInfo) -> _Data:
+def _load_data(
+    cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist: D.DistInfo, min_patients: int
+) -> _Data:
     train_ds = CachedImageDataset(prepared_dir, "train", cfg.augment, train=True)
     val_ds = CachedImageDataset(prepared_dir, "val", cfg.augment, train=False)
     counts = read_json(prepared_dir / CLASS_COUNTS)
     image_size = int(read_json(prepared_dir / CACHE_DIR / CACHE_INDEX)["size"])
-    sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = SeededSampler(
+        DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    )
     loader = functools.partial(
         build_loader, shuffle=False, workers=cfg.workers, seed=cfg.seed, pin_memory=device.type == "cuda"
     )
@@ -284,6 +298,13 @@ def _load_data(cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist:
     val_loader = loader(val_ds, cfg.eval_batch_size, sampler=val_sampler)
     if len(val_ds) == 0:
         raise ValueError(f"{prepared_dir}: the val split is empty; raise prepare.val_fraction and rerun prepare")
+    val_classes = class_set(val_ds.targets, val_ds.patients, min_patients)
+    if not val_classes.included.any():
+        raise ValueError(
+            f"{prepared_dir}: no finding has {min_patients} positive and {min_patients} negative patients in "
+            "the val split, so no epoch can be chosen; lower evaluate.min_positive_patients or raise "
+            "prepare.val_fraction"
+        )
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -301,6 +322,7 @@ def _load_data(cfg: TrainConfig, prepared_dir: Path, device: torch.device, dist:
         pos_counts=np.asarray(counts["positives_list"], dtype=np.int64),
         num_images=int(counts["num_images"]),
         image_size=image_size,
+        val_classes=val_classes,
     )
 
 
@@ -347,9 +369,7 @@ def _seed_epoch(run: _Run, epoch: int) -> None:
     seed = epoch_seed(run.cfg.seed, epoch, run.dist.rank)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    run.data.sampler.set_epoch(epoch)
-    if run.data.train_loader.generator is not None:  # worker augmentation seeds come from it
-        run.data.train_loader.generator.manual_seed(seed)
+    run.data.sampler.set_epoch(epoch, seed)  # the augmentations' seeds travel with the indices
 
 
 def _train_epoch(run: _Run, epoch: int, state: TrainState) -> dict:
@@ -388,7 +408,7 @@ def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) ->
     """Validate, record the epoch in `state`, log it and write the checkpoints; True when training stops."""
     cfg, ctx = run.cfg, run.step
     eval_model = ctx.ema.module if ctx.ema is not None else run.model
-    val = _validate(eval_model, run.data.val_loader, ctx.device, ctx.amp_dtype, run.dist, run.progress)
+    val = _validate(eval_model, run.data, ctx.device, ctx.amp_dtype, run.dist, run.progress)
     improved = val["val_mean_auc"] > state.best_auc
     if improved:
         state.best_auc, state.best_epoch, state.bad_epochs = val["val_mean_auc"], epoch, 0
@@ -418,14 +438,11 @@ def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) ->
     return stop
 
 
-def _validate(model, loader, device, amp_dtype, dist, progress: bool) -> dict:
-    index, probs = predict(model, loader, device, amp_dtype, progress, desc="validate")
+def _validate(model, data: _Data, device, amp_dtype, dist, progress: bool) -> dict:
+    index, probs = predict(model, data.val_loader, device, amp_dtype, progress, desc="validate")
     index, probs = D.gather_predictions(dist, index, probs)
-    targets = loader.dataset.targets[index]
-    with _quiet_warnings():
-        per_class = roc_auc(targets, probs)
-        mean = mean_auc(per_class)
-    out = {"val_mean_auc": float(mean)}
+    per_class = roc_auc(data.val_loader.dataset.targets[index], probs)
+    out = {"val_mean_auc": mean_auc(per_class, data.val_classes)}
     out.update({f"val_auc/{name}": float(v) for name, v in zip(CLASSES, per_class)})
     return out
 
@@ -500,12 +517,3 @@ def _build_ema(model, decay: float, device):
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=decay, device=device)
-
-
-@contextlib.contextmanager
-def _quiet_warnings():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
