@@ -20,6 +20,7 @@ from pipeline.tracking import redact_uri
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reports", default="reports")
+    p.add_argument("--model", default="artifacts/model", help="the train step's output (its MLflow run)")
     args = p.parse_args(argv)
     reports = Path(args.reports)
     metrics = read_json(reports / "metrics.json")
@@ -34,15 +35,27 @@ def main(argv: list[str] | None = None) -> int:
         r = read_json(reg)
         state = "champion" if r.get("promote") else "challenger"
         print(f"\nregistered {r['model_name']} v{r['version']} as {state}: {r['reason']}")
-    uri = redact_uri(tracking.default_tracking_uri())
-    browse = (
-        f"mlflow ui --backend-store-uri {uri.replace(str(Path.cwd().resolve()) + '/', '')}"
-        if uri.startswith("sqlite")
-        else f"open {uri}"
-    )
-    print(f"\nbrowse the runs:  .venv/bin/{browse}   (then http://127.0.0.1:5000)")
+    print("\n" + _browse_lines(args.model, reg))
     print("compare with the previous run:  .venv/bin/dvc metrics diff  /  .venv/bin/dvc plots diff")
     return 0
+
+
+def _browse_lines(model_dir: str, registration: Path) -> str:
+    """How to open the runs list and the registered model, in MLflow's model-training view (its UI
+    opens in the GenAI view otherwise, where the registry is not in the sidebar)."""
+    uri = redact_uri(tracking.default_tracking_uri())
+    ref = tracking.load_run_ref(model_dir) or {}
+    runs = f"experiments/{ref['experiment_id']}/runs" if ref.get("experiment_id") else "experiments"
+    model = read_json(registration).get("model_name") if registration.exists() else None
+    if uri.lower().startswith(("http://", "https://")):
+        base, start = uri, ""
+    else:
+        base = "http://127.0.0.1:5000"
+        start = f".venv/bin/mlflow ui --backend-store-uri {uri.replace(str(Path.cwd().resolve()) + '/', '')}\n  then "
+    lines = [f"browse the runs:  {start}{tracking.ui_url(base, runs)}"]
+    if model:
+        lines.append(f"the registered model:  {tracking.ui_url(base, f'models/{model}')}")
+    return "\n".join(lines)
 
 
 def _mean_line(metrics: dict) -> str:

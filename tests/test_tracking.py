@@ -121,11 +121,39 @@ def test_summary_prints_the_tracking_server_without_its_password(tmp_path: Path,
         "test_images": 10,
     }
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://admin:p@ss@mlflow.example.org?token=abc")
-    assert summary.main(["--reports", str(tmp_path)]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://admin:p@ss@mlflow.example.org/?token=abc")
+    assert summary.main(["--reports", str(tmp_path), "--model", str(tmp_path / "no-model")]) == 0
     out = capsys.readouterr().out
-    assert "open https://***@mlflow.example.org?token=***" in out
+    assert "browse the runs:  https://***@mlflow.example.org/?token=***/#/experiments?" in out
     assert "p@ss" not in out and "abc" not in out
+
+
+def test_summary_links_open_the_model_training_view(tmp_path: Path, monkeypatch, capsys) -> None:
+    """MLflow's UI opens in its GenAI view (no runs list, no registry in the sidebar) unless the link
+    says otherwise: the summary's links carry workflowType=machine_learning, to the experiment's runs
+    and to the registered model."""
+    from components import summary
+
+    metrics = {
+        "per_class_auc": {c: 0.8 for c in CLASSES},
+        "per_class_auc_ci": {c: [0.7, 0.9] for c in CLASSES},
+        "mean_auc": 0.8,
+        "mean_auc_ci": [0.75, 0.85],
+        "test_images": 10,
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "registration.json").write_text(
+        json.dumps({"model_name": "cxr-dwml", "version": "3", "promote": False, "reason": "r"})
+    )
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / tracking.RUN_FILE).write_text(json.dumps({"run_id": "abc", "experiment_id": "7"}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert summary.main(["--reports", str(tmp_path), "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "then http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in out
+    assert "the registered model:  http://127.0.0.1:5000/#/models/cxr-dwml?workflowType=machine_learning" in out
 
 
 def test_stage_runner_prints_remote_urls_without_their_secrets(tmp_path: Path, capsys) -> None:

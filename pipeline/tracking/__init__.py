@@ -194,6 +194,18 @@ def redacted_uri() -> str:
     return redact_uri(mlflow.get_tracking_uri())
 
 
+# MLflow 3's UI shows an experiment in the view its sidebar switch last chose, kept in the browser
+# (GenAI on a first visit, whatever the experiment's kind tag says); a link carrying this query opens
+# the model-training view, with the runs list, the charts and the registry's Models page.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(base: str, page: str) -> str:
+    """`page` of the MLflow UI at `base` (e.g. "experiments/1/runs", "models/cxr-dwml"), in the
+    model-training view, with `base`'s credentials masked."""
+    return f"{redact_uri(base).rstrip('/')}/#/{page}?{MODEL_TRAINING_VIEW}"
+
+
 def run_url(run: Any) -> str | None:
     """The page of `run` in the tracking server's UI, its credentials masked; None for a store that
     has no UI of its own (a local database or folder: `mlflow ui` shows it)."""
@@ -202,7 +214,7 @@ def run_url(run: Any) -> str | None:
     uri = mlflow.get_tracking_uri()
     if not uri.lower().startswith(("http://", "https://")):
         return None
-    return f"{redact_uri(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return ui_url(uri, f"experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
 
 
 # --- secrets out of URIs ---------------------------------------------------------------------
