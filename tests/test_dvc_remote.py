@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 SMALL = {
     "download": {"synthetic": {"num_images": 60, "num_patients": 30, "image_size": 32, "seed": 3}},
     "prepare": {"image_size": 32, "workers": 1},
+    "train": {"augment": {"crop_size": 32}},  # a crop no larger than the cache's images, as params requires
 }
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
