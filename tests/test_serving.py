@@ -1,8 +1,8 @@
 """Serving the registered model: the pyfunc from the registry, `mlflow models serve` on loopback, and
 `python -m components.predict` on awkward files.
 
-The champion is registered by the real register component into the MLflow store of the tiny trained
-repo copy shared with test_registry.py (the SQLite store the DVC run itself logged to).
+The champion is the model the register stage of the session's tiny pipeline run (conftest's
+`pipeline_run`) registered in the SQLite store that run logged to; these tests only read it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,18 @@ import requests
 from PIL import Image
 
 from pipeline.classes import CLASSES
-from tests.conftest import ROOT, VENV_BIN, assert_no_identifier, dicom_twins, run_env, write_dicom
-from tests.test_registry import free_port, stop, tracking_env, trained_repo, wait_http
+from tests.conftest import (
+    ROOT,
+    VENV_BIN,
+    PipelineRun,
+    assert_no_identifier,
+    dicom_twins,
+    labels_of,
+    run_env,
+    tracking_env,
+    write_dicom,
+)
+from tests.servers import free_port, stop, wait_http
 
 pytestmark = pytest.mark.slow
 CHAMPION = "models:/cxr-dwml@champion"
@@ -44,36 +54,15 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+def served(pipeline_run: PipelineRun) -> Served:
     import mlflow
 
-    from components import register
-
-    repo = trained_repo(tmp_path_factory)
-    uri = f"sqlite:///{repo / 'mlflow.db'}"
-    out = tmp_path_factory.mktemp("serving") / "registration.json"
-    with tracking_env(uri, repo):
-        assert (
-            register.main(
-                [
-                    "--params",
-                    "params.yaml",
-                    "--model",
-                    "artifacts/model",
-                    "--reports",
-                    "reports",
-                    "--prepared",
-                    "data/prepared",
-                    "--out",
-                    str(out),
-                ]
-            )
-            == 0
-        )
+    repo = pipeline_run.repo
+    with tracking_env(pipeline_run.tracking_uri, repo):
         model = mlflow.pyfunc.load_model(CHAMPION)
-    registration = json.loads(out.read_text())
+    registration = json.loads((repo / "reports/registration.json").read_text())
     assert registration["promote"] is True and "champion" in registration["aliases"]
-    return Served(repo, uri, model, registration)
+    return Served(repo, pipeline_run.tracking_uri, model, registration)
 
 
 def checkpoint_logits(repo: Path, paths: list[Path]) -> np.ndarray:
@@ -134,7 +123,6 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
     # the thresholds were chosen on the calibrated validation probabilities, the scale the model serves
     from pipeline.evaluation.calibration import logit
     from pipeline.metrics import select_thresholds
-    from tests.test_registry import labels_of
 
     val = pd.read_parquet(served.repo / "reports/predictions/val.parquet")
     chosen = select_thresholds(labels_of(served.repo, val["image"]), cal.probabilities(logit(val[list(CLASSES)])))
@@ -180,7 +168,7 @@ def model_server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> It
             cmd, cwd=served.repo, env=run_env(served.repo), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, process=proc, log=log)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
