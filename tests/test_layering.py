@@ -1,4 +1,5 @@
-"""The library in pipeline/ uses no orchestrator, data-versioning tool, VCS or command-line parser.
+"""The library in pipeline/ uses no orchestrator, data-versioning tool, VCS or command-line parser;
+test modules share code through tests/conftest.py and tests/servers.py only.
 
 Provenance (git commit, dvc.lock hashes), Airflow context and argument parsing live in components/;
 the library takes what it needs as arguments. This reads the code of every pipeline/ module, not
@@ -14,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "pipeline"
+TESTS = ROOT / "tests"
 # top-level modules the library must not import: orchestrators, DVC, VCS bindings, argument
 # parsers, and the layers above it
 FORBIDDEN_MODULES = {
@@ -135,3 +137,16 @@ def test_the_check_finds_code_and_ignores_prose(tmp_path: Path) -> None:
         "pipeline/m.py:10: reads sys.argv",
         "pipeline/m.py:11: imports dvc.repo by name",
     ]
+
+
+def test_modules_import_from_no_other_test_module() -> None:
+    """A test module that imports another runs that module's fixtures and module-level code too, and
+    ties the two together: what tests share lives in conftest.py and servers.py."""
+    hits = []
+    for path in sorted(TESTS.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            if isinstance(node, ast.ImportFrom):  # `from tests.test_x import y`, `from . import test_x`
+                names.append(node.module or "")
+            hits += [f"{path.name}:{node.lineno}: {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert not hits, "move what these share into tests/conftest.py or tests/servers.py:\n" + "\n".join(hits)
