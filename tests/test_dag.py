@@ -310,9 +310,11 @@ def scratch_project(root: Path, cmd: str) -> Path:
 
 
 def dvc_stage(root: Path, *args: str, **env: str) -> subprocess.Popen:
+    """This checkout's stage runner on the scratch project `root`; it imports this checkout's code
+    (PYTHONPATH), whichever checkout the venv was installed from."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), *args, "--project", str(root)],
-        env=run_env(root, **env),
+        env=run_env(root, **{"PYTHONPATH": str(ROOT), **env}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -471,7 +473,7 @@ def test_dags_test_runs_the_pipeline_and_registers_a_model(dags_test_run: dict) 
     assert parent.data.tags["cxr.pipeline_run"] == f"airflow:{DAG_ID}:{run_id}"
     # another model: v2, judged by the gate against the session run's v1
     registration = json.loads((repo / "reports" / "registration.json").read_text())
-    assert registration["version"] == "2" and registration["champion_version"] == "1"
+    assert str(registration["version"]) == "2" and str(registration["champion_version"]) == "1"
     assert client.get_model_version("cxr-dwml", "2").run_id == train.info.run_id
     # the conf ran (dvc.lock says so) and held for this run only (params.yaml is as committed)
     assert lock_params(repo, "train")["train"]["epochs"] == 1
