@@ -836,8 +836,9 @@ def test_a_registry_failure_fails_register_and_moves_no_alias(small_workspace: P
         result, seconds, failed, state = outcomes[fault]
         assert state == before, (fault, state)  # nothing registered, champion and challenger where they were
         line = _error_line(result)
-        assert result.returncode == 2 and seconds < 120, (fault, seconds, line)
-        assert failed == 2, (fault, failed)  # one try and MLflow's one retry, both answered 503
+        assert result.returncode == 2, (fault, seconds, line)
+        # one try and MLflow's one retry, both answered 503: it gave up at once (counted, not timed)
+        assert failed == 2, (fault, failed)
         assert f"registered model {MODEL_NAME} on {proxy.url}: {what}" in line, line
         assert "503" in line and "nothing registered, no alias moved" in line, line
 
