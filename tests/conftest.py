@@ -1,11 +1,25 @@
-"""Shared fixtures: a throwaway copy of the repository configured for a tiny, fast demo run."""
+"""Shared fixtures and helpers; test modules import from here and from tests/servers.py only.
+
+- a throwaway copy of the repository configured for a tiny, fast demo run (`copy_repo`, `run_env`);
+- `pipeline_run`: ONE tiny `dvc repro` of the whole pipeline per session, shared by every test
+  that needs trained outputs; a test that changes anything works on `copy_run` of it;
+- the committed settings (`settings`), a test-sized model bundle (`tiny_bundle`);
+- MLflow in-process as a stage runs it (`tracking_env`), labels from the prepared manifest;
+- DICOM files as an X-ray modality writes them (`write_dicom`, `PATIENT_STUDY`);
+- docker/compose.yaml read as compose reads it (`resolve_compose`, `service_environment`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +31,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+COMPOSE = ROOT / "docker" / "compose.yaml"
+ENV_EXAMPLE = ROOT / ".env.example"
 
 # Small enough for a CPU test run, large enough that every split holds every common class.
 TINY_PARAMS = {
@@ -96,6 +112,91 @@ def run_env(repo: Path, **extra: str) -> dict[str, str]:
 @pytest.fixture
 def demo_repo(tmp_path: Path) -> Path:
     return copy_repo(tmp_path / "repo")
+
+
+# --- the one pipeline run of the session ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """A repository copy after one tiny `dvc repro` of the whole pipeline, and what it printed."""
+
+    repo: Path
+    output: str  # stdout and stderr of `dvc repro`, the stages' output included
+    stdout: str  # its stdout alone (DVC's "Running stage" lines)
+
+    @property
+    def tracking_uri(self) -> str:
+        """The SQLite MLflow store the run logged to (and registered the model in)."""
+        return f"sqlite:///{self.repo / 'mlflow.db'}"
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a command run in the repo: `run_env`, with the MLflow store named relative
+        to the repo (`sqlite:///mlflow.db`, as the project's default names it). The steps record
+        the store's URI beside their outputs (mlflow_run.json); named so, it is the same in a copy,
+        and DVC finds the copy's outputs up to date."""
+        return run_env(self.repo, MLFLOW_TRACKING_URI="sqlite:///mlflow.db", **extra)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
+    """`dvc repro` of every stage on TINY_PARAMS in a copy of the repository, once per session.
+
+    Shared by every test that needs trained outputs: read it, never change it (no DVC command, no
+    MLflow write, no file written in it); a test that does any of those works on `copy_run`, and
+    runs its commands there with the copy's `env()`.
+    """
+    run = PipelineRun(copy_repo(tmp_path_factory.mktemp("pipeline-run") / "repo"), "", "")
+    done = subprocess.run(["dvc", "repro"], cwd=run.repo, env=run.env(), capture_output=True, text=True, timeout=1800)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    return PipelineRun(run.repo, output, done.stdout)
+
+
+def copy_run(run: PipelineRun, dest: Path) -> PipelineRun:
+    """A copy of the session's pipeline run at `dest`, free to change: files, git history, DVC
+    cache and MLflow store. MLflow's SQLite store records where each artifact lies as an absolute
+    path; in the copy those name the copy's own artifacts, so nothing written there reaches the
+    original."""
+    shutil.copytree(run.repo, dest, symlinks=True)
+    old, new = f"{run.repo}/", f"{dest}/"
+    with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in db.execute(f'SELECT name, type FROM pragma_table_info("{table}")').fetchall():
+                if re.search(r"CHAR|TEXT|CLOB", column[1], re.IGNORECASE):
+                    db.execute(f'UPDATE "{table}" SET "{column[0]}" = replace("{column[0]}", ?, ?)', (old, new))
+    return PipelineRun(dest, run.output, run.stdout)
+
+
+@contextlib.contextmanager
+def tracking_env(uri: str, cwd: Path) -> Iterator[None]:
+    """Run in-process components as `dvc repro` would: in the repo copy `cwd`, against `uri`.
+
+    MLflow keeps the URI a component sets in a process-wide global (which beats the environment);
+    `_use_tracking_uri` puts the previous one back so later tests in this process are not redirected.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with pytest.MonkeyPatch.context() as mp, _use_tracking_uri(uri):
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(cwd)
+        yield
+
+
+def labels_of(repo: Path, images: Iterable[str]) -> np.ndarray:
+    """(N, C) labels of `images` (file names) from the repo's prepared manifest."""
+    import pandas as pd
+
+    from pipeline.classes import CLASSES
+
+    manifest = pd.read_csv(repo / "data/prepared/manifest.csv").set_index("image")
+    return manifest.loc[images, list(CLASSES)].to_numpy()
 
 
 def tiny_bundle(path: Path, size: int = 32, **model_changes):
@@ -284,3 +385,73 @@ def crafted_checkpoint(path: Path, marker: Path, **keys) -> Path:
         {"format": "cxr-dwml model bundle", "format_version": 2, **keys, "model_state": _RunsACommand(marker)}, path
     )
     return path
+
+
+# --- docker/compose.yaml as compose reads it ----------------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """NAME=value lines of an env file (.env.example), comments and blank lines skipped."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: line {line!r} is not NAME=value"
+            env[key.strip()] = value.strip()
+    return env
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose-style ${VAR}, ${VAR:-default}, ${VAR:?error} and $$ substitution."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.groups()
+        value = env.get(name)
+        empty = value is None or (op in (":-", ":?") and value == "")
+        if op and op.endswith("-"):
+            return arg if empty else value
+        if op and op.endswith("?"):
+            if empty:
+                raise KeyError(f"{name}: {arg}")
+            return value
+        return value or ""
+
+    return _VAR.sub(sub, text)
+
+
+def compose_strings(node) -> list[str]:
+    """Every string (keys included) of a parsed compose file."""
+    if isinstance(node, dict):
+        return [s for key, value in node.items() for s in compose_strings(key) + compose_strings(value)]
+    if isinstance(node, list):
+        return [s for item in node for s in compose_strings(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def compose_variables(compose: dict) -> list[tuple[str, str]]:
+    """(name, operator) of every ${...} reference in the compose file, $$ escapes excluded."""
+    return [
+        (m.group(1), m.group(2) or "") for text in compose_strings(compose) for m in _VAR.finditer(text) if m.group(1)
+    ]
+
+
+def resolve_compose(node, env: dict[str, str]):
+    """Interpolates every string of the parsed compose file, as compose does (not its comments)."""
+    if isinstance(node, dict):
+        return {key: resolve_compose(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolve_compose(item, env) for item in node]
+    return interpolate(node, env) if isinstance(node, str) else node
+
+
+def service_environment(service: dict) -> dict[str, str]:
+    """The `environment` of a compose service as a dict, whichever form the file uses."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {k: str(v) for k, v in env.items()}

@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for tests: a static file server with byte ranges, a reverse proxy
-that fails chosen requests, and moto's S3.
+that fails chosen requests, moto's S3, `mlflow server`, throwaway PostgreSQL databases, and the
+one way the tests wait for anything (`wait_until`, `wait_http`) and stop what they started (`stop`).
 
 with FileServer(folder) as server:
     server.cut_once("images_001.tar.gz", after=1000)  # the next GET dies after 1000 bytes
@@ -12,21 +13,143 @@ with FaultProxy("http://127.0.0.1:5000") as proxy:   # e.g. an `mlflow server`
 
 with moto_s3() as endpoint:
     s3 = s3_client(endpoint)   # boto3 with moto's test credentials
+
+with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "server") as url:
+    MlflowClient(url).search_experiments()
+
+proc = subprocess.Popen(cmd, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
+wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, process=proc, log=log_path)
+stop(proc)                                            # the process group and every child
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
 import urllib.parse
-from collections.abc import Iterator
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Self
+from typing import NoReturn, Self, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+VENV_BIN = Path(sys.executable).parent
+# The PostgreSQL server the tests make throwaway databases on (user postgres, trust authentication).
+POSTGRES = os.environ.get("CXR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+# SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2 (as docker/compose.yaml does)
+POSTGRES_DIALECT = "postgresql+psycopg2"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on at the moment (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], T],
+    timeout: float,
+    *,
+    every: float = 0.5,
+    progress: Callable[[], object] | None = None,
+    process: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> T:
+    """Call `check` until it returns something true, and return that.
+
+    Fails naming `what` once `timeout` seconds pass without success. With `progress`, the timeout
+    counts from the last change of `progress()` instead: slow but steady work on a busy machine
+    is waited for, a stall is not. With `process`, fails as soon as that process has exited, with
+    the end of `log`.
+
+    Args:
+        what: what is awaited, for the failure message ("the API server").
+        check: returns a true value when the wait is over.
+        timeout: seconds without success (or without progress) before failing.
+        every: seconds between two checks.
+        progress: returns something that changes whenever the awaited work moves on.
+        process: the process doing the work, or serving what is awaited.
+        log: where `process` writes its output.
+    """
+    deadline = time.monotonic() + timeout
+    seen = progress() if progress is not None else None
+    while True:
+        got = check()
+        if got:
+            return got
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"waiting for {what}: the process exited with {process.returncode}{_tail(log)}")
+        if progress is not None and (now := progress()) != seen:
+            seen, deadline = now, time.monotonic() + timeout
+        if time.monotonic() > deadline:
+            stalled = "no progress" if progress is not None else "no success"
+            pytest.fail(f"waiting for {what}: {stalled} in {timeout:.0f} s (last: {seen!r}){_tail(log)}")
+        time.sleep(every)
+
+
+def wait_http(url: str, timeout: float, *, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Wait until GET `url` answers 200 (a server's health or ping endpoint)."""
+
+    def answers() -> bool:
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status == 200
+        return False
+
+    wait_until(url, answers, timeout, process=process, log=log)
+
+
+def _tail(log: Path | None, chars: int = 4000) -> str:
+    if log is None or not log.exists():
+        return ""
+    return f"\n--- end of {log}:\n{log.read_text(errors='replace')[-chars:]}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a process started with start_new_session=True: its process group, and every process it
+    started, some of which (Airflow's task runners) live in sessions of their own; SIGTERM first,
+    SIGKILL for whatever is still there 20 s later."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(sig)
+        try:
+            proc.wait(timeout=20)
+            psutil.wait_procs(family, timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip for want of `reason`; under CI=true, where the machine must have it, fail."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(f"this test needs {reason}")
 
 
 @dataclass
@@ -338,3 +461,62 @@ def moto_s3() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, folder: Path) -> Iterator[str]:
+    """`mlflow server` with proxied artifacts in `folder` on a free loopback port; yields its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri]
+    cmd += ["--artifacts-destination", (folder / "artifacts").as_uri(), "--serve-artifacts"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # the background job runner (a dozen huey workers) is for GenAI jobs this project never starts
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=180, process=proc, log=log)
+        yield url
+    finally:
+        stop(proc)
+
+
+def postgres_missing() -> str | None:
+    """Why no throwaway database can be made on the PostgreSQL at POSTGRES, or None when one can."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None:
+        return "the PostgreSQL driver psycopg2 (pip install -e '.[postgres]')"
+    import psycopg2
+
+    try:
+        psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3).close()
+    except psycopg2.OperationalError as e:
+        return f"PostgreSQL at {POSTGRES} (user postgres, trust auth), unreachable: {str(e).strip()}"
+    return None
+
+
+@contextlib.contextmanager
+def postgres_databases(*purposes: str) -> Iterator[dict[str, str]]:
+    """A new database per purpose on the PostgreSQL at POSTGRES, dropped afterwards; yields their
+    SQLAlchemy URLs by purpose. Skips when the server or its driver is missing (fails under CI=true)."""
+    if (missing := postgres_missing()) is not None:
+        unavailable(missing)
+    import psycopg2
+
+    admin = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=5)
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    names = {p: f"cxr_test_{p}_{uuid.uuid4().hex[:8]}" for p in purposes}
+    server = POSTGRES.split("://", 1)[1]
+    try:
+        with admin.cursor() as cur:
+            for name in names.values():
+                cur.execute(f'CREATE DATABASE "{name}"')
+        yield {p: f"{POSTGRES_DIALECT}://{server}/{n}" for p, n in names.items()}
+    finally:
+        with admin.cursor() as cur:
+            for name in names.values():
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -1,9 +1,9 @@
-"""The Airflow DAG `cxr_dwml` through the real Airflow: parsing, the graph, `airflow dags test`, and
-one run through the scheduler and API server of `airflow standalone`, including a failing task.
+"""The Airflow DAG `cxr_dwml` through the real Airflow: parsing, the graph, the stage runner, and
+`airflow dags test` (`make dag-test` runs that case alone).
 
-`make dag-test` runs the `airflow dags test` case alone. The slow cases share one tiny-demo copy of
-the repository: `airflow dags test` runs the whole pipeline there, then the scheduler run finds the
-DVC stages up to date except the one its conf changes, which keeps it quick.
+`airflow dags test` runs on a copy of the session's tiny pipeline run (conftest's `pipeline_run`):
+the stages its conf leaves alone are up to date, train and what follows it run again. The one run
+through the real scheduler, API server and REST API is the stack test (tests/test_stack.py).
 """
 
 from __future__ import annotations
@@ -12,25 +12,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, VENV_BIN, copy_repo, run_env
+from tests.conftest import ROOT, VENV_BIN, PipelineRun, copy_run, run_env
+from tests.servers import wait_until
 
 DAG_ID = "cxr_dwml"
 STAGES = ("download", "prepare", "prototypes", "train", "evaluate", "register")
-# the run conf both slow runs use: a one-epoch training, overriding params.yaml's train.epochs
+# the run conf of `airflow dags test`: a one-epoch training, overriding params.yaml's train.epochs
 CONF = {"epochs": 1}
 
 
@@ -314,9 +310,11 @@ def scratch_project(root: Path, cmd: str) -> Path:
 
 
 def dvc_stage(root: Path, *args: str, **env: str) -> subprocess.Popen:
+    """This checkout's stage runner on the scratch project `root`; it imports this checkout's code
+    (PYTHONPATH), whichever checkout the venv was installed from."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), *args, "--project", str(root)],
-        env=run_env(root, **env),
+        env=run_env(root, **{"PYTHONPATH": str(ROOT), **env}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -360,14 +358,12 @@ def test_stage_overrides_hold_for_one_run_and_dvc_records_what_ran(tmp_path: Pat
 
 
 def test_stage_killed_mid_run_puts_params_back(tmp_path: Path) -> None:
-    root = scratch_project(tmp_path / "p", "sleep 60 && touch out.txt")
+    # the command leaves a mark as it starts: the kill below must land while the stage runs
+    root = scratch_project(tmp_path / "p", "touch started && sleep 60 && touch out.txt")
     committed = (root / "params.yaml").read_bytes()
     proc = dvc_stage(root, "step", CXR_RUN_OVERRIDES='{"train.epochs": 3}')
-    deadline = time.monotonic() + 60
-    while (root / "params.yaml").read_bytes() == committed and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until("the stage command to start", (root / "started").exists, timeout=120, every=0.1, process=proc)
     assert b"epochs: 3\n" in (root / "params.yaml").read_bytes()
-    time.sleep(2)  # let dvc start the stage command
     os.killpg(proc.pid, signal.SIGTERM)  # what Airflow sends the task's process group on a timeout
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
@@ -429,10 +425,11 @@ print(json.dumps([check(c) for c in confs]))
 
 
 @pytest.fixture(scope="module")
-def dags_test_run(tmp_path_factory) -> dict:
-    """`airflow dags test cxr_dwml` with CONF on a tiny-demo copy, in a throwaway AIRFLOW_HOME (SQLite)."""
+def dags_test_run(pipeline_run: PipelineRun, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`airflow dags test cxr_dwml` with CONF on a copy of the session's pipeline run, in a throwaway
+    AIRFLOW_HOME (SQLite)."""
     base = tmp_path_factory.mktemp("dag-run")
-    repo = copy_repo(base / "repo")
+    repo = copy_run(pipeline_run, base / "repo").repo
     params_before = (repo / "params.yaml").read_bytes()
     env = airflow_env(base / "home", repo)
     migrate = airflow(env, "db", "migrate")
@@ -442,291 +439,44 @@ def dags_test_run(tmp_path_factory) -> dict:
     return {"repo": repo, "result": test, "seconds": time.perf_counter() - t0, "params_before": params_before}
 
 
-def registry(repo: Path):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def model_versions(repo: Path) -> list[str]:
-    return sorted(str(v.version) for v in registry(repo).search_model_versions("name='cxr-dwml'"))
-
-
 def lock_params(repo: Path, stage: str) -> dict:
     return yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["params"]["params.yaml"]
 
 
 @pytest.mark.slow
 def test_dags_test_runs_the_pipeline_and_registers_a_model(dags_test_run: dict) -> None:
+    from mlflow import MlflowClient
+
     result, repo = dags_test_run["result"], dags_test_run["repo"]
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     print(f"airflow dags test: {dags_test_run['seconds']:.0f} s")
-    for stage in STAGES:
-        assert f"Running stage '{stage}'" in log
-    client = registry(repo)
-    champion = client.get_model_version_by_alias("cxr-dwml", "champion")
-    assert str(champion.version) == "1"
+    # every task ran its stage through the stage runner; DVC skipped those the conf leaves alone
+    for stage in STAGES[:3]:
+        assert f"Stage '{stage}' didn't change, skipping" in log, stage
+    for stage in STAGES[3:]:
+        assert f"Running stage '{stage}'" in log, stage
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cxr-dwml").experiment_id
     # the MLflow runs name the Airflow run that made them: one parent run for the DAG run
-    runs = client.search_runs([client.get_experiment_by_name("cxr-dwml").experiment_id])
+    runs = client.search_runs([experiment], f"tags.`airflow.dag_id` = '{DAG_ID}'")
     (parent,) = [r for r in runs if r.data.tags.get("cxr.step") == "pipeline"]
     steps = [r for r in runs if r is not parent]
-    assert champion.run_id in {r.info.run_id for r in steps}
-    # one run per step up to train, nested under it; evaluate and register add to the training run
-    assert sorted(r.data.tags.get("airflow.task_id") for r in steps) == sorted(STAGES[:4])
-    for r in steps:
-        tags = r.data.tags
-        assert tags["airflow.dag_id"] == DAG_ID and tags["airflow.try_number"] == "1"
-        assert tags["airflow.run_id"].startswith("manual__")
-        assert tags["mlflow.parentRunId"] == parent.info.run_id
+    # one run per step that ran (train; evaluate and register add to it), nested under the parent
+    assert [r.data.tags.get("airflow.task_id") for r in steps] == ["train"]
+    (train,) = steps
+    tags = train.data.tags
+    assert tags["airflow.try_number"] == "1" and tags["airflow.run_id"].startswith("manual__")
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
     (run_id,) = {r.data.tags["airflow.run_id"] for r in runs}
     assert parent.info.run_name == f"dag {run_id}" and parent.info.status == "FINISHED"
     assert parent.data.tags["cxr.pipeline_run"] == f"airflow:{DAG_ID}:{run_id}"
+    # another model: v2, judged by the gate against the session run's v1
+    registration = json.loads((repo / "reports" / "registration.json").read_text())
+    assert str(registration["version"]) == "2" and str(registration["champion_version"]) == "1"
+    assert client.get_model_version("cxr-dwml", "2").run_id == train.info.run_id
     # the conf ran (dvc.lock says so) and held for this run only (params.yaml is as committed)
     assert lock_params(repo, "train")["train"]["epochs"] == 1
     assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
     assert (repo / "reports" / "train" / "history.csv").read_text().count("\n") == 2  # header + 1 epoch
     assert not (repo / ".dvc" / "tmp" / "cxr-stage" / "backup").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metadata_db(ci: bool) -> Iterator[tuple[str, str]]:
-    """(SQLAlchemy URL, a note) of a throwaway PostgreSQL database, or SQLite when PostgreSQL is absent."""
-    import importlib.util
-
-    if importlib.util.find_spec("asyncpg") is None:  # Airflow 3's async engine needs it for PostgreSQL
-        if ci:
-            pytest.fail("CI=true but asyncpg is not installed: Airflow 3 cannot use PostgreSQL without it")
-        yield "", "asyncpg is not installed (Airflow needs it for PostgreSQL); using SQLite"
-        return
-    try:
-        import psycopg2
-
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-    except Exception as e:  # noqa: BLE001 - any failure to reach the server means "no PostgreSQL here"
-        if ci:
-            pytest.fail(f"CI=true but PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) is unreachable: {e}")
-        yield "", f"PostgreSQL on 127.0.0.1:5432 unreachable ({e}); using SQLite"
-        return
-    admin.autocommit = True
-    name = f"airflow_test_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}", "PostgreSQL"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
-
-
-def stop_tree(proc: subprocess.Popen) -> None:
-    """Stop `airflow standalone` and everything it started (task processes run in sessions of their own)."""
-    import psutil
-
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        for child in family:
-            try:
-                child.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        try:
-            proc.wait(timeout=20)
-            psutil.wait_procs(family, timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def task_log(path: Path) -> str:
-    """The messages of a task log file (JSON lines under the scheduler, plain text elsewhere)."""
-    lines = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            lines.append(str(json.loads(line).get("event", "")))
-        except (json.JSONDecodeError, AttributeError):
-            lines.append(line)
-    return "\n".join(lines)
-
-
-class Api:
-    """The REST API v2 of the API server (every request is an admin: simple auth manager, all admins)."""
-
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}/api/v2"
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode(errors="replace")
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            return 0, str(e)
-
-    def wait(self, what: str, check, deadline: float, every: float = 1.0) -> Any:
-        while time.monotonic() < deadline:
-            got = check()
-            if got:
-                return got
-            time.sleep(every)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def run_state(self, run_id: str) -> str:
-        code, body = self.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
-        return body["state"] if code == 200 else f"http {code}"
-
-    def wait_finished(self, run_id: str, deadline: float) -> str:
-        return self.wait(
-            f"run {run_id}", lambda: (s := self.run_state(run_id)) in ("success", "failed") and s, deadline, every=2
-        )
-
-    def task_states(self, run_id: str) -> dict[str, str]:
-        code, body = self.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
-        assert code == 200, body
-        return {t["task_id"]: t["state"] for t in body["task_instances"]}
-
-
-@pytest.mark.slow
-def test_scheduler_run_fails_clearly_then_succeeds_after_the_input_is_fixed(
-    dags_test_run: dict, tmp_path: Path
-) -> None:
-    """`airflow standalone`: trigger through the REST API, a bad data source fails download with the
-    component's message in the task log; once the source exists, clearing the task finishes the run;
-    the same run again finds every stage up to date (nothing retrained, nothing re-registered)."""
-    assert dags_test_run["result"].returncode == 0, "needs the pipeline run of `airflow dags test`"
-    repo = dags_test_run["repo"]
-    home = tmp_path / "home"
-    mirror = tmp_path / "mirror"  # the data source of this run, missing until the "fix"
-    api_port = free_port()
-    ci = os.environ.get("CI", "").lower() == "true"
-    db_iter = metadata_db(ci)
-    db_url, db_note = next(db_iter)
-    print(f"metadata database: {db_note}")
-    env = airflow_env(
-        home,
-        repo,
-        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
-        AIRFLOW__CORE__PARALLELISM="2",
-        AIRFLOW__API__HOST="127.0.0.1",
-        AIRFLOW__API__PORT=str(api_port),
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
-        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
-        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
-        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
-        AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
-    )
-    if db_url:
-        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
-    home.mkdir()
-    server_log = open(tmp_path / "standalone.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "airflow"), "standalone"],
-        env=env,
-        stdout=server_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=tmp_path,
-    )
-    api = Api(api_port)
-    t0 = time.monotonic()
-    deadline = t0 + 270  # the whole scheduler part stays under 4.5 minutes even on a busy machine
-    try:
-        api.wait("the API server", lambda: api.call("GET", "/version")[0] == 200, deadline)
-        print(f"API server up after {time.monotonic() - t0:.0f} s")
-        code, body = api.call(
-            "POST",
-            "/pools",
-            {"name": "cxr_dwml_dvc", "slots": 1, "description": "cxr-dwml DVC workspace: one command at a time"},
-        )
-        assert code in (200, 201), body
-        api.wait("the DAG to be parsed", lambda: api.call("GET", f"/dags/{DAG_ID}")[0] == 200, deadline)
-        code, body = api.call("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
-        assert code == 200, body
-
-        # invalid conf is refused at trigger time by the params' JSON schema
-        code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"epochs": 0}})
-        assert code == 400 and "epochs" in str(body), (code, body)
-
-        conf = {**CONF, "source": str(mirror)}
-        code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
-        assert code == 200, body
-        run_id = body["dag_run_id"]
-        assert api.wait_finished(run_id, deadline) == "failed"
-        states = api.task_states(run_id)
-        assert states["download"] == "failed" and states["register"] == "upstream_failed", states
-        logs = list(home.glob(f"logs/dag_id={DAG_ID}/run_id=*/task_id=download/attempt=1.log"))
-        assert logs, sorted(str(p) for p in home.glob("logs/**/*.log"))
-        text = task_log(logs[0])
-        assert f"cxr-dwml download: error: download.source '{mirror}' is neither" in text, text[-3000:]
-        assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
-        print(f"failed run done after {time.monotonic() - t0:.0f} s")
-
-        # fix the input: a mirror in NIH layout (hard links of the demo's raw files), then retry
-        raw = repo / "data" / "raw"
-        (mirror / "images").mkdir(parents=True)
-        for src in [*raw.glob("*.csv"), *raw.glob("*.txt"), *(raw / "images").glob("*.png")]:
-            os.link(src, mirror / src.relative_to(raw))
-        code, body = api.call(
-            "POST",
-            f"/dags/{DAG_ID}/clearTaskInstances",
-            {
-                "dry_run": False,
-                "dag_run_id": run_id,
-                "task_ids": ["download"],
-                "include_downstream": True,
-                "only_failed": False,
-                "reset_dag_runs": True,
-            },
-        )
-        assert code == 200, body
-        assert api.wait_finished(run_id, deadline) == "success", api.task_states(run_id)
-        print(f"retried run done after {time.monotonic() - t0:.0f} s")
-        lock_done = (repo / "dvc.lock").read_bytes()
-        versions = model_versions(repo)
-
-        # the same run again: every stage is up to date, nothing is trained or registered
-        code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
-        assert code == 200, body
-        again = body["dag_run_id"]
-        assert api.wait_finished(again, deadline) == "success", api.task_states(again)
-        print(f"second run done after {time.monotonic() - t0:.0f} s")
-    finally:
-        stop_tree(proc)
-        server_log.close()
-        next(db_iter, None)
-
-    for stage in STAGES:
-        (log,) = home.glob(f"logs/dag_id={DAG_ID}/run_id={again}/task_id={stage}/attempt=1.log")
-        assert f"Stage '{stage}' didn't change, skipping" in task_log(log), stage
-    assert (repo / "dvc.lock").read_bytes() == lock_done
-    assert model_versions(repo) == versions
-    # the cleared download ran as try 2, and its MLflow run says so
-    client = registry(repo)
-    (download,) = client.search_runs(
-        [client.get_experiment_by_name("cxr-dwml").experiment_id],
-        f"tags.`airflow.run_id` = '{run_id}' and tags.`airflow.task_id` = 'download'",
-    )
-    assert download.data.tags["airflow.try_number"] == "2"
-    lock = yaml.safe_load(lock_done)["stages"]
-    assert lock["download"]["params"]["params.yaml"]["download"]["source"] == str(mirror)
-    assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
-    assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]

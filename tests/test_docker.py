@@ -23,10 +23,18 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from tests.conftest import (
+    COMPOSE,
+    ENV_EXAMPLE,
+    compose_strings,
+    compose_variables,
+    read_env_file,
+    resolve_compose,
+    service_environment,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-COMPOSE = DOCKER / "compose.yaml"
-ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DOCS = ROOT / "docs" / "deployment.md"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "airflow.Dockerfile"]
@@ -75,65 +83,9 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep, f"{path.name}: line {line!r} is not NAME=value"
-            env[key.strip()] = value.strip()
-    return env
-
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-
-
-def _interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose-style ${VAR}, ${VAR:-default}, ${VAR:?error} and $$ substitution."""
-
-    def sub(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, op, arg = m.groups()
-        value = env.get(name)
-        empty = value is None or (op in (":-", ":?") and value == "")
-        if op and op.endswith("-"):
-            return arg if empty else value
-        if op and op.endswith("?"):
-            if empty:
-                raise KeyError(f"{name}: {arg}")
-            return value
-        return value or ""
-
-    return _VAR.sub(sub, text)
-
-
-def _strings(node) -> list[str]:
-    if isinstance(node, dict):
-        return [s for key, value in node.items() for s in _strings(key) + _strings(value)]
-    if isinstance(node, list):
-        return [s for item in node for s in _strings(item)]
-    return [node] if isinstance(node, str) else []
-
-
-def _resolve(node, env: dict[str, str]):
-    """Interpolates every string of the parsed compose file, as compose does (not its comments)."""
-    if isinstance(node, dict):
-        return {key: _resolve(value, env) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_resolve(item, env) for item in node]
-    return _interpolate(node, env) if isinstance(node, str) else node
-
-
-def _compose_vars(compose: dict) -> list[tuple[str, str]]:
-    """(name, operator) of every ${...} reference in the compose file, $$ escapes excluded."""
-    return [(m.group(1), m.group(2) or "") for text in _strings(compose) for m in _VAR.finditer(text) if m.group(1)]
-
-
 @pytest.fixture(scope="module")
 def env_example() -> dict[str, str]:
-    return _read_env_file(ENV_EXAMPLE)
+    return read_env_file(ENV_EXAMPLE)
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +98,9 @@ def stack(request, raw, env_example) -> dict:
     """The compose file as it resolves with all of .env.example, and with the credentials alone
     (so the defaults written in compose.yaml are checked too)."""
     if request.param == "defaults":
-        required = {name for name, op in _compose_vars(raw) if op == ":?"}
+        required = {name for name, op in compose_variables(raw) if op == ":?"}
         env_example = {k: v for k, v in env_example.items() if k in required}
-    return _resolve(raw, env_example)
-
-
-def _environment(service: dict) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.partition("=")[::2] for item in env)
-    return {k: str(v) for k, v in env.items()}
+    return resolve_compose(raw, env_example)
 
 
 def _container_ports(service: dict) -> set[int]:
@@ -235,7 +180,7 @@ def test_docker_compose_refuses_to_start_without_a_credential(tmp_path, env_exam
 
 
 def test_every_compose_variable_is_in_env_example(raw, env_example):
-    used = {name for name, _ in _compose_vars(raw)}
+    used = {name for name, _ in compose_variables(raw)}
     missing = sorted(used - set(env_example))
     assert not missing, f".env.example lacks {missing}, which docker/compose.yaml uses"
     # and no setting in .env.example is dead (COMPOSE_* are read by compose itself)
@@ -244,7 +189,7 @@ def test_every_compose_variable_is_in_env_example(raw, env_example):
 
 
 def test_credentials_must_be_set_and_have_only_placeholders(raw, env_example):
-    refs = _compose_vars(raw)
+    refs = compose_variables(raw)
     secrets = {name for name, _ in refs if SECRET_NAME.search(name)}
     assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AIRFLOW_FERNET_KEY"} <= secrets
     defaulted = sorted({name for name, op in refs if name in secrets and op != ":?"})
@@ -255,13 +200,13 @@ def test_credentials_must_be_set_and_have_only_placeholders(raw, env_example):
 
 def test_no_plaintext_credentials_in_compose(raw):
     for service_name, service in raw["services"].items():
-        for key, value in _environment(service).items():
+        for key, value in service_environment(service).items():
             if SECRET_NAME.search(key):
                 assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", value), (
                     f"{service_name}.environment.{key} must be a ${{VAR:?}} reference, not a value"
                 )
     # a password inside a URL (scheme://user:password@host) must be a reference too
-    for text in _strings(raw):
+    for text in compose_strings(raw):
         text = re.sub(r"\$\{[^}]*\}", "\0", text)
         for user, password in re.findall(r"://([^\s/@:]*):([^\s/@]*)@", text):
             assert password == "\0", f"docker/compose.yaml has a literal password in a URL (user {user!r})"
@@ -277,7 +222,7 @@ def test_no_credentials_baked_into_images(dockerfile: Path):
 
 def test_pipeline_environment_names_and_values(stack):
     for name in ("trainer", "airflow-scheduler"):
-        env = _environment(stack["services"][name])
+        env = service_environment(stack["services"][name])
         missing = sorted(set(PROJECT_ENV) - set(env))
         assert not missing, f"service {name} lacks {missing}"
         for key, expected in PROJECT_ENV.items():
@@ -292,7 +237,7 @@ def test_tracking_uri_points_at_the_mlflow_service(stack):
     assert _option(mlflow["command"], "--host") == "0.0.0.0"
     assert _container_ports(mlflow) == {port}
     for name in ("trainer", "airflow-scheduler"):
-        uri = urlsplit(_environment(services[name])["MLFLOW_TRACKING_URI"])
+        uri = urlsplit(service_environment(services[name])["MLFLOW_TRACKING_URI"])
         assert (uri.hostname, uri.port) == ("mlflow", port)
     probe = mlflow["healthcheck"]["test"][-1]
     assert f":{port}/health" in probe
@@ -301,9 +246,9 @@ def test_tracking_uri_points_at_the_mlflow_service(stack):
 def test_mlflow_accepts_the_host_names_the_stack_uses(stack):
     from mlflow.server.security_utils import is_allowed_host_header
 
-    env = _environment(stack["services"]["mlflow"])
+    env = service_environment(stack["services"]["mlflow"])
     allowed = [h.strip() for h in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")]
-    tracking = urlsplit(_environment(stack["services"]["trainer"])["MLFLOW_TRACKING_URI"]).netloc
+    tracking = urlsplit(service_environment(stack["services"]["trainer"])["MLFLOW_TRACKING_URI"]).netloc
     published = stack["services"]["mlflow"]["ports"][0].rsplit(":", 1)[0].rsplit(":", 1)[-1]
     for host in (tracking, f"localhost:{published}", f"127.0.0.1:{published}"):
         assert is_allowed_host_header(allowed, host), f"MLflow would reject Host: {host}"
@@ -317,20 +262,20 @@ def test_s3_endpoints_point_at_minio(stack):
     assert api_port in _container_ports(minio)
     endpoints = {"MLFLOW_S3_ENDPOINT_URL", "CXR_DVC_REMOTE_ENDPOINT", "CXR_S3_ENDPOINT_URL"}
     for name in ("trainer", "airflow-scheduler", "mlflow"):
-        env = _environment(services[name])
+        env = service_environment(services[name])
         for key in endpoints & set(env):
             url = urlsplit(env[key])
             assert (url.scheme, url.hostname, url.port) == ("http", "minio", api_port), f"{name}.{key}"
-    init_endpoint = urlsplit(_environment(services["minio-init"])["MINIO_ENDPOINT"])
+    init_endpoint = urlsplit(service_environment(services["minio-init"])["MINIO_ENDPOINT"])
     assert (init_endpoint.hostname, init_endpoint.port) == ("minio", api_port)
 
 
 def test_buckets_the_stack_uses_are_created_by_minio_init(stack):
     services = stack["services"]
     init = services["minio-init"]
-    created = set(_environment(init)["MINIO_BUCKETS"].split())
+    created = set(service_environment(init)["MINIO_BUCKETS"].split())
     assert created == BUCKETS
-    trainer = _environment(services["trainer"])
+    trainer = service_environment(services["trainer"])
     artifacts = _option(services["mlflow"]["command"], "--artifacts-destination")
     for url in (trainer["CXR_DVC_REMOTE_URL"], trainer["CXR_DATA_SOURCE"], artifacts):
         assert urlsplit(url).scheme == "s3" and urlsplit(url).hostname in created, url
@@ -541,7 +486,7 @@ def test_docs_agree_with_the_stack(stack):
             assert published.rsplit(":", 2)[-2] == str(port), f"{name} publishes {port} on another port"
             assert str(port) in docs, f"docs/deployment.md does not give {name}'s port {port}"
     assert "localhost:5000" in docs and "localhost:8080" in docs
-    env = _environment(stack["services"]["trainer"])
+    env = service_environment(stack["services"]["trainer"])
     for key, value in re.findall(r"`([A-Z][A-Z0-9_]+)=([^`]+)`", docs):
         if key in env:
             assert env[key] == value, f"docs/deployment.md says {key}={value}, the stack {env[key]}"
@@ -620,7 +565,7 @@ def test_stack_provides_what_the_dag_expects(stack):
         from cxr_dwml import load_settings
     finally:
         sys.path.pop(0)
-    scheduler_env = _environment(stack["services"]["airflow-scheduler"])
+    scheduler_env = service_environment(stack["services"]["airflow-scheduler"])
     settings = load_settings({k: v for k, v in scheduler_env.items() if isinstance(v, str)})
     assert str(settings.project_dir) == scheduler_env["CXR_PROJECT_DIR"] == "/opt/cxr-dwml"
     for name in ("CXR_DATA_SOURCE", "CXR_DVC_REMOTE_URL", "CXR_DVC_REMOTE_ENDPOINT"):

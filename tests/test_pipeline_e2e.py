@@ -1,10 +1,11 @@
 """The whole pipeline through the real `dvc repro`, on a tiny synthetic demo, in a copy of the repo.
 
-After the run, MLflow as people browse it, read back through the client: the experiment opens in
-the model-training view, one `dvc repro` is one parent run with the step runs nested under it, the
-training run lists the prepared splits as dataset inputs with the md5 dvc.lock records, the
-registered model says what it is, and register logs the pyfunc without MLflow's pickle and type-hint
-warnings. Then the outputs of every step, and what DVC does on the runs after it.
+The run is the session's one tiny pipeline run (conftest's `pipeline_run`). After it, MLflow as
+people browse it, read back through the client: the experiment opens in the model-training view,
+one `dvc repro` is one parent run with the step runs nested under it, the training run lists the
+prepared splits as dataset inputs with the md5 dvc.lock records, the registered model says what it
+is, and register logs the pyfunc without MLflow's pickle and type-hint warnings. Then the outputs
+of every step, and, on copies of the run, what DVC does on the runs after it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,41 +22,19 @@ import yaml
 
 from pipeline import tracking
 from pipeline.classes import CLASSES
-from tests.conftest import copy_repo, run_env
-from tests.test_registry import tracking_env
+from tests.conftest import PipelineRun, copy_run, tracking_env
 
 pytestmark = pytest.mark.slow
 
 
-def dvc(repo: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=repo, env=run_env(repo), capture_output=True, text=True, timeout=timeout)
+def dvc(run: PipelineRun, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=run.repo, env=run.env(), capture_output=True, text=True, timeout=timeout)
 
 
 MODEL_NAME = "cxr-dwml"
 STEPS = ("download", "prepare", "prototypes", "train")  # evaluate and register add to the train run
 # the warnings every register printed while the pyfunc was pickled and its predict untyped
 PYFUNC_WARNINGS = ("Add type hints to the `predict` method", "CloudPickle", "cloudpickle")
-
-
-@dataclass
-class Repro:
-    repo: Path
-    client: object  # MlflowClient on the store the run logged to
-    output: str  # what `dvc repro` printed, the stages' stdout and stderr included
-    stdout: str  # its stdout alone
-
-
-@pytest.fixture(scope="module")
-def repro(tmp_path_factory: pytest.TempPathFactory) -> Repro:
-    """One tiny `dvc repro` of the whole pipeline, shared by this module's tests: the tests that read
-    what it left come first, the ones that run DVC again after them (pytest keeps file order)."""
-    from mlflow import MlflowClient
-
-    repo = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
-    result = dvc(repo, "repro")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    return Repro(repo, MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"), output, result.stdout)
 
 
 def _experiment(client):
@@ -71,19 +49,20 @@ def _parents(client) -> list:
     return _runs(client, "tags.`cxr.step` = 'pipeline'")
 
 
-def test_the_experiment_opens_in_the_model_training_view(repro: Repro) -> None:
-    assert _experiment(repro.client).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+def test_the_experiment_opens_in_the_model_training_view(pipeline_run: PipelineRun) -> None:
+    assert _experiment(pipeline_run.client()).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
-def test_one_dvc_repro_is_one_parent_run_with_every_step_nested(repro: Repro) -> None:
-    (parent,) = _parents(repro.client)
+def test_one_dvc_repro_is_one_parent_run_with_every_step_nested(pipeline_run: PipelineRun) -> None:
+    client = pipeline_run.client()
+    (parent,) = _parents(client)
     assert parent.info.run_name.startswith("pipeline 20") and parent.info.status == "FINISHED"
     key = parent.data.tags[tracking.PIPELINE_TAG]
     assert key.startswith("dvc:") and parent.data.tags["cxr.profile"] == "demo"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repro.repo, capture_output=True, text=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pipeline_run.repo, capture_output=True, text=True)
     assert parent.data.tags["cxr.git_commit"] == head.stdout.strip()
 
-    children = _runs(repro.client, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = _runs(client, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     steps = {run.data.tags["cxr.step"]: run for run in children}
     assert sorted(steps) == sorted(STEPS), sorted(steps)
     for run in children:
@@ -92,15 +71,17 @@ def test_one_dvc_repro_is_one_parent_run_with_every_step_nested(repro: Repro) ->
     train = steps["train"]
     assert train.data.tags["cxr.step.evaluate"] == train.data.tags["cxr.step.register"] == "done"
     # every run of the experiment is the parent or nested under it: the list reads as one execution
-    assert {r.info.run_id for r in _runs(repro.client)} == {parent.info.run_id} | {r.info.run_id for r in children}
+    everything = {r.info.run_id for r in _runs(client)}
+    assert everything == {parent.info.run_id} | {r.info.run_id for r in children}
 
 
-def test_the_training_run_lists_the_prepared_splits_with_their_dvc_md5(repro: Repro) -> None:
-    lock = yaml.safe_load((repro.repo / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+def test_the_training_run_lists_the_prepared_splits_with_their_dvc_md5(pipeline_run: PipelineRun) -> None:
+    lock = yaml.safe_load((pipeline_run.repo / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
     manifest_md5 = next(o["md5"] for o in lock if o["path"] == "data/prepared/manifest.csv")
-    manifest = pd.read_csv(repro.repo / "data/prepared/manifest.csv")
-    version = repro.client.get_model_version_by_alias(MODEL_NAME, "champion")
-    train = repro.client.get_run(version.run_id)
+    manifest = pd.read_csv(pipeline_run.repo / "data/prepared/manifest.csv")
+    client = pipeline_run.client()
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    train = client.get_run(version.run_id)
     inputs = {i.dataset.name: i for i in train.inputs.dataset_inputs}
     assert sorted(inputs) == ["prepared-test", "prepared-train", "prepared-val"]
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
@@ -111,8 +92,8 @@ def test_the_training_run_lists_the_prepared_splits_with_their_dvc_md5(repro: Re
         assert "data/prepared/manifest.csv" in found.dataset.source
 
 
-def test_the_registered_model_says_what_it_is(repro: Repro) -> None:
-    description = repro.client.get_registered_model(MODEL_NAME).description
+def test_the_registered_model_says_what_it_is(pipeline_run: PipelineRun) -> None:
+    description = pipeline_run.client().get_registered_model(MODEL_NAME).description
     assert description.startswith("Multi-label chest X-ray classifier")
     assert ", ".join(CLASSES) in description and "docs/registry.md" in description
     for words in ("ConvNeXt", "label prototypes", "dual-weighted metric loss", "`image`", "`labels`", "`error`"):
@@ -120,14 +101,14 @@ def test_the_registered_model_says_what_it_is(repro: Repro) -> None:
     assert f"models:/{MODEL_NAME}@champion" in description
 
 
-def test_register_logs_the_pyfunc_without_warnings_and_it_still_predicts(repro: Repro) -> None:
+def test_register_logs_the_pyfunc_without_warnings_and_it_still_predicts(pipeline_run: PipelineRun) -> None:
     import mlflow
     from PIL import Image
 
-    assert "Running stage 'register'" in repro.output
+    assert "Running stage 'register'" in pipeline_run.output
     for warning in PYFUNC_WARNINGS:
-        assert warning not in repro.output, warning
-    with tracking_env(f"sqlite:///{repro.repo / 'mlflow.db'}", repro.repo):
+        assert warning not in pipeline_run.output, warning
+    with tracking_env(pipeline_run.tracking_uri, pipeline_run.repo):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     buf = io.BytesIO()
     Image.fromarray(np.full((48, 48), 90, np.uint8)).save(buf, format="PNG")
@@ -136,10 +117,10 @@ def test_register_logs_the_pyfunc_without_warnings_and_it_still_predicts(repro: 
     assert out["error"].iloc[1].startswith("row 1: unreadable")
 
 
-def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
-    demo_repo = repro.repo
+def test_dvc_repro_runs_every_stage_and_registers(pipeline_run: PipelineRun) -> None:
+    demo_repo = pipeline_run.repo
     for stage in ("download", "prepare", "prototypes", "train", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in repro.stdout
+        assert f"Running stage '{stage}'" in pipeline_run.stdout
 
     raw = demo_repo / "data" / "raw"
     assert (raw / "train_val_list.txt").exists() and (raw / "test_list.txt").exists()
@@ -205,9 +186,7 @@ def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
     assert registration["selected_on"] == "val"
     assert registration["val_mean_auc"] == pytest.approx(metrics["val_mean_auc"])
 
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{demo_repo / 'mlflow.db'}")
+    client = pipeline_run.client()
     champion = client.get_model_version_by_alias("cxr-dwml", "champion")
     challenger = client.get_model_version_by_alias("cxr-dwml", "challenger")
     assert str(champion.version) == str(challenger.version) == "1"
@@ -226,8 +205,17 @@ def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
     logged = {a.path for a in client.list_artifacts(champion.run_id, "model_card")}
     assert {"model_card/model_card.md", "model_card/model_card.html", "model_card/plots"} <= logged
 
+
+def test_dvc_reruns_only_what_changed_and_compares_with_a_kept_baseline(
+    pipeline_run: PipelineRun, tmp_path: Path
+) -> None:
+    """On a copy of the run: nothing to do, a failed run then the fixed one, a baseline and a variant."""
+    copy = copy_run(pipeline_run, tmp_path / "repo")
+    demo_repo, client = copy.repo, copy.client()
+    metrics = json.loads((demo_repo / "reports/metrics.json").read_text())
+
     # a second run has nothing to do and says so
-    second = dvc(demo_repo, "repro")
+    second = dvc(copy, "repro")
     assert second.returncode == 0, second.stderr
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout.lower()
@@ -237,11 +225,11 @@ def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
     # reruns and no second version of the same model is registered
     committed = (demo_repo / "params.yaml").read_text()
     (demo_repo / "params.yaml").write_text(committed.replace("\ntrain:\n", "\ntrain:\n  epochz: 3\n", 1))
-    failed = dvc(demo_repo, "repro")
+    failed = dvc(copy, "repro")
     assert failed.returncode != 0 and "train.epochz" in failed.stdout + failed.stderr
     assert not (demo_repo / "reports/train/history.csv").exists()
     (demo_repo / "params.yaml").write_text(committed)
-    fixed = dvc(demo_repo, "repro")
+    fixed = dvc(copy, "repro")
     assert fixed.returncode == 0, fixed.stdout[-4000:] + fixed.stderr[-4000:]
     assert "Running stage 'evaluate'" not in fixed.stdout and "Running stage 'register'" not in fixed.stdout
     assert [v.version for v in client.search_model_versions("name='cxr-dwml'")] in (["1"], [1])
@@ -254,30 +242,32 @@ def test_dvc_repro_runs_every_stage_and_registers(repro: Repro) -> None:
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=demo_repo, check=True)
     params = (demo_repo / "params.yaml").read_text().replace("bootstrap_resamples: 100", "bootstrap_resamples: 60", 1)
     (demo_repo / "params.yaml").write_text(params)
-    third = dvc(demo_repo, "repro")
+    third = dvc(copy, "repro")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Running stage 'evaluate'" in third.stdout and "Running stage 'train'" not in third.stdout
     again = json.loads((demo_repo / "reports/metrics.json").read_text())
     # same checkpoint, same numbers: only the bootstrap interval may move
     assert again["mean_auc"] == metrics["mean_auc"] and again["per_class_auc"] == metrics["per_class_auc"]
-    diff = dvc(demo_repo, "metrics", "diff", "--json")
+    diff = dvc(copy, "metrics", "diff", "--json")
     assert diff.returncode == 0, diff.stderr
     changed = json.loads(diff.stdout)["reports/metrics.json"]
     assert "bootstrap_resamples" in changed and changed["bootstrap_resamples"]["old"] == 100
-    plots = dvc(demo_repo, "plots", "diff", "-o", "plots_html")
+    plots = dvc(copy, "plots", "diff", "-o", "plots_html")
     assert plots.returncode == 0, plots.stderr
     html = (demo_repo / "plots_html" / "index.html").read_text()
     assert "per_class_auc" in html and "HEAD" in html and "workspace" in html
 
 
-def test_a_later_dvc_repro_is_a_parent_of_its_own(repro: Repro) -> None:
-    """Last in the module: the runs before it made parents of their own; one more repro, one more."""
-    before = {p.info.run_id for p in _parents(repro.client)}
-    result = dvc(repro.repo, "repro", "--force", "--single-item", "download", timeout=600)
+def test_a_later_dvc_repro_is_a_parent_of_its_own(pipeline_run: PipelineRun, tmp_path: Path) -> None:
+    """On a copy of the run: one more repro, one more parent, with only what it ran nested under it."""
+    copy = copy_run(pipeline_run, tmp_path / "repo")
+    client = copy.client()
+    before = {p.info.run_id for p in _parents(client)}
+    result = dvc(copy, "repro", "--force", "--single-item", "download", timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    new = [p for p in _parents(repro.client) if p.info.run_id not in before]
+    new = [p for p in _parents(client) if p.info.run_id not in before]
     assert len(new) == 1, [p.info.run_name for p in new]
-    keys = {p.data.tags[tracking.PIPELINE_TAG] for p in _parents(repro.client)}
+    keys = {p.data.tags[tracking.PIPELINE_TAG] for p in _parents(client)}
     assert len(keys) == len(before) + 1  # every execution its own key
-    nested = _runs(repro.client, f"tags.`mlflow.parentRunId` = '{new[0].info.run_id}'")
+    nested = _runs(client, f"tags.`mlflow.parentRunId` = '{new[0].info.run_id}'")
     assert [r.data.tags["cxr.step"] for r in nested] == ["download"]

@@ -19,7 +19,7 @@ from pipeline import prototypes as P
 from pipeline.classes import CLASSES, readable_name
 from pipeline.config import ConfigError
 from tests.conftest import settings
-from tests.test_registry import free_port  # a loopback port nobody listens on
+from tests.servers import free_port  # a loopback port nobody listens on
 
 PAPER_ENCODER = "dmis-lab/biobert-base-cased-v1.2"
 

@@ -1,8 +1,8 @@
 """Serving the registered model: the pyfunc from the registry, `mlflow models serve` on loopback, and
 `python -m components.predict` on awkward files.
 
-The champion is registered by the real register component into the MLflow store of the tiny trained
-repo copy shared with test_registry.py (the SQLite store the DVC run itself logged to).
+The champion is the model the register stage of the session's tiny pipeline run (conftest's
+`pipeline_run`) registered in the SQLite store that run logged to; these tests only read it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,18 @@ import requests
 from PIL import Image
 
 from pipeline.classes import CLASSES
-from tests.conftest import ROOT, VENV_BIN, assert_no_identifier, dicom_twins, run_env, write_dicom
-from tests.test_registry import free_port, stop, tracking_env, trained_repo, wait_http
+from tests.conftest import (
+    ROOT,
+    VENV_BIN,
+    PipelineRun,
+    assert_no_identifier,
+    dicom_twins,
+    labels_of,
+    run_env,
+    tracking_env,
+    write_dicom,
+)
+from tests.servers import free_port, stop, wait_http
 
 pytestmark = pytest.mark.slow
 CHAMPION = "models:/cxr-dwml@champion"
@@ -44,36 +54,15 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+def served(pipeline_run: PipelineRun) -> Served:
     import mlflow
 
-    from components import register
-
-    repo = trained_repo(tmp_path_factory)
-    uri = f"sqlite:///{repo / 'mlflow.db'}"
-    out = tmp_path_factory.mktemp("serving") / "registration.json"
-    with tracking_env(uri, repo):
-        assert (
-            register.main(
-                [
-                    "--params",
-                    "params.yaml",
-                    "--model",
-                    "artifacts/model",
-                    "--reports",
-                    "reports",
-                    "--prepared",
-                    "data/prepared",
-                    "--out",
-                    str(out),
-                ]
-            )
-            == 0
-        )
+    repo = pipeline_run.repo
+    with tracking_env(pipeline_run.tracking_uri, repo):
         model = mlflow.pyfunc.load_model(CHAMPION)
-    registration = json.loads(out.read_text())
+    registration = json.loads((repo / "reports/registration.json").read_text())
     assert registration["promote"] is True and "champion" in registration["aliases"]
-    return Served(repo, uri, model, registration)
+    return Served(repo, pipeline_run.tracking_uri, model, registration)
 
 
 def checkpoint_logits(repo: Path, paths: list[Path]) -> np.ndarray:
@@ -134,7 +123,6 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
     # the thresholds were chosen on the calibrated validation probabilities, the scale the model serves
     from pipeline.evaluation.calibration import logit
     from pipeline.metrics import select_thresholds
-    from tests.test_registry import labels_of
 
     val = pd.read_parquet(served.repo / "reports/predictions/val.parquet")
     chosen = select_thresholds(labels_of(served.repo, val["image"]), cal.probabilities(logit(val[list(CLASSES)])))
@@ -158,9 +146,15 @@ def test_registered_pyfunc_matches_the_checkpoint(served: Served) -> None:
     assert served.model.metadata.get_output_schema().input_names() == OUTPUT
 
 
+@dataclass
+class ModelServer:
+    url: str
+    log: Path  # what the server printed
+
+
 @pytest.fixture(scope="module")
-def model_server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow models serve` of the champion on a free loopback port; yields its URL."""
+def model_server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """`mlflow models serve` of the champion on a free loopback port, shared by this module's tests."""
     port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [
         str(VENV_BIN / "mlflow"),
@@ -180,13 +174,13 @@ def model_server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> It
             cmd, cwd=served.repo, env=run_env(served.repo), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
-        yield f"http://127.0.0.1:{port}"
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, process=proc, log=log)
+        yield ModelServer(f"http://127.0.0.1:{port}", log)
     finally:
         stop(proc)
 
 
-def test_models_serve_answers_a_posted_png(served: Served, model_server: str) -> None:
+def test_models_serve_answers_a_posted_png(served: Served, model_server: ModelServer) -> None:
     gray = Image.open(served.test_images(1)[0])
     rgba = Image.merge("RGBA", [gray, gray, gray, Image.new("L", gray.size, 255)])
     bodies = [png_bytes(gray), png_bytes(rgba)]
@@ -195,12 +189,12 @@ def test_models_serve_answers_a_posted_png(served: Served, model_server: str) ->
     payload = {
         "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode("ascii")] for b in bodies]}
     }
-    r = requests.post(f"{model_server}/invocations", json=payload, timeout=60)
+    r = requests.post(f"{model_server.url}/invocations", json=payload, timeout=60)
     assert r.status_code == 200, r.text
     # "not an image" (base64) beside a good image: that row gets an error, the other its scores
     rows = [payload["dataframe_split"]["data"][0], ["bm90IGFuIGltYWdl"]]
     mixed = requests.post(
-        f"{model_server}/invocations", timeout=60, json={"dataframe_split": {"columns": ["image"], "data": rows}}
+        f"{model_server.url}/invocations", timeout=60, json={"dataframe_split": {"columns": ["image"], "data": rows}}
     )
     predictions = pd.DataFrame(r.json()["predictions"])
     assert list(predictions.columns) == OUTPUT and len(predictions) == 2
@@ -214,7 +208,7 @@ def test_models_serve_answers_a_posted_png(served: Served, model_server: str) ->
     assert bad["error"].startswith("row 1: unreadable: ") and bad["labels"] is None and bad[CLASSES[0]] is None
 
 
-def test_models_serve_answers_every_documented_request_format(served: Served, model_server: str) -> None:
+def test_models_serve_answers_every_documented_request_format(served: Served, model_server: ModelServer) -> None:
     """The bodies docs/registry.md shows: base64 text or {"b64": text} per image, a null row beside it."""
     film = served.test_images(1)[0].read_bytes()
     text = base64.b64encode(film).decode("ascii")
@@ -228,7 +222,7 @@ def test_models_serve_answers_every_documented_request_format(served: Served, mo
         "inputs_b64": {"inputs": {"image": [{"b64": text}, None]}},
     }
     for name, body in bodies.items():
-        r = requests.post(f"{model_server}/invocations", json=body, timeout=60)
+        r = requests.post(f"{model_server.url}/invocations", json=body, timeout=60)
         assert r.status_code == 200, (name, r.text[:2000])
         scored, null = r.json()["predictions"]
         assert scored["error"] is None, (name, scored["error"])
@@ -236,7 +230,7 @@ def test_models_serve_answers_every_documented_request_format(served: Served, mo
         assert null["error"] == "row 1: missing: null instead of an image" and null["labels"] is None, name
 
     explain = {**bodies["inputs"], "params": {"explain": True, "explain_top_k": 0}}
-    r = requests.post(f"{model_server}/invocations", json=explain, timeout=60)
+    r = requests.post(f"{model_server.url}/invocations", json=explain, timeout=60)
     assert r.status_code == 200, r.text[:2000]
     assert [row["explanation"] for row in r.json()["predictions"]] == ["[]", None]
 
@@ -484,7 +478,9 @@ def _dicom_films(served: Served, folder: Path) -> tuple[list[Path], list[Path]]:
 KNEE = "Body Part Examined is KNEE, not the chest (CHEST, LUNG, THORAX): send a chest X-ray"
 
 
-def test_models_serve_scores_a_posted_dicom_as_its_png(served: Served, tmp_path: Path) -> None:
+def test_models_serve_scores_a_posted_dicom_as_its_png(
+    served: Served, model_server: ModelServer, tmp_path: Path
+) -> None:
     import mlflow
 
     dicoms, pngs = _dicom_films(served, tmp_path / "dicom")
@@ -497,27 +493,10 @@ def test_models_serve_scores_a_posted_dicom_as_its_png(served: Served, tmp_path:
         pin for pin in lock if pin.startswith(("pydicom==", "pylibjpeg", "python-gdcm"))
     }
 
-    port, log = free_port(), tmp_path / "serve.log"
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [*cmd, "--host", "127.0.0.1", "-p", str(port)],
-            cwd=served.repo,
-            env=run_env(served.repo),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=240)
-        rows = [[base64.b64encode(p.read_bytes()).decode("ascii")] for p in dicoms]
-        r = requests.post(
-            f"http://127.0.0.1:{port}/invocations",
-            json={"dataframe_split": {"columns": ["image"], "data": rows}},
-            timeout=60,
-        )
-    finally:
-        stop(proc)
+    rows = [[base64.b64encode(p.read_bytes()).decode("ascii")] for p in dicoms]
+    r = requests.post(
+        f"{model_server.url}/invocations", json={"dataframe_split": {"columns": ["image"], "data": rows}}, timeout=60
+    )
     assert r.status_code == 200, r.text
     predictions = pd.DataFrame(r.json()["predictions"])
     scored, knee = predictions.iloc[: len(pngs)], predictions.iloc[len(pngs)]
@@ -525,7 +504,8 @@ def test_models_serve_scores_a_posted_dicom_as_its_png(served: Served, tmp_path:
     np.testing.assert_allclose(scored[list(CLASSES)], expected[list(CLASSES)], rtol=0, atol=1e-6)
     assert list(scored["labels"]) == list(expected["labels"])
     assert knee["error"] == f"row {len(pngs)}: refused: {KNEE}" and pd.isna(knee["labels"])
-    assert_no_identifier(tmp_path, log.read_text(), inputs=tmp_path / "dicom")
+    # nothing the server wrote while it scored them holds a patient or study value
+    assert_no_identifier(model_server.log.parent, model_server.log.read_text(), inputs=tmp_path / "dicom")
 
 
 def test_predict_scores_dicoms_as_their_pngs_and_writes_no_identifier(served: Served, tmp_path: Path) -> None:

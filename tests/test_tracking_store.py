@@ -22,15 +22,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_env
+from tests.servers import free_port
 
 PARAMS = str(ROOT / "params.yaml")
-
-
-def closed_port() -> int:
-    """A loopback port with no listener: connections to it are refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def component(args: list[str], uri: str, cwd: Path, timeout: float = 90, **env: str) -> tuple[int, str, float]:
@@ -91,7 +85,7 @@ def sqlite_store(tmp_path: Path) -> str:
 
 
 def test_a_dead_tracking_server_fails_each_step_in_seconds_in_one_line(tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()  # no listener: connections to it are refused at once
     uri = f"http://alice:s3cr%40t@127.0.0.1:{port}"
     shown = f"http://***@127.0.0.1:{port}"
     for args in (

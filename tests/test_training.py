@@ -332,14 +332,11 @@ dist.destroy_process_group()
 
 
 def test_running_cell_means_are_all_reduced_across_ranks(tmp_path):
-    import socket
-
     from pipeline.losses import modulation
     from pipeline.losses.dwml import cell_sums
+    from tests.servers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, "-c", CELL_MEAN_WORKER, str(r), port, str(tmp_path)], env=env)
