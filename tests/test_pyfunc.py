@@ -148,20 +148,27 @@ def test_explanations_come_only_when_asked_as_base64_pngs_of_the_top_findings(py
     pd.testing.assert_frame_equal(none.drop(columns=EXPLANATION_COLUMN), plain)
 
 
-def test_the_logged_model_takes_the_explain_param_through_mlflow(model_files: Path, tmp_path: Path) -> None:
-    """MLflow drops params a signature does not declare: the logged signature must carry `explain`."""
+def _logged_model(model_files: Path, folder: Path, experiment: str):
+    """The pyfunc logged as the register step logs it, into a new experiment of the active store
+    whose artifacts stay under `folder` (not ./mlruns of the checkout: an earlier test may have left
+    another store's experiment active), loaded back."""
     import mlflow
 
     from pipeline.registry.packaging import log_pyfunc
 
+    experiment_id = mlflow.create_experiment(experiment, artifact_location=(folder / "mlruns").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = log_pyfunc(model_files / "best.pt", model_files / "thresholds.json", png(21, SIZE))
+    return mlflow.pyfunc.load_model(info.model_uri)
+
+
+def test_the_logged_model_takes_the_explain_param_through_mlflow(model_files: Path, tmp_path: Path) -> None:
+    """MLflow drops params a signature does not declare: the logged signature must carry `explain`."""
+    import mlflow
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        # an experiment of this store, its artifacts under tmp_path (not ./mlruns of the checkout): an
-        # earlier test may have left another store's experiment active
-        experiment_id = mlflow.create_experiment("explain-param", artifact_location=(tmp_path / "mlruns").as_uri())
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = log_pyfunc(model_files / "best.pt", model_files / "thresholds.json", png(21, SIZE))
-        model = mlflow.pyfunc.load_model(info.model_uri)
+        model = _logged_model(model_files, tmp_path, "explain-param")
         assert {p.name: p.default for p in model.metadata.get_params_schema().params} == {
             "explain": False,
             "explain_top_k": 3,
@@ -183,15 +190,10 @@ def scoring_app(model_files: Path, tmp_path_factory: pytest.TempPathFactory):
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
-    from pipeline.registry.packaging import log_pyfunc
-
     folder = tmp_path_factory.mktemp("scoring")
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
     try:
-        experiment_id = mlflow.create_experiment("scoring", artifact_location=(folder / "mlruns").as_uri())
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = log_pyfunc(model_files / "best.pt", model_files / "thresholds.json", png(21, SIZE))
-        model = mlflow.pyfunc.load_model(info.model_uri)
+        model = _logged_model(model_files, folder, "scoring")
     finally:
         mlflow.set_tracking_uri(None)
     with TestClient(scoring_server.init(model)) as client:
