@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .classes import CLASSES
+from .classes import CLASSES, TOTAL_IMAGES
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -67,6 +67,11 @@ class SyntheticConfig(Section):
     """`download.synthetic`: the demo data's size and look.
 
     Attributes:
+        shape: `demo`, a small set with NIH's prevalences on average; or `nih`, NIH ChestX-ray14's
+            exact bookkeeping (patients, follow-ups, the two lists, per-split class counts,
+            findings per image, views, sexes, the box file; pipeline/data/synthetic_nih.py) at
+            112,120 images, whole patients sampled from it below that. With `nih`, the patients
+            and the split follow from NIH's shape: num_patients and test_fraction are not used.
         num_images: total images; every patient has at least one.
         num_patients: distinct patients; follow-ups per patient are skewed like NIH's.
         image_size: side of the square PNGs in pixels.
@@ -77,6 +82,7 @@ class SyntheticConfig(Section):
         noise: standard deviation of the pixel noise, in intensity units of [0, 1].
     """
 
+    shape: Literal["demo", "nih"]
     num_images: PosInt
     num_patients: Annotated[int, Field(ge=2)]
     image_size: Annotated[int, Field(ge=32, le=4096)]
@@ -88,6 +94,13 @@ class SyntheticConfig(Section):
 
     @model_validator(mode="after")
     def _one_image_per_patient(self) -> Self:
+        if self.shape == "nih":
+            if not 100 <= self.num_images <= TOTAL_IMAGES:
+                raise ValueError(
+                    f"num_images ({self.num_images}) with shape nih must be 100..{TOTAL_IMAGES}: "
+                    "NIH's shape has 112,120 images, and a smaller set samples whole patients of it"
+                )
+            return self
         if self.num_images < self.num_patients:
             raise ValueError(
                 f"num_images ({self.num_images}) < num_patients ({self.num_patients}); "

@@ -248,7 +248,8 @@ def _grow(bar: tqdm, n: int) -> None:
 
 
 def _fetch_synthetic(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool) -> dict:
-    return {"synthetic": generate(out_dir, cfg.synthetic, progress=progress)}
+    workers = max(1, min(cfg.workers, os.cpu_count() or 1))
+    return {"synthetic": generate(out_dir, cfg.synthetic, progress=progress, workers=workers)}
 
 
 def _fetch_http(cfg: DownloadConfig, out_dir: Path, xfer: Transfer, progress: bool) -> dict:

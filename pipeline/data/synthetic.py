@@ -136,6 +136,18 @@ def sample_labels(
     Returns:
         (n, C) uint8 multi-hot labels in CLASSES order.
     """
+    return (sample_latent(n, rng, groups, persistence, loading) > 0).astype(np.uint8)
+
+
+def sample_latent(
+    n: int,
+    rng: np.random.Generator,
+    groups: np.ndarray | None = None,
+    persistence: float = 0.0,
+    loading: float = ILLNESS_LOADING,
+) -> np.ndarray:
+    """The copula's latent values behind `sample_labels`, less each class's threshold: (n, C) float,
+    positive where the class is present at the real prevalence. Arguments as `sample_labels`."""
     chol, thresholds = _copula(float(loading))
     latent = rng.standard_normal((n, NUM_CLASSES)) @ chol.T  # (n, C) ~ N(0, corr)
     if groups is not None and persistence > 0:
@@ -144,7 +156,7 @@ def sample_labels(
         # A mix of two independent N(0, corr) draws with weights whose squares sum to 1 is again
         # N(0, corr): the marginal prevalences do not move.
         latent = math.sqrt(persistence) * shared[groups] + math.sqrt(1 - persistence) * latent
-    return (latent > thresholds).astype(np.uint8)
+    return latent - thresholds
 
 
 def finding_labels(labels: np.ndarray) -> str:
@@ -500,7 +512,7 @@ def render_image(
     Returns:
         (size, size) uint8 image.
     """
-    return render_with_boxes(labels, anatomy, rng, size, view, invisible_fraction, noise)[0]
+    return render_with_boxes(labels, anatomy, rng, size, view, invisible_fraction, noise, boxed=())[0]
 
 
 # The classes NIH drew boxes for, ours by name.
@@ -515,23 +527,31 @@ def render_with_boxes(
     view: str = "PA",
     invisible_fraction: float = 0.1,
     noise: float = 0.03,
+    boxed: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
     """`render_image`'s image and the boxes (class, (x, y, w, h) in pixels) of its drawn lesions.
 
     Only the classes in BOX_CLASSES get boxes, and only when drawn (an invisible positive has none).
+    `boxed`: box these class indices only, their lesions always drawn visibly (the NIH shape's
+    chosen findings); () boxes nothing and skips the work. The pixels do not depend on the boxes.
     """
     sc = _Scene(size, anatomy, view, rng)
-    strengths = rng.uniform(0.3, 1.0, NUM_CLASSES) * (rng.random(NUM_CLASSES) >= invisible_fraction)
+    drawn = rng.uniform(0.3, 1.0, NUM_CLASSES)
+    strengths = drawn * (rng.random(NUM_CLASSES) >= invisible_fraction)
+    if boxed:  # the same draws either way, so no other image's random stream moves
+        strengths[list(boxed)] = drawn[list(boxed)]
+    wanted = {_IDX[c] for c in BOX_CLASSES} if boxed is None else set(boxed)
     boxes: list[tuple[str, tuple[int, int, int, int]]] = []
     for table in (_ANATOMY_CHANGES, _DENSITIES):
         for cls, draw in table.items():
             i = _IDX[cls]
             if labels[i] and strengths[i] > 0:
-                before = _densities(sc)
+                box_it = i in wanted and cls != "Cardiomegaly"
+                before = _densities(sc) if box_it else None
                 draw(sc, float(strengths[i]))
-                if cls in BOX_CLASSES and cls != "Cardiomegaly":
+                if box_it:
                     boxes += [(cls, b) for b in _region_boxes(np.max(np.abs(_densities(sc) - before), axis=0))]
-    if labels[_IDX["Cardiomegaly"]] and strengths[_IDX["Cardiomegaly"]] > 0:
+    if labels[_IDX["Cardiomegaly"]] and strengths[_IDX["Cardiomegaly"]] > 0 and _IDX["Cardiomegaly"] in wanted:
         heart, _ = _ellipse(sc.u, sc.v, 0.1, 0.34, sc.heart_w, sc.heart_h, edge=0.25)
         boxes += [("Cardiomegaly", b) for b in _region_boxes(heart)]
     return sc.compose(noise), boxes
@@ -584,10 +604,31 @@ class _Metadata:
     gender: np.ndarray  # (N,) "M" / "F"
     view: np.ndarray  # (N,) "PA" / "AP"
     is_test: np.ndarray  # (N,) bool
+    # image index -> class indices to box (drawn visibly); None: box every drawn lesion (demo)
+    boxed: dict[int, tuple[int, ...]] | None = None
+
+
+def _metadata(cfg: SyntheticConfig) -> _Metadata:
+    """The dataset's table in the configured shape."""
+    if cfg.shape == "nih":
+        from pipeline.data import synthetic_nih
+
+        table = synthetic_nih.sample(synthetic_nih.full_table(cfg.seed, cfg.persistence), cfg.num_images, cfg.seed)
+        return _Metadata(
+            table.patient + 1,
+            table.followup,
+            table.labels,
+            table.age,
+            table.gender,
+            table.view,
+            table.is_test,
+            table.boxed,
+        )
+    return _sample_metadata(cfg, np.random.default_rng([cfg.seed, 0]))
 
 
 def _sample_metadata(cfg: SyntheticConfig, rng: np.random.Generator) -> _Metadata:
-    """Patients, follow-ups, labels, demographics and split for every image."""
+    """The demo shape: patients, follow-ups, labels, demographics and split for every image."""
     counts = followup_counts(cfg.num_images, cfg.num_patients, rng)  # (P,)
     pidx = np.repeat(np.arange(cfg.num_patients), counts)  # (N,) 0-based patient index
     followup = np.concatenate([np.arange(k) for k in counts])
@@ -628,13 +669,49 @@ def _save_png(path: Path, image: np.ndarray) -> None:
         raise
 
 
-def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict:
+def _largest(boxes: list[tuple[str, tuple[int, int, int, int]]]) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """One box per class, its largest region's (the NIH shape: one box per boxed finding)."""
+    best: dict[str, tuple[int, int, int, int]] = {}
+    for cls, b in boxes:
+        if cls not in best or b[2] * b[3] > best[cls][2] * best[cls][3]:
+            best[cls] = b
+    return list(best.items())
+
+
+def _draw_range(
+    out_dir: str,
+    cfg: SyntheticConfig,
+    items: list[tuple[str, np.ndarray, int, str, tuple[int, ...] | None]],
+    start: int,
+    patient_seeds: dict[int, np.random.SeedSequence],
+) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+    """Draw and save images start.. of `items` (name, labels, patient, view, boxed); their boxes."""
+    anatomies = {p: sample_anatomy(np.random.default_rng(seq)) for p, seq in patient_seeds.items()}
+    boxes = []
+    for k, (name, labels, patient, view, boxed) in enumerate(items):
+        rng = np.random.default_rng([cfg.seed, 2, start + k])  # one stream per image: reproducible alone
+        img, drawn = render_with_boxes(
+            labels, anatomies[patient], rng, cfg.image_size, view, cfg.invisible_fraction, cfg.noise, boxed=boxed
+        )
+        _save_png(Path(out_dir) / RAW_IMAGES / name, img)
+        if boxed is not None:
+            drawn = _largest(drawn)
+        boxes += [(name, cls, box) for cls, box in drawn]
+    return boxes
+
+
+# images per drawing task: progress and work spread in steps of a few seconds
+_DRAW_CHUNK = 256
+
+
+def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True, workers: int = 1) -> dict:
     """Write a synthetic dataset in the NIH ChestX-ray14 layout under `out_dir`.
 
     Args:
         out_dir: destination; created if missing. Existing files of the same names are replaced.
-        cfg: sizes, seed and look.
+        cfg: shape, sizes, seed and look.
         progress: show a progress bar while drawing images.
+        workers: processes drawing images (the output is the same for any number).
 
     Returns:
         Summary: images, patients, per-split counts, "No Finding" and per-class image counts.
@@ -644,25 +721,45 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
     images_dir.mkdir(parents=True, exist_ok=True)
     # The label file is written last, so its presence means the dataset is complete.
     (out_dir / LABEL_CSV_NAMES[0]).unlink(missing_ok=True)
-    meta = _sample_metadata(cfg, np.random.default_rng([cfg.seed, 0]))
+    meta = _metadata(cfg)
     patients = meta.patient - 1
-    patient_rngs = np.random.default_rng([cfg.seed, 1]).spawn(cfg.num_patients)
-    anatomies = [sample_anatomy(r) for r in patient_rngs]
+    num_images, num_patients = len(patients), int(patients.max()) + 1
+    patient_seeds = np.random.SeedSequence([cfg.seed, 1]).spawn(num_patients)
     names = [image_name(p, f) for p, f in zip(meta.patient, meta.followup)]
-    boxes = []
-    for i in tqdm(range(cfg.num_images), desc="synthetic images", unit="img", disable=not progress):
-        rng = np.random.default_rng([cfg.seed, 2, i])  # one stream per image: reproducible alone
-        img, drawn = render_with_boxes(
+    items = [
+        (
+            names[i],
             meta.labels[i],
-            anatomies[patients[i]],
-            rng,
-            cfg.image_size,
-            meta.view[i],
-            cfg.invisible_fraction,
-            cfg.noise,
+            int(patients[i]),
+            str(meta.view[i]),
+            None if meta.boxed is None else meta.boxed.get(i, ()),
         )
-        _save_png(images_dir / names[i], img)
-        boxes += [(names[i], cls, box) for cls, box in drawn]
+        for i in range(num_images)
+    ]
+    boxes: list[tuple[str, str, tuple[int, int, int, int]]] = []
+    starts = range(0, num_images, _DRAW_CHUNK)
+
+    def task(s: int) -> tuple:
+        chunk = items[s : s + _DRAW_CHUNK]
+        seeds = {p: patient_seeds[p] for p in {it[2] for it in chunk}}
+        return (str(out_dir), cfg, chunk, s, seeds)
+
+    bar = tqdm(total=num_images, desc="synthetic images", unit="img", disable=not progress)
+    try:
+        if workers <= 1:
+            for s in starts:
+                boxes += _draw_range(*task(s))
+                bar.update(min(_DRAW_CHUNK, num_images - s))
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_draw_range, *task(s)) for s in starts]
+                for s, fut in zip(starts, futures):  # in order: the box file's rows are too
+                    boxes += fut.result()
+                    bar.update(min(_DRAW_CHUNK, num_images - s))
+    finally:
+        bar.close()
     train_val = [n for n, t in zip(names, meta.is_test) if not t]
     test = [n for n, t in zip(names, meta.is_test) if t]
     io.write_text(out_dir / TRAIN_VAL_LIST, "\n".join(train_val))  # NIH: no trailing newline
@@ -670,13 +767,15 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True) -> dict
     io.write_text(out_dir / BBOX_CSV, bbox_csv(boxes, cfg.image_size))
     io.write_text(out_dir / LABEL_CSV_NAMES[0], _label_csv(meta, cfg.image_size))
     return {
-        "images": cfg.num_images,
-        "patients": cfg.num_patients,
+        "shape": cfg.shape,
+        "images": num_images,
+        "patients": num_patients,
         "train_val_images": int((~meta.is_test).sum()),
         "test_images": int(meta.is_test.sum()),
         "test_patients": int(len(np.unique(patients[meta.is_test]))),
         "image_size": cfg.image_size,
         "no_finding": int((meta.labels.sum(1) == 0).sum()),
         "boxes": len(boxes),
+        "boxed_images": len({b[0] for b in boxes}),
         "class_counts": {c: int(n) for c, n in zip(CLASSES, meta.labels.sum(0))},
     }
