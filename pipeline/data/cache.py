@@ -403,6 +403,62 @@ def open_cache(cache_dir: str | Path, mode: str = "r") -> np.memmap:
     return np.memmap(path, dtype=index["dtype"], mode=mode, shape=tuple(index["shape"]))
 
 
+class CacheRows:
+    """Rows of a complete cache read with pread into fresh arrays: (N, size, size) uint8 by index.
+
+    A memory map of the cache (`open_cache`) keeps every page it has touched mapped, and those pages
+    count in the process's resident memory: scoring the validation and test images of a 256-px
+    cache of NIH's size would hold about 2.8 GB of it per process. A row read here is a copy the
+    caller owns and frees; the file's pages stay in the kernel's page cache, shared and reclaimable.
+    Opened lazily, once per process (a data-loader worker reopens it after fork or spawn).
+
+    Raises:
+        RuntimeError: the cache is missing or incomplete (rerun the prepare step).
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        cache_dir = Path(cache_dir)
+        index = _read_index(cache_dir)
+        if index is None or not index.get("complete"):
+            raise RuntimeError(f"{cache_dir}: image cache missing or incomplete; run the prepare step")
+        self.path = cache_dir / index["file"]
+        self.shape = tuple(int(n) for n in index["shape"])
+        self.dtype = np.dtype(index["dtype"])
+        self._row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if not 0 <= i < self.shape[0]:
+            raise IndexError(f"{self.path}: row {i} of {self.shape[0]}")
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, self._row_bytes, i * self._row_bytes)
+        if len(data) != self._row_bytes:
+            raise RuntimeError(f"{self.path}: row {i} is cut short; rerun the prepare step")
+        return np.frombuffer(bytearray(data), dtype=self.dtype).reshape(self.shape[1:])
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fd"] = state["_pid"] = None  # a descriptor does not travel to another process
+        return state
+
+
 def remove_marker(cache_dir: str | Path, size: int, k: int) -> None:
     """Forget that chunk k was built, so the next build decodes it again."""
     os.unlink(_marker_path(Path(cache_dir) / f"chunks_{size}", k))

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from pipeline.classes import CLASSES
 from pipeline.config import AugmentConfig
-from pipeline.data.cache import open_cache
+from pipeline.data.cache import CacheRows
 from pipeline.data.layout import CACHE_DIR, MANIFEST
 from pipeline.data.splits import SPLITS
 
@@ -163,9 +163,10 @@ class CachedImageDataset(Dataset):
         self.patients = manifest["patient"].to_numpy()
         self.targets = manifest[list(CLASSES)].to_numpy(dtype=np.float32)  # (N, C)
         self.cache_index = manifest["cache_index"].to_numpy(dtype=np.int64)
-        self._images: np.ndarray | None = None  # opened lazily, once per worker process
-        cache_size = int(self._open().shape[-1])
-        self._images = None  # a memmap is not shared across fork/spawn; each worker maps its own
+        # rows are read with pread (CacheRows), not from a memory map, whose touched pages would
+        # all count in this process's memory; each worker opens its own descriptor
+        self._images = CacheRows(self.prepared_dir / CACHE_DIR)
+        cache_size = int(self._images.shape[-1])
         self.transform = self._make_transform(augment, train, cache_size)
 
     @staticmethod
@@ -184,11 +185,6 @@ class CachedImageDataset(Dataset):
             return train_transform(augment, cache_size)
         return eval_transform(crop)
 
-    def _open(self) -> np.ndarray:
-        if self._images is None:
-            self._images = open_cache(self.prepared_dir / CACHE_DIR)
-        return self._images
-
     def __len__(self) -> int:
         return len(self.image_names)
 
@@ -196,7 +192,7 @@ class CachedImageDataset(Dataset):
         """Item `key`, or for `key = (i, seed)` (from `SeededSampler`) item i augmented by draws
         that depend on (seed, i) only."""
         i, seed = key if isinstance(key, tuple) else (key, None)
-        pixels = np.array(self._open()[self.cache_index[i]])  # (H, W) copy out of the page cache
+        pixels = self._images[self.cache_index[i]]  # (H, W), a copy this item owns
         image = torch.from_numpy(pixels).unsqueeze(0)  # (1, H, W) uint8
         if self.transform is not None:
             if seed is None:
@@ -209,10 +205,6 @@ class CachedImageDataset(Dataset):
                     image = self.transform(image)
         return image, torch.from_numpy(self.targets[i])
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_images"] = None
-        return state
 
 
 def _read_manifest(path: Path) -> pd.DataFrame:
