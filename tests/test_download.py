@@ -756,7 +756,8 @@ def test_switching_the_source_never_mixes_two_datasets(release, tmp_path, caplog
     (tmp_path / "raw" / "notes.txt").write_text("mine")
     synthetic = settings("download.synthetic", num_images=12, num_patients=6, image_size=32)
     fetch(settings("download", synthetic=synthetic), out, progress=False)
-    assert json.loads((out / ".fetch" / "source.json").read_text()) == {"source": "synthetic"}
+    recorded = json.loads((out / ".fetch" / "source.json").read_text())["source"]
+    assert recorded.startswith("synthetic shape=demo num_images=12 ") and "image_size=32" in recorded
     src = _local_release(release, tmp_path / "nih")
     summary = fetch(_cfg(str(src), release), out, progress=False)
     # the release alone, image for image and label for label: nothing of the synthetic set is left
@@ -764,13 +765,27 @@ def test_switching_the_source_never_mixes_two_datasets(release, tmp_path, caplog
         **release.expected_manifest(),
         "notes.txt": {"md5": hashlib.md5(b"mine").hexdigest(), "size": 4},
     }
-    assert summary["replaced_source"] == "synthetic" and (out / "notes.txt").read_text() == "mine"
-    assert f"{out} held the dataset from synthetic; download.source is now {src}" in caplog.text
+    assert summary["replaced_source"] == recorded and (out / "notes.txt").read_text() == "mine"
+    assert f"{out} held the dataset from {recorded}; download.source is now {src}" in caplog.text
     assert json.loads((out / ".fetch" / "source.json").read_text()) == {"source": str(src)}
     # back to the synthetic source: its own set again, none of the release
     fetch(settings("download", synthetic=synthetic), out, progress=False)
     names = {p.name for p in (out / "images").iterdir()}
     assert len(names) == 12 and not names & set(release.images)
+
+
+def test_another_synthetic_set_never_mixes_with_the_last(tmp_path):
+    """The synthetic source's names overlap between sets: a larger set's extra images would stay
+    beside a smaller one's, listed in the manifest and tracked by DVC. Another shape, size or seed
+    empties the folder first."""
+    out = tmp_path / "raw"
+    large = settings("download.synthetic", shape="nih", num_images=300, image_size=32, seed=3)
+    fetch(settings("download", synthetic=large), out, progress=False)
+    small = settings("download.synthetic", num_images=12, num_patients=6, image_size=32)
+    summary = fetch(settings("download", synthetic=small), out, progress=False)
+    assert summary["replaced_source"].startswith("synthetic shape=nih num_images=300 ")
+    assert len(list((out / "images").iterdir())) == 12
+    assert sum(1 for k in _manifest(out) if k.startswith("images/")) == 12
 
 
 def test_local_folder_of_archives_is_verified_and_extracted(release, tmp_path):

@@ -162,7 +162,7 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
     check_source(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    replaced = claim_folder(out_dir, cfg.source)
+    replaced = claim_folder(out_dir, dataset_id(cfg))
     (out_dir / MANIFEST).unlink(missing_ok=True)  # present only when the folder is complete
     start = time.perf_counter()
     kind = source_kind(cfg.source)
@@ -194,8 +194,16 @@ def source_id(source: str) -> str:
     return redact_uri(source)
 
 
+def dataset_id(cfg: DownloadConfig) -> str:
+    """What fills the folder: `source_id` of the source; for the synthetic source, every setting
+    that changes its files (another shape, size or seed is another dataset, whose names overlap)."""
+    if source_kind(cfg.source) != "synthetic":
+        return source_id(cfg.source)
+    return "synthetic " + " ".join(f"{k}={v}" for k, v in cfg.synthetic.model_dump().items())
+
+
 def claim_folder(out_dir: Path, source: str) -> str | None:
-    """Record in `out_dir` that `source` fills it; empty it first when another source did.
+    """Record in `out_dir` that `source` (a `dataset_id`) fills it; empty it first when another did.
 
     Files are kept between runs so that a download resumes; but a label file or an image left by
     another source would be taken as this one's (a label file present is not fetched again), and
@@ -208,7 +216,7 @@ def claim_folder(out_dir: Path, source: str) -> str | None:
         The other source, whose files were removed; None when there was none.
     """
     record = out_dir / STATE_DIR / SOURCE_RECORD
-    new = source_id(source)
+    new = source
     old = _recorded_source(out_dir)
     if old is not None and old != new:
         log.warning(
