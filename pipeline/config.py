@@ -78,6 +78,9 @@ class SyntheticConfig(Section):
         seed: one seed for labels, metadata, split and pixels.
         test_fraction: share of images (chosen by whole patients) in test_list.txt.
         persistence: correlation of a patient's latent labels across follow-ups (0 = independent).
+        min_prevalence: floor on each class's share of images (demo shape; the real share where
+            higher). NIH's rarest classes (Hernia 0.2%, Pneumonia 1.3%) leave one to four positive
+            patients in a small set's validation split, too few to measure an AUC on.
         invisible_fraction: share of positive labels drawn with no visible pattern (label noise).
         noise: standard deviation of the pixel noise, in intensity units of [0, 1].
     """
@@ -89,6 +92,7 @@ class SyntheticConfig(Section):
     seed: NonNegInt
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
     persistence: Fraction
+    min_prevalence: Annotated[float, Field(ge=0.0, le=0.2, allow_inf_nan=False)]
     invisible_fraction: Fraction
     noise: Annotated[float, Field(ge=0.0, le=0.5, allow_inf_nan=False)]
 

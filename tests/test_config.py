@@ -259,7 +259,7 @@ def test_a_params_file_naming_no_profile_of_conf_is_refused(tmp_path: Path, caps
     argv = ["--params", str(path), "--raw", str(tmp_path), "--out", str(tmp_path / "out"), "--no-mlflow"]
     code = run_main("prepare", main, argv)
     (line,) = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert code == 2 and f"{path}: 'profile' is 'papr'" in line and "(demo, paper)" in line, line
+    assert code == 2 and f"{path}: 'profile' is 'papr'" in line and "(demo, paper, scale)" in line, line
     assert not (tmp_path / "out").exists()
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
@@ -22,6 +23,7 @@ from pipeline.classes import (
     TEST_LIST,
     TOTAL_IMAGES,
     TRAIN_VAL_LIST,
+    image_name,
 )
 from pipeline.config import ConfigError
 from pipeline.data.synthetic import (
@@ -34,6 +36,8 @@ from pipeline.data.synthetic import (
     split_patients,
 )
 from tests.conftest import settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NAME = re.compile(r"^(\d{8})_(\d{3})\.png$")
 SMALL = settings("download.synthetic", num_images=120, num_patients=50, image_size=64, seed=7)
@@ -240,3 +244,30 @@ def test_box_file_outlines_the_drawn_lesions(dataset):
     # each image with a visible box class drawn has a box; invisible positives (10%) do not
     positives = sum(c in BBOX_LABELS.values() for names in labels.values() for c in names)
     assert 0.75 * positives <= boxes.groupby(["image", "class"]).ngroups <= positives
+
+
+def test_demo_data_measures_every_class_in_validation_and_test():
+    """The committed demo settings give every class at least evaluate.min_positive_patients positive
+    (and negative) patients in validation and in test, so every mean AUC is over all 14 classes."""
+    from pipeline.config import load_params
+    from pipeline.data.splits import assign_splits
+
+    params = load_params(ROOT / "params.yaml")
+    cfg, prep = params.download.synthetic, params.prepare
+    meta = _sample_metadata(cfg, np.random.default_rng([cfg.seed, 0]))
+    names = pd.Series([image_name(p, f) for p, f in zip(meta.patient, meta.followup)])
+    split = assign_splits(
+        names, pd.Series(meta.patient), meta.labels, list(names[~meta.is_test]), list(names[meta.is_test]),
+        prep.val_fraction, prep.seed, prep.stratify,
+    )  # fmt: skip
+    floor = params.evaluate.min_positive_patients
+    for name in ("val", "test"):
+        rows = split == name
+        for c, cls in enumerate(CLASSES):
+            positive = len(np.unique(meta.patient[rows & (meta.labels[:, c] == 1)]))
+            negative = len(np.unique(meta.patient[rows & (meta.labels[:, c] == 0)]))
+            assert positive >= floor and negative >= floor, (name, cls, positive, negative)
+    # the floor lifts only the rare classes: the common ones keep NIH's shares
+    shares = meta.labels.mean(0)
+    assert shares[CLASSES.index("Hernia")] == pytest.approx(cfg.min_prevalence, abs=0.01)
+    assert shares[CLASSES.index("Infiltration")] == pytest.approx(CLASS_COUNTS["Infiltration"] / TOTAL_IMAGES, abs=0.03)

@@ -108,11 +108,12 @@ def latent_correlation(loading: float = ILLNESS_LOADING) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _copula(loading: float) -> tuple[np.ndarray, np.ndarray]:
+def _copula(loading: float, min_prevalence: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     chol = np.linalg.cholesky(latent_correlation(loading))  # fails loudly if not positive definite
     quantile = statistics.NormalDist().inv_cdf
     # Each latent is N(0, 1), so the (1 - prevalence) quantile gives the real positive rate.
-    thresholds = np.array([quantile(1.0 - p) for p in real_prevalence()])  # (C,)
+    prevalence = np.maximum(real_prevalence(), min_prevalence)
+    thresholds = np.array([quantile(1.0 - p) for p in prevalence])  # (C,)
     return chol, thresholds
 
 
@@ -122,6 +123,7 @@ def sample_labels(
     groups: np.ndarray | None = None,
     persistence: float = 0.0,
     loading: float = ILLNESS_LOADING,
+    min_prevalence: float = 0.0,
 ) -> np.ndarray:
     """Draw multi-hot labels with the real prevalences and co-occurrence.
 
@@ -132,11 +134,12 @@ def sample_labels(
             their latent vector, so findings persist across follow-ups.
         persistence: share of latent variance shared within a group, in [0, 1).
         loading: shared illness factor loading (sets how often an image is "No Finding").
+        min_prevalence: floor on every class's share of images (the real share where higher).
 
     Returns:
         (n, C) uint8 multi-hot labels in CLASSES order.
     """
-    return (sample_latent(n, rng, groups, persistence, loading) > 0).astype(np.uint8)
+    return (sample_latent(n, rng, groups, persistence, loading, min_prevalence) > 0).astype(np.uint8)
 
 
 def sample_latent(
@@ -145,10 +148,11 @@ def sample_latent(
     groups: np.ndarray | None = None,
     persistence: float = 0.0,
     loading: float = ILLNESS_LOADING,
+    min_prevalence: float = 0.0,
 ) -> np.ndarray:
     """The copula's latent values behind `sample_labels`, less each class's threshold: (n, C) float,
     positive where the class is present at the real prevalence. Arguments as `sample_labels`."""
-    chol, thresholds = _copula(float(loading))
+    chol, thresholds = _copula(float(loading), float(min_prevalence))
     latent = rng.standard_normal((n, NUM_CLASSES)) @ chol.T  # (n, C) ~ N(0, corr)
     if groups is not None and persistence > 0:
         groups = np.asarray(groups)
@@ -632,7 +636,9 @@ def _sample_metadata(cfg: SyntheticConfig, rng: np.random.Generator) -> _Metadat
     counts = followup_counts(cfg.num_images, cfg.num_patients, rng)  # (P,)
     pidx = np.repeat(np.arange(cfg.num_patients), counts)  # (N,) 0-based patient index
     followup = np.concatenate([np.arange(k) for k in counts])
-    labels = sample_labels(cfg.num_images, rng, groups=pidx, persistence=cfg.persistence)
+    labels = sample_labels(
+        cfg.num_images, rng, groups=pidx, persistence=cfg.persistence, min_prevalence=cfg.min_prevalence
+    )
     base_age = np.clip(rng.normal(47, 17, cfg.num_patients), 1, 92)  # (P,)
     years_per_visit = rng.uniform(0, 0.6, cfg.num_patients)
     age = np.floor(np.clip(base_age[pidx] + followup * years_per_visit[pidx], 1, 100)).astype(int)
