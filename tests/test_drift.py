@@ -3,6 +3,8 @@ pyfunc's per-image and per-batch warnings on inverted and noise images beside sy
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -113,6 +115,36 @@ def test_batch_check_counts_images_over_the_threshold():
     assert "threshold 5.0" in result["warning"] and result["image"]["chance"] < 1e-6
     lines = ref.image_warnings(odd)
     assert lines[:7] == [None] * 7 and lines[9] == "unlike the training images: image statistics distance 60.0 > 5.0"
+
+
+def test_a_batch_shifted_as_a_whole_warns_by_its_mean():
+    """Every image under its threshold, but all of them further out than validation's: the count
+    test sees nothing, the mean test does."""
+    val_log = {"image": [math.log(2.0), 0.3, 200], "embedding": [math.log(15.0), 0.3, 200]}
+    ref = drift.Reference(**{**reference().__dict__, "val_log": val_log})
+    shifted = {"image": np.full(40, 3.5), "embedding": np.full(40, 15.0)}
+    result = ref.batch_check(shifted)
+    assert result["image"]["images_over"] == 0 and result["image"]["mean_chance"] < 1e-10
+    assert result["embedding"]["mean_chance"] > 0.3
+    assert result["warning"] == (
+        "batch unlike the training images: mean image statistics distance 3.5 over 40 images against 2.0 on "
+        f"validation (chance {result['image']['mean_chance']:.1e} for training-like images)"
+    )
+    calm = {"image": np.exp(np.random.default_rng(0).normal(math.log(2.0), 0.3, 40)), "embedding": np.full(40, 15.0)}
+    assert ref.batch_check(calm)["warning"] is None
+    assert ref.batch_check({k: v[:1] for k, v in shifted.items()})["tests"] == 2  # one image: no mean test
+    assert drift.Reference.from_dict(ref.to_dict()) == ref
+
+
+def test_the_batch_tests_keep_the_alarm_rate_family_wise():
+    """Two count tests at alarm_rate 0.01 each would flag a training-like batch up to 2% of the time;
+    each runs at 0.01 / 2."""
+    ref = reference(alarm_rate=0.01)
+    batch = {"image": np.r_[np.full(12, 2.0), 6.0, 7.0], "embedding": np.full(14, 15.0)}  # 2 of 14 over
+    result = ref.batch_check(batch)
+    assert result["tests"] == 2 and result["alpha_per_test"] == pytest.approx(0.005)
+    assert 0.005 < result["image"]["chance"] < 0.01  # under alarm_rate, over the per-test alpha
+    assert result["warning"] is None
 
 
 @pytest.fixture(scope="module")

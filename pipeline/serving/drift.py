@@ -22,10 +22,14 @@ prediction bound of a log-normal fitted to the validation distances (Student's t
 of validation *patients* as the sample size: a patient's images are not independent, and a small
 reference must not give a tight threshold), or the empirical quantile when that is further out
 (the empirical quantile of a few hundred images does not reach 1 in 1,000, and distances have a
-long right tail). A batch of n images is flagged when k of them are over the per-image threshold
-and k or more would happen by chance less often than alarm_rate (binomial tail with p =
-alarm_rate): one odd image is an image warning, a batch of them is a batch warning. Nothing is
-tuned on test images.
+long right tail). A batch of n images is tested two ways per distance: the count k of images over
+the per-image threshold (k or more happen by chance with the binomial tail, p = alarm_rate), and the
+batch's mean log distance against the validation images' (Student's t, the validation patients
+as the reference's sample size), which catches a batch that is shifted as a whole while each image
+stays under the threshold. With the size rule's count that is up to five tests, and the batch is
+flagged when one of them has a chance under alarm_rate / (the number of tests run): the whole
+check keeps alarm_rate family-wise (Bonferroni). One odd image is an image warning, a batch of them
+is a batch warning. Nothing is tuned on test images.
 
 Distances are blind to what the resize to the network's input removes: a 1-pixel grey PNG, noise
 at 1024 px (averaged to a flat grey) or a 10000 x 10 strip all become a smooth square that can sit
@@ -219,6 +223,8 @@ class Reference:
         settings: the settings that made it (a changed setting makes it again).
         sizes: the training images' size range the rule holds images to; None in a reference saved
             before it existed (no size rule then).
+        val_log: per kind, [mean, standard deviation, patients] of the validation images' log
+            distances, for the batch mean test; None in a reference saved before it (no mean test).
     """
 
     image: Gaussian
@@ -230,6 +236,7 @@ class Reference:
     val_images: int
     settings: dict[str, Any]
     sizes: SizeRange | None = None
+    val_log: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,13 +273,22 @@ class Reference:
         return out
 
     def batch_check(self, distances: dict[str, np.ndarray], sizes: np.ndarray | None = None) -> dict[str, Any]:
-        """Per kind, the batch's mean distance, how many images are over the per-image threshold
-        and the chance of that many or more among images like the training data (binomial, p =
-        alarm_rate); with `sizes` (B, 2) (width, height) the same count of images outside the size
-        range ("size"; alarm_rate bounds a training image's chance of that from above); and a
-        one-line `warning` when one of those chances is below alarm_rate (else None)."""
+        """The batch tests, each with its chance among images like the training data:
+
+        - per kind, how many images are over the per-image threshold (binomial, p = alarm_rate),
+          and (with `val_log`, 2+ images) the batch's mean log distance against validation's
+          ("mean_chance", one-sided Student's t);
+        - with `sizes` (B, 2) (width, height), the count of images outside the size range ("size";
+          alarm_rate bounds a training image's chance of that from above).
+
+        `alpha_per_test` is alarm_rate over the number of tests run (family-wise, Bonferroni), and
+        `warning` is one line naming each test whose chance is under it (else None)."""
         n = len(distances["image"])
-        result: dict[str, Any] = {"images": n, "alarm_rate": self.alarm_rate}
+        mean_tests = self.val_log is not None and n >= 2
+        tests = 2 * len(KINDS) if mean_tests else len(KINDS)
+        tests += int(sizes is not None and self.sizes is not None)
+        alpha = self.alarm_rate / tests
+        result: dict[str, Any] = {"images": n, "alarm_rate": self.alarm_rate, "tests": tests, "alpha_per_test": alpha}
         over = []
         if sizes is not None and self.sizes is not None:
             outside = int(self.sizes.outside(sizes).sum())
@@ -281,24 +297,39 @@ class Reference:
                 "images_outside": outside,
                 "chance": self._chance(outside, n),
             }
-            if result["size"]["chance"] < self.alarm_rate:
+            if result["size"]["chance"] < alpha:
                 over.append(f"{outside} of {n} images outside the training images' sizes ({self.sizes.describe()})")
         for kind in KINDS:
             flagged = int(np.sum(distances[kind] > self.thresholds[kind]))
             chance = self._chance(flagged, n)
-            result[kind] = {
-                "mean_distance": float(np.mean(distances[kind])) if n else None,
-                "threshold": self.thresholds[kind],
-                "images_over": flagged,
-                "chance": chance,
-            }
-            if chance < self.alarm_rate:
+            mean = float(np.mean(distances[kind])) if n else None
+            result[kind] = {"mean_distance": mean, "threshold": self.thresholds[kind], "images_over": flagged, "chance": chance}
+            if chance < alpha:
                 over.append(
                     f"{flagged} of {n} images over the {KINDS[kind]} distance threshold {self.thresholds[kind]:.1f} "
-                    f"(mean distance {result[kind]['mean_distance']:.1f}; chance {chance:.1e} for training-like images)"
+                    f"(mean distance {mean:.1f}; chance {chance:.1e} for training-like images)"
                 )
+            if mean_tests:
+                mean_chance = self._mean_chance(kind, distances[kind])
+                result[kind]["mean_chance"] = mean_chance
+                if mean_chance < alpha:
+                    over.append(
+                        f"mean {KINDS[kind]} distance {mean:.1f} over {n} images against {self.val_means[kind]:.1f} "
+                        f"on validation (chance {mean_chance:.1e} for training-like images)"
+                    )
         result["warning"] = f"batch unlike the training images: {'; '.join(over)}" if over else None
         return result
+
+    def _mean_chance(self, kind: str, distances: np.ndarray) -> float:
+        """P(a batch of training-like images has a mean log distance this high or higher): one-sided
+        Student's t of the batch mean against the validation mean, with the validation patients as
+        that mean's sample size."""
+        from scipy.stats import t
+
+        mu, sd, m = self.val_log[kind]
+        logs = np.log(np.maximum(np.asarray(distances, dtype=np.float64), 1e-12))
+        spread = max(sd, 1e-12) * math.sqrt(1.0 / len(logs) + 1.0 / max(m, 1))
+        return float(t.sf((logs.mean() - mu) / spread, df=max(int(m) - 1, 1)))
 
     def _chance(self, flagged: int, n: int) -> float:
         """P(X >= flagged) for X ~ Binomial(n, alarm_rate): how often images like the training data
@@ -364,6 +395,7 @@ def fit_reference(
         patients[split] = len(np.unique(ds.patients[rows]))
     image, embedding = Gaussian.fit(fitted["train"][0]), Gaussian.fit(fitted["train"][1])
     val = {"image": image.distance(fitted["val"][0]), "embedding": embedding.distance(fitted["val"][1])}
+    logs = {k: np.log(np.maximum(d, 1e-12)) for k, d in val.items()}
     return Reference(
         image=image,
         embedding=embedding,
@@ -374,6 +406,7 @@ def fit_reference(
         val_images=len(fitted["val"][0]),
         settings={**cfg.model_dump(), "seed": seed},
         sizes=SizeRange.fit(*training_sizes(prepared_dir), cfg.size_margin, cfg.aspect_margin),
+        val_log={k: [float(v.mean()), float(v.std(ddof=1)), patients["val"]] for k, v in logs.items()},
     )
 
 
