@@ -50,11 +50,15 @@ NIH_IMAGES = 112_120
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, default=NIH_IMAGES, help="images (default: NIH's %(default)s)")
     p.add_argument("--workdir", type=Path, required=True, help="the working copy (created; reused to resume)")
     p.add_argument("--machine", default=f"cpu{os.cpu_count()}", help="name in the results file (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None, help="results file (default: benchmarks/results/scale_<machine>.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results file (default: benchmarks/results/scale_<machine>.json)"
+    )
     p.add_argument("--until", choices=(*STAGES, "predict"), default="predict", help="last step to run")
     p.add_argument("--epochs", type=int, default=1, help="training epochs (default: %(default)s)")
     p.add_argument(
@@ -160,7 +164,10 @@ def make_workdir(workdir: Path, overrides: list[str]) -> None:
         subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
     sets = [a for o in overrides for a in ("--set", o)]
     subprocess.run(
-        [sys.executable, "-m", "components.params", "--profile", "scale", *sets], cwd=workdir, env=env_for(workdir), check=True
+        [sys.executable, "-m", "components.params", "--profile", "scale", *sets],
+        cwd=workdir,
+        env=env_for(workdir),
+        check=True,
     )
     git = ["git", "-c", "user.email=scale@example.invalid", "-c", "user.name=scale"]
     subprocess.run([*git, "add", "-A"], cwd=workdir, check=True)
@@ -191,12 +198,12 @@ def up_to_date(stage: str, workdir: Path, env: dict[str, str]) -> bool:
 
 def decode_sample(workdir: Path, count: int, cache_size: int, seed: int) -> dict:
     """Draw `count` NIH-shape images at 1024 px and time prepare's per-image work on them."""
+    from concurrent.futures import ProcessPoolExecutor
+
     import numpy as np
 
     from pipeline.data.cache import decode_or_reason
     from pipeline.data.synthetic import sample_labels
-
-    from concurrent.futures import ProcessPoolExecutor
 
     folder = workdir / "decode_sample_1024"
     folder.mkdir(exist_ok=True)
@@ -274,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.config import load_params
 
         params = load_params(workdir / "params.yaml")
-        results["decode_sample"] = decode_sample(workdir, args.decode_sample, params.prepare.image_size, params.download.synthetic.seed)
+        results["decode_sample"] = decode_sample(
+            workdir, args.decode_sample, params.prepare.image_size, params.download.synthetic.seed
+        )
         print(f"[scale] decode sample: {results['decode_sample']}", flush=True)
     progress_file.write_text(json.dumps(results, indent=2))
     report = summary(workdir, results, args)

@@ -3,7 +3,7 @@
 Run:
     python -m components.promote --version 3                     # make v3 the champion
     python -m components.promote --version 2 --alias champion    # roll back to v2
-    python -m components.promote --list                          # versions, aliases, test AUC
+    python -m components.promote --list                          # versions, aliases, validation AUC first
 The MLflow UI does the same: Models -> cxr-dwml -> a version -> Aliases.
 """
 
@@ -23,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="registered model (default: register.model_name)")
     p.add_argument("--version", help="model version to point the alias at")
     p.add_argument("--alias", default="champion", help="alias to move (default: %(default)s)")
-    p.add_argument("--list", action="store_true", help="list versions with their aliases and test AUC")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list versions with their aliases, the validation AUC that promotion is decided on, "
+        "then the test AUC (reported, never chosen on)",
+    )
     args = p.parse_args(argv)
     # in seconds, before the params are validated (which imports the model library)
     check_tracking_store(tracking.default_tracking_uri(), write=bool(args.version) and not args.list)
@@ -59,7 +64,7 @@ def _list_versions(client, name: str) -> None:
         # a version number is an int from a database store and a str from a tracking server
         print(
             f"v{v.version:>3}  aliases={','.join(sorted(aliases.get(str(v.version), []))) or '-':<22} "
-            f"val_mean_auc={v.tags.get('val_mean_auc')}  test_mean_auc={v.tags.get('test_mean_auc')}  "
+            f"val_mean_auc={v.tags.get('val_mean_auc')}  test_mean_auc={v.tags.get('test_mean_auc')} (reported)  "
             f"promoted={v.tags.get('gate.promoted')}"
         )
 

@@ -86,4 +86,6 @@ def test_a_pass_over_every_row_keeps_resident_memory_flat(tmp_path: Path) -> Non
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["total"] == int((np.arange(ROWS) % 251).sum())  # every row was read
     cache_bytes = ROWS * SIZE * SIZE
-    assert out["grew"] < cache_bytes / 4, f"resident memory grew by {out['grew'] / 2**20:.0f} MiB reading a {cache_bytes / 2**20:.0f} MiB cache"
+    assert out["grew"] < cache_bytes / 4, (
+        f"resident memory grew by {out['grew'] / 2**20:.0f} MiB reading a {cache_bytes / 2**20:.0f} MiB cache"
+    )

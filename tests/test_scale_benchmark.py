@@ -25,7 +25,8 @@ def test_scale_benchmark_runs_every_stage_and_writes_its_figures(tmp_path: Path)
     cmd = [
         sys.executable, "benchmarks/scale.py", "--images", "500", "--workdir", str(tmp_path / "work"),
         "--predict-images", "12", "--decode-sample", "3", "--train-steps", "2", "--out", str(out),
-        "--set", "download.synthetic.image_size=64", "--set", "evaluate.bootstrap_resamples=50", "--set", "evaluate.min_positive_patients=2",
+        "--set", "download.synthetic.image_size=64", "--set", "evaluate.bootstrap_resamples=50",
+        "--set", "evaluate.min_positive_patients=2",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=run_env(ROOT), capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -206,7 +206,6 @@ class CachedImageDataset(Dataset):
         return image, torch.from_numpy(self.targets[i])
 
 
-
 def _read_manifest(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the prepare step first")

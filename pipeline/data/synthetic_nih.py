@@ -101,7 +101,9 @@ def images_per_patient(rng: np.random.Generator) -> np.ndarray:
     # from a to b it runs a * (b / a) ** (t ** g), t in [0, 1] the position in the segment; g > 1
     # keeps most patients near its lower end, and is bisected so that the images add up.
     # (an anchor sits a patient early, so that both neighbours of a percentile's position hold it)
-    ps = np.array([0.0] + [max(0.0, p * (PATIENTS - 1) - SINGLE_IMAGE_PATIENTS - 1) / multi for p, _ in PERCENTILE_IMAGES])
+    ps = np.array(
+        [0.0] + [max(0.0, p * (PATIENTS - 1) - SINGLE_IMAGE_PATIENTS - 1) / multi for p, _ in PERCENTILE_IMAGES]
+    )
     ps[-1] = 1.0
     ns = np.array([2.0] + [float(n) for _, n in PERCENTILE_IMAGES])
     u = (np.arange(multi) + 0.5) / multi
@@ -195,7 +197,7 @@ def findings_split(test_images: int, test_findings: int) -> np.ndarray:
         if extra == 0:
             break
         step = 1 if extra > 0 else -1
-        for j in (range(len(k) - 1) if step > 0 else range(len(k) - 1, 0, -1)):
+        for j in range(len(k) - 1) if step > 0 else range(len(k) - 1, 0, -1):
             dst = j + step
             if row[j] > 0 and row[dst] < total[dst]:
                 row[j] -= 1

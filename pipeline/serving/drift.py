@@ -303,7 +303,12 @@ class Reference:
             flagged = int(np.sum(distances[kind] > self.thresholds[kind]))
             chance = self._chance(flagged, n)
             mean = float(np.mean(distances[kind])) if n else None
-            result[kind] = {"mean_distance": mean, "threshold": self.thresholds[kind], "images_over": flagged, "chance": chance}
+            result[kind] = {
+                "mean_distance": mean,
+                "threshold": self.thresholds[kind],
+                "images_over": flagged,
+                "chance": chance,
+            }
             if chance < alpha:
                 over.append(
                     f"{flagged} of {n} images over the {KINDS[kind]} distance threshold {self.thresholds[kind]:.1f} "
