@@ -15,7 +15,9 @@ and times what prepare does to each (decode, convert, resize to the cache size),
 prepare figure can be extrapolated to the real files (docs/scale.md does).
 
 The rehearsal resumes: a stage already measured and still up to date in --workdir is not run
-again, and the results file is rewritten after every stage.
+again (also after other settings: `--train-steps 0` after a shorter run reruns train and what
+follows it only), and the results file is rewritten after every stage. The working copy is made
+once; the code it runs is the code at that time.
 
     .venv/bin/python benchmarks/scale.py --workdir /tmp/cxr-scale            # 112,120 images
     .venv/bin/python benchmarks/scale.py --images 3000 --workdir DIR --decode-sample 20
@@ -149,8 +151,8 @@ def measured(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
 # ----------------------------------------------------------------------------- the working copy
 
 
-def make_workdir(workdir: Path, overrides: list[str]) -> None:
-    """This repository's files in `workdir` as a git repo, params.yaml composed with the overrides."""
+def make_workdir(workdir: Path) -> None:
+    """This repository's files in `workdir`, as a git repo."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout.split()
@@ -160,8 +162,11 @@ def make_workdir(workdir: Path, overrides: list[str]) -> None:
             (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, workdir / rel)
     (workdir / "dvc.lock").unlink(missing_ok=True)
-    if not (workdir / ".git").exists():
-        subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+
+
+def compose(workdir: Path, overrides: list[str]) -> None:
+    """params.yaml in `workdir` composed with the scale profile and the overrides, committed."""
     sets = [a for o in overrides for a in ("--set", o)]
     subprocess.run(
         [sys.executable, "-m", "components.params", "--profile", "scale", *sets],
@@ -257,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     progress_file = workdir / "scale_progress.json"
     results = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+    if not (workdir / ".git").exists():
+        make_workdir(workdir)
     if results.get("overrides") != overrides:
-        make_workdir(workdir, overrides)
-        results = {"overrides": overrides, "stages": {}}
+        # stages the new settings leave up to date keep their figures; DVC reruns the others
+        compose(workdir, overrides)
+        results = {"overrides": overrides, "stages": results.get("stages", {})}
     env = env_for(workdir)
     log = workdir / "scale.log"
     last = (*STAGES, "predict").index(args.until)

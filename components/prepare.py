@@ -19,7 +19,7 @@ from pipeline import tracking
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.data.layout import CLASS_COUNTS, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
-    from pipeline.data.prepare import prepare
+    from pipeline.data.prepare import inventory_notes, prepare
 
     p = parser(__doc__)
     p.add_argument("--raw", default="data/raw", help="raw NIH-layout folder (default: %(default)s)")
@@ -42,12 +42,17 @@ def main(argv: list[str] | None = None) -> int:
 
             tracking.log_params(tracking.flatten({"prepare": vars(cfg)}))
             mlflow.log_metrics(_split_metrics(stats))
+            notes = inventory_notes(stats, str(raw))
+            if notes:  # beside the counts, where the run list shows it
+                mlflow.set_tag("prepare.inventory", " ".join(notes)[:4000])
             for name in (SPLIT_STATS, CLASS_COUNTS, SPLIT_CLASS_COUNTS, QUARANTINE):
                 if (out / name).exists():
                     mlflow.log_artifact(str(out / name))
             tracking.save_run_ref(out, run)
     save_resolved(out / "prepare_config.json", "prepare", cfg, params)
     _print_summary(stats)
+    for note in inventory_notes(stats, str(raw)):
+        print(f"[prepare] {note}")
     return 0
 
 
@@ -59,6 +64,8 @@ def _split_metrics(stats: dict) -> dict[str, float]:
                 metrics[f"{split}_{key}"] = float(info[key])
     for reason, n in stats.get("quarantine", {}).get("by_reason", {}).items():
         metrics[f"quarantined_{reason}"] = float(n)
+    for key in ("listed_missing", "present_unlisted", "listed_unlabelled", "labelled_unlisted"):
+        metrics[key] = float((stats.get(key) or {}).get("count", 0))
     return metrics
 
 

@@ -30,7 +30,7 @@ from pipeline.data.dataset import (
     rotate_bilinear,
     train_transform,
 )
-from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.prepare import PrepareConfig, inventory_notes, prepare
 from pipeline.data.splits import assert_patient_disjoint, official_split, split_by_patient
 from tests.conftest import ROOT, settings
 
@@ -245,6 +245,22 @@ def test_decode_image_reads_paths_bytes_and_arrays_alike(raw: Path):
         decode_image(raw / "images" / roles["truncated"])
 
 
+def test_the_prepare_step_says_what_it_did_not_find(raw: Path, capsys, monkeypatch):
+    """A partial download: most listed images absent. The step's output says so in one line, not
+    only split_stats.json."""
+    from components.common import run_main
+    from components.prepare import main
+
+    for path in sorted((raw / "images").iterdir())[5:]:
+        path.unlink()
+    monkeypatch.chdir(ROOT)
+    out = raw.parent / "out"
+    assert run_main("prepare", main, ["--raw", str(raw), "--out", str(out), "--no-mlflow", "--no-progress"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "partial download" in line]
+    listed = json.loads((out / "split_stats.json").read_text())["listed_images"]
+    assert len(lines) == 1 and lines[0].startswith(f"[prepare] {listed - 5:,} of {listed:,} listed images are not in {raw}")
+
+
 def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
     (raw / "images" / image_name(1, 0)).unlink()  # listed but missing
     Image.fromarray(chest_like(SIZE, 0)).save(raw / "images" / "00099999_000.png")  # present, unlisted
@@ -257,6 +273,11 @@ def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):
     assert stats["patient_overlap"] == 0
     saved = json.loads((out / "split_stats.json").read_text())
     assert saved["listed_missing"]["count"] == 1 and saved["num_images"] == 35
+    listed = saved["listed_images"]
+    assert inventory_notes(saved, "data/raw") == [
+        f"1 of {listed:,} listed images are not in data/raw: a partial download? (first: {image_name(1, 0)}, ...)",
+        "1 images in data/raw are in neither list file and were left out (first: 00099999_000.png, ...)",
+    ]
 
     manifest = pd.read_csv(out / "manifest.csv")
     expected = [
