@@ -167,13 +167,14 @@ def predict_files(
         for the others.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    from pipeline.progress import progress_bar
 
     # imports mlflow: not at module import (--help stays fast)
     from pipeline.serving.predictor import DRIFT_COLUMNS, EXPLANATION_COLUMN, SIZE_COLUMNS
 
     frames, skipped = [], []
-    bar = tqdm(total=len(files), unit="img", desc="predict", disable=not progress)
+    bar = progress_bar(total=len(files), unit="img", desc="predict", disable=not progress)
     for names, images, failures in _batches(files, batch_size):
         skipped += failures
         if images:

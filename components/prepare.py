@@ -18,8 +18,9 @@ from pipeline import tracking
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.data.inventory import inventory_notes
     from pipeline.data.layout import CLASS_COUNTS, QUARANTINE, SPLIT_CLASS_COUNTS, SPLIT_STATS
-    from pipeline.data.prepare import inventory_notes, prepare
+    from pipeline.data.prepare import prepare
 
     p = parser(__doc__)
     p.add_argument("--raw", default="data/raw", help="raw NIH-layout folder (default: %(default)s)")

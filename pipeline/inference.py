@@ -98,7 +98,7 @@ def predict(
     The indices are read off the loader's sampler, so the sampler must give the same order each
     time it is iterated: sequential, or a DistributedSampler (its order is fixed by seed and epoch).
     """
-    from tqdm.auto import tqdm
+    from pipeline.progress import progress_bar
 
     if isinstance(loader.sampler, RandomSampler):
         raise ValueError(
@@ -110,7 +110,7 @@ def predict(
     score = logits if raw else probabilities
     probs = [
         score(model, images, device, amp_dtype)
-        for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)
+        for images, _ in progress_bar(loader, desc=desc, unit="batch", disable=not progress, leave=False)
     ]
     num_classes = len(CLASSES)
     probs = np.concatenate(probs).astype(np.float64) if probs else np.zeros((0, num_classes))  # (N, C)

@@ -30,7 +30,8 @@ from pipeline.data.dataset import (
     rotate_bilinear,
     train_transform,
 )
-from pipeline.data.prepare import PrepareConfig, inventory_notes, prepare
+from pipeline.data.inventory import inventory_notes
+from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.splits import assert_patient_disjoint, official_split, split_by_patient
 from tests.conftest import ROOT, settings
 
@@ -258,7 +259,9 @@ def test_the_prepare_step_says_what_it_did_not_find(raw: Path, capsys, monkeypat
     assert run_main("prepare", main, ["--raw", str(raw), "--out", str(out), "--no-mlflow", "--no-progress"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "partial download" in line]
     listed = json.loads((out / "split_stats.json").read_text())["listed_images"]
-    assert len(lines) == 1 and lines[0].startswith(f"[prepare] {listed - 5:,} of {listed:,} listed images are not in {raw}")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"[prepare] {listed - 5:,} of {listed:,} listed images are not in {raw}"
+    )
 
 
 def test_prepare_reports_missing_unlisted_and_writes_outputs(raw: Path):

@@ -298,7 +298,7 @@ def _data_section(data: CardData) -> list[Block]:
     quarantine = stats.get("quarantine", {})
     if quarantine.get("count"):
         notes.append(f"{_count(quarantine['count'])} images could not be decoded and were left out.")
-    from ..data.prepare import inventory_notes
+    from ..data.inventory import inventory_notes
 
     notes += [f"{note[0].upper()}{note[1:]}." for note in inventory_notes(stats, "the raw data")]
     blocks.append(Paragraph(" ".join(notes)))

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from pipeline.data.images import classify_error, decode_image
 from pipeline.data.layout import CACHE_INDEX
 from pipeline.io import file_size, read_json, write_json
+from pipeline.progress import progress_bar
 
 # Bump when the conversion changes, so existing caches are rebuilt.
 CONVERSION_VERSION = 2  # 2: DICOM through its modality and VOI LUTs
@@ -219,7 +220,7 @@ def _fill(
             failures.update(done)
     if max_chunks is not None:
         todo = todo[:max_chunks]
-    bar = tqdm(
+    bar = progress_bar(
         total=n,
         initial=n - sum(min(chunk_size, n - s) for _, s in todo),
         unit="img",

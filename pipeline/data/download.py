@@ -59,6 +59,7 @@ from pipeline.data.sources import (
 )
 from pipeline.data.synthetic import generate
 from pipeline.io import file_digest, file_size, read_json, write_json
+from pipeline.progress import progress_bar
 from pipeline.tracking import redact_uri
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,9 @@ def fetch(cfg: DownloadConfig, out_dir: Path, progress: bool = True) -> dict[str
     (out_dir / MANIFEST).unlink(missing_ok=True)  # present only when the folder is complete
     start = time.perf_counter()
     kind = source_kind(cfg.source)
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc=f"fetch {kind}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(
+        total=0, unit="B", unit_scale=True, desc=f"fetch {kind}", disable=not progress, dynamic_ncols=True
+    )
     xfer = Transfer(cfg.retries, cfg.backoff_s, cfg.timeout_s, bar.update, lambda n: _grow(bar, n))
     fetchers = {
         "synthetic": _fetch_synthetic,
@@ -250,7 +253,7 @@ def _remove_dataset(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _grow(bar: tqdm, n: int) -> None:
+def _grow(bar, n: int) -> None:
     bar.total += n
     bar.refresh()
 

@@ -22,6 +22,7 @@ from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache, publish_cache
 from pipeline.data.images import image_size
+from pipeline.data.inventory import EXAMPLES, _examples, take_inventory
 from pipeline.data.layout import (
     BOXES,
     CACHE_DIR,
@@ -35,8 +36,6 @@ from pipeline.data.layout import (
 )
 from pipeline.data.splits import SPLITS, assert_patient_disjoint, assign_splits, patient_overlap
 from pipeline.io import save_dataframe, write_json
-
-EXAMPLES = 10  # names listed per inventory problem in split_stats.json
 
 
 def prepare(
@@ -137,42 +136,6 @@ def list_images(images_dir: Path) -> set[str]:
         raise FileNotFoundError(f"{images_dir} does not exist: run the download step first")
     with os.scandir(images_dir) as it:
         return {e.name for e in it if e.name.lower().endswith(RAW_SUFFIXES) and e.is_file()}
-
-
-def take_inventory(table: pd.DataFrame, train_val: list[str], test: list[str], present: set[str]) -> dict:
-    """Which names are usable, and which are listed but missing, present but unlisted, and so on."""
-    labelled = set(table["image"])
-    listed = set(train_val) | set(test)
-    return {
-        "usable": labelled & listed & present,
-        "listed_images": len(listed),
-        "listed_missing": _examples(listed - present),
-        "present_unlisted": _examples(present - listed),
-        "listed_unlabelled": _examples((listed & present) - labelled),
-        "labelled_unlisted": _examples((labelled & present) - listed),
-    }
-
-
-def inventory_notes(stats: dict[str, Any], raw: str = "the raw folder") -> list[str]:
-    """One sentence per inventory problem in split_stats.json (`stats`), e.g. "111,900 of 112,120
-    listed images are not in data/raw: a partial download? (first: 00000001_000.png, ...)"."""
-    listed = int(stats.get("listed_images", 0) or 0)
-    notes = []
-    for key, text in (
-        ("listed_missing", f"{{n}} of {listed:,} listed images are not in {raw}: a partial download?"),
-        ("present_unlisted", f"{{n}} images in {raw} are in neither list file and were left out"),
-        ("listed_unlabelled", "{n} listed images have no row in the label file and were left out"),
-        ("labelled_unlisted", "{n} labelled images are in neither list file and were left out"),
-    ):
-        item = stats.get(key) or {}
-        if item.get("count"):
-            first = ", ".join(item.get("first", [])[:3])
-            notes.append(text.format(n=f"{item['count']:,}") + (f" (first: {first}, ...)" if first else ""))
-    return notes
-
-
-def _examples(names: set[str]) -> dict[str, Any]:
-    return {"count": len(names), "first": sorted(names)[:EXAMPLES]}
 
 
 def quarantine_table(table: pd.DataFrame, cache: CacheResult) -> pd.DataFrame:

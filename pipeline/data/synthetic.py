@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from pipeline import io
 from pipeline.classes import (
@@ -65,6 +64,7 @@ from pipeline.classes import (
 )
 from pipeline.config import SyntheticConfig
 from pipeline.data.layout import RAW_IMAGES
+from pipeline.progress import progress_bar
 
 # Loading of every class on the shared latent "illness" factor. With the pairs below, 0.37 gives
 # 53.8% all-negative images and 1.57 labels per abnormal image (real: 53.8% and 1.57).
@@ -750,7 +750,7 @@ def generate(out_dir: Path, cfg: SyntheticConfig, progress: bool = True, workers
         seeds = {p: patient_seeds[p] for p in {it[2] for it in chunk}}
         return (str(out_dir), cfg, chunk, s, seeds)
 
-    bar = tqdm(total=num_images, desc="synthetic images", unit="img", disable=not progress)
+    bar = progress_bar(total=num_images, desc="synthetic images", unit="img", disable=not progress)
     try:
         if workers <= 1:
             for s in starts:

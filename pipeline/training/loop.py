@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+
+from pipeline.progress import progress_bar
 
 from ..classes import CLASSES
 from ..config import TrainConfig
@@ -377,7 +378,9 @@ def _train_epoch(run: _Run, epoch: int, state: TrainState) -> dict:
     ctx, steps, world_size = run.step, run.data.steps_per_epoch, run.dist.world_size
     ctx.net.train()
     seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{run.cfg.epochs}", unit="batch", disable=not run.progress, leave=False)
+    bar = progress_bar(
+        total=steps, desc=f"epoch {epoch}/{run.cfg.epochs}", unit="batch", disable=not run.progress, leave=False
+    )
     for i, (images, targets) in enumerate(run.data.train_loader):
         if i >= steps:
             break
