@@ -286,11 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         results["noop_repro_seconds"] = timed(["dvc", "repro"], workdir, env, log)
         print(f"[scale] dvc status {results['status_seconds']} s, no-op dvc repro {results['noop_repro_seconds']} s")
     if args.decode_sample:
-        from pipeline.config import load_params
-
-        params = load_params(workdir / "params.yaml")
+        params = read_params(workdir)
         results["decode_sample"] = decode_sample(
-            workdir, args.decode_sample, params.prepare.image_size, params.download.synthetic.seed
+            workdir, args.decode_sample, params["prepare"]["image_size"], params["download"]["synthetic"]["seed"]
         )
         print(f"[scale] decode sample: {results['decode_sample']}", flush=True)
     progress_file.write_text(json.dumps(results, indent=2))
@@ -325,10 +323,17 @@ def predict(workdir: Path, env: dict[str, str], log: Path, count: int) -> dict:
     return result
 
 
-def summary(workdir: Path, results: dict, args: argparse.Namespace) -> dict:
-    from pipeline.config import load_params
+def read_params(workdir: Path) -> dict:
+    """The working copy's params.yaml as plain data (its own code validated it; this checkout's
+    code may be newer)."""
+    import yaml
 
-    params = load_params(workdir / "params.yaml")
+    return yaml.safe_load((workdir / "params.yaml").read_text())
+
+
+def summary(workdir: Path, results: dict, args: argparse.Namespace) -> dict:
+    params = read_params(workdir)
+    train = params["train"]
     raw = workdir / "data" / "raw"
     test_list = raw / "test_list.txt"
     train_log = workdir / "artifacts" / "model" / "train_summary.json"
@@ -341,12 +346,13 @@ def summary(workdir: Path, results: dict, args: argparse.Namespace) -> dict:
         "command": " ".join(["benchmarks/scale.py", *(argv_display(args))]),
         "images": args.images,
         "test_images": len(test_list.read_text().split("\n")) if test_list.exists() else None,
-        "image_size_px": params.download.synthetic.image_size,
-        "cache_size_px": params.prepare.image_size,
-        "backbone": params.train.model.backbone.name,
-        "crop_px": params.train.augment.crop_size,
-        "epochs": params.train.epochs,
-        "max_steps_per_epoch": params.train.max_steps_per_epoch,
+        "image_size_px": params["download"]["synthetic"]["image_size"],
+        "cache_size_px": params["prepare"]["image_size"],
+        "backbone": train["model"]["backbone"]["name"],
+        "crop_px": train["augment"]["crop_size"],
+        "batch_size": train["batch_size"],
+        "epochs": train["epochs"],
+        "max_steps_per_epoch": train["max_steps_per_epoch"],
         "train_summary": json.loads(train_log.read_text()) if train_log.exists() else None,
         "overrides": results["overrides"],
         "stages": results["stages"],
