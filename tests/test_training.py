@@ -449,11 +449,14 @@ def test_train_component_logs_to_mlflow(data, tmp_path, monkeypatch):
     # a class without positives in this tiny val split has no AUC, and no metric
     defined = [c for c in CLASSES if history[f"val_auc/{c}"].notna().all()]
     assert len(defined) >= 8
-    for key in ("val_mean_auc", *(f"val_auc_{c}" for c in defined)):
+    for key in ("epoch_val_mean_auc", *(f"epoch_val_auc_{c}" for c in defined)):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    # one name for the selection figure: the per-epoch curve has its own, and no last epoch's
+    # value sits under `val_mean_auc` (evaluate's figure of the selected checkpoint)
     assert run.data.metrics["best_val_mean_auc"] == max(
-        m.value for m in client.get_metric_history(run.info.run_id, "val_mean_auc")
+        m.value for m in client.get_metric_history(run.info.run_id, "epoch_val_mean_auc")
     )
+    assert "val_mean_auc" not in run.data.metrics
     for path in (
         "model/best.pt",
         "model/last.pt",

@@ -420,7 +420,9 @@ def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) ->
     record = {"epoch": epoch, **train_metrics, **val}
     state.history.append(record)
     state.epoch = epoch
-    run.log({k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, epoch)
+    # the per-epoch validation curve is `epoch_val_*` in MLflow: `val_mean_auc` is evaluate's figure
+    # of the selected checkpoint, and `best_val_mean_auc` the selection figure, never a last epoch's
+    run.log({_epoch_key(k): v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, epoch)
     stop = cfg.early_stopping_patience > 0 and state.bad_epochs >= cfg.early_stopping_patience
     stop = D.broadcast_flag(run.dist, stop)
     state.finished = stop or epoch == cfg.epochs
@@ -439,6 +441,10 @@ def _end_epoch(run: _Run, epoch: int, state: TrainState, train_metrics: dict) ->
         save_checkpoint(run.out_dir / LAST, _full_state(ctx, state, cfg, run.fingerprint))
     D.barrier(run.dist)
     return stop
+
+
+def _epoch_key(key: str) -> str:
+    return f"epoch_{key}" if key.startswith("val_") else key
 
 
 def _validate(model, data: _Data, device, amp_dtype, dist, progress: bool) -> dict:
