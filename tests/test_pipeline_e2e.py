@@ -193,7 +193,10 @@ def test_dvc_repro_runs_every_stage_and_registers(pipeline_run: PipelineRun) -> 
     assert float(champion.tags["test_mean_auc"]) == pytest.approx(metrics["mean_auc"])
     train_run = client.get_run(champion.run_id)
     assert train_run.data.tags["cxr.step"] == "train"
-    assert "test_mean_auc" in train_run.data.metrics and "val_mean_auc" in train_run.data.metrics
+    assert train_run.data.metrics["test_mean_auc"] == pytest.approx(metrics["mean_auc"])
+    # one validation figure under one name: the selected checkpoint's, as the version's tag has it
+    assert train_run.data.metrics["val_mean_auc"] == pytest.approx(metrics["val_mean_auc"])
+    assert float(champion.tags["val_mean_auc"]) == pytest.approx(train_run.data.metrics["val_mean_auc"])
     assert {"cxr.test_mean_auc_excluded", "cxr.val_mean_auc_excluded"} <= set(train_run.data.tags)
     assert {"cxr.run.download", "cxr.run.prepare", "cxr.run.prototypes"} <= set(train_run.data.tags)
     # the model card beside the reports and with the model; its summary is the version's description
