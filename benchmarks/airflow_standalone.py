@@ -69,7 +69,11 @@ def start(port: int, extra: dict[str, str], timeout: float = 300.0) -> dict:
         time.sleep(20)
         procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         rss = sum(p.memory_info().rss for p in procs if p.is_running())
-        return {"ready_seconds": None if ready is None else round(ready, 1), "processes": len(procs), "rss_mb": round(rss / 2**20)}
+        return {
+            "ready_seconds": None if ready is None else round(ready, 1),
+            "processes": len(procs),
+            "rss_mb": round(rss / 2**20),
+        }
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
