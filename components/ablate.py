@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from components.common import fingerprint, mlflow_run, parser, run_main, stage_config
+from pipeline.classes import CLASSES
 from pipeline.config import read_yaml
 from pipeline.io import save_dataframe, write_json, write_text
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         min_patients = params.evaluate.min_positive_patients
         table = runs_table(runs, min_patients)
-        summary = summarize(runs, args.bootstrap, min_patients)
+        summary = summarize(runs, args.bootstrap, min_patients, base.epochs)
         write_reports(table, summary, reports)
         if parent is not None:
             import mlflow
@@ -233,8 +234,10 @@ def runs_table(runs: list[RunScores], min_patients: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
-def summarize(runs: list[RunScores], resamples: int, min_patients: int) -> dict:
-    """Per variant: mean and std over seeds, and the paired patient-bootstrap delta vs bce_head.
+def summarize(runs: list[RunScores], resamples: int, min_patients: int, epochs: int) -> dict:
+    """Per variant: mean and std over seeds, the paired patient-bootstrap delta vs bce_head, the
+    per-class deltas (seed-averaged AUC differences), and how many runs chose their last epoch
+    (a run that did may not have converged in `epochs`).
 
     Every mean AUC and delta of a split is over that split's one class set: the same labels and
     patients in every run, so the same classes for every variant, seed and resample.
@@ -249,7 +252,11 @@ def summarize(runs: list[RunScores], resamples: int, min_patients: int) -> dict:
     variants = []
     for name, group in by_variant.items():
         rows = table[table["variant"] == name]
-        entry = {"variant": name, "seeds": [int(s) for s in rows["seed"]]}
+        entry = {
+            "variant": name,
+            "seeds": [int(s) for s in rows["seed"]],
+            "runs_at_last_epoch": int((rows["best_epoch"] == epochs).sum()),
+        }
         for split in ("val", "test"):
             values = rows[f"{split}_mean_auc"].to_numpy()
             entry[f"{split}_mean_auc"] = float(values.mean())
@@ -257,12 +264,15 @@ def summarize(runs: list[RunScores], resamples: int, min_patients: int) -> dict:
             entry[f"{split}_mean_auc_per_seed"] = [float(v) for v in values]
             if baseline is not None and name != BASELINE:
                 entry[f"{split}_delta_vs_{BASELINE}"] = paired_delta(baseline, group, split, resamples, min_patients)
+                entry[f"{split}_per_class_delta_vs_{BASELINE}"] = per_class_delta(baseline, group, split)
         variants.append(entry)
     classes = {
         split: class_set(getattr(runs[0], split).y, getattr(runs[0], split).patients, min_patients)
         for split in ("val", "test")
     }
     return {
+        "seeds": sorted({r.seed for r in runs}),
+        "epochs": epochs,
         "baseline": BASELINE if baseline is not None else None,
         "bootstrap_resamples": resamples,
         "bootstrap_unit": "patient",
@@ -272,6 +282,18 @@ def summarize(runs: list[RunScores], resamples: int, min_patients: int) -> dict:
         "selection": "best validation epoch per run; test only reported",
         "variants": variants,
     }
+
+
+def per_class_delta(baseline: list[RunScores], group: list[RunScores], split: str) -> dict[str, float | None]:
+    """Per class: the seed-averaged AUC of `group` minus `baseline`'s on one split (None where a
+    class has no positive or no negative image)."""
+    from pipeline.metrics import roc_auc
+
+    def mean_auc(rs: list[RunScores]) -> np.ndarray:
+        return np.mean([roc_auc(getattr(r, split).y, getattr(r, split).probs) for r in rs], axis=0)  # (C,)
+
+    delta = mean_auc(group) - mean_auc(baseline)
+    return {c: (float(d) if np.isfinite(d) else None) for c, d in zip(CLASSES, delta)}
 
 
 def paired_delta(
@@ -310,15 +332,16 @@ def summary_markdown(summary: dict) -> str:
     n_seeds = max(len(v["seeds"]) for v in summary["variants"])
     lines = [
         f"| variant | val mean AUC (mean ± std, {n_seeds} seeds) | test mean AUC | "
-        f"Δ val vs {BASELINE} [95% CI] | Δ test vs {BASELINE} [95% CI] |",
-        "|---|---:|---:|---:|---:|",
+        f"Δ val vs {BASELINE} [95% CI] | Δ test vs {BASELINE} [95% CI] | runs at their last epoch |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for v in summary["variants"]:
         lines.append(
             f"| {v['variant']} | {_fmt(v['val_mean_auc'], v['val_mean_auc_std'])} | "
             f"{_fmt(v['test_mean_auc'], v['test_mean_auc_std'])} | "
             f"{_fmt_delta(v.get(f'val_delta_vs_{BASELINE}'))} | "
-            f"{_fmt_delta(v.get(f'test_delta_vs_{BASELINE}'))} |"
+            f"{_fmt_delta(v.get(f'test_delta_vs_{BASELINE}'))} | "
+            f"{v.get('runs_at_last_epoch', '?')} of {len(v['seeds'])} |"
         )
     return "\n".join(lines) + "\n"
 

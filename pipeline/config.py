@@ -297,6 +297,10 @@ class ModelConfig(Section):
 
     Attributes:
         head: "metric" (label-prototype distances, the method) or "linear" (the BCE baseline).
+        projector: the image projection in front of the head: "mlp" (Linear-GELU-Linear to
+            embed_dim, the method's MLP_v), "linear" (one Linear to embed_dim) or "identity" (the
+            pooled features; the metric space then has the backbone's width). The plain linear
+            baseline is head linear with projector identity.
         embed_dim: dimension of the shared metric space.
         hidden_dim: width of the image projection's hidden layer and the text residual MLP.
         init_scale: initial inverse temperature of the distance logits.
@@ -312,6 +316,7 @@ class ModelConfig(Section):
     init_scale: PosFloat
     learn_scale: bool
     prototypes: Literal["text", "random"]
+    projector: Literal["mlp", "linear", "identity"]
 
 
 LossName = Literal["dwml", "bce", "weighted_bce", "focal", "asl"]

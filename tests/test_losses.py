@@ -705,8 +705,17 @@ def test_ablation_variants_differ_as_named():
     base = settings("train")
     dual = _variant("dual")
     assert dual == base  # the committed settings are the method
-    assert _differences(_variant("bce_head"), dual) == {"model.head", "loss.name"}
+    assert _differences(_variant("bce_head"), dual) == {"model.head", "model.projector", "loss.name"}
     assert _variant("bce_head").model.head == "linear" and _variant("bce_head").loss.name == "bce"
+    assert _variant("bce_head").model.projector == "identity"
+    # the head x weighting 2 x 2 (bce_head, linear_dual, metric_unweighted, dual), the projector
+    # variants of dual, and the MLP + BCE control
+    assert _differences(_variant("linear_dual"), dual) == {"model.head", "model.projector"}
+    assert _differences(_variant("dual_linear_projector"), dual) == {"model.projector"}
+    assert _variant("dual_linear_projector").model.projector == "linear"
+    assert _differences(_variant("dual_identity_projector"), dual) == {"model.projector"}
+    assert _differences(_variant("mlp_bce_head"), dual) == {"model.head", "loss.name"}
+    assert _variant("mlp_bce_head").model.projector == "mlp"
     assert _differences(_variant("metric_unweighted"), dual) == {
         "loss.dwml.image_weighting",
         "loss.dwml.category_weighting",

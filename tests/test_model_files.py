@@ -72,12 +72,35 @@ def _saved(path: Path, **changes) -> Path:
     return path
 
 
+def test_a_version_2_bundle_loads_as_the_network_it_was(tmp_path: Path) -> None:
+    """Bundles written before `train.model.projector` existed: the metric head had its MLP
+    projection and the linear head none; they load so, with the same weights and outputs."""
+    path = tmp_path / "best.pt"
+    tiny_bundle(path)
+    bundle = ModelBundle.load(path)
+    assert bundle.model_config.head == "metric" and bundle.model_config.projector == "mlp"
+    data = bundle.to_file()
+    data["format_version"] = 2
+    data["model_config"] = {k: v for k, v in data["model_config"].items() if k != "projector"}
+    torch.save(data, tmp_path / "v2.pt")
+    old = ModelBundle.load(tmp_path / "v2.pt")
+    assert old.model_config == bundle.model_config
+    x = torch.rand(2, 1, old.crop_size, old.crop_size)
+    with torch.no_grad():
+        assert torch.equal(load_bundle(tmp_path / "v2.pt")[0](x), load_bundle(path)[0](x))
+    data["model_config"]["head"] = "linear"
+    torch.save(data, tmp_path / "v2_linear.pt")
+    with pytest.raises(ValueError, match="its weights do not fit this version.s model"):  # refused, not guessed
+        load_bundle(tmp_path / "v2_linear.pt")
+    assert ModelBundle.load(tmp_path / "v2_linear.pt").model_config.projector == "identity"
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         (
-            {"format_version": 3},
-            r"best\.pt is a model bundle of format version 3; this version of cxr-dwml reads version 2",
+            {"format_version": 4},
+            r"best\.pt is a model bundle of format version 4; this version of cxr-dwml reads versions 2 and 3",
         ),
         ({"format": None, "format_version": None}, r"best\.pt is not a versioned model bundle"),
         ({"image_size": None}, r"best\.pt: model bundle without 'image_size'"),

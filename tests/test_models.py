@@ -165,6 +165,23 @@ def test_linear_logits_are_float32_under_bf16_autocast():
         assert torch.unique(mixed[:, c]).numel() >= 3900
 
 
+@pytest.mark.parametrize(("kind", "width"), [("mlp", 16), ("linear", 16), ("identity", 40)])
+def test_the_projector_in_front_of_each_head(kind: str, width: int, text_vectors) -> None:
+    """train.model.projector: the metric head's space is embed_dim wide behind mlp or linear, the
+    backbone's width behind identity; the linear head's layer reads what the projector gives."""
+    torch.manual_seed(5)
+    metric = MetricHead(40, torch.as_tensor(text_vectors), embed_dim=16, hidden_dim=24, projector_kind=kind)
+    out = metric(torch.randn(6, 40))
+    assert out.embeddings.shape == (6, width) and out.prototypes.shape == (C, width) and out.logits.shape == (6, C)
+    assert torch.allclose(out.embeddings.norm(dim=1), torch.ones(6))
+    linear = LinearHead(40, C, kind, hidden_dim=24, embed_dim=16)
+    assert linear.fc.in_features == width and linear(torch.randn(6, 40)).logits.shape == (6, C)
+    # the plain baseline has no layer in front of fc: its weights are what they were
+    assert set(LinearHead(40, C).state_dict()) == {"fc.weight", "fc.bias"}
+    with pytest.raises(ValueError, match="projector must be one of mlp, linear, identity"):
+        LinearHead(40, C, "conv")
+
+
 @pytest.mark.parametrize("head", ["metric", "linear"])
 @pytest.mark.parametrize("loss_name", ["bce", "dwml"])
 def test_init_prior_starts_scores_at_the_loss_stationary_point(head, loss_name, text_vectors):

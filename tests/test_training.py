@@ -580,6 +580,10 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
 
     summary = json.loads((reports / "ablation.json").read_text())
     assert summary["baseline"] == "bce_head" and summary["bootstrap_unit"] == "patient"
+    assert summary["seeds"] == [TINY["seed"], TINY["seed"] + 1] and summary["epochs"] == 1
+    assert all(v["runs_at_last_epoch"] == 2 for v in summary["variants"])  # one epoch: always the last
+    per_class = summary["variants"][1]["test_per_class_delta_vs_bce_head"]
+    assert list(per_class) == list(CLASSES) and any(d is not None for d in per_class.values())
     # every mean and delta of a split is over that split's one class set, the others named
     assert summary["min_positive_patients"] == MIN_PATIENTS
     for split in ("val", "test"):

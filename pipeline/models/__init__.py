@@ -60,9 +60,11 @@ def build_model(cfg: ModelConfig, text_vectors: np.ndarray) -> CxrNet:
     if cfg.head == "metric":
         if cfg.prototypes == "random":
             vectors = torch.randn(vectors.shape)
-        head: nn.Module = MetricHead(features, vectors, cfg.embed_dim, cfg.hidden_dim, cfg.init_scale, cfg.learn_scale)
+        head: nn.Module = MetricHead(
+            features, vectors, cfg.embed_dim, cfg.hidden_dim, cfg.init_scale, cfg.learn_scale, cfg.projector
+        )
     else:
-        head = LinearHead(features, vectors.shape[0])
+        head = LinearHead(features, vectors.shape[0], cfg.projector, cfg.hidden_dim, cfg.embed_dim)
     mean, std = backbone_norm(backbone)
     return CxrNet(backbone, head, mean, std)
 

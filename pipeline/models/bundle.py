@@ -26,7 +26,11 @@ from ..io import arrays, load_checkpoint, save_checkpoint, storable
 
 FORMAT = "cxr-dwml model bundle"
 # 2: the first versioned layout (tensors only, image_size required); unversioned files were 1
-FORMAT_VERSION = 2
+# 3: train.model.projector in model_config; a version-2 file is read as the network it was: the
+#    metric head with its MLP projection, the linear head on the pooled features
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+_V2_PROJECTOR = {"metric": "mlp", "linear": "identity"}
 RETRAIN = "retrain it with this version (rerun the train step), or load it with the version of cxr-dwml that wrote it"
 
 
@@ -93,7 +97,10 @@ class ModelBundle:
         """
         _check_format(data, source)
         try:
-            config = validate(ModelConfig, data["model_config"], where=f"{source}: model_config")
+            model_config = dict(data["model_config"])
+            if data["format_version"] == 2 and "projector" not in model_config:
+                model_config["projector"] = _V2_PROJECTOR.get(model_config.get("head"), "mlp")
+            config = validate(ModelConfig, model_config, where=f"{source}: model_config")
             bundle = cls(
                 model_config=config,
                 model_state=_state(data["model_state"]),
@@ -137,10 +144,11 @@ def _check_format(data: dict[str, Any], source: str) -> None:
             f"or not a best.pt at all); {RETRAIN}"
         )
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise BundleError(
             f"{source} is a model bundle of format version {version!r}; this version of cxr-dwml reads "
-            f"version {FORMAT_VERSION}: {RETRAIN}"
+            f"versions {readable}: {RETRAIN}"
         )
 
 

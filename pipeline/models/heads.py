@@ -25,6 +25,24 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
+PROJECTORS = ("mlp", "linear", "identity")
+
+
+def projector(kind: str, in_dim: int, hidden: int, out_dim: int) -> tuple[nn.Module, int]:
+    """The image projection in front of a head, and its output width.
+
+    mlp: Linear-GELU-Linear to out_dim (the method's MLP_v); linear: one Linear to out_dim;
+    identity: the pooled features as they are (width in_dim).
+    """
+    if kind == "mlp":
+        return mlp(in_dim, hidden, out_dim), out_dim
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim), out_dim
+    if kind == "identity":
+        return nn.Identity(), in_dim
+    raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, got {kind!r}")
+
+
 def squared_distance(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """||v_i - p_c||^2 for unit vectors: 2 - 2 cos, in [0, 4]; (B, D), (C, D) -> (B, C)."""
     return (2.0 - 2.0 * v @ p.t()).clamp_(0.0, 4.0)
@@ -102,12 +120,14 @@ class MetricHead(nn.Module):
         hidden_dim: int = 512,
         init_scale: float = 8.0,
         learn_scale: bool = True,
+        projector_kind: str = "mlp",
     ) -> None:
         super().__init__()
         num_classes = text_vectors.shape[0]
         self.register_buffer("text_vectors", text_vectors.clone())  # (C, E), frozen encoder output
-        self.visual_proj = mlp(in_features, hidden_dim, embed_dim)
-        self.text_proj = TextProjection(self.centred_text(), embed_dim, hidden_dim)
+        # MLP_v by default; `linear` or `identity` for the ablation of what the projection adds
+        self.visual_proj, space_dim = projector(projector_kind, in_features, hidden_dim, embed_dim)
+        self.text_proj = TextProjection(self.centred_text(), space_dim, hidden_dim)
         # log-parametrised so that k stays > 0 whatever the optimiser does
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
         self.radius = nn.Parameter(torch.full((num_classes,), 2.0))  # (C,); d = 2 is "orthogonal"
@@ -155,9 +175,19 @@ class LinearHead(nn.Module):
     layer is F x C, so float32 costs nothing next to the backbone.
     """
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        projector_kind: str = "identity",
+        hidden_dim: int = 512,
+        embed_dim: int = 128,
+    ) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
+        # identity: the plain baseline; mlp: the metric head's MLP_v in front of the same layer (the
+        # control that tells the projection's effect from the metric geometry's)
+        self.proj, width = projector(projector_kind, in_features, hidden_dim, embed_dim)
+        self.fc = nn.Linear(width, num_classes)
 
     @torch.no_grad()
     def shift_logits(self, offset: torch.Tensor) -> None:
@@ -165,5 +195,6 @@ class LinearHead(nn.Module):
         self.fc.bias.add_(offset.to(self.fc.bias))
 
     def forward(self, pooled: torch.Tensor) -> ModelOutput:
-        with torch.autocast(pooled.device.type, enabled=False):
-            return ModelOutput(logits=self.fc(pooled.float()))  # (B, C)
+        h = self.proj(pooled)  # (B, D), bf16 under autocast like MLP_v
+        with torch.autocast(h.device.type, enabled=False):
+            return ModelOutput(logits=self.fc(h.float()))  # (B, C)
