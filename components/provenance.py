@@ -71,10 +71,18 @@ def dvc_data_hash(lock_path: str | Path = "dvc.lock", stage: str = "prepare") ->
     return ",".join(o.get("md5", "") for o in outs if o.get("md5")) or UNKNOWN
 
 
+def data_hash(md5s: str) -> str:
+    """One short name for the prepared data: the first 16 hex digits of sha256 over `dvc_data_hash`'s
+    md5s ('unknown' stays 'unknown'). The full md5s go to registration.json."""
+    import hashlib
+
+    return md5s if md5s == UNKNOWN else hashlib.sha256(md5s.encode()).hexdigest()[:16]
+
+
 def version_provenance(root: str | Path = ".") -> dict[str, str]:
     """Tags naming the code and the prepared data a model version was made from, read in `root`."""
     root = Path(root)
-    return {"git_commit": git_commit(root), "dvc_data_hash": dvc_data_hash(root / "dvc.lock")}
+    return {"git_commit": git_commit(root), "data_hash": data_hash(dvc_data_hash(root / "dvc.lock"))}
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             **decision,
             "test_mean_auc": metrics.get("mean_auc"),
             "test_mean_auc_ci": metrics.get("mean_auc_ci"),
+            # what the handful of version tags leave out: the data's md5s, per-class test AUCs
+            "dvc_data_md5s": _dvc_md5s(),
+            "test_per_class_auc": metrics.get("per_class_auc"),
             "tags": tags,
         }
         write_json(args.out, record)
@@ -190,6 +193,12 @@ def _example(prepared: Path) -> bytes:
     from pipeline.registry.packaging import example_png
 
     return example_png(np.asarray(open_cache(prepared / CACHE_DIR)[0]))
+
+
+def _dvc_md5s() -> str:
+    from components.provenance import dvc_data_hash
+
+    return dvc_data_hash()
 
 
 def _provenance(params: dict) -> dict[str, str]:

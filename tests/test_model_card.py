@@ -175,8 +175,11 @@ def test_per_class_table_shows_the_values_of_metrics_json(run_folder: Path, tmp_
     assert "val mean AUC 0.742 (over 13 of 14 findings, Hernia left out" in card.summary
     assert "**0.731 [0.701, 0.760]**" in _section(md, "Test results per finding")
     # the summary: test mean with its interval, the validation figure, the gate against the champion
-    assert card.summary.splitlines()[0].startswith("**Test mean AUC 0.731 [0.701, 0.760]**")
-    assert "val mean AUC 0.742" in card.summary and "**promoted to champion**" in card.summary
+    # plain text whose first line reads whole where the registry cuts a description (100 characters)
+    first = card.summary.splitlines()[0]
+    assert first == "Promoted to champion: val mean AUC 0.742, test 0.731 [0.701, 0.760]." and len(first) <= 100
+    assert "Test mean AUC 0.731 [0.701, 0.760] (95% interval" in card.summary and "**" not in card.summary
+    assert "val mean AUC 0.742" in card.summary and "Gate: promoted to champion" in card.summary
     assert "champion v3" in card.summary and "delta +0.0119 [+0.0021, +0.0215]" in card.summary
     assert "synthetic images" in card.summary and "model_card/model_card.html" in card.summary
     # split counts are those the prepare step wrote
@@ -356,7 +359,7 @@ def test_html_parses_and_embeds_every_image_the_markdown_links(run_folder: Path)
     assert embedded == [(markdown.parent / link).read_bytes() for link in links]
     text = page.read_text(encoding="utf-8")
     assert "&lt;of&gt; <code>x</code> &amp; &lt;co&gt;" in text and "<of>" not in text  # text escaped, markup not
-    assert "<strong>Test mean AUC 0.731 [0.701, 0.760]</strong>" in text
+    assert "<strong>0.731 [0.701, 0.760]</strong>" in text  # bold in the results section
 
 
 @pytest.mark.parametrize("key", ["per_class_auc_ci", "excluded_classes"])

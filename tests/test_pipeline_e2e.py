@@ -200,8 +200,11 @@ def test_dvc_repro_runs_every_stage_and_registers(pipeline_run: PipelineRun) -> 
     assert {"cxr.test_mean_auc_excluded", "cxr.val_mean_auc_excluded"} <= set(train_run.data.tags)
     assert {"cxr.run.download", "cxr.run.prepare", "cxr.run.prototypes"} <= set(train_run.data.tags)
     # the model card beside the reports and with the model; its summary is the version's description
-    assert champion.description.startswith(f"**Test mean AUC {metrics['mean_auc']:.3f} [{lo:.3f}, {hi:.3f}]**")
-    assert "Gate: **promoted to champion**" in champion.description and "synthetic images" in champion.description
+    assert champion.description.startswith(
+        f"Promoted to champion: val mean AUC {metrics['val_mean_auc']:.3f}, "
+        f"test {metrics['mean_auc']:.3f} [{lo:.3f}, {hi:.3f}]."
+    )
+    assert "Gate: promoted to champion" in champion.description and "synthetic images" in champion.description
     card = (demo_repo / "reports/model_card.md").read_text()
     assert champion.description.split("\n\n")[0] in card and "(plots/subgroups.png)" in card
     assert (demo_repo / "reports/model_card.html").stat().st_size > 10_000  # the forest plot embedded

@@ -36,7 +36,7 @@ NOT_AVAILABLE = "Not available"
 MAX_HEATMAPS = 8  # images of a heatmap folder shown in the card; the folder holds the rest
 SYNTHETIC_SOURCE = "synthetic"
 # version tags that say what a model was made from, shown in the registry section
-PROVENANCE_TAGS = ("git_commit", "dvc_data_hash", "params_hash", "weights_sha256")
+PROVENANCE_TAGS = ("git_commit", "data_hash", "params_hash", "weights_sha256")
 
 
 # ----------------------------------------------------------------------------- what the card reads
@@ -195,12 +195,16 @@ def build_card(data: CardData, record: Mapping[str, Any], artifact_note: str | N
 
 
 def version_summary(data: CardData, record: Mapping[str, Any], artifact_note: str | None) -> str:
-    """A few short Markdown paragraphs: the test mean AUC with its interval, the validation figure it was
-    selected on, the gate's decision with the comparison against the champion, and where the card is."""
+    """A few short plain-text paragraphs: first one line that reads whole when the registry cuts it at
+    100 characters (the decision, the validation and the test mean AUC), then the test mean AUC with
+    its interval, the validation figure it was selected on, the gate's decision with the comparison
+    against the champion, and where the card is."""
     m = data.metrics
     patients = f", bootstrap over {_count(m['test_patients'])} test patients" if m.get("test_patients") else ""
+    val = _num(record.get("val_mean_auc", m.get("val_mean_auc")))
     lines = [
-        f"**Test mean AUC {_num(m['mean_auc'])} {_interval(m['mean_auc_ci'])}** "
+        f"{_verdict(record)}: val mean AUC {val}, test {_num(m['mean_auc'])} {_interval(m['mean_auc_ci'])}.",
+        f"Test mean AUC {_num(m['mean_auc'])} {_interval(m['mean_auc_ci'])} "
         f"({_level(m)} interval{patients}; reported, never selected on; {_over(m, '')}).",
         f"Selected on validation: val mean AUC {_num(record.get('val_mean_auc', m.get('val_mean_auc')))} "
         f"({_over(m, 'val_')}" + (f"; floor {record['floor']})." if record.get("floor") is not None else ")."),
@@ -213,10 +217,16 @@ def version_summary(data: CardData, record: Mapping[str, Any], artifact_note: st
     return "\n\n".join(lines)  # one paragraph each in the registry's rendering
 
 
+def _verdict(record: Mapping[str, Any]) -> str:
+    if not record.get("registered", True):
+        return f"Already registered as v{record['version']}"
+    return "Promoted to champion" if record.get("promote") else "Kept as challenger"
+
+
 def _gate_line(record: Mapping[str, Any]) -> str:
     if not record.get("registered", True):
         return f"Already registered as v{record['version']}: no new version, aliases unchanged."
-    verdict = "**promoted to champion**" if record.get("promote") else "**kept as challenger**"
+    verdict = "promoted to champion" if record.get("promote") else "kept as challenger"
     champ = record.get("champion_version")
     if champ is None or record.get("delta") is None:  # nothing to compare with, or not compared: the reason says why
         return f"Gate: {verdict}: {_reason(record)}."

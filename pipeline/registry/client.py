@@ -23,28 +23,16 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 WEIGHTS_TAG = "weights_sha256"
 # version tag written last when the gate has set the aliases: a version without it is gated again
 GATE_TAG = "gate.promoted"
-# the decision's numbers recorded as `gate.<key>` version tags
-GATE_KEYS = (
-    "selected_on",
-    "val_mean_auc",
-    "min_positive_patients",
-    "val_excluded_classes",
-    "floor",
-    "margin",
-    "max_p_value",
-    "bootstrap_unit",
-    "n_patients",
-    "champion_version",
-    "champion_val_mean_auc",
-    "delta",
-    "delta_ci",
-    "p_value",
-    "bootstrap_dropped_resamples",
-)
+# the decision's numbers recorded as `gate.<key>` version tags, beside gate.reason and gate.promoted:
+# the comparison with the champion; the rest of the decision (floor, margin, class set, patients,
+# interval) is in the version's registration.json artifact and its model card
+GATE_KEYS = ("champion_version", "delta", "p_value")
 
 
 def version_tags(metrics: Mapping[str, Any], training_run_id: str, provenance: Mapping[str, str]) -> dict[str, str]:
-    """The tags of a new model version: `provenance`, the training run, and the evaluation numbers.
+    """The tags of a new model version: `provenance`, the training run, and the mean AUCs. A handful,
+    so that a version reads at a glance in the registry: per-class AUCs are in the model card and
+    the registration.json artifact.
 
     Args:
         metrics: evaluate's metrics.json (`val_mean_auc`, `mean_auc`, `mean_auc_ci`, `per_class_auc`).
@@ -59,7 +47,6 @@ def version_tags(metrics: Mapping[str, Any], training_run_id: str, provenance: M
         "test_mean_auc": str(metrics.get("mean_auc")),
         "test_mean_auc_ci": json.dumps(metrics.get("mean_auc_ci")),
     }
-    tags.update({f"test_auc.{c}": str(v) for c, v in metrics.get("per_class_auc", {}).items()})
     return tags
 
 
