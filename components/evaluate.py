@@ -71,6 +71,15 @@ def _log(out: Path, metrics: dict) -> None:
     values["val_mean_auc_classes"] = len(metrics["val_classes_in_mean"])
     values["test_bootstrap_dropped_resamples"] = metrics["bootstrap_dropped_resamples"]
     mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
+    # the execution's headline on its parent run: what the collapsed runs list and charts show
+    headline = (
+        "val_mean_auc",
+        "test_mean_auc",
+        "test_mean_auc_ci_low",
+        "test_mean_auc_ci_high",
+        "test_mean_ece_calibrated",
+    )
+    tracking.log_to_parent(mlflow.active_run(), {k: values.get(k) for k in headline})
     mlflow.set_tag("cxr.calibration", calibration["method"])
     # the classes each mean AUC leaves out, by name: a run's mean is comparable to another's only
     # over the same classes

@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         mlflow.log_artifact(args.out, artifact_path="registration")
+        tracking.log_to_parent(
+            run,
+            {"promoted": float(bool(decision["promote"]))},
+            {"gate.promoted": str(bool(decision["promote"])).lower(), "model_version": f"{name} v{version.version}"},
+        )
         card = _publish_card(client, card_data, record, reports)
     _report(record, reports / card_render.CARD_MD, card)
     return 0

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     previous = tracking.load_run_ref(out) if (is_main and cfg.resume and _resumable(out, fp)) else None
     run_args = args if is_main else _without_mlflow(args)
-    with mlflow_run(run_args, params, "train", run_id=previous and previous["run_id"], run_name="train") as run:
+    with mlflow_run(
+        run_args, params, "train", run_id=previous and previous["run_id"], run_name=run_name(cfg, fp)
+    ) as run:
         if run is not None:
             _log_start(params, cfg, prepared, protos_dir, out, run)
         result = train(
@@ -86,6 +88,12 @@ def _attach_drift_reference(out: Path, prepared: Path, cfg) -> None:
     device = resolve_device(cfg.device, "train.device")
     if attach_reference(out / "best.pt", prepared, cfg.drift, cfg.seed, device, cfg.eval_batch_size):
         print(f"[train] drift reference saved into {out / 'best.pt'}")
+
+
+def run_name(cfg, fp: str) -> str:
+    """What the list of runs and the charts call a training: what differs between trainings, e.g.
+    `train dwml metric convnext_atto e16 3f2a9c` (loss, head, backbone, epochs, settings hash)."""
+    return f"train {cfg.loss.name} {cfg.model.head} {cfg.model.backbone.name} e{cfg.epochs} {fp[:6]}"
 
 
 def _resumable(out: Path, fp: str) -> bool:

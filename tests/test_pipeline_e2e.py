@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -199,6 +200,19 @@ def test_dvc_repro_runs_every_stage_and_registers(pipeline_run: PipelineRun) -> 
     assert float(champion.tags["val_mean_auc"]) == pytest.approx(train_run.data.metrics["val_mean_auc"])
     assert {"cxr.test_mean_auc_excluded", "cxr.val_mean_auc_excluded"} <= set(train_run.data.tags)
     assert {"cxr.run.download", "cxr.run.prepare", "cxr.run.prototypes"} <= set(train_run.data.tags)
+    # runs people can tell apart: the training named by what differs between trainings; and the
+    # execution's parent run carries the headline figures, so the collapsed list and charts show them
+    assert re.fullmatch(r"train dwml metric convnext_atto e\d+ [0-9a-f]{6}", train_run.info.run_name)
+    parent = client.get_run(train_run.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name.startswith("pipeline ") and parent.data.tags["cxr.step"] == "pipeline"
+    assert parent.data.metrics["test_mean_auc"] == pytest.approx(metrics["mean_auc"])
+    assert parent.data.metrics["val_mean_auc"] == pytest.approx(metrics["val_mean_auc"])
+    assert (
+        parent.data.metrics["test_mean_auc_ci_low"] == pytest.approx(lo)
+        and "test_mean_ece_calibrated" in parent.data.metrics
+    )
+    assert parent.data.metrics["promoted"] == 1.0 and parent.data.tags["gate.promoted"] == "true"
+    assert parent.data.tags["model_version"] == "cxr-dwml v1"
     # the model card beside the reports and with the model; its summary is the version's description
     assert champion.description.startswith(
         f"Promoted to champion: val mean AUC {metrics['val_mean_auc']:.3f}, "

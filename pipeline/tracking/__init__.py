@@ -110,6 +110,24 @@ def _parents(client, experiment_id: str, key: str) -> list:
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
+def log_to_parent(run: Any, metrics: Mapping[str, float | None], tags: Mapping[str, str] | None = None) -> str | None:
+    """Copy an execution's headline figures onto its parent run (the step's run's `mlflow.parentRunId`),
+    so that the collapsed runs list and the default charts show them; the parent's id, or None
+    for a run that has no parent."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
+    if not parent:
+        return None
+    for key, value in metrics.items():
+        if value is not None:
+            client.log_metric(parent, key, float(value))
+    for key, value in (tags or {}).items():
+        client.set_tag(parent, key, value)
+    return parent
+
+
 def mark_parent(run_id: str, status: str) -> None:
     """Show a step's state on its execution's parent: RUNNING while a step runs, then FINISHED (or
     FAILED) with the end time of the step that finished last, so the parent spans the execution."""
