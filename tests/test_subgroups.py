@@ -156,3 +156,17 @@ def test_forest_plot_and_json_round_trip(tmp_path: Path):
     assert json.loads((tmp_path / "subgroups.json").read_text())["attributes"]["view"]["groups"]["AP"]["images"] == 0
     plots.subgroup_forest(report, 0.8, tmp_path / "subgroups.png")
     assert (tmp_path / "subgroups.png").stat().st_size > 5_000
+
+
+def test_plots_draw_an_interval_that_does_not_contain_its_point(tmp_path: Path):
+    """A percentile bootstrap interval of a small group can lie beside its point estimate; the
+    evaluate step once failed on it ("'xerr' must not contain negative values")."""
+    y, probs, patients, meta = constructed(n=200)
+    report = subgroup_report(y, probs, patients, meta, min_patients=5, n_resamples=20, ci=0.95, seed=0)
+    group = next(g for e in report["attributes"].values() for g in e["groups"].values() if g["mean_auc"] is not None)
+    group["mean_auc_ci"] = [group["mean_auc"] + 0.01, group["mean_auc"] + 0.05]  # above the point
+    plots.subgroup_forest(report, 0.8, tmp_path / "subgroups.png")
+    assert (tmp_path / "subgroups.png").stat().st_size > 5_000
+    values = np.array([0.7, 0.8, 0.9])
+    plots.per_class_bars(["a", "b", "c"], values, values + 0.02, values + 0.05, tmp_path / "bars.png", reference=0.8)
+    assert (tmp_path / "bars.png").stat().st_size > 5_000

@@ -171,6 +171,18 @@ def reliability_grid(before: dict, after: dict, thresholds: np.ndarray, report: 
     _save(fig, path)
 
 
+def _intervals(ax, at: np.ndarray, low: np.ndarray, high: np.ndarray, vertical: bool, cap: float = 0.15) -> None:
+    """Interval lines from low to high with end caps at positions `at` (missing ends: no line)."""
+    ok = np.isfinite(low) & np.isfinite(high)
+    at, low, high = at[ok], low[ok], high[ok]
+    if not len(at):
+        return
+    lines, caps = (ax.vlines, ax.hlines) if vertical else (ax.hlines, ax.vlines)
+    lines(at, low, high, color="black", lw=1)
+    for end in (low, high):
+        caps(end, at - cap, at + cap, color="black", lw=1)
+
+
 def per_class_bars(
     names: Sequence[str],
     values: np.ndarray,
@@ -183,8 +195,10 @@ def per_class_bars(
     fig = _figure(9, 4.2)
     ax = fig.subplots()
     x = np.arange(len(names))
-    err = np.vstack([values - low, high - values])
-    ax.bar(x, values, yerr=np.nan_to_num(err), capsize=3, color="tab:blue", alpha=0.8)
+    ax.bar(x, values, color="tab:blue", alpha=0.8)
+    # the interval as drawn from its ends: a percentile bootstrap interval need not contain the
+    # point estimate (a small class), which an error bar (distances from the point) cannot show
+    _intervals(ax, x, low, high, vertical=True)
     if reference is not None:
         ax.axhline(reference, ls="--", color="tab:red", lw=1, label=f"paper mean {reference:.3f}")
         ax.legend(fontsize=8)
@@ -287,8 +301,8 @@ def subgroup_forest(report: dict, overall: float | None, path: str | Path) -> No
     ax = fig.subplots()
     for yi, (_, mean, low, high, note) in zip(y, rows):
         if np.isfinite(mean):
-            err = [[mean - low if np.isfinite(low) else 0.0], [high - mean if np.isfinite(high) else 0.0]]
-            ax.errorbar(mean, yi, xerr=err, fmt="o", color="tab:blue", capsize=3)
+            _intervals(ax, np.array([yi]), np.array([low]), np.array([high]), vertical=False)
+            ax.plot(mean, yi, "o", color="tab:blue")
             ax.annotate(
                 note,
                 (1.0, yi),
