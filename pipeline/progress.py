@@ -92,6 +92,8 @@ class LogProgress:
         self.postfix: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
         self._closed = False
+        if initial:  # a resumed piece of work says where it starts
+            print(f"{self.line(self._start)}, resumed", file=self.stream or sys.stderr, flush=True)
 
     # tqdm's interface, as used here
     def __iter__(self) -> Iterator:

@@ -116,7 +116,8 @@ def test_a_killed_prepare_stage_resumes_its_image_cache(tmp_path: Path) -> None:
 
     rerun = dvc(repo, "repro", "prepare")
     # the rerun's progress starts at the chunks done before the kill, and leaves them untouched
-    first = re.search(r"cache 512px:.*?(\d+)/360", rerun.stderr + rerun.stdout)
+    # (a tqdm bar on a terminal, "[cache 512px] 128/360 img (36%), ..., resumed" in a log)
+    first = re.search(r"cache 512px\W.*?(\d+)/360", rerun.stderr + rerun.stdout)
     assert first is not None and int(first.group(1)) >= 8 * len(done), rerun.stderr[-2000:]
     assert {m: markers.joinpath(m).stat().st_mtime_ns for m in done} == done
     assert len(list(markers.glob("0*.json"))) == 45

@@ -28,6 +28,16 @@ def test_lines_at_an_interval_with_rate_eta_and_figures(monkeypatch) -> None:
     ]
 
 
+def test_resumed_work_says_where_it_starts() -> None:
+    out = io.StringIO()
+    bar = LogProgress(total=360, initial=128, desc="cache 512px", unit="img", every=1e9, stream=out)
+    bar.update(232)
+    bar.close()
+    first, last = out.getvalue().splitlines()
+    assert first.startswith("[cache 512px] 128/360 img (36%), ") and first.endswith(", resumed")
+    assert last.startswith("[cache 512px] 360/360 img (100%), ") and last.endswith("(done)")
+
+
 def test_bytes_and_iterables() -> None:
     out = io.StringIO()
     bar = LogProgress(total=0, desc="fetch s3", unit="B", unit_scale=True, every=1e9, stream=out)
