@@ -79,10 +79,12 @@ def data_hash(md5s: str) -> str:
     return md5s if md5s == UNKNOWN else hashlib.sha256(md5s.encode()).hexdigest()[:16]
 
 
-def version_provenance(root: str | Path = ".") -> dict[str, str]:
-    """Tags naming the code and the prepared data a model version was made from, read in `root`."""
+def version_provenance(root: str | Path = ".", md5s: str | None = None) -> dict[str, str]:
+    """Tags naming the code and the prepared data a model version was made from, read in `root`;
+    `md5s`: `dvc_data_hash` when the caller has read it already."""
     root = Path(root)
-    return {"git_commit": git_commit(root), "data_hash": data_hash(dvc_data_hash(root / "dvc.lock"))}
+    md5s = dvc_data_hash(root / "dvc.lock") if md5s is None else md5s
+    return {"git_commit": git_commit(root), "data_hash": data_hash(md5s)}
 
 
 @dataclass(frozen=True)

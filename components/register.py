@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         decision = gate.decide(
             cfg, ours, champ_preds, champ_version, min_patients=params.evaluate.min_positive_patients
         )
-        tags = registry.version_tags(metrics, run.info.run_id, {**_provenance(params), registry.WEIGHTS_TAG: digest})
+        from components.provenance import dvc_data_hash
+
+        md5s = dvc_data_hash()  # dvc.lock read once: the short data_hash tag, the md5s in the record
+        tags = registry.version_tags(
+            metrics, run.info.run_id, {**_provenance(params, md5s), registry.WEIGHTS_TAG: digest}
+        )
         version, model_uri, model_id = _version_to_gate(same, model_dir, reports, Path(args.prepared), cfg, tags)
         first = None if same is not None else registry.keep_first(client, name, version, digest, model_id)
         if first is not None:  # another register step took these weights while this one registered them
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "test_mean_auc": metrics.get("mean_auc"),
             "test_mean_auc_ci": metrics.get("mean_auc_ci"),
             # what the handful of version tags leave out: the data's md5s, per-class test AUCs
-            "dvc_data_md5s": _dvc_md5s(),
+            "dvc_data_md5s": md5s,
             "test_per_class_auc": metrics.get("per_class_auc"),
             "tags": tags,
         }
@@ -200,17 +205,11 @@ def _example(prepared: Path) -> bytes:
     return example_png(np.asarray(open_cache(prepared / CACHE_DIR)[0]))
 
 
-def _dvc_md5s() -> str:
-    from components.provenance import dvc_data_hash
-
-    return dvc_data_hash()
-
-
-def _provenance(params: dict) -> dict[str, str]:
+def _provenance(params: dict, md5s: str) -> dict[str, str]:
     """The commit and prepared data (from git and dvc.lock in the working directory) and the settings."""
     from components.provenance import version_provenance
 
-    return {**version_provenance(), "params_hash": fingerprint(params.model_dump()), "profile": params.profile}
+    return {**version_provenance(md5s=md5s), "params_hash": fingerprint(params.model_dump()), "profile": params.profile}
 
 
 def _report_registered(client, version, digest: str, run_id: str, out: str, card_data, reports: Path) -> int:

@@ -17,10 +17,10 @@ def take_inventory(table: pd.DataFrame, train_val: list[str], test: list[str], p
     return {
         "usable": labelled & listed & present,
         "listed_images": len(listed),
-        "listed_missing": _examples(listed - present),
-        "present_unlisted": _examples(present - listed),
-        "listed_unlabelled": _examples((listed & present) - labelled),
-        "labelled_unlisted": _examples((labelled & present) - listed),
+        "listed_missing": examples(listed - present),
+        "present_unlisted": examples(present - listed),
+        "listed_unlabelled": examples((listed & present) - labelled),
+        "labelled_unlisted": examples((labelled & present) - listed),
     }
 
 
@@ -42,5 +42,5 @@ def inventory_notes(stats: dict[str, Any], raw: str = "the raw folder") -> list[
     return notes
 
 
-def _examples(names: set[str]) -> dict[str, Any]:
+def examples(names: set[str]) -> dict[str, Any]:
     return {"count": len(names), "first": sorted(names)[:EXAMPLES]}

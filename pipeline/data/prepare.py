@@ -22,7 +22,7 @@ from pipeline.config import PrepareConfig
 from pipeline.data import labels as L
 from pipeline.data.cache import CacheResult, build_cache, publish_cache
 from pipeline.data.images import image_size
-from pipeline.data.inventory import EXAMPLES, _examples, take_inventory
+from pipeline.data.inventory import EXAMPLES, examples, take_inventory
 from pipeline.data.layout import (
     BOXES,
     CACHE_DIR,
@@ -183,9 +183,9 @@ def demographics(table: pd.DataFrame) -> dict[str, Any]:
     age = table["age"]
     impossible = age.notna() & (age > MAX_AGE)
     return {
-        "sex_missing": _examples(set(table.loc[table["sex"] == "", "image"])),
-        "age_missing": _examples(set(table.loc[age.isna(), "image"])),
-        "age_over_max": {**_examples(set(table.loc[impossible, "image"])), "max_age": MAX_AGE},
+        "sex_missing": examples(set(table.loc[table["sex"] == "", "image"])),
+        "age_missing": examples(set(table.loc[age.isna(), "image"])),
+        "age_over_max": {**examples(set(table.loc[impossible, "image"])), "max_age": MAX_AGE},
     }
 
 
