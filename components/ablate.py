@@ -9,7 +9,13 @@ category_only, dual (the method), dual_random_prototypes (random label vectors i
 encoder's), asl, focal.
 Seeds are train.seed, train.seed + 1, ...; each (variant, seed) is one nested MLflow run tagged
 `cxr.ablation=<variant>` under a parent run named `ablation`, with its checkpoints in
---out/<variant>/seed_<s> (an interrupted ablation resumes each run where it stopped).
+--out/<variant>/seed_<s> (an interrupted ablation resumes each run where it stopped). Runs go
+seed by seed (every variant on the first seed, then every variant on the next), so an ablation
+stopped early compares its variants over the same seeds. A finished run leaves its predictions in
+--out/<variant>/seed_<s>/scores.npz, stamped with the fingerprint of its settings and input data;
+a later ablation over the same settings and data reads them instead of training again, so the
+few-kilobyte score files (not the checkpoints) are all it takes to carry an ablation from one
+machine to another and finish it there.
 
 Selection stays on validation: each run's checkpoint is its best validation epoch. Test is only
 reported: per variant the mean and std over seeds of validation and test mean AUC, and the paired
@@ -87,27 +93,26 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     with mlflow_run(args, params, "ablation", run_name="ablation") as parent:
-        for variant in variants:
-            for seed in seeds:
-                cfg = variant_config(base, variant, seed, folder)
-                print(
-                    f"[ablate] {variant} seed {seed}: head {cfg.model.head}, loss {cfg.loss.name}, "
-                    f"prototypes {cfg.model.prototypes}"
+        for seed, variant in ((s, v) for s in seeds for v in variants):
+            cfg = variant_config(base, variant, seed, folder)
+            print(
+                f"[ablate] {variant} seed {seed}: head {cfg.model.head}, loss {cfg.loss.name}, "
+                f"projector {cfg.model.projector}, prototypes {cfg.model.prototypes}"
+            )
+            runs.append(
+                run_variant(
+                    variant,
+                    cfg,
+                    params.evaluate,
+                    prepared,
+                    text_vectors,
+                    Path(args.out) / variant / f"seed_{seed}",
+                    # the drift reference is not fitted for ablation runs: its settings change nothing here
+                    fingerprint(cfg.model_dump(exclude={"drift"}), digests, params.evaluate.min_positive_patients),
+                    parent is not None,
+                    not args.no_progress,
                 )
-                runs.append(
-                    run_variant(
-                        variant,
-                        cfg,
-                        params.evaluate,
-                        prepared,
-                        text_vectors,
-                        Path(args.out) / variant / f"seed_{seed}",
-                        # the drift reference is not fitted for ablation runs: its settings change nothing here
-                        fingerprint(cfg.model_dump(exclude={"drift"}), digests, params.evaluate.min_positive_patients),
-                        parent is not None,
-                        not args.no_progress,
-                    )
-                )
+            )
         min_patients = params.evaluate.min_positive_patients
         table = runs_table(runs, min_patients)
         summary = summarize(runs, args.bootstrap, min_patients, base.epochs)
@@ -158,7 +163,20 @@ def variant_config(base, variant: str, seed: int | None = None, folder: Path = V
 def run_variant(
     variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path, fp: str, track: bool, progress: bool
 ) -> RunScores:
-    """Train one (variant, seed) (its own nested MLflow run when `track`) and score its best checkpoint."""
+    """Train one (variant, seed) (its own nested MLflow run when `track`) and score its best
+    checkpoint, or read the scores a finished run over the same settings and data left in `out`."""
+    saved = load_run_scores(out / SCORES, fp)
+    if saved is not None:
+        print(f"[ablate] {variant} seed {cfg.seed}: finished earlier, its scores read from {out / SCORES}")
+        return saved
+    scores = _train_and_score(variant, cfg, ecfg, prepared, text_vectors, out, fp, track, progress)
+    save_run_scores(out / SCORES, scores, fp)
+    return scores
+
+
+def _train_and_score(
+    variant: str, cfg, ecfg, prepared: Path, text_vectors, out: Path, fp: str, track: bool, progress: bool
+) -> RunScores:
     from pipeline import tracking
     from pipeline.training import train
 
@@ -192,6 +210,54 @@ def run_variant(
             }
         )
     return scores
+
+
+SCORES = "scores.npz"
+_SPLIT_FIELDS = ("images", "y", "logits", "patients")
+
+
+def save_run_scores(path: Path, scores: RunScores, fp: str) -> None:
+    """A finished run's predictions on both splits, with what it was and the fingerprint of its
+    settings and inputs; written whole or not at all."""
+    from pipeline.io import atomic_open
+
+    arrays = {
+        "fingerprint": np.array(fp),
+        "meta": np.array(
+            [scores.variant, str(scores.seed), scores.head, scores.loss, scores.prototypes, str(scores.best_epoch)]
+        ),
+    }
+    for split in ("val", "test"):
+        part = getattr(scores, split)
+        for field in _SPLIT_FIELDS:
+            value = getattr(part, field)
+            arrays[f"{split}_{field}"] = np.asarray(value, dtype=str) if field in ("images", "patients") else value
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def load_run_scores(path: Path, fp: str) -> RunScores | None:
+    """The scores `save_run_scores` left at `path` if they belong to settings and inputs `fp`;
+    None when there are none, or they are another run's (they are then trained again)."""
+    from pipeline.evaluation.scoring import SplitScores
+
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["fingerprint"]) != fp:
+            print(f"[ablate] {path}: from other settings or data than this run's; training again")
+            return None
+        variant, seed, head, loss, prototypes, best_epoch = (str(v) for v in z["meta"])
+        splits = {
+            split: SplitScores(
+                images=[str(v) for v in z[f"{split}_images"]],
+                y=z[f"{split}_y"],
+                logits=z[f"{split}_logits"],
+                patients=z[f"{split}_patients"],
+            )
+            for split in ("val", "test")
+        }
+    return RunScores(variant, int(seed), head, loss, prototypes, int(best_epoch), splits["val"], splits["test"])
 
 
 def _scores(variant: str, cfg, ecfg, result, prepared: Path, progress: bool) -> RunScores:

@@ -572,9 +572,10 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     assert main(argv) == 0
     reports = tmp_path / "reports"
     table = pd.read_csv(reports / "ablation_runs.csv")
-    assert table["variant"].tolist() == ["bce_head"] * 2 + ["dual"] * 2 + ["dual_random_prototypes"] * 2
-    assert table["seed"].tolist() == [TINY["seed"], TINY["seed"] + 1] * 3
-    assert table["prototypes"].tolist() == ["text"] * 4 + ["random"] * 2
+    # seed by seed: an ablation stopped early has every variant over the same seeds
+    assert table["variant"].tolist() == ["bce_head", "dual", "dual_random_prototypes"] * 2
+    assert table["seed"].tolist() == [TINY["seed"]] * 3 + [TINY["seed"] + 1] * 3
+    assert table["prototypes"].tolist() == ["text", "text", "random"] * 2
     assert table["val_mean_auc"].between(0, 1).all() and table["test_mean_auc"].between(0, 1).all()
     assert (table["best_epoch"] == 1).all()  # --epochs 1 overrode train.epochs
 
@@ -630,3 +631,19 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
 
     with pytest.raises(ValueError, match="unknown nope; choose from bce_head, "):
         parse_variants("dual,nope", ROOT / "conf" / "ablation")
+
+    # the score files alone finish an ablation elsewhere: without any checkpoint, the same report
+    for checkpoint in (tmp_path / "ablation").rglob("*.pt"):
+        checkpoint.unlink()
+    capsys.readouterr()
+    first = (reports / "ablation_runs.csv").read_text()
+    assert main([*argv, "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, its scores read from") == 6, out
+    assert (reports / "ablation_runs.csv").read_text() == first
+    assert not list((tmp_path / "ablation").rglob("*.pt"))  # nothing trained again
+    # scores of other settings are not taken for this run's: one epoch more trains every run again
+    assert main([*argv[:-4], "2", *argv[-3:], "--variants", "bce_head", "--seeds", "1", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert "from other settings or data than this run's; training again" in out and "finished earlier" not in out
+    assert list((tmp_path / "ablation" / "bce_head").rglob("best.pt"))
