@@ -128,6 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def champion_change(record: dict) -> dict:
+    """What a consumer of the champion alias needs from one register step's record
+    (reports/registration.json): whether the step moved the alias, to which version, from which."""
+    moved = bool(record.get("registered") and record.get("promote")) and str(record.get("champion_version")) != str(
+        record.get("version")
+    )
+    return {
+        "champion_moved": moved,
+        "model_name": record.get("model_name"),
+        "version": record.get("version"),
+        "previous_champion": record.get("champion_version"),
+        "val_mean_auc": record.get("val_mean_auc"),
+        "reason": record.get("reason"),
+    }
+
+
 def _champion_state(client, name: str, ours: str | None):
     """(aliases before this step, the champion's version or None, its validation predictions or None).
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 from airflow.providers.standard.operators.bash import BashOperator
-from airflow.sdk import Asset, Param, dag
+from airflow.sdk import Asset, Param, dag, task
 
 DAG_ID = "cxr_dwml"
 HERE = Path(__file__).resolve().parent
@@ -334,6 +334,8 @@ def pod_task(task_id: str, settings: DagSettings, **kwargs: Any):
         service_account_name=cfg.service_account,
         startup_timeout_seconds=cfg.startup_timeout_seconds,
         get_logs=True,
+        # register's decision (scripts/dvc_stage.py writes it to /airflow/xcom/return.json) for the champion task
+        do_xcom_push=task_id == "register",
         on_finish_action="delete_succeeded_pod",
         **kwargs,
     )
@@ -344,7 +346,7 @@ def build_dag(settings: DagSettings):
     project = settings.project
     metrics = Asset(name="cxr_dwml_metrics", uri=(project / "reports" / "metrics.json").as_uri())
     champion = Asset(name="cxr_dwml_champion", uri="cxr-dwml://model/champion")
-    outlets = {"evaluate": [metrics], "register": [champion]}
+    outlets = {"evaluate": [metrics]}
 
     @dag(
         dag_id=DAG_ID,
@@ -376,8 +378,47 @@ def build_dag(settings: DagSettings):
         for task_id, upstream in STAGES.items():
             for up in upstream:
                 tasks[up] >> tasks[task_id]
+        tasks["register"] >> announce_champion(champion)
 
     return cxr_dwml()
+
+
+def champion_change(xcom: Any) -> dict[str, Any]:
+    """The register task's decision: its XCom, the `[dvc_stage] champion: {...}` line a local task
+    ends with (or the object a pod's XCom file holds)."""
+    if isinstance(xcom, dict):
+        return xcom
+    prefix = "[dvc_stage] champion: "
+    if not isinstance(xcom, str) or not xcom.startswith(prefix):
+        raise ValueError(
+            f"the register task's XCom is {xcom!r}, not its '{prefix}{{...}}' line: was register run by "
+            "scripts/dvc_stage.py? Clear the register task to run it again"
+        )
+    return json.loads(xcom[len(prefix) :])
+
+
+def announce_champion(champion: Asset):
+    """The `champion` task: the asset event for a champion that moved, skipped otherwise."""
+
+    @task(
+        task_id="champion",
+        outlets=[champion],
+        doc_md="Updates the asset `cxr_dwml_champion` when, and only when, this run's register step "
+        "moved the champion alias; the event's extra holds the model, version, previous champion and "
+        "validation mean AUC. Skipped (no event) when the gate kept the champion or register was "
+        "skipped as unchanged.",
+    )
+    def champion_task(*, ti=None, outlet_events=None) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        change = champion_change(ti.xcom_pull(task_ids="register"))
+        if not change.get("champion_moved"):
+            raise AirflowSkipException(f"the champion did not move: {change.get('reason')}")
+        outlet_events[champion].extra = change
+        print(f"new champion: {change['model_name']} v{change['version']} (was {change['previous_champion']})")
+        return change
+
+    return champion_task()
 
 
 cxr_dwml = build_dag(load_settings())

@@ -17,6 +17,11 @@ is restored by the next one. After the stage, `dvc checkout --relink` makes its 
 the DVC cache (`.dvc/config`: cache.type hardlink,symlink), copies left by older runs included.
 With CXR_DVC_REMOTE_URL set (and CXR_DVC_REMOTE_ENDPOINT for an S3-compatible store), the stage's
 outputs are pushed to that remote afterwards.
+
+The register stage ends with one line `[dvc_stage] champion: {...}`, a JSON object saying whether
+this call moved the champion alias (`champion_moved`) and to which version: the last line of a
+task's output is what Airflow keeps as its XCom, from which the DAG's `champion` task decides
+whether to announce a new champion. In a pod the same object goes to /airflow/xcom/return.json.
 """
 
 from __future__ import annotations
@@ -199,13 +204,53 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             shown = {k: redact_uri(v) if isinstance(v, str) else v for k, v in overrides.items()}
             print(f"[dvc_stage] overrides for this run: {json.dumps(shown, sort_keys=True)}")
+        before = _read_bytes(root / REGISTRATION) if args.stage == "register" else None
         with applied(root, composed_params(root, overrides)):
             rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", args.stage], root)
             if rc == 0:  # outputs left as copies (by a run under an older cache.type) become links
                 rc = run(["dvc", "--wait-for-lock", "checkout", "--relink", args.stage], root)
         if rc == 0:
             rc = push(root, args.stage)
+    if rc == 0 and args.stage == "register":
+        announce_champion(champion_change(before, _read_bytes(root / REGISTRATION)))
     return rc
+
+
+REGISTRATION = Path("reports") / "registration.json"
+XCOM_FILE = Path("/airflow/xcom/return.json")  # what KubernetesPodOperator's XCom sidecar reads
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def champion_change(before: bytes | None, after: bytes | None) -> dict[str, Any]:
+    """Whether the register step just run moved the champion alias, from its record before and after.
+
+    An unchanged record means DVC skipped the step (its inputs had not changed): nothing moved.
+    """
+    if after is None:
+        raise StageError(f"{REGISTRATION} is missing after the register stage: rerun the register task")
+    if after == before:
+        return {
+            "champion_moved": False,
+            "reason": "the register stage was skipped: its inputs are unchanged since the run that wrote "
+            f"{REGISTRATION}",
+        }
+    from components.register import champion_change as from_record
+
+    return from_record(json.loads(after))
+
+
+def announce_champion(change: dict[str, Any], xcom_file: Path = XCOM_FILE) -> None:
+    """The change as the output's last line (Airflow's XCom of a local task) and, in a pod, as its XCom file."""
+    text = json.dumps(change, sort_keys=True)
+    if xcom_file.parent.is_dir():
+        write_text(xcom_file, text)
+    print(f"[dvc_stage] champion: {text}", flush=True)
 
 
 if __name__ == "__main__":

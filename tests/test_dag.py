@@ -114,9 +114,12 @@ def test_dag_imports_fast_without_errors_or_heavy_modules(parsed: dict) -> None:
 
 def test_dag_structure_and_defaults(parsed: dict) -> None:
     tasks = parsed["tasks"]
-    assert set(tasks) == set(STAGES)
+    assert set(tasks) == {*STAGES, "champion"}
     assert parsed["catchup"] is False and parsed["max_active_runs"] == 1
     assert parsed["schedule"] == "0 3 * * 1", "the shipped settings retrain weekly"
+    # the champion asset is announced by its own task, after register, only when the alias moved
+    champion = tasks.pop("champion")
+    assert champion["upstream"] == ["register"] and champion["outlets"] == ["cxr-dwml://model/champion"]
     for task_id, info in tasks.items():
         assert info["type"] == "BashOperator"
         assert info["pool"] == "cxr_dwml_dvc", "DVC tasks must share the one-slot pool"
@@ -126,7 +129,7 @@ def test_dag_structure_and_defaults(parsed: dict) -> None:
         assert info["append_env"] is True and info["env"]["CXR_PROJECT_DIR"] == str(ROOT)
     assert tasks["train"]["timeout_s"] == 2880 * 60
     assert tasks["evaluate"]["outlets"] == [(ROOT / "reports" / "metrics.json").as_uri()]
-    assert tasks["register"]["outlets"] == ["cxr-dwml://model/champion"]
+    assert tasks["register"]["outlets"] == []
     assert {"profile", "source", "epochs", "overrides"} <= set(parsed["params"])
 
 
@@ -271,6 +274,8 @@ print(json.dumps({"pods": pods, "round_trip": pod.spec.containers[0].image}))
     )
     pods = got["pods"]
     assert set(pods) == set(STAGES) and got["round_trip"] == "registry.example/cxr-dwml:1.0"
+    # register's decision comes back through the XCom sidecar, for the champion task
+    assert len(pods["register"]["spec"]["containers"]) == 2 and len(pods["evaluate"]["spec"]["containers"]) == 1
     train = pods["train"]
     assert train["kind"] == "Pod" and train["metadata"]["namespace"] == "ml"
     (container,) = train["spec"]["containers"]
@@ -474,9 +479,52 @@ def test_dags_test_runs_the_pipeline_and_registers_a_model(dags_test_run: dict) 
     # another model: v2, judged by the gate against the session run's v1
     registration = json.loads((repo / "reports" / "registration.json").read_text())
     assert str(registration["version"]) == "2" and str(registration["champion_version"]) == "1"
+    # the champion asset fired exactly when the gate moved the alias
+    if registration["promote"]:
+        assert "new champion: cxr-dwml v2 (was 1)" in log, log[-4000:]
+    else:
+        assert "the champion did not move: " + registration["reason"] in log, log[-4000:]
     assert client.get_model_version("cxr-dwml", "2").run_id == train.info.run_id
     # the conf ran (dvc.lock says so) and held for this run only (params.yaml is as committed)
     assert lock_params(repo, "train")["train"]["epochs"] == 1
     assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
     assert (repo / "reports" / "train" / "history.csv").read_text().count("\n") == 2  # header + 1 epoch
     assert not (repo / ".dvc" / "tmp" / "cxr-stage" / "backup").exists()
+
+
+def test_register_stage_reports_whether_the_champion_moved(tmp_path: Path, capsys) -> None:
+    """The register task's last line (its XCom) says whether this call moved the champion alias:
+    not when DVC skipped the stage, not when the gate kept the champion or the weights were known."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dvc_stage", ROOT / "scripts" / "dvc_stage.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    record = {"model_name": "cxr-dwml", "version": "3", "registered": True, "promote": True}
+    moved = json.dumps({**record, "champion_version": "2", "val_mean_auc": 0.81, "reason": "better"}).encode()
+    change = stage.champion_change(b"{}", moved)
+    assert change["champion_moved"] is True and change["previous_champion"] == "2" and change["version"] == "3"
+    assert stage.champion_change(None, json.dumps({**record, "champion_version": None}).encode())["champion_moved"]
+    assert not stage.champion_change(moved, moved)["champion_moved"]  # skipped by DVC: the same record
+    kept = json.dumps({**record, "promote": False, "champion_version": "2", "reason": "no better"}).encode()
+    assert stage.champion_change(moved, kept) == {
+        "champion_moved": False,
+        "model_name": "cxr-dwml",
+        "version": "3",
+        "previous_champion": "2",
+        "val_mean_auc": None,
+        "reason": "no better",
+    }
+    known = json.dumps({**record, "registered": False, "reason": "already holds these weights"}).encode()
+    assert not stage.champion_change(kept, known)["champion_moved"]
+    with pytest.raises(stage.StageError, match="reports/registration.json is missing"):
+        stage.champion_change(moved, None)
+
+    xcom = tmp_path / "airflow" / "xcom" / "return.json"
+    stage.announce_champion(change, xcom)  # no XCom folder: a local task, the line only
+    assert not xcom.exists()
+    xcom.parent.mkdir(parents=True)
+    stage.announce_champion(change, xcom)  # in a pod: the sidecar's file too
+    assert json.loads(xcom.read_text()) == change
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"[dvc_stage] champion: {json.dumps(change, sort_keys=True)}"] * 2
