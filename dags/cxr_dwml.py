@@ -11,11 +11,21 @@ A run's conf (the DAG params below, validated against their JSON schema) overrid
 for that run only; DVC skips stages whose inputs did not change and records in dvc.lock what ran.
 Scheduling, retries and timeouts come from dags/cxr_dwml.yaml or CXR_AIRFLOW_* variables; see
 docs/airflow.md. With `kubernetes.tasks` set, the listed tasks run as pods of the training image.
+
+The trigger form shows, in each field, what a run without conf uses (params.yaml's value); only
+fields changed from it, and `overrides`, are sent. Unpausing the DAG starts its most recent past
+scheduled slot at once (a full retrain with params.yaml as committed), then one per schedule; the
+form's "Unpause cxr_dwml on trigger" box, ticked by default on a paused DAG, does the same. A paused
+DAG runs nothing, a triggered run included: to run once without the schedule, set
+CXR_AIRFLOW_SCHEDULE=none before unpausing, or run `airflow dags test cxr_dwml --conf '{...}'`.
+After `register`, the task `champion` updates the asset cxr_dwml_champion only when this run moved
+the champion alias.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -209,49 +219,111 @@ def load_settings(env: Mapping[str, str] | None = None) -> DagSettings:
     return settings
 
 
+def composed_defaults(project: Path) -> dict[str, Any]:
+    """What a run without conf uses for each DAG param: the project's params.yaml, composed from conf/
+    with its profile (read as YAML only; nothing is composed at parse time)."""
+    try:
+        values = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        values = {}
+    out: dict[str, Any] = {}
+    for name, key in PARAM_KEYS.items():
+        node: Any = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[name] = node
+    return out
+
+
+def _typed(kind: str, default: Any) -> list[str] | str:
+    """A param's JSON type: optional (null allowed, left empty) only where there is no default."""
+    return kind if default is not None else ["null", kind]
+
+
+def _choices(values: list[Any], default: Any) -> dict[str, Any]:
+    """An enum without a literal null choice, unless there is no default to show."""
+    return {"enum": values if default is not None else [None, *values]}
+
+
 def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param]:
-    """Run conf accepted by the DAG, validated by Airflow against these JSON schemas at trigger time."""
+    """The trigger form: run conf accepted by the DAG, validated by Airflow against these JSON schemas
+    at trigger time. Each field shows the value a run without conf uses (params.yaml's, or
+    CXR_DATA_SOURCE for the source); `run_overrides` sends only what differs from params.yaml."""
+    d = composed_defaults(project)
+    if data_source:
+        d["source"] = data_source
     profiles = sorted(p.stem for p in (project / "conf" / "profile").glob("*.yaml"))
-    profile_schema: dict[str, Any] = {"enum": [None, *profiles]} if profiles else {"type": ["null", "string"]}
+    kept = " Left as shown, the value is not sent, so a profile chosen above keeps its own."
     return {
         "profile": Param(
-            None,
-            description="settings profile for this run (conf/profile/<name>.yaml); empty = conf/config.yaml's",
-            **profile_schema,
+            d["profile"],
+            description="The settings profile: conf/profile/<name>.yaml laid over conf/config.yaml "
+            "(demo: the embedded synthetic data on a CPU; paper: NIH ChestX-ray14 at the paper's "
+            "settings; scale: the full-size rehearsal).",
+            **(_choices(profiles, d["profile"]) if profiles else {"type": _typed("string", d["profile"])}),
         ),
         "source": Param(
-            data_source,
-            type=["null", "string"],
+            d["source"],
+            type=_typed("string", d["source"]),
             minLength=1,
             pattern=LITERAL,
-            description="download.source: synthetic | nih | s3://bucket/prefix | https://mirror | /folder",
+            description="Where the download step reads the images and labels (download.source): "
+            "synthetic, nih, s3://bucket/prefix, an https:// mirror or a folder." + kept,
         ),
-        "epochs": Param(None, type=["null", "integer"], minimum=1, description="train.epochs"),
+        "epochs": Param(
+            d["epochs"],
+            type=_typed("integer", d["epochs"]),
+            minimum=1,
+            description="Training epochs (train.epochs); a retried train task resumes from its last "
+            "finished epoch." + kept,
+        ),
         "batch_size": Param(
-            None, type=["null", "integer"], minimum=1, maximum=4096, description="train.batch_size (per process)"
+            d["batch_size"],
+            type=_typed("integer", d["batch_size"]),
+            minimum=1,
+            maximum=4096,
+            description="Images per optimisation step on each process (train.batch_size)." + kept,
         ),
-        "head": Param(None, enum=[None, "metric", "linear"], description="train.model.head"),
-        "loss": Param(None, enum=[None, "dwml", "bce", "weighted_bce", "focal", "asl"], description="train.loss.name"),
+        "head": Param(
+            d["head"],
+            description="The classifier head (train.model.head): metric, the method's label prototypes, "
+            "or linear, the BCE baseline." + kept,
+            **_choices(["metric", "linear"], d["head"]),
+        ),
+        "loss": Param(
+            d["loss"],
+            description="The training loss (train.loss.name): dwml is the method's dual-weighted "
+            "metric loss; the others are baselines." + kept,
+            **_choices(["dwml", "bce", "weighted_bce", "focal", "asl"], d["loss"]),
+        ),
         "min_auc": Param(
-            None,
-            type=["null", "number"],
+            d["min_auc"],
+            type=_typed("number", d["min_auc"]),
             minimum=0,
             maximum=1,
-            description="register.min_auc: the floor for the champion alias",
+            description="The validation mean AUC a new version must reach to become the champion "
+            "(register.min_auc)." + kept,
         ),
         "overrides": Param(
-            {},
-            type="object",
-            description='any other params.yaml keys, dotted: {"train.optim.lr_head": 0.001}',
+            None,
+            type=["null", "object"],
+            description="Any other params.yaml keys for this run, dotted, as a JSON object, e.g. "
+            '{"train.optim.lr_head": 0.001}; a key here is always sent.',
             propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
             additionalProperties={"type": ["string", "number", "boolean", "null"], "pattern": LITERAL},
         ),
     }
 
 
-def run_overrides(params: Mapping[str, Any]) -> str:
-    """The run's params.yaml overrides as a JSON object of dotted keys (a Jinja filter of the DAG)."""
-    out = {key: params.get(name) for name, key in PARAM_KEYS.items() if params.get(name) is not None}
+def run_overrides(params: Mapping[str, Any], baseline: Mapping[str, Any]) -> str:
+    """The run's params.yaml overrides as a JSON object of dotted keys (a Jinja filter of the DAG):
+    each form field whose value differs from `baseline` (params.yaml's, `composed_defaults`), then
+    `overrides` as given."""
+    out = {
+        key: params.get(name)
+        for name, key in PARAM_KEYS.items()
+        if params.get(name) is not None and params.get(name) != baseline.get(name)
+    }
     out.update(params.get("overrides") or {})
     return json.dumps(out, sort_keys=True)
 
@@ -355,7 +427,7 @@ def build_dag(settings: DagSettings):
         catchup=settings.catchup,
         max_active_runs=settings.max_active_runs,
         params=dag_params(project, os.environ.get("CXR_DATA_SOURCE") or None),
-        user_defined_filters={"cxr_overrides": run_overrides},
+        user_defined_filters={"cxr_overrides": functools.partial(run_overrides, baseline=composed_defaults(project))},
         default_args={
             "retries": settings.retries,
             "retry_delay": timedelta(minutes=settings.retry_delay_minutes),

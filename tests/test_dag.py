@@ -217,8 +217,14 @@ bad = [check(c) for c in ({"epochs": 0}, {"profile": "huge"}, {"epochs": "2"}, {
                           {"overrides": {"bad key": 1}}, {"source": ""}, {"min_auc": 2})]
 good = check({"epochs": 3, "profile": "paper", "source": "s3://b/nih", "overrides": {"train.optim.lr_head": 0.01}})
 rendered = dag.get_template_env().from_string(dag.get_task("train").env["CXR_RUN_OVERRIDES"]).render(params=good)
-empty = m.run_overrides(dag.params.dump())
-print(json.dumps({"bad": bad, "rendered": json.loads(rendered), "empty": json.loads(empty)}))
+# a field left as the form shows it is not sent: the chosen profile keeps its own value
+paper = check({"profile": "paper", "overrides": None})
+kept = dag.get_template_env().from_string(dag.get_task("train").env["CXR_RUN_OVERRIDES"]).render(params=paper)
+empty = m.run_overrides(dag.params.dump(), m.composed_defaults(m.load_settings().project))
+form = {name: {"default": p.value, "schema": p.schema, "description": p.description}
+        for name, p in dag.params.items()}
+print(json.dumps({"bad": bad, "rendered": json.loads(rendered), "kept": json.loads(kept),
+                  "empty": json.loads(empty), "form": form}))
 """,
         TMP_HOME=str(tmp_path),
     )
@@ -229,7 +235,18 @@ print(json.dumps({"bad": bad, "rendered": json.loads(rendered), "empty": json.lo
         "train.epochs": 3,
         "train.optim.lr_head": 0.01,
     }
+    assert got["kept"] == {"profile": "paper"}
     assert got["empty"] == {}, "no conf must leave params.yaml untouched"
+    # the form shows the values a run without conf uses, with a sentence each, and no literal null
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    form = got["form"]
+    assert form["epochs"]["default"] == committed["train"]["epochs"] == 16
+    assert form["profile"]["default"] == committed["profile"] and form["head"]["default"] == "metric"
+    assert form["loss"]["default"] == "dwml" and form["min_auc"]["default"] == committed["register"]["min_auc"]
+    for name, field in form.items():
+        assert field["description"].endswith((".", "sent.")) and len(field["description"].split()) >= 8, name
+        assert None not in field["schema"].get("enum", []), name
+    assert form["overrides"]["default"] is None and "null" in form["overrides"]["schema"]["type"]
 
 
 def test_loss_choices_are_the_library_losses(tmp_path: Path) -> None:
@@ -245,7 +262,7 @@ print(json.dumps(m.cxr_dwml.params.get_param("loss").schema["enum"]))
 """,
         TMP_HOME=str(tmp_path),
     )
-    assert got == [None, *typing.get_args(LossName)]
+    assert got == list(typing.get_args(LossName))
 
 
 def test_kubernetes_pod_spec_for_train_requests_a_gpu(tmp_path: Path) -> None:
