@@ -100,9 +100,21 @@ def _log(out: Path, metrics: dict) -> None:
     for name in (*names, "evaluate_config.json"):
         mlflow.log_artifact(str(out / name), artifact_path="evaluation")
     mlflow.log_artifacts(str(out / "plots"), artifact_path="evaluation/plots")
+    _log_images(out / "plots")
     mlflow.log_artifacts(str(out / "heatmaps"), artifact_path="evaluation/heatmaps")
     mlflow.log_artifacts(str(out / "predictions"), artifact_path="evaluation/predictions")
     mlflow.set_tag("cxr.test_mean_auc", f"{metrics['mean_auc']:.4f}" if metrics["mean_auc"] is not None else "nan")
+
+
+def _log_images(plots: Path) -> None:
+    """Each plot also as an MLflow image (key `evaluation/<name>`): the chart view shows it on the run's
+    page and side by side when runs are compared, which plain artifacts are not."""
+    import mlflow
+    from PIL import Image
+
+    for path in sorted(plots.glob("*.png")):
+        with Image.open(path) as image:
+            mlflow.log_image(image.convert("RGB"), key=f"evaluation/{path.stem}", step=0, synchronous=True)
 
 
 if __name__ == "__main__":

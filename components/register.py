@@ -282,7 +282,19 @@ def _publish_card(client, data, record: dict, reports: Path):
         mlflow.log_artifact(str(file), artifact_path=folder)
     for file, sub in card_render.figure_files(card, markdown.parent):  # what the Markdown's image links point at
         mlflow.log_artifact(str(file), artifact_path=f"{folder}/{sub}" if sub else folder)
-    client.update_model_version(record["model_name"], record["version"], description=card.summary)
+    experiment = client.get_run(run).info.experiment_id
+    page = model_card.version_page(
+        data,
+        f"#/experiments/{experiment}/runs/{run}/artifacts",
+        {
+            "model card": f"{folder}/{card_render.CARD_HTML}",
+            "calibration": "evaluation/plots/reliability.png",
+            "subgroups": "evaluation/plots/subgroups.png",
+            "ROC curves": "evaluation/plots/roc.png",
+            "per-class table": "evaluation/per_class_auc.csv",
+        },
+    )
+    client.update_model_version(record["model_name"], record["version"], description=f"{card.summary}\n\n{page}")
     return card
 
 

@@ -52,6 +52,7 @@ def _metrics(n: int = len(CLASSES)) -> dict:
         "per_class_average_precision": {c: round(0.11 + 0.01 * i, 4) for i, c in enumerate(CLASSES)},
         "threshold_method": "youden",
         "val_mean_auc": 0.7421,
+        "val_per_class_auc": {c: (None if c == "Hernia" else round(0.66 + 0.011 * i, 4)) for i, c in enumerate(CLASSES)},
         "test_images": 184,
         "test_patients": 73,
         "checkpoint_epoch": 3,
@@ -156,7 +157,9 @@ def test_per_class_table_shows_the_values_of_metrics_json(run_folder: Path, tmp_
     rows = _table_rows(_section(md, "Test results per finding"))
     assert set(CLASSES) <= set(rows)
     for i, c in enumerate(CLASSES):
-        positives, auc, ci, ap, sens, spec = rows[c]
+        positives, val_auc, auc, ci, ap, sens, spec = rows[c]
+        val = metrics.get("val_per_class_auc", {}).get(c)
+        assert val_auc == (f"{val:.3f}" if val is not None else "n/a")
         if metrics["per_class_auc"][c] is None:
             assert (auc, ci) == ("n/a", "n/a")
             continue
@@ -230,7 +233,7 @@ def test_sections_without_their_files_say_not_available(run_folder: Path, tmp_pa
     assert "subgroups.json was not found" in _section(md, "Subgroups")
     assert "per_class_auc.csv was not found" in _section(md, "Test results per finding")
     # the numbers that metrics.json alone gives are still there
-    assert "| Atelectasis | n/a | 0.610 | [0.560, 0.650] |" in md
+    assert "| Atelectasis | n/a | 0.660 | 0.610 | [0.560, 0.650] |" in md
 
 
 def test_calibration_heatmaps_and_localisation_are_shown_when_present(run_folder: Path, tmp_path: Path) -> None:
@@ -391,3 +394,21 @@ def test_a_version_already_registered_changes_nothing_in_its_card(run_folder: Pa
     md = render.to_markdown(card, run_folder)
     assert "Already registered as v2" in card.summary
     assert "no new version was made, no alias moved" in _section(md, "Registry decision")
+
+
+def test_version_page_links_into_the_run_and_sets_val_beside_test(run_folder: Path) -> None:
+    data = model_card.read_run(_files(run_folder))
+    metrics = json.loads((run_folder / "reports/metrics.json").read_text())
+    page = model_card.version_page(
+        data, "#/experiments/3/runs/abc/artifacts", {"model card": "model_card/model_card.html", "calibration": "x.png"}
+    )
+    first, table = page.split("\n\n")
+    assert first == (
+        "Open: [model card](#/experiments/3/runs/abc/artifacts/model_card/model_card.html) · "
+        "[calibration](#/experiments/3/runs/abc/artifacts/x.png)."
+    )
+    rows = _table_rows(table)
+    assert list(rows) == ["Finding", *CLASSES]
+    lo, hi = metrics["per_class_auc_ci"]["Mass"]
+    assert rows["Mass"] == [f"{metrics['val_per_class_auc']['Mass']:.3f}", f"{metrics['per_class_auc']['Mass']:.3f} [{lo:.3f}, {hi:.3f}]"]
+    assert rows["Hernia"] == ["n/a", "n/a n/a"]

@@ -153,6 +153,9 @@ def test_dvc_repro_runs_every_stage_and_registers(pipeline_run: PipelineRun) -> 
     assert (demo_repo / "reports/plots/roc.png").stat().st_size > 10_000
     per_class = pd.read_csv(demo_repo / "reports/per_class_auc.csv")
     assert list(per_class["class"]) == list(CLASSES)
+    # the selected checkpoint's validation AUC beside the test AUC, per class
+    assert list(metrics["val_per_class_auc"]) == list(CLASSES)
+    assert per_class["val_auc"].tolist() == pytest.approx([metrics["val_per_class_auc"][c] for c in CLASSES])
     predictions = pd.read_parquet(demo_repo / "reports/predictions/test.parquet")
     assert len(predictions) == (manifest["split"] == "test").sum()
     assert list(predictions.columns) == ["image", "patient", *CLASSES]
@@ -224,6 +227,17 @@ def test_dvc_repro_runs_every_stage_and_registers(pipeline_run: PipelineRun) -> 
     assert (demo_repo / "reports/model_card.html").stat().st_size > 10_000  # the forest plot embedded
     logged = {a.path for a in client.list_artifacts(champion.run_id, "model_card")}
     assert {"model_card/model_card.md", "model_card/model_card.html", "model_card/plots"} <= logged
+    # the version page links into the run's artifacts and shows validation and test AUC per class
+    artifacts = f"#/experiments/{train_run.info.experiment_id}/runs/{champion.run_id}/artifacts"
+    for path in ("model_card/model_card.html", "evaluation/plots/reliability.png", "evaluation/plots/subgroups.png"):
+        assert f"]({artifacts}/{path})" in champion.description, path
+        assert client.list_artifacts(champion.run_id, path.rsplit("/", 1)[0]), path
+    hernia = metrics["val_per_class_auc"]["Hernia"], metrics["per_class_auc"]["Hernia"]
+    assert f"| Hernia | {hernia[0]:.3f} | {hernia[1]:.3f} [" in champion.description
+    # each evaluation plot as an MLflow image, for the chart and compare views
+    images = {a.path for a in client.list_artifacts(champion.run_id, "images")}
+    for plot in ("reliability", "subgroups", "roc", "per_class_auc"):
+        assert any(p.startswith(f"images/evaluation~{plot}+step+0+") for p in images), (plot, sorted(images))
 
 
 def test_dvc_reruns_only_what_changed_and_compares_with_a_kept_baseline(

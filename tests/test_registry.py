@@ -720,6 +720,9 @@ def test_register_describes_the_version_and_logs_its_model_card(small_workspace:
     assert f"Selected on validation: val mean AUC {reg1['val_mean_auc']:.3f}" in v1.description
     assert "Gate: promoted to champion" in v1.description
     assert f"`model_card/model_card.html` (and `model_card.md`) in the artifacts of run `{run1}`" in v1.description
+    experiment = client.get_run(run1).info.experiment_id
+    assert f"[model card](#/experiments/{experiment}/runs/{run1}/artifacts/model_card/model_card.html)" in v1.description
+    assert "| Finding | Val AUC | Test AUC [95% CI] |" in v1.description
     # v2: the same validation predictions as the champion: no gain, kept as challenger, with the comparison
     lo, hi = reg2["delta_ci"]
     assert "Gate: kept as challenger; against champion v1 on val" in v2.description

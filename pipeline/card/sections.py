@@ -217,6 +217,24 @@ def version_summary(data: CardData, record: Mapping[str, Any], artifact_note: st
     return "\n\n".join(lines)  # one paragraph each in the registry's rendering
 
 
+def version_page(data: CardData, artifacts: str, files: Mapping[str, str]) -> str:
+    """What the version's page shows below the summary (MLflow renders a version's description as
+    Markdown): links into the run's artifacts and the per-class validation and test AUC side by side.
+
+    Args:
+        artifacts: the UI's address of the run's artifacts, e.g. `#/experiments/1/runs/<id>/artifacts`.
+        files: link text -> artifact path, e.g. {"model card": "model_card/model_card.html"}.
+    """
+    m = data.metrics
+    level = f"{round(100 * float(m.get('ci_level') or 0.95))}%"
+    links = " · ".join(f"[{label}]({artifacts}/{path})" for label, path in files.items())
+    rows = [f"| Finding | Val AUC | Test AUC [{level} CI] |", "|---|---:|---:|"]
+    for c in CLASSES:
+        test = f"{_num(m['per_class_auc'].get(c))} {_interval(m['per_class_auc_ci'].get(c))}"
+        rows.append(f"| {c} | {_num(m.get('val_per_class_auc', {}).get(c))} | {test} |")
+    return f"Open: {links}.\n\n" + "\n".join(rows)
+
+
 def _verdict(record: Mapping[str, Any]) -> str:
     if not record.get("registered", True):
         return f"Already registered as v{record['version']}"
@@ -384,7 +402,9 @@ def _results_section(data: CardData) -> list[Block]:
             f"Mean AUC over the findings **{_num(m['mean_auc'])} {_interval(m['mean_auc_ci'])}** on the test split "
             f"({images}); {level} percentile intervals from {m.get('bootstrap_resamples', 'n/a')} bootstrap "
             f"resamples of test {m.get('bootstrap_unit', 'patient')}s. Sensitivity and specificity are at the "
-            f"thresholds chosen on validation ({m.get('threshold_method', 'n/a')})."
+            f"thresholds chosen on validation ({m.get('threshold_method', 'n/a')}). Val AUC is the selected "
+            "checkpoint's on the validation split, shown beside the test AUC: a finding far lower on test than on "
+            "validation did not carry over."
         ),
     ]
     csv_rows = {r["class"]: r for r in data.per_class_csv or []}
@@ -395,6 +415,7 @@ def _results_section(data: CardData) -> list[Block]:
             (
                 c,
                 row.get("test_positives", "n/a"),
+                _num(m.get("val_per_class_auc", {}).get(c)),
                 _num(m["per_class_auc"].get(c)),
                 _interval(m["per_class_auc_ci"].get(c)),
                 _num(m.get("per_class_average_precision", {}).get(c)),
@@ -403,7 +424,10 @@ def _results_section(data: CardData) -> list[Block]:
             )
         )
     blocks.append(
-        Table(("Finding", "Test positives", "AUC", f"{level} CI", "AP", "Sensitivity", "Specificity"), tuple(rows))
+        Table(
+            ("Finding", "Test positives", "Val AUC", "Test AUC", f"{level} CI", "AP", "Sensitivity", "Specificity"),
+            tuple(rows),
+        )
     )
     blocks.append(Paragraph(_class_set_paragraph(m, "test", "")))
     if m.get("undefined_classes"):

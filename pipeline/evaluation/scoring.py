@@ -111,7 +111,8 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
             min_patients=cfg.min_positive_patients,
         )
         val_classes = class_set(val.y, val.patients, cfg.min_positive_patients)
-        val_mean = mean_auc(roc_auc(val.y, val.probs), val_classes)
+        val_auc = roc_auc(val.y, val.probs)
+        val_mean = mean_auc(val_auc, val_classes)
         ap = average_precision(test.y, test.probs)
         # chosen on the probabilities the registered model serves, so its labels match the report
         thresholds = select_thresholds(val.y, cal.probabilities(val.logits), cfg.threshold_method)
@@ -122,9 +123,9 @@ def evaluate(model_path: Path, prepared_dir: Path, out_dir: Path, cfg: EvaluateC
     subgroups = subgroup_report(
         test.y, test.probs, test.patients, meta, cfg.min_positive_patients, cfg.bootstrap_resamples, cfg.ci, cfg.seed
     )
-    metrics = _metrics_json(boot, ap, at_thr, test, (val_mean, val_classes), cfg, bundle)
+    metrics = _metrics_json(boot, ap, at_thr, test, (val_mean, val_classes, val_auc), cfg, bundle)
     subgroups["overall"] = {"mean_auc": metrics["mean_auc"], "mean_auc_ci": metrics["mean_auc_ci"]}
-    table = _per_class_table(boot, ap, at_thr, test)
+    table = _per_class_table(boot, ap, at_thr, test, val_auc)
     _write_reports(out_dir, metrics, table, thresholds, val, test, boot, ap, cfg, cal)
     write_json(Path(out_dir) / "subgroups.json", subgroups)
     plots.subgroup_forest(subgroups, metrics["mean_auc"], Path(out_dir) / "plots" / "subgroups.png")
@@ -195,8 +196,8 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def _metrics_json(boot, ap, at_thr, test: SplitScores, val: tuple[float, ClassSet], cfg, bundle) -> dict:
-    val_mean_auc, val_classes = val
+def _metrics_json(boot, ap, at_thr, test: SplitScores, val: tuple[float, ClassSet, np.ndarray], cfg, bundle) -> dict:
+    val_mean_auc, val_classes, val_auc = val
     return {
         "mean_auc": _finite(boot["mean_auc"]),
         "mean_auc_ci": [_finite(boot["mean_low"]), _finite(boot["mean_high"])],
@@ -221,16 +222,19 @@ def _metrics_json(boot, ap, at_thr, test: SplitScores, val: tuple[float, ClassSe
         "val_mean_auc": _finite(val_mean_auc),
         "val_classes_in_mean": val_classes.names(),
         "val_excluded_classes": val_classes.excluded(),
+        # the selected checkpoint's per-class validation AUC, beside the test one (never selected on)
+        "val_per_class_auc": {c: _finite(v) for c, v in zip(CLASSES, val_auc)},
         "test_images": len(test.images),
         "test_patients": boot["n_groups"],
         "checkpoint_epoch": bundle.epoch,
     }
 
 
-def _per_class_table(boot, ap, at_thr, test: SplitScores) -> pd.DataFrame:
+def _per_class_table(boot, ap, at_thr, test: SplitScores, val_auc: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "class": list(CLASSES),
+            "val_auc": val_auc,
             "auc": boot["auc"],
             "auc_low": boot["low"],
             "auc_high": boot["high"],
