@@ -235,9 +235,9 @@ def composed_defaults(project: Path) -> dict[str, Any]:
     return out
 
 
-def _typed(kind: str, default: Any) -> list[str] | str:
-    """A param's JSON type: optional (null allowed, left empty) only where there is no default."""
-    return kind if default is not None else ["null", kind]
+def _typed(kind: str) -> list[str]:
+    """A param's JSON type: optional, so the form does not mark it required; emptied, it is not sent."""
+    return ["null", kind]
 
 
 def _choices(values: list[Any], default: Any) -> dict[str, Any]:
@@ -253,56 +253,56 @@ def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param
     if data_source:
         d["source"] = data_source
     profiles = sorted(p.stem for p in (project / "conf" / "profile").glob("*.yaml"))
-    kept = " Left as shown, the value is not sent, so a profile chosen above keeps its own."
     return {
         "profile": Param(
             d["profile"],
             description="The settings profile: conf/profile/<name>.yaml laid over conf/config.yaml "
             "(demo: the embedded synthetic data on a CPU; paper: NIH ChestX-ray14 at the paper's "
-            "settings; scale: the full-size rehearsal).",
-            **(_choices(profiles, d["profile"]) if profiles else {"type": _typed("string", d["profile"])}),
+            "settings; scale: the full-size rehearsal). The fields below show params.yaml's values: "
+            "those left as shown are not sent, so the profile chosen here keeps its own.",
+            **(_choices(profiles, d["profile"]) if profiles else {"type": _typed("string")}),
         ),
         "source": Param(
             d["source"],
-            type=_typed("string", d["source"]),
+            type=_typed("string"),
             minLength=1,
             pattern=LITERAL,
             description="Where the download step reads the images and labels (download.source): "
-            "synthetic, nih, s3://bucket/prefix, an https:// mirror or a folder." + kept,
+            "synthetic, nih, s3://bucket/prefix, an https:// mirror or a folder.",
         ),
         "epochs": Param(
             d["epochs"],
-            type=_typed("integer", d["epochs"]),
+            type=_typed("integer"),
             minimum=1,
             description="Training epochs (train.epochs); a retried train task resumes from its last "
-            "finished epoch." + kept,
+            "finished epoch.",
         ),
         "batch_size": Param(
             d["batch_size"],
-            type=_typed("integer", d["batch_size"]),
+            type=_typed("integer"),
             minimum=1,
             maximum=4096,
-            description="Images per optimisation step on each process (train.batch_size)." + kept,
+            description="Images per optimisation step on each process (train.batch_size).",
         ),
         "head": Param(
             d["head"],
             description="The classifier head (train.model.head): metric, the method's label prototypes, "
-            "or linear, the BCE baseline." + kept,
+            "or linear, the BCE baseline.",
             **_choices(["metric", "linear"], d["head"]),
         ),
         "loss": Param(
             d["loss"],
             description="The training loss (train.loss.name): dwml is the method's dual-weighted "
-            "metric loss; the others are baselines." + kept,
+            "metric loss; the others are baselines.",
             **_choices(["dwml", "bce", "weighted_bce", "focal", "asl"], d["loss"]),
         ),
         "min_auc": Param(
             d["min_auc"],
-            type=_typed("number", d["min_auc"]),
+            type=_typed("number"),
             minimum=0,
             maximum=1,
             description="The validation mean AUC a new version must reach to become the champion "
-            "(register.min_auc)." + kept,
+            "(register.min_auc).",
         ),
         "overrides": Param(
             None,
