@@ -286,6 +286,7 @@ def _publish_card(client, data, record: dict, reports: Path):
     page = model_card.version_page(
         data,
         f"#/experiments/{experiment}/runs/{run}/artifacts",
+        "?workflowType=machine_learning",
         {
             "model card": f"{folder}/{card_render.CARD_HTML}",
             "calibration": "evaluation/plots/reliability.png",

@@ -274,8 +274,7 @@ def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param
             d["epochs"],
             type=_typed("integer"),
             minimum=1,
-            description="Training epochs (train.epochs); a retried train task resumes from its last "
-            "finished epoch.",
+            description="Training epochs (train.epochs); a retried train task resumes from its last finished epoch.",
         ),
         "batch_size": Param(
             d["batch_size"],
@@ -301,8 +300,7 @@ def dag_params(project: Path, data_source: str | None = None) -> dict[str, Param
             type=_typed("number"),
             minimum=0,
             maximum=1,
-            description="The validation mean AUC a new version must reach to become the champion "
-            "(register.min_auc).",
+            description="The validation mean AUC a new version must reach to become the champion (register.min_auc).",
         ),
         "overrides": Param(
             None,

@@ -52,7 +52,9 @@ def _metrics(n: int = len(CLASSES)) -> dict:
         "per_class_average_precision": {c: round(0.11 + 0.01 * i, 4) for i, c in enumerate(CLASSES)},
         "threshold_method": "youden",
         "val_mean_auc": 0.7421,
-        "val_per_class_auc": {c: (None if c == "Hernia" else round(0.66 + 0.011 * i, 4)) for i, c in enumerate(CLASSES)},
+        "val_per_class_auc": {
+            c: (None if c == "Hernia" else round(0.66 + 0.011 * i, 4)) for i, c in enumerate(CLASSES)
+        },
         "test_images": 184,
         "test_patients": 73,
         "checkpoint_epoch": 3,
@@ -399,16 +401,16 @@ def test_a_version_already_registered_changes_nothing_in_its_card(run_folder: Pa
 def test_version_page_links_into_the_run_and_sets_val_beside_test(run_folder: Path) -> None:
     data = model_card.read_run(_files(run_folder))
     metrics = json.loads((run_folder / "reports/metrics.json").read_text())
-    page = model_card.version_page(
-        data, "#/experiments/3/runs/abc/artifacts", {"model card": "model_card/model_card.html", "calibration": "x.png"}
-    )
+    files = {"model card": "model_card/model_card.html", "calibration": "x.png"}
+    page = model_card.version_page(data, "#/experiments/3/runs/abc/artifacts", "?q=1", files)
     first, table = page.split("\n\n")
     assert first == (
-        "Open: [model card](#/experiments/3/runs/abc/artifacts/model_card/model_card.html) · "
-        "[calibration](#/experiments/3/runs/abc/artifacts/x.png)."
+        "Open: [model card](#/experiments/3/runs/abc/artifacts/model_card/model_card.html?q=1) · "
+        "[calibration](#/experiments/3/runs/abc/artifacts/x.png?q=1)."
     )
     rows = _table_rows(table)
     assert list(rows) == ["Finding", *CLASSES]
     lo, hi = metrics["per_class_auc_ci"]["Mass"]
-    assert rows["Mass"] == [f"{metrics['val_per_class_auc']['Mass']:.3f}", f"{metrics['per_class_auc']['Mass']:.3f} [{lo:.3f}, {hi:.3f}]"]
+    val, test = metrics["val_per_class_auc"]["Mass"], metrics["per_class_auc"]["Mass"]
+    assert rows["Mass"] == [f"{val:.3f}", f"{test:.3f} [{lo:.3f}, {hi:.3f}]"]
     assert rows["Hernia"] == ["n/a", "n/a n/a"]

@@ -230,7 +230,7 @@ def test_dvc_repro_runs_every_stage_and_registers(pipeline_run: PipelineRun) -> 
     # the version page links into the run's artifacts and shows validation and test AUC per class
     artifacts = f"#/experiments/{train_run.info.experiment_id}/runs/{champion.run_id}/artifacts"
     for path in ("model_card/model_card.html", "evaluation/plots/reliability.png", "evaluation/plots/subgroups.png"):
-        assert f"]({artifacts}/{path})" in champion.description, path
+        assert f"]({artifacts}/{path}?workflowType=machine_learning)" in champion.description, path
         assert client.list_artifacts(champion.run_id, path.rsplit("/", 1)[0]), path
     hernia = metrics["val_per_class_auc"]["Hernia"], metrics["per_class_auc"]["Hernia"]
     assert f"| Hernia | {hernia[0]:.3f} | {hernia[1]:.3f} [" in champion.description

@@ -217,17 +217,18 @@ def version_summary(data: CardData, record: Mapping[str, Any], artifact_note: st
     return "\n\n".join(lines)  # one paragraph each in the registry's rendering
 
 
-def version_page(data: CardData, artifacts: str, files: Mapping[str, str]) -> str:
+def version_page(data: CardData, artifacts: str, query: str, files: Mapping[str, str]) -> str:
     """What the version's page shows below the summary (MLflow renders a version's description as
     Markdown): links into the run's artifacts and the per-class validation and test AUC side by side.
 
     Args:
         artifacts: the UI's address of the run's artifacts, e.g. `#/experiments/1/runs/<id>/artifacts`.
+        query: appended to each link, e.g. `?workflowType=machine_learning` (the model-training view).
         files: link text -> artifact path, e.g. {"model card": "model_card/model_card.html"}.
     """
     m = data.metrics
     level = f"{round(100 * float(m.get('ci_level') or 0.95))}%"
-    links = " · ".join(f"[{label}]({artifacts}/{path})" for label, path in files.items())
+    links = " · ".join(f"[{label}]({artifacts}/{path}{query})" for label, path in files.items())
     rows = [f"| Finding | Val AUC | Test AUC [{level} CI] |", "|---|---:|---:|"]
     for c in CLASSES:
         test = f"{_num(m['per_class_auc'].get(c))} {_interval(m['per_class_auc_ci'].get(c))}"

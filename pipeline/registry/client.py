@@ -264,8 +264,13 @@ def _gate_tags(decision: dict[str, Any]) -> dict[str, str]:
     for key in GATE_KEYS:
         value = decision.get(key)
         if value is not None:
-            tags[f"gate.{key}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            tags[f"gate.{key}"] = json.dumps(value) if isinstance(value, list | dict) else _short(value)
     return tags
+
+
+def _short(value: Any) -> str:
+    """A tag's text: a float to 4 significant digits (a delta of 0.004138, not 0.004137787250891201)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _put_back(client, name: str, touched: list[str], held: Mapping[str, str]) -> str:
