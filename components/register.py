@@ -117,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, record)
         import mlflow
 
+        if model_id is not None:  # the experiment's Models tab lists logged models with their metrics
+            model_metrics = {
+                "val_mean_auc": decision.get("val_mean_auc"),
+                "test_mean_auc": metrics.get("mean_auc"),
+                "test_mean_auc_ci_low": (metrics.get("mean_auc_ci") or [None, None])[0],
+                "test_mean_auc_ci_high": (metrics.get("mean_auc_ci") or [None, None])[1],
+                "promoted": float(bool(decision["promote"])),
+            }
+            mlflow.log_metrics({k: float(v) for k, v in model_metrics.items() if v is not None}, model_id=model_id)
+
         mlflow.log_artifact(args.out, artifact_path="registration")
         tracking.log_to_parent(
             run,

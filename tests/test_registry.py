@@ -227,10 +227,13 @@ def test_version_tags_put_provenance_first() -> None:
         "git_commit": "abc",
         "profile": "demo",
         "training_run_id": "run1",
-        "val_mean_auc": "0.7",
-        "test_mean_auc": "0.65",
+        "val_mean_auc": "0.7000",
+        "test_mean_auc": "0.6500",
         "test_mean_auc_ci": "[0.6, 0.7]",
     }  # per-class AUCs go to the card and registration.json, not 14 more tags
+    long = version_tags({"val_mean_auc": 0.6938992031627869, "mean_auc_ci": [0.659078812, None]}, "r", {})
+    assert (long["val_mean_auc"], long["test_mean_auc"]) == ("0.6939", "None")
+    assert long["test_mean_auc_ci"] == "[0.6591, null]"
 
 
 # ----------------------------------------------------------------------------- real servers
@@ -385,9 +388,10 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     assert all(o["md5"] in reg1["dvc_data_md5s"] for o in lock)
     assert v1.tags["data_hash"] == data_hash(reg1["dvc_data_md5s"])
     assert v1.tags["params_hash"] == params_hash and v1.tags["profile"] == "demo"
-    assert float(v1.tags["test_mean_auc"]) == pytest.approx(real_metrics["mean_auc"])
-    assert float(v1.tags["val_mean_auc"]) == pytest.approx(real_metrics["val_mean_auc"])
-    assert json.loads(v1.tags["test_mean_auc_ci"]) == pytest.approx(real_metrics["mean_auc_ci"])
+    # the tags read like the card: 4 decimals
+    assert v1.tags["test_mean_auc"] == f"{real_metrics['mean_auc']:.4f}"
+    assert float(v1.tags["val_mean_auc"]) == pytest.approx(real_metrics["val_mean_auc"], abs=5e-5)
+    assert json.loads(v1.tags["test_mean_auc_ci"]) == pytest.approx(real_metrics["mean_auc_ci"], abs=5e-5)
     assert reg1["test_per_class_auc"] == real_metrics["per_class_auc"]
     assert v1.tags["gate.promoted"] == "true" and v1.tags["gate.reason"].startswith("no champion yet")
     # a handful of tags: provenance, the mean AUCs and the gate's decision, no per-class values

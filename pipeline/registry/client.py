@@ -43,11 +43,20 @@ def version_tags(metrics: Mapping[str, Any], training_run_id: str, provenance: M
     tags = {
         **{str(k): str(v) for k, v in provenance.items()},
         "training_run_id": training_run_id,
-        "val_mean_auc": str(metrics.get("val_mean_auc")),
-        "test_mean_auc": str(metrics.get("mean_auc")),
-        "test_mean_auc_ci": json.dumps(metrics.get("mean_auc_ci")),
+        # to 4 decimals, as the card and the description give them: a tag is read, not computed on
+        "val_mean_auc": _decimals(metrics.get("val_mean_auc")),
+        "test_mean_auc": _decimals(metrics.get("mean_auc")),
+        "test_mean_auc_ci": json.dumps([_round(v) for v in metrics.get("mean_auc_ci") or [None, None]]),
     }
     return tags
+
+
+def _round(value: Any) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def _decimals(value: Any) -> str:
+    return "None" if value is None else f"{float(value):.4f}"
 
 
 def version_with_weights(client, name: str, digest: str):
