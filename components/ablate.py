@@ -46,6 +46,17 @@ from pipeline.config import read_yaml
 from pipeline.io import save_dataframe, write_json, write_text
 
 BASELINE = "bce_head"
+# The questions the variants answer, each a paired comparison (variant minus reference) reported
+# when both ran: what the dual weighting does on each head, what the metric head does under it,
+# what the metric head's projector does, and what the MLP does in front of the linear head.
+COMPARISONS = (
+    ("linear_dual", "bce_head", "dual weighting, linear head"),
+    ("dual", "metric_unweighted", "dual weighting, metric head"),
+    ("dual", "linear_dual", "metric head instead of linear, both dual"),
+    ("dual_identity_projector", "dual", "no projector instead of the MLP (metric head, dual)"),
+    ("dual_linear_projector", "dual", "a linear projector instead of the MLP (metric head, dual)"),
+    ("mlp_bce_head", "bce_head", "the MLP in front of the linear BCE head"),
+)
 VARIANTS = Path("conf/ablation")  # one file per variant, laid over the train section
 RUN_COLUMNS = ["variant", "seed", "head", "loss", "prototypes", "best_epoch", "val_mean_auc", "test_mean_auc"]
 
@@ -332,6 +343,13 @@ def summarize(runs: list[RunScores], resamples: int, min_patients: int, epochs: 
                 entry[f"{split}_delta_vs_{BASELINE}"] = paired_delta(baseline, group, split, resamples, min_patients)
                 entry[f"{split}_per_class_delta_vs_{BASELINE}"] = per_class_delta(baseline, group, split)
         variants.append(entry)
+    comparisons = []
+    for variant, reference, question in COMPARISONS:
+        if variant in by_variant and reference in by_variant:
+            entry = {"variant": variant, "reference": reference, "question": question}
+            for split in ("val", "test"):
+                entry[split] = paired_delta(by_variant[reference], by_variant[variant], split, resamples, min_patients)
+            comparisons.append(entry)
     classes = {
         split: class_set(getattr(runs[0], split).y, getattr(runs[0], split).patients, min_patients)
         for split in ("val", "test")
@@ -347,6 +365,7 @@ def summarize(runs: list[RunScores], resamples: int, min_patients: int, epochs: 
         **{f"{split}_excluded_classes": c.excluded() for split, c in classes.items()},
         "selection": "best validation epoch per run; test only reported",
         "variants": variants,
+        "comparisons": comparisons,
     }
 
 
@@ -365,9 +384,13 @@ def per_class_delta(baseline: list[RunScores], group: list[RunScores], split: st
 def paired_delta(
     baseline: list[RunScores], group: list[RunScores], split: str, resamples: int, min_patients: int
 ) -> dict:
-    """Seed-averaged mean AUC of `group` minus `baseline` on one split, resampling patients."""
+    """Seed-averaged mean AUC of `group` minus `baseline` on one split, resampling patients; both over
+    the seeds they share."""
     from pipeline.metrics import paired_bootstrap_delta
 
+    shared = {r.seed for r in baseline} & {r.seed for r in group}
+    baseline = sorted((r for r in baseline if r.seed in shared), key=lambda r: r.seed)
+    group = sorted((r for r in group if r.seed in shared), key=lambda r: r.seed)
     ref = getattr(baseline[0], split)
     for r in [*baseline, *group]:
         if list(getattr(r, split).images) != list(ref.images):
@@ -412,6 +435,21 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparisons_markdown(summary: dict) -> str:
+    """The paired comparisons the variants were run for, validation first (what a default is set on)."""
+    if not summary.get("comparisons"):
+        return ""
+    lines = [
+        "\n## What each factor does (paired, seed-averaged)\n",
+        "| question | variant − reference | Δ val [95% CI] | Δ test [95% CI] |",
+        "|---|---|---:|---:|",
+    ]
+    for c in summary["comparisons"]:
+        pair = f"{c['variant']} − {c['reference']}"
+        lines.append(f"| {c['question']} | {pair} | {_fmt_delta(c['val'])} | {_fmt_delta(c['test'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def class_sets_markdown(summary: dict) -> str:
     """Which classes each split's means and deltas are over, the others named with why."""
     from pipeline.metrics import describe_class_set
@@ -437,7 +475,8 @@ def write_reports(table: pd.DataFrame, summary: dict, reports: Path) -> None:
         f"Deltas are seed-averaged mean AUC minus {BASELINE}'s on the same seeds, with a 95% "
         f"percentile interval over {summary['bootstrap_resamples']} resamples of patients.\n\n"
         + class_sets_markdown(summary)
-        + summary_markdown(summary),
+        + summary_markdown(summary)
+        + comparisons_markdown(summary),
     )
     ablation_plot(summary, reports / "ablation.png")
 

@@ -602,6 +602,9 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     )
     assert delta["low"] <= delta["high"]
     assert "test_delta_vs_bce_head" not in entries["bce_head"]
+    # the factor comparisons among the variants that ran: here the metric head's weighting is not
+    # measured (no metric_unweighted), so only comparisons of pairs that both ran appear
+    assert summary["comparisons"] == []
     markdown = (reports / "ablation.md").read_text()
     assert "| dual_random_prototypes |" in markdown and "patients" in markdown
     assert "The val mean AUC is over" in markdown and "The test mean AUC is over" in markdown
@@ -647,3 +650,34 @@ def test_ablation_runs_variants_and_seeds_as_nested_mlflow_runs(data, tmp_path, 
     out = capsys.readouterr().out
     assert "from other settings or data than this run's; training again" in out and "finished earlier" not in out
     assert list((tmp_path / "ablation" / "bce_head").rglob("best.pt"))
+
+
+def test_ablation_compares_each_factor_over_the_seeds_both_variants_ran() -> None:
+    """summarize's comparisons: variant minus reference, paired over shared seeds and patients."""
+    from components.ablate import RunScores, summarize
+    from pipeline.evaluation.scoring import SplitScores
+    from pipeline.metrics import class_set, mean_auc, roc_auc
+
+    rng = np.random.default_rng(0)
+    n, c = 240, len(CLASSES)
+    y = (rng.random((n, c)) < 0.3).astype(float)
+    patients = np.repeat(np.arange(n // 2), 2).astype(str)
+    images = [f"{i}.png" for i in range(n)]
+
+    def run(variant: str, seed: int, signal: float) -> RunScores:
+        logits = signal * (2 * y - 1) + rng.normal(size=(n, c))
+        split = SplitScores(images=images, y=y, logits=logits, patients=patients)
+        return RunScores(variant, seed, "linear", "bce", "text", 3, split, split)
+
+    runs = [run("bce_head", 1, 0.5), run("bce_head", 2, 0.5), run("linear_dual", 1, 1.0), run("linear_dual", 2, 1.0)]
+    runs.append(run("linear_dual", 3, 5.0))  # a seed the reference lacks: left out of the pair
+    summary = summarize(runs, 200, 2, 3)
+    (comparison,) = summary["comparisons"]
+    assert (comparison["variant"], comparison["reference"]) == ("linear_dual", "bce_head")
+
+    def mean(r: RunScores) -> float:
+        return mean_auc(roc_auc(r.val.y, r.val.probs), class_set(r.val.y, r.val.patients, 2))
+
+    expected = np.mean([mean(r) for r in runs[2:4]]) - np.mean([mean(r) for r in runs[:2]])
+    assert comparison["val"]["delta"] == pytest.approx(expected, abs=1e-9)
+    assert comparison["val"]["low"] < comparison["val"]["delta"] < comparison["val"]["high"]
