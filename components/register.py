@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         if model_id is not None:  # the experiment's Models tab lists logged models with their metrics
+            low, high = metrics.get("mean_auc_ci") or (None, None)
             model_metrics = {
                 "val_mean_auc": decision.get("val_mean_auc"),
                 "test_mean_auc": metrics.get("mean_auc"),
-                "test_mean_auc_ci_low": (metrics.get("mean_auc_ci") or [None, None])[0],
-                "test_mean_auc_ci_high": (metrics.get("mean_auc_ci") or [None, None])[1],
+                "test_mean_auc_ci_low": low,
+                "test_mean_auc_ci_high": high,
                 "promoted": float(bool(decision["promote"])),
             }
             mlflow.log_metrics({k: float(v) for k, v in model_metrics.items() if v is not None}, model_id=model_id)

@@ -453,7 +453,7 @@ def build_dag(settings: DagSettings):
     return cxr_dwml()
 
 
-def champion_change(xcom: Any) -> dict[str, Any]:
+def parse_champion_xcom(xcom: Any) -> dict[str, Any]:
     """The register task's decision: its XCom, the `[dvc_stage] champion: {...}` line a local task
     ends with (or the object a pod's XCom file holds)."""
     if isinstance(xcom, dict):
@@ -481,7 +481,7 @@ def announce_champion(champion: Asset):
     def champion_task(*, ti=None, outlet_events=None) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        change = champion_change(ti.xcom_pull(task_ids="register"))
+        change = parse_champion_xcom(ti.xcom_pull(task_ids="register"))
         if not change.get("champion_moved"):
             raise AirflowSkipException(f"the champion did not move: {change.get('reason')}")
         outlet_events[champion].extra = change
