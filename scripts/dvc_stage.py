@@ -1,22 +1,32 @@
-"""Reproduce one DVC stage for an orchestrator run, with that run's profile and overrides.
+"""Run one Airflow DAG run of the pipeline in a workspace of its own: create it, reproduce one DVC
+stage there, then record the run as a DVC experiment and remove the workspace.
 
-Run from anywhere, with the project venv's Python (the Airflow DAG `cxr_dwml` does):
-    python scripts/dvc_stage.py train                               # dvc repro --single-item train
-    python scripts/dvc_stage.py train --set train.epochs=2 --set profile=paper
-    CXR_RUN_OVERRIDES='{"train.epochs": 2}' python scripts/dvc_stage.py train
+Run with the project venv's Python, as the DAG `cxr_dwml` does (`CXR_RUN_ID` = Airflow's run id):
+    python scripts/dvc_stage.py create  --run-id R      # git worktree + params.yaml for run R
+    python scripts/dvc_stage.py train   --run-id R      # dvc repro --single-item train, in R's workspace
+    python scripts/dvc_stage.py finish  --run-id R      # dvc exp save -n dag-R, then remove the workspace
 
-params.yaml is composed from conf/ with the run's profile and overrides by the same composition
-`dvc exp run -S` performs (`components.params`), the stage is reproduced with `dvc repro
---single-item`, and params.yaml is put back byte for byte afterwards: dvc.lock records the values
-that ran while params.yaml stays as committed. An unchanged stage is skipped by DVC; a retried
-train stage resumes from its `last.pt` (artifacts/model is persistent).
+`create` adds a git worktree of the project at its current commit (the deployed code) under
+`.dvc/tmp/runs/<run>` (CXR_WORKSPACES_DIR elsewhere). The worktree uses the project's DVC cache,
+so outputs are links into it and nothing is copied. It starts from the outputs of the last DAG run
+saved as an experiment (or from the project's own dvc.lock): DVC reruns only what changed. The run's
+params.yaml is composed there once, from conf/ with the run's profile and overrides
+(CXR_RUN_OVERRIDES, `--set`), by the composition `dvc exp run -S` performs (`components.params`).
 
-DVC holds one repository lock per workspace, so calls are serialised by a file lock in
-`.dvc/tmp/` (a second call waits instead of failing); a params.yaml left behind by a killed call
-is restored by the next one. After the stage, `dvc checkout --relink` makes its outputs links into
-the DVC cache (`.dvc/config`: cache.type hardlink,symlink), copies left by older runs included.
-With CXR_DVC_REMOTE_URL set (and CXR_DVC_REMOTE_ENDPOINT for an S3-compatible store), the stage's
-outputs are pushed to that remote afterwards.
+A stage runs `dvc repro --single-item <stage>` in the workspace. DVC's lock is per workspace, so
+runs do not wait for each other; within a run, `--wait-for-lock` lets stages that run side by
+side (prepare, prototypes) take turns. A retried or cleared stage runs again in the same workspace,
+and train resumes from its `last.pt`. SIGTERM (a task timeout, a task marked failed, a pod
+eviction) is passed on to the stage's process group: each component marks its MLflow runs KILLED
+and DVC releases its lock before this exits. With CXR_DVC_REMOTE_URL set (and
+CXR_DVC_REMOTE_ENDPOINT for an S3-compatible store) the stage's outputs are pushed afterwards.
+
+`finish` saves a run whose stages all succeeded as the DVC experiment `dag-<run>` (its params,
+dvc.lock, metrics and plots: `dvc exp show` lists it, `dvc exp apply dag-<run>` brings it into a
+checkout; the commit message names the DAG run and its MLflow parent run) and removes the
+workspace. A failed run's workspace is kept for inspection and for a cleared task to resume in,
+unless CXR_KEEP_FAILED_WORKSPACES=false. Nothing is written to the project's own files; the MLflow
+store of a project without MLFLOW_TRACKING_URI stays the project's mlflow.db.
 
 The register stage ends with one line `[dvc_stage] champion: {...}`, a JSON object saying whether
 this call moved the champion alias (`champion_moved`) and to which version: the last line of a
@@ -28,25 +38,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from components.params import compose, override_strings, parse_sets
 from pipeline.config import ConfigError
-from pipeline.io import write_text
+from pipeline.io import read_json, write_json, write_text
 from pipeline.tracking import redact_uri
 
 PARAMS = "params.yaml"
-STATE_DIR = Path(".dvc") / "tmp" / "cxr-stage"
 REMOTE = "cxr-remote"
+RUNS_DIR = Path(".dvc") / "tmp" / "runs"  # DVC's own scratch folder: ignored by git and by DVC
+STATE = Path(".dvc") / "tmp" / "cxr-run"  # in a workspace: who it belongs to, which stages are done
+EXPERIMENT_PREFIX = "dag-"
+COMMANDS = ("create", "finish")
 
 
 class StageError(RuntimeError):
@@ -83,60 +100,236 @@ def composed_params(root: Path, overrides: dict[str, Any]) -> str:
     return text
 
 
-@contextlib.contextmanager
-def workspace_lock(root: Path) -> Iterator[None]:
-    state = root / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / "lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # blocks: the orchestrator's execution timeout bounds the wait
+def slug(run_id: str) -> str:
+    """A folder and git ref name for an Airflow run id (`manual__2026-01-05T03:00:00+00:00`): letters,
+    digits, `.`, `_` and `-` only, so no run id can name a path outside the runs folder; a hash
+    of the id keeps two ids that differ only in other characters apart."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id.strip()).strip(".-")[:100].strip(".-")
+    if not text:
+        raise StageError(f"run id {run_id!r} has no letters or digits: give the DAG run an id that does")
+    if text != run_id:
+        text += "-" + hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return text.replace("..", ".")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    project: Path
+    path: Path
+    run_id: str
+
+    @classmethod
+    def of(cls, project: Path, run_id: str) -> Workspace:
+        runs = Path(os.environ.get("CXR_WORKSPACES_DIR") or RUNS_DIR)
+        runs = runs if runs.is_absolute() else project / runs
+        return cls(project, runs / slug(run_id), run_id)
+
+    @property
+    def experiment(self) -> str:
+        return EXPERIMENT_PREFIX + slug(self.run_id)
+
+    @property
+    def record(self) -> Path:
+        return self.path / STATE / "run.json"
+
+    def done(self, stage: str) -> Path:
+        return self.path / STATE / "done" / stage
+
+    def owned(self) -> bool:
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            return read_json(self.record).get("run_id") == self.run_id
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def require(self) -> None:
+        if not self.owned():
+            raise StageError(
+                f"the workspace of DAG run {self.run_id!r} ({self.path}) does not exist: its `workspace` "
+                "task did not run or failed; clear that task to create it"
+            )
 
 
-def restore_backups(root: Path) -> list[Path]:
-    """Put back the files a previous (possibly killed) call patched; returns what was restored."""
-    backups = root / STATE_DIR / "backup"
-    restored = []
-    if backups.is_dir():
-        for saved in sorted(backups.rglob("*")):
-            if saved.is_file():
-                target = root / saved.relative_to(backups)
-                os.replace(saved, target)
-                restored.append(target)
-        shutil.rmtree(backups)
-    return restored
-
-
-@contextlib.contextmanager
-def applied(root: Path, text: str) -> Iterator[None]:
-    """params.yaml holds `text` for the body of the `with`; the committed file is back afterwards."""
-    path = root / PARAMS
-    if path.read_text(encoding="utf-8") == text:
-        yield
-        return
-    saved = root / STATE_DIR / "backup" / PARAMS
+def git(cwd: Path, *args: str, what: str) -> str:
+    """git's output; a failure raises StageError with `what` and git's own last line."""
     try:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, saved)  # the backup exists before the file changes
-        write_text(path, text)
-        yield
-    finally:
-        restore_backups(root)
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise StageError(f"{what}: git {args[0]} did not run ({e})") from None
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise StageError(f"{what}: git {args[0]} failed: {last}")
+    return done.stdout
 
 
-def run(cmd: list[str], cwd: Path) -> int:
-    print("+ " + " ".join(redact_uri(arg) for arg in cmd), flush=True)  # a remote URL may hold a password
-    proc = subprocess.Popen(cmd, cwd=cwd)
+def uncached_outputs(dvc_yaml: Path) -> list[str]:
+    """The outputs dvc.yaml marks `cache: false` (metrics, plots, small reports): DVC does not
+    restore them from its cache, so a new workspace copies them from where it starts from."""
+    stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    found = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                if isinstance(entry, dict):
+                    found += [p for p, opts in entry.items() if isinstance(opts, dict) and opts.get("cache") is False]
+    return [p for p in found if "${" not in p]
+
+
+def stage_names(root: Path) -> list[str]:
+    return list((yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages") or {})
+
+
+def last_experiment(project: Path) -> str | None:
+    """The git ref of the DAG run most recently saved as an experiment, or None."""
+    refs = git(
+        project,
+        "for-each-ref",
+        "--sort=-committerdate",
+        "--format=%(refname)",
+        "refs/exps/",
+        what="cannot list the DVC experiments",
+    )
+    for ref in refs.split():
+        if "/exec/" not in ref and ref.rsplit("/", 1)[-1].startswith(EXPERIMENT_PREFIX):
+            return ref
+    return None
+
+
+def seed(ws: Workspace) -> str:
+    """dvc.lock and the uncached outputs of the last DAG run (else of the project checkout) in the
+    new workspace, then `dvc checkout`: the cached outputs become links into the shared cache, and
+    DVC reruns only the stages whose code, data or params changed since. Returns where it started."""
+    paths = ["dvc.lock", *uncached_outputs(ws.path / "dvc.yaml")]
+    ref = last_experiment(ws.project)
+    if ref:
+        source = f"the DVC experiment {ref.rsplit('/', 1)[-1]}"
+        listed = git(ws.project, "ls-tree", "-r", "--name-only", ref, "--", *paths, what=f"cannot read {ref}")
+        for name in listed.split("\n"):
+            if name:
+                blob = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=ws.project, capture_output=True, check=True)
+                (ws.path / name).parent.mkdir(parents=True, exist_ok=True)
+                (ws.path / name).write_bytes(blob.stdout)
+    elif (ws.project / "dvc.lock").is_file():
+        source = f"the dvc.lock of {ws.project}"
+        for name in paths:
+            src, dst = ws.project / name, ws.path / name
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            elif src.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+    else:
+        return "nothing (no earlier run): every stage runs"
+    # a missing cache object is not an error: its stage simply runs again
+    if run(["dvc", "checkout", "--allow-missing", "--quiet"], ws.path, quiet=True) != 0:
+        print("[dvc_stage] warning: dvc checkout of the earlier outputs failed: the stages will rerun", flush=True)
+    return source
+
+
+def link_cache(ws: Workspace) -> None:
+    """The workspace uses the project's DVC cache (`dvc cache dir --local`, in .dvc/config.local)."""
+    from dvc.config import Config
+    from dvc.repo import Repo
+
+    with Repo(str(ws.project)) as repo:
+        cache = repo.cache.local_cache_dir
+    with Config(dvc_dir=str(ws.path / ".dvc")).edit("local") as conf:
+        conf["cache"]["dir"] = str(cache)
+
+
+def create(ws: Workspace, overrides: dict[str, Any]) -> None:
+    """The run's workspace: a git worktree of the project's current commit, its DVC cache, the
+    last run's outputs and the run's params.yaml. Creating it again for the same run (a cleared
+    task) keeps what is there."""
+    if ws.owned():
+        write_text(ws.path / PARAMS, composed_params(ws.path, overrides))
+        print(f"[dvc_stage] reusing the workspace of DAG run {ws.run_id!r}: {ws.path}", flush=True)
+        return
+    commit = git(
+        ws.project,
+        "rev-parse",
+        "--verify",
+        "HEAD^{commit}",
+        what=f"{ws.project} is not a git checkout with a commit, which the DAG runs each run in a worktree of; "
+        "commit the project (git init; git add -A; git commit) or point CXR_PROJECT_DIR at its checkout",
+    ).strip()
+    if ws.path.exists():  # left by a workspace task killed before it finished
+        print(f"[dvc_stage] removing the unfinished workspace {ws.path}", flush=True)
+        remove(ws)
+    try:
+        ws.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StageError(f"cannot create the runs folder {ws.path.parent} ({e}): fix CXR_WORKSPACES_DIR") from None
+    git(
+        ws.project,
+        "worktree",
+        "add",
+        "--detach",
+        str(ws.path),
+        commit,
+        what=f"cannot create the workspace {ws.path} of DAG run {ws.run_id!r}",
+    )
+    try:
+        params = composed_params(ws.path, overrides)  # a wrong override fails before anything else
+        link_cache(ws)
+        source = seed(ws)
+        if overrides:
+            shown = {k: redact_uri(v) if isinstance(v, str) else v for k, v in overrides.items()}
+            print(f"[dvc_stage] overrides for this run: {json.dumps(shown, sort_keys=True)}")
+        # composed from the worktree's conf/, the commit's (not the checkout's, which may hold edits)
+        write_text(ws.path / PARAMS, params)
+        write_json(ws.record, {"run_id": ws.run_id, "experiment": ws.experiment, "commit": commit, "from": source})
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remove(ws)
+        raise
+    print(
+        f"[dvc_stage] workspace of DAG run {ws.run_id!r}: {ws.path} (commit {commit[:12]}, starting from {source})",
+        flush=True,
+    )
+
+
+def remove(ws: Workspace) -> None:
+    try:
+        git(ws.project, "worktree", "remove", "--force", "--force", str(ws.path), what=f"cannot remove {ws.path}")
+    except StageError:
+        shutil.rmtree(ws.path, ignore_errors=True)
+    git(ws.project, "worktree", "prune", what="cannot prune the worktree list")
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, quiet: bool = False) -> int:
+    """Run `cmd` in a process group of its own; stopped from outside (SIGTERM, Ctrl-C), stop it
+    (`stop`) before going on."""
+    if not quiet:
+        print("+ " + " ".join(redact_uri(arg) for arg in cmd), flush=True)  # a remote URL may hold a password
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True)
     try:
         return proc.wait()
     except BaseException:
-        # killed from outside (task timeout): let DVC finish its own clean-up before files move back
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
+        stop(proc)
         raise
+
+
+def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM to what DVC runs (the stage's component marks its MLflow runs KILLED), SIGINT to DVC
+    itself (it waits for its command, then lets go of its locks), then wait for the process group
+    to end; after `grace` seconds, SIGKILL."""
+    import psutil
+
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        below = []
+    for child in below:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    with contextlib.suppress(ProcessLookupError):
+        while True:
+            proc.poll()  # reaps the direct child, so only live members of the group remain
+            os.killpg(proc.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+            time.sleep(0.2)
 
 
 def configure_remote(root: Path, url: str, endpoint: str) -> None:
@@ -176,44 +369,147 @@ def push(root: Path, stage: str) -> int:
     return rc
 
 
+def run_stage(ws: Workspace, stage: str) -> int:
+    """`dvc repro --single-item stage` in the run's workspace, then the push to the DVC remote."""
+    ws.require()
+    if stage not in stage_names(ws.path):
+        raise StageError(f"'{stage}' is not a stage of dvc.yaml; stages: {', '.join(stage_names(ws.path))}")
+    ws.done(stage).unlink(missing_ok=True)
+    # the components' default MLflow store is the project's, not the workspace's (removed at the end)
+    env = {**os.environ, "CXR_TRACKING_ROOT": str(ws.project)}
+    before = _read_bytes(ws.path / REGISTRATION) if stage == "register" else None
+    print(f"[dvc_stage] DAG run {ws.run_id!r}, workspace {ws.path}", flush=True)
+    rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", stage], ws.path, env)
+    if rc == 0:
+        rc = push(ws.path, stage)
+    if rc == 0:
+        ws.done(stage).parent.mkdir(parents=True, exist_ok=True)
+        ws.done(stage).touch()
+        if stage == "register":
+            announce_champion(champion_change(before, _read_bytes(ws.path / REGISTRATION)))
+    return rc
+
+
+def mlflow_parent(ws: Workspace) -> str | None:
+    """The MLflow parent run of this DAG run (tagged with the experiment's name here), or None."""
+    from components.provenance import pipeline_run
+    from pipeline import tracking
+
+    execution = pipeline_run()
+    if execution is None:
+        return None
+    name = ((yaml.safe_load((ws.path / PARAMS).read_text(encoding="utf-8")) or {}).get("mlflow") or {}).get(
+        "experiment"
+    )
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking.default_tracking_uri(ws.project))
+        client = mlflow.MlflowClient()
+        found = client.get_experiment_by_name(name) if name else None
+        parent = found and tracking.find_pipeline_parent(found.experiment_id, execution.key)
+        if parent:
+            client.set_tag(parent, "cxr.dvc_experiment", ws.experiment)
+        return parent or None
+    except Exception as e:  # the experiment is saved either way; the message says what is missing
+        print(f"[dvc_stage] warning: the MLflow parent run was not found ({tracking.one_line(e, 300)})", flush=True)
+        return None
+
+
+def finish(ws: Workspace, keep_failed: bool) -> int:
+    """Save a finished run as the DVC experiment `dag-<run>` and remove its workspace; keep a failed
+    run's workspace (unless keep_failed is off) for inspection and for a cleared task."""
+    if not ws.path.exists():
+        print(f"[dvc_stage] DAG run {ws.run_id!r} has no workspace (its workspace task failed): nothing to record")
+        return 0
+    ws.require()
+    undone = [s for s in stage_names(ws.path) if not ws.done(s).exists()]
+    if undone:
+        if keep_failed:
+            print(
+                f"[dvc_stage] DAG run {ws.run_id!r} did not finish (not done: {', '.join(undone)}): its workspace "
+                f"{ws.path} is kept; clear a failed task to resume there, or remove it with "
+                f"`git -C {ws.project} worktree remove --force {ws.path}`",
+                flush=True,
+            )
+        else:
+            remove(ws)
+            print(
+                f"[dvc_stage] DAG run {ws.run_id!r} did not finish (not done: {', '.join(undone)}): workspace removed"
+            )
+        return 0
+    parent = mlflow_parent(ws)
+    dag = os.environ.get("AIRFLOW_CTX_DAG_ID", "cxr_dwml")
+    message = f"DAG run {ws.run_id} of {dag}; MLflow parent run {parent or 'unknown'}"
+    untracked = git(ws.path, "ls-files", "--others", "--exclude-standard", "-z", what="cannot list the run's files")
+    include = [a for name in untracked.split("\0") if name for a in ("-I", name)]
+    cmd = ["dvc", "exp", "save", "--force", "--quiet", "-n", ws.experiment, "-m", message, *include]
+    for attempt in range(3):  # two runs saving at once may meet on a git lock: try again
+        if run(cmd, ws.path, quiet=True) == 0:
+            break
+        if attempt == 2:
+            raise StageError(
+                f"dvc exp save of DAG run {ws.run_id!r} failed three times: its workspace {ws.path} is kept; "
+                "clear the finish task to try again"
+            )
+        time.sleep(2 + 3 * attempt)
+    remove(ws)
+    print(
+        f"[dvc_stage] DAG run {ws.run_id!r} saved as the DVC experiment {ws.experiment} (MLflow parent run "
+        f"{parent or 'unknown'}): `dvc exp show` lists it, `dvc exp apply {ws.experiment}` brings it into a checkout",
+        flush=True,
+    )
+    return 0
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise StageError(f"{name}={value!r}: expected true or false")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", help="a stage name of dvc.yaml")
+    p.add_argument("command", help="create, finish, or a stage name of dvc.yaml")
+    p.add_argument(
+        "--run-id",
+        default=os.environ.get("CXR_RUN_ID"),
+        help="the DAG run this call belongs to (default: $CXR_RUN_ID, which the DAG sets to Airflow's run id)",
+    )
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a params key for this run (repeatable), e.g. train.epochs=2",
+        help="with create: override a params key for this run (repeatable), e.g. train.epochs=2",
     )
     p.add_argument(
         "--project",
         default=os.environ.get("CXR_PROJECT_DIR") or ".",
-        help="project folder (default: $CXR_PROJECT_DIR or the current folder)",
+        help="the project checkout (default: $CXR_PROJECT_DIR or the current folder); never written to",
     )
     args = p.parse_args(argv)
     root = Path(args.project).resolve()
     if not (root / "dvc.yaml").exists():
         raise StageError(f"{root}/dvc.yaml not found: set CXR_PROJECT_DIR to the project checkout")
-    overrides = parse_overrides(os.environ.get("CXR_RUN_OVERRIDES"), args.set)
-    # SIGTERM (a timeout or a cleared task) must unwind through `finally` to restore params.yaml
+    if not (args.run_id or "").strip():
+        raise StageError("no run id: pass --run-id or set CXR_RUN_ID (the DAG sets it to Airflow's run id)")
+    ws = Workspace.of(root, args.run_id)
+    # SIGTERM (a timeout, a task marked failed, an evicted pod) unwinds through `run`, which stops the stage
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with workspace_lock(root):
-        for path in restore_backups(root):
-            print(f"[dvc_stage] restored {path} left patched by an interrupted run")
-        if overrides:
-            shown = {k: redact_uri(v) if isinstance(v, str) else v for k, v in overrides.items()}
-            print(f"[dvc_stage] overrides for this run: {json.dumps(shown, sort_keys=True)}")
-        before = _read_bytes(root / REGISTRATION) if args.stage == "register" else None
-        with applied(root, composed_params(root, overrides)):
-            rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", args.stage], root)
-            if rc == 0:  # outputs left as copies (by a run under an older cache.type) become links
-                rc = run(["dvc", "--wait-for-lock", "checkout", "--relink", args.stage], root)
-        if rc == 0:
-            rc = push(root, args.stage)
-    if rc == 0 and args.stage == "register":
-        announce_champion(champion_change(before, _read_bytes(root / REGISTRATION)))
-    return rc
+    if args.command == "create":
+        create(ws, parse_overrides(os.environ.get("CXR_RUN_OVERRIDES"), args.set))
+        return 0
+    if args.set:
+        raise StageError("--set applies to `create`: a run's params are composed once, when its workspace is made")
+    if args.command == "finish":
+        return finish(ws, _flag("CXR_KEEP_FAILED_WORKSPACES", True))
+    return run_stage(ws, args.command)
 
 
 REGISTRATION = Path("reports") / "registration.json"

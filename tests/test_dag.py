@@ -311,14 +311,30 @@ print(json.dumps({"pods": pods, "round_trip": pod.spec.containers[0].image}))
     assert "nvidia.com/gpu" not in (evaluate["resources"].get("limits") or {})
 
 
-def scratch_project(root: Path, cmd: str) -> Path:
-    """A DVC project (no Git) with the project's conf/ and one stage `step` tracking params `train`."""
+GIT = ["git", "-c", "user.email=test@example.invalid", "-c", "user.name=test"]
+
+
+def scratch_project(root: Path, cmd: str, git: bool = True) -> Path:
+    """A DVC project in git, with the project's conf/ and one stage `step` tracking params `train`."""
     root.mkdir()
     shutil.copytree(ROOT / "conf", root / "conf")
     (root / "dvc.yaml").write_text(
-        yaml.safe_dump({"stages": {"step": {"cmd": cmd, "params": ["profile", "train"], "outs": ["out.txt"]}}})
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "step": {
+                        "cmd": cmd,
+                        "params": ["profile", "train"],
+                        "outs": ["out.txt"],
+                        "metrics": [{"score.json": {"cache": False}}],
+                    }
+                }
+            }
+        )
     )
-    for args in (["init", "--no-scm", "-q"], ["config", "hydra.enabled", "true"]):
+    if git:
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    for args in (["init", "-q", *([] if git else ["--no-scm"])], ["config", "hydra.enabled", "true"]):
         done = subprocess.run(["dvc", *args], cwd=root, env=run_env(root), capture_output=True)
         assert done.returncode == 0, done.stderr
     made = subprocess.run(
@@ -328,15 +344,26 @@ def scratch_project(root: Path, cmd: str) -> Path:
         text=True,
     )
     assert made.returncode == 0, made.stderr
+    if git:
+        subprocess.run([*GIT, "add", "-A"], cwd=root, check=True)
+        subprocess.run([*GIT, "commit", "-qm", "project"], cwd=root, check=True)
     return root
 
 
-def dvc_stage(root: Path, *args: str, **env: str) -> subprocess.Popen:
+# the stage of the scratch project: writes what it sees of params.yaml into out.txt and score.json
+RECORD = (
+    "python -c \"import json, yaml; p = yaml.safe_load(open('params.yaml')); t = p['train']; "
+    "open('out.txt', 'w').write(str((p['profile'], t['epochs'], t['seed'], t['optim']['lr_head']))); "
+    "json.dump({'epochs': t['epochs']}, open('score.json', 'w'))\""
+)
+
+
+def dvc_stage(root: Path, command: str, *args: str, run_id: str = "manual__r1", **env: str) -> subprocess.Popen:
     """This checkout's stage runner on the scratch project `root`; it imports this checkout's code
     (PYTHONPATH), whichever checkout the venv was installed from."""
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), *args, "--project", str(root)],
-        env=run_env(root, **{"PYTHONPATH": str(ROOT), **env}),
+        [sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), command, *args, "--project", str(root)],
+        env=run_env(root, **{"PYTHONPATH": str(ROOT), "CXR_RUN_ID": run_id, **env}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -344,68 +371,169 @@ def dvc_stage(root: Path, *args: str, **env: str) -> subprocess.Popen:
     )
 
 
-def test_stage_overrides_hold_for_one_run_and_dvc_records_what_ran(tmp_path: Path) -> None:
-    # the command sees the composed values, as the components do: the paper profile with overrides
-    cmd = (
-        "python -c \"import yaml; p = yaml.safe_load(open('params.yaml')); t = p['train']; "
-        "open('out.txt', 'w').write(str((p['profile'], t['epochs'], t['seed'], t['optim']['lr_head'])))\""
+def stage_ok(root: Path, command: str, *args: str, **env: str) -> str:
+    proc = dvc_stage(root, command, *args, **env)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    return out
+
+
+def untouched(root: Path, workspaces: int = 0) -> None:
+    """The project checkout as committed: no changed, new or stray file, and `workspaces` worktrees
+    beside its own.
+    Ignored files are listed too; the shared DVC cache and DVC's scratch folder may change."""
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=root, capture_output=True, text=True)
+    shown = [line for line in status.stdout.splitlines() if line not in ("!! .dvc/cache/", "!! .dvc/tmp/")]
+    assert shown == [], shown
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True).stdout
+    assert len(worktrees.splitlines()) == 1 + workspaces, worktrees
+
+
+def experiments(root: Path) -> dict[str, dict]:
+    """`dvc exp show --json` in the project: experiment name -> its params.yaml and metrics."""
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=root, env=run_env(root), capture_output=True, text=True
     )
-    root = scratch_project(tmp_path / "p", cmd)
+    assert shown.returncode == 0, shown.stderr
+    out = {}
+    for baseline in json.loads(shown.stdout):
+        for exp in baseline.get("experiments") or []:
+            for revision in exp.get("revs") or []:
+                data = revision.get("data") or {}
+                out[revision.get("name")] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": data["metrics"]["score.json"]["data"],
+                }
+    return out
+
+
+def test_a_run_works_in_its_own_workspace_and_is_saved_as_a_dvc_experiment(tmp_path: Path) -> None:
+    root = scratch_project(tmp_path / "p", RECORD)
     committed = (root / "params.yaml").read_bytes()
-    overrides = '{"train.epochs": 2, "profile": "paper"}'
-    first = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES=overrides)
-    out, _ = first.communicate(timeout=120)
-    assert first.returncode == 0, out
-    assert (root / "out.txt").read_text() == str(("paper", 2, 5, 0.001))
-    assert (root / "params.yaml").read_bytes() == committed
-    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["step"]["params"]["params.yaml"]
+    ws = root / ".dvc" / "tmp" / "runs" / "manual__r1"
+    out = stage_ok(root, "create", "--set", "train.seed=5", CXR_RUN_OVERRIDES='{"train.epochs": 2, "profile": "paper"}')
+    assert f"workspace of DAG run 'manual__r1': {ws}" in out and "starting from nothing" in out, out
+    out = stage_ok(root, "step")
+    assert (ws / "out.txt").read_text() == str(("paper", 2, 5, 0.001)), out
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["step"]["params"]["params.yaml"]
     assert lock["profile"] == "paper" and lock["train"]["epochs"] == 2 and lock["train"]["seed"] == 5
     assert lock["train"]["optim"]["lr_head"] == 0.001, "dvc.lock records the profile's values, as they ran"
-    again = dvc_stage(root, "step", "--set", "train.seed=5", CXR_RUN_OVERRIDES=overrides)
-    out, _ = again.communicate(timeout=120)
-    assert again.returncode == 0 and "didn't change, skipping" in out, out
+    assert "didn't change, skipping" in stage_ok(root, "step"), "a retried stage finds its outputs"
+    assert (root / "params.yaml").read_bytes() == committed and not (root / "out.txt").exists()
+    out = stage_ok(root, "finish")
+    assert "saved as the DVC experiment dag-manual__r1" in out, out
+    assert not ws.exists()
+    untouched(root)
+    saved = experiments(root)["dag-manual__r1"]
+    assert saved["params"]["train"]["epochs"] == 2 and saved["metrics"] == {"epochs": 2}
 
-    bad = dvc_stage(root, "step", CXR_RUN_OVERRIDES="[1]")
-    out, _ = bad.communicate(timeout=60)
-    assert bad.returncode == 2 and "CXR_RUN_OVERRIDES must be a JSON object" in out
-    for wrong, named in (
-        ('{"train.epoch": 2}', "train.epoch"),
-        ('{"train.epochs": 0}', "train.epochs"),
-        ('{"profile": "huge"}', "profile/huge"),
-    ):
-        proc = dvc_stage(root, "step", CXR_RUN_OVERRIDES=wrong)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 2 and named in out, out
-        assert (root / "params.yaml").read_bytes() == committed
+    # the next run starts from the last one's outputs: with the same values, nothing reruns
+    other = "scheduled__2026-01-05T03:00:00+00:00"
+    out = stage_ok(
+        root,
+        "create",
+        "--set",
+        "train.seed=5",
+        run_id=other,
+        CXR_RUN_OVERRIDES='{"train.epochs": 2, "profile": "paper"}',
+    )
+    assert "starting from the DVC experiment dag-manual__r1" in out, out
+    (ws2,) = (root / ".dvc" / "tmp" / "runs").iterdir()
+    assert ws2.name.startswith("scheduled__2026-01-05T03-00-00-00-00-"), "a run id becomes a safe folder name"
+    assert "didn't change, skipping" in stage_ok(root, "step", run_id=other)
+    # and with other values, DVC reruns the stage; both runs are experiments of their own
+    stage_ok(root, "finish", run_id=other)
+    stage_ok(root, "create", run_id="manual__r3")
+    assert "Running stage 'step'" in stage_ok(root, "step", run_id="manual__r3")
+    stage_ok(root, "finish", run_id="manual__r3")
+    shown = experiments(root)
+    assert shown["dag-manual__r3"]["params"]["train"]["epochs"] == yaml.safe_load(committed)["train"]["epochs"]
+    assert shown["dag-manual__r1"]["params"]["train"]["epochs"] == 2 and len(shown) == 3
+    untouched(root)
+    assert (root / "params.yaml").read_bytes() == committed
 
 
-def test_stage_killed_mid_run_puts_params_back(tmp_path: Path) -> None:
-    # the command leaves a mark as it starts: the kill below must land while the stage runs
-    root = scratch_project(tmp_path / "p", "touch started && sleep 60 && touch out.txt")
-    committed = (root / "params.yaml").read_bytes()
-    proc = dvc_stage(root, "step", CXR_RUN_OVERRIDES='{"train.epochs": 3}')
-    wait_until("the stage command to start", (root / "started").exists, timeout=120, every=0.1, process=proc)
-    assert b"epochs: 3\n" in (root / "params.yaml").read_bytes()
-    os.killpg(proc.pid, signal.SIGTERM)  # what Airflow sends the task's process group on a timeout
+def test_a_workspace_that_cannot_be_made_ends_in_one_clear_line(tmp_path: Path) -> None:
+    plain = scratch_project(tmp_path / "plain", "touch out.txt", git=False)
+    proc = dvc_stage(plain, "create")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and out.count("\n") == 1, out
+    assert f"dvc_stage: error: {plain} is not a git checkout with a commit" in out, out
+
+    root = scratch_project(tmp_path / "p", "touch out.txt")
+    (tmp_path / "a-file").write_text("")
+    proc = dvc_stage(root, "create", CXR_WORKSPACES_DIR=str(tmp_path / "a-file" / "runs"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "cannot create the runs folder" in out and "CXR_WORKSPACES_DIR" in out, out
+    proc = dvc_stage(root, "step", run_id="never-created")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "the workspace of DAG run 'never-created'" in out and "clear that task" in out
+    for bad_id in ("..", "/", "../-"):
+        proc = dvc_stage(root, "create", run_id=bad_id)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "has no letters or digits" in out, out
+    untouched(root)
+
+
+def test_a_failed_stage_keeps_its_workspace_and_a_cleared_task_reruns_there(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"  # the stage fails until this file exists
+    root = scratch_project(
+        tmp_path / "p", f"test -f {gate} && python -c \"open('out.txt', 'w'); open('score.json', 'w').write('{{}}')\""
+    )
+    ws = root / ".dvc" / "tmp" / "runs" / "manual__r1"
+    stage_ok(root, "create", CXR_RUN_OVERRIDES='{"train.epochs": 3}')
+    proc = dvc_stage(root, "step")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    out = stage_ok(root, "finish")
+    assert "did not finish (not done: step): its workspace" in out and "is kept" in out, out
+    assert ws.is_dir() and b"epochs: 3\n" in (ws / "params.yaml").read_bytes()
+
+    # a cleared task: Airflow reruns the run's workspace task (its setup) first, then the stage
+    gate.write_text("")
+    assert "reusing the workspace of DAG run 'manual__r1'" in stage_ok(
+        root, "create", CXR_RUN_OVERRIDES='{"train.epochs": 3}'
+    )
+    assert "Running stage 'step'" in stage_ok(root, "step")
+    assert "saved as the DVC experiment dag-manual__r1" in stage_ok(root, "finish")
+    untouched(root)
+
+    # CXR_KEEP_FAILED_WORKSPACES=false: a failed run's workspace goes too
+    gate.unlink()
+    stage_ok(root, "create", run_id="manual__r2")
+    dvc_stage(root, "step", run_id="manual__r2").communicate(timeout=120)
+    out = stage_ok(root, "finish", run_id="manual__r2", CXR_KEEP_FAILED_WORKSPACES="false")
+    assert "workspace removed" in out, out
+    untouched(root)
+
+
+def test_a_stage_killed_midway_stops_its_command_and_leaves_nothing_locked(tmp_path: Path) -> None:
+    # the command marks its start, and its end by SIGTERM: the runner alone is signalled (as a pod's
+    # main process is) and must pass the signal on to the stage's process group
+    cmd = "trap 'touch terminated; exit 143' TERM; touch started; sleep 120 & wait $!; touch out.txt score.json"
+    root = scratch_project(tmp_path / "p", f'bash -c "{cmd}"')
+    ws = root / ".dvc" / "tmp" / "runs" / "manual__r1"
+    stage_ok(root, "create")
+    proc = dvc_stage(root, "step")
+    wait_until("the stage command to start", (ws / "started").exists, timeout=120, every=0.1, process=proc)
+    os.kill(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
-    assert (root / "params.yaml").read_bytes() == committed, out
-
-    # a call killed with SIGKILL leaves its backup: the next call restores it before anything else
-    backup = root / ".dvc" / "tmp" / "cxr-stage" / "backup"
-    backup.mkdir(parents=True)
-    (backup / "params.yaml").write_bytes(committed)
-    (root / "params.yaml").write_text("profile: paper\ntrain:\n  epochs: 99\n")
-    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text().replace("sleep 60 && ", ""))
-    nxt = dvc_stage(root, "step")
-    out, _ = nxt.communicate(timeout=120)
-    assert nxt.returncode == 0 and "left patched by an interrupted run" in out, out
-    assert (root / "params.yaml").read_bytes() == committed and not backup.exists()
+    wait_until("the stage command to end", (ws / "terminated").exists, timeout=60, every=0.1)
+    untouched(root, workspaces=1)
+    # no lock is left: the same stage runs again in the workspace at once
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())
+    stages["stages"]["step"]["cmd"] = stages["stages"]["step"]["cmd"].replace("sleep 120 & wait $!; ", "")
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    again = dvc_stage(root, "step")
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "Running stage 'step'" in out, out
+    assert "is busy" not in out and "RWLock" not in out, "DVC let go of its locks when it was stopped"
 
 
 def test_run_conf_values_are_literals(tmp_path: Path) -> None:
     """A `${...}` in a run's conf could read the worker's environment into params.yaml, dvc.lock and
-    MLflow: the schema refuses it when the run is triggered, and the task refuses it again."""
+    MLflow: the schema refuses it when the run is triggered, and the workspace task refuses it again."""
     got = probe(
         """
 import cxr_dwml as m
@@ -428,19 +556,19 @@ print(json.dumps([check(c) for c in confs]))
 
     secret = "hunter2-not-for-dvc-lock"
     root = scratch_project(tmp_path / "p", "touch out.txt")
-    committed = (root / "params.yaml").read_bytes()
     for overrides, args, named in (
         ('{"mlflow.experiment": "${oc.env:CXR_TEST_SECRET}"}', [], "'mlflow.experiment' holds an interpolation"),
         ("{}", ["--set", "train.seed=${oc.env:CXR_TEST_SECRET}"], "'train.seed' holds an interpolation"),
         ('{"hydra.searchpath": "file:///tmp"}', [], "'hydra.searchpath' is not a params.yaml key"),
         ('{"profile": "../../../tmp/profile/x"}', [], "is not a profile name"),
+        ('{"train.epochs": 0}', [], "train.epochs"),
+        ("[1]", [], "CXR_RUN_OVERRIDES must be a JSON object"),
     ):
-        # PYTHONPATH: the script composes with this checkout's components, whatever the venv points at
-        proc = dvc_stage(root, "step", *args, CXR_RUN_OVERRIDES=overrides, CXR_TEST_SECRET=secret, PYTHONPATH=str(ROOT))
+        proc = dvc_stage(root, "create", *args, CXR_RUN_OVERRIDES=overrides, CXR_TEST_SECRET=secret)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 2 and named in out and secret not in out, out
-        assert (root / "params.yaml").read_bytes() == committed
-        assert not (root / "dvc.lock").exists() and not (root / "out.txt").exists()
+        assert not (root / ".dvc" / "tmp" / "runs" / "manual__r1").exists(), "nothing is left of a refused run"
+        untouched(root)
 
 
 # --- the slow part: the real pipeline under Airflow --------------------------------------------

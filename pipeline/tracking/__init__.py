@@ -1,7 +1,9 @@
 """MLflow set-up: tracking URI, experiment, linked runs, parameters; secrets kept out of URIs.
 
 Default store: `sqlite:///<repo>/mlflow.db` with artifacts in `<repo>/mlartifacts`, browsed with
-`mlflow ui --backend-store-uri sqlite:///mlflow.db`. `MLFLOW_TRACKING_URI` points elsewhere
+`mlflow ui --backend-store-uri sqlite:///mlflow.db`; a step run in another working copy of the
+project (an orchestrated run's workspace) sets STORE_ROOT_ENV to the project, so that its runs land
+in the project's store and not in the copy. `MLFLOW_TRACKING_URI` points elsewhere
 (e.g. `http://mlflow:5000`, a tracking server with PostgreSQL and S3 behind it). A URI is
 printed or recorded only through `redact_uri`, so a password or token in it stays out of logs
 and files:
@@ -40,8 +42,17 @@ PIPELINE_STEP = "pipeline"
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
+# the folder of the default local store when it is not the step's working folder
+STORE_ROOT_ENV = "CXR_TRACKING_ROOT"
+
+
+def store_root(root: str | Path = ".") -> Path:
+    """Where the default local store (mlflow.db, mlartifacts/) lives: STORE_ROOT_ENV, else `root`."""
+    return Path(os.environ.get(STORE_ROOT_ENV) or root).resolve()
+
+
 def default_tracking_uri(root: str | Path = ".") -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def setup(experiment: str, root: str | Path = ".") -> str:
@@ -57,7 +68,7 @@ def setup(experiment: str, root: str | Path = ".") -> str:
             mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     else:
         # A local store keeps artifacts beside mlflow.db so `mlflow ui` run from the repo finds them.
-        location = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+        location = (store_root(root) / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
         exp_id = mlflow.create_experiment(
             experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         )
