@@ -1,14 +1,23 @@
-"""The cxr-dwml pipeline as one Airflow 3 DAG: download -> prepare | prototypes -> train -> evaluate -> register.
+"""The cxr-dwml pipeline as one Airflow 3 DAG:
+workspace -> download -> prepare | prototypes -> train -> evaluate -> register -> champion -> finish.
 
-Orchestration only. Each task reproduces its DVC stage of dvc.yaml with `scripts/dvc_stage.py`
-in the project's own venv (`$CXR_PROJECT_DIR/.venv/bin` first on PATH), never in Airflow's
-process, so nothing heavy (torch, mlflow, pandas, pipeline.*) is imported when the DAG is parsed.
+Orchestration only. Each DAG run works in a workspace of its own, never in the project checkout:
+the setup task `workspace` makes a git worktree of the project at its current commit, sharing the
+project's DVC cache, and composes the run's params.yaml there once (profile and overrides from the
+run's conf). Each stage task runs `dvc repro --single-item <stage>` in that workspace with
+`scripts/dvc_stage.py`, in the project's own venv (`$CXR_PROJECT_DIR/.venv/bin` first on PATH),
+never in Airflow's process, so nothing heavy (torch, mlflow, pandas, pipeline.*) is imported when
+the DAG is parsed. The teardown task `finish` saves a run whose stages all succeeded as the DVC
+experiment `dag-<run id>` (`dvc exp show` lists it beside local experiments) and removes the
+workspace; a failed run's workspace stays for a cleared task to resume in. Runs therefore do not
+wait for each other; only `train` takes a slot of the GPU pool.
 
     airflow dags test cxr_dwml                                   # one local run, no scheduler
     airflow dags trigger cxr_dwml --conf '{"epochs": 2, "source": "s3://bucket/nih"}'
 
 A run's conf (the DAG params below, validated against their JSON schema) overrides params.yaml
-for that run only; DVC skips stages whose inputs did not change and records in dvc.lock what ran.
+for that run only; DVC skips stages whose inputs did not change since the last saved run and
+records in the experiment what ran.
 Scheduling, retries and timeouts come from dags/cxr_dwml.yaml or CXR_AIRFLOW_* variables; see
 docs/airflow.md. With `kubernetes.tasks` set, the listed tasks run as pods of the training image.
 
@@ -34,14 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import Asset, Param, dag, task
 
 DAG_ID = "cxr_dwml"
 HERE = Path(__file__).resolve().parent
 SETTINGS_FILE = HERE / "cxr_dwml.yaml"
 
-# Task -> upstream tasks: the step graph of dvc.yaml (tests/test_dag.py keeps the two equal).
+# Stage task -> upstream stage tasks: the step graph of dvc.yaml (tests/test_dag.py keeps the two equal).
 # prototypes needs no data, so it may run beside prepare.
 STAGES: dict[str, tuple[str, ...]] = {
     "download": (),
@@ -51,6 +59,10 @@ STAGES: dict[str, tuple[str, ...]] = {
     "evaluate": ("train",),
     "register": ("evaluate",),
 }
+
+# the tasks around the stages: `workspace` sets the run up, `finish` records it and cleans up
+WORKSPACE, FINISH = "workspace", "finish"
+TASKS = (WORKSPACE, *STAGES, FINISH)
 
 # A run's string values are literals: a `${...}` (OmegaConf interpolation, e.g. `${oc.env:SECRET}`)
 # would be resolved on the worker while params.yaml is composed. scripts/dvc_stage.py refuses one
@@ -71,36 +83,41 @@ PARAM_KEYS = {
 
 @dataclasses.dataclass
 class KubernetesSettings:
-    tasks: list[str] = dataclasses.field(default_factory=list)
-    image: str = "cxr-dwml:latest"
-    namespace: str = "default"
-    gpus: int = 1
-    cpu: str = "8"
-    memory: str = "32Gi"
-    workspace_claim: str = "cxr-dwml-workspace"
-    workspace_path: str = "/workspace/cxr-dwml"
-    venv: str = "/opt/cxr-dwml/.venv"
-    secret: str | None = "cxr-dwml-env"
-    service_account: str | None = None
-    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
-    startup_timeout_seconds: int = 600
+    """Where tasks run as pods (the `kubernetes` section of dags/cxr_dwml.yaml, which holds every default)."""
+
+    tasks: list[str]
+    image: str
+    namespace: str
+    gpus: int
+    cpu: str
+    memory: str
+    workspace_claim: str
+    workspace_path: str
+    venv: str
+    secret: str | None
+    service_account: str | None
+    node_selector: dict[str, str]
+    startup_timeout_seconds: int
 
 
 @dataclasses.dataclass
 class DagSettings:
-    """Scheduling and execution settings of the DAG (dags/cxr_dwml.yaml, CXR_AIRFLOW_* variables)."""
+    """Scheduling and execution settings of the DAG: dags/cxr_dwml.yaml holds every default, a file
+    named by CXR_AIRFLOW_SETTINGS and the CXR_AIRFLOW_* variables override them."""
 
-    schedule: str | None = "0 3 * * 1"
-    start_date: Any = "2025-01-01"
-    catchup: bool = False
-    max_active_runs: int = 1
-    retries: int = 2
-    retry_delay_minutes: float = 5.0
-    pool: str | None = "cxr_dwml_dvc"
-    project_dir: str | None = None
-    venv: str | None = None
-    timeouts_minutes: dict[str, float] = dataclasses.field(default_factory=dict)
-    kubernetes: KubernetesSettings = dataclasses.field(default_factory=KubernetesSettings)
+    schedule: str | None
+    start_date: Any
+    catchup: bool
+    max_active_runs: int
+    retries: int
+    retry_delay_minutes: float
+    gpu_pool: str | None
+    project_dir: str | None
+    venv: str | None
+    workspaces_dir: str | None
+    keep_failed_workspaces: bool
+    timeouts_minutes: dict[str, float]
+    kubernetes: KubernetesSettings
 
     @property
     def project(self) -> Path:
@@ -138,9 +155,11 @@ _ENV = {  # settings key -> environment variable that overrides it
     "max_active_runs": "CXR_AIRFLOW_MAX_ACTIVE_RUNS",
     "retries": "CXR_AIRFLOW_RETRIES",
     "retry_delay_minutes": "CXR_AIRFLOW_RETRY_DELAY_MINUTES",
-    "pool": "CXR_AIRFLOW_POOL",
+    "gpu_pool": "CXR_AIRFLOW_GPU_POOL",
     "project_dir": "CXR_PROJECT_DIR",
     "venv": "CXR_VENV",
+    "workspaces_dir": "CXR_WORKSPACES_DIR",
+    "keep_failed_workspaces": "CXR_KEEP_FAILED_WORKSPACES",
 }
 _K8S_ENV = {
     "tasks": "CXR_AIRFLOW_K8S_TASKS",
@@ -167,6 +186,7 @@ def _as_bool(value: str) -> bool:
 # how a variable's text becomes the setting; anything else is kept as text ("@weekly", "32Gi")
 _PARSE = {
     "catchup": _as_bool,
+    "keep_failed_workspaces": _as_bool,
     "max_active_runs": int,
     "retries": int,
     "retry_delay_minutes": float,
@@ -180,7 +200,7 @@ def _from_env(raw: dict[str, Any], names: Mapping[str, str], env: Mapping[str, s
         if var not in env:
             continue
         value = env[var].strip()
-        if key != "tasks" and value.lower() in ("", "null", "none"):
+        if key not in ("tasks", "catchup", "keep_failed_workspaces") and value.lower() in ("", "null", "none"):
             raw[key] = None  # clears an optional setting: no schedule, default_pool, no Secret
             continue
         try:
@@ -189,16 +209,33 @@ def _from_env(raw: dict[str, Any], names: Mapping[str, str], env: Mapping[str, s
             raise ValueError(f"{var}={value!r}: {e}") from None
 
 
+def _read_settings(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read the DAG settings {path} ({e}); fix the file or CXR_AIRFLOW_SETTINGS") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the DAG settings must be a mapping of setting: value")
+    return loaded
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> DagSettings:
-    """Settings from the YAML file (CXR_AIRFLOW_SETTINGS or dags/cxr_dwml.yaml), then the environment."""
+    """Settings from dags/cxr_dwml.yaml (every default), a file named by CXR_AIRFLOW_SETTINGS laid
+    over it, then the environment."""
     env = os.environ if env is None else env
-    path = Path(env.get("CXR_AIRFLOW_SETTINGS") or SETTINGS_FILE)
-    raw = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    raw = _read_settings(SETTINGS_FILE)
     k8s = dict(raw.pop("kubernetes", None) or {})
     raw["timeouts_minutes"] = dict(raw.get("timeouts_minutes") or {})
+    path = SETTINGS_FILE
+    if env.get("CXR_AIRFLOW_SETTINGS"):
+        path = Path(env["CXR_AIRFLOW_SETTINGS"])
+        over = _read_settings(path)
+        k8s.update(over.pop("kubernetes", None) or {})
+        raw["timeouts_minutes"].update(over.pop("timeouts_minutes", None) or {})
+        raw.update(over)
     _from_env(raw, _ENV, env)
     _from_env(k8s, _K8S_ENV, env)
-    for task_id in STAGES:
+    for task_id in TASKS:
         var = f"CXR_AIRFLOW_TIMEOUT_{task_id.upper()}"
         if env.get(var):
             raw["timeouts_minutes"][task_id] = float(env[var])
@@ -208,13 +245,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> DagSettings:
     )
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    missing = sorted(known - set(raw) - {"kubernetes"}) + sorted(
+        f"kubernetes.{f.name}" for f in dataclasses.fields(KubernetesSettings) if f.name not in k8s
+    )
+    if missing:
+        raise ValueError(f"{SETTINGS_FILE}: setting(s) {', '.join(missing)} missing; the shipped file holds every one")
     settings = DagSettings(**raw, kubernetes=KubernetesSettings(**k8s))
     settings.validate()
-    bad = sorted(set(settings.kubernetes.tasks) - {*STAGES, "all"})
+    bad = sorted(set(settings.kubernetes.tasks) - {*TASKS, "all"})
     if bad:
         raise ValueError(
             f"kubernetes.tasks (CXR_AIRFLOW_K8S_TASKS) names unknown task(s) {bad}; "
-            f"use task ids of {', '.join(STAGES)} or 'all'"
+            f"use task ids of {', '.join(TASKS)} or 'all'"
         )
     return settings
 
@@ -326,43 +368,67 @@ def run_overrides(params: Mapping[str, Any], baseline: Mapping[str, Any]) -> str
     return json.dumps(out, sort_keys=True)
 
 
-def stage_command(stage: str) -> str:
-    # exec: a timeout's SIGTERM reaches dvc_stage.py, which puts params.yaml back before exiting
+TASK_DOCS = {
+    WORKSPACE: "Setup: the run's workspace, a git worktree of the project at its current commit sharing the "
+    "project's DVC cache, starting from the last saved run's outputs, with the run's params.yaml composed "
+    "once (profile and overrides from the conf). Cleared with any task of the run; a second call reuses it.",
+    FINISH: "Teardown (runs whatever the stages did): a run whose stages all succeeded is saved as the DVC "
+    "experiment `dag-<run id>` and its workspace removed; a failed run's workspace is kept for a cleared task "
+    "to resume in (keep_failed_workspaces). Its state does not decide the run's.",
+}
+
+
+def stage_command(task_id: str) -> str:
+    """The task's call of scripts/dvc_stage.py: `create` for the workspace task, else the task id."""
+    command = "create" if task_id == WORKSPACE else task_id
+    # exec: SIGTERM (a timeout, a task marked failed) reaches dvc_stage.py, which stops the stage in order
     return (
-        f'set -eu; cd "$CXR_PROJECT_DIR"; export PATH="$CXR_VENV/bin:$PATH"; exec python scripts/dvc_stage.py {stage}'
+        f'set -eu; cd "$CXR_PROJECT_DIR"; export PATH="$CXR_VENV/bin:$PATH"; exec python scripts/dvc_stage.py {command}'
     )
 
 
-def task_env(project: Path, venv: str | Path) -> dict[str, str]:
-    return {
+def task_env(project: Path, venv: str | Path, settings: DagSettings, task_id: str) -> dict[str, str]:
+    env = {
         "CXR_PROJECT_DIR": str(project),
         "CXR_VENV": str(venv),
-        "CXR_RUN_OVERRIDES": "{{ params | cxr_overrides }}",
+        "CXR_RUN_ID": "{{ run_id }}",
+        "CXR_KEEP_FAILED_WORKSPACES": str(settings.keep_failed_workspaces).lower(),
         "PYTHONUNBUFFERED": "1",
     }
+    if settings.workspaces_dir:
+        env["CXR_WORKSPACES_DIR"] = settings.workspaces_dir
+    if task_id == WORKSPACE:  # the run's params are composed once, when its workspace is made
+        env["CXR_RUN_OVERRIDES"] = "{{ params | cxr_overrides }}"
+    return env
 
 
-def local_task(task_id: str, settings: DagSettings, **kwargs: Any) -> BashOperator:
+def local_task(task_id: str, settings: DagSettings, **kwargs: Any):
+    """The step as a local process (TaskFlow's bash task): the command's last line is its XCom."""
     project = settings.project
-    return BashOperator(
+
+    # Airflow's environment plus ours; Airflow adds AIRFLOW_CTX_DAG_ID, _DAG_RUN_ID, _TRY_NUMBER, ...
+    # which pipeline/tracking/ turns into MLflow run tags
+    @task.bash(
         task_id=task_id,
-        bash_command=stage_command(task_id),
-        # Airflow's environment plus ours; BashOperator adds AIRFLOW_CTX_DAG_ID, _DAG_RUN_ID,
-        # _TRY_NUMBER, ... which pipeline/tracking/ turns into MLflow run tags
-        env=task_env(project, settings.venv or project / ".venv"),
+        env=task_env(project, settings.venv or project / ".venv", settings, task_id),
         append_env=True,
         skip_on_exit_code=None,  # exit 99 must fail the task like any other error, not skip it
         **kwargs,
     )
+    def step() -> str:
+        return stage_command(task_id)
+
+    return step().operator
 
 
 def pod_task(task_id: str, settings: DagSettings, **kwargs: Any):
-    """The stage as a pod of the training image; imported only when a task is sent to Kubernetes."""
+    """The step as a pod of the training image; imported only when a task is sent to Kubernetes.
+    The pod mounts the claim holding the project checkout; the run's workspace is a folder of it."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     cfg = settings.kubernetes
-    env = task_env(Path(cfg.workspace_path), cfg.venv)
+    env = task_env(Path(cfg.workspace_path), cfg.venv, settings, task_id)
     # a pod does not inherit the task's AIRFLOW_CTX_* variables: pass them for the MLflow tags
     env.update(
         {
@@ -414,7 +480,7 @@ def pod_task(task_id: str, settings: DagSettings, **kwargs: Any):
 def build_dag(settings: DagSettings):
     """The DAG for `settings` (a function, so tests can build variants without touching the env)."""
     project = settings.project
-    metrics = Asset(name="cxr_dwml_metrics", uri=(project / "reports" / "metrics.json").as_uri())
+    metrics = Asset(name="cxr_dwml_metrics", uri="cxr-dwml://reports/metrics")
     champion = Asset(name="cxr_dwml_champion", uri="cxr-dwml://model/champion")
     outlets = {"evaluate": [metrics]}
 
@@ -429,26 +495,29 @@ def build_dag(settings: DagSettings):
         default_args={
             "retries": settings.retries,
             "retry_delay": timedelta(minutes=settings.retry_delay_minutes),
-            "pool": settings.pool or "default_pool",
         },
         tags=["cxr-dwml", "ml", "dvc"],
         doc_md=__doc__,
     )
     def cxr_dwml():
         tasks = {}
-        for task_id in STAGES:
+        for task_id in TASKS:
+            # a pod reaches the run's workspace on the claim; the workspace and finish tasks run where
+            # the stages run when every task goes to Kubernetes
             make = pod_task if settings.on_kubernetes(task_id) else local_task
             tasks[task_id] = make(
                 task_id,
                 settings,
                 execution_timeout=settings.timeout(task_id),
                 outlets=outlets.get(task_id, []),
-                doc_md=f"`dvc repro --single-item {task_id}`",
+                pool=(settings.gpu_pool or "default_pool") if task_id == "train" else "default_pool",
+                doc_md=TASK_DOCS.get(task_id, f"`dvc repro --single-item {task_id}` in the run's workspace"),
             )
         for task_id, upstream in STAGES.items():
-            for up in upstream:
+            for up in upstream or (WORKSPACE,):
                 tasks[up] >> tasks[task_id]
-        tasks["register"] >> announce_champion(champion)
+        tasks["register"] >> announce_champion(champion) >> tasks[FINISH]
+        tasks[FINISH].as_teardown(setups=tasks[WORKSPACE])
 
     return cxr_dwml()
 

@@ -441,11 +441,13 @@ def finish(ws: Workspace, keep_failed: bool) -> int:
     parent = mlflow_parent(ws)
     dag = os.environ.get("AIRFLOW_CTX_DAG_ID", "cxr_dwml")
     message = f"DAG run {ws.run_id} of {dag}; MLflow parent run {parent or 'unknown'}"
+    # the run's metrics, plots and .gitignore files are new to git: the experiment holds them too
     untracked = git(ws.path, "ls-files", "--others", "--exclude-standard", "-z", what="cannot list the run's files")
     include = [a for name in untracked.split("\0") if name for a in ("-I", name)]
     cmd = ["dvc", "exp", "save", "--force", "--quiet", "-n", ws.experiment, "-m", message, *include]
+    env = committer_env(ws.path)
     for attempt in range(3):  # two runs saving at once may meet on a git lock: try again
-        if run(cmd, ws.path, quiet=True) == 0:
+        if run(cmd, ws.path, env, quiet=True) == 0:
             break
         if attempt == 2:
             raise StageError(
@@ -453,6 +455,7 @@ def finish(ws: Workspace, keep_failed: bool) -> int:
                 "clear the finish task to try again"
             )
         time.sleep(2 + 3 * attempt)
+    share(ws)
     remove(ws)
     print(
         f"[dvc_stage] DAG run {ws.run_id!r} saved as the DVC experiment {ws.experiment} (MLflow parent run "
@@ -460,6 +463,38 @@ def finish(ws: Workspace, keep_failed: bool) -> int:
         flush=True,
     )
     return 0
+
+
+def committer_env(cwd: Path) -> dict[str, str]:
+    """The environment for `dvc exp save`: a git identity for its commit where git has none (an
+    image or a pod with no git configuration); a configured one is kept."""
+    env = dict(os.environ)
+    for key in ("name", "email"):
+        configured = subprocess.run(["git", "config", f"user.{key}"], cwd=cwd, capture_output=True, text=True)
+        if not configured.stdout.strip():
+            value = "cxr-dwml DAG" if key == "name" else "cxr-dwml@localhost"
+            for who in ("AUTHOR", "COMMITTER"):
+                env.setdefault(f"GIT_{who}_{key.upper()}", value)
+    return env
+
+
+def share(ws: Workspace) -> None:
+    """`dvc exp push` of the run to the git remote CXR_EXPERIMENTS_REMOTE (a remote name or URL), where
+    the project's checkouts get it with `dvc exp pull <remote> <name>`; nothing without it."""
+    remote = os.environ.get("CXR_EXPERIMENTS_REMOTE", "").strip()
+    if not remote:
+        return
+    # --no-cache: the outputs went to the DVC remote with each stage (CXR_DVC_REMOTE_URL)
+    if (
+        run(["dvc", "exp", "push", "--quiet", "--no-cache", remote, ws.experiment], ws.path, committer_env(ws.path))
+        != 0
+    ):
+        raise StageError(
+            f"the DVC experiment {ws.experiment} is saved here but its push to the git remote "
+            f"{redact_uri(remote)} (CXR_EXPERIMENTS_REMOTE) failed: check the remote and its credentials, "
+            "then clear the finish task"
+        )
+    print(f"[dvc_stage] pushed {ws.experiment} to {redact_uri(remote)}: `dvc exp pull` gets it", flush=True)
 
 
 def _flag(name: str, default: bool) -> bool:

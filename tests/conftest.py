@@ -97,6 +97,37 @@ def settings(section: str, changes: dict | None = None, /, **fields):
     return node.replace(changes, at=section, **fields) if changes or fields else node
 
 
+def stage_runner():
+    """scripts/dvc_stage.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    if "dvc_stage" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("dvc_stage", ROOT / "scripts" / "dvc_stage.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules["dvc_stage"]
+
+
+def experiment_ref(repo: Path, name: str) -> str:
+    """The git ref of the DVC experiment `name` (a DAG run saves itself as `dag-<run id>`)."""
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=repo, capture_output=True, text=True
+    ).stdout.split()
+    found = [r for r in refs if r.rsplit("/", 1)[-1] == name]
+    assert len(found) == 1, f"experiment {name} not among {refs}"
+    return found[0]
+
+
+def experiment_file(repo: Path, name: str, path: str) -> str:
+    """A file as the DVC experiment `name` holds it in git (dvc.lock, params, metrics, plots)."""
+    shown = subprocess.run(
+        ["git", "show", f"{experiment_ref(repo, name)}:{path}"], cwd=repo, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout
+
+
 def run_env(repo: Path, **extra: str) -> dict[str, str]:
     """Environment for subprocesses: the venv first on PATH, MLflow inside the copy, offline hub."""
     env = dict(os.environ)

@@ -21,7 +21,16 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, VENV_BIN, PipelineRun, copy_run, run_env
+from tests.conftest import (
+    ROOT,
+    VENV_BIN,
+    PipelineRun,
+    copy_run,
+    experiment_file,
+    experiment_ref,
+    run_env,
+    stage_runner,
+)
 from tests.servers import wait_until
 
 DAG_ID = "cxr_dwml"
@@ -87,8 +96,10 @@ for t in (dag.tasks if dag else []):
     tasks[t.task_id] = {{
         "upstream": sorted(t.upstream_task_ids), "type": type(t).__name__, "pool": t.pool,
         "retries": t.retries, "timeout_s": t.execution_timeout.total_seconds() if t.execution_timeout else None,
-        "outlets": [a.uri for a in t.outlets], "command": getattr(t, "bash_command", None),
-        "env": getattr(t, "env", None), "append_env": getattr(t, "append_env", None)}}
+        "outlets": [a.uri for a in t.outlets],
+        "command": t.python_callable() if type(t).__name__ == "_BashDecoratedOperator" else None,
+        "env": getattr(t, "env", None), "append_env": getattr(t, "append_env", None),
+        "setup": t.is_setup, "teardown": t.is_teardown, "trigger_rule": t.trigger_rule.value}}
 print(json.dumps({{
     "errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "seconds": seconds,
     "file_seconds": {{s.file: s.duration.total_seconds() for s in bag.dagbag_stats}},
@@ -114,21 +125,29 @@ def test_dag_imports_fast_without_errors_or_heavy_modules(parsed: dict) -> None:
 
 def test_dag_structure_and_defaults(parsed: dict) -> None:
     tasks = parsed["tasks"]
-    assert set(tasks) == {*STAGES, "champion"}
-    assert parsed["catchup"] is False and parsed["max_active_runs"] == 1
+    assert set(tasks) == {"workspace", *STAGES, "champion", "finish"}
+    assert parsed["catchup"] is False and parsed["max_active_runs"] == 4, "runs have workspaces of their own"
     assert parsed["schedule"] == "0 3 * * 1", "the shipped settings retrain weekly"
     # the champion asset is announced by its own task, after register, only when the alias moved
     champion = tasks.pop("champion")
     assert champion["upstream"] == ["register"] and champion["outlets"] == ["cxr-dwml://model/champion"]
+    # the run's workspace: made by a setup task, recorded and removed by a teardown that runs whatever happened
+    assert tasks["workspace"]["setup"] and tasks["workspace"]["upstream"] == []
+    assert tasks["finish"]["teardown"] and tasks["finish"]["upstream"] == ["champion", "workspace"]
+    assert tasks["finish"]["trigger_rule"] == "all_done_setup_success"
+    assert tasks["download"]["upstream"] == tasks["prototypes"]["upstream"] == ["workspace"]
     for task_id, info in tasks.items():
-        assert info["type"] == "BashOperator"
-        assert info["pool"] == "cxr_dwml_dvc", "DVC tasks must share the one-slot pool"
+        assert info["type"] == "_BashDecoratedOperator", "TaskFlow's bash tasks"
+        assert info["pool"] == ("cxr_dwml_gpu" if task_id == "train" else "default_pool"), "only train needs the GPU"
         assert info["retries"] == 2 and info["timeout_s"] and info["timeout_s"] > 0
-        assert f"scripts/dvc_stage.py {task_id}" in info["command"]
+        assert f"scripts/dvc_stage.py {'create' if task_id == 'workspace' else task_id}" in info["command"]
         assert 'export PATH="$CXR_VENV/bin:$PATH"' in info["command"]
         assert info["append_env"] is True and info["env"]["CXR_PROJECT_DIR"] == str(ROOT)
+        assert info["env"]["CXR_RUN_ID"] == "{{ run_id }}"
+        # the run's conf reaches the workspace task only: its params.yaml is composed once
+        assert ("CXR_RUN_OVERRIDES" in info["env"]) == (task_id == "workspace")
     assert tasks["train"]["timeout_s"] == 2880 * 60
-    assert tasks["evaluate"]["outlets"] == [(ROOT / "reports" / "metrics.json").as_uri()]
+    assert tasks["evaluate"]["outlets"] == ["cxr-dwml://reports/metrics"]
     assert tasks["register"]["outlets"] == []
     assert {"profile", "source", "epochs", "overrides"} <= set(parsed["params"])
 
@@ -160,44 +179,56 @@ def test_dag_graph_matches_dvc_yaml(parsed: dict) -> None:
     reduced = {
         name: sorted(u for u in ups if not any(u in ancestors(o) for o in ups - {u})) for name, ups in expected.items()
     }
-    assert {k: v["upstream"] for k, v in parsed["tasks"].items()} == reduced
+    # the stages' graph, less the setup task every first stage waits for
+    stage_tasks = {k: [u for u in v["upstream"] if u != "workspace"] for k, v in parsed["tasks"].items() if k in stages}
+    assert stage_tasks == reduced
     expected = reduced
     assert expected["prototypes"] == [], "prototypes may run beside prepare"
 
 
 def test_settings_come_from_environment_and_are_checked(tmp_path: Path) -> None:
+    overlay, stale = tmp_path / "site.yaml", tmp_path / "old.yaml"
+    overlay.write_text("max_active_runs: 2\nkubernetes:\n  gpus: 2\ntimeouts_minutes:\n  train: 60\n")
+    stale.write_text("pool: cxr_dwml_dvc\n")  # the setting this DAG had before runs got workspaces
     got = probe(
         """
 import cxr_dwml as m
 s = m.load_settings({"CXR_AIRFLOW_SCHEDULE": "0 3 * * 0", "CXR_AIRFLOW_RETRIES": "4",
     "CXR_AIRFLOW_RETRY_DELAY_MINUTES": "1.5", "CXR_AIRFLOW_TIMEOUT_TRAIN": "90", "CXR_AIRFLOW_CATCHUP": "true",
-    "CXR_AIRFLOW_START_DATE": "2024-06-01", "CXR_AIRFLOW_POOL": "", "CXR_AIRFLOW_K8S_TASKS": "train, evaluate"})
+    "CXR_AIRFLOW_START_DATE": "2024-06-01", "CXR_AIRFLOW_GPU_POOL": "", "CXR_AIRFLOW_K8S_TASKS": "train, evaluate"})
 dag = m.build_dag(s)
 errors = []
 weekly = m.build_dag(m.load_settings({"CXR_AIRFLOW_SCHEDULE": "@weekly"}))
 for env in ({"CXR_AIRFLOW_K8S_TASKS": "trian"}, {"CXR_AIRFLOW_START_DATE": "next tuesday"},
-            {"CXR_AIRFLOW_RETRIES": "many"}, {"CXR_AIRFLOW_RETRIES": "null"}):
+            {"CXR_AIRFLOW_RETRIES": "many"}, {"CXR_AIRFLOW_RETRIES": "null"},
+            {"CXR_AIRFLOW_SETTINGS": json.loads(__import__("os").environ["ARGS"])[1]}):
     try:
         m.build_dag(m.load_settings(env))
     except ValueError as e:
         errors.append(str(e))
+# a settings file overlays the shipped one: only its keys change
+laid = m.load_settings({"CXR_AIRFLOW_SETTINGS": json.loads(__import__("os").environ["ARGS"])[0]})
 print(json.dumps({"schedule": s.schedule, "retries": s.retries,
     "delay": dag.default_args["retry_delay"].total_seconds(),
     "train_timeout": dag.get_task("train").execution_timeout.total_seconds(), "catchup": dag.catchup,
-    "start": dag.start_date.isoformat(), "pool": dag.get_task("prepare").pool,
+    "start": dag.start_date.isoformat(), "pool": dag.get_task("train").pool,
     "kinds": {t.task_id: type(t).__name__ for t in dag.tasks}, "errors": errors,
-    "weekly": str(weekly.schedule)}))
+    "weekly": str(weekly.schedule), "laid": [laid.max_active_runs, laid.kubernetes.gpus, laid.kubernetes.cpu,
+    laid.timeouts_minutes["train"], laid.timeouts_minutes["prepare"], laid.retries]}))
 """,
         TMP_HOME=str(tmp_path),
+        ARGS=json.dumps([str(overlay), str(stale)]),
     )
     assert got["schedule"] == "0 3 * * 0" and got["retries"] == 4 and got["delay"] == 90
     assert got["train_timeout"] == 90 * 60 and got["catchup"] is True
     assert got["start"] == "2024-06-01T00:00:00+00:00" and got["pool"] == "default_pool"
     assert got["kinds"]["train"] == got["kinds"]["evaluate"] == "KubernetesPodOperator"
-    assert got["kinds"]["prepare"] == "BashOperator"
+    assert got["kinds"]["prepare"] == "_BashDecoratedOperator"
     assert "trian" in got["errors"][0] and "CXR_AIRFLOW_START_DATE" in got["errors"][1]
     assert "CXR_AIRFLOW_RETRIES='many'" in got["errors"][2] and "CXR_AIRFLOW_RETRIES" in got["errors"][3]
     assert got["weekly"] == "@weekly"
+    assert got["laid"] == [2, 2, "8", 60, 360, 2], "the file's keys, the shipped values for the rest"
+    assert f"{stale}: unknown setting(s) pool" in got["errors"][4] and "gpu_pool" in got["errors"][4]
 
 
 def test_run_conf_is_validated_and_becomes_dotted_overrides(tmp_path: Path) -> None:
@@ -216,10 +247,10 @@ def check(conf):
 bad = [check(c) for c in ({"epochs": 0}, {"profile": "huge"}, {"epochs": "2"}, {"batch_size": -1},
                           {"overrides": {"bad key": 1}}, {"source": ""}, {"min_auc": 2})]
 good = check({"epochs": 3, "profile": "paper", "source": "s3://b/nih", "overrides": {"train.optim.lr_head": 0.01}})
-rendered = dag.get_template_env().from_string(dag.get_task("train").env["CXR_RUN_OVERRIDES"]).render(params=good)
+rendered = dag.get_template_env().from_string(dag.get_task("workspace").env["CXR_RUN_OVERRIDES"]).render(params=good)
 # a field left as the form shows it is not sent: the chosen profile keeps its own value
 paper = check({"profile": "paper", "overrides": None})
-kept = dag.get_template_env().from_string(dag.get_task("train").env["CXR_RUN_OVERRIDES"]).render(params=paper)
+kept = dag.get_template_env().from_string(dag.get_task("workspace").env["CXR_RUN_OVERRIDES"]).render(params=paper)
 empty = m.run_overrides(dag.params.dump(), m.composed_defaults(m.load_settings().project))
 form = {name: {"default": p.value, "schema": p.schema, "description": p.description}
         for name, p in dag.params.items()}
@@ -290,7 +321,9 @@ print(json.dumps({"pods": pods, "round_trip": pod.spec.containers[0].image}))
         CXR_K8S_NAMESPACE="ml",
     )
     pods = got["pods"]
-    assert set(pods) == set(STAGES) and got["round_trip"] == "registry.example/cxr-dwml:1.0"
+    # "all": the workspace and finish tasks run as pods too, on the claim the stages' pods mount
+    assert set(pods) == {"workspace", *STAGES, "finish"} and got["round_trip"] == "registry.example/cxr-dwml:1.0"
+    assert "scripts/dvc_stage.py create" in pods["workspace"]["spec"]["containers"][0]["args"][0]
     # register's decision comes back through the XCom sidecar, for the champion task
     assert len(pods["register"]["spec"]["containers"]) == 2 and len(pods["evaluate"]["spec"]["containers"]) == 1
     train = pods["train"]
@@ -420,8 +453,14 @@ def test_a_run_works_in_its_own_workspace_and_is_saved_as_a_dvc_experiment(tmp_p
     assert lock["train"]["optim"]["lr_head"] == 0.001, "dvc.lock records the profile's values, as they ran"
     assert "didn't change, skipping" in stage_ok(root, "step"), "a retried stage finds its outputs"
     assert (root / "params.yaml").read_bytes() == committed and not (root / "out.txt").exists()
-    out = stage_ok(root, "finish")
-    assert "saved as the DVC experiment dag-manual__r1" in out, out
+    # saved with no git identity configured (as in an image), and shared through a git remote
+    shared = tmp_path / "shared.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(shared)], check=True)
+    no_identity = {"HOME": str(tmp_path), "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    out = stage_ok(root, "finish", CXR_EXPERIMENTS_REMOTE=str(shared), **no_identity)
+    assert "saved as the DVC experiment dag-manual__r1" in out and f"pushed dag-manual__r1 to {shared}" in out, out
+    remote_refs = subprocess.run(["git", "ls-remote", str(shared)], capture_output=True, text=True).stdout
+    assert remote_refs.rstrip().endswith("/dag-manual__r1") and "refs/exps/" in remote_refs, remote_refs
     assert not ws.exists()
     untouched(root)
     saved = experiments(root)["dag-manual__r1"]
@@ -580,17 +619,14 @@ def dags_test_run(pipeline_run: PipelineRun, tmp_path_factory: pytest.TempPathFa
     AIRFLOW_HOME (SQLite)."""
     base = tmp_path_factory.mktemp("dag-run")
     repo = copy_run(pipeline_run, base / "repo").repo
-    params_before = (repo / "params.yaml").read_bytes()
+    # the checkout holds the session run's outputs; a DAG run must leave every file of it as it is
+    before = {p: (repo / p).read_bytes() for p in ("params.yaml", "dvc.lock", "reports/registration.json")}
     env = airflow_env(base / "home", repo)
     migrate = airflow(env, "db", "migrate")
     assert migrate.returncode == 0, migrate.stderr[-3000:]
     t0 = time.perf_counter()
     test = airflow(env, "dags", "test", DAG_ID, "--conf", json.dumps(CONF), timeout=480)
-    return {"repo": repo, "result": test, "seconds": time.perf_counter() - t0, "params_before": params_before}
-
-
-def lock_params(repo: Path, stage: str) -> dict:
-    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["params"]["params.yaml"]
+    return {"repo": repo, "result": test, "seconds": time.perf_counter() - t0, "before": before}
 
 
 @pytest.mark.slow
@@ -621,8 +657,16 @@ def test_dags_test_runs_the_pipeline_and_registers_a_model(dags_test_run: dict) 
     (run_id,) = {r.data.tags["airflow.run_id"] for r in runs}
     assert parent.info.run_name == f"dag {run_id}" and parent.info.status == "FINISHED"
     assert parent.data.tags["cxr.pipeline_run"] == f"airflow:{DAG_ID}:{run_id}"
+    # the run is the DVC experiment dag-<run id>, which the parent run names
+    name = parent.data.tags["cxr.dvc_experiment"]
+    assert name.startswith("dag-manual__"), parent.data.tags
+    assert f"saved as the DVC experiment {name} (MLflow parent run {parent.info.run_id})" in log, log[-4000:]
+    message = subprocess.run(
+        ["git", "log", "-1", "--format=%B", experiment_ref(repo, name)], cwd=repo, text=True, capture_output=True
+    ).stdout
+    assert f"DAG run {run_id} of {DAG_ID}; MLflow parent run {parent.info.run_id}" in message
     # another model: v2, judged by the gate against the session run's v1
-    registration = json.loads((repo / "reports" / "registration.json").read_text())
+    registration = json.loads(experiment_file(repo, name, "reports/registration.json"))
     assert str(registration["version"]) == "2" and str(registration["champion_version"]) == "1"
     # the champion asset fired exactly when the gate moved the alias
     if registration["promote"]:
@@ -630,21 +674,21 @@ def test_dags_test_runs_the_pipeline_and_registers_a_model(dags_test_run: dict) 
     else:
         assert "the champion did not move: " + registration["reason"] in log, log[-4000:]
     assert client.get_model_version("cxr-dwml", "2").run_id == train.info.run_id
-    # the conf ran (dvc.lock says so) and held for this run only (params.yaml is as committed)
-    assert lock_params(repo, "train")["train"]["epochs"] == 1
-    assert (repo / "params.yaml").read_bytes() == dags_test_run["params_before"]
-    assert (repo / "reports" / "train" / "history.csv").read_text().count("\n") == 2  # header + 1 epoch
-    assert not (repo / ".dvc" / "tmp" / "cxr-stage" / "backup").exists()
+    # the conf ran (the experiment's dvc.lock says so) and held for this run only
+    lock = yaml.safe_load(experiment_file(repo, name, "dvc.lock"))["stages"]
+    assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+    assert experiment_file(repo, name, "reports/train/history.csv").count("\n") == 2  # header + 1 epoch
+    # the project checkout is as it was: the run worked in a workspace of its own, now removed
+    assert {p: (repo / p).read_bytes() for p in dags_test_run["before"]} == dags_test_run["before"]
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
+    assert len(worktrees.splitlines()) == 1, worktrees
 
 
 def test_register_stage_reports_whether_the_champion_moved(tmp_path: Path, capsys) -> None:
     """The register task's last line (its XCom) says whether this call moved the champion alias:
     not when DVC skipped the stage, not when the gate kept the champion or the weights were known."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dvc_stage", ROOT / "scripts" / "dvc_stage.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = stage_runner()
     record = {"model_name": "cxr-dwml", "version": "3", "registered": True, "promote": True}
     moved = json.dumps({**record, "champion_version": "2", "val_mean_auc": 0.81, "reason": "better"}).encode()
     change = stage.champion_change(b"{}", moved)

@@ -571,6 +571,6 @@ def test_stack_provides_what_the_dag_expects(stack):
     for name in ("CXR_DATA_SOURCE", "CXR_DVC_REMOTE_URL", "CXR_DVC_REMOTE_ENDPOINT"):
         assert scheduler_env.get(name), f"airflow-scheduler lacks {name}, which the DAG reads"
     init = stack["services"]["airflow-init"]["command"]
-    assert init[:3] == ["pools", "set", settings.pool] and init[3] == "1"
+    assert init[:3] == ["pools", "set", settings.gpu_pool] and init[3] == "1", "one slot per GPU"
     airflow_dockerfile = (DOCKER / "airflow.Dockerfile").read_text()
     assert "dags" in airflow_dockerfile and scheduler_env["CXR_PROJECT_DIR"] in airflow_dockerfile

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ from components.provenance import PipelineRun, pipeline_run
 from pipeline import tracking
 from pipeline.classes import CLASSES
 from pipeline.tracking import redact_text, redact_uri
-from tests.conftest import ROOT
+from tests.conftest import stage_runner
 
 
 @pytest.mark.parametrize(
@@ -157,9 +156,7 @@ def test_summary_links_open_the_model_training_view(tmp_path: Path, monkeypatch,
 
 
 def test_stage_runner_prints_remote_urls_without_their_secrets(tmp_path: Path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("dvc_stage", ROOT / "scripts" / "dvc_stage.py")
-    dvc_stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dvc_stage)
+    dvc_stage = stage_runner()
     url = "https://user:pw@storage.example.org/cxr?X-Amz-Signature=f00d"
     assert dvc_stage.run(["true", "remote", "add", "--local", "cxr-remote", url], tmp_path) == 0
     out = capsys.readouterr().out
