@@ -10,7 +10,9 @@ never in Airflow's process, so nothing heavy (torch, mlflow, pandas, pipeline.*)
 the DAG is parsed. The teardown task `finish` saves a run whose stages all succeeded as the DVC
 experiment `dag-<run id>` (`dvc exp show` lists it beside local experiments) and removes the
 workspace; a failed run's workspace stays for a cleared task to resume in. Runs therefore do not
-wait for each other; only `train` takes a slot of the GPU pool.
+wait for each other: `train` takes a slot of the GPU pool, and `register` the one slot of the
+registry pool, so that concurrent runs' gates each compare with the champion of the moment
+(dags/cxr_dwml_pools.json: `airflow pools import dags/cxr_dwml_pools.json`).
 
     airflow dags test cxr_dwml                                   # one local run, no scheduler
     airflow dags trigger cxr_dwml --conf '{"epochs": 2, "source": "s3://bucket/nih"}'
@@ -112,6 +114,7 @@ class DagSettings:
     retries: int
     retry_delay_minutes: float
     gpu_pool: str | None
+    registry_pool: str | None
     project_dir: str | None
     venv: str | None
     workspaces_dir: str | None
@@ -144,6 +147,11 @@ class DagSettings:
                 raise ValueError(f"setting '{key}' ({_ENV[key]}) must be a number >= 0, got {value!r}")
         self.start()
 
+    def pool(self, task_id: str) -> str:
+        """train waits for a GPU, register for the registry (one gate at a time); the rest run freely."""
+        chosen = {"train": self.gpu_pool, "register": self.registry_pool}.get(task_id)
+        return chosen or "default_pool"
+
     def on_kubernetes(self, task_id: str) -> bool:
         return task_id in self.kubernetes.tasks or "all" in self.kubernetes.tasks
 
@@ -156,6 +164,7 @@ _ENV = {  # settings key -> environment variable that overrides it
     "retries": "CXR_AIRFLOW_RETRIES",
     "retry_delay_minutes": "CXR_AIRFLOW_RETRY_DELAY_MINUTES",
     "gpu_pool": "CXR_AIRFLOW_GPU_POOL",
+    "registry_pool": "CXR_AIRFLOW_REGISTRY_POOL",
     "project_dir": "CXR_PROJECT_DIR",
     "venv": "CXR_VENV",
     "workspaces_dir": "CXR_WORKSPACES_DIR",
@@ -510,7 +519,7 @@ def build_dag(settings: DagSettings):
                 settings,
                 execution_timeout=settings.timeout(task_id),
                 outlets=outlets.get(task_id, []),
-                pool=(settings.gpu_pool or "default_pool") if task_id == "train" else "default_pool",
+                pool=settings.pool(task_id),
                 doc_md=TASK_DOCS.get(task_id, f"`dvc repro --single-item {task_id}` in the run's workspace"),
             )
         for task_id, upstream in STAGES.items():

@@ -61,18 +61,29 @@ RUN python -c "import tomllib; extras = tomllib.load(open('/tmp/cxr-pyproject.to
     && rm /tmp/cxr-pyproject.toml /tmp/airflow-requirements.txt
 
 USER 0
+# git: each DAG run works in a git worktree of the project and is saved as a DVC experiment.
+# Debian package versions are not pinned: the security updates are what we want.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
 RUN mkdir -p /opt/cxr-dwml && chown 50000:0 /opt/cxr-dwml && chmod g+rwx /opt/cxr-dwml
 
 WORKDIR /opt/cxr-dwml
 COPY --from=builder --chown=50000:0 /opt/cxr-dwml/.venv /opt/cxr-dwml/.venv
 COPY --chown=50000:0 . .
-# No git history in the image: DVC runs without an SCM. The output and cache folders exist so
-# that the named volumes mounted on them start owned by the airflow user (UID 50000, GID 0).
+# The build context has no git history (.dockerignore), so the image's project is a git repository
+# of one commit, the deployed code: the DAG's runs are worktrees of it, and their DVC experiments
+# hang off it (CXR_EXPERIMENTS_REMOTE pushes them where checkouts can `dvc exp pull` them). The
+# output and cache folders exist so that the named volumes mounted on them start owned by the
+# airflow user (UID 50000, GID 0).
 RUN mkdir -p data artifacts reports .dvc/cache .dvc/tmp .cache/huggingface \
     && touch .dvc/config \
-    && printf '[core]\n    no_scm = true\n' > .dvc/config.local \
-    && chown -R 50000:0 data artifacts reports .dvc .cache \
-    && chmod -R g+rwX data artifacts reports .dvc .cache
+    && git init -q \
+    && git add -A \
+    && git -c user.name="cxr-dwml image" -c user.email=cxr-dwml@localhost commit -qm "cxr-dwml, as built into the Airflow image" \
+    && chown -R 50000:0 .git data artifacts reports .dvc .cache \
+    && chmod -R g+rwX .git data artifacts reports .dvc .cache
 
 ENV CXR_PROJECT_DIR=/opt/cxr-dwml \
     HF_HOME=/opt/cxr-dwml/.cache/huggingface \

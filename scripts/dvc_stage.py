@@ -441,9 +441,15 @@ def finish(ws: Workspace, keep_failed: bool) -> int:
     parent = mlflow_parent(ws)
     dag = os.environ.get("AIRFLOW_CTX_DAG_ID", "cxr_dwml")
     message = f"DAG run {ws.run_id} of {dag}; MLflow parent run {parent or 'unknown'}"
-    # the run's metrics, plots and .gitignore files are new to git: the experiment holds them too
+    # the run's metrics, plots and .gitignore files are new to git: the experiment holds them too,
+    # and so do outputs marked `cache: false` in folders git ignores (artifacts/)
     untracked = git(ws.path, "ls-files", "--others", "--exclude-standard", "-z", what="cannot list the run's files")
-    include = [a for name in untracked.split("\0") if name for a in ("-I", name)]
+    files = {name for name in untracked.split("\0") if name}
+    for out in uncached_outputs(ws.path / "dvc.yaml"):
+        found = ws.path / out
+        inside = found.rglob("*") if found.is_dir() else [found] if found.is_file() else []
+        files.update(str(f.relative_to(ws.path)) for f in inside if f.is_file())
+    include = [a for name in sorted(files) for a in ("-I", name)]
     cmd = ["dvc", "exp", "save", "--force", "--quiet", "-n", ws.experiment, "-m", message, *include]
     env = committer_env(ws.path)
     for attempt in range(3):  # two runs saving at once may meet on a git lock: try again

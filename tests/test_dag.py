@@ -138,7 +138,8 @@ def test_dag_structure_and_defaults(parsed: dict) -> None:
     assert tasks["download"]["upstream"] == tasks["prototypes"]["upstream"] == ["workspace"]
     for task_id, info in tasks.items():
         assert info["type"] == "_BashDecoratedOperator", "TaskFlow's bash tasks"
-        assert info["pool"] == ("cxr_dwml_gpu" if task_id == "train" else "default_pool"), "only train needs the GPU"
+        pool = {"train": "cxr_dwml_gpu", "register": "cxr_dwml_registry"}.get(task_id, "default_pool")
+        assert info["pool"] == pool, "train waits for a GPU, register for the registry, the rest for nothing"
         assert info["retries"] == 2 and info["timeout_s"] and info["timeout_s"] > 0
         assert f"scripts/dvc_stage.py {'create' if task_id == 'workspace' else task_id}" in info["command"]
         assert 'export PATH="$CXR_VENV/bin:$PATH"' in info["command"]
@@ -441,7 +442,14 @@ def experiments(root: Path) -> dict[str, dict]:
 
 
 def test_a_run_works_in_its_own_workspace_and_is_saved_as_a_dvc_experiment(tmp_path: Path) -> None:
-    root = scratch_project(tmp_path / "p", RECORD)
+    # the stage also writes an uncached plot into a folder git ignores, as prototypes does
+    root = scratch_project(tmp_path / "p", RECORD + " && mkdir -p plots && echo plot > plots/p.txt")
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())
+    stages["stages"]["step"]["plots"] = [{"plots/p.txt": {"cache": False}}]
+    (root / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    (root / ".gitignore").write_text("/plots/\n")
+    subprocess.run([*GIT, "add", "dvc.yaml", ".gitignore"], cwd=root, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "a plot git ignores"], cwd=root, check=True)
     committed = (root / "params.yaml").read_bytes()
     ws = root / ".dvc" / "tmp" / "runs" / "manual__r1"
     out = stage_ok(root, "create", "--set", "train.seed=5", CXR_RUN_OVERRIDES='{"train.epochs": 2, "profile": "paper"}')
@@ -465,6 +473,7 @@ def test_a_run_works_in_its_own_workspace_and_is_saved_as_a_dvc_experiment(tmp_p
     untouched(root)
     saved = experiments(root)["dag-manual__r1"]
     assert saved["params"]["train"]["epochs"] == 2 and saved["metrics"] == {"epochs": 2}
+    assert experiment_file(root, "dag-manual__r1", "plots/p.txt") == "plot\n", "uncached outputs git ignores too"
 
     # the next run starts from the last one's outputs: with the same values, nothing reruns
     other = "scheduled__2026-01-05T03:00:00+00:00"

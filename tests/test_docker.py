@@ -379,6 +379,8 @@ def test_airflow_image_layout():
     text = (DOCKER / "airflow.Dockerfile").read_text()
     assert "python -m venv .venv" in text and "-c requirements.lock" in text
     assert "COPY --from=builder --chown=50000:0 /opt/cxr-dwml/.venv /opt/cxr-dwml/.venv" in text
+    # the DAG's runs are git worktrees of the image's project: it is a repository, DVC with an SCM
+    assert "install -y --no-install-recommends git" in text and "git init" in text and "no_scm" not in text
     user = [arg for op, arg in steps if op == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0")
 
@@ -571,6 +573,9 @@ def test_stack_provides_what_the_dag_expects(stack):
     for name in ("CXR_DATA_SOURCE", "CXR_DVC_REMOTE_URL", "CXR_DVC_REMOTE_ENDPOINT"):
         assert scheduler_env.get(name), f"airflow-scheduler lacks {name}, which the DAG reads"
     init = stack["services"]["airflow-init"]["command"]
-    assert init[:3] == ["pools", "set", settings.gpu_pool] and init[3] == "1", "one slot per GPU"
+    assert init[:2] == ["pools", "import"] and init[2].startswith(scheduler_env["CXR_PROJECT_DIR"] + "/dags/")
+    pools = json.loads((ROOT / init[2].removeprefix(scheduler_env["CXR_PROJECT_DIR"] + "/")).read_text())
+    assert pools[settings.gpu_pool]["slots"] == 1, "one slot per GPU"
+    assert pools[settings.registry_pool]["slots"] == 1, "one gate at a time"
     airflow_dockerfile = (DOCKER / "airflow.Dockerfile").read_text()
     assert "dags" in airflow_dockerfile and scheduler_env["CXR_PROJECT_DIR"] in airflow_dockerfile

@@ -42,7 +42,7 @@ def assert_linked(repo: Path, path: Path) -> None:
     )
 
 
-def test_outputs_are_links_into_the_dvc_cache_after_repro_pull_and_the_stage_runner(tmp_path: Path) -> None:
+def test_outputs_are_links_into_the_dvc_cache_after_repro_pull_and_in_a_dag_run_workspace(tmp_path: Path) -> None:
     repo = copy_repo(tmp_path / "repo")
     dvc(repo, "repro", "download")
     image = sorted((repo / "data/raw/images").iterdir())[0]
@@ -63,21 +63,20 @@ def test_outputs_are_links_into_the_dvc_cache_after_repro_pull_and_the_stage_run
     assert_linked(repo, image)
     assert_linked(repo, repo / "data/prepared/cache/images_32.u8")
 
-    # a copy left by an older set-up: the stage runner (the DAG's tasks) links it again
-    shutil.copyfile(image, tmp_path / "copy.png")
-    image.unlink()
-    shutil.copyfile(tmp_path / "copy.png", image)
-    assert image.stat().st_ino != cache_object(repo, image).stat().st_ino
+    # a DAG run's workspace starts from these outputs as links into the same cache: nothing is copied
     runner = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), "download", "--project", str(repo)],
+        [sys.executable, str(ROOT / "scripts" / "dvc_stage.py"), "create", "--run-id", "r1", "--project", str(repo)],
         env=run_env(repo),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert runner.returncode == 0, runner.stdout[-3000:] + runner.stderr[-3000:]
-    assert "Running stage" not in runner.stdout  # nothing to rerun: only relinked
-    assert_linked(repo, image)
+    ws = repo / ".dvc" / "tmp" / "runs" / "r1"
+    assert f"starting from the dvc.lock of {repo}" in runner.stdout, runner.stdout
+    linked = ws / image.relative_to(repo)
+    assert linked.stat().st_ino == cache_object(repo, image).stat().st_ino, f"{linked} is a copy"
+    assert (ws / "data/prepared/manifest.csv").stat().st_ino == (repo / "data/prepared/manifest.csv").stat().st_ino
 
 
 # prepare slow enough to be killed part-way: 64 px images cached at 512 px, 8 images per done-marker

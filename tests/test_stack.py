@@ -9,7 +9,7 @@ loopback ones, and the databases are throwaway ones on the machine's PostgreSQL.
   data sits in the data-source bucket in NIH layout, as a deployment keeps ChestX-ray14;
 - `mlflow server` with compose's command line (proxied artifacts to `s3://mlflow-artifacts`) and
   a PostgreSQL backend store;
-- Airflow 3 as compose runs it: `airflow db migrate`, airflow-init's pool, then api-server,
+- Airflow 3 as compose runs it: `airflow db migrate`, airflow-init's pools, then api-server,
   scheduler (LocalExecutor), dag-processor and triggerer as separate processes.
 
 On the tiny demo, in one shared stack: the scheduler creates a run from the DAG's shipped weekly
@@ -20,7 +20,10 @@ data folder that does not exist yet, fails `download` with the component's messa
 log, and once the folder holds the data, clearing the task lets the run go on; it registers v2,
 judged by the gate against v1, while the S3 server is down during `evaluate`'s `dvc push` (the
 task fails naming the remote, the retry pushes). A person promotes v2 through MLflow's REST API
-and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG.
+and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG. Two runs with different
+confs, triggered together, run side by side in workspaces of their own; each is saved as its own
+DVC experiment, both register, the gates take turns, and the project checkout stays as it was
+(`pytest -k concurrent`). Each run's files are read from its DVC experiment (`dag-<run id>`).
 
 This is the suite's one run through the real scheduler. `make stack-test` runs this file alone;
 under CI=true `make test` includes it. Without PostgreSQL it skips (it fails under CI=true).
@@ -31,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -57,9 +61,11 @@ from tests.conftest import (
     ENV_EXAMPLE,
     VENV_BIN,
     copy_repo,
+    experiment_file,
     read_env_file,
     resolve_compose,
     service_environment,
+    stage_runner,
 )
 from tests.servers import free_port, postgres_databases, stop, unavailable, wait_http, wait_until
 
@@ -267,6 +273,23 @@ class Stack:
     def aliases(self) -> dict[str, str]:
         return {a: str(v) for a, v in self.client().get_registered_model(MODEL).aliases.items()}
 
+    def experiment(self, run_id: str) -> str:
+        """The DVC experiment a DAG run is saved as."""
+        return stage_runner().Workspace.of(self.repo, run_id).experiment
+
+    def saved(self, run_id: str, path: str) -> str:
+        """A file of a DAG run's experiment that git holds (dvc.lock, metrics, registration.json)."""
+        return experiment_file(self.repo, self.experiment(run_id), path)
+
+    def cached(self, run_id: str, path: str) -> bytes:
+        """An output of a DAG run's experiment that the DVC cache holds, as `dvc.api` reads it."""
+        import dvc.api
+
+        from tests.conftest import experiment_ref
+
+        ref = experiment_ref(self.repo, self.experiment(run_id))
+        return dvc.api.read(path, repo=str(self.repo), rev=ref, mode="rb")
+
     def log(self, run_id: str, task: str, attempt: int) -> str:
         path = self.home / f"logs/dag_id={DAG_ID}/run_id={run_id}/task_id={task}/attempt={attempt}.log"
         return task_log(path) if path.exists() else ""
@@ -408,7 +431,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 s3.client(airflow_env).create_bucket(Bucket=bucket)
             publish_demo_data(repo, s3, airflow_env, airflow_env["CXR_DATA_SOURCE"])
             assert migrate.proc.wait(timeout=420) == 0, migrate.tail()
-            airflow_cli(env, *services["airflow-init"]["command"])
+            # airflow-init's command names the image's project folder: here, the copy
+            airflow_cli(env, *(a.replace("/opt/cxr-dwml", str(repo)) for a in services["airflow-init"]["command"]))
             for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
                 (sub,) = services[name]["command"]
                 started.append(Service(name, [str(VENV_BIN / "airflow"), sub], env, base / f"{name}.log", base).start())
@@ -484,7 +508,7 @@ def test_first_run_lands_in_the_buckets_and_the_registry(stack: Stack) -> None:
     # registry: v1, the champion (no champion before it)
     assert stack.versions() == ["1"]
     assert stack.aliases() == {"challenger": "1", "champion": "1"}
-    registration = yaml.safe_load((repo / "reports" / "registration.json").read_text())
+    registration = json.loads(stack.saved(run_id, "reports/registration.json"))
     assert registration["version"] == "1" and registration["promote"] is True
 
     # MLflow runs carry the DAG run; artifacts went through the server into the bucket
@@ -508,7 +532,7 @@ def test_first_run_lands_in_the_buckets_and_the_registry(stack: Stack) -> None:
     assert not (repo / "mlartifacts").exists() and not (repo / "mlflow.db").exists()
 
     # data came from the stack's data-source bucket; every DVC-cached output is in the S3 remote
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    lock = yaml.safe_load(stack.saved(run_id, "dvc.lock"))["stages"]
     assert lock["download"]["params"]["params.yaml"]["download"]["source"] == env["CXR_DATA_SOURCE"]
     remote = env["CXR_DVC_REMOTE_URL"]
     pushed = set(stack.s3.keys(env, bucket_of(remote), remote.removeprefix(f"s3://{bucket_of(remote)}/")))
@@ -552,7 +576,7 @@ def test_second_run_fails_on_a_missing_source_then_registers_v2_through_an_s3_ou
         events["failed_log"] = stack.log(run_id, "download", download["try_number"])
         if "error:" not in events["failed_log"]:
             return  # the task runner is still writing the failed try's log
-        link_nih_layout(stack.repo / "data" / "raw", mirror)
+        link_nih_layout(stack.repo.parent / "nih", mirror)  # the demo data the stack published
         clear = {"dry_run": False, "dag_run_id": run_id, "task_ids": ["download"], "only_failed": False}
         code, body = api.call("POST", f"/dags/{DAG_ID}/clearTaskInstances", clear)
         assert code == 200, body
@@ -599,13 +623,13 @@ def test_second_run_fails_on_a_missing_source_then_registers_v2_through_an_s3_ou
 
     # v2 exists once; the gate compared it with the champion v1
     assert stack.versions() == ["1", "2"]
-    registration = yaml.safe_load((stack.repo / "reports" / "registration.json").read_text())
+    registration = json.loads(stack.saved(run_id, "reports/registration.json"))
     assert registration["version"] == "2" and registration["champion_version"] == "1"
     assert {"delta", "p_value"} <= set(registration), registration
     aliases = stack.aliases()
     assert aliases == {"challenger": "2", "champion": "2" if registration["promote"] else "1"}, registration["reason"]
     print(f"gate: {registration['reason']}")
-    lock = yaml.safe_load((stack.repo / "dvc.lock").read_text())["stages"]
+    lock = yaml.safe_load(stack.saved(run_id, "dvc.lock"))["stages"]
     assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == CONF_V2["epochs"]
     assert lock["download"]["params"]["params.yaml"]["download"]["source"] == str(mirror)
     stack.results["run2"] = run_id
@@ -622,9 +646,10 @@ def test_promotion_through_the_rest_api_then_the_champion_serves_a_png(stack: St
     assert r.status_code == 200 and r.json()["model_version"]["version"] == "2", r.text
 
     # evaluate's predictions of run 2 are v2's scores
-    scored = pd.read_parquet(stack.repo / "reports" / "predictions" / "test.parquet").set_index("image")
+    run2 = stack.results["run2"]
+    scored = pd.read_parquet(io.BytesIO(stack.cached(run2, "reports/predictions/test.parquet"))).set_index("image")
     image = scored.index[0]
-    png = (stack.repo / "data" / "raw" / "images" / image).read_bytes()
+    png = (stack.repo.parent / "nih" / "images" / image).read_bytes()
 
     port = free_port()
     env = {**base_environment(stack.repo), "MLFLOW_TRACKING_URI": stack.mlflow_url}  # no AWS_* here
@@ -649,7 +674,72 @@ def test_promotion_through_the_rest_api_then_the_champion_serves_a_png(stack: St
     assert probs.shape == (14,) and ((probs >= 0) & (probs <= 1)).all()
     # evaluate stores raw probabilities; the registered model serves them through its calibration
     raw = np.clip(scored.loc[image, list(CLASSES)].to_numpy(float), 1e-12, 1 - 1e-12)
-    calibration = read_calibration(str(stack.repo / "reports" / "calibration.json"))
+    (tmp_path / "calibration.json").write_bytes(stack.cached(run2, "reports/calibration.json"))
+    calibration = read_calibration(str(tmp_path / "calibration.json"))
     expected = calibration.probabilities(np.log(raw / (1 - raw))[None])[0]
     np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-4)
     assert stack.versions() == ["1", "2"], "serving must not register anything"
+
+
+def checkout_state(repo: Path) -> tuple[str, str, list[str]]:
+    """What a person sees of the project checkout: git's status (ignored files included, the shared
+    DVC cache aside), its commit, and the worktrees git knows."""
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=repo, capture_output=True, text=True)
+    shown = "\n".join(line for line in status.stdout.splitlines() if line != "!! .dvc/cache/")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    trees = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=repo, capture_output=True, text=True)
+    return shown, head, [line for line in trees.stdout.splitlines() if line.startswith("worktree ")]
+
+
+def test_two_concurrent_runs_with_different_confs_each_record_their_own_experiment(stack: Stack) -> None:
+    """Two runs triggered together run side by side, each in a workspace of its own: both succeed,
+    each DVC experiment holds its own params and metrics, both versions are registered, the gates
+    take turns (the second compares with the champion the first left) and the project checkout is
+    as it was."""
+    t0 = time.monotonic()
+    api, before = stack.api, checkout_state(stack.repo)
+    champion_before = stack.aliases()["champion"]
+    confs = {"a": {"epochs": 1, "overrides": {"train.seed": 11}}, "b": {"epochs": 2, "overrides": {"train.seed": 12}}}
+    runs = {}
+    for key, conf in confs.items():
+        code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
+        assert code == 200, body
+        runs[key] = body["dag_run_id"]
+    states = {key: stack.drive(run_id) for key, run_id in runs.items()}
+    print(f"two concurrent runs: {states} after {time.monotonic() - t0:.0f} s")
+    for key, run_id in runs.items():
+        tries = stack.tries(run_id)
+        assert states[key] == "success", {t: (i["state"], i["try_number"]) for t, i in tries.items()}
+    # they ran at the same time: each run's workspace task started before the other run ended
+    spans = {}
+    for key, run_id in runs.items():
+        code, body = api.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
+        spans[key] = (body["start_date"], body["end_date"])
+    assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1], spans
+
+    # each experiment holds its own params and metrics
+    for key, run_id in runs.items():
+        train = yaml.safe_load(stack.saved(run_id, "dvc.lock"))["stages"]["train"]["params"]["params.yaml"]["train"]
+        assert (train["epochs"], train["seed"]) == (confs[key]["epochs"], confs[key]["overrides"]["train.seed"])
+        assert stack.saved(run_id, "reports/train/history.csv").count("\n") == 1 + confs[key]["epochs"]
+        assert "mean_auc" in json.loads(stack.saved(run_id, "reports/metrics.json"))
+
+    # both registered; the gates took turns: the later one compared with what the earlier one left
+    assert stack.versions() == ["1", "2", "3", "4"]
+    first, second = sorted(
+        (json.loads(stack.saved(run_id, "reports/registration.json")) for run_id in runs.values()),
+        key=lambda r: int(r["version"]),
+    )
+    assert first["champion_version"] == champion_before, first
+    assert second["champion_version"] == (first["version"] if first["promote"] else champion_before), (first, second)
+    assert stack.aliases()["champion"] == (second["version"] if second["promote"] else second["champion_version"])
+
+    # the MLflow parent of each run names its experiment; the checkout is untouched, no workspace is left
+    client = stack.client()
+    experiment = client.get_experiment_by_name(MODEL).experiment_id
+    for run_id in runs.values():
+        (parent,) = client.search_runs(
+            [experiment], f"tags.`airflow.run_id` = '{run_id}' and tags.`cxr.step` = 'pipeline'"
+        )
+        assert parent.data.tags["cxr.dvc_experiment"] == stack.experiment(run_id)
+    assert checkout_state(stack.repo) == before
