@@ -309,27 +309,44 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, quiet: boo
         raise
 
 
-def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """SIGTERM to what DVC runs (the stage's component marks its MLflow runs KILLED), SIGINT to DVC
-    itself (it waits for its command, then lets go of its locks), then wait for the process group
-    to end; after `grace` seconds, SIGKILL."""
+def stop(proc: subprocess.Popen) -> None:
+    """Stop DVC and the stage it runs, in the order that leaves nothing locked or RUNNING: SIGTERM
+    to what DVC runs (the stage's component marks its MLflow runs KILLED), SIGINT to DVC itself
+    (it waits for its command, then lets go of its locks). A command still alive after the grace
+    period (CXR_STOP_GRACE_SECONDS, 30) gets SIGKILL, so that DVC can finish; DVC itself, after
+    as long again."""
     import psutil
 
     try:
-        below = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        below = []
-    for child in below:
+        grace = float(os.environ.get("CXR_STOP_GRACE_SECONDS") or 30)
+    except ValueError:
+        grace = 30.0
+
+    with contextlib.suppress(ValueError):  # a second SIGTERM (the orchestrator's group kill) must not cut this short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def below() -> list[psutil.Process]:
+        try:
+            return psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    for child in below():
         with contextlib.suppress(psutil.Error):
             child.terminate()
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGINT)
-    deadline = time.monotonic() + grace
-    with contextlib.suppress(ProcessLookupError):
-        while True:
-            proc.poll()  # reaps the direct child, so only live members of the group remain
-            os.killpg(proc.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
-            time.sleep(0.2)
+    _, alive = psutil.wait_procs(below(), timeout=grace)
+    for child in alive:  # a command that hangs on its way out (a stuck worker process, a thread)
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def configure_remote(root: Path, url: str, endpoint: str) -> None:

@@ -578,6 +578,18 @@ def test_a_stage_killed_midway_stops_its_command_and_leaves_nothing_locked(tmp_p
     assert again.returncode == 0 and "Running stage 'step'" in out, out
     assert "is busy" not in out and "RWLock" not in out, "DVC let go of its locks when it was stopped"
 
+    # a command that ignores SIGTERM (stuck on its way out) gets SIGKILL after the grace period
+    stages["stages"]["step"]["cmd"] = "bash -c \"trap '' TERM; touch stuck; sleep 120\""
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    stuck = dvc_stage(root, "step", CXR_STOP_GRACE_SECONDS="2")
+    wait_until("the stuck command to start", (ws / "stuck").exists, timeout=120, every=0.1, process=stuck)
+    os.kill(stuck.pid, signal.SIGTERM)
+    out, _ = stuck.communicate(timeout=60)
+    assert stuck.returncode != 0 and "failed to reproduce 'step'" in out, out
+    locks = json.loads((ws / ".dvc" / "tmp" / "rwlock").read_text() or "{}")
+    assert not any(locks.values()), f"DVC locks left held: {locks}"
+    untouched(root, workspaces=1)
+
 
 def test_run_conf_values_are_literals(tmp_path: Path) -> None:
     """A `${...}` in a run's conf could read the worker's environment into params.yaml, dvc.lock and

@@ -23,7 +23,9 @@ task fails naming the remote, the retry pushes). A person promotes v2 through ML
 and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG. Two runs with different
 confs, triggered together, run side by side in workspaces of their own; each is saved as its own
 DVC experiment, both register, the gates take turns, and the project checkout stays as it was
-(`pytest -k concurrent`). Each run's files are read from its DVC experiment (`dag-<run id>`).
+(`pytest -k concurrent`). A running train task marked failed through the REST API (as the UI
+does) ends its MLflow runs KILLED and leaves no lock; cleared, it resumes in the run's workspace.
+Each run's files are read from its DVC experiment (`dag-<run id>`).
 
 This is the suite's one run through the real scheduler. `make stack-test` runs this file alone;
 under CI=true `make test` includes it. Without PostgreSQL it skips (it fails under CI=true).
@@ -743,3 +745,78 @@ def test_two_concurrent_runs_with_different_confs_each_record_their_own_experime
         )
         assert parent.data.tags["cxr.dvc_experiment"] == stack.experiment(run_id)
     assert checkout_state(stack.repo) == before
+
+
+def test_a_train_task_marked_failed_ends_its_mlflow_runs_and_a_cleared_one_resumes_in_its_workspace(
+    stack: Stack,
+) -> None:
+    """A person marks a running train task failed in the UI (the REST API's PATCH): the task's
+    MLflow run and the DAG run's parent end KILLED, the run fails and keeps its workspace with no
+    lock held; clearing train resumes it there from its last finished epoch, and the run completes."""
+    t0 = time.monotonic()
+    api, client = stack.api, stack.client()
+    code, body = api.call("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})  # already, after the first test
+    assert code == 200, body
+    code, body = api.call(
+        "POST",
+        f"/dags/{DAG_ID}/dagRuns",
+        {"logical_date": None, "conf": {"epochs": 6, "overrides": {"train.seed": 21}}},
+    )
+    assert code == 200, body
+    run_id = body["dag_run_id"]
+
+    def training():
+        """The run's train run once it has finished an epoch (its last.pt exists), while it runs."""
+        experiment = client.get_experiment_by_name(MODEL)
+        query = f"tags.`airflow.run_id` = '{run_id}' and tags.`airflow.task_id` = 'train'"
+        for run in client.search_runs([experiment.experiment_id], query) if experiment else []:
+            if run.info.status == "RUNNING" and "epoch_val_mean_auc" in run.data.metrics:
+                return run
+        assert api.run_state(run_id) not in ("success", "failed"), "the run ended before train could be stopped"
+        return None
+
+    train = wait_until("train to finish an epoch", training, STALL_S)
+    code, body = api.call("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/train", {"new_state": "failed"})
+    assert code == 200, body
+    parent = train.data.tags["mlflow.parentRunId"]
+
+    def ended() -> dict[str, str] | None:
+        states = {"train": client.get_run(train.info.run_id).info.status, "parent": client.get_run(parent).info.status}
+        return states if "RUNNING" not in states.values() else None
+
+    states = wait_until("the stopped task's MLflow runs to end", ended, 180)
+    assert states == {"train": "KILLED", "parent": "KILLED"}, states
+    assert stack.drive(run_id) == "failed"
+    workspace = stage_runner().Workspace.of(stack.repo, run_id).path
+    assert workspace.is_dir(), "a failed run keeps its workspace"
+    # Airflow ends the task at once; the stopped stage then ends in order (its command, then DVC, which
+    # lets go of its locks), within the runner's grace periods (2 x 30 s)
+    locks = workspace / ".dvc" / "tmp" / "rwlock"
+
+    def released() -> bool:
+        held = json.loads(locks.read_text() or "{}") if locks.exists() else {}
+        return not any(held.values())
+
+    stopped = time.monotonic()
+    wait_until("the stopped stage's DVC to let go of its locks", released, 150, every=1)
+    print(f"the stopped stage let go of its locks {time.monotonic() - stopped:.0f} s after the run failed")
+
+    # clearing train (and what follows it) reruns it in the same workspace, from its last.pt
+    clear = {
+        "dry_run": False,
+        "dag_run_id": run_id,
+        "task_ids": ["train"],
+        "only_failed": False,
+        "include_downstream": True,
+        "reset_dag_runs": True,
+    }
+    code, body = api.call("POST", f"/dags/{DAG_ID}/clearTaskInstances", clear)
+    assert code == 200, body
+    state = stack.drive(run_id)
+    tries = stack.tries(run_id)
+    print(f"stopped and cleared run: {state} after {time.monotonic() - t0:.0f} s")
+    assert state == "success", {t: (i["state"], i["try_number"]) for t, i in tries.items()}
+    log = stack.log(run_id, "train", tries["train"]["try_number"])
+    assert f"workspace {workspace}" in log and "[train] resumed" in log, log[-3000:]
+    train_lock = yaml.safe_load(stack.saved(run_id, "dvc.lock"))["stages"]["train"]["params"]["params.yaml"]
+    assert train_lock["train"]["epochs"] == 6 and not workspace.exists()
