@@ -104,12 +104,13 @@ def slug(run_id: str) -> str:
     """A folder and git ref name for an Airflow run id (`manual__2026-01-05T03:00:00+00:00`): letters,
     digits, `.`, `_` and `-` only, so no run id can name a path outside the runs folder; a hash
     of the id keeps two ids that differ only in other characters apart."""
-    text = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id.strip()).strip(".-")[:100].strip(".-")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id.strip())
+    text = re.sub(r"\.{2,}", ".", text).strip(".-")[:100].strip(".-")  # git refs allow no `..`
     if not text:
         raise StageError(f"run id {run_id!r} has no letters or digits: give the DAG run an id that does")
-    if text != run_id:
+    if text != run_id or text.endswith(".lock"):  # nor a name ending in .lock
         text += "-" + hashlib.sha256(run_id.encode()).hexdigest()[:8]
-    return text.replace("..", ".")
+    return text
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -499,6 +500,19 @@ def test_a_run_works_in_its_own_workspace_and_is_saved_as_a_dvc_experiment(tmp_p
     assert shown["dag-manual__r1"]["params"]["train"]["epochs"] == 2 and len(shown) == 3
     untouched(root)
     assert (root / "params.yaml").read_bytes() == committed
+
+
+def test_run_ids_become_safe_folder_and_experiment_names() -> None:
+    """A run id may hold anything a trigger gives it: its name is a single folder inside the runs
+    folder and a valid git ref, and ids that differ stay apart."""
+    slug = stage_runner().slug
+    names = {r: slug(r) for r in ("manual__r1", "a.b", "a..b", "a/b", "x.lock", "../../etc", "@{-1}", "a b")}
+    assert names["manual__r1"] == "manual__r1" and names["a.b"] == "a.b", "a safe id is kept as it is"
+    assert len(set(names.values())) == len(names), names
+    for name in names.values():
+        assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) and ".." not in name, name
+        ref = subprocess.run(["git", "check-ref-format", f"refs/exps/ab/cdef/dag-{name}"], capture_output=True)
+        assert ref.returncode == 0, name
 
 
 def test_a_workspace_that_cannot_be_made_ends_in_one_clear_line(tmp_path: Path) -> None:
