@@ -206,7 +206,9 @@ def seed(ws: Workspace) -> str:
         listed = git(ws.project, "ls-tree", "-r", "--name-only", ref, "--", *paths, what=f"cannot read {ref}")
         for name in listed.split("\n"):
             if name:
-                blob = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=ws.project, capture_output=True, check=True)
+                blob = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=ws.project, capture_output=True)
+                if blob.returncode:
+                    raise StageError(f"cannot read {name} of {source} in {ws.project}: {blob.stderr.decode().strip()}")
                 (ws.path / name).parent.mkdir(parents=True, exist_ok=True)
                 (ws.path / name).write_bytes(blob.stdout)
     elif (ws.project / "dvc.lock").is_file():
@@ -479,7 +481,7 @@ def finish(ws: Workspace, keep_failed: bool) -> int:
                 "clear the finish task to try again"
             )
         time.sleep(2 + 3 * attempt)
-    share(ws)
+    share(ws, env)
     remove(ws)
     print(
         f"[dvc_stage] DAG run {ws.run_id!r} saved as the DVC experiment {ws.experiment} (MLflow parent run "
@@ -502,17 +504,14 @@ def committer_env(cwd: Path) -> dict[str, str]:
     return env
 
 
-def share(ws: Workspace) -> None:
+def share(ws: Workspace, env: dict[str, str]) -> None:
     """`dvc exp push` of the run to the git remote CXR_EXPERIMENTS_REMOTE (a remote name or URL), where
     the project's checkouts get it with `dvc exp pull <remote> <name>`; nothing without it."""
     remote = os.environ.get("CXR_EXPERIMENTS_REMOTE", "").strip()
     if not remote:
         return
     # --no-cache: the outputs went to the DVC remote with each stage (CXR_DVC_REMOTE_URL)
-    if (
-        run(["dvc", "exp", "push", "--quiet", "--no-cache", remote, ws.experiment], ws.path, committer_env(ws.path))
-        != 0
-    ):
+    if run(["dvc", "exp", "push", "--quiet", "--no-cache", remote, ws.experiment], ws.path, env) != 0:
         raise StageError(
             f"the DVC experiment {ws.experiment} is saved here but its push to the git remote "
             f"{redact_uri(remote)} (CXR_EXPERIMENTS_REMOTE) failed: check the remote and its credentials, "
