@@ -56,7 +56,7 @@ import yaml
 from components.params import compose, override_strings, parse_sets
 from pipeline.config import ConfigError
 from pipeline.io import read_json, write_json, write_text
-from pipeline.tracking import redact_uri
+from pipeline.tracking import STORE_ROOT_ENV, redact_uri
 
 PARAMS = "params.yaml"
 REMOTE = "cxr-remote"
@@ -396,7 +396,7 @@ def run_stage(ws: Workspace, stage: str) -> int:
         raise StageError(f"'{stage}' is not a stage of dvc.yaml; stages: {', '.join(stage_names(ws.path))}")
     ws.done(stage).unlink(missing_ok=True)
     # the components' default MLflow store is the project's, not the workspace's (removed at the end)
-    env = {**os.environ, "CXR_TRACKING_ROOT": str(ws.project)}
+    env = {**os.environ, STORE_ROOT_ENV: str(ws.project)}
     before = _read_bytes(ws.path / REGISTRATION) if stage == "register" else None
     print(f"[dvc_stage] DAG run {ws.run_id!r}, workspace {ws.path}", flush=True)
     rc = run(["dvc", "--wait-for-lock", "repro", "--single-item", stage], ws.path, env)
