@@ -45,10 +45,13 @@ params: venv
 
 # The stack test (tests/test_stack.py, several minutes) runs in `make test` under CI=true only;
 # `make stack-test` runs it alone.
+# pytest-xdist workers; each module runs whole on one worker, the longest first (tests/conftest.py);
+# TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 3
 STACK_FILTER := $(if $(filter true,$(CI)),,-m "not stack")
 
 test: venv
-	$(BIN)/python -m pytest -q --durations=25 $(STACK_FILTER)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(STACK_FILTER)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -176,17 +176,34 @@ class PipelineRun:
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
-    """`dvc repro` of every stage on TINY_PARAMS in a copy of the repository, once per session.
+    """`dvc repro` of every stage on TINY_PARAMS in a copy of the repository, once per test session.
 
     Shared by every test that needs trained outputs: read it, never change it (no DVC command, no
     MLflow write, no file written in it); a test that does any of those works on `copy_run`, and
-    runs its commands there with the copy's `env()`.
+    runs its commands there with the copy's `env()`. Under pytest-xdist (`make test`) the workers
+    share one run: the first to ask makes it under a file lock, in the session's common temporary
+    folder, and records how it ended; the others wait for it and read the record.
     """
-    run = PipelineRun(copy_repo(tmp_path_factory.mktemp("pipeline-run") / "repo"), "", "")
-    done = subprocess.run(["dvc", "repro"], cwd=run.repo, env=run.env(), capture_output=True, text=True, timeout=1800)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
-    return PipelineRun(run.repo, output, done.stdout)
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-of-<user>/pytest-<n>/, above each worker's own folder
+    home = base / "shared-pipeline-run"
+    record = home / "result.json"
+    with FileLock(str(base / "shared-pipeline-run.lock")):
+        if not record.exists():
+            home.mkdir(exist_ok=True)
+            run = PipelineRun(copy_repo(home / "repo"), "", "")
+            cmd = ["dvc", "repro"]
+            done = subprocess.run(cmd, cwd=run.repo, env=run.env(), capture_output=True, text=True, timeout=1800)
+            result = {"returncode": done.returncode, "output": done.stdout + done.stderr, "stdout": done.stdout}
+            record.write_text(json.dumps(result))
+    result = json.loads(record.read_text())
+    assert result["returncode"] == 0, result["output"][-6000:]
+    return PipelineRun(home / "repo", result["output"], result["stdout"])
 
 
 def copy_run(run: PipelineRun, dest: Path) -> PipelineRun:
@@ -486,3 +503,18 @@ def service_environment(service: dict) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.partition("=")[::2] for item in env)
     return {k: str(v) for k, v in env.items()}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest modules first, each kept whole: the stack's module, then those with end-to-end
+    runs (`slow`), then the rest. Under pytest-xdist's `--dist loadfile` (`make test`) a module runs
+    on one worker, and workers take modules in this order, so the long ones start at once rather
+    than last; module-scoped fixtures are made once either way."""
+
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("stack") else 1 if item.get_closest_marker("slow") else 2
+
+    modules: dict[str, int] = {}
+    for item in items:
+        modules[item.module.__name__] = min(modules.get(item.module.__name__, 2), rank(item))
+    items.sort(key=lambda item: modules[item.module.__name__])
