@@ -237,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compile":
         print(f"[kfp] wrote {compile_pipeline(args.out, args.image, args.secret)}")
         return 0
-    outputs = run_local(args.root.resolve(), args.profile, args.set, cache=not args.no_cache)
+    try:
+        outputs = run_local(args.root.resolve(), args.profile, args.set, cache=not args.no_cache)
+    except RuntimeError as e:  # a task failed; its own output above says why
+        print(f"[kfp] the pipeline failed: {e}", file=sys.stderr)
+        return 1
     if args.outputs:
         args.outputs.write_text(json.dumps(outputs, indent=2, default=str), encoding="utf-8")
     print(json.dumps({k: v["metadata"] for k, v in outputs.items() if v["metadata"]}, indent=2, default=str))
