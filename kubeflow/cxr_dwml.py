@@ -104,6 +104,9 @@ def evaluate(
 ):
     """Test AUCs with patient-bootstrap intervals, thresholds, calibration: components.evaluate;
     the headline numbers and the pooled ROC curve also as KFP metrics."""
+    import json
+    from pathlib import Path
+
     from components.kfp_step import headline_metrics, pooled_roc, run_step
 
     run_step("evaluate", profile, overrides, {"prepared": prepared.path, "model": model.path, "out": reports.path})
@@ -111,6 +114,9 @@ def evaluate(
         metrics.log_metric(name, value)
     fpr, tpr, thresholds = pooled_roc(reports.path, prepared.path)
     roc.log_roc_curve(fpr, tpr, thresholds)
+    # the values also as the artifacts' files: a cache (kfp.local's) reuses only outputs that exist
+    for artifact in (metrics, roc):
+        Path(artifact.path).write_text(json.dumps(artifact.metadata, indent=2))
 
 
 def register(
@@ -153,7 +159,8 @@ class Outputs(NamedTuple):
 
 def build_pipeline(image: str = IMAGE, secret: str = SECRET):
     """The pipeline with every step in `image`, reading its settings from the Secret `secret`."""
-    steps = {fn.__name__: dsl.component(fn, base_image=image) for fn in STEP_FUNCTIONS}
+    # the image carries the KFP runtime (docker/Dockerfile): a step's pod installs nothing at start
+    steps = {fn.__name__: dsl.component(fn, base_image=image, install_kfp_package=False) for fn in STEP_FUNCTIONS}
 
     # `overrides` defaults to an empty list: KFP keeps a parameter's default in the IR as JSON
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
