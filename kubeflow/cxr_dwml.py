@@ -28,7 +28,7 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markd
 
 PIPELINE_NAME = "cxr-dwml"
 IMAGE = "cxr-dwml:latest"  # the training image, as docker/compose.yaml's trainer and the DAG's pods name it
-SECRET = "cxr-dwml"  # the Kubernetes Secret with the MLflow and S3 settings
+SECRET = "cxr-dwml-env"  # the Kubernetes Secret with the MLflow and S3 settings
 # Secret keys passed to every task as environment variables of the same name; a key the Secret
 # lacks is left unset (MLFLOW_TRACKING_URI is required: the steps refuse to run without it)
 SECRET_KEYS = (

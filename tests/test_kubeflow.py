@@ -19,7 +19,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import COMPOSE, ROOT, TINY_PARAMS, dvc_stage_graph, resolve_compose, run_env
+from tests.conftest import (
+    COMPOSE,
+    ENV_EXAMPLE,
+    ROOT,
+    TINY_PARAMS,
+    dvc_stage_graph,
+    read_env_file,
+    resolve_compose,
+    run_env,
+)
 from tests.servers import unavailable
 
 KFP_BIN = ROOT / ".venv-kfp" / "bin"
@@ -55,7 +64,9 @@ def kfp(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float
 
 def kfp_env(tmp: Path, **extra: str) -> dict[str, str]:
     """The steps' environment: the project's conf/, MLflow in SQLite under `tmp`, one pipeline run key."""
+    # MLflow's usage telemetry off: tests reach no network (and its sender delays every step's exit)
     env = run_env(tmp, CXR_PROJECT_DIR=str(ROOT), CXR_PIPELINE_RUN=PIPELINE_RUN, **extra)
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env["PATH"] = f"{KFP_BIN}{os.pathsep}{env['PATH']}"
     return env
 
@@ -81,7 +92,8 @@ def test_the_task_graph_is_dvc_yaml_stage_graph(ir: dict) -> None:
 
 
 def test_every_step_runs_in_the_training_image(ir: dict) -> None:
-    trainer = resolve_compose(yaml.safe_load(COMPOSE.read_text()), {})["services"]["trainer"]["image"]
+    compose = resolve_compose(yaml.safe_load(COMPOSE.read_text()), read_env_file(ENV_EXAMPLE))
+    trainer = compose["services"]["trainer"]["image"]
     dag_pods = yaml.safe_load((ROOT / "dags" / "cxr_dwml.yaml").read_text())["kubernetes"]["image"]
     images = {name: ex["container"]["image"] for name, ex in ir["deploymentSpec"]["executors"].items()}
     assert set(images) == {f"exec-{step}" for step in STEPS}
@@ -206,7 +218,8 @@ def test_the_local_run_registers_a_model_and_reports_its_metrics(local_run: Loca
     logged = local_run.outputs["metrics"]["metadata"]
     assert logged["test_mean_auc"] == pytest.approx(metrics["mean_auc"])
     assert logged["val_mean_auc"] == pytest.approx(metrics["val_mean_auc"])
-    assert {k for k in logged if k.startswith("test_auc_")} == {f"test_auc_{c}" for c in metrics["per_class_auc"]}
+    measured = {f"test_auc_{c}": auc for c, auc in metrics["per_class_auc"].items() if auc is not None}
+    assert {k: v for k, v in logged.items() if k.startswith("test_auc_")} == pytest.approx(measured)
     # the ROC curve's area is the pooled AUC over every (test image, finding) pair
     roc = local_run.outputs["roc"]["metadata"]["confidenceMetrics"]
     assert 20 <= len(roc) <= 201
@@ -223,7 +236,8 @@ def test_the_local_run_registers_a_model_and_reports_its_metrics(local_run: Loca
     assert set(client.get_registered_model(record["model_name"]).aliases) == {"challenger", "champion"}
     assert client.get_run(version.run_id).data.metrics["test_mean_auc"] == pytest.approx(metrics["mean_auc"])
     card = Path(local_run.outputs["model_card"]["path"]).read_text()
-    assert f"version {record['version']}" in card.lower() or record["model_name"] in card
+    assert card.startswith(f"# Model card: {record['model_name']} v{record['version']}\n"), card[:200]
+    assert "<html" in (local_run.task_folder("register") / "model_card_html").read_text().lower()
     # the steps' runs hang under one parent run for the pipeline run
     runs = client.search_runs([client.get_run(version.run_id).info.experiment_id])
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("cxr.step")}
@@ -249,7 +263,8 @@ def test_a_bad_override_fails_the_run_naming_the_key(tmp_path: Path) -> None:
     done = kfp(*args, cwd=tmp_path, env=kfp_env(tmp_path))
     log = _plain(done.stdout + done.stderr)
     assert done.returncode != 0
-    assert "cxr-dwml download: error:" in log and "epochz" in log, log[-3000:]
+    # the first step to run stops (kfp.local runs download or prototypes first)
+    assert re.search(r"cxr-dwml (download|prototypes): error: .*'train\.epochz'", log), log[-3000:]
     assert "Executing task 'train'" not in log and not (tmp_path / "mlflow.db").exists()
 
 
