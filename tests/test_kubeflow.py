@@ -240,7 +240,10 @@ def test_the_local_run_registers_a_model_and_reports_its_metrics(local_run: Loca
     assert "<html" in (local_run.task_folder("register") / "model_card_html").read_text().lower()
     # the steps' runs hang under one parent run for the pipeline run
     runs = client.search_runs([client.get_run(version.run_id).info.experiment_id])
-    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("cxr.step")}
+    # evaluate and register add to train's run, as under DVC
+    steps = {r.data.tags["cxr.step"]: r for r in runs if r.data.tags.get("cxr.step") in STEPS}
+    assert set(steps) == {"download", "prepare", "prototypes", "train"}
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in steps.values()}
     assert len(parents) == 1 and None not in parents
     assert client.get_run(parents.pop()).data.tags["cxr.pipeline_run"] == PIPELINE_RUN
 
