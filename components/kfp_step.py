@@ -28,6 +28,7 @@ from components.common import run_main
 from components.params import PARAMS, PROFILE_KEY, compose, override_strings, parse_sets
 from pipeline.config import ConfigError
 from pipeline.io import read_json
+from pipeline.tracking import STORE_ROOT_ENV
 
 STEPS = ("download", "prepare", "prototypes", "train", "evaluate", "register")
 PROJECT_ENV = "CXR_PROJECT_DIR"
@@ -74,18 +75,14 @@ def run_step(step: str, profile: str, overrides: Sequence[str], paths: dict[str,
     def main(argv: list[str] | None) -> int:
         root = project_dir()
         text = compose_params(root, profile, overrides)  # before anything else: a bad override fails first
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            raise StepError(
-                "MLFLOW_TRACKING_URI is not set: a KFP task's container is discarded after the step, so the "
-                "tracking store must be a server (or a shared database); put it in the pipeline's Secret"
-            )
+        _check_tracking_store()
         with tempfile.TemporaryDirectory(prefix=f"cxr-{step}-") as scratch:
             work = Path(scratch)
             (work / "conf").symlink_to(root / "conf", target_is_directory=True)
             (work / PARAMS).write_text(text, encoding="utf-8")
             args = ["--params", str(work / PARAMS), "--no-progress"]
             for option, value in paths.items():
-                args += [f"--{option}", value]
+                args += [f"--{option}", os.path.abspath(value)]  # the step runs in the scratch folder
             if step == "prepare":  # the resumable cache build, published into the output as links or copies
                 args += ["--work", str(work / "prepared-work")]
             cwd = Path.cwd()
@@ -98,6 +95,26 @@ def run_step(step: str, profile: str, overrides: Sequence[str], paths: dict[str,
     code = run_main(step, main, [])
     if code:
         raise SystemExit(code)
+
+
+def _check_tracking_store() -> None:
+    """MLFLOW_TRACKING_URI must name a store that outlives the task; a SQLite store (kfp.local, a
+    shared volume) keeps its artifacts beside the database, as the project's own store does, not in
+    the step's scratch folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise StepError(
+            "MLFLOW_TRACKING_URI is not set: a KFP task's container is discarded after the step, so the "
+            "tracking store must be a server (or a shared database); put it in the pipeline's Secret"
+        )
+    if uri.startswith("sqlite:"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not uri.startswith("sqlite:///") or not database.is_absolute():
+            raise StepError(
+                f"MLFLOW_TRACKING_URI {uri} is not an absolute sqlite:////path: the step runs in a scratch "
+                "folder that is removed afterwards"
+            )
+        os.environ.setdefault(STORE_ROOT_ENV, str(database.parent))
 
 
 def register(profile: str, overrides: Sequence[str], prepared: str, model: str, reports: str) -> Path:

@@ -175,6 +175,10 @@ def test_a_step_without_a_tracking_server_stops_with_one_line(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "MLFLOW_TRACKING_URI is not set" in err and "Traceback" not in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")  # would land in the removed scratch folder
+    with pytest.raises(SystemExit):
+        run_step("download", "", [], {"out": str(tmp_path / "raw")})
+    assert "not an absolute sqlite:////path" in capsys.readouterr().err
     assert not (tmp_path / "raw").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -235,6 +239,10 @@ def test_the_local_run_registers_a_model_and_reports_its_metrics(local_run: Loca
     assert version.run_id == record["run_id"]
     assert set(client.get_registered_model(record["model_name"]).aliases) == {"challenger", "champion"}
     assert client.get_run(version.run_id).data.metrics["test_mean_auc"] == pytest.approx(metrics["mean_auc"])
+    # the SQLite store keeps its artifacts beside mlflow.db, as the project's own store does
+    experiment = client.get_experiment_by_name("cxr-dwml")
+    assert experiment.artifact_location == (local_run.tmp / "mlartifacts").as_uri()
+    assert list((local_run.tmp / "mlartifacts").rglob("model_card.md"))
     card = Path(local_run.outputs["model_card"]["path"]).read_text()
     assert card.startswith(f"# Model card: {record['model_name']} v{record['version']}\n"), card[:200]
     assert "<html" in (local_run.task_folder("register") / "model_card_html").read_text().lower()
