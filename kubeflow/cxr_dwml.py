@@ -42,15 +42,6 @@ SECRET_KEYS = (
     "AWS_DEFAULT_REGION",
     "CXR_S3_ENDPOINT_URL",
 )
-# Stage -> upstream stages: the step graph of dvc.yaml (tests/test_kubeflow.py keeps them equal)
-STAGES: dict[str, tuple[str, ...]] = {
-    "download": (),
-    "prepare": ("download",),
-    "prototypes": (),
-    "train": ("prepare", "prototypes"),
-    "evaluate": ("prepare", "train"),
-    "register": ("prepare", "train", "evaluate"),
-}
 TRAIN_RETRIES = 2
 
 
