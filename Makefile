@@ -54,7 +54,7 @@ kfp-lock:
 	build/kfp-lock/bin/python -m pip install --quiet -c build/kfp-constraints.txt -e ".[kfp]"
 	{ echo "# Every package of the KFP environment (.venv-kfp: the core and the kfp extra), from a real resolve:"; \
 	  echo "# requirements.lock's pins less those kfp 2.17.3 cannot take ($(KFP_UNPINNED)); make kfp-lock."; \
-	  build/kfp-lock/bin/python -m pip freeze --exclude-editable | grep -v '^cxr-dwml'; } > $(KFP_LOCK)
+	  build/kfp-lock/bin/python -m pip freeze --all --exclude-editable | grep -vE '^(cxr-dwml|pip)=='; } > $(KFP_LOCK)
 	rm -rf build/kfp-lock build/kfp-constraints.txt
 
 # The pipeline's IR YAML, for the KFP UI or `kfp pipeline create`; KFP_IMAGE: the steps' image

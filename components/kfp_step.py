@@ -131,6 +131,14 @@ def register(profile: str, overrides: Sequence[str], prepared: str, model: str, 
     return out
 
 
+def registration_metadata(registration: str | Path) -> dict:
+    """What the register step decided, from its registration.json, as the artifact's metadata:
+    whether it moved the champion alias, to which version, from which (the DAG's champion event)."""
+    from components.register import champion_change
+
+    return {k: v for k, v in champion_change(read_json(Path(registration))).items() if v is not None}
+
+
 def headline_metrics(reports: str | Path) -> dict[str, float]:
     """evaluate's metrics.json as KFP metric values: the mean AUCs with their interval, mean AP, F1,
     and each class's test AUC (a class without one is left out)."""

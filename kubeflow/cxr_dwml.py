@@ -121,19 +121,15 @@ def register(
     model_card_html: Output[HTML],
 ):
     """A registry version, the champion gate and the model card: components.register."""
-    import json
     import shutil
-    from pathlib import Path
 
-    from components.kfp_step import register
+    from components.kfp_step import register, registration_metadata
 
     out = register(profile, overrides, prepared.path, model.path, reports.path)
     shutil.copyfile(out / "registration.json", registration.path)
     shutil.copyfile(out / "model_card.md", model_card.path)
     shutil.copyfile(out / "model_card.html", model_card_html.path)
-    record = json.loads(Path(registration.path).read_text())
-    for key in ("model_name", "version", "champion_moved"):
-        registration.metadata[key] = record.get(key)
+    registration.metadata.update(registration_metadata(registration.path))
     shutil.rmtree(out)
 
 

@@ -234,6 +234,8 @@ def test_the_local_run_registers_a_model_and_reports_its_metrics(local_run: Loca
     )
     # the registered version: the one the register step reports, with both aliases at a min_auc of 0
     record = json.loads(Path(local_run.outputs["registration"]["path"]).read_text())
+    decision = local_run.outputs["registration"]["metadata"]
+    assert decision["champion_moved"] is True and decision["version"] == record["version"]
     client = MlflowClient(tracking_uri=local_run.tracking_uri)
     version = client.get_model_version(record["model_name"], record["version"])
     assert version.run_id == record["run_id"]
