@@ -141,7 +141,7 @@ def test_the_image_carries_the_kfp_runtime_and_no_step_installs_anything(ir: dic
 # --- the steps' adapter, in the main venv --------------------------------------------------------
 
 
-def test_overrides_are_composed_and_refused_as_for_dvc(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overrides_are_composed_and_refused_as_for_dvc() -> None:
     from components.kfp_step import compose_params
     from pipeline.config import ConfigError
 
@@ -196,8 +196,8 @@ class LocalRun:
         return f"sqlite:///{self.tmp / 'mlflow.db'}"
 
     def task_folder(self, task: str) -> Path:
-        (folder,) = (self.tmp / "kfp-outputs").glob(f"cxr-dwml-*/{task}")
-        return folder
+        """The task's folder of the first run (run folders are named by their start time)."""
+        return min((self.tmp / "kfp-outputs").glob(f"cxr-dwml-*/{task}"))
 
 
 @pytest.fixture(scope="module")
