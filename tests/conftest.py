@@ -87,6 +87,38 @@ def copy_repo(dest: Path, params_overlay: dict | None = None) -> Path:
     return dest
 
 
+def dvc_stage_graph(reduced: bool = False) -> dict[str, list[str]]:
+    """Each dvc.yaml stage's upstream stages: the stages producing its deps (outs -> deps), a dep
+    being produced by a stage when one path contains the other (a folder or a file in it).
+    `reduced`: direct edges only (evaluate reads data/prepared too, but waits for it through train)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+    def paths(entries: list) -> list[str]:
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+    producer = {
+        out: name for name, st in stages.items() for key in ("outs", "metrics", "plots") for out in paths(st.get(key))
+    }
+    graph = {
+        name: {
+            stage
+            for dep in paths(st.get("deps"))
+            for out, stage in producer.items()
+            if stage != name and (dep == out or dep.startswith(out + "/") or out.startswith(dep + "/"))
+        }
+        for name, st in stages.items()
+    }
+    if not reduced:
+        return {name: sorted(ups) for name, ups in graph.items()}
+
+    def ancestors(name: str) -> set[str]:
+        return set().union(*({u} | ancestors(u) for u in graph[name])) if graph[name] else set()
+
+    return {
+        name: sorted(u for u in ups if not any(u in ancestors(o) for o in ups - {u})) for name, ups in graph.items()
+    }
+
+
 def settings(section: str, changes: dict | None = None, /, **fields):
     """The committed params.yaml's `section` (dotted, e.g. "train.loss") with dotted `changes`."""
     from pipeline.config import load_params

@@ -27,6 +27,7 @@ from tests.conftest import (
     VENV_BIN,
     PipelineRun,
     copy_run,
+    dvc_stage_graph,
     experiment_file,
     experiment_ref,
     run_env,
@@ -155,37 +156,13 @@ def test_dag_structure_and_defaults(parsed: dict) -> None:
 
 
 def test_dag_graph_matches_dvc_yaml(parsed: dict) -> None:
-    """Upstream tasks of each task = the stages producing its dvc.yaml deps (outs -> deps)."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-    def paths(entries: list) -> list[str]:
-        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
-
-    producer = {
-        out: name for name, st in stages.items() for key in ("outs", "metrics", "plots") for out in paths(st.get(key))
-    }
-    expected = {}
-    for name, st in stages.items():
-        ups = set()
-        for dep in paths(st.get("deps")):
-            for out, stage in producer.items():
-                # a dep is produced by a stage when one path contains the other (a folder or a file in it)
-                if stage != name and (dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")):
-                    ups.add(stage)
-        expected[name] = ups
-
-    def ancestors(name: str) -> set[str]:
-        return set().union(*({u} | ancestors(u) for u in expected[name])) if expected[name] else set()
-
-    # direct edges only: evaluate reads data/prepared too, but already waits for it through train
-    reduced = {
-        name: sorted(u for u in ups if not any(u in ancestors(o) for o in ups - {u})) for name, ups in expected.items()
-    }
+    """Upstream tasks of each task = the stages producing its dvc.yaml deps (outs -> deps), direct edges only."""
+    reduced = dvc_stage_graph(reduced=True)
     # the stages' graph, less the setup task every first stage waits for
-    stage_tasks = {k: [u for u in v["upstream"] if u != "workspace"] for k, v in parsed["tasks"].items() if k in stages}
+    tasks = parsed["tasks"]
+    stage_tasks = {k: [u for u in v["upstream"] if u != "workspace"] for k, v in tasks.items() if k in reduced}
     assert stage_tasks == reduced
-    expected = reduced
-    assert expected["prototypes"] == [], "prototypes may run beside prepare"
+    assert reduced["prototypes"] == [], "prototypes may run beside prepare"
 
 
 def test_settings_come_from_environment_and_are_checked(tmp_path: Path) -> None:

@@ -442,6 +442,8 @@ def _ignored(path: str, rules) -> bool:
         ".git/HEAD",
         ".env",
         "pipeline/__pycache__/io.cpython-311.pyc",
+        ".venv-kfp/bin/python",
+        "kfp-outputs/cxr-dwml-2026-01-01/train/model/best.pt",
     ],
 )
 def test_dockerignore_keeps_out(path):
@@ -453,6 +455,7 @@ def test_dockerignore_keeps_out(path):
     [
         "pyproject.toml",
         "requirements.lock",
+        "requirements-kfp.lock",  # the KFP runtime the steps of kubeflow/cxr_dwml.py import
         "dvc.yaml",
         "params.yaml",
         ".dvc/config",
