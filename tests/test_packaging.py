@@ -4,7 +4,9 @@ The core dependencies are what the ML pipeline imports (pipeline/, components/, 
 Airflow, the PostgreSQL drivers, DICOM reading and the test tools are the extras `airflow`,
 `postgres`, `dicom` and `dev`. The training image installs the core and `dicom`, the Airflow image
 adds the `airflow` extra to Airflow's own interpreter, and requirements.lock pins every package of
-the full development install.
+the full development install. The `kfp` extra cannot share that install (kfp needs kubernetes < 31,
+the Airflow provider 36): it has an environment of its own, `.venv-kfp` (core + kfp), pinned by
+requirements-kfp.lock.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 LOCK = ROOT / "requirements.lock"
+# extras with an environment of their own, and its lock: not in the development venv
+OWN_ENVIRONMENT = {"kfp": ROOT / "requirements-kfp.lock"}
+MAIN_EXTRAS = {name: lines for name, lines in EXTRAS.items() if name not in OWN_ENVIRONMENT}
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 AIRFLOW_DOCKERFILE = ROOT / "docker" / "airflow.Dockerfile"
 
@@ -58,18 +63,16 @@ def _names(lines: list[str]) -> set[str]:
     return {canonicalize_name(r.name) for r in _reqs(lines)}
 
 
-def _lock() -> dict[str, str]:
+def _lock(lock: Path = LOCK) -> dict[str, str]:
     pins: dict[str, str] = {}
-    for line in LOCK.read_text().splitlines():
+    for line in lock.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         name, sep, version = line.partition("==")
-        assert sep and version and not re.search(r"[<>=!~;\s]", version), (
-            f"requirements.lock: {line!r} is not name==version"
-        )
+        assert sep and version and not re.search(r"[<>=!~;\s]", version), f"{lock.name}: {line!r} is not name==version"
         key = canonicalize_name(name)
-        assert key not in pins, f"requirements.lock pins {name} twice"
+        assert key not in pins, f"{lock.name} pins {name} twice"
         pins[key] = version
     return pins
 
@@ -181,19 +184,26 @@ def test_airflow_extra_pins_the_airflow_of_the_airflow_image():
 # --- requirements.lock --------------------------------------------------------------------------
 
 
-def test_every_dependency_named_in_pyproject_is_pinned_in_the_lock():
-    pins = _lock()
-    for group, lines in [("dependencies", PROJECT["dependencies"]), *EXTRAS.items()]:
+@pytest.mark.parametrize("environment", ["main", *OWN_ENVIRONMENT])
+def test_every_dependency_named_in_pyproject_is_pinned_in_the_lock(environment):
+    """The development venv: the core and every extra but those with an environment of their own,
+    pinned by requirements.lock; each of those: the core and that extra, pinned by its own lock."""
+    if environment == "main":
+        lock, groups = LOCK, MAIN_EXTRAS
+    else:
+        lock, groups = OWN_ENVIRONMENT[environment], {environment: EXTRAS[environment]}
+    pins = _lock(lock)
+    for group, lines in [("dependencies", PROJECT["dependencies"]), *groups.items()]:
         for req in _reqs(lines):
             name = canonicalize_name(req.name)
-            assert name in pins, f"{req.name} ({group}) has no pin in requirements.lock"
+            assert name in pins, f"{req.name} ({group}) has no pin in {lock.name}"
             assert req.specifier.contains(pins[name], prereleases=True), (
-                f"{req} ({group}) disagrees with requirements.lock's {pins[name]}"
+                f"{req} ({group}) disagrees with {lock.name}'s {pins[name]}"
             )
 
 
 def test_the_lock_pins_exactly_what_the_full_install_pulls_in():
-    everything = PROJECT["dependencies"] + [line for lines in EXTRAS.values() for line in lines]
+    everything = PROJECT["dependencies"] + [line for lines in MAIN_EXTRAS.values() for line in lines]
     needed = _closure(everything)
     pinned = set(_lock())
     assert not needed - pinned, f"installed without a pin in requirements.lock: {sorted(needed - pinned)}"
@@ -303,9 +313,13 @@ def test_make_venv_installs_every_extra_the_tests_need():
     make = (ROOT / "Makefile").read_text()
     extras = re.search(r"^EXTRAS\s*:?=\s*(\S+)", make, re.MULTILINE).group(1).split(",")
     assert set(extras) == {"dev", "airflow", "postgres", "dicom"}
-    assert set(extras) == set(EXTRAS), "make venv should install every extra"
+    assert set(extras) == set(MAIN_EXTRAS), "make venv should install every extra but those with their own environment"
     recipe = _make_recipe("$(VENV)/.installed")
     assert '-c requirements.lock -e ".[$(EXTRAS)]"' in recipe
+    # the kfp extra: its own venv from its own lock, which CI builds before the tests
+    assert re.search(r"^KFP_LOCK\s*:?=\s*requirements-kfp\.lock$", make, re.MULTILINE)
+    assert '-c $(KFP_LOCK) -e ".[kfp]"' in _make_recipe("$(KFP_VENV)/.installed")
+    assert "make kfp-venv" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_make_lint_runs_ruff_check_and_format_and_ci_runs_it_before_the_tests():
