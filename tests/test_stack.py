@@ -20,11 +20,12 @@ data folder that does not exist yet, fails `download` with the component's messa
 log, and once the folder holds the data, clearing the task lets the run go on; it registers v2,
 judged by the gate against v1, while the S3 server is down during `evaluate`'s `dvc push` (the
 task fails naming the remote, the retry pushes). A person promotes v2 through MLflow's REST API
-and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG. Two runs with different
-confs, triggered together, run side by side in workspaces of their own; each is saved as its own
-DVC experiment, both register, the gates take turns, and the project checkout stays as it was
-(`pytest -k concurrent`). A running train task marked failed through the REST API (as the UI
-does) ends its MLflow runs KILLED and leaves no lock; cleared, it resumes in the run's workspace.
+and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG. Three runs with different
+confs, triggered together, run side by side in workspaces of their own (`pytest -k concurrent`):
+in one, the running train task is marked failed through the REST API (as the UI does), which ends
+its MLflow runs KILLED and leaves no lock; cleared, it resumes in the run's workspace. Each run is
+saved as its own DVC experiment, all register, the gates take turns, and the project checkout
+stays as it was.
 Each run's files are read from its DVC experiment (`dag-<run id>`).
 
 This is the suite's one run through the real scheduler. `make stack-test` runs this file alone;
@@ -302,8 +303,9 @@ class Stack:
         return {t["task_id"]: t for t in body["task_instances"]}
 
     def drive(self, run_id: str, step: Callable[[dict[str, dict]], None] | None = None) -> str:
-        """Wait for the run to end, calling `step(task instances)` about twice a second meanwhile;
-        give up once no task has changed state or try for STALL_S seconds."""
+        """Wait for the run to end, calling `step(task instances)` about twice a second meanwhile
+        (without a step, checking every 2 s: each check costs the API server two queries); give up
+        once no task has changed state or try for STALL_S seconds."""
         tries: dict[str, dict] = {}
 
         def ended() -> str | None:
@@ -318,7 +320,8 @@ class Stack:
         def progress() -> list[tuple]:
             return sorted((t, i["state"], i["try_number"]) for t, i in tries.items())
 
-        return wait_until(f"run {run_id} to end", ended, STALL_S, progress=progress)
+        every = 0.5 if step is not None else 2.0
+        return wait_until(f"run {run_id} to end", ended, STALL_S, every=every, progress=progress)
 
 
 def publish_demo_data(repo: Path, s3: S3Server, env: dict[str, str], url: str) -> None:
@@ -688,80 +691,32 @@ def checkout_state(repo: Path) -> tuple[str, str, list[str]]:
     return shown, head, [line for line in trees.stdout.splitlines() if line.startswith("worktree ")]
 
 
-def test_two_concurrent_runs_with_different_confs_each_record_their_own_experiment(stack: Stack) -> None:
-    """Two runs triggered together run side by side, each in a workspace of its own: both succeed,
-    each DVC experiment holds its own params and metrics, both versions are registered, the gates
-    take turns (the second compares with the champion the first left) and the project checkout is
-    as it was."""
+def test_three_concurrent_runs_one_stopped_and_cleared_each_record_their_own_experiment(stack: Stack) -> None:
+    """Three runs triggered together run side by side, each in a workspace of its own.
+
+    In the third, a person marks the running train task failed in the UI (the REST API's PATCH):
+    the task's MLflow run and the DAG run's parent end KILLED, the run fails and keeps its workspace
+    with no lock held; clearing train resumes it there from its last finished epoch, and the run
+    completes. All three succeed, each DVC experiment holds its own params and metrics, every version
+    is registered, the gates take turns (each compares with the champion the one before left) and the
+    project checkout is as it was."""
     t0 = time.monotonic()
-    api, before = stack.api, checkout_state(stack.repo)
+    api, client, before = stack.api, stack.client(), checkout_state(stack.repo)
     champion_before = stack.aliases()["champion"]
-    confs = {"a": {"epochs": 1, "overrides": {"train.seed": 11}}, "b": {"epochs": 2, "overrides": {"train.seed": 12}}}
+    confs = {
+        "a": {"epochs": 1, "overrides": {"train.seed": 11}},
+        "b": {"epochs": 2, "overrides": {"train.seed": 12}},
+        "stopped": {"epochs": 6, "overrides": {"train.seed": 21}},
+    }
     runs = {}
     for key, conf in confs.items():
         code, body = api.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
         assert code == 200, body
         runs[key] = body["dag_run_id"]
-    states = {key: stack.drive(run_id) for key, run_id in runs.items()}
-    print(f"two concurrent runs: {states} after {time.monotonic() - t0:.0f} s")
-    for key, run_id in runs.items():
-        tries = stack.tries(run_id)
-        assert states[key] == "success", {t: (i["state"], i["try_number"]) for t, i in tries.items()}
-    # they ran at the same time: each run's workspace task started before the other run ended
-    spans = {}
-    for key, run_id in runs.items():
-        code, body = api.call("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
-        spans[key] = (body["start_date"], body["end_date"])
-    assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1], spans
-
-    # each experiment holds its own params and metrics
-    for key, run_id in runs.items():
-        train = yaml.safe_load(stack.saved(run_id, "dvc.lock"))["stages"]["train"]["params"]["params.yaml"]["train"]
-        assert (train["epochs"], train["seed"]) == (confs[key]["epochs"], confs[key]["overrides"]["train.seed"])
-        assert stack.saved(run_id, "reports/train/history.csv").count("\n") == 1 + confs[key]["epochs"]
-        assert "mean_auc" in json.loads(stack.saved(run_id, "reports/metrics.json"))
-
-    # both registered; the gates took turns: the later one compared with what the earlier one left
-    assert stack.versions() == ["1", "2", "3", "4"]
-    first, second = sorted(
-        (json.loads(stack.saved(run_id, "reports/registration.json")) for run_id in runs.values()),
-        key=lambda r: int(r["version"]),
-    )
-    assert first["champion_version"] == champion_before, first
-    assert second["champion_version"] == (first["version"] if first["promote"] else champion_before), (first, second)
-    assert stack.aliases()["champion"] == (second["version"] if second["promote"] else second["champion_version"])
-
-    # the MLflow parent of each run names its experiment; the checkout is untouched, no workspace is left
-    client = stack.client()
-    experiment = client.get_experiment_by_name(MODEL).experiment_id
-    for run_id in runs.values():
-        (parent,) = client.search_runs(
-            [experiment], f"tags.`airflow.run_id` = '{run_id}' and tags.`cxr.step` = 'pipeline'"
-        )
-        assert parent.data.tags["cxr.dvc_experiment"] == stack.experiment(run_id)
-    assert checkout_state(stack.repo) == before
-
-
-def test_a_train_task_marked_failed_ends_its_mlflow_runs_and_a_cleared_one_resumes_in_its_workspace(
-    stack: Stack,
-) -> None:
-    """A person marks a running train task failed in the UI (the REST API's PATCH): the task's
-    MLflow run and the DAG run's parent end KILLED, the run fails and keeps its workspace with no
-    lock held; clearing train resumes it there from its last finished epoch, and the run completes."""
-    t0 = time.monotonic()
-    api, client = stack.api, stack.client()
-    code, body = api.call("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})  # already, after the first test
-    assert code == 200, body
-    code, body = api.call(
-        "POST",
-        f"/dags/{DAG_ID}/dagRuns",
-        {"logical_date": None, "conf": {"epochs": 6, "overrides": {"train.seed": 21}}},
-    )
-    assert code == 200, body
-    run_id = body["dag_run_id"]
+    run_id = runs["stopped"]
 
     def training():
-        """The run's train run once it has finished an epoch (its last.pt exists), while it runs."""
+        """The stopped run's train run once it has finished an epoch (its last.pt exists), while it runs."""
         experiment = client.get_experiment_by_name(MODEL)
         query = f"tags.`airflow.run_id` = '{run_id}' and tags.`airflow.task_id` = 'train'"
         for run in client.search_runs([experiment.experiment_id], query) if experiment else []:
@@ -770,17 +725,36 @@ def test_a_train_task_marked_failed_ends_its_mlflow_runs_and_a_cleared_one_resum
         assert api.run_state(run_id) not in ("success", "failed"), "the run ended before train could be stopped"
         return None
 
-    train = wait_until("train to finish an epoch", training, STALL_S)
+    def moving() -> list[tuple]:
+        """Every run's task states and tries: the three runs share one train slot, so this one's train
+        may wait for the others' while they progress."""
+        return sorted((k, t, i["state"], i["try_number"]) for k, r in runs.items() for t, i in stack.tries(r).items())
+
+    train = wait_until("train to finish an epoch", training, STALL_S, every=2, progress=moving)
     code, body = api.call("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/train", {"new_state": "failed"})
     assert code == 200, body
     parent = train.data.tags["mlflow.parentRunId"]
+    stopped_at = time.monotonic()
+
+    def mlflow_states() -> dict[str, str]:
+        return {"train": client.get_run(train.info.run_id).info.status, "parent": client.get_run(parent).info.status}
 
     def ended() -> dict[str, str] | None:
-        states = {"train": client.get_run(train.info.run_id).info.status, "parent": client.get_run(parent).info.status}
+        states = mlflow_states()
         return states if "RUNNING" not in states.values() else None
 
-    states = wait_until("the stopped task's MLflow runs to end", ended, 180)
+    def stopping() -> tuple:
+        """What moves while the task is stopped: its task instance, and its log as the stage ends."""
+        task = stack.tries(run_id)["train"]
+        return task["state"], len(stack.log(run_id, "train", task["try_number"]))
+
+    try:
+        states = wait_until("the stopped task's MLflow runs to end", ended, STALL_S, every=1, progress=stopping)
+    except pytest.fail.Exception as e:
+        log = stack.log(run_id, "train", train.data.tags["airflow.try_number"])
+        pytest.fail(f"{e}\nMLflow: {mlflow_states()}\ntrain's log:\n{log[-4000:]}")
     assert states == {"train": "KILLED", "parent": "KILLED"}, states
+    print(f"the stopped task's MLflow runs ended {time.monotonic() - stopped_at:.0f} s after the PATCH")
     assert stack.drive(run_id) == "failed"
     workspace = stage_runner().Workspace.of(stack.repo, run_id).path
     assert workspace.is_dir(), "a failed run keeps its workspace"
@@ -807,11 +781,48 @@ def test_a_train_task_marked_failed_ends_its_mlflow_runs_and_a_cleared_one_resum
     }
     code, body = api.call("POST", f"/dags/{DAG_ID}/clearTaskInstances", clear)
     assert code == 200, body
-    state = stack.drive(run_id)
-    tries = stack.tries(run_id)
-    print(f"stopped and cleared run: {state} after {time.monotonic() - t0:.0f} s")
-    assert state == "success", {t: (i["state"], i["try_number"]) for t, i in tries.items()}
-    log = stack.log(run_id, "train", tries["train"]["try_number"])
+
+    states = {key: stack.drive(run) for key, run in runs.items()}
+    print(f"three concurrent runs, one stopped and cleared: {states} after {time.monotonic() - t0:.0f} s")
+    for key, run in runs.items():
+        tries = stack.tries(run)
+        assert states[key] == "success", {t: (i["state"], i["try_number"]) for t, i in tries.items()}
+    log = stack.log(run_id, "train", stack.tries(run_id)["train"]["try_number"])
     assert f"workspace {workspace}" in log and "[train] resumed" in log, log[-3000:]
-    train_lock = yaml.safe_load(stack.saved(run_id, "dvc.lock"))["stages"]["train"]["params"]["params.yaml"]
-    assert train_lock["train"]["epochs"] == 6 and not workspace.exists()
+    assert not workspace.exists()
+
+    # they ran at the same time: each run's workspace task started before the others ended
+    spans = {}
+    for key, run in runs.items():
+        code, body = api.call("GET", f"/dags/{DAG_ID}/dagRuns/{run}")
+        spans[key] = (body["start_date"], body["end_date"])
+    for key, (start, _) in spans.items():
+        assert all(start < end for other, (_, end) in spans.items() if other != key), spans
+
+    # each experiment holds its own params and metrics
+    for key, run in runs.items():
+        train = yaml.safe_load(stack.saved(run, "dvc.lock"))["stages"]["train"]["params"]["params.yaml"]["train"]
+        assert (train["epochs"], train["seed"]) == (confs[key]["epochs"], confs[key]["overrides"]["train.seed"])
+        assert stack.saved(run, "reports/train/history.csv").count("\n") == 1 + confs[key]["epochs"], key
+        assert "mean_auc" in json.loads(stack.saved(run, "reports/metrics.json"))
+
+    # all registered; the gates took turns: each compared with the champion the one before left
+    assert stack.versions() == ["1", "2", "3", "4", "5"]
+    registrations = sorted(
+        (json.loads(stack.saved(run, "reports/registration.json")) for run in runs.values()),
+        key=lambda r: int(r["version"]),
+    )
+    champion = champion_before
+    for registration in registrations:
+        assert registration["champion_version"] == champion, (champion, registrations)
+        champion = registration["version"] if registration["promote"] else champion
+    assert stack.aliases()["champion"] == champion
+
+    # the MLflow parent of each run names its experiment; the checkout is untouched, no workspace is left
+    experiment = client.get_experiment_by_name(MODEL).experiment_id
+    for run in runs.values():
+        (parent,) = client.search_runs(
+            [experiment], f"tags.`airflow.run_id` = '{run}' and tags.`cxr.step` = 'pipeline'"
+        )
+        assert parent.data.tags["cxr.dvc_experiment"] == stack.experiment(run)
+    assert checkout_state(stack.repo) == before
