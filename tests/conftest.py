@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -224,8 +225,6 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     share one run: the first to ask makes it under a file lock, in the session's common temporary
     folder, and records how it ended; the others wait for it and read the record.
     """
-    import json
-
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
@@ -237,8 +236,9 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
         if not record.exists():
             home.mkdir(exist_ok=True)
             run = PipelineRun(copy_repo(home / "repo"), "", "")
-            cmd = ["dvc", "repro"]
-            done = subprocess.run(cmd, cwd=run.repo, env=run.env(), capture_output=True, text=True, timeout=1800)
+            done = subprocess.run(
+                ["dvc", "repro"], cwd=run.repo, env=run.env(), capture_output=True, text=True, timeout=1800
+            )
             result = {"returncode": done.returncode, "output": done.stdout + done.stderr, "stdout": done.stdout}
             record.write_text(json.dumps(result))
     result = json.loads(record.read_text())
