@@ -309,15 +309,21 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, quiet: boo
         return proc.wait()
     except BaseException:
         stop(proc)
+        mend_rwlock(cwd)
         raise
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Stop DVC and the stage it runs, in the order that leaves nothing locked or RUNNING: SIGTERM
-    to what DVC runs (the stage's component marks its MLflow runs KILLED), SIGINT to DVC itself
-    (it waits for its command, then lets go of its locks). A command still alive after the grace
-    period (CXR_STOP_GRACE_SECONDS, 30) gets SIGKILL, so that DVC can finish; DVC itself, after
-    as long again."""
+    """Stop DVC and the stage it runs, in the order that leaves nothing locked or RUNNING.
+
+    While DVC runs a stage's command it ignores SIGINT and waits: SIGTERM goes to what it runs (the
+    stage's component marks its MLflow runs KILLED), and DVC, its command failed, lets go of its locks
+    and exits by itself. It is not interrupted then, because an interrupt that lands as it rewrites
+    its lock file leaves that file empty and every later DVC command in the folder failing on it.
+    DVC at work without a command (hashing, checking out, pushing) gets SIGINT, as from Ctrl-C, and
+    so does a DVC still there a grace period (CXR_STOP_GRACE_SECONDS, 30) after its command ended. A
+    command still alive after the grace period gets SIGKILL; so does whatever is left of the group
+    after as long again."""
     import psutil
 
     try:
@@ -328,28 +334,51 @@ def stop(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ValueError):  # a second SIGTERM (the orchestrator's group kill) must not cut this short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def below() -> list[psutil.Process]:
-        try:
-            return psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            return []
+    def interrupt() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGINT)
 
-    for child in below():
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        below = []
+    for child in below:
         with contextlib.suppress(psutil.Error):
             child.terminate()
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGINT)
-    _, alive = psutil.wait_procs(below(), timeout=grace)
+    if not below:
+        interrupt()
+    _, alive = psutil.wait_procs(below, timeout=grace)
     for child in alive:  # a command that hangs on its way out (a stuck worker process, a thread)
         with contextlib.suppress(psutil.Error):
             child.kill()
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        pass
+        interrupt()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
     with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def mend_rwlock(cwd: Path) -> None:
+    """DVC rewrites `.dvc/tmp/rwlock` in place, under its guard `rwlock.lock`: a DVC process killed
+    between the two leaves the file empty or cut short, and every later DVC command in the folder
+    stops on it. Under the same guard (so a live writer is never taken for a dead one) such a file
+    is reset to no locks: what it listed is lost either way, and DVC drops a dead process's entries."""
+    folder = cwd / ".dvc" / "tmp"
+    path = folder / "rwlock"
+    if not path.is_file():
+        return
+    from dvc.lock import LockError, make_lock
+
+    with contextlib.suppress(LockError, OSError), make_lock(str(folder / "rwlock.lock"), tmp_dir=str(folder)):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            path.write_text("{}", encoding="utf-8")
+            print(f"[dvc_stage] DVC's lock file {path} was left unreadable by the stopped DVC: reset", flush=True)
 
 
 def configure_remote(root: Path, url: str, endpoint: str) -> None:

@@ -582,6 +582,31 @@ def test_a_stage_killed_midway_stops_its_command_and_leaves_nothing_locked(tmp_p
     untouched(root, workspaces=1)
 
 
+def test_a_lock_file_left_unreadable_by_a_killed_dvc_is_reset_under_dvcs_guard(tmp_path: Path) -> None:
+    """DVC truncates .dvc/tmp/rwlock, then writes it: killed in between, it leaves the file empty and
+    every later DVC command in the workspace failing. The runner resets such a file after a stop,
+    holding DVC's own guard, and leaves alone one that reads or that a live DVC holds the guard of."""
+    from dvc.lock import make_lock
+
+    runner = stage_runner()
+    folder = tmp_path / ".dvc" / "tmp"
+    folder.mkdir(parents=True)
+    lock = folder / "rwlock"
+    runner.mend_rwlock(tmp_path)  # no lock file: nothing to do, nothing written
+    assert not lock.exists()
+    held = '{"write": {"/ws/out.txt": {"pid": 1, "cmd": "dvc repro"}}}'
+    lock.write_text(held)
+    runner.mend_rwlock(tmp_path)
+    assert lock.read_text() == held
+    for cut in ("", '{"write": {"/ws/out.t'):
+        lock.write_text(cut)
+        with make_lock(str(folder / "rwlock.lock"), tmp_dir=str(folder)):  # a DVC process editing it now
+            runner.mend_rwlock(tmp_path)
+        assert lock.read_text() == cut
+        runner.mend_rwlock(tmp_path)
+        assert json.loads(lock.read_text()) == {}
+
+
 def test_run_conf_values_are_literals(tmp_path: Path) -> None:
     """A `${...}` in a run's conf could read the worker's environment into params.yaml, dvc.lock and
     MLflow: the schema refuses it when the run is triggered, and the workspace task refuses it again."""
