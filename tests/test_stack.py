@@ -20,7 +20,7 @@ data folder that does not exist yet, fails `download` with the component's messa
 log, and once the folder holds the data, clearing the task lets the run go on; it registers v2,
 judged by the gate against v1, while the S3 server is down during `evaluate`'s `dvc push` (the
 task fails naming the remote, the retry pushes). A person promotes v2 through MLflow's REST API
-and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG. Three runs with different
+and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG. Two runs with different
 confs, triggered together, run side by side in workspaces of their own (`pytest -k concurrent`):
 in one, the running train task is marked failed through the REST API (as the UI does), which ends
 its MLflow runs KILLED and leaves no lock; cleared, it resumes in the run's workspace. Each run is
@@ -691,13 +691,13 @@ def checkout_state(repo: Path) -> tuple[str, str, list[str]]:
     return shown, head, [line for line in trees.stdout.splitlines() if line.startswith("worktree ")]
 
 
-def test_three_concurrent_runs_one_stopped_and_cleared_each_record_their_own_experiment(stack: Stack) -> None:
-    """Three runs triggered together run side by side, each in a workspace of its own.
+def test_two_concurrent_runs_one_stopped_and_cleared_each_record_their_own_experiment(stack: Stack) -> None:
+    """Two runs triggered together run side by side, each in a workspace of its own.
 
-    In the third, a person marks the running train task failed in the UI (the REST API's PATCH):
+    In the second, a person marks the running train task failed in the UI (the REST API's PATCH):
     the task's MLflow run and the DAG run's parent end KILLED, the run fails and keeps its workspace
     with no lock held; clearing train resumes it there from its last finished epoch, and the run
-    completes. All three succeed, each DVC experiment holds its own params and metrics, every version
+    completes. Both succeed, each DVC experiment holds its own params and metrics, every version
     is registered, the gates take turns (each compares with the champion the one before left) and the
     project checkout is as it was."""
     t0 = time.monotonic()
@@ -705,7 +705,6 @@ def test_three_concurrent_runs_one_stopped_and_cleared_each_record_their_own_exp
     champion_before = stack.aliases()["champion"]
     confs = {
         "a": {"epochs": 1, "overrides": {"train.seed": 11}},
-        "b": {"epochs": 2, "overrides": {"train.seed": 12}},
         "stopped": {"epochs": 6, "overrides": {"train.seed": 21}},
     }
     runs = {}
@@ -726,8 +725,8 @@ def test_three_concurrent_runs_one_stopped_and_cleared_each_record_their_own_exp
         return None
 
     def moving() -> list[tuple]:
-        """Every run's task states and tries: the three runs share one train slot, so this one's train
-        may wait for the others' while they progress."""
+        """Every run's task states and tries: the runs share one train slot, so this one's train may
+        wait for the other's while it progresses."""
         return sorted((k, t, i["state"], i["try_number"]) for k, r in runs.items() for t, i in stack.tries(r).items())
 
     train = wait_until("train to finish an epoch", training, STALL_S, every=2, progress=moving)
@@ -783,7 +782,7 @@ def test_three_concurrent_runs_one_stopped_and_cleared_each_record_their_own_exp
     assert code == 200, body
 
     states = {key: stack.drive(run) for key, run in runs.items()}
-    print(f"three concurrent runs, one stopped and cleared: {states} after {time.monotonic() - t0:.0f} s")
+    print(f"two concurrent runs, one stopped and cleared: {states} after {time.monotonic() - t0:.0f} s")
     for key, run in runs.items():
         tries = stack.tries(run)
         assert states[key] == "success", {t: (i["state"], i["try_number"]) for t, i in tries.items()}
@@ -807,7 +806,7 @@ def test_three_concurrent_runs_one_stopped_and_cleared_each_record_their_own_exp
         assert "mean_auc" in json.loads(stack.saved(run, "reports/metrics.json"))
 
     # all registered; the gates took turns: each compared with the champion the one before left
-    assert stack.versions() == ["1", "2", "3", "4", "5"]
+    assert stack.versions() == ["1", "2", "3", "4"]
     registrations = sorted(
         (json.loads(stack.saved(run, "reports/registration.json")) for run in runs.values()),
         key=lambda r: int(r["version"]),
