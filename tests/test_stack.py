@@ -21,14 +21,15 @@ log, and once the folder holds the data, clearing the task lets the run go on; i
 judged by the gate against v1, while the S3 server is down during `evaluate`'s `dvc push` (the
 task fails naming the remote, the retry pushes). A person promotes v2 through MLflow's REST API
 and `mlflow models serve` of `models:/cxr-dwml@champion` answers a PNG. Two runs with different
-confs, triggered together, run side by side in workspaces of their own (`pytest -k concurrent`):
+confs, triggered together, run side by side in workspaces of their own:
 in one, the running train task is marked failed through the REST API (as the UI does), which ends
 its MLflow runs KILLED and leaves no lock; cleared, it resumes in the run's workspace. Each run is
 saved as its own DVC experiment, all register, the gates take turns, and the project checkout
 stays as it was.
 Each run's files are read from its DVC experiment (`dag-<run id>`).
 
-This is the suite's one run through the real scheduler. `make stack-test` runs this file alone;
+This is the suite's one run through the real scheduler. Its tests are steps on one stack, each
+building on those before it, so the file runs whole: `make stack-test` runs it alone;
 under CI=true `make test` includes it. Without PostgreSQL it skips (it fails under CI=true).
 """
 
