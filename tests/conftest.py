@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
+COMPOSE = ROOT / "docker" / "compose.yaml"
+ENV_EXAMPLE = ROOT / ".env.example"
+
 # pytest-xdist workers share the machine's cores: each worker, and every process it starts (stages,
 # servers, Airflow's tasks), computes with its share of them instead of a thread per core each,
 # which on a small machine only adds threads contending for the same cores. Set before anything
@@ -40,8 +43,6 @@ VENV_BIN = Path(sys.executable).parent
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
     _share = (os.cpu_count() or 1) // max(1, int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
-COMPOSE = ROOT / "docker" / "compose.yaml"
-ENV_EXAMPLE = ROOT / ".env.example"
 
 # Small enough for a CPU test run, large enough that every split holds every common class.
 TINY_PARAMS = {
