@@ -349,7 +349,9 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
 
         worse_metrics = _rewrite_predictions(repo, work / "reports1", work / "reports2", strength=-0.6, seed=1)
         run2 = _training_run(work / "model2", _other_weights(best, work / "worse.pt", seed=1), "train-worse")
-        reg2 = _register(repo, work / "model2", work / "reports2", work / "registration2" / "registration.json")
+        assert (work / "reports2/predictions/test.parquet").exists()  # there to be opened, were the gate to look
+        with opened_paths() as opened:  # selection reads validation predictions only, ours and the champion's
+            reg2 = _register(repo, work / "model2", work / "reports2", work / "registration2" / "registration.json")
 
         _rewrite_predictions(repo, work / "reports1", work / "reports3", strength=0.6, seed=2)
         run3 = _training_run(work / "model3", _other_weights(best, work / "better.pt", seed=2), "train-better")
@@ -406,6 +408,15 @@ def _registration_scenario(url: str, repo: Path, work: Path, capsys: pytest.Capt
     card1 = (work / "reports1" / "model_card.md").read_text()
     assert "(plots/subgroups.png)" in card1 and "| sex | M |" in card1
     assert "(plots/reliability.png)" in card1 and "ECE calibrated" in card1  # the evaluation's calibration.json
+
+    # v2's gate read no test predictions: neither ours nor the champion's (evaluate logged both splits
+    # in run1); MLflow downloads an artifact under its file name alone, so any test.parquet is a test read
+    parquet = [Path(p) for p in opened if p.endswith(".parquet")]
+    assert not [p for p in parquet if p.name == "test.parquet"], parquet
+    assert work / "reports2/predictions/val.parquet" in parquet, parquet  # what it does read: ours,
+    assert any(p.name == "val.parquet" and p.parent.parent != work / "reports2" for p in parquet), parquet  # and v1's
+    logged = [a.path for a in MlflowClient(tracking_uri=url).list_artifacts(run1, "evaluation/predictions")]
+    assert "evaluation/predictions/test.parquet" in logged, logged
 
     # v2: worse on the same validation patients: stays challenger, the decision and its numbers are recorded
     assert reg2["version"] == "2" and reg2["promote"] is False and reg2["champion_version"] == "1"
@@ -471,46 +482,6 @@ def opened_paths() -> Iterator[list[str]]:
             yield opened
         finally:
             _OPENED = None
-
-
-def _champion_with_predictions(reports: Path) -> str:
-    """Version 1 of MODEL_NAME, aliased champion, whose run holds both splits' predictions where the
-    evaluate step logs them (a bare version: the gate reads only the predictions in its run)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    tracking.setup("cxr-dwml")  # params.yaml mlflow.experiment
-    with mlflow.start_run(run_name="train-champion") as run:
-        mlflow.log_artifacts(str(reports / "predictions"), artifact_path="evaluation/predictions")
-    client = MlflowClient()
-    client.create_registered_model(MODEL_NAME)
-    version = client.create_model_version(MODEL_NAME, f"runs:/{run.info.run_id}/evaluation", run.info.run_id)
-    client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
-    return version.version
-
-
-@pytest.mark.slow
-def test_register_never_opens_test_predictions(pipeline_run: PipelineRun, tmp_path: Path) -> None:
-    """Selection reads validation predictions only: neither our test.parquet nor the champion's."""
-    repo, work = pipeline_run.repo, tmp_path / "work"
-    reports = shutil.copytree(repo / "reports", work / "reports")  # register writes its model card there
-    assert (reports / "predictions/test.parquet").exists()  # there to be opened, were the gate to look
-    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
-        with tracking_env(url, repo):
-            champion = _champion_with_predictions(reports)
-            _training_run(work / "model", repo / "artifacts/model/best.pt", "train-challenger")
-            with opened_paths() as opened:
-                decision = _register(repo, work / "model", reports, work / "registration.json")
-    assert decision["champion_version"] == champion == "1"
-    assert "delta" in decision  # the champion's predictions were found and compared
-    parquet = [Path(p) for p in opened if p.endswith(".parquet")]
-    # MLflow downloads an artifact under its file name alone: any test.parquet is a test-split read
-    assert not [p for p in parquet if p.name == "test.parquet"], parquet
-    # the recorder sees what the gate does read: ours, and the champion's, downloaded from its run
-    assert reports / "predictions/val.parquet" in parquet, parquet
-    assert any(p.name == "val.parquet" and p != reports / "predictions/val.parquet" for p in parquet), parquet
 
 
 @contextlib.contextmanager
