@@ -239,15 +239,16 @@ def test_version_tags_put_provenance_first() -> None:
 # ----------------------------------------------------------------------------- real servers
 
 
-def _training_run(model_dir: Path, best: Path, run_name: str) -> str:
-    """What the train step leaves for register: best.pt and a linked MLflow run on this server."""
+def _training_run(model_dir: Path, best: Path, run_name: str, experiment: str = MODEL_NAME) -> str:
+    """What the train step leaves for register: best.pt and a linked MLflow run on this server, in
+    `experiment` (params.yaml's mlflow.experiment)."""
     import mlflow
 
     from pipeline import tracking
 
     model_dir.mkdir(parents=True)
     shutil.copy2(best, model_dir / "best.pt")
-    tracking.setup("cxr-dwml")  # params.yaml mlflow.experiment
+    tracking.setup(experiment)
     with mlflow.start_run(run_name=run_name, tags=run_tags("train", "demo")) as run:
         tracking.save_run_ref(model_dir, run)
     return run.info.run_id
@@ -498,9 +499,27 @@ def registry_backend(folder: Path) -> Iterator[str]:
     yield f"sqlite:///{folder / 'mlflow.db'}"
 
 
+@pytest.fixture(scope="module")
+def registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `mlflow server` (SQLite) for the module's registration tests, as a server starts in about
+    10 CPU-seconds: each test registers under a model name and an experiment of its own (`own_names`),
+    so that none sees another's versions, aliases or logged models."""
+    folder = tmp_path_factory.mktemp("registry-server")
+    with mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", folder) as url:
+        yield url
+
+
+def own_names(params: Path, name: str) -> str:
+    """params.yaml at `params` with register.model_name and mlflow.experiment set to `name`."""
+    data = yaml.safe_load(params.read_text())
+    data["register"]["model_name"] = data["mlflow"]["experiment"] = name
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    return name
+
+
 @pytest.mark.slow
 def test_register_keeps_credentials_out_of_its_output_card_and_registry(
-    pipeline_run: PipelineRun, tmp_path: Path
+    pipeline_run: PipelineRun, registry_server: str, tmp_path: Path
 ) -> None:
     """The tracking server's password (MLflow prints its "View run ... at" link with it) appears
     nowhere the register step writes: its output, the card, the registry. (A data source with
@@ -512,31 +531,32 @@ def test_register_keeps_credentials_out_of_its_output_card_and_registry(
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["download"]["source"] = "https://mirror.example.org/nih"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    name = own_names(tmp_path / "params.yaml", "credentials")
     reports = shutil.copytree(repo / "reports", tmp_path / "reports")  # the card is written there
-    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
-        with_password = url.replace("http://", "http://alice:trk-s3cret@")
-        with tracking_env(with_password, repo):
-            run_id = _training_run(tmp_path / "model", repo / "artifacts/model/best.pt", "train-credentials")
-        argv = ["--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "model")]
-        argv += ["--reports", str(reports), "--prepared", str(repo / "data/prepared")]
-        done = subprocess.run(
-            [sys.executable, "-m", "components.register", *argv, "--out", str(tmp_path / "registration.json")],
-            cwd=repo,
-            env=run_env(repo, MLFLOW_TRACKING_URI=with_password),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        client = MlflowClient(tracking_uri=url)
-        version = client.get_model_version(MODEL_NAME, "1")
-        run = client.get_run(run_id)
-        recorded = [
-            version.description,
-            json.dumps(version.tags),
-            json.dumps(run.data.params),
-            json.dumps(run.data.tags),
-        ]
+    url = registry_server
+    with_password = url.replace("http://", "http://alice:trk-s3cret@")
+    with tracking_env(with_password, repo):
+        run_id = _training_run(tmp_path / "model", repo / "artifacts/model/best.pt", "train-credentials", name)
+    argv = ["--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "model")]
+    argv += ["--reports", str(reports), "--prepared", str(repo / "data/prepared")]
+    done = subprocess.run(
+        [sys.executable, "-m", "components.register", *argv, "--out", str(tmp_path / "registration.json")],
+        cwd=repo,
+        env=run_env(repo, MLFLOW_TRACKING_URI=with_password),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=url)
+    version = client.get_model_version(name, "1")
+    run = client.get_run(run_id)
+    recorded = [
+        version.description,
+        json.dumps(version.tags),
+        json.dumps(run.data.params),
+        json.dumps(run.data.tags),
+    ]
     shown = url.replace("http://", "http://***@")
     assert f"[register] MLflow run train-credentials: {shown}/#/experiments/" in done.stdout, done.stdout[-3000:]
     card = (reports / "model_card.md").read_text()
@@ -770,7 +790,9 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.slow
-def test_a_registry_failure_fails_register_and_moves_no_alias(small_workspace: Path, tmp_path: Path) -> None:
+def test_a_registry_failure_fails_register_and_moves_no_alias(
+    small_workspace: Path, registry_server: str, tmp_path: Path
+) -> None:
     """Only "no such alias" means no champion: a champion lookup, a read of the champion's
     predictions or an alias move that the server answers with 503 fails the step in one line naming
     the model, the alias and the server, and the aliases stay where they were; the next run, with
@@ -782,33 +804,33 @@ def test_a_registry_failure_fails_register_and_moves_no_alias(small_workspace: P
     _bundle(work / "a" / "best.pt", seed=1)
     _bundle(work / "b" / "best.pt", seed=2)
     better = _better_reports(repo, repo / "reports", work / "reports-better")
-    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
-        with tracking_env(url, repo):  # v1, champion, with the predictions the gate compares against
-            run1 = _training_run(work / "model1", work / "a" / "best.pt", "train-a")
-            with mlflow.start_run(run_id=run1):
-                mlflow.log_artifacts(str(repo / "reports/predictions"), artifact_path="evaluation/predictions")
-            _register(repo, work / "model1", repo / "reports", work / "registration1.json")
-            _training_run(work / "model2", work / "b" / "best.pt", "train-b")
-        client = MlflowClient(tracking_uri=url)  # straight to the server, never through the proxy
-        before = _state(client)
-        assert before == ({"challenger": "1", "champion": "1"}, [1])
+    name, url = own_names(repo / "params.yaml", "registry-failure"), registry_server
+    with tracking_env(url, repo):  # v1, champion, with the predictions the gate compares against
+        run1 = _training_run(work / "model1", work / "a" / "best.pt", "train-a", name)
+        with mlflow.start_run(run_id=run1):
+            mlflow.log_artifacts(str(repo / "reports/predictions"), artifact_path="evaluation/predictions")
+        _register(repo, work / "model1", repo / "reports", work / "registration1.json")
+        _training_run(work / "model2", work / "b" / "best.pt", "train-b", name)
+    client = MlflowClient(tracking_uri=url)  # straight to the server, never through the proxy
+    before = _state(client, name)
+    assert before == ({"challenger": "1", "champion": "1"}, [1])
 
-        outcomes = {}
-        with FaultProxy(url) as proxy:  # the register commands talk to the server through it
-            for fault in ("registered-models/get", "mlflow-artifacts/artifacts"):
-                proxy.fail(fault, status=503, times=50)
-                t0 = time.monotonic()
-                result = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
-                proxy.clear()
-                outcomes[fault] = (result, time.monotonic() - t0, len(proxy.failed(fault)), _state(client))
-            # the challenger moves, the champion move fails (both attempts): the challenger goes back
-            proxy.fail("registered-models/alias", status=503, times=2, after=1)
-            moved = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+    outcomes = {}
+    with FaultProxy(url) as proxy:  # the register commands talk to the server through it
+        for fault in ("registered-models/get", "mlflow-artifacts/artifacts"):
+            proxy.fail(fault, status=503, times=50)
+            t0 = time.monotonic()
+            result = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
             proxy.clear()
-            after_alias_fault = _state(client)
-            v2_tags = client.get_model_version(MODEL_NAME, "2").tags
-            retried = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
-        final = _state(client)
+            outcomes[fault] = (result, time.monotonic() - t0, len(proxy.failed(fault)), _state(client, name))
+        # the challenger moves, the champion move fails (both attempts): the challenger goes back
+        proxy.fail("registered-models/alias", status=503, times=2, after=1)
+        moved = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+        proxy.clear()
+        after_alias_fault = _state(client, name)
+        v2_tags = client.get_model_version(name, "2").tags
+        retried = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+    final = _state(client, name)
 
     for fault, what in (
         ("registered-models/get", "reading its aliases (challenger, champion) failed"),
@@ -820,7 +842,7 @@ def test_a_registry_failure_fails_register_and_moves_no_alias(small_workspace: P
         assert result.returncode == 2, (fault, seconds, line)
         # one try and MLflow's one retry, both answered 503: it gave up at once (counted, not timed)
         assert failed == 2, (fault, failed)
-        assert f"registered model {MODEL_NAME} on {proxy.url}: {what}" in line, line
+        assert f"registered model {name} on {proxy.url}: {what}" in line, line
         assert "503" in line and "nothing registered, no alias moved" in line, line
 
     assert after_alias_fault == ({"challenger": "1", "champion": "1"}, [1, 2])  # the challenger went back
@@ -839,7 +861,7 @@ def test_a_registry_failure_fails_register_and_moves_no_alias(small_workspace: P
 
 @pytest.mark.slow
 def test_two_register_steps_racing_with_the_same_weights_leave_one_version(
-    small_workspace: Path, tmp_path: Path
+    small_workspace: Path, registry_server: str, tmp_path: Path
 ) -> None:
     """Two register processes with the same weights, both past their "already registered?" look-up
     and held by the proxy until both ask to create a version: both register, and the one that got
@@ -850,29 +872,29 @@ def test_two_register_steps_racing_with_the_same_weights_leave_one_version(
 
     repo, work = small_workspace, tmp_path / "work"
     _bundle(work / "a" / "best.pt", seed=1)
-    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server") as url:
-        with tracking_env(url, repo):  # two trainings that ended with the same weights
-            runs = [_training_run(work / f"model{i}", work / "a" / "best.pt", f"train-{i}") for i in (1, 2)]
-        with FaultProxy(url) as proxy:
-            proxy.hold("model-versions/create", count=2)
-            # a held request must outwait the other process's start, not time out in MLflow's client
-            procs = [
-                _start_register(
-                    repo,
-                    work / f"model{i}",
-                    repo / "reports",
-                    work / f"registration{i}.json",
-                    proxy.url,
-                    MLFLOW_HTTP_REQUEST_TIMEOUT="900",
-                )
-                for i in (1, 2)
-            ]
-            results = [_finish(p, timeout=900) for p in procs]
-            released = list(proxy.released)
-        client = MlflowClient(tracking_uri=url)
-        aliases, versions = _state(client)
-        kept = client.get_model_version(MODEL_NAME, "1")
-        live_models = client.search_logged_models(experiment_ids=[client.get_run(runs[0]).info.experiment_id])
+    name, url = own_names(repo / "params.yaml", "registry-race"), registry_server
+    with tracking_env(url, repo):  # two trainings that ended with the same weights
+        runs = [_training_run(work / f"model{i}", work / "a" / "best.pt", f"train-{i}", name) for i in (1, 2)]
+    with FaultProxy(url) as proxy:
+        proxy.hold("model-versions/create", count=2)
+        # a held request must outwait the other process's start, not time out in MLflow's client
+        procs = [
+            _start_register(
+                repo,
+                work / f"model{i}",
+                repo / "reports",
+                work / f"registration{i}.json",
+                proxy.url,
+                MLFLOW_HTTP_REQUEST_TIMEOUT="900",
+            )
+            for i in (1, 2)
+        ]
+        results = [_finish(p, timeout=900) for p in procs]
+        released = list(proxy.released)
+    client = MlflowClient(tracking_uri=url)
+    aliases, versions = _state(client, name)
+    kept = client.get_model_version(name, "1")
+    live_models = client.search_logged_models(experiment_ids=[client.get_run(runs[0]).info.experiment_id])
 
     for result in results:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -883,6 +905,6 @@ def test_two_register_steps_racing_with_the_same_weights_leave_one_version(
     )
     assert [(r["registered"], r["version"]) for r in records] == [(True, "1"), (False, "1")]
     assert records[0]["weights_sha256"] == records[1]["weights_sha256"] == kept.tags["weights_sha256"]
-    assert "cxr-dwml v1 already holds these weights" in records[1]["reason"]
+    assert f"{name} v1 already holds these weights" in records[1]["reason"]
     # the withdrawn version's logged model went with it
     assert [f"models:/{m.model_id}" for m in live_models] == [records[0]["model_uri"]]
