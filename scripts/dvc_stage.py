@@ -377,7 +377,7 @@ def mend_rwlock(cwd: Path) -> None:
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
-            path.write_text("{}", encoding="utf-8")
+            write_text(path, "{}")
             print(f"[dvc_stage] DVC's lock file {path} was left unreadable by the stopped DVC: reset", flush=True)
 
 
