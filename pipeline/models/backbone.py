@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 from torch import nn
 
 from ..config import BackboneConfig, ConfigError
@@ -19,6 +18,8 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
     its input channels, which equals feeding the same image replicated to three channels, at a
     third of the stem's cost.
     """
+    import timm  # here, not at import: timm brings in torchvision, which a step reading a bundle never needs
+
     check_backbone(cfg)
     kwargs = dict(num_classes=0, in_chans=1, drop_path_rate=cfg.drop_path_rate)
     pretrained = cfg.pretrained or bool(cfg.checkpoint_path)
@@ -36,6 +37,8 @@ def check_backbone(cfg: BackboneConfig) -> None:
     Raises:
         ConfigError: one line naming the key and what to do.
     """
+    import timm
+
     # is_model accepts pretrained tags ("convnext_atto.d2_in1k"), which list_models() omits
     if not timm.is_model(cfg.name):
         close = ", ".join(timm.list_models(f"*{cfg.name.split('_')[0]}*")[:8]) or "-"
