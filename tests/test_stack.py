@@ -561,10 +561,11 @@ def checkout_state(repo: Path) -> tuple[str, str, list[str]]:
 
 
 class Watcher:
-    """Calls `step()` about twice a second in a thread of its own until `close()`, which re-raises
-    what `step` raised: the faults of one run are injected while the test waits on the other."""
+    """Calls `step()` about twice a second in a thread of its own until it returns true (its work is
+    done) or `close()`, which re-raises what `step` raised: the faults of one run are injected while
+    the test waits on the other."""
 
-    def __init__(self, step: Callable[[], None]) -> None:
+    def __init__(self, step: Callable[[], bool]) -> None:
         self._step, self._done, self.error = step, threading.Event(), None
         self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
         self._thread.start()
@@ -572,7 +573,8 @@ class Watcher:
     def _run(self) -> None:
         while not self._done.wait(0.5):
             try:
-                self._step()
+                if self._step():
+                    return
             except BaseException as e:  # noqa: BLE001 - handed to the test by close()
                 self.error = e
                 return
@@ -643,10 +645,12 @@ def test_two_concurrent_runs_a_missing_source_an_s3_outage_and_a_stopped_train(s
             stack.s3.start()
             events["up"] = time.monotonic()
 
-    def faults() -> None:
+    def faults() -> bool:
+        """Both faults of the fixed run, in turn; true once both are over (no more polling)."""
         tries = stack.tries(fixed)
         fix_the_source(tries)
         s3_outage(tries)
+        return "cleared" in events and "up" in events
 
     watcher = Watcher(faults)
     try:
