@@ -44,6 +44,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
     _share = (os.cpu_count() or 1) // max(1, int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
+# Every DVC command the tests run (and every process they start that runs one: stages, Airflow's
+# tasks, the benchmark) would otherwise start a background process to send DVC's usage report,
+# which has nowhere to go from a test machine.
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
 # Small enough for a CPU test run, large enough that every split holds every common class.
 TINY_PARAMS = {
     "download": {"synthetic": {"num_images": 360, "num_patients": 150, "image_size": 64, "seed": 7}},

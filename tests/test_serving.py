@@ -390,12 +390,19 @@ def test_predict_reports_an_unknown_model_clearly(
     assert not (tmp_path / "p.csv").exists()
 
 
-def _predict_cli(served: Served, inputs: list[Path], out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "components.predict", "--model", CHAMPION, *map(str, inputs), "--out", str(out)]
-    return subprocess.run(cmd, cwd=served.repo, env=run_env(served.repo), capture_output=True, text=True, timeout=300)
+def _predict(served: Served, inputs: list[Path], out: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """`components.predict` in this process (the CLI's own process is the awkward-PNG and DICOM
+    tests'): its exit status and what it printed."""
+    from components import predict
+
+    with tracking_env(served.tracking_uri, served.repo):
+        code = predict.main(["--model", CHAMPION, *map(str, inputs), "--out", str(out), "--no-progress"])
+    return code, capsys.readouterr().out
 
 
-def test_predict_warns_of_drift_on_inverted_and_noise_images(served: Served, tmp_path: Path) -> None:
+def test_predict_warns_of_drift_on_inverted_and_noise_images(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     films = served.test_images(3)
     odd = tmp_path / "odd"
     odd.mkdir()
@@ -404,29 +411,31 @@ def test_predict_warns_of_drift_on_inverted_and_noise_images(served: Served, tmp
         pixels = np.asarray(Image.open(p).convert("L"))
         Image.fromarray(255 - pixels).save(odd / f"inverted_{p.name}")
         Image.fromarray(rng.integers(0, 256, pixels.shape, dtype=np.uint8)).save(odd / f"noise_{p.name}")
-    result = _predict_cli(served, [odd], tmp_path / "odd.csv")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, stdout = _predict(served, [odd], tmp_path / "odd.csv", capsys)
+    assert code == 0, stdout[-3000:]
     scored = pd.read_csv(tmp_path / "odd.csv").set_index("file")
     assert scored["drift"].notna().all()
     for file, row in scored.iterrows():
         # each image is named with its distance and the threshold it is over
         line = f"[predict] drift: {file}: unlike the training images: "
-        assert line in result.stdout and (f"distance {row['drift_image']:.1f} > " in result.stdout)
-    assert "[predict] drift: batch unlike the training images: 6 of 6 images over" in result.stdout
+        assert line in stdout and (f"distance {row['drift_image']:.1f} > " in stdout)
+    assert "[predict] drift: batch unlike the training images: 6 of 6 images over" in stdout
 
 
-def test_predict_does_not_warn_of_drift_on_test_films(served: Served, tmp_path: Path) -> None:
+def test_predict_does_not_warn_of_drift_on_test_films(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     films = served.test_images(40)
-    result = _predict_cli(served, films, tmp_path / "films.csv")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "batch unlike the training images" not in result.stdout, result.stdout
+    code, stdout = _predict(served, films, tmp_path / "films.csv", capsys)
+    assert code == 0, stdout[-3000:]
+    assert "batch unlike the training images" not in stdout, stdout
     scored = pd.read_csv(tmp_path / "films.csv")
     # the reference of the tiny test model has ~40 validation images of ~17 patients: one film in
     # a few dozen may sit past a per-image threshold, a batch of them may not
     assert scored["drift"].notna().sum() <= 2, scored.loc[scored["drift"].notna(), ["file", "drift"]]
 
 
-def test_predict_warns_of_drift_on_odd_sizes(served: Served, tmp_path: Path) -> None:
+def test_predict_warns_of_drift_on_odd_sizes(served: Served, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A 1-pixel grey PNG, noise at 1024 px and a 10000 x 10 strip: the resize to the network's input
     hides them from the distances, the size rule does not."""
     manifest = pd.read_csv(served.repo / "data/prepared/manifest.csv")
@@ -438,16 +447,16 @@ def test_predict_warns_of_drift_on_odd_sizes(served: Served, tmp_path: Path) -> 
     Image.new("L", (1, 1), 128).save(odd / "grey_1px.png")
     Image.fromarray(rng.integers(0, 256, (1024, 1024), dtype=np.uint8)).save(odd / "noise_1024.png")
     Image.fromarray(rng.integers(0, 256, (10, 10000), dtype=np.uint8)).save(odd / "strip_10000x10.png")
-    result = _predict_cli(served, [odd], tmp_path / "odd.csv")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, stdout = _predict(served, [odd], tmp_path / "odd.csv", capsys)
+    assert code == 0, stdout[-3000:]
     scored = pd.read_csv(tmp_path / "odd.csv").set_index("file")
     assert scored.loc[str(odd / "strip_10000x10.png"), ["image_width", "image_height"]].tolist() == [10000, 10]
     for name, size in (("grey_1px", "1 x 1"), ("noise_1024", "1024 x 1024"), ("strip_10000x10", "10000 x 10")):
         assert f"size {size} px outside " in scored.loc[str(odd / f"{name}.png"), "drift"]
-        assert f"[predict] drift: {odd / name}.png: unlike the training images: " in result.stdout
+        assert f"[predict] drift: {odd / name}.png: unlike the training images: " in stdout
     assert "aspect ratio 1000.00 > " in scored.loc[str(odd / "strip_10000x10.png"), "drift"]
     assert "[predict] drift: batch unlike the training images: 3 of 3 images outside the training images' sizes" in (
-        result.stdout
+        stdout
     )
 
 
