@@ -762,8 +762,24 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Complete
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def _register_command(repo: Path, model_dir: Path, reports: Path, out: Path, uri: str) -> subprocess.CompletedProcess:
-    return _finish(_start_register(repo, model_dir, reports, out, uri))
+def _register_step(
+    repo: Path, model_dir: Path, reports: Path, out: Path, uri: str, capsys: pytest.CaptureFixture
+) -> subprocess.CompletedProcess:
+    """The register step as `python -m components.register` runs it (`run_main`: its exit status and
+    one-line errors), in this process, against the tracking server at `uri`; what it printed."""
+    from components import register
+    from components.common import run_main
+
+    args = ["--params", "params.yaml", "--model", str(model_dir), "--reports", str(reports)]
+    args += ["--prepared", "data/prepared", "--out", str(out)]
+    capsys.readouterr()
+    with tracking_env(uri, repo), pytest.MonkeyPatch.context() as mp:
+        for key, value in FAST_RETRIES.items():
+            mp.setenv(key, value)
+        mp.delenv("CXR_DEBUG", raising=False)
+        code = run_main("register", register.main, args)
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(["components.register", *args], code, printed.out, printed.err)
 
 
 def _better_reports(repo: Path, reports: Path, out: Path) -> Path:
@@ -791,7 +807,7 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow
 def test_a_registry_failure_fails_register_and_moves_no_alias(
-    small_workspace: Path, registry_server: str, tmp_path: Path
+    small_workspace: Path, registry_server: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Only "no such alias" means no champion: a champion lookup, a read of the champion's
     predictions or an alias move that the server answers with 503 fails the step in one line naming
@@ -820,16 +836,16 @@ def test_a_registry_failure_fails_register_and_moves_no_alias(
         for fault in ("registered-models/get", "mlflow-artifacts/artifacts"):
             proxy.fail(fault, status=503, times=50)
             t0 = time.monotonic()
-            result = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+            result = _register_step(repo, work / "model2", better, work / "registration2.json", proxy.url, capsys)
             proxy.clear()
             outcomes[fault] = (result, time.monotonic() - t0, len(proxy.failed(fault)), _state(client, name))
         # the challenger moves, the champion move fails (both attempts): the challenger goes back
         proxy.fail("registered-models/alias", status=503, times=2, after=1)
-        moved = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+        moved = _register_step(repo, work / "model2", better, work / "registration2.json", proxy.url, capsys)
         proxy.clear()
         after_alias_fault = _state(client, name)
         v2_tags = client.get_model_version(name, "2").tags
-        retried = _register_command(repo, work / "model2", better, work / "registration2.json", proxy.url)
+        retried = _register_step(repo, work / "model2", better, work / "registration2.json", proxy.url, capsys)
     final = _state(client, name)
 
     for fault, what in (
