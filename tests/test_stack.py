@@ -606,9 +606,9 @@ def checkout_state(repo: Path) -> tuple[str, str, list[str]]:
 
 
 class Faults:
-    """The faults of the second run, injected from a thread of their own (a check about twice a
-    second) while the test drives the scheduled run and then this one; each is a step that waits
-    for its moment, acts, and records what it saw in `events`:
+    """The faults of the second run, injected from a thread of their own (a check every second,
+    twice a second while `evaluate` runs) while the test drives the scheduled run and then this
+    one; each is a step that waits for its moment, acts, and records what it saw in `events`:
 
     1. the data source: `download` fails on the missing folder; the folder gets the data and the
        task is cleared;
@@ -625,6 +625,7 @@ class Faults:
         self.workspace = stage_runner().Workspace.of(stack.repo, run_id).path
         self.events: dict[str, Any] = {}
         self.error: BaseException | None = None
+        self._evaluating = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
         self._thread.start()
@@ -643,7 +644,8 @@ class Faults:
             raise self.error
 
     def _run(self) -> None:
-        while not self._done.wait(0.5):
+        # every second; twice a second while evaluate runs, not to miss the moment of its push
+        while not self._done.wait(0.5 if self._evaluating else 1.0):
             try:
                 tries = self.stack.tries(self.run_id)
                 if not tries:
@@ -742,6 +744,7 @@ class Faults:
 
     def s3_outage(self, tries: dict[str, dict]) -> None:
         events, evaluate = self.events, tries["evaluate"]
+        self._evaluating = evaluate["state"] == "running"
         if "resumed" not in events or evaluate["try_number"] < 1:
             return
         # DVC writes dvc.lock when the stage's command is done: the push comes next
