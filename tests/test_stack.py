@@ -542,11 +542,13 @@ def test_first_run_lands_in_the_buckets_and_the_registry(stack: Stack) -> None:
     (parent,) = [r for r in runs if r.data.tags.get("cxr.step") == "pipeline"]
     steps = [r for r in runs if r is not parent]
     assert parent.info.run_name == f"dag {run_id}" and parent.info.status == "FINISHED"
+    assert parent.data.tags["cxr.pipeline_run"] == f"airflow:{DAG_ID}:{run_id}"
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in steps)
     assert {r.data.tags["airflow.task_id"] for r in steps} >= {"download", "prepare", "prototypes", "train"}
     (trained,) = [r for r in steps if r.info.run_id == registration["run_id"]]
     assert trained.data.tags["airflow.task_id"] == "train"
     assert trained.data.tags["airflow.try_number"] == str(stack.results["train_tries"])
+    assert client.get_model_version(MODEL, "1").run_id == trained.info.run_id
     assert trained.info.artifact_uri.startswith("mlflow-artifacts:/"), "artifacts must go through the server"
     # the finish task saved the run as its DVC experiment: its commit names the DAG run and the parent
     name = stack.experiment(run_id)
