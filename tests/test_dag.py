@@ -671,7 +671,7 @@ def test_dags_test_runs_every_task_on_sqlite_and_saves_the_run(dags_test_run: di
     through the stage runner in a workspace of the run's own. The run's params are the checkout's,
     so DVC finds every stage up to date; the champion task is skipped, the run is saved as a DVC
     experiment and the checkout is as it was. Stages that run under Airflow, their MLflow runs and
-    the registry are the stack test's (tests/test_stack.py): three runs through the real scheduler."""
+    the registry are the stack test's (tests/test_stack.py): two runs through the real scheduler."""
     from mlflow import MlflowClient
 
     result, repo = dags_test_run["result"], dags_test_run["repo"]

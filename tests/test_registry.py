@@ -741,12 +741,17 @@ FAST_RETRIES = {
 }
 
 
+def _register_args(model_dir: Path, reports: Path, out: Path) -> list[str]:
+    """The register step's arguments as dvc.yaml gives them, run in the workspace."""
+    args = ["--params", "params.yaml", "--model", str(model_dir), "--reports", str(reports)]
+    return [*args, "--prepared", "data/prepared", "--out", str(out)]
+
+
 def _start_register(repo: Path, model_dir: Path, reports: Path, out: Path, uri: str, **env: str) -> subprocess.Popen:
     """`python -m components.register` as a stage runs it, against the tracking server at `uri`."""
     env = {**os.environ, **FAST_RETRIES, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), **env}
     env.pop("CXR_DEBUG", None)
-    args = ["--params", "params.yaml", "--model", str(model_dir), "--reports", str(reports)]
-    args += ["--prepared", "data/prepared", "--out", str(out)]
+    args = _register_args(model_dir, reports, out)
     return subprocess.Popen(
         [sys.executable, "-m", "components.register", *args],
         cwd=repo,
@@ -770,8 +775,7 @@ def _register_step(
     from components import register
     from components.common import run_main
 
-    args = ["--params", "params.yaml", "--model", str(model_dir), "--reports", str(reports)]
-    args += ["--prepared", "data/prepared", "--out", str(out)]
+    args = _register_args(model_dir, reports, out)
     capsys.readouterr()
     with tracking_env(uri, repo), pytest.MonkeyPatch.context() as mp:
         for key, value in FAST_RETRIES.items():
